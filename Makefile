@@ -1,0 +1,45 @@
+# The front door. `make run` and `make test` do every set-up step they need.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PROTOS := $(wildcard protos/infermesh/v1/*.proto)
+GENERATED := infermesh/v1/.generated
+
+.PHONY: install proto run stop test test-unit test-integration bench lint clean
+
+install: $(INSTALLED) $(GENERATED)
+
+# The venv is made from the system interpreter: Triton's Python-backend stub links the system
+# libpython3.11 and takes its sys.path from the venv (see docs/decisions.md).
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
+	touch $@
+
+proto: $(GENERATED)
+$(GENERATED): $(PROTOS) $(INSTALLED)
+	$(PY) -m services.common.protogen --out .
+	touch $@
+
+run: install
+	$(VENV)/bin/meshctl stack up --demo
+
+stop: install
+	$(VENV)/bin/meshctl stack down
+
+test: install
+	$(PY) -m pip check
+	$(PY) -m pytest -q -ra
+
+test-unit: install
+	$(PY) -m pytest -q -m "not integration"
+
+test-integration: install
+	$(PY) -m pytest -q -m integration
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) infermesh .infermesh

@@ -1,0 +1,1 @@
+"""The infermesh services: one package per component, shared bootstrap in `common`."""
