@@ -1,0 +1,227 @@
+"""etcd access for every service: the keyspace, watch-backed caches and kept-alive leases.
+
+Everything shared lives under `/infermesh/v1/` as JSON. Readers never ask etcd on the hot path:
+a `WatchCache` loads a prefix once, then follows it with a watch from the next revision, and
+keeps serving its last view while etcd is away (static stability).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import aetcd
+
+from services.common.logs import get_logger
+
+ROOT = "/infermesh/v1/"
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+
+class Keys:
+    """Every etcd key the mesh uses, in one place."""
+
+    tenants = ROOT + "tenants/"
+    apikeys = ROOT + "apikeys/"
+    models = ROOT + "models/"
+    replicas = ROOT + "replicas/"
+    services = ROOT + "services/"
+
+    @staticmethod
+    def tenant(tenant_id: str) -> str:
+        return f"{Keys.tenants}{tenant_id}"
+
+    @staticmethod
+    def apikey(key_hash: str) -> str:
+        return f"{Keys.apikeys}{key_hash}"
+
+    @staticmethod
+    def model_version(model: str, version_id: str) -> str:
+        return f"{Keys.models}{model}/versions/{version_id}"
+
+    @staticmethod
+    def model_routing(model: str) -> str:
+        return f"{Keys.models}{model}/routing"
+
+    @staticmethod
+    def model_history(model: str, revision: int) -> str:
+        return f"{Keys.models}{model}/history/{revision:012d}"
+
+    @staticmethod
+    def replica(replica_id: str) -> str:
+        return f"{Keys.replicas}{replica_id}"
+
+    @staticmethod
+    def service(kind: str, instance_id: str) -> str:
+        return f"{Keys.services}{kind}/{instance_id}"
+
+
+def connect(endpoint: str, timeout_s: float) -> aetcd.Client:
+    """A client whose every call has a deadline (`timeout_s`); it connects on first use."""
+    host, _, port = endpoint.rpartition(":")
+    return aetcd.Client(host=host, port=int(port), timeout=timeout_s)
+
+
+def encode(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode(raw: bytes) -> Any:
+    return json.loads(raw)
+
+
+class WatchCache(Generic[T]):
+    """A local, always-readable copy of one etcd prefix.
+
+    `start()` returns once the first full load is in; after that the copy follows etcd through a
+    watch, reloading from scratch when the watch breaks (etcd restart, compaction). Lookups are
+    plain dict reads. `on_change` runs after every applied change, with the cache up to date.
+    """
+
+    def __init__(
+        self,
+        client: aetcd.Client,
+        prefix: str,
+        parse: Callable[[str, bytes], T],
+        *,
+        on_change: Callable[[], None] | None = None,
+        retry_s: float = 0.5,
+    ):
+        self._client = client
+        self._prefix = prefix
+        self._parse = parse
+        self._on_change = on_change
+        self._retry_s = retry_s
+        self._items: dict[str, T] = {}
+        self._loaded = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.revision = 0
+
+    @property
+    def items(self) -> dict[str, T]:
+        """Suffix (the key without the prefix) → parsed value. Do not mutate."""
+        return self._items
+
+    def get(self, suffix: str) -> T | None:
+        return self._items.get(suffix)
+
+    async def start(self, timeout_s: float = 10.0) -> None:
+        self._task = asyncio.create_task(self._follow(), name=f"watch {self._prefix}")
+        await asyncio.wait_for(self._loaded.wait(), timeout_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self._load_and_watch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd down or watch broken: keep serving, retry
+                log.warning("watch_broken", prefix=self._prefix, error=repr(exc))
+                await asyncio.sleep(self._retry_s)
+
+    async def _load_and_watch(self) -> None:
+        listing = await self._client.get_prefix(self._prefix.encode())
+        items: dict[str, T] = {}
+        for kv in listing:
+            self._put(items, kv.key, kv.value)
+        self._items = items
+        self.revision = listing.header.revision
+        self._loaded.set()
+        self._changed()
+        watch = await self._client.watch_prefix(
+            self._prefix.encode(), start_revision=self.revision + 1
+        )
+        try:
+            async for event in watch:
+                if event.kind == "PUT":
+                    self._put(self._items, event.kv.key, event.kv.value)
+                else:
+                    self._items.pop(event.kv.key.decode()[len(self._prefix) :], None)
+                self.revision = event.kv.mod_revision
+                self._changed()
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.cancel()
+        raise ConnectionError("watch ended")
+
+    def _put(self, items: dict[str, T], key: bytes, raw: bytes) -> None:
+        suffix = key.decode()[len(self._prefix) :]
+        try:
+            items[suffix] = self._parse(suffix, raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("bad_etcd_value", key=key.decode(), error=repr(exc))
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+
+class LeaseKeeper:
+    """Holds one etcd lease alive and re-creates its keys if the lease is ever lost.
+
+    `put(key, value)` attaches a key to the lease; if etcd expires the lease (we were away longer
+    than its TTL), the keeper grants a new one and writes every attached key again.
+    """
+
+    def __init__(self, client: aetcd.Client, ttl_s: int):
+        self._client = client
+        self._ttl_s = ttl_s
+        self._lease: Any = None
+        self._keys: dict[str, bytes] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await self._grant()
+        self._task = asyncio.create_task(self._keep_alive(), name="lease keepalive")
+
+    async def put(self, key: str, value: Any) -> None:
+        raw = encode(value)
+        async with self._lock:
+            self._keys[key] = raw
+            await self._client.put(key.encode(), raw, lease=self._lease)
+
+    async def delete(self, key: str) -> None:
+        async with self._lock:
+            self._keys.pop(key, None)
+            await self._client.delete(key.encode())
+
+    async def close(self) -> None:
+        """Stops the keepalive and revokes the lease, so our keys disappear at once."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._lease is not None:
+            with contextlib.suppress(Exception):
+                await self._lease.revoke()
+
+    async def _grant(self) -> None:
+        self._lease = await self._client.lease(self._ttl_s)
+        for key, raw in self._keys.items():
+            await self._client.put(key.encode(), raw, lease=self._lease)
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl_s / 3)
+            try:
+                reply = await self._lease.refresh()
+                if reply is None or reply.TTL <= 0:
+                    async with self._lock:
+                        log.warning("lease_lost_regranting")
+                        await self._grant()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lease_refresh_failed", error=repr(exc))

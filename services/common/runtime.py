@@ -1,0 +1,117 @@
+"""The gRPC server bootstrap every service runs: health, reflection, metrics, logs, etcd
+registration and a graceful shutdown on SIGTERM.
+
+A service provides one `setup` coroutine that adds its servicers to the server and returns a
+`ServiceParts`; `run_service` does the rest, in the same order for every service:
+
+    logs → metrics endpoint → etcd client → servicers → health/reflection → listen →
+    register under a lease → SERVING … SIGTERM → NOT_SERVING → drain (grace) → cleanup → revoke
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import aetcd
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from services.common import etcd
+from services.common.interceptors import ObservabilityInterceptor
+from services.common.logs import configure_logging, get_logger
+from services.common.settings import ServiceSettings
+
+log = get_logger(__name__)
+
+# Streams stay open for a whole generation; keepalives find dead peers without waiting for TCP.
+SERVER_OPTIONS = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.max_concurrent_streams", 1_000),
+    ("grpc.so_reuseport", 0),
+)
+
+
+@dataclass
+class ServiceContext:
+    """What `setup` gets: the server to add servicers to, and the shared clients."""
+
+    settings: ServiceSettings
+    server: grpc.aio.Server
+    etcd: aetcd.Client
+    health: HealthServicer
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class ServiceParts:
+    """What `setup` returns: full gRPC service names (for health and reflection) and cleanup."""
+
+    service_names: Sequence[str]
+    cleanup: Callable[[], Awaitable[None]] | None = None
+
+
+Setup = Callable[[ServiceContext], Awaitable[ServiceParts]]
+
+
+async def run_service(kind: str, settings: ServiceSettings, setup: Setup) -> None:
+    """Runs one service until SIGTERM or SIGINT, then shuts it down gracefully."""
+    configure_logging(kind, settings.log_level)
+    metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host)
+    metrics_port = metrics_server.server_port
+    client = etcd.connect(settings.etcd_endpoint, settings.etcd_timeout_s)
+    server = grpc.aio.server(interceptors=[ObservabilityInterceptor()], options=SERVER_OPTIONS)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    context = ServiceContext(settings=settings, server=server, etcd=client, health=health)
+    parts = await setup(context)
+    names = list(parts.service_names)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    endpoint = f"{settings.advertise_host}:{port}"
+    lease = etcd.LeaseKeeper(client, settings.service_lease_ttl_s)
+    await lease.start()
+    await lease.put(
+        etcd.Keys.service(kind, settings.instance_id),
+        {"endpoint": endpoint, "metrics": f"{settings.advertise_host}:{metrics_port}"},
+    )
+    for name in ("", *names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", endpoint=endpoint, metrics_port=metrics_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    log.info("draining", grace_s=settings.shutdown_grace_s)
+    context.draining.set()
+    await health.enter_graceful_shutdown()
+    await lease.close()  # no new traffic is routed here once our key is gone
+    await server.stop(settings.shutdown_grace_s)
+    if parts.cleanup is not None:
+        await parts.cleanup()
+    with contextlib.suppress(Exception):
+        await client.close()
+    metrics_server.shutdown()
+    log.info("stopped")
+
+
+def main(kind: str, settings: ServiceSettings, setup: Setup) -> None:
+    """The body of every service's `__main__`."""
+    asyncio.run(run_service(kind, settings, setup))

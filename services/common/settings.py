@@ -1,0 +1,32 @@
+"""Process settings: one object per process, read once from `INFERMESH_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ServiceSettings(BaseSettings):
+    """What every service process needs; each service subclasses it with its own fields."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_", extra="ignore")
+
+    etcd_endpoint: str = Field("127.0.0.1:2379", description="host:port of an etcd client URL.")
+    etcd_timeout_s: float = Field(2.0, description="Deadline for every single etcd call.")
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
+    port: int = Field(0, description="gRPC port; 0 lets the OS pick one.")
+    advertise_host: str = Field("127.0.0.1", description="Host other services dial to reach us.")
+    metrics_port: int = Field(0, description="Prometheus /metrics port; 0 lets the OS pick one.")
+    instance_id: str = Field(default_factory=default_instance_id, description="Unique per process.")
+    service_lease_ttl_s: int = Field(5, description="TTL of the lease under our etcd registration.")
+    shutdown_grace_s: float = Field(10.0, description="How long SIGTERM lets open RPCs drain.")
+    reflection: bool = Field(True, description="Serve gRPC reflection (grpcurl, evans).")
+    log_level: str = Field("info", description="debug | info | warning | error")
+    peer_timeout_s: float = Field(2.0, description="Deadline for a call to another mesh service.")

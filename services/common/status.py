@@ -1,0 +1,76 @@
+"""Maps `errors.MeshError` to gRPC statuses with machine-readable details, and back.
+
+A status carries `google.rpc.ErrorInfo` (reason, the offending field) and, when the caller may
+retry, `google.rpc.RetryInfo`, so SDKs can act without parsing the message.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from services.common import errors
+
+DOMAIN = "infermesh.dev"
+DETAILS_KEY = "grpc-status-details-bin"
+
+
+def grpc_code(error: errors.MeshError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.code]
+
+
+def to_rich_status(error: errors.MeshError) -> grpc.Status:
+    details = []
+    info = error_details_pb2.ErrorInfo(reason=error.code, domain=DOMAIN)
+    if error.field:
+        info.metadata["field"] = error.field
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    details.append(packed)
+    if error.retry_after_s is not None:
+        retry = error_details_pb2.RetryInfo(retry_delay=seconds_to_duration(error.retry_after_s))
+        packed = any_pb2.Any()
+        packed.Pack(retry)
+        details.append(packed)
+    status = status_pb2.Status(
+        code=grpc_code(error).value[0], message=error.message, details=details
+    )
+    return rpc_status.to_status(status)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: errors.MeshError) -> None:
+    """Ends the RPC with the error's status and details (raises, as `context.abort` does)."""
+    status = to_rich_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.MeshError:
+    """Turns a peer's status back into our exception, keeping field and retry delay."""
+    code = error.code().name
+    field = ""
+    retry_after_s = None
+    for key, value in error.trailing_metadata() or ():
+        if key != DETAILS_KEY:
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                field = info.metadata.get("field", "")
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after_s = retry.retry_delay.ToTimedelta().total_seconds()
+    message = error.details() or code
+    if code == "INVALID_ARGUMENT":
+        return errors.InvalidArgument.relayed(field or "request", message)
+    cls = errors.BY_CODE.get(code, errors.Internal)
+    return cls(message, field=field, retry_after_s=retry_after_s)
+
+
+def seconds_to_duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
