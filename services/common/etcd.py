@@ -49,8 +49,8 @@ class Keys:
         return f"{Keys.models}{model}/routing"
 
     @staticmethod
-    def model_history(model: str, revision: int) -> str:
-        return f"{Keys.models}{model}/history/{revision:012d}"
+    def model_history(model: str, sequence: int) -> str:
+        return f"{Keys.models}{model}/history/{sequence:020d}"
 
     @staticmethod
     def replica(replica_id: str) -> str:
