@@ -1,0 +1,74 @@
+"""Calls from the gateway to ratelimit and scheduler, with deadlines and error mapping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from infermesh.v1 import ratelimit_pb2, ratelimit_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from services.common import errors, status
+from services.common.discovery import ServiceDirectory
+
+
+@dataclass(frozen=True)
+class Route:
+    replica_id: str
+    grpc_endpoint: str
+    reservation_id: str
+
+
+class Peers:
+    def __init__(self, directory: ServiceDirectory, timeout_s: float):
+        self._directory = directory
+        self._timeout_s = timeout_s
+
+    async def acquire_slot(self, tenant: str, request_id: str, hold_s: float) -> str:
+        """One RPM token and one concurrency slot, or ResourceExhausted with a retry delay."""
+        stub = ratelimit_pb2_grpc.RateLimitStub(self._directory.channel("ratelimit"))
+        try:
+            reply = await stub.Acquire(
+                ratelimit_pb2.AcquireRequest(
+                    tenant=tenant, request_id=request_id,
+                    hold=status.seconds_to_duration(hold_s),
+                ),
+                timeout=self._timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise status.from_rpc_error(exc) from exc
+        if not reply.allowed:
+            raise errors.ResourceExhausted(
+                reply.message, retry_after_s=reply.retry_after.ToTimedelta().total_seconds()
+            )
+        return reply.slot_id
+
+    async def release_slot(self, tenant: str, slot_id: str) -> None:
+        stub = ratelimit_pb2_grpc.RateLimitStub(self._directory.channel("ratelimit"))
+        await stub.Release(
+            ratelimit_pb2.ReleaseRequest(tenant=tenant, slot_id=slot_id), timeout=self._timeout_s
+        )
+
+    async def route(
+        self, triton_model_name: str, version_id: str, request_id: str, hold_s: float,
+        exclude: list[str],
+    ) -> Route:
+        stub = scheduler_pb2_grpc.SchedulerStub(self._directory.channel("scheduler"))
+        try:
+            reply = await stub.Route(
+                scheduler_pb2.RouteRequest(
+                    triton_model_name=triton_model_name, version_id=version_id,
+                    request_id=request_id, hold=status.seconds_to_duration(hold_s),
+                    exclude_replicas=exclude,
+                ),
+                timeout=self._timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise status.from_rpc_error(exc) from exc
+        return Route(reply.replica_id, reply.grpc_endpoint, reply.reservation_id)
+
+    async def release_route(self, reservation_id: str) -> None:
+        stub = scheduler_pb2_grpc.SchedulerStub(self._directory.channel("scheduler"))
+        await stub.Release(
+            scheduler_pb2.ReleaseRouteRequest(reservation_id=reservation_id),
+            timeout=self._timeout_s,
+        )

@@ -1,0 +1,303 @@
+"""One generation, start to finish: the single place for
+
+    resolve → validate → admit → route → relay → finish
+
+that both fronts (gRPC `Generate`/`GenerateStream`, later the OpenAI HTTP API) drive. It knows no
+protobuf frames: it reports `Accepted`, `TokenText` and `Finished` events through `send`, and it
+always ends with exactly one `Finished` unless its task is cancelled by a stream being torn down.
+
+Cancellation: cancelling the task that runs `run()` (client Cancel frame, disconnect) cancels the
+Triton stream, releases the route reservation and the concurrency slot, and reports `cancelled`.
+The deadline does the same and reports `deadline`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from google.protobuf import timestamp_pb2
+from prometheus_client import Counter, Histogram
+
+from backends.triton.adapter import EngineChunk, EngineRequest
+from infermesh.v1 import auditor_pb2
+from services.common import errors
+from services.common.logs import get_logger
+from services.gateway.peers import Route
+from services.gateway.requests import GenerationRequest, Principal
+from services.gateway.validation import Limits, validate
+from services.registry.catalog import ModelCatalog
+
+log = get_logger(__name__)
+CANCEL_REPORT_TIMEOUT_S = 1.0
+
+GENERATIONS = Counter(
+    "infermesh_gateway_generations_total", "Generations finished, by outcome.",
+    ["tenant", "model", "version", "finish_reason", "code"],
+)
+TTFT = Histogram(
+    "infermesh_gateway_ttft_seconds", "Arrival to first token.", ["model", "version"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+QUEUE = Histogram(
+    "infermesh_gateway_queue_seconds", "Arrival to the engine request (admission + routing).",
+    ["model"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+TOKENS = Counter(
+    "infermesh_gateway_tokens_total", "Tokens served.", ["tenant", "model", "kind"]
+)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    request_id: str
+    model_version: str
+
+
+@dataclass(frozen=True)
+class TokenText:
+    request_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    request_id: str
+    finish_reason: str  # stop | length | cancelled | deadline | error
+    model_version: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    error: errors.MeshError | None = None
+
+
+Event = Accepted | TokenText | Finished
+Send = Callable[[Event], Awaitable[None]]
+
+
+class Admission(Protocol):
+    async def acquire_slot(self, tenant: str, request_id: str, hold_s: float) -> str: ...
+    async def release_slot(self, tenant: str, slot_id: str) -> None: ...
+
+
+class Routing(Protocol):
+    async def route(
+        self, triton_model_name: str, version_id: str, request_id: str, hold_s: float,
+        exclude: list[str],
+    ) -> Route: ...
+    async def release_route(self, reservation_id: str) -> None: ...
+
+
+class Engine(Protocol):
+    def generate(self, endpoint: str, request: EngineRequest) -> AsyncIterator[EngineChunk]: ...
+
+
+class AuditSink(Protocol):
+    def emit(self, event: auditor_pb2.AuditEvent) -> None: ...
+
+
+@dataclass
+class _Progress:
+    """What the generation has got so far; read when it ends, however it ends."""
+
+    arrived: float
+    model: str = ""
+    version_id: str = ""
+    replica_id: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0
+    ttft_s: float = 0.0
+    first_token_sent: bool = False
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+class GenerationPipeline:
+    def __init__(
+        self,
+        catalog: ModelCatalog,
+        admission: Admission,
+        routing: Routing,
+        engine: Engine,
+        audit: AuditSink,
+        limits: Limits,
+        *,
+        source: str,
+        max_attempts: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._catalog = catalog
+        self._admission = admission
+        self._routing = routing
+        self._engine = engine
+        self._audit = audit
+        self._limits = limits
+        self._source = source
+        self._max_attempts = max_attempts
+        self._clock = clock
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def run(
+        self, principal: Principal, request: GenerationRequest, send: Send, client_address: str = ""
+    ) -> Finished:
+        """Runs one generation, reporting through `send`; returns the `Finished` it sent."""
+        progress = _Progress(arrived=self._clock(), model=request.model)
+        finished: Finished | None = None
+        try:
+            version = self._catalog.resolve(request.model)
+            progress.version_id = version.version_id
+            validated = validate(request, principal, version, self._limits)
+            async with asyncio.timeout(validated.timeout_s):
+                finish_reason = await self._admit_route_relay(
+                    principal, validated.engine, version.version_id, validated.timeout_s, progress,
+                    send,
+                )
+            finished = self._finished(request.request_id, finish_reason, progress)
+        except errors.MeshError as exc:
+            finished = self._finished(request.request_id, "error", progress, exc)
+        except TimeoutError:
+            finished = self._finished(
+                request.request_id, "deadline", progress,
+                errors.DeadlineExceeded("the request's deadline passed"),
+            )
+        except asyncio.CancelledError:
+            finished = self._finished(request.request_id, "cancelled", progress)
+            self._record(principal, request, progress, finished, client_address)
+            # Tell the client if it is still there; a torn-down stream reads nothing, so the
+            # wait is bounded.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(send(finished), CANCEL_REPORT_TIMEOUT_S)
+            raise
+        finally:
+            self._run_cleanups(progress)
+        self._record(principal, request, progress, finished, client_address)
+        await send(finished)
+        return finished
+
+    async def _admit_route_relay(
+        self, principal: Principal, engine_request: EngineRequest, version_id: str,
+        timeout_s: float, progress: _Progress, send: Send,
+    ) -> str:
+        hold_s = timeout_s + 5.0
+        tenant = principal.tenant_id
+        slot_id = await self._admission.acquire_slot(tenant, engine_request.request_id, hold_s)
+        progress.cleanups.append(lambda: self._admission.release_slot(tenant, slot_id))
+        failed: list[str] = []
+        for attempt in range(1, self._max_attempts + 1):
+            route = await self._routing.route(
+                engine_request.triton_model_name, version_id, engine_request.request_id, hold_s,
+                failed,
+            )
+            progress.cleanups.append(lambda r=route: self._routing.release_route(r.reservation_id))
+            progress.replica_id = route.replica_id
+            if attempt == 1:
+                progress.queue_s = self._clock() - progress.arrived
+                QUEUE.labels(progress.model).observe(progress.queue_s)
+                await send(Accepted(engine_request.request_id, version_id))
+            try:
+                return await self._relay(route, engine_request, progress, send)
+            except errors.Unavailable as exc:
+                # Retry only before the first token, only on another replica.
+                if progress.first_token_sent or attempt == self._max_attempts:
+                    raise
+                log.warning("replica_failed_retrying", replica=route.replica_id, error=str(exc))
+                failed.append(route.replica_id)
+        raise errors.Unavailable("no replica could serve the request", retry_after_s=1.0)
+
+    async def _relay(
+        self, route: Route, engine_request: EngineRequest, progress: _Progress, send: Send
+    ) -> str:
+        async for chunk in self._engine.generate(route.grpc_endpoint, engine_request):
+            progress.prompt_tokens = chunk.prompt_tokens or progress.prompt_tokens
+            progress.completion_tokens = chunk.completion_tokens or progress.completion_tokens
+            if chunk.text:
+                if not progress.first_token_sent:
+                    progress.first_token_sent = True
+                    progress.ttft_s = self._clock() - progress.arrived
+                await send(TokenText(engine_request.request_id, chunk.text))
+        if progress.completion_tokens >= engine_request.max_tokens:
+            return "length"
+        return "stop"
+
+    def _finished(
+        self, request_id: str, reason: str, progress: _Progress,
+        error: errors.MeshError | None = None,
+    ) -> Finished:
+        return Finished(
+            request_id=request_id,
+            finish_reason=reason,
+            model_version=progress.version_id,
+            prompt_tokens=progress.prompt_tokens,
+            completion_tokens=progress.completion_tokens,
+            queue_s=progress.queue_s,
+            ttft_s=progress.ttft_s,
+            total_s=self._clock() - progress.arrived,
+            error=error,
+        )
+
+    def _run_cleanups(self, progress: _Progress) -> None:
+        """Releases run in the background: the client's Final need not wait for them."""
+        for cleanup in progress.cleanups:
+            task = asyncio.create_task(self._quietly(cleanup))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        progress.cleanups.clear()
+
+    @staticmethod
+    async def _quietly(cleanup: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await cleanup()
+        except Exception as exc:  # the lease behind it expires anyway
+            log.warning("release_failed", error=repr(exc))
+
+    def _record(
+        self, principal: Principal, request: GenerationRequest, progress: _Progress,
+        finished: Finished, client_address: str,
+    ) -> None:
+        code = finished.error.code if finished.error else "OK"
+        version = progress.version_id or "unresolved"
+        GENERATIONS.labels(principal.tenant_id, progress.model if progress.version_id else "unknown",
+                           version, finished.finish_reason, code).inc()
+        if progress.first_token_sent:
+            TTFT.labels(progress.model, version).observe(progress.ttft_s)
+        TOKENS.labels(principal.tenant_id, progress.model, "prompt").inc(progress.prompt_tokens)
+        TOKENS.labels(principal.tenant_id, progress.model, "completion").inc(
+            progress.completion_tokens
+        )
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        self._audit.emit(
+            auditor_pb2.AuditEvent(
+                event_id=uuid.uuid4().hex,
+                request_id=request.request_id,
+                time=now,
+                source=self._source,
+                generation=auditor_pb2.GenerationRecord(
+                    tenant=principal.tenant_id,
+                    key_id=principal.key_id,
+                    model=request.model,
+                    model_version=progress.version_id,
+                    prompt_tokens=finished.prompt_tokens,
+                    completion_tokens=finished.completion_tokens,
+                    finish_reason=finished.finish_reason,
+                    error_code=code if finished.error else "",
+                    queue_ms=finished.queue_s * 1000,
+                    ttft_ms=finished.ttft_s * 1000,
+                    total_ms=finished.total_s * 1000,
+                    client_address=client_address,
+                    idempotency_key=request.idempotency_key,
+                    replica_id=progress.replica_id,
+                ),
+            )
+        )
+
+    async def drain_background(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=5.0)

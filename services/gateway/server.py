@@ -1,0 +1,355 @@
+"""The public Inference servicer: decodes frames, runs `GenerationPipeline`, encodes frames.
+
+`GenerateStream` multiplexes generations by request id: each runs in its own task, writing into
+one bounded frame queue that the RPC drains (so a slow client slows its own generations only).
+A `Cancel` frame cancels that generation's task; a disconnect cancels them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+
+from backends.triton.adapter import TritonAdapter
+from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from services.common import errors, etcd, status
+from services.common.discovery import ServiceDirectory
+from services.common.runtime import ServiceContext, ServiceParts
+from services.common.tenancy import parse_key, parse_tenant
+from services.gateway.audit import AuditEmitter
+from services.gateway.auth import Authenticator
+from services.gateway.peers import Peers
+from services.gateway.pipeline import Accepted, Event, Finished, GenerationPipeline, TokenText
+from services.gateway.requests import ChatTurn, GenerationRequest, Principal, SamplingRequest
+from services.gateway.settings import GatewaySettings
+from services.gateway.validation import Limits, validate_request_id
+from services.registry.catalog import ModelCatalog
+from services.registry.store import parse_models_key
+
+FINISH_REASONS = {
+    "stop": inference_pb2.STOP,
+    "length": inference_pb2.LENGTH,
+    "content_filter": inference_pb2.CONTENT_FILTER,
+    "cancelled": inference_pb2.CANCELLED,
+    "deadline": inference_pb2.DEADLINE,
+    "error": inference_pb2.ERROR,
+}
+
+
+def decode_request(message: inference_pb2.GenerateRequest) -> GenerationRequest:
+    """Protobuf → our dataclass; the request id is checked here (it keys the stream)."""
+    params = message.params
+    has = params.HasField
+    sampling = SamplingRequest(
+        max_tokens=params.max_tokens if has("max_tokens") else None,
+        temperature=params.temperature if has("temperature") else None,
+        top_p=params.top_p if has("top_p") else None,
+        top_k=params.top_k if has("top_k") else None,
+        stop=tuple(params.stop),
+        bad_words=tuple(params.bad_words),
+        seed=params.seed if has("seed") else None,
+        repetition_penalty=params.repetition_penalty if has("repetition_penalty") else None,
+        presence_penalty=params.presence_penalty if has("presence_penalty") else None,
+        frequency_penalty=params.frequency_penalty if has("frequency_penalty") else None,
+        min_tokens=params.min_tokens if has("min_tokens") else None,
+    )
+    which = message.WhichOneof("input")
+    return GenerationRequest(
+        request_id=validate_request_id(message.request_id),
+        model=message.model,
+        prompt=message.prompt if which == "prompt" else None,
+        messages=tuple(ChatTurn(m.role, m.content) for m in message.messages.messages)
+        if which == "messages" else None,
+        sampling=sampling,
+        idempotency_key=message.idempotency_key,
+        priority=int(message.priority),
+        user=message.user,
+        timeout_s=message.timeout.ToTimedelta().total_seconds()
+        if message.HasField("timeout") else None,
+    )
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    return status.seconds_to_duration(seconds)
+
+
+def encode_final(finished: Finished) -> inference_pb2.Final:
+    final = inference_pb2.Final(
+        request_id=finished.request_id,
+        finish_reason=FINISH_REASONS[finished.finish_reason],
+        usage=inference_pb2.Usage(
+            prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens
+        ),
+        timings=inference_pb2.Timings(
+            queue=_duration(finished.queue_s),
+            time_to_first_token=_duration(finished.ttft_s),
+            total=_duration(finished.total_s),
+        ),
+        model_version=finished.model_version,
+    )
+    if finished.error is not None:
+        final.error.code = finished.error.code
+        final.error.message = finished.error.message
+        final.error.field = finished.error.field
+        if finished.error.retry_after_s is not None:
+            final.error.retry_after.CopyFrom(_duration(finished.error.retry_after_s))
+    return final
+
+
+def encode_event(event: Event) -> inference_pb2.ServerFrame:
+    if isinstance(event, TokenText):
+        return inference_pb2.ServerFrame(
+            tokens=inference_pb2.Tokens(request_id=event.request_id, text=event.text)
+        )
+    if isinstance(event, Accepted):
+        return inference_pb2.ServerFrame(
+            accepted=inference_pb2.Accepted(
+                request_id=event.request_id, model_version=event.model_version
+            )
+        )
+    return inference_pb2.ServerFrame(final=encode_final(event))
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return str(value)
+    return None
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(
+        self, authenticator: Authenticator, catalog: ModelCatalog,
+        pipeline: GenerationPipeline, settings: GatewaySettings, draining: asyncio.Event,
+    ):
+        self._auth = authenticator
+        self._catalog = catalog
+        self._pipeline = pipeline
+        self._settings = settings
+        self._draining = draining
+
+    async def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        try:
+            return self._auth.authenticate(_metadata(context, "authorization"))
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
+            raise  # unreachable: abort raises
+
+    async def Generate(self, request, context):
+        principal = await self._principal(context)
+        try:
+            decoded = decode_request(request)
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
+        remaining = context.time_remaining()
+        if remaining is not None and (decoded.timeout_s is None or remaining < decoded.timeout_s):
+            decoded = GenerationRequest(**{**decoded.__dict__, "timeout_s": max(remaining, 1e-3)})
+        pieces: list[str] = []
+
+        async def collect(event: Event) -> None:
+            if isinstance(event, TokenText):
+                pieces.append(event.text)
+
+        finished = await self._pipeline.run(principal, decoded, collect, context.peer())
+        if finished.error is not None:
+            await status.abort(context, finished.error)
+        return inference_pb2.GenerateResponse(
+            request_id=finished.request_id,
+            model_version=finished.model_version,
+            text="".join(pieces),
+            finish_reason=FINISH_REASONS[finished.finish_reason],
+            usage=inference_pb2.Usage(
+                prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens
+            ),
+            timings=encode_final(finished).timings,
+        )
+
+    async def GenerateStream(self, request_iterator, context):
+        principal = await self._principal(context)
+        session = _StreamSession(
+            self._pipeline, principal, context.peer(), self._settings, self._draining
+        )
+        reader = asyncio.create_task(session.read(request_iterator), name="stream reader")
+        try:
+            async for frame in session.frames():
+                yield frame
+        finally:
+            reader.cancel()
+            await session.cancel_all()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    async def ListModels(self, request, context):
+        await self._principal(context)
+        return inference_pb2.ListModelsResponse(
+            models=[self._model_info(entry.name) for entry in self._catalog.models()]
+        )
+
+    async def GetModel(self, request, context):
+        await self._principal(context)
+        try:
+            return self._model_info(request.name)
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
+
+    def _model_info(self, name: str) -> inference_pb2.ModelInfo:
+        entry = self._catalog.entry(name)
+        production = entry.aliases.get("production", "")
+        info = inference_pb2.ModelInfo(name=name, production_version=production)
+        version = entry.versions.get(production)
+        if version is not None:
+            info.context_window = version.context_window
+            info.max_output_tokens = version.max_output_tokens
+            info.description = version.manifest.get("description", "")
+        return info
+
+
+class _StreamSession:
+    """The state of one GenerateStream: its generations by request id and its frame queue."""
+
+    def __init__(
+        self, pipeline: GenerationPipeline, principal: Principal, peer: str,
+        settings: GatewaySettings, draining: asyncio.Event,
+    ):
+        self._pipeline = pipeline
+        self._principal = principal
+        self._peer = peer
+        self._settings = settings
+        self._draining = draining
+        self._frames: asyncio.Queue[inference_pb2.ServerFrame] = asyncio.Queue(
+            settings.stream_buffer_frames
+        )
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._input_done = asyncio.Event()
+        self._wakeup = asyncio.Event()
+
+    async def send(self, event: Event) -> None:
+        await self._frames.put(encode_event(event))
+
+    async def read(self, request_iterator) -> None:
+        try:
+            async for frame in request_iterator:
+                kind = frame.WhichOneof("frame")
+                if kind == "start":
+                    await self._start(frame.start)
+                elif kind == "cancel":
+                    task = self._tasks.get(frame.cancel.request_id)
+                    if task is not None:
+                        task.cancel()
+        finally:
+            self._input_done.set()
+            self._wakeup.set()
+
+    async def _start(self, message: inference_pb2.GenerateRequest) -> None:
+        request_id = message.request_id
+        try:
+            request = decode_request(message)
+            request_id = request.request_id
+            if request_id in self._tasks:
+                raise errors.InvalidArgument(
+                    "request_id", f"{request_id!r} is already running on this stream"
+                )
+            if len(self._tasks) >= self._settings.max_generations_per_stream:
+                raise errors.ResourceExhausted(
+                    f"at most {self._settings.max_generations_per_stream} generations per stream",
+                    retry_after_s=0.1,
+                )
+            if self._draining.is_set():
+                raise errors.Unavailable("the gateway is shutting down", retry_after_s=0.1)
+        except errors.MeshError as exc:
+            await self.send(Finished(request_id=request_id, finish_reason="error", error=exc))
+            return
+        task = asyncio.create_task(self._generate(request), name=f"generation {request_id}")
+        self._tasks[request_id] = task
+
+    async def _generate(self, request: GenerationRequest) -> None:
+        try:
+            await self._pipeline.run(self._principal, request, self.send, self._peer)
+        except asyncio.CancelledError:
+            if request.request_id not in self._tasks:
+                raise  # the stream is being torn down
+            # A Cancel frame: the pipeline has reported `cancelled`; the stream goes on.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        finally:
+            self._tasks.pop(request.request_id, None)
+            self._wakeup.set()
+
+    async def frames(self):
+        """Frames for the client until input is done and every generation has finished."""
+        interval = self._settings.heartbeat_interval_s
+        while True:
+            if self._frames.empty() and not self._tasks and (
+                self._input_done.is_set() or self._draining.is_set()
+            ):
+                return
+            getter = asyncio.ensure_future(self._frames.get())
+            waker = asyncio.ensure_future(self._wakeup.wait())
+            done, _ = await asyncio.wait({getter, waker}, timeout=interval,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            waker.cancel()
+            self._wakeup.clear()
+            if getter in done:
+                yield getter.result()
+                continue
+            getter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await getter
+            if not done:
+                yield inference_pb2.ServerFrame(heartbeat=inference_pb2.Heartbeat())
+
+    async def cancel_all(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+
+
+async def setup(ctx: ServiceContext) -> ServiceParts:
+    settings = ctx.settings
+    assert isinstance(settings, GatewaySettings)
+    keys = etcd.WatchCache(ctx.etcd, etcd.Keys.apikeys, parse_key)
+    tenants = etcd.WatchCache(ctx.etcd, etcd.Keys.tenants, parse_tenant)
+    catalog = ModelCatalog()
+    models: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
+        ctx.etcd, etcd.Keys.models, parse_models_key, on_change=lambda: catalog.rebuild(models.items)
+    )
+    directory = ServiceDirectory(ctx.etcd)
+    for cache in (keys, tenants, models, directory):
+        await cache.start()
+    audit = AuditEmitter(directory, settings.peer_timeout_s)
+    audit.start()
+    adapter = TritonAdapter()
+    pipeline = GenerationPipeline(
+        catalog,
+        Peers(directory, settings.peer_timeout_s),
+        Peers(directory, settings.peer_timeout_s),
+        adapter,
+        audit,
+        Limits(default_timeout_s=settings.default_timeout_s, max_timeout_s=settings.max_timeout_s),
+        source=f"gateway/{settings.instance_id}",
+        max_attempts=settings.max_attempts,
+    )
+    inference_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(Authenticator(keys, tenants), catalog, pipeline, settings, ctx.draining),
+        ctx.server,
+    )
+
+    async def cleanup() -> None:
+        await pipeline.drain_background()
+        await audit.close()
+        await adapter.close()
+        await directory.close()
+        for cache in (keys, tenants, models):
+            await cache.stop()
+
+    return ServiceParts(
+        [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name], cleanup=cleanup
+    )

@@ -1,0 +1,22 @@
+"""Gateway settings (env prefix `INFERMESH_`, as every service)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.common.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    default_timeout_s: float = Field(120.0, description="A generation's deadline when unset.")
+    max_timeout_s: float = Field(600.0, description="The longest deadline a client may ask.")
+    heartbeat_interval_s: float = Field(
+        15.0, description="Idle time after which a stream gets a Heartbeat frame."
+    )
+    max_generations_per_stream: int = Field(
+        64, description="Generations one GenerateStream may run at once."
+    )
+    stream_buffer_frames: int = Field(
+        256, description="Frames queued for a slow client before generations wait for it."
+    )
+    max_attempts: int = Field(2, description="Tries per generation (retries before first token).")

@@ -1,0 +1,168 @@
+"""Validation of every public field, against the tenant's plan and the model version.
+
+A bad request is refused here with `InvalidArgument` naming the field and the limit, before it
+costs quota or reaches a backend. The result is the exact `EngineRequest` that will be sent.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+from backends.triton.adapter import EngineRequest
+from services.common.errors import InvalidArgument
+from services.gateway.requests import ChatTurn, GenerationRequest, Principal
+from services.registry.manifest import ModelVersion
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ROLES = ("system", "user", "assistant")
+PRIORITIES = range(0, 4)
+UINT64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Gateway-wide limits that hold whatever the plan or model allows."""
+
+    max_prompt_chars: int = 200_000
+    max_messages: int = 256
+    max_stop_sequences: int = 4
+    max_stop_chars: int = 128
+    max_bad_words: int = 16
+    max_idempotency_key_chars: int = 128
+    max_user_chars: int = 256
+    default_timeout_s: float = 120.0
+    max_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class ValidatedGeneration:
+    engine: EngineRequest
+    prompt_tokens_estimate: int
+    timeout_s: float
+
+
+def count_tokens(tokenizer: str, text: str) -> int:
+    """The gateway's prompt-token count for limits; the engine's own count is what is billed."""
+    if tokenizer == "whitespace":
+        return len(text.split())
+    raise InvalidArgument("model", f"the model's tokenizer {tokenizer!r} is not supported")
+
+
+def render_messages(messages: tuple[ChatTurn, ...]) -> str:
+    """A plain chat rendering for models without a template: `role: content` lines."""
+    return "".join(f"{turn.role}: {turn.content}\n" for turn in messages) + "assistant:"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def validate_request_id(request_id: str) -> str:
+    if not request_id:
+        return new_request_id()
+    if not REQUEST_ID.match(request_id):
+        raise InvalidArgument("request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+    return request_id
+
+
+def validate(
+    request: GenerationRequest, principal: Principal, version: ModelVersion, limits: Limits
+) -> ValidatedGeneration:
+    prompt = _prompt(request, limits)
+    plan = principal.plan
+    sampling = request.sampling
+    max_output = min(version.max_output_tokens, plan.max_output_tokens)
+    max_tokens = sampling.max_tokens
+    if max_tokens is None:
+        max_tokens = min(version.sampling["max_tokens"], max_output)
+    elif not 1 <= max_tokens <= max_output:
+        raise InvalidArgument("params.max_tokens", f"must be 1..{max_output}, got {max_tokens}")
+    context_limit = min(version.context_window, plan.max_context_tokens)
+    prompt_tokens = count_tokens(version.tokenizer, prompt)
+    if prompt_tokens + max_tokens > context_limit:
+        raise InvalidArgument(
+            "prompt",
+            f"{prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed the context limit "
+            f"of {context_limit}",
+        )
+    _check_range("params.temperature", sampling.temperature, 0.0, 2.0)
+    if sampling.top_p is not None and not 0.0 < sampling.top_p <= 1.0:
+        raise InvalidArgument("params.top_p", f"must be in (0, 1], got {sampling.top_p}")
+    _check_range("params.top_k", sampling.top_k, 0, 1000)
+    _check_range("params.seed", sampling.seed, 0, UINT64_MAX)
+    if sampling.repetition_penalty is not None and not 0.0 < sampling.repetition_penalty <= 2.0:
+        raise InvalidArgument(
+            "params.repetition_penalty", f"must be in (0, 2], got {sampling.repetition_penalty}"
+        )
+    _check_range("params.presence_penalty", sampling.presence_penalty, -2.0, 2.0)
+    _check_range("params.frequency_penalty", sampling.frequency_penalty, -2.0, 2.0)
+    _check_range("params.min_tokens", sampling.min_tokens, 0, max_tokens)
+    _check_words("params.stop", sampling.stop, limits.max_stop_sequences, limits.max_stop_chars)
+    _check_words("params.bad_words", sampling.bad_words, limits.max_bad_words, limits.max_stop_chars)
+    if len(request.idempotency_key) > limits.max_idempotency_key_chars:
+        raise InvalidArgument(
+            "idempotency_key", f"must be at most {limits.max_idempotency_key_chars} characters"
+        )
+    if len(request.user) > limits.max_user_chars:
+        raise InvalidArgument("user", f"must be at most {limits.max_user_chars} characters")
+    if request.priority not in PRIORITIES:
+        raise InvalidArgument("priority", f"unknown priority {request.priority}")
+    timeout_s = limits.default_timeout_s if request.timeout_s is None else request.timeout_s
+    if not 0.0 < timeout_s <= limits.max_timeout_s:
+        raise InvalidArgument("timeout", f"must be in (0, {limits.max_timeout_s:g}] seconds")
+    defaults = version.sampling
+    engine = EngineRequest(
+        triton_model_name=version.triton_model_name,
+        request_id=request.request_id,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=defaults["temperature"] if sampling.temperature is None else sampling.temperature,
+        top_p=defaults["top_p"] if sampling.top_p is None else sampling.top_p,
+        top_k=sampling.top_k if sampling.top_k is not None else (defaults.get("top_k") or None),
+        seed=sampling.seed,
+        min_tokens=sampling.min_tokens,
+        repetition_penalty=sampling.repetition_penalty,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        stop=sampling.stop,
+        bad_words=sampling.bad_words,
+    )
+    return ValidatedGeneration(engine, prompt_tokens, timeout_s)
+
+
+def _prompt(request: GenerationRequest, limits: Limits) -> str:
+    if request.prompt is not None and request.messages is not None:
+        raise InvalidArgument("input", "set either prompt or messages, not both")
+    if request.messages is not None:
+        if not 1 <= len(request.messages) <= limits.max_messages:
+            raise InvalidArgument("messages", f"must hold 1..{limits.max_messages} messages")
+        for index, turn in enumerate(request.messages):
+            if turn.role not in ROLES:
+                raise InvalidArgument(f"messages[{index}].role", f"must be one of {ROLES}")
+            if not turn.content.strip():
+                raise InvalidArgument(f"messages[{index}].content", "must not be empty")
+        prompt = render_messages(request.messages)
+        field = "messages"
+    else:
+        prompt = request.prompt or ""
+        field = "prompt"
+        if not prompt.strip():
+            raise InvalidArgument("prompt", "is required (or messages)")
+    if len(prompt) > limits.max_prompt_chars:
+        raise InvalidArgument(field, f"must be at most {limits.max_prompt_chars} characters")
+    return prompt
+
+
+def _check_range(field: str, value: float | int | None, low: float, high: float) -> None:
+    if value is not None and not low <= value <= high:
+        raise InvalidArgument(field, f"must be in [{low:g}, {high:g}], got {value}")
+
+
+def _check_words(field: str, words: tuple[str, ...], most: int, max_chars: int) -> None:
+    if len(words) > most:
+        raise InvalidArgument(field, f"at most {most} entries, got {len(words)}")
+    for index, word in enumerate(words):
+        if not 1 <= len(word) <= max_chars:
+            raise InvalidArgument(f"{field}[{index}]", f"must be 1..{max_chars} characters")
