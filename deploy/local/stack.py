@@ -1,0 +1,262 @@
+"""The embedded stack: etcd, Triton with the reference engine, its sidecar and the five services,
+each a child process on loopback ports, plus a demo tenant, admin key and model.
+
+`Stack.up()` returns only when every service answers SERVING and a generation can be routed;
+`Stack.down()` stops everything it started, in reverse order. The state of a detached stack
+(process ids, endpoints) is kept in `<state dir>/stack.json`, so `meshctl stack down` can stop it
+from another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deploy.local.etcd_server import EtcdServer
+from infermesh.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
+from services.common import etcd
+from services.common.net import LOOPBACK, free_port
+from services.common.processes import ChildProcess, pid_alive, stop_pid
+from services.common.tenancy import Tenant, TenantPlan, TenantStore
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+MODEL_REPOSITORY = REPO_ROOT / "backends" / "triton" / "model_repository"
+DEMO_TENANT = "demo"
+DEMO_MODEL = "demo-chat"
+SERVICES = ("registry", "ratelimit", "scheduler", "auditor", "gateway")
+STOP_ORDER = ("gateway", "sidecar", "scheduler", "ratelimit", "registry", "auditor", "triton",
+              "etcd")
+
+
+def demo_manifest() -> registry_pb2.ModelManifest:
+    return registry_pb2.ModelManifest(
+        name=DEMO_MODEL,
+        description="The reference engine: deterministic text with simulated serving costs.",
+        triton_model_name="reference",
+        tokenizer="whitespace",
+        engine=registry_pb2.EngineConfig(context_window=4096, max_output_tokens=1024,
+                                         max_batch_size=8),
+        sampling=registry_pb2.SamplingDefaults(max_tokens=64, temperature=0.7, top_p=0.95),
+        cost_per_1k_input_tokens=0.0001,
+        cost_per_1k_output_tokens=0.0002,
+    )
+
+
+@dataclass
+class StackOptions:
+    state_dir: pathlib.Path
+    demo_plan: TenantPlan = field(default_factory=TenantPlan)
+    gateway_env: dict[str, str] = field(default_factory=dict)  # extra INFERMESH_* for the gateway
+    triton_log_verbose: bool = False
+
+
+@dataclass
+class StackInfo:
+    """What a caller needs to use a running stack (also what `.infermesh/env` holds)."""
+
+    gateway: str
+    api_key: str
+    model: str
+    etcd: str
+    endpoints: dict[str, str]
+    metrics: dict[str, str]
+    pids: dict[str, int]
+
+    def env_lines(self) -> str:
+        values = {
+            "INFERMESH_GATEWAY": self.gateway,
+            "INFERMESH_API_KEY": self.api_key,
+            "INFERMESH_MODEL": self.model,
+            "INFERMESH_ETCD": self.etcd,
+            "INFERMESH_TRITON": self.endpoints["triton"],
+            "INFERMESH_TRITON_METRICS": self.metrics["triton"],
+        }
+        return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
+
+
+class Stack:
+    def __init__(self, options: StackOptions):
+        self.options = options
+        self.state_dir = options.state_dir
+        self.logs = self.state_dir / "logs"
+        self.children: dict[str, ChildProcess] = {}
+        self.info: StackInfo | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def up(self, timeout_s: float = 90.0) -> StackInfo:
+        deadline = time.monotonic() + timeout_s
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            etcd_server = EtcdServer(self.state_dir / "data" / "etcd", self.logs / "etcd.log")
+            etcd_server.start()
+            self.children["etcd"] = etcd_server.process
+            ports = {name: free_port() for name in (*SERVICES, "sidecar")}
+            metrics = {name: free_port() for name in (*SERVICES, "sidecar")}
+            triton = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+            self._start(
+                "triton",
+                [sys.executable, "-m", "backends.triton.launcher",
+                 "--grpc-port", str(triton["grpc"]), "--http-port", str(triton["http"]),
+                 "--metrics-port", str(triton["metrics"]),
+                 "--model-repository", str(MODEL_REPOSITORY),
+                 "--workdir", str(self.state_dir / "triton")],
+                {},
+            )
+            base = {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint}
+            for name in SERVICES:
+                extra = dict(base)
+                if name == "auditor":
+                    extra["INFERMESH_DATA_DIR"] = str(self.state_dir / "data" / "auditor")
+                if name == "gateway":
+                    extra.update(self.options.gateway_env)
+                self._start_service(name, f"services.{name}", ports[name], metrics[name], extra)
+            self._start_service(
+                "sidecar", "backends.triton.sidecar", ports["sidecar"], metrics["sidecar"],
+                {**base,
+                 "INFERMESH_TRITON_GRPC_ENDPOINT": f"{LOOPBACK}:{triton['grpc']}",
+                 "INFERMESH_TRITON_METRICS_ENDPOINT": f"{LOOPBACK}:{triton['metrics']}",
+                 "INFERMESH_REPLICA_ID": "replica-0"},
+            )
+            for name in (*SERVICES, "sidecar"):
+                self._wait_serving(name, f"{LOOPBACK}:{ports[name]}", deadline)
+            api_key = asyncio.run(self._bootstrap(etcd_server.endpoint, ports, deadline))
+            endpoints = {name: f"{LOOPBACK}:{port}" for name, port in ports.items()}
+            endpoints["triton"] = f"{LOOPBACK}:{triton['grpc']}"
+            metric_endpoints = {name: f"{LOOPBACK}:{port}" for name, port in metrics.items()}
+            metric_endpoints["triton"] = f"{LOOPBACK}:{triton['metrics']}"
+            self.info = StackInfo(
+                gateway=endpoints["gateway"], api_key=api_key, model=DEMO_MODEL,
+                etcd=etcd_server.endpoint, endpoints=endpoints, metrics=metric_endpoints,
+                pids={name: child.pid for name, child in self.children.items()},
+            )
+            self._write_state(self.info)
+            return self.info
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        for name in STOP_ORDER:
+            child = self.children.pop(name, None)
+            if child is not None:
+                child.stop(grace_s=15.0)
+        (self.state_dir / "stack.json").unlink(missing_ok=True)
+
+    def failed_children(self) -> list[str]:
+        return [name for name, child in self.children.items() if not child.alive()]
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        child = ChildProcess(name, argv, self.logs / f"{name}.log", env={**os.environ, **env},
+                             cwd=REPO_ROOT)
+        child.start()
+        self.children[name] = child
+
+    def _start_service(
+        self, name: str, module: str, port: int, metrics_port: int, env: dict[str, str]
+    ) -> None:
+        self._start(
+            name,
+            [sys.executable, "-m", module],
+            {**env, "INFERMESH_PORT": str(port), "INFERMESH_METRICS_PORT": str(metrics_port),
+             "INFERMESH_INSTANCE_ID": f"{name}-local"},
+        )
+
+    def _wait_serving(self, name: str, endpoint: str, deadline: float) -> None:
+        with grpc.insecure_channel(endpoint) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                child = self.children[name]
+                if not child.alive():
+                    raise RuntimeError(f"{name} exited during start-up:\n{child.log_tail()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} not SERVING in time:\n{child.log_tail()}")
+                time.sleep(0.1)
+
+    async def _bootstrap(self, etcd_endpoint: str, ports: dict[str, int], deadline: float) -> str:
+        """Demo tenant, admin key and model; returns once the gateway can serve the model."""
+        client = etcd.connect(etcd_endpoint, 5.0)
+        async with client:
+            tenants = TenantStore(client)
+            await tenants.put_tenant(Tenant(DEMO_TENANT, "Demo tenant", self.options.demo_plan))
+            api_key, _ = await tenants.issue_key(DEMO_TENANT, role="admin")
+        async with grpc.aio.insecure_channel(f"{LOOPBACK}:{ports['registry']}") as channel:
+            registry = registry_pb2_grpc.RegistryStub(channel)
+            reply = await registry.RegisterVersion(
+                registry_pb2.RegisterVersionRequest(manifest=demo_manifest()), timeout=5
+            )
+            current = await registry.ListModels(
+                registry_pb2.ListRegisteredModelsRequest(), timeout=5
+            )
+            aliases = {m.name: dict(m.aliases) for m in current.models}
+            expected = aliases.get(DEMO_MODEL, {}).get("production", "")
+            if expected != reply.version_id:
+                await registry.SetAlias(
+                    registry_pb2.SetAliasRequest(
+                        model=DEMO_MODEL, alias="production", version_id=reply.version_id,
+                        expected_version_id=expected, actor="stack", reason="demo model",
+                    ),
+                    timeout=5,
+                )
+        await self._wait_routable(f"{LOOPBACK}:{ports['gateway']}", api_key, deadline)
+        return api_key
+
+    async def _wait_routable(self, gateway: str, api_key: str, deadline: float) -> None:
+        """Until a one-token generation succeeds: keys, model and replica are all visible."""
+        metadata = (("authorization", f"Bearer {api_key}"),)
+        request = inference_pb2.GenerateRequest(
+            model=DEMO_MODEL, prompt="warm up", params=inference_pb2.SamplingParams(max_tokens=1)
+        )
+        async with grpc.aio.insecure_channel(gateway) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            while True:
+                try:
+                    await stub.Generate(request, metadata=metadata, timeout=10)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the gateway cannot serve {DEMO_MODEL}: {exc}") from exc
+                await asyncio.sleep(0.2)
+
+    def _write_state(self, info: StackInfo) -> None:
+        (self.state_dir / "env").write_text(info.env_lines())
+        (self.state_dir / "stack.json").write_text(json.dumps(info.__dict__, indent=2))
+
+
+def load_state(state_dir: pathlib.Path) -> StackInfo | None:
+    path = state_dir / "stack.json"
+    if not path.exists():
+        return None
+    return StackInfo(**json.loads(path.read_text()))
+
+
+def stop_detached(state_dir: pathlib.Path) -> list[str]:
+    """Stops a stack started by another process, from its `stack.json`; returns what it stopped."""
+    info = load_state(state_dir)
+    if info is None:
+        return []
+    stopped = []
+    for name in STOP_ORDER:
+        pid = info.pids.get(name)
+        if pid is not None and pid_alive(pid):
+            stop_pid(pid, grace_s=15.0)
+            stopped.append(name)
+    (state_dir / "stack.json").unlink(missing_ok=True)
+    return stopped

@@ -1,0 +1,163 @@
+"""meshctl: the one admin CLI. Subcommands stay thin: parse, call a library, print."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import signal
+import sys
+import time
+
+import typer
+
+from infermesh.v1 import inference_pb2
+from meshctl.config import DEFAULT_STATE_DIR, gateway_and_key
+from meshctl.generate import sampling, stream_generation, unary_generation
+
+app = typer.Typer(help="Operate infermesh: the local stack, generations, the audit log.",
+                  no_args_is_help=True)
+stack_app = typer.Typer(help="Start and stop the embedded stack.", no_args_is_help=True)
+audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(audit_app, name="audit")
+
+FINISH = {v: k.lower() for k, v in inference_pb2.FinishReason.items()}
+
+
+def _seconds(duration) -> float:
+    return duration.ToTimedelta().total_seconds()
+
+
+def print_final(final: inference_pb2.Final) -> None:
+    typer.echo("")
+    typer.echo(
+        f"finish_reason={FINISH[final.finish_reason]} "
+        f"prompt_tokens={final.usage.prompt_tokens} "
+        f"completion_tokens={final.usage.completion_tokens} "
+        f"ttft_ms={_seconds(final.timings.time_to_first_token) * 1000:.1f} "
+        f"model_version={final.model_version}",
+        err=True,
+    )
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt text."),
+    model: str = typer.Option(..., "--model", envvar="INFERMESH_MODEL",
+                              help="name, name@alias or name@sha256:<hex>"),
+    stream: bool = typer.Option(False, "--stream", help="Print tokens as they arrive."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Most tokens to generate."),
+    temperature: float = typer.Option(None, "--temperature"),
+    seed: int = typer.Option(None, "--seed"),
+    cancel_after: int = typer.Option(None, "--cancel-after",
+                                     help="Send Cancel after this many token frames."),
+    gateway: str = typer.Option(None, "--gateway", help="host:port [env INFERMESH_GATEWAY]"),
+    api_key: str = typer.Option(None, "--api-key", help="[env INFERMESH_API_KEY]"),
+) -> None:
+    """Generate text; on an error print the gRPC status name and message and exit 1."""
+    gateway, api_key = gateway_and_key(gateway, api_key)
+    params = sampling(max_tokens, temperature, seed)
+    if stream or cancel_after is not None:
+        result = asyncio.run(
+            stream_generation(gateway, api_key, model, prompt, params, cancel_after)
+        )
+        if result.error_code:
+            typer.echo(f"\nerror: {result.error_code}: {result.error_message}", err=True)
+            raise typer.Exit(1)
+        assert result.final is not None
+        print_final(result.final)
+        if result.final.HasField("error"):
+            typer.echo(f"error: {result.final.error.code}: {result.final.error.message}", err=True)
+            raise typer.Exit(1)
+        return
+    reply, code, message = asyncio.run(unary_generation(gateway, api_key, model, prompt, params))
+    if reply is None:
+        typer.echo(f"error: {code}: {message}", err=True)
+        raise typer.Exit(1)
+    typer.echo(reply.text, nl=False)
+    print_final(inference_pb2.Final(
+        finish_reason=reply.finish_reason, usage=reply.usage, timings=reply.timings,
+        model_version=reply.model_version,
+    ))
+
+
+@stack_app.command("up")
+def stack_up(
+    detach: bool = typer.Option(False, "--detach", help="Start in the background and return."),
+    demo: bool = typer.Option(False, "--demo", help="Stream a demo generation once it is up."),
+    state_dir: pathlib.Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir"),
+) -> None:
+    """Start etcd, Triton, the sidecar and every service; write <state-dir>/env."""
+    from deploy.local.stack import Stack, StackOptions, load_state
+
+    if load_state(state_dir) is not None:
+        typer.echo(f"a stack is already recorded in {state_dir}/stack.json; "
+                   "run `meshctl stack down` first", err=True)
+        raise typer.Exit(1)
+    stack = Stack(StackOptions(state_dir=state_dir))
+    started = time.monotonic()
+    typer.echo("starting etcd, Triton (reference engine), sidecar and services ...", err=True)
+    info = stack.up()
+    typer.echo(f"stack up in {time.monotonic() - started:.1f}s; gateway {info.gateway}; "
+               f"env in {state_dir / 'env'}; logs in {state_dir / 'logs'}", err=True)
+    if demo:
+        typer.echo(f"\n$ meshctl generate --stream --model {info.model} "
+                   "'Tell me about serving language models.'\n", err=True)
+        result = asyncio.run(stream_generation(
+            info.gateway, info.api_key, info.model, "Tell me about serving language models.",
+            sampling(48, None, 7)))
+        if result.final is not None:
+            print_final(result.final)
+    if detach:
+        return
+    typer.echo("\nserving; Ctrl-C stops every process.", err=True)
+    stopping = False
+
+    def request_stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        while not stopping:
+            failed = stack.failed_children()
+            if failed:
+                typer.echo(f"stopping: {', '.join(failed)} exited (see {state_dir}/logs)",
+                           err=True)
+                break
+            time.sleep(0.5)
+    finally:
+        typer.echo("stopping ...", err=True)
+        stack.down()
+        typer.echo("stopped.", err=True)
+
+
+@stack_app.command("down")
+def stack_down(state_dir: pathlib.Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir")) -> None:
+    """Stop a stack started with `stack up --detach`."""
+    from deploy.local.stack import stop_detached
+
+    stopped = stop_detached(state_dir)
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "no stack was running", err=True)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    data_dir: pathlib.Path = typer.Option(DEFAULT_STATE_DIR / "data" / "auditor", "--data-dir"),
+) -> None:
+    """Re-walk the hash chain; exit 1 and name the first bad record when it is broken."""
+    from services.auditor.chain import format_result, verify
+
+    result = verify(data_dir)
+    typer.echo(format_result(result))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()
