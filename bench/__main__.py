@@ -1,0 +1,44 @@
+"""`make bench`: starts its own embedded stack, runs every benchmark, prints one JSON line last.
+
+The last line holds every figure under stable names, so runs can be compared by machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import tempfile
+
+from bench.streaming import compare
+from deploy.local.stack import Stack, StackOptions
+from services.common.tenancy import TenantPlan
+
+# The benchmark tenant must not be what limits the measurement.
+BENCH_PLAN = TenantPlan(requests_per_minute=1_000_000, max_concurrency=1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--levels", default="1,16,64", help="Concurrent streams, comma-separated.")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-stream", type=int, default=4)
+    parser.add_argument("--budget-s", type=float, default=60.0,
+                        help="Per level and path: no new requests after this.")
+    args = parser.parse_args()
+    levels = tuple(int(x) for x in args.levels.split(","))
+    with tempfile.TemporaryDirectory(prefix="infermesh-bench-") as state:
+        stack = Stack(StackOptions(state_dir=pathlib.Path(state), demo_plan=BENCH_PLAN))
+        info = stack.up()
+        try:
+            figures = asyncio.run(
+                compare(info, levels, args.max_tokens, args.requests_per_stream, args.budget_s)
+            )
+        finally:
+            stack.down()
+    print(json.dumps(figures, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
