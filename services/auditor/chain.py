@@ -71,7 +71,7 @@ def canonical_json(value: Any) -> bytes:
     ).encode("ascii")
 
 
-def record_hash(seq: int, prev: str, event: Mapping[str, Any]) -> str:
+def record_hash(seq: int, prev: str, event: dict[str, Any]) -> str:
     """The hash a record with these contents must carry."""
     return hashlib.sha256(canonical_json({"event": event, "prev": prev, "seq": seq})).hexdigest()
 
@@ -82,19 +82,18 @@ class Record:
 
     seq: int
     prev: str  # the previous record's hash, or GENESIS_HASH for seq 1
-    event: Mapping[str, Any]
+    event: dict[str, Any]
     hash: str
 
     @classmethod
-    def create(cls, seq: int, prev: str, event: Mapping[str, Any]) -> Record:
+    def create(cls, seq: int, prev: str, event: dict[str, Any]) -> Record:
         return cls(seq, prev, event, record_hash(seq, prev, event))
 
     def to_line(self) -> bytes:
         """The exact bytes written to disk, trailing newline included."""
         event = canonical_json(self.event).decode("ascii")
-        return f'{{"seq":{self.seq},"prev":"{self.prev}","event":{event},"hash":"{self.hash}"}}\n'.encode(
-            "ascii"
-        )
+        line = f'{{"seq":{self.seq},"prev":"{self.prev}","event":{event},"hash":"{self.hash}"}}\n'
+        return line.encode("ascii")
 
     def hash_matches(self) -> bool:
         return self.hash == record_hash(self.seq, self.prev, self.event)
@@ -106,8 +105,8 @@ def parse_line(line: bytes) -> Record:
     Only the structure is checked here; whether the hash and the chain hold is the caller's job.
     """
     try:
-        value = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = json.loads(line, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise MalformedRecord(f"not JSON ({exc})") from None
     if not isinstance(value, dict):
         raise MalformedRecord("not a JSON object")
@@ -122,6 +121,11 @@ def parse_line(line: bytes) -> Record:
     if not isinstance(event, dict):
         raise MalformedRecord("event is not a JSON object")
     return Record(seq, prev, event, digest)
+
+
+def _reject_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON and have no canonical form, so a line with one is bad."""
+    raise ValueError(f"{name} is not allowed")
 
 
 def check_event(event: Mapping[str, Any]) -> str:
@@ -208,7 +212,7 @@ class AuditLog:
         """A consistent snapshot, readable without the lock (so safe on an event loop)."""
         return self._head
 
-    def append_batch(self, events: list[Mapping[str, Any]]) -> AppendResult:
+    def append_batch(self, events: list[dict[str, Any]]) -> AppendResult:
         """Appends the events in order, fsyncs once, then returns: the batch is durable.
 
         Events whose `event_id` is among the recent ids (or earlier in the batch) are skipped.
@@ -221,19 +225,27 @@ class AuditLog:
             if self._closed:
                 raise errors.Unavailable("the audit log is closed")
             if self._needs_recovery:
-                self._recover()
+                try:
+                    self._recover()
+                except OSError as exc:
+                    raise errors.Unavailable(
+                        f"re-reading the audit log failed: {exc}", retry_after_s=1.0
+                    ) from exc
             head = self._head
             seq, prev = head.sequence, head.hash
             lines: list[bytes] = []
             fresh: list[str] = []
-            seen = set(self._recent_set) if self._dedupe_window else set()
+            in_batch: set[str] = set()
             for event_id, event in zip(ids, events, strict=True):
-                if self._dedupe_window and event_id in seen:
+                if self._dedupe_window and (event_id in self._recent_set or event_id in in_batch):
                     continue
-                seen.add(event_id)
+                in_batch.add(event_id)
                 fresh.append(event_id)
                 seq += 1
-                record = Record.create(seq, prev, event)
+                try:
+                    record = Record.create(seq, prev, event)
+                except (TypeError, ValueError) as exc:
+                    raise errors.InvalidArgument("event", f"is not plain JSON: {exc}") from None
                 lines.append(record.to_line())
                 prev = record.hash
             if not lines:
@@ -270,12 +282,16 @@ class AuditLog:
 
     def _recover(self) -> None:
         """Sets the head (and the recent ids) from the file; called with the lock held or alone."""
+        # Whatever we chain onto must be on disk, not only in the page cache (this matters after
+        # a failed write, whose bytes may still be readable although they never reached disk).
+        os.fsync(self._fd)
         size = os.fstat(self._fd).st_size
         end = _end_of_last_line(self._fd, size)
         # One torn line at most: bytes after the last newline, or else a last line that is not
         # a record. Our writer only ever leaves the first kind; the second is cut (and kept) too
-        # so that a half-synced tail cannot stop the auditor from starting.
-        lines = _last_lines(self._fd, end, max(1, self._dedupe_window))
+        # so that a half-synced tail cannot stop the auditor from starting. One line more than
+        # the dedupe window is read, so a record is still at hand when the last line is cut.
+        lines = _last_lines(self._fd, end, max(1, self._dedupe_window) + 1)
         cut_from = end
         if end == size and lines:
             try:
@@ -293,14 +309,14 @@ class AuditLog:
                 raise LogCorrupted(f"{self._path}: the last record is malformed: {exc}") from None
             if not last.hash_matches() or last.to_line() != lines[-1] + b"\n":
                 raise LogCorrupted(
-                    f"{self._path}: record {last.seq} does not match its hash; "
+                    f"{self._path}: the last record ({last.seq}) does not verify; "
                     "run `meshctl audit verify` and restore the log before appending"
                 )
             head = Head(last.seq, last.hash, cut_from)
         self._recent_ids.clear()
         self._recent_set.clear()
         if self._dedupe_window:
-            self._remember(_event_ids(lines))
+            self._remember(_event_ids(lines[-self._dedupe_window :]))
         self._head = head
         self._needs_recovery = False
 
@@ -350,8 +366,12 @@ def verify(path: str | os.PathLike[str], *, limit_bytes: int | None = None) -> V
     reordered), its `prev` is the previous record's hash (else a record was rewritten with a
     recomputed hash). `limit_bytes` stops at that offset, so a live log can be checked up to
     its durable head. A final line with no newline is a torn write and is reported, not failed.
-    Raises FileNotFoundError when there is no log at `path`. Reads in O(1) memory.
+    `path` is the log file or the data directory that holds it (`LOG_FILE_NAME`). Raises
+    FileNotFoundError when there is no log there. Reads in O(1) memory.
     """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        path = path / LOG_FILE_NAME
     expected, prev, offset = 1, GENESIS_HASH, 0
     with open(path, "rb") as file:
         while limit_bytes is None or offset < limit_bytes:
@@ -361,35 +381,35 @@ def verify(path: str | os.PathLike[str], *, limit_bytes: int | None = None) -> V
             if not line.endswith(b"\n"):
                 return _verified(expected - 1, prev, torn_tail_bytes=len(line))
             offset += len(line)
-            problem = _check_record(line, expected, prev)
+            problem, digest = _check_record(line, expected, prev)
             if problem:
                 return VerifyResult(False, expected - 1, expected, problem, prev)
-            prev = parse_line(line).hash
+            prev = digest
             expected += 1
     return _verified(expected - 1, prev)
 
 
-def _check_record(line: bytes, expected: int, prev: str) -> str:
-    """What is wrong with `line` as record number `expected` after hash `prev` ("" if nothing)."""
+def _check_record(line: bytes, expected: int, prev: str) -> tuple[str, str]:
+    """(what is wrong with `line` as record `expected` after hash `prev` or "", its hash)."""
     try:
         record = parse_line(line)
     except MalformedRecord as exc:
-        return f"record {expected} is malformed: {exc}"
+        return f"record {expected} is malformed: {exc}", ""
     if not record.hash_matches():
-        return f"record {expected} does not match its hash (edited on disk)"
+        return f"record {expected} does not match its hash (edited on disk)", record.hash
     if record.to_line() != line:
-        return f"record {expected} is not in canonical form (edited on disk)"
+        return f"record {expected} is not in canonical form (edited on disk)", record.hash
     if record.seq != expected:
         return (
             f"expected record {expected} but found record {record.seq} "
             "(records were removed or reordered)"
-        )
+        ), record.hash
     if record.prev != prev:
         return (
             f"record {expected} does not chain to record {expected - 1} "
-            f"(one of them was rewritten)"
-        )
-    return ""
+            "(one of the two was rewritten)"
+        ), record.hash
+    return "", record.hash
 
 
 def _verified(records: int, last_hash: str, torn_tail_bytes: int = 0) -> VerifyResult:

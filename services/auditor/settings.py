@@ -2,14 +2,15 @@
 
 The auditor's own fields read `INFERMESH_AUDITOR_*` variables (not plain `INFERMESH_*`), so one
 environment can configure the whole embedded stack without, say, a registry data directory
-leaking into the auditor's.
+leaking into the auditor's. The data directory also accepts plain `INFERMESH_DATA_DIR`, which
+the embedded stack sets for the auditor child alone; the auditor-specific name wins.
 """
 
 from __future__ import annotations
 
 import pathlib
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from services.auditor.chain import LOG_FILE_NAME
@@ -24,7 +25,7 @@ class AuditorSettings(ServiceSettings):
 
     data_dir: pathlib.Path = Field(
         pathlib.Path(".infermesh/data/auditor"),
-        validation_alias="INFERMESH_AUDITOR_DATA_DIR",
+        validation_alias=AliasChoices("INFERMESH_AUDITOR_DATA_DIR", "INFERMESH_DATA_DIR"),
         description="Directory holding the audit log file; created if missing.",
     )
     batch_max_events: int = Field(
