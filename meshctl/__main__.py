@@ -149,7 +149,11 @@ def audit_verify(
     """Re-walk the hash chain; exit 1 and name the first bad record when it is broken."""
     from services.auditor.chain import format_result, verify
 
-    result = verify(data_dir)
+    try:
+        result = verify(data_dir)
+    except FileNotFoundError:
+        typer.echo(f"no audit log in {data_dir}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(format_result(result))
     if not result.ok:
         raise typer.Exit(1)

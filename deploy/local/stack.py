@@ -116,7 +116,7 @@ class Stack:
             for name in SERVICES:
                 extra = dict(base)
                 if name == "auditor":
-                    extra["INFERMESH_DATA_DIR"] = str(self.state_dir / "data" / "auditor")
+                    extra["INFERMESH_AUDITOR_DATA_DIR"] = str(self.state_dir / "data" / "auditor")
                 if name == "gateway":
                     extra.update(self.options.gateway_env)
                 self._start_service(name, f"services.{name}", ports[name], metrics[name], extra)

@@ -65,6 +65,10 @@ Setup = Callable[[ServiceContext], Awaitable[ServiceParts]]
 async def run_service(kind: str, settings: ServiceSettings, setup: Setup) -> None:
     """Runs one service until SIGTERM or SIGINT, then shuts it down gracefully."""
     configure_logging(kind, settings.log_level)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # first, so a stop during start-up is clean
+        loop.add_signal_handler(signum, stop.set)
     metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host)
     metrics_port = metrics_server.server_port
     client = etcd.connect(settings.etcd_endpoint, settings.etcd_timeout_s)
@@ -93,10 +97,6 @@ async def run_service(kind: str, settings: ServiceSettings, setup: Setup) -> Non
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", endpoint=endpoint, metrics_port=metrics_port)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
 
     log.info("draining", grace_s=settings.shutdown_grace_s)

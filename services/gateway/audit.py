@@ -14,11 +14,13 @@ import grpc
 from prometheus_client import Counter
 
 from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
+from services.common import errors
 from services.common.discovery import ServiceDirectory
 from services.common.logs import get_logger
 
 log = get_logger(__name__)
 DROPPED = Counter("infermesh_gateway_audit_dropped_total", "Audit events dropped: queue full.")
+REFUSED = Counter("infermesh_gateway_audit_refused_total", "Audit events the auditor refused.")
 SHIPPED = Counter("infermesh_gateway_audit_shipped_total", "Audit events acknowledged.")
 
 
@@ -65,8 +67,14 @@ class AuditEmitter:
                     await stub.Append(iter(batch), timeout=self._timeout_s)
                     SHIPPED.inc(len(batch))
                     break
-                except asyncio.CancelledError:
-                    raise
-                except (grpc.aio.AioRpcError, Exception) as exc:
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                        # Sending it again cannot succeed; keep the shipper moving.
+                        log.error("audit_batch_refused", events=len(batch), error=exc.details())
+                        REFUSED.inc(len(batch))
+                        break
                     log.warning("audit_ship_failed", events=len(batch), error=repr(exc))
+                    await asyncio.sleep(self._retry_s)
+                except errors.Unavailable as exc:  # no auditor registered right now
+                    log.warning("audit_ship_failed", events=len(batch), error=exc.message)
                     await asyncio.sleep(self._retry_s)
