@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any
 
 import grpc
@@ -147,7 +148,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await status.abort(context, exc)
         remaining = context.time_remaining()
         if remaining is not None and (decoded.timeout_s is None or remaining < decoded.timeout_s):
-            decoded = GenerationRequest(**{**decoded.__dict__, "timeout_s": max(remaining, 1e-3)})
+            decoded = dataclasses.replace(decoded, timeout_s=max(remaining, 1e-3))
         pieces: list[str] = []
 
         async def collect(event: Event) -> None:
@@ -284,7 +285,10 @@ class _StreamSession:
         """Frames for the client until input is done and every generation has finished."""
         interval = self._settings.heartbeat_interval_s
         while True:
-            if self._frames.empty() and not self._tasks and (
+            if not self._frames.empty():  # the common case while tokens flow: no waiting
+                yield self._frames.get_nowait()
+                continue
+            if not self._tasks and (
                 self._input_done.is_set() or self._draining.is_set()
             ):
                 return

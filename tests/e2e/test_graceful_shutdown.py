@@ -1,0 +1,78 @@
+"""SIGTERM drains: a gateway stops taking work but finishes the generations it has."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deploy.local.stack import REPO_ROOT, StackInfo
+from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from services.common.net import free_port
+from services.common.processes import ChildProcess
+
+pytestmark = pytest.mark.integration
+
+
+async def wait_serving(endpoint: str, child: ChildProcess) -> None:
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(200):
+            assert child.alive(), child.log_tail()
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"gateway never SERVING:\n{child.log_tail()}")
+
+
+async def test_sigterm_finishes_open_generations(stack: StackInfo, tmp_path):
+    port = free_port()
+    gateway = ChildProcess(
+        "gateway-2", [sys.executable, "-m", "services.gateway"], tmp_path / "gateway.log",
+        env={**os.environ, "INFERMESH_ETCD_ENDPOINT": stack.etcd, "INFERMESH_PORT": str(port),
+             "INFERMESH_METRICS_PORT": str(free_port()), "INFERMESH_INSTANCE_ID": "gateway-2"},
+        cwd=REPO_ROOT,
+    )
+    gateway.start()
+    try:
+        endpoint = f"127.0.0.1:{port}"
+        await wait_serving(endpoint, gateway)
+        outbox: asyncio.Queue = asyncio.Queue()
+        await outbox.put(inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
+            request_id="drain", model=stack.model, prompt="keep going",
+            params=inference_pb2.SamplingParams(max_tokens=24, seed=1))))
+
+        async def frames():
+            while (frame := await outbox.get()) is not None:
+                yield frame
+
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            call = stub.GenerateStream(
+                frames(), metadata=(("authorization", f"Bearer {stack.api_key}"),))
+            kinds = []
+            final = None
+            async for frame in call:
+                kind = frame.WhichOneof("frame")
+                kinds.append(kind)
+                if kind == "accepted":
+                    os.kill(gateway.pid, signal.SIGTERM)
+                elif kind == "final":
+                    final = frame.final
+                    await outbox.put(None)
+            assert await call.code() == grpc.StatusCode.OK
+        assert final is not None, kinds
+        assert final.finish_reason == inference_pb2.LENGTH
+        assert final.usage.completion_tokens == 24
+        assert gateway.process.wait(20) == 0, gateway.log_tail()
+    finally:
+        gateway.stop()
