@@ -1,0 +1,316 @@
+"""Starts the tritonserver bundled in the nvidia-pytriton wheel on loopback; stops it without leaks.
+
+Two things make the bundled server work on a CPU machine (docs: ENVIRONMENT.md): the Python-backend
+stub takes its `sys.path` from the first `python3` on `PATH`, so this interpreter's `bin/` goes
+first (the venv must be made from the system Python the stub links), and the stub finds its CUDA
+runtime stubs only through `LD_LIBRARY_PATH`. A server that is killed, or crashes, leaves its stub
+processes running and their shared-memory regions in /dev/shm; `stop()` always cleans both up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.common.net import LOOPBACK, free_port
+from services.common.processes import pid_alive
+
+__all__ = ["DEFAULT_MODEL_REPOSITORY", "TritonPorts", "TritonServer", "TritonStartError", "main"]
+
+DEFAULT_MODEL_REPOSITORY = pathlib.Path(__file__).parent / "model_repository"
+
+
+def _pytriton_dir() -> pathlib.Path:
+    # find_spec, not import: importing pytriton costs ~0.5 s and only its files are needed.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("nvidia-pytriton is not installed: it carries the tritonserver binary")
+    return pathlib.Path(spec.submodule_search_locations[0])
+
+
+_PYTRITON_DIR = _pytriton_dir()
+_TRITON_DIR = _PYTRITON_DIR / "tritonserver"
+_TRITON_BINARY = _TRITON_DIR / "bin" / "tritonserver"
+_TRITON_LIBS = _PYTRITON_DIR.parent / "nvidia_pytriton.libs"
+_PYTHON_BACKEND_FILES = (
+    _TRITON_DIR / "backends" / "python" / "libtriton_python.so",
+    _TRITON_DIR / "backends" / "python" / "triton_python_backend_utils.py",
+    _TRITON_DIR / "python_backend_stubs" / "3.11" / "triton_python_backend_stub",
+)
+_SHM_DIR = pathlib.Path("/dev/shm")
+_SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+class TritonStartError(RuntimeError):
+    """Triton exited or did not become ready in time; the message ends with its log tail."""
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    grpc: int
+    http: int
+    metrics: int
+
+    @classmethod
+    def free(cls) -> TritonPorts:
+        return cls(grpc=free_port(), http=free_port(), metrics=free_port())
+
+
+def _pids_running(binary: pathlib.Path) -> list[int]:
+    """Processes executing `binary`: a server's stubs, even once re-parented to init."""
+    pids = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "exe") == str(binary):
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _kill_and_wait(pids: Sequence[int], timeout_s: float = 5.0) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _shm_regions() -> set[str]:
+    return {path.name for path in _SHM_DIR.glob(_SHM_PREFIX + "*")}
+
+
+def _shm_regions_in_use() -> set[str]:
+    """Regions named on a live process's command line: each stub is started with its region's
+    name, so a region another server created meanwhile is recognised and left alone."""
+    in_use: set[str] = set()
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            in_use.update(a.decode() for a in args if a.startswith(_SHM_PREFIX.encode()))
+    return in_use
+
+
+class TritonServer:
+    """One tritonserver child process with its own work directory, ports and loaded models.
+
+    Synchronous on purpose: pytest fixtures and the launcher CLI use it directly; async callers
+    run `wait_ready`/`stop` in a thread.
+    """
+
+    def __init__(
+        self,
+        workdir: pathlib.Path,
+        ports: TritonPorts,
+        model_repository: pathlib.Path = DEFAULT_MODEL_REPOSITORY,
+        models: Sequence[str] | None = None,
+        log_to_file: bool = True,
+        exit_timeout_s: int = 10,
+    ):
+        """`models` None loads every model folder in the repository; `log_to_file` False inherits
+        stdout/stderr (for the CLI, whose own output is already captured)."""
+        self.workdir = workdir.resolve()  # /proc/PID/exe shows resolved paths
+        self.ports = ports
+        self.model_repository = model_repository.resolve()
+        self.models = (
+            sorted(p.name for p in model_repository.iterdir() if (p / "config.pbtxt").is_file())
+            if models is None
+            else list(models)
+        )
+        self.log_path = self.workdir / "tritonserver.log" if log_to_file else None
+        self.exit_timeout_s = exit_timeout_s
+        self._process: subprocess.Popen[bytes] | None = None
+        self._shm_before: set[str] = set()
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{LOOPBACK}:{self.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports.http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports.metrics}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def _stub_binary(self) -> pathlib.Path:
+        return self.workdir / "backends" / "python" / _PYTHON_BACKEND_FILES[-1].name
+
+    def argv(self) -> list[str]:
+        return [
+            str(_TRITON_BINARY),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={self.workdir / 'backends'}",
+            f"--grpc-address={LOOPBACK}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--http-address={LOOPBACK}",
+            f"--http-port={self.ports.http}",
+            f"--metrics-address={LOOPBACK}",
+            f"--metrics-port={self.ports.metrics}",
+            "--allow-gpu-metrics=false",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={name}" for name in self.models),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # Not resolved: the venv's bin/ (where python3 is a symlink) is what the stub must see.
+        venv_bin = os.path.dirname(sys.executable)
+        env["PATH"] = os.pathsep.join(p for p in (venv_bin, env.get("PATH")) if p)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(_TRITON_LIBS), env.get("LD_LIBRARY_PATH")) if p
+        )
+        return env
+
+    def start(self) -> None:
+        """Launches tritonserver; returns at once (see `wait_ready`)."""
+        if self._process is not None:
+            raise RuntimeError("this TritonServer was already started")
+        self._stub_binary.parent.mkdir(parents=True, exist_ok=True)
+        for source in _PYTHON_BACKEND_FILES:
+            shutil.copy2(source, self._stub_binary.parent / source.name)
+        self._shm_before = _shm_regions()
+        with contextlib.ExitStack() as stack:  # the child keeps its own copy of the log's fd
+            log = stack.enter_context(open(self.log_path, "ab")) if self.log_path else None
+            self._process = subprocess.Popen(
+                self.argv(),
+                env=self.environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT if log is not None else None,
+                start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop it in order
+            )
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as response:
+                return response.status == 200
+        except OSError:  # refused, reset, timed out, or not ready yet (HTTP 400)
+            return False
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Polls HTTP readiness (every model loaded); raises TritonStartError after stopping it."""
+        if self._process is None:
+            raise RuntimeError("start() the server first")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self.stop()
+                raise TritonStartError(
+                    f"tritonserver exited with {self._process.returncode}\n{self.log_tail()}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise TritonStartError(f"tritonserver not ready after {timeout_s}s\n{self.log_tail()}")
+
+    def stop(self, grace_s: float | None = None) -> int | None:
+        """SIGTERM, then SIGKILL after `grace_s`; then kills its stubs and removes its shm regions.
+
+        Leftover stubs (re-parented to init, deaf to SIGTERM) are SIGKILLed. The regions removed
+        are those that appeared since `start()` and that no live process names. The grace
+        defaults to Triton's exit timeout plus a little, so a clean unload always gets its
+        chance. Returns Triton's exit code.
+        """
+        if self._process is None:
+            return None
+        if self._process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(self.exit_timeout_s + 5 if grace_s is None else grace_s)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        # Stubs outlive a killed or crashed server; each server runs its own copy of the stub
+        # binary (under its workdir), which is how they are told apart from other servers'.
+        _kill_and_wait(_pids_running(self._stub_binary))
+        for name in _shm_regions() - self._shm_before - _shm_regions_in_use():
+            with contextlib.suppress(FileNotFoundError):
+                (_SHM_DIR / name).unlink()
+        return self._process.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None:
+            return "(log not captured: see this process's output)"
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs Triton in the foreground until SIGTERM/SIGINT, then stops it cleanly and exits 0."""
+    parser = argparse.ArgumentParser(prog="python -m backends.triton.launcher", description=__doc__)
+    parser.add_argument("--grpc-port", type=int, required=True)
+    parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--metrics-port", type=int, required=True)
+    parser.add_argument("--model-repository", type=pathlib.Path, default=DEFAULT_MODEL_REPOSITORY)
+    parser.add_argument("--workdir", type=pathlib.Path, help="default: a new temporary directory")
+    parser.add_argument(
+        "--load-model", action="append", dest="models", help="repeatable; default: every model"
+    )
+    parser.add_argument(
+        "--log-to-stdout", action="store_true", help="default: <workdir>/tritonserver.log"
+    )
+    args = parser.parse_args(argv)
+    workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="infermesh-triton-"))
+    server = TritonServer(
+        workdir,
+        TritonPorts(args.grpc_port, args.http_port, args.metrics_port),
+        model_repository=args.model_repository,
+        models=args.models,
+        log_to_file=not args.log_to_stdout,
+    )
+    # A plain flag: a signal handler that takes a lock (threading.Event) can deadlock.
+    stop_signals: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, _frame: stop_signals.append(received))
+    server.start()
+    try:
+        while not stop_signals:
+            if not server.running():  # died on its own: report it, never mask it
+                print(f"tritonserver exited on its own:\n{server.log_tail()}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
