@@ -149,11 +149,14 @@ class TritonAdapter:
 
         responses = self.client(endpoint).stream_infer(one_request())
         last: EngineChunk | None = None
+        engine_error: errors.MeshError | None = None
         finished = False
         try:
             async for result, error in responses:
-                if error is not None:
-                    raise errors.Internal(f"engine error: {error.message()}")
+                if error is not None:  # the engine's final answer; read on until the stream ends
+                    engine_error = errors.Internal(f"engine error: {error.message()}")
+                    finished = True
+                    continue
                 chunk = EngineChunk(
                     text=_text(result),
                     prompt_tokens=_scalar(result, "num_input_tokens"),
@@ -166,6 +169,8 @@ class TritonAdapter:
                     last, finished = chunk, True
                 else:
                     yield chunk
+            if engine_error is not None:
+                raise engine_error
             if last is None:
                 raise errors.Unavailable("the engine ended the stream without a final response")
             yield last
