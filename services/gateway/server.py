@@ -31,6 +31,7 @@ from services.gateway.validation import Limits, validate_request_id
 from services.registry.catalog import ModelCatalog
 from services.registry.store import parse_models_key
 
+REFUSAL_DRAIN_S = 1.0
 FINISH_REASONS = {
     "stop": inference_pb2.STOP,
     "length": inference_pb2.LENGTH,
@@ -170,7 +171,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
 
     async def GenerateStream(self, request_iterator, context):
-        principal = await self._principal(context)
+        try:
+            principal = self._auth.authenticate(_metadata(context, "authorization"))
+        except errors.MeshError as exc:
+            # Read what the client is sending (briefly) before refusing: a status sent while the
+            # client is mid-write reaches it as INTERNAL instead of UNAUTHENTICATED.
+            with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+                async with asyncio.timeout(REFUSAL_DRAIN_S):
+                    async for _ in request_iterator:
+                        pass
+            await status.abort(context, exc)
         session = _StreamSession(
             self._pipeline, principal, context.peer(), self._settings, self._draining
         )
