@@ -6,7 +6,6 @@ The last line holds every figure under stable names, so runs can be compared by 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import pathlib
 import tempfile
@@ -32,8 +31,8 @@ def main() -> None:
         stack = Stack(StackOptions(state_dir=pathlib.Path(state), demo_plan=BENCH_PLAN))
         info = stack.up()
         try:
-            figures = asyncio.run(
-                compare(info, levels, args.max_tokens, args.requests_per_stream, args.budget_s)
+            figures = compare(
+                info, levels, args.max_tokens, args.requests_per_stream, args.budget_s
             )
         finally:
             stack.down()

@@ -1,13 +1,15 @@
 """Streamed generation through the mesh vs directly to Triton, at several concurrencies.
 
 Both paths use the same reference engine in the same run; the direct path uses the gateway's own
-Triton adapter, so the difference is exactly what the mesh adds (auth, validation, admission,
-routing, the extra gRPC hop, audit).
+Triton adapter, so the difference is what the mesh adds (auth, validation, admission, routing,
+the extra gRPC hop, audit). The load comes from `CLIENT_PROCESSES` processes on both paths, so
+that the client's GIL is not what the direct baseline measures at high concurrency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import statistics
 import time
 import uuid
@@ -20,6 +22,8 @@ from backends.triton.adapter import EngineRequest, TritonAdapter
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 
+CLIENT_PROCESSES = 2
+MIN_REQUESTS_PER_LEVEL = 32  # so that c1's percentiles rest on more than a handful of samples
 PROMPT = "Summarise the trade-offs of continuous batching for a new engineer on the team."
 
 
@@ -44,39 +48,10 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-async def run_level(
-    one: Callable[[int], Awaitable[Sample]], concurrency: int, requests: int, budget_s: float
-) -> LevelResult:
-    """`requests` generations with `concurrency` in flight, stopping new ones after `budget_s`."""
-    samples: list[Sample] = []
-    counter = iter(range(requests))
-    started = time.perf_counter()
-
-    async def worker() -> None:
-        for index in counter:
-            if time.perf_counter() - started > budget_s:
-                return
-            samples.append(await one(index))
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    good = [s for s in samples if s.ok]
-    ttfts = [s.ttft_s * 1000 for s in good]
-    return LevelResult(
-        concurrency=concurrency,
-        requests=len(samples),
-        errors=len(samples) - len(good),
-        tokens_per_s=sum(s.tokens for s in good) / elapsed,
-        ttft_p50_ms=statistics.median(ttfts) if ttfts else float("nan"),
-        ttft_p99_ms=percentile(ttfts, 99),
-    )
-
-
-def direct(adapter: TritonAdapter, stack: StackInfo, max_tokens: int):
+def _direct(adapter: TritonAdapter, stack: StackInfo, max_tokens: int):
     async def one(index: int) -> Sample:
         request = EngineRequest(triton_model_name="reference", request_id=uuid.uuid4().hex,
                                 prompt=PROMPT, max_tokens=max_tokens, seed=index)
@@ -95,7 +70,7 @@ def direct(adapter: TritonAdapter, stack: StackInfo, max_tokens: int):
     return one
 
 
-def mesh(stub: inference_pb2_grpc.InferenceStub, stack: StackInfo, max_tokens: int):
+def _mesh(stub: inference_pb2_grpc.InferenceStub, stack: StackInfo, max_tokens: int):
     metadata = (("authorization", f"Bearer {stack.api_key}"),)
 
     async def one(index: int) -> Sample:
@@ -119,23 +94,86 @@ def mesh(stub: inference_pb2_grpc.InferenceStub, stack: StackInfo, max_tokens: i
     return one
 
 
-async def compare(
+async def _drive(
+    one: Callable[[int], Awaitable[Sample]], concurrency: int, requests: range, budget_s: float
+) -> tuple[list[Sample], float]:
+    samples: list[Sample] = []
+    indices = iter(requests)
+    started = time.perf_counter()
+
+    async def worker() -> None:
+        for index in indices:
+            if time.perf_counter() - started > budget_s:
+                return
+            samples.append(await one(index))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples, time.perf_counter() - started
+
+
+async def _client(
+    path: str, stack: StackInfo, concurrency: int, requests: range, max_tokens: int,
+    budget_s: float,
+) -> tuple[list[Sample], float]:
+    if path == "direct":
+        adapter = TritonAdapter()
+        try:
+            return await _drive(_direct(adapter, stack, max_tokens), concurrency, requests,
+                                budget_s)
+        finally:
+            await adapter.close()
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        return await _drive(_mesh(stub, stack, max_tokens), concurrency, requests, budget_s)
+
+
+def client_process(*args) -> tuple[list[Sample], float]:
+    """Runs in a pool process: one share of a level's load."""
+    return asyncio.run(_client(*args))
+
+
+def run_level(
+    pool: concurrent.futures.ProcessPoolExecutor, path: str, stack: StackInfo, concurrency: int,
+    requests: int, max_tokens: int, budget_s: float,
+) -> LevelResult:
+    shares = [s for s in (
+        (concurrency // CLIENT_PROCESSES + (1 if i < concurrency % CLIENT_PROCESSES else 0), i)
+        for i in range(CLIENT_PROCESSES)) if s[0] > 0]
+    futures = []
+    for share, i in shares:
+        mine = range(i, requests, len(shares))
+        futures.append(pool.submit(client_process, path, stack, share, mine, max_tokens, budget_s))
+    samples: list[Sample] = []
+    elapsed = 0.0
+    for future in futures:
+        part, seconds = future.result()
+        samples += part
+        elapsed = max(elapsed, seconds)
+    good = [s for s in samples if s.ok]
+    ttfts = [s.ttft_s * 1000 for s in good]
+    return LevelResult(
+        concurrency=concurrency,
+        requests=len(samples),
+        errors=len(samples) - len(good),
+        tokens_per_s=sum(s.tokens for s in good) / elapsed,
+        ttft_p50_ms=statistics.median(ttfts) if ttfts else float("nan"),
+        ttft_p99_ms=percentile(ttfts, 99),
+    )
+
+
+def compare(
     stack: StackInfo, levels: tuple[int, ...], max_tokens: int, requests_per_stream: int,
     budget_s: float,
 ) -> dict[str, float]:
-    adapter = TritonAdapter()
     figures: dict[str, float] = {}
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        # Warm both paths (channels, the engine's first step) before measuring.
-        await run_level(direct(adapter, stack, 4), 4, 8, budget_s)
-        await run_level(mesh(stub, stack, 4), 4, 8, budget_s)
+    with concurrent.futures.ProcessPoolExecutor(CLIENT_PROCESSES) as pool:
+        # Warm both paths (processes, channels, the engine's first steps) before measuring.
+        for path in ("direct", "mesh"):
+            run_level(pool, path, stack, 4, 8, 4, budget_s)
         for concurrency in levels:
-            requests = concurrency * requests_per_stream
-            base = await run_level(direct(adapter, stack, max_tokens), concurrency, requests,
-                                   budget_s)
-            through = await run_level(mesh(stub, stack, max_tokens), concurrency, requests,
-                                      budget_s)
+            requests = max(MIN_REQUESTS_PER_LEVEL, concurrency * requests_per_stream)
+            base = run_level(pool, "direct", stack, concurrency, requests, max_tokens, budget_s)
+            through = run_level(pool, "mesh", stack, concurrency, requests, max_tokens, budget_s)
             c = f"c{concurrency}"
             print(
                 f"{c:>4}: direct {base.tokens_per_s:8.1f} tok/s ttft p50 {base.ttft_p50_ms:7.1f} "
@@ -148,7 +186,8 @@ async def compare(
             figures.update({
                 f"direct_tokens_per_s_{c}": round(base.tokens_per_s, 1),
                 f"mesh_tokens_per_s_{c}": round(through.tokens_per_s, 1),
-                f"mesh_over_direct_tokens_per_s_{c}": round(through.tokens_per_s / base.tokens_per_s, 3),
+                f"mesh_over_direct_tokens_per_s_{c}":
+                    round(through.tokens_per_s / base.tokens_per_s, 3),
                 f"direct_ttft_p50_ms_{c}": round(base.ttft_p50_ms, 2),
                 f"direct_ttft_p99_ms_{c}": round(base.ttft_p99_ms, 2),
                 f"mesh_ttft_p50_ms_{c}": round(through.ttft_p50_ms, 2),
@@ -157,5 +196,4 @@ async def compare(
                 f"added_ttft_p99_ms_{c}": round(through.ttft_p99_ms - base.ttft_p99_ms, 2),
                 f"errors_{c}": base.errors + through.errors,
             })
-    await adapter.close()
     return figures
