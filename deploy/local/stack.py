@@ -150,7 +150,7 @@ class Stack:
             child = self.children.pop(name, None)
             if child is not None:
                 child.stop(grace_s=15.0)
-        (self.state_dir / "stack.json").unlink(missing_ok=True)
+        forget_state(self.state_dir)
 
     def failed_children(self) -> list[str]:
         return [name for name, child in self.children.items() if not child.alive()]
@@ -258,5 +258,11 @@ def stop_detached(state_dir: pathlib.Path) -> list[str]:
         if pid is not None and pid_alive(pid):
             stop_pid(pid, grace_s=15.0)
             stopped.append(name)
-    (state_dir / "stack.json").unlink(missing_ok=True)
+    forget_state(state_dir)
     return stopped
+
+
+def forget_state(state_dir: pathlib.Path) -> None:
+    """A stopped stack leaves no endpoints or key behind for scripts to pick up."""
+    for name in ("stack.json", "env"):
+        (state_dir / name).unlink(missing_ok=True)
