@@ -1,0 +1,136 @@
+"""The content-addressed blob store: engine and tokenizer files, addressed by sha256.
+
+A blob becomes visible only after its bytes were verified against the digest it was announced
+with (writes go to `incoming/` and are renamed into place), and every read is verified again, so
+a file changed on disk is refused rather than served. `BlobStore` is the interface; the local
+directory is the default implementation, an S3-compatible bucket the production one.
+
+    <root>/sha256/<hex>              verified blobs (read-only once in place)
+    <root>/incoming/<hex>.partial    an upload in progress; resumable from its current size
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import re
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from services.common import errors
+
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+CHUNK = 1 << 20
+
+
+def parse_digest(digest: str, field: str = "digest") -> str:
+    """The hex part of `sha256:<hex>`; InvalidArgument otherwise."""
+    if not DIGEST.match(digest):
+        raise errors.InvalidArgument(field, "must be sha256: followed by 64 lowercase hex digits")
+    return digest.split(":", 1)[1]
+
+
+def file_digest(path: pathlib.Path) -> tuple[str, int]:
+    """(`sha256:<hex>`, size) of a file, read in chunks."""
+    hasher = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    return f"sha256:{hasher.hexdigest()}", size
+
+
+class BlobStore(Protocol):
+    def exists(self, digest: str) -> bool: ...
+    def uploaded_size(self, digest: str) -> int: ...
+    def write(self, digest: str, size: int, chunks: Iterable[bytes], offset: int = 0) -> None: ...
+    def read(self, digest: str) -> Iterator[bytes]: ...
+    def verified_path(self, digest: str) -> pathlib.Path: ...
+
+
+class LocalBlobStore:
+    """Blobs in a local directory. Blocking file I/O: call it from a worker thread."""
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        (root / "sha256").mkdir(parents=True, exist_ok=True)
+        (root / "incoming").mkdir(parents=True, exist_ok=True)
+
+    def _final(self, digest: str) -> pathlib.Path:
+        return self.root / "sha256" / parse_digest(digest)
+
+    def _partial(self, digest: str) -> pathlib.Path:
+        return self.root / "incoming" / f"{parse_digest(digest)}.partial"
+
+    def exists(self, digest: str) -> bool:
+        return self._final(digest).exists()
+
+    def uploaded_size(self, digest: str) -> int:
+        """How many bytes of an interrupted upload are already here (resume from there)."""
+        if self.exists(digest):
+            return self._final(digest).stat().st_size
+        partial = self._partial(digest)
+        return partial.stat().st_size if partial.exists() else 0
+
+    def write(self, digest: str, size: int, chunks: Iterable[bytes], offset: int = 0) -> None:
+        """Appends `chunks` at `offset` of the upload; when `size` bytes are in, verifies them and
+        makes the blob visible. A digest or size mismatch discards the upload."""
+        if self.exists(digest):
+            return
+        partial = self._partial(digest)
+        have = partial.stat().st_size if partial.exists() else 0
+        if offset != have:
+            raise errors.FailedPrecondition(
+                f"upload of {digest} is at byte {have}, not {offset}; resume from {have}"
+            )
+        with open(partial, "ab") as handle:
+            for chunk in chunks:
+                if have + len(chunk) > size:
+                    partial.unlink(missing_ok=True)
+                    raise errors.InvalidArgument("size", f"more than the announced {size} bytes")
+                handle.write(chunk)
+                have += len(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if have < size:
+            return  # more to come (or a resume later)
+        actual, _ = file_digest(partial)
+        if actual != digest:
+            partial.unlink(missing_ok=True)
+            raise errors.InvalidArgument("digest", f"the bytes hash to {actual}, not {digest}")
+        partial.chmod(0o444)
+        os.replace(partial, self._final(digest))
+
+    def put_file(self, path: pathlib.Path) -> str:
+        """Stores a local file; returns its digest."""
+        digest, size = file_digest(path)
+        if not self.exists(digest):
+            self._partial(digest).unlink(missing_ok=True)
+            with open(path, "rb") as handle:
+                self.write(digest, size, iter(lambda: handle.read(CHUNK), b""))
+        return digest
+
+    def read(self, digest: str) -> Iterator[bytes]:
+        """The blob's bytes; raises DataLoss-like Internal at the end if they do not verify."""
+        final = self._final(digest)
+        if not final.exists():
+            raise errors.NotFound(f"blob {digest} is not in the store")
+        hasher = hashlib.sha256()
+        with open(final, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                hasher.update(chunk)
+                yield chunk
+        if f"sha256:{hasher.hexdigest()}" != digest:
+            raise errors.Internal(f"blob {digest} is corrupt on disk; refusing it")
+
+    def verified_path(self, digest: str) -> pathlib.Path:
+        """The blob's path, after checking its bytes still match the digest."""
+        final = self._final(digest)
+        if not final.exists():
+            raise errors.NotFound(f"blob {digest} is not in the store")
+        actual, _ = file_digest(final)
+        if actual != digest:
+            raise errors.Internal(f"blob {digest} is corrupt on disk (hashes to {actual})")
+        return final
