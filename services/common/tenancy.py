@@ -1,12 +1,17 @@
 """Tenants, their plans and their API keys, as stored in etcd (shared by gateway, ratelimit and
 meshctl). Keys are stored by sha256 only; the clear key is shown once, when it is issued.
+
+    tenants/<tenant id>     {"schema", "tenant_id", "name", "plan": {...}}
+    apikeys/<sha256 hex>    {"schema", "key_id", "tenant_id", "role", "created_at", "expires_at"}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import secrets
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,18 +22,34 @@ from services.common import errors, etcd
 SCHEMA = 1
 KEY_PREFIX = "imk_"
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+KEY_ID = re.compile(r"^[0-9a-f]{12}$")
 ROLES = ("user", "admin")
+# Strict priority between classes, first served first; shed in the reverse order.
+PRIORITY_CLASSES = ("premium", "standard", "free", "batch")
 
 
 @dataclass(frozen=True)
 class TenantPlan:
-    """What a tenant pays for. Zero means "no limit" only where a field says so."""
+    """What a tenant pays for. Every limit is at least 1, except where 0 means "none"."""
 
     priority: str = "standard"
     requests_per_minute: int = 600
+    input_tokens_per_minute: int = 1_000_000
+    output_tokens_per_minute: int = 250_000
     max_concurrency: int = 16
     max_context_tokens: int = 8192  # prompt + output, on top of the model's own window
     max_output_tokens: int = 2048
+    monthly_token_budget: int = 0  # input + output tokens per calendar month (UTC); 0 = none
+    degraded_max_tokens: int = 0  # under pressure, cap max_tokens to this before refusing; 0 = off
+
+    @classmethod
+    def from_record(cls, value: dict[str, Any]) -> TenantPlan:
+        """Tolerates fields it does not know (a newer writer) and fills missing ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in value.items() if k in known})
+
+
+ZERO_MEANS_NONE = ("monthly_token_budget", "degraded_max_tokens")
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,11 @@ class ApiKey:
     key_id: str
     tenant_id: str
     role: str
+    created_at: float = 0.0
+    expires_at: float = 0.0  # unix seconds; 0 = never
+
+    def expired(self, now: float) -> bool:
+        return bool(self.expires_at) and now >= self.expires_at
 
 
 def hash_key(clear_key: str) -> str:
@@ -53,12 +79,13 @@ def hash_key(clear_key: str) -> str:
 
 def parse_tenant(_suffix: str, raw: bytes) -> Tenant:
     value = etcd.decode(raw)
-    return Tenant(value["tenant_id"], value["name"], TenantPlan(**value["plan"]))
+    return Tenant(value["tenant_id"], value["name"], TenantPlan.from_record(value["plan"]))
 
 
 def parse_key(_suffix: str, raw: bytes) -> ApiKey:
     value = etcd.decode(raw)
-    return ApiKey(value["key_id"], value["tenant_id"], value["role"])
+    return ApiKey(value["key_id"], value["tenant_id"], value["role"],
+                  value.get("created_at", 0.0), value.get("expires_at", 0.0))
 
 
 def validate_tenant(tenant: Tenant) -> None:
@@ -66,9 +93,23 @@ def validate_tenant(tenant: Tenant) -> None:
         raise errors.InvalidArgument(
             "tenant_id", "must be 1-63 characters of a-z, 0-9 and '-', starting alphanumeric"
         )
-    for name, value in asdict(tenant.plan).items():
-        if isinstance(value, int) and value < 1:
-            raise errors.InvalidArgument(f"plan.{name}", f"must be at least 1, got {value}")
+    if not 1 <= len(tenant.name) <= 200:
+        raise errors.InvalidArgument("name", "must be 1-200 characters")
+    plan = tenant.plan
+    if plan.priority not in PRIORITY_CLASSES:
+        raise errors.InvalidArgument("plan.priority", f"must be one of {', '.join(PRIORITY_CLASSES)}")
+    for name, value in asdict(plan).items():
+        if name == "priority":
+            continue
+        low = 0 if name in ZERO_MEANS_NONE else 1
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 10**12:
+            raise errors.InvalidArgument(f"plan.{name}", f"must be an integer in [{low}, 1e12]")
+    if plan.max_output_tokens > plan.max_context_tokens:
+        raise errors.InvalidArgument("plan.max_output_tokens",
+                                     f"must not exceed max_context_tokens ({plan.max_context_tokens})")
+    if plan.degraded_max_tokens > plan.max_output_tokens:
+        raise errors.InvalidArgument("plan.degraded_max_tokens",
+                                     f"must not exceed max_output_tokens ({plan.max_output_tokens})")
 
 
 class TenantStore:
@@ -78,18 +119,80 @@ class TenantStore:
         self._client = client
 
     async def put_tenant(self, tenant: Tenant) -> None:
+        """Creates or replaces a tenant (the bootstrap path; admins use create/update)."""
         validate_tenant(tenant)
-        record: dict[str, Any] = {"schema": SCHEMA, **asdict(tenant)}
-        await self._client.put(etcd.Keys.tenant(tenant.tenant_id).encode(), etcd.encode(record))
+        await self._client.put(etcd.Keys.tenant(tenant.tenant_id).encode(), _tenant_record(tenant))
 
-    async def issue_key(self, tenant_id: str, role: str = "user") -> tuple[str, ApiKey]:
+    async def create_tenant(self, tenant: Tenant) -> None:
+        validate_tenant(tenant)
+        key = etcd.Keys.tenant(tenant.tenant_id).encode()
+        tx = self._client.transactions
+        created, _ = await self._client.transaction(
+            compare=[tx.version(key) == 0], success=[tx.put(key, _tenant_record(tenant))],
+            failure=[],
+        )
+        if not created:
+            raise errors.FailedPrecondition(f"tenant {tenant.tenant_id!r} already exists")
+
+    async def get_tenant(self, tenant_id: str) -> tuple[Tenant, int]:
+        """(tenant, mod revision) — the revision is what `update_tenant` compares against."""
+        got = await self._client.get(etcd.Keys.tenant(tenant_id).encode())
+        if got is None:
+            raise errors.NotFound(f"tenant {tenant_id!r} does not exist")
+        return parse_tenant(tenant_id, got.value), got.mod_revision
+
+    async def update_tenant(self, tenant: Tenant, expected_revision: int) -> None:
+        """Replaces the tenant if nobody changed it since `expected_revision`."""
+        validate_tenant(tenant)
+        key = etcd.Keys.tenant(tenant.tenant_id).encode()
+        tx = self._client.transactions
+        ok, _ = await self._client.transaction(
+            compare=[tx.mod(key) == expected_revision],
+            success=[tx.put(key, _tenant_record(tenant))], failure=[],
+        )
+        if not ok:
+            raise errors.FailedPrecondition(
+                f"tenant {tenant.tenant_id!r} changed since revision {expected_revision}; "
+                "reload and retry")
+
+    async def list_tenants(self) -> list[Tenant]:
+        listing = await self._client.get_prefix(etcd.Keys.tenants.encode())
+        return sorted((parse_tenant("", kv.value) for kv in listing), key=lambda t: t.tenant_id)
+
+    async def issue_key(
+        self, tenant_id: str, role: str = "user", expires_at: float = 0.0
+    ) -> tuple[str, ApiKey]:
         """Creates a key and returns (clear key, stored record); the clear key is not kept."""
         if role not in ROLES:
             raise errors.InvalidArgument("role", f"must be one of {', '.join(ROLES)}")
+        now = time.time()
+        if expires_at and expires_at <= now:
+            raise errors.InvalidArgument("expires_at", "must be in the future")
         if await self._client.get(etcd.Keys.tenant(tenant_id).encode()) is None:
             raise errors.NotFound(f"tenant {tenant_id!r} does not exist")
         clear = KEY_PREFIX + secrets.token_urlsafe(32)
-        key = ApiKey(key_id=secrets.token_hex(6), tenant_id=tenant_id, role=role)
+        key = ApiKey(secrets.token_hex(6), tenant_id, role, now, expires_at)
         record = {"schema": SCHEMA, **asdict(key)}
         await self._client.put(etcd.Keys.apikey(hash_key(clear)).encode(), etcd.encode(record))
         return clear, key
+
+    async def list_keys(self, tenant_id: str | None = None) -> list[tuple[str, ApiKey]]:
+        """(hash, key) pairs, optionally of one tenant; never the clear keys (not stored)."""
+        listing = await self._client.get_prefix(etcd.Keys.apikeys.encode())
+        keys = [(kv.key.decode().rsplit("/", 1)[1], parse_key("", kv.value)) for kv in listing]
+        return sorted(((h, k) for h, k in keys if tenant_id in (None, k.tenant_id)),
+                      key=lambda pair: (pair[1].tenant_id, pair[1].created_at))
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        """Deletes the key; every gateway's watch drops it within milliseconds."""
+        if not KEY_ID.match(key_id):
+            raise errors.InvalidArgument("key_id", "must be 12 lowercase hex digits")
+        for key_hash, key in await self.list_keys():
+            if key.key_id == key_id:
+                await self._client.delete(etcd.Keys.apikey(key_hash).encode())
+                return key
+        raise errors.NotFound(f"key {key_id!r} does not exist")
+
+
+def _tenant_record(tenant: Tenant) -> bytes:
+    return etcd.encode({"schema": SCHEMA, **asdict(tenant)})

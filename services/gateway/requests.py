@@ -4,17 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.common.tenancy import TenantPlan
+from services.common.auth import Principal
 
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the tenant and key behind the bearer token."""
-
-    tenant_id: str
-    key_id: str
-    role: str
-    plan: TenantPlan
+__all__ = ["ChatTurn", "GenerationRequest", "Principal", "SamplingRequest"]
 
 
 @dataclass(frozen=True)

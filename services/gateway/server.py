@@ -18,11 +18,11 @@ from google.protobuf import duration_pb2
 from backends.triton.adapter import TritonAdapter
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 from services.common import errors, etcd, status
+from services.common.auth import Authenticator
 from services.common.discovery import ServiceDirectory
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import parse_key, parse_tenant
 from services.gateway.audit import AuditEmitter
-from services.gateway.auth import Authenticator
 from services.gateway.peers import Peers
 from services.gateway.pipeline import Accepted, Event, Finished, GenerationPipeline, TokenText
 from services.gateway.requests import ChatTurn, GenerationRequest, Principal, SamplingRequest
