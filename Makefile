@@ -6,9 +6,14 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/infermesh/v1/*.proto)
 GENERATED := infermesh/v1/.generated
 
-.PHONY: install proto run stop test test-unit test-integration bench lint clean
+.PHONY: install prometheus proto run stop test test-unit test-integration bench lint clean
 
-install: $(INSTALLED) $(GENERATED)
+install: $(INSTALLED) $(GENERATED) prometheus
+
+# Prometheus and promtool come from Debian (no PyPI wheel ships them); a no-op when installed.
+prometheus:
+	@command -v promtool >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
 # The venv is made from the system interpreter: Triton's Python-backend stub links the system
 # libpython3.11 and takes its sys.path from the venv (see docs/decisions.md).
