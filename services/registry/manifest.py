@@ -18,7 +18,10 @@ from services.common import errors
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
 ALIAS = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-TOKENIZERS = ("whitespace",)
+TOKENIZERS = ("whitespace", "huggingface")
+DTYPES = ("", "float32", "bfloat16", "float16")  # "" = the engine's default
+FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,19 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
         raise errors.InvalidArgument(
             "manifest.engine.max_output_tokens", f"must be 1..context_window ({context_window})"
         )
+    for field in ("num_blocks", "page_size", "max_batch_tokens"):
+        if not 0 <= engine.get(field, 0) <= 1_048_576:
+            raise errors.InvalidArgument(f"manifest.engine.{field}", "must be 0..1048576")
+    if engine.get("dtype", "") not in DTYPES:
+        raise errors.InvalidArgument("manifest.engine.dtype", f"must be one of {DTYPES}")
+    for field in ("weights", "tokenizer_files"):
+        _validate_files(field, manifest.get(field, []))
+    if manifest["tokenizer"] == "huggingface" and "tokenizer.json" not in {
+        f["name"] for f in manifest.get("tokenizer_files", [])
+    }:
+        raise errors.InvalidArgument(
+            "manifest.tokenizer_files", "a huggingface tokenizer needs a tokenizer.json"
+        )
     sampling = manifest.get("sampling", {})
     if not 1 <= sampling.get("max_tokens", 0) <= engine["max_output_tokens"]:
         raise errors.InvalidArgument(
@@ -92,6 +108,24 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
     for field in ("cost_per_1k_input_tokens", "cost_per_1k_output_tokens"):
         if manifest.get(field, 0.0) < 0:
             raise errors.InvalidArgument(f"manifest.{field}", "must not be negative")
+
+
+def _validate_files(field: str, files: list[dict[str, Any]]) -> None:
+    """Files pinned by content: a plain file name (no path), a sha256 digest, a size."""
+    names = set()
+    for index, ref in enumerate(files):
+        where = f"manifest.{field}[{index}]"
+        if not FILE_NAME.match(ref.get("name", "")):
+            raise errors.InvalidArgument(
+                f"{where}.name", "must be 1-128 characters of A-Z a-z 0-9 . _ - (no path)"
+            )
+        if ref["name"] in names:
+            raise errors.InvalidArgument(f"{where}.name", f"{ref['name']!r} appears twice")
+        names.add(ref["name"])
+        if not DIGEST.match(ref.get("digest", "")):
+            raise errors.InvalidArgument(f"{where}.digest", "must be sha256: and 64 hex digits")
+        if int(ref.get("size_bytes", 0)) < 0:
+            raise errors.InvalidArgument(f"{where}.size_bytes", "must not be negative")
 
 
 @dataclass(frozen=True)
