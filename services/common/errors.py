@@ -21,11 +21,15 @@ from __future__ import annotations
 class MeshError(Exception):
     code = "INTERNAL"
 
-    def __init__(self, message: str, *, field: str = "", retry_after_s: float | None = None):
+    def __init__(
+        self, message: str, *, field: str = "", retry_after_s: float | None = None,
+        reason: str = "",
+    ):
         super().__init__(message)
         self.message = message
         self.field = field
         self.retry_after_s = retry_after_s
+        self.reason = reason  # machine-readable cause, e.g. "rpm", "budget", "queue_full"
 
 
 class Unauthenticated(MeshError):

@@ -31,6 +31,7 @@ class Keys:
     models = ROOT + "models/"
     replicas = ROOT + "replicas/"
     services = ROOT + "services/"
+    budgets = ROOT + "budgets/"
 
     @staticmethod
     def tenant(tenant_id: str) -> str:
@@ -55,6 +56,10 @@ class Keys:
     @staticmethod
     def replica(replica_id: str) -> str:
         return f"{Keys.replicas}{replica_id}"
+
+    @staticmethod
+    def budget(month: str, tenant_id: str) -> str:
+        return f"{Keys.budgets}{month}/{tenant_id}"
 
     @staticmethod
     def service(kind: str, instance_id: str) -> str:

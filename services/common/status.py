@@ -26,6 +26,8 @@ def to_rich_status(error: errors.MeshError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=error.code, domain=DOMAIN)
     if error.field:
         info.metadata["field"] = error.field
+    if error.reason:
+        info.metadata["reason"] = error.reason
     packed = any_pb2.Any()
     packed.Pack(info)
     details.append(packed)
@@ -50,6 +52,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.MeshError:
     """Turns a peer's status back into our exception, keeping field and retry delay."""
     code = error.code().name
     field = ""
+    reason = ""
     retry_after_s = None
     for key, value in error.trailing_metadata() or ():
         if key != DETAILS_KEY:
@@ -59,6 +62,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.MeshError:
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 field = info.metadata.get("field", "")
+                reason = info.metadata.get("reason", "")
             elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                 retry = error_details_pb2.RetryInfo()
                 detail.Unpack(retry)
@@ -67,7 +71,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.MeshError:
     if code == "INVALID_ARGUMENT":
         return errors.InvalidArgument.relayed(field or "request", message)
     cls = errors.BY_CODE.get(code, errors.Internal)
-    return cls(message, field=field, retry_after_s=retry_after_s)
+    return cls(message, field=field, retry_after_s=retry_after_s, reason=reason)
 
 
 def seconds_to_duration(seconds: float) -> duration_pb2.Duration:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +29,7 @@ from backends.triton.adapter import EngineChunk, EngineRequest
 from infermesh.v1 import auditor_pb2
 from services.common import errors
 from services.common.logs import get_logger
-from services.gateway.peers import Route
+from services.gateway.peers import Grant, Route
 from services.gateway.requests import GenerationRequest, Principal
 from services.gateway.validation import Limits, validate
 from services.registry.catalog import ModelCatalog
@@ -83,8 +84,12 @@ Send = Callable[[Event], Awaitable[None]]
 
 
 class Admission(Protocol):
-    async def acquire_slot(self, tenant: str, request_id: str, hold_s: float) -> str: ...
-    async def release_slot(self, tenant: str, slot_id: str) -> None: ...
+    async def acquire_slot(
+        self, tenant: str, request_id: str, hold_s: float, input_tokens: int, output_tokens: int
+    ) -> Grant: ...
+    async def release_slot(
+        self, tenant: str, slot_id: str, input_used: int, output_used: int
+    ) -> None: ...
 
 
 class Routing(Protocol):
@@ -156,8 +161,8 @@ class GenerationPipeline:
             validated = validate(request, principal, version, self._limits)
             async with asyncio.timeout(validated.timeout_s):
                 finish_reason = await self._admit_route_relay(
-                    principal, validated.engine, version.version_id, validated.timeout_s, progress,
-                    send,
+                    principal, validated.engine, version.version_id, validated.timeout_s,
+                    validated.prompt_tokens_estimate, progress, send,
                 )
             finished = self._finished(request.request_id, finish_reason, progress)
         except errors.MeshError as exc:
@@ -183,12 +188,18 @@ class GenerationPipeline:
 
     async def _admit_route_relay(
         self, principal: Principal, engine_request: EngineRequest, version_id: str,
-        timeout_s: float, progress: _Progress, send: Send,
+        timeout_s: float, prompt_tokens: int, progress: _Progress, send: Send,
     ) -> str:
         hold_s = timeout_s + 5.0
         tenant = principal.tenant_id
-        slot_id = await self._admission.acquire_slot(tenant, engine_request.request_id, hold_s)
-        progress.cleanups.append(lambda: self._admission.release_slot(tenant, slot_id))
+        # Reserves prompt + max_tokens; settled with the engine's real counts when it ends.
+        grant = await self._admission.acquire_slot(
+            tenant, engine_request.request_id, hold_s, prompt_tokens, engine_request.max_tokens
+        )
+        progress.cleanups.append(lambda: self._admission.release_slot(
+            tenant, grant.slot_id, progress.prompt_tokens, progress.completion_tokens))
+        if grant.max_tokens < engine_request.max_tokens:  # the plan degrades under pressure
+            engine_request = dataclasses.replace(engine_request, max_tokens=grant.max_tokens)
         failed: list[str] = []
         for attempt in range(1, self._max_attempts + 1):
             route = await self._routing.route(
