@@ -16,17 +16,18 @@ import grpc
 from google.protobuf import duration_pb2
 
 from backends.triton.adapter import TritonAdapter
-from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from infermesh.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 from services.common import errors, etcd, status
 from services.common.auth import Authenticator
 from services.common.discovery import ServiceDirectory
 from services.common.runtime import ServiceContext, ServiceParts
-from services.common.tenancy import parse_key, parse_tenant
+from services.common.tenancy import TenantStore, parse_key, parse_tenant
 from services.gateway.audit import AuditEmitter
 from services.gateway.peers import Peers
 from services.gateway.pipeline import Accepted, Event, Finished, GenerationPipeline, TokenText
 from services.gateway.requests import ChatTurn, GenerationRequest, Principal, SamplingRequest
 from services.gateway.settings import GatewaySettings
+from services.gateway.tenant_admin import TenantAdminServicer
 from services.gateway.validation import Limits, validate_request_id
 from services.registry.catalog import ModelCatalog
 from services.registry.store import parse_models_key
@@ -351,8 +352,13 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         source=f"gateway/{settings.instance_id}",
         max_attempts=settings.max_attempts,
     )
+    authenticator = Authenticator(keys, tenants)
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(Authenticator(keys, tenants), catalog, pipeline, settings, ctx.draining),
+        InferenceServicer(authenticator, catalog, pipeline, settings, ctx.draining), ctx.server
+    )
+    tenants_pb2_grpc.add_TenantAdminServicer_to_server(
+        TenantAdminServicer(authenticator, TenantStore(ctx.etcd), directory,
+                            settings.peer_timeout_s),
         ctx.server,
     )
 
@@ -365,5 +371,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
             await cache.stop()
 
     return ServiceParts(
-        [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name], cleanup=cleanup
+        [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+         tenants_pb2.DESCRIPTOR.services_by_name["TenantAdmin"].full_name],
+        cleanup=cleanup,
     )

@@ -1,0 +1,130 @@
+"""The TenantAdmin servicer: tenants, plans and API keys, for admin keys only.
+
+Thin: decodes, checks the caller is an admin, calls `TenantStore`, encodes. Usage figures come
+from the ratelimit service, which owns the month-to-date counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+
+from infermesh.v1 import ratelimit_pb2, ratelimit_pb2_grpc, tenants_pb2, tenants_pb2_grpc
+from services.common import errors, status
+from services.common.auth import Authenticator
+from services.common.discovery import ServiceDirectory
+from services.common.tenancy import ApiKey, Tenant, TenantPlan, TenantStore
+
+PLAN_FIELDS = [f.name for f in dataclasses.fields(TenantPlan)]
+
+
+def apply_plan_update(plan: TenantPlan, update: tenants_pb2.PlanUpdate) -> TenantPlan:
+    changes = {name: getattr(update, name) for name in PLAN_FIELDS if update.HasField(name)}
+    return dataclasses.replace(plan, **changes)
+
+
+def encode_key(key: ApiKey) -> tenants_pb2.KeyInfo:
+    return tenants_pb2.KeyInfo(key_id=key.key_id, tenant_id=key.tenant_id, role=key.role,
+                               created_at=key.created_at, expires_at=key.expires_at)
+
+
+class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
+    def __init__(
+        self, authenticator: Authenticator, store: TenantStore, directory: ServiceDirectory,
+        timeout_s: float,
+    ):
+        self._auth = authenticator
+        self._store = store
+        self._directory = directory
+        self._timeout_s = timeout_s
+
+    async def _call(self, context: grpc.aio.ServicerContext, operation):
+        """Runs `operation` for an admin caller; every MeshError becomes its status."""
+        try:
+            authorization = dict(context.invocation_metadata() or ()).get("authorization")
+            self._auth.authenticate_admin(authorization)
+            return await operation()
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
+
+    async def _info(self, tenant: Tenant, revision: int) -> tenants_pb2.TenantInfo:
+        info = tenants_pb2.TenantInfo(
+            tenant_id=tenant.tenant_id, name=tenant.name, revision=revision,
+            plan=tenants_pb2.Plan(**dataclasses.asdict(tenant.plan)),
+        )
+        stub = ratelimit_pb2_grpc.RateLimitStub(self._directory.channel("ratelimit"))
+        try:
+            usage = await stub.GetUsage(ratelimit_pb2.GetUsageRequest(tenant=tenant.tenant_id),
+                                        timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # a brand-new tenant not seen yet
+                raise status.from_rpc_error(exc) from exc
+            return info
+        info.month, info.tokens_used, info.in_flight = (
+            usage.month, usage.tokens_used, usage.in_flight)
+        return info
+
+    async def CreateTenant(self, request, context):
+        async def create():
+            tenant = Tenant(request.tenant_id, request.name or request.tenant_id,
+                            apply_plan_update(TenantPlan(), request.plan))
+            await self._store.create_tenant(tenant)
+            _, revision = await self._store.get_tenant(tenant.tenant_id)
+            return await self._info(tenant, revision)
+
+        return await self._call(context, create)
+
+    async def UpdateTenant(self, request, context):
+        async def update():
+            current, revision = await self._store.get_tenant(request.tenant_id)
+            expected = request.expected_revision or revision
+            tenant = Tenant(
+                current.tenant_id,
+                request.name if request.HasField("name") else current.name,
+                apply_plan_update(current.plan, request.plan),
+            )
+            await self._store.update_tenant(tenant, expected)
+            _, revision = await self._store.get_tenant(tenant.tenant_id)
+            return await self._info(tenant, revision)
+
+        return await self._call(context, update)
+
+    async def GetTenant(self, request, context):
+        async def get():
+            tenant, revision = await self._store.get_tenant(request.tenant_id)
+            return await self._info(tenant, revision)
+
+        return await self._call(context, get)
+
+    async def ListTenants(self, request, context):
+        async def list_all():
+            tenants = await self._store.list_tenants()
+            return tenants_pb2.ListTenantsResponse(tenants=[
+                tenants_pb2.TenantInfo(tenant_id=t.tenant_id, name=t.name,
+                                       plan=tenants_pb2.Plan(**dataclasses.asdict(t.plan)))
+                for t in tenants
+            ])
+
+        return await self._call(context, list_all)
+
+    async def IssueKey(self, request, context):
+        async def issue():
+            clear, key = await self._store.issue_key(
+                request.tenant_id, request.role or "user", request.expires_at)
+            return tenants_pb2.IssuedKey(api_key=clear, key=encode_key(key))
+
+        return await self._call(context, issue)
+
+    async def RevokeKey(self, request, context):
+        async def revoke():
+            return encode_key(await self._store.revoke_key(request.key_id))
+
+        return await self._call(context, revoke)
+
+    async def ListKeys(self, request, context):
+        async def list_keys():
+            keys = await self._store.list_keys(request.tenant_id or None)
+            return tenants_pb2.ListKeysResponse(keys=[encode_key(k) for _, k in keys])
+
+        return await self._call(context, list_keys)

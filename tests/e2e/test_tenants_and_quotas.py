@@ -1,0 +1,169 @@
+"""Tenants, keys and token quotas over the real stack: admin API, reserve/commit/refund,
+revocation and expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from deploy.local.stack import StackInfo
+from infermesh.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2, tenants_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+
+def auth(key: str):
+    return (("authorization", f"Bearer {key}"),)
+
+
+async def admin(stack: StackInfo, method: str, request, key: str | None = None):
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        stub = tenants_pb2_grpc.TenantAdminStub(channel)
+        return await getattr(stub, method)(request, metadata=auth(key or stack.api_key), timeout=10)
+
+
+async def new_tenant(stack: StackInfo, **plan) -> tuple[str, str]:
+    tenant_id = f"q-{uuid.uuid4().hex[:8]}"
+    await admin(stack, "CreateTenant", tenants_pb2.CreateTenantRequest(
+        tenant_id=tenant_id, plan=tenants_pb2.PlanUpdate(**plan)))
+    issued = await admin(stack, "IssueKey", tenants_pb2.IssueKeyRequest(tenant_id=tenant_id))
+    await wait_key_state(stack, issued.api_key, grpc.StatusCode.OK)
+    return tenant_id, issued.api_key
+
+
+async def wait_key_state(stack: StackInfo, key: str, code: grpc.StatusCode, within_s=5.0) -> float:
+    """Seconds until a call with `key` gets `code` (the gateway sees keys through a watch)."""
+    started = time.monotonic()
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        while True:
+            try:
+                await stub.ListModels(inference_pb2.ListModelsRequest(), metadata=auth(key))
+                got = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                got = exc.code()
+            if got == code:
+                return time.monotonic() - started
+            assert time.monotonic() - started < within_s, f"still {got}, want {code}"
+            await asyncio.sleep(0.02)
+
+
+async def generate(stack: StackInfo, key: str, max_tokens: int):
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        return await stub.Generate(inference_pb2.GenerateRequest(
+            model=stack.model, prompt="count the tokens",
+            params=inference_pb2.SamplingParams(max_tokens=max_tokens)), metadata=auth(key))
+
+
+def retry_delay_s(error: grpc.aio.AioRpcError) -> float:
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    info = error_details_pb2.RetryInfo()
+                    detail.Unpack(info)
+                    return info.retry_delay.ToTimedelta().total_seconds()
+    raise AssertionError("no RetryInfo in the status details")
+
+
+async def test_output_quota_exhaustion_and_refill(stack: StackInfo):
+    _, key = await new_tenant(stack, output_tokens_per_minute=60)  # one token a second
+    reply = await generate(stack, key, 40)
+    assert reply.usage.completion_tokens == 40
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await generate(stack, key, 40)  # 20 left: 40 must wait ~20 s
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert raised.value.details().startswith("output_tpm:")
+    assert 15 <= retry_delay_s(raised.value) <= 21
+    reply = await generate(stack, key, 10)  # what is left still serves smaller requests
+    assert reply.usage.completion_tokens == 10
+
+
+async def test_cancelled_request_refunds_unused_tokens(stack: StackInfo):
+    tenant_id, key = await new_tenant(stack, output_tokens_per_minute=100)
+    outbox: asyncio.Queue = asyncio.Queue()
+    await outbox.put(inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
+        request_id="refund", model=stack.model, prompt="go",
+        params=inference_pb2.SamplingParams(max_tokens=90))))
+
+    async def frames():
+        while (frame := await outbox.get()) is not None:
+            yield frame
+
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        final = None
+        async for frame in stub.GenerateStream(frames(), metadata=auth(key)):
+            if frame.WhichOneof("frame") == "tokens":
+                await outbox.put(inference_pb2.ClientFrame(
+                    cancel=inference_pb2.Cancel(request_id="refund")))
+            elif frame.WhichOneof("frame") == "final":
+                final = frame.final
+                await outbox.put(None)
+    assert final.finish_reason == inference_pb2.CANCELLED
+    used = final.usage.completion_tokens
+    assert used < 90
+    # The unused reservation came back: 90 more output tokens fit straight away.
+    for _ in range(50):  # the settle is sent in the background after Final
+        try:
+            reply = await generate(stack, key, 90)
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await asyncio.sleep(0.02)
+    assert reply.usage.completion_tokens <= 90
+    info = await admin(stack, "GetTenant", tenants_pb2.GetTenantRequest(tenant_id=tenant_id))
+    assert info.tokens_used >= used + reply.usage.completion_tokens
+
+
+async def test_monthly_budget_refuses_with_a_clear_message(stack: StackInfo):
+    _, key = await new_tenant(stack, monthly_token_budget=30)
+    await generate(stack, key, 20)  # 3 prompt + 20 output
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await generate(stack, key, 20)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "monthly budget of 30 tokens" in raised.value.details()
+
+
+async def test_revocation_and_expiry(stack: StackInfo):
+    tenant_id, key = await new_tenant(stack)
+    keys = await admin(stack, "ListKeys", tenants_pb2.ListKeysRequest(tenant_id=tenant_id))
+    assert len(keys.keys) == 1 and not hasattr(keys.keys[0], "api_key")
+    await admin(stack, "RevokeKey", tenants_pb2.RevokeKeyRequest(key_id=keys.keys[0].key_id))
+    assert await wait_key_state(stack, key, grpc.StatusCode.UNAUTHENTICATED, within_s=1.0) < 1.0
+    issued = await admin(stack, "IssueKey", tenants_pb2.IssueKeyRequest(
+        tenant_id=tenant_id, expires_at=time.time() + 1.5))
+    await wait_key_state(stack, issued.api_key, grpc.StatusCode.OK)
+    await wait_key_state(stack, issued.api_key, grpc.StatusCode.UNAUTHENTICATED, within_s=3.0)
+
+
+async def test_admin_api_needs_an_admin_key_and_valid_plans(stack: StackInfo):
+    tenant_id, user_key = await new_tenant(stack)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await admin(stack, "ListTenants", tenants_pb2.ListTenantsRequest(), key=user_key)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    for plan, field in (({"priority": "gold"}, "plan.priority"),
+                        ({"requests_per_minute": 0}, "plan.requests_per_minute"),
+                        ({"max_output_tokens": 10**6}, "plan.max_output_tokens")):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await admin(stack, "UpdateTenant", tenants_pb2.UpdateTenantRequest(
+                tenant_id=tenant_id, plan=tenants_pb2.PlanUpdate(**plan)))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details().startswith(field + ":"), raised.value.details()
+    info = await admin(stack, "GetTenant", tenants_pb2.GetTenantRequest(tenant_id=tenant_id))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await admin(stack, "UpdateTenant", tenants_pb2.UpdateTenantRequest(
+            tenant_id=tenant_id, expected_revision=info.revision - 1,
+            plan=tenants_pb2.PlanUpdate(requests_per_minute=5)))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    updated = await admin(stack, "UpdateTenant", tenants_pb2.UpdateTenantRequest(
+        tenant_id=tenant_id, expected_revision=info.revision,
+        plan=tenants_pb2.PlanUpdate(requests_per_minute=5)))
+    assert updated.plan.requests_per_minute == 5
+    assert updated.plan.max_concurrency == info.plan.max_concurrency
