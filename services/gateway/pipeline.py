@@ -29,6 +29,7 @@ from backends.triton.adapter import EngineChunk, EngineRequest
 from infermesh.v1 import auditor_pb2
 from services.common import errors
 from services.common.logs import get_logger
+from services.gateway.admission import FairAdmission, priority_index
 from services.gateway.peers import Grant, Route
 from services.gateway.requests import GenerationRequest, Principal
 from services.gateway.validation import Limits, validate
@@ -133,6 +134,7 @@ class GenerationPipeline:
         engine: Engine,
         audit: AuditSink,
         limits: Limits,
+        fair: FairAdmission,
         *,
         source: str,
         max_attempts: int = 2,
@@ -144,6 +146,7 @@ class GenerationPipeline:
         self._engine = engine
         self._audit = audit
         self._limits = limits
+        self._fair = fair
         self._source = source
         self._max_attempts = max_attempts
         self._clock = clock
@@ -200,6 +203,17 @@ class GenerationPipeline:
             tenant, grant.slot_id, progress.prompt_tokens, progress.completion_tokens))
         if grant.max_tokens < engine_request.max_tokens:  # the plan degrades under pressure
             engine_request = dataclasses.replace(engine_request, max_tokens=grant.max_tokens)
+        # Then a fair turn among tenants for one of this gateway's running places.
+        place = await self._fair.admit(
+            tenant, priority_index(principal.plan.priority),
+            prompt_tokens + engine_request.max_tokens,
+            timeout_s - (self._clock() - progress.arrived),
+        )
+
+        async def give_back_place() -> None:
+            self._fair.release(place, progress.prompt_tokens + progress.completion_tokens)
+
+        progress.cleanups.append(give_back_place)
         failed: list[str] = []
         for attempt in range(1, self._max_attempts + 1):
             route = await self._routing.route(

@@ -22,6 +22,7 @@ from services.common.auth import Authenticator
 from services.common.discovery import ServiceDirectory
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import TenantStore, parse_key, parse_tenant
+from services.gateway.admission import AdmissionLimits, FairAdmission
 from services.gateway.audit import AuditEmitter
 from services.gateway.peers import Peers
 from services.gateway.pipeline import Accepted, Event, Finished, GenerationPipeline, TokenText
@@ -349,6 +350,10 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         adapter,
         audit,
         Limits(default_timeout_s=settings.default_timeout_s, max_timeout_s=settings.max_timeout_s),
+        FairAdmission(AdmissionLimits(
+            max_running=settings.max_running, max_queued_per_tenant=settings.max_queued_per_tenant,
+            max_queued=settings.max_queued, aging_s=settings.queue_aging_s,
+            max_wait_s=settings.max_queue_wait_s)),
         source=f"gateway/{settings.instance_id}",
         max_attempts=settings.max_attempts,
     )

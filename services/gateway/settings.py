@@ -20,3 +20,10 @@ class GatewaySettings(ServiceSettings):
         256, description="Frames queued for a slow client before generations wait for it."
     )
     max_attempts: int = Field(2, description="Tries per generation (retries before first token).")
+    max_running: int = Field(
+        64, description="Generations this gateway runs at once; the rest wait in fair queues."
+    )
+    max_queued_per_tenant: int = Field(32, description="Waiting generations per tenant.")
+    max_queued: int = Field(512, description="Waiting generations in all.")
+    queue_aging_s: float = Field(5.0, description="Waiting this long lifts a class by one.")
+    max_queue_wait_s: float = Field(30.0, description="Longest wait before shedding (overload).")

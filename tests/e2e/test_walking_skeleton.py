@@ -298,8 +298,8 @@ async def test_audit_chain_verifies_and_detects_an_edit(stack: StackInfo, stack_
     shutil.copytree(audit_dir, copy)
     log_file = next(p for p in copy.iterdir() if p.is_file() and p.stat().st_size > 0)
     lines = log_file.read_text().splitlines(keepends=True)
-    target = 2
-    edited = lines[target].replace('"tenant":"demo"', '"tenant":"other"', 1)
+    target = next(i for i, line in enumerate(lines) if i >= 2 and '"tenant":"' in line)
+    edited = re.sub(r'"tenant":"[^"]*"', '"tenant":"tampered"', lines[target], count=1)
     assert edited != lines[target], "no record field to edit"
     lines[target] = edited
     log_file.write_text("".join(lines))
