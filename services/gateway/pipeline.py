@@ -46,6 +46,10 @@ TTFT = Histogram(
     "infermesh_gateway_ttft_seconds", "Arrival to first token.", ["model", "version"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+ITL = Histogram(  # the ITL SLO's metric (deploy/monitoring/slo.toml); aiperf's definition
+    "infermesh_gateway_itl_seconds", "Mean gap between tokens after the first, per generation.",
+    ["model", "version"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
+)
 QUEUE = Histogram(
     "infermesh_gateway_queue_seconds", "Arrival to the engine request (admission + routing).",
     ["model"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
@@ -292,6 +296,9 @@ class GenerationPipeline:
                            version, finished.finish_reason, code).inc()
         if progress.first_token_sent:
             TTFT.labels(progress.model, version).observe(progress.ttft_s)
+        if progress.first_token_sent and progress.completion_tokens > 1:
+            ITL.labels(progress.model, version).observe(
+                (finished.total_s - progress.ttft_s) / (progress.completion_tokens - 1))
         TOKENS.labels(principal.tenant_id, progress.model, "prompt").inc(progress.prompt_tokens)
         TOKENS.labels(principal.tenant_id, progress.model, "completion").inc(
             progress.completion_tokens
