@@ -25,7 +25,15 @@ from services.common.tenancy import TenantStore, parse_key, parse_tenant
 from services.gateway.admission import AdmissionLimits, FairAdmission
 from services.gateway.audit import AuditEmitter
 from services.gateway.peers import Peers
-from services.gateway.pipeline import Accepted, Event, Finished, GenerationPipeline, TokenText
+from services.gateway.idempotency import IdempotencyCache
+from services.gateway.pipeline import (
+    Accepted,
+    Event,
+    Finished,
+    GenerationPipeline,
+    Send,
+    TokenText,
+)
 from services.gateway.requests import ChatTurn, GenerationRequest, Principal, SamplingRequest
 from services.gateway.settings import GatewaySettings
 from services.gateway.tenant_admin import TenantAdminServicer
@@ -125,14 +133,35 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return None
 
 
+class Generations:
+    """Runs generations through the pipeline, once per idempotency key."""
+
+    def __init__(self, pipeline: GenerationPipeline, idempotency: IdempotencyCache):
+        self._pipeline = pipeline
+        self._idempotency = idempotency
+
+    async def run(
+        self, principal: Principal, request: GenerationRequest, send: Send, peer: str
+    ) -> Finished:
+        try:
+            return await self._idempotency.run(
+                principal.tenant_id, request, send,
+                lambda sink: self._pipeline.run(principal, request, sink, peer),
+            )
+        except errors.MeshError as exc:  # the key was misused; the pipeline reports its own
+            finished = Finished(request_id=request.request_id, finish_reason="error", error=exc)
+            await send(finished)
+            return finished
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(
         self, authenticator: Authenticator, catalog: ModelCatalog,
-        pipeline: GenerationPipeline, settings: GatewaySettings, draining: asyncio.Event,
+        generations: Generations, settings: GatewaySettings, draining: asyncio.Event,
     ):
         self._auth = authenticator
         self._catalog = catalog
-        self._pipeline = pipeline
+        self._generations = generations
         self._settings = settings
         self._draining = draining
 
@@ -158,7 +187,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if isinstance(event, TokenText):
                 pieces.append(event.text)
 
-        finished = await self._pipeline.run(principal, decoded, collect, context.peer())
+        finished = await self._generations.run(principal, decoded, collect, context.peer())
         if finished.error is not None:
             await status.abort(context, finished.error)
         return inference_pb2.GenerateResponse(
@@ -184,7 +213,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         pass
             await status.abort(context, exc)
         session = _StreamSession(
-            self._pipeline, principal, context.peer(), self._settings, self._draining
+            self._generations, principal, context.peer(), self._settings, self._draining
         )
         reader = asyncio.create_task(session.read(request_iterator), name="stream reader")
         try:
@@ -225,10 +254,10 @@ class _StreamSession:
     """The state of one GenerateStream: its generations by request id and its frame queue."""
 
     def __init__(
-        self, pipeline: GenerationPipeline, principal: Principal, peer: str,
+        self, generations: Generations, principal: Principal, peer: str,
         settings: GatewaySettings, draining: asyncio.Event,
     ):
-        self._pipeline = pipeline
+        self._generations = generations
         self._principal = principal
         self._peer = peer
         self._settings = settings
@@ -281,7 +310,7 @@ class _StreamSession:
 
     async def _generate(self, request: GenerationRequest) -> None:
         try:
-            await self._pipeline.run(self._principal, request, self.send, self._peer)
+            await self._generations.run(self._principal, request, self.send, self._peer)
         except asyncio.CancelledError:
             if request.request_id not in self._tasks:
                 raise  # the stream is being torn down
@@ -359,7 +388,12 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     )
     authenticator = Authenticator(keys, tenants)
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(authenticator, catalog, pipeline, settings, ctx.draining), ctx.server
+        InferenceServicer(
+            authenticator, catalog,
+            Generations(pipeline, IdempotencyCache(settings.idempotency_ttl_s)),
+            settings, ctx.draining,
+        ),
+        ctx.server,
     )
     tenants_pb2_grpc.add_TenantAdminServicer_to_server(
         TenantAdminServicer(authenticator, TenantStore(ctx.etcd), directory,

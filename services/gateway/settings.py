@@ -27,3 +27,6 @@ class GatewaySettings(ServiceSettings):
     max_queued: int = Field(512, description="Waiting generations in all.")
     queue_aging_s: float = Field(5.0, description="Waiting this long lifts a class by one.")
     max_queue_wait_s: float = Field(30.0, description="Longest wait before shedding (overload).")
+    idempotency_ttl_s: float = Field(
+        600.0, description="How long a finished outcome answers repeats of its idempotency key."
+    )

@@ -167,3 +167,31 @@ async def test_admin_api_needs_an_admin_key_and_valid_plans(stack: StackInfo):
         plan=tenants_pb2.PlanUpdate(requests_per_minute=5)))
     assert updated.plan.requests_per_minute == 5
     assert updated.plan.max_concurrency == info.plan.max_concurrency
+
+
+async def test_idempotent_repeat_returns_the_first_outcome_and_is_charged_once(stack: StackInfo):
+    tenant_id, key = await new_tenant(stack)
+    request = inference_pb2.GenerateRequest(
+        model=stack.model, prompt="say something once", idempotency_key="order-42",
+        params=inference_pb2.SamplingParams(max_tokens=12, temperature=1.0))
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        first = await stub.Generate(request, metadata=auth(key))
+        again = await stub.Generate(request, metadata=auth(key))
+        other = inference_pb2.GenerateRequest()
+        other.CopyFrom(request)
+        other.prompt = "a different request"
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Generate(other, metadata=auth(key))
+    assert again.text == first.text and again.usage == first.usage
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith("idempotency_key:")
+    charged = first.usage.prompt_tokens + first.usage.completion_tokens
+    for _ in range(100):  # the settle reaches ratelimit in the background
+        info = await admin(stack, "GetTenant", tenants_pb2.GetTenantRequest(tenant_id=tenant_id))
+        if info.tokens_used:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    info = await admin(stack, "GetTenant", tenants_pb2.GetTenantRequest(tenant_id=tenant_id))
+    assert info.tokens_used == charged
