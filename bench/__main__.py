@@ -6,16 +6,19 @@ The last line holds every figure under stable names, so runs can be compared by 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import pathlib
 import tempfile
 
+from bench import noisy_neighbor
 from bench.streaming import compare
 from deploy.local.stack import Stack, StackOptions
 from services.common.tenancy import TenantPlan
 
 # The benchmark tenant must not be what limits the measurement.
-BENCH_PLAN = TenantPlan(requests_per_minute=1_000_000, max_concurrency=1024)
+BENCH_PLAN = TenantPlan(requests_per_minute=1_000_000, input_tokens_per_minute=10**9,
+                        output_tokens_per_minute=10**9, max_concurrency=1024)
 
 
 def main() -> None:
@@ -34,6 +37,7 @@ def main() -> None:
             figures = compare(
                 info, levels, args.max_tokens, args.requests_per_stream, args.budget_s
             )
+            figures.update(asyncio.run(noisy_neighbor.run(info)))
         finally:
             stack.down()
     print(json.dumps(figures, sort_keys=True))

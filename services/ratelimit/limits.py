@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from services.common.tenancy import TenantPlan
 
 REASONS = ("concurrency", "rpm", "input_tpm", "output_tpm", "budget", "too_large")
+# A bucket holds this many seconds' worth of its per-minute rate: a tenant may burst that much,
+# so any 60 s window admits at most (60 + BURST_S) / 60 of the configured rate.
+BURST_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,11 @@ class Decision:
 
 @dataclass
 class TokenBucket:
-    """`capacity` tokens, refilled continuously at `rate_per_s`."""
+    """`capacity` tokens, refilled continuously at `rate_per_s`.
+
+    A request larger than the capacity (a long prompt against a small per-minute rate) is let
+    through when the bucket is full and leaves it in debt, so it waits no longer than its share.
+    """
 
     capacity: float
     rate_per_s: float
@@ -44,8 +51,8 @@ class TokenBucket:
 
     def wait_for(self, amount: float) -> float:
         """Seconds until `amount` is available (after `refill`); 0 when it is."""
-        missing = amount - self.tokens
-        return 0.0 if missing <= 0 else missing / self.rate_per_s
+        missing = min(amount, self.capacity) - self.tokens
+        return 0.0 if missing <= 1e-9 else missing / self.rate_per_s
 
     def take(self, amount: float) -> None:
         self.tokens -= amount
@@ -55,9 +62,10 @@ class TokenBucket:
 
     def resize(self, per_minute: float) -> None:
         """A plan change keeps the fill ratio."""
-        if per_minute != self.capacity:
-            self.tokens = self.tokens / self.capacity * per_minute
-            self.capacity, self.rate_per_s = per_minute, per_minute / 60.0
+        capacity = _capacity(per_minute)
+        if capacity != self.capacity:
+            self.tokens = self.tokens / self.capacity * capacity
+            self.capacity, self.rate_per_s = capacity, per_minute / 60.0
 
 
 @dataclass
@@ -79,8 +87,13 @@ class TenantState:
         return sum(s.input_tokens + s.output_tokens for s in self.slots.values())
 
 
+def _capacity(per_minute: float) -> float:
+    return max(1.0, per_minute * BURST_S / 60.0)
+
+
 def _bucket(per_minute: int, now: float) -> TokenBucket:
-    return TokenBucket(float(per_minute), per_minute / 60.0, float(per_minute), now)
+    capacity = _capacity(per_minute)
+    return TokenBucket(capacity, per_minute / 60.0, capacity, now)
 
 
 class Limiter:

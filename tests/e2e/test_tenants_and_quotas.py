@@ -73,24 +73,26 @@ def retry_delay_s(error: grpc.aio.AioRpcError) -> float:
 
 
 async def test_output_quota_exhaustion_and_refill(stack: StackInfo):
-    _, key = await new_tenant(stack, output_tokens_per_minute=60)  # one token a second
-    reply = await generate(stack, key, 40)
-    assert reply.usage.completion_tokens == 40
+    # 600 output tokens a minute: a burst of 100, then 10 a second.
+    _, key = await new_tenant(stack, output_tokens_per_minute=600)
+    reply = await generate(stack, key, 90)
+    assert reply.usage.completion_tokens == 90
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await generate(stack, key, 40)  # 20 left: 40 must wait ~20 s
+        await generate(stack, key, 90)  # ~10 left: 90 must wait ~8 s
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert raised.value.details().startswith("output_tpm:")
-    assert 15 <= retry_delay_s(raised.value) <= 21
-    reply = await generate(stack, key, 10)  # what is left still serves smaller requests
+    assert 6 <= retry_delay_s(raised.value) <= 8.1
+    reply = await generate(stack, key, 10)  # what is left still serves a smaller request
     assert reply.usage.completion_tokens == 10
 
 
 async def test_cancelled_request_refunds_unused_tokens(stack: StackInfo):
-    tenant_id, key = await new_tenant(stack, output_tokens_per_minute=100)
+    # A burst of 200 output tokens: without the refund, a second 150 would wait ~5 s.
+    tenant_id, key = await new_tenant(stack, output_tokens_per_minute=1200)
     outbox: asyncio.Queue = asyncio.Queue()
     await outbox.put(inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
         request_id="refund", model=stack.model, prompt="go",
-        params=inference_pb2.SamplingParams(max_tokens=90))))
+        params=inference_pb2.SamplingParams(max_tokens=150))))
 
     async def frames():
         while (frame := await outbox.get()) is not None:
@@ -108,16 +110,16 @@ async def test_cancelled_request_refunds_unused_tokens(stack: StackInfo):
                 await outbox.put(None)
     assert final.finish_reason == inference_pb2.CANCELLED
     used = final.usage.completion_tokens
-    assert used < 90
-    # The unused reservation came back: 90 more output tokens fit straight away.
+    assert used < 150
+    # The unused reservation came back: 150 more output tokens fit straight away.
     for _ in range(50):  # the settle is sent in the background after Final
         try:
-            reply = await generate(stack, key, 90)
+            reply = await generate(stack, key, 150)
             break
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             await asyncio.sleep(0.02)
-    assert reply.usage.completion_tokens <= 90
+    assert reply.usage.completion_tokens <= 150
     info = await admin(stack, "GetTenant", tenants_pb2.GetTenantRequest(tenant_id=tenant_id))
     assert info.tokens_used >= used + reply.usage.completion_tokens
 

@@ -1,0 +1,136 @@
+"""Noisy neighbour: tenant A sends 10× its request quota beside a quiet tenant B.
+
+B's TTFT p95 and queue wait are measured alone, then with A flooding, in the same run; A's
+excess must be refused early and cheaply (its refusal latency is `shed_p99_ms`). The quota
+decision itself (one Acquire against the ratelimit service, what the gateway does per request) is
+timed on its own as `quota_decision_us_p99`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+
+import grpc
+
+from bench.streaming import percentile
+from deploy.local.stack import StackInfo
+from infermesh.v1 import (
+    inference_pb2,
+    inference_pb2_grpc,
+    ratelimit_pb2,
+    ratelimit_pb2_grpc,
+    tenants_pb2,
+    tenants_pb2_grpc,
+)
+from services.common import status
+
+QUIET_RATE_PER_S = 2.0
+NOISY_RPM = 120  # A's quota: 2 requests a second
+NOISY_RATE_PER_S = 10 * NOISY_RPM / 60  # ten times over it
+PHASE_S = 10.0
+MAX_TOKENS = 32
+
+
+async def _tenant(stub, admin_md, tenant_id: str, rpm: int) -> str:
+    await stub.CreateTenant(tenants_pb2.CreateTenantRequest(
+        tenant_id=tenant_id, plan=tenants_pb2.PlanUpdate(requests_per_minute=rpm,
+                                                         max_concurrency=64)),
+        metadata=admin_md, timeout=10)
+    issued = await stub.IssueKey(tenants_pb2.IssueKeyRequest(tenant_id=tenant_id),
+                                 metadata=admin_md, timeout=10)
+    return issued.api_key
+
+
+async def _one(stub, key: str, model: str) -> tuple[str, float, float]:
+    """(outcome, ttft or refusal seconds, queue seconds) of one streamed generation."""
+    frame = inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
+        request_id=uuid.uuid4().hex, model=model, prompt="a steady question",
+        params=inference_pb2.SamplingParams(max_tokens=MAX_TOKENS)))
+    started = time.perf_counter()
+    ttft = 0.0
+    async for reply in stub.GenerateStream(iter([frame]),
+                                           metadata=(("authorization", f"Bearer {key}"),)):
+        kind = reply.WhichOneof("frame")
+        if kind == "tokens" and not ttft:
+            ttft = time.perf_counter() - started
+        elif kind == "final":
+            if reply.final.HasField("error"):
+                return reply.final.error.code, time.perf_counter() - started, 0.0
+            return "ok", ttft, reply.final.timings.queue.ToTimedelta().total_seconds()
+    return "lost", 0.0, 0.0
+
+
+async def _open_loop(stub, key: str, model: str, rate_per_s: float, duration_s: float):
+    """Sends at a fixed rate for `duration_s` regardless of replies (bounded: rate × duration)."""
+    tasks = []
+    started = time.perf_counter()
+    for i in range(int(rate_per_s * duration_s)):
+        delay = started + i / rate_per_s - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(_one(stub, key, model)))
+    return await asyncio.gather(*tasks)
+
+
+async def _decision_latency(stack: StackInfo, tenant: str, count: int = 400) -> list[float]:
+    endpoint = stack.endpoints["ratelimit"]
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stub = ratelimit_pb2_grpc.RateLimitStub(channel)
+        samples = []
+        for _ in range(count):
+            started = time.perf_counter()
+            grant = await stub.Acquire(ratelimit_pb2.AcquireRequest(
+                tenant=tenant, request_id="bench", hold=status.seconds_to_duration(5),
+                input_tokens=10, output_tokens=10), timeout=5)
+            samples.append(time.perf_counter() - started)
+            await stub.Release(ratelimit_pb2.ReleaseRequest(tenant=tenant, slot_id=grant.slot_id),
+                               timeout=5)
+        return samples
+
+
+async def run(stack: StackInfo) -> dict[str, float]:
+    admin_md = (("authorization", f"Bearer {stack.api_key}"),)
+    suffix = uuid.uuid4().hex[:6]
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        admin = tenants_pb2_grpc.TenantAdminStub(channel)
+        quiet_key = await _tenant(admin, admin_md, f"quiet-{suffix}", 10_000)
+        noisy_key = await _tenant(admin, admin_md, f"noisy-{suffix}", NOISY_RPM)
+        await asyncio.sleep(0.5)  # the gateway's key cache follows etcd
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        alone = await _open_loop(stub, quiet_key, stack.model, QUIET_RATE_PER_S, PHASE_S)
+        quiet, noisy = await asyncio.gather(
+            _open_loop(stub, quiet_key, stack.model, QUIET_RATE_PER_S, PHASE_S),
+            _open_loop(stub, noisy_key, stack.model, NOISY_RATE_PER_S, PHASE_S),
+        )
+    decisions = await _decision_latency(stack, f"quiet-{suffix}")
+
+    def p95_ttft_ms(results):
+        return percentile([r[1] * 1000 for r in results if r[0] == "ok"], 95)
+
+    def queue_ms(results):
+        return statistics.median([r[2] * 1000 for r in results if r[0] == "ok"])
+
+    shed = [r[1] * 1000 for r in noisy if r[0] == "RESOURCE_EXHAUSTED"]
+    figures = {
+        "noisy_neighbor_quiet_ttft_p95_ms_alone": round(p95_ttft_ms(alone), 2),
+        "noisy_neighbor_quiet_ttft_p95_ms_with_noisy": round(p95_ttft_ms(quiet), 2),
+        "noisy_neighbor_p95_ttft_ratio": round(p95_ttft_ms(quiet) / p95_ttft_ms(alone), 3),
+        "noisy_neighbor_quiet_queue_p50_ms_alone": round(queue_ms(alone), 2),
+        "noisy_neighbor_quiet_queue_p50_ms_with_noisy": round(queue_ms(quiet), 2),
+        "noisy_neighbor_quiet_errors": sum(1 for r in alone + quiet if r[0] != "ok"),
+        "noisy_neighbor_noisy_admitted": sum(1 for r in noisy if r[0] == "ok"),
+        "noisy_neighbor_noisy_shed": len(shed),
+        "shed_p99_ms": round(percentile(shed, 99), 2),
+        "quota_decision_us_p99": round(percentile([d * 1e6 for d in decisions], 99), 1),
+        "quota_decision_us_p50": round(statistics.median(d * 1e6 for d in decisions), 1),
+    }
+    print(f"noisy neighbour: quiet TTFT p95 {figures['noisy_neighbor_quiet_ttft_p95_ms_alone']} ms "
+          f"alone, {figures['noisy_neighbor_quiet_ttft_p95_ms_with_noisy']} ms beside a tenant at "
+          f"10x quota (ratio {figures['noisy_neighbor_p95_ttft_ratio']}); noisy admitted "
+          f"{figures['noisy_neighbor_noisy_admitted']}, shed {figures['noisy_neighbor_noisy_shed']} "
+          f"(shed p99 {figures['shed_p99_ms']} ms); quota decision p99 "
+          f"{figures['quota_decision_us_p99']} us", flush=True)
+    return figures
