@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.local.etcd_server import EtcdServer
+from deploy.local.prometheus import PrometheusServer
 from infermesh.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
 from services.common import etcd
 from services.common.net import LOOPBACK, free_port
@@ -33,8 +34,8 @@ MODEL_REPOSITORY = REPO_ROOT / "backends" / "triton" / "model_repository"
 DEMO_TENANT = "demo"
 DEMO_MODEL = "demo-chat"
 SERVICES = ("registry", "ratelimit", "scheduler", "auditor", "gateway")
-STOP_ORDER = ("gateway", "sidecar", "scheduler", "ratelimit", "registry", "auditor", "triton",
-              "etcd")
+STOP_ORDER = ("prometheus", "gateway", "sidecar", "scheduler", "ratelimit", "registry", "auditor",
+              "triton", "etcd")
 
 
 def demo_manifest() -> registry_pb2.ModelManifest:
@@ -79,6 +80,7 @@ class StackInfo:
             "INFERMESH_ETCD": self.etcd,
             "INFERMESH_TRITON": self.endpoints["triton"],
             "INFERMESH_TRITON_METRICS": self.metrics["triton"],
+            "INFERMESH_PROMETHEUS": self.endpoints["prometheus"],
         }
         return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
 
@@ -134,6 +136,12 @@ class Stack:
             endpoints["triton"] = f"{LOOPBACK}:{triton['grpc']}"
             metric_endpoints = {name: f"{LOOPBACK}:{port}" for name, port in metrics.items()}
             metric_endpoints["triton"] = f"{LOOPBACK}:{triton['metrics']}"
+            metric_endpoints["etcd"] = etcd_server.endpoint  # /metrics on its client port
+            prometheus = PrometheusServer(self.state_dir, self.logs / "prometheus.log",
+                                          metric_endpoints)
+            self.children["prometheus"] = prometheus.process
+            prometheus.start()
+            endpoints["prometheus"] = prometheus.endpoint
             self.info = StackInfo(
                 gateway=endpoints["gateway"], api_key=api_key, model=DEMO_MODEL,
                 etcd=etcd_server.endpoint, endpoints=endpoints, metrics=metric_endpoints,
