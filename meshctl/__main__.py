@@ -13,6 +13,7 @@ import typer
 from infermesh.v1 import inference_pb2
 from meshctl.config import DEFAULT_STATE_DIR, gateway_and_key
 from meshctl.generate import sampling, stream_generation, unary_generation
+from meshctl.registry import registry_app
 from meshctl.slo import slo as slo_command
 from meshctl.tenants import key_app, tenant_app
 
@@ -25,6 +26,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.command("slo")(slo_command)
+app.add_typer(registry_app, name="registry")
 
 FINISH = {v: k.lower() for k, v in inference_pb2.FinishReason.items()}
 

@@ -5,12 +5,13 @@ committed file that differs from what would be generated."""
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
 import yaml
 
-from deploy.monitoring import rules
+from deploy.monitoring import dashboards, rules
 from services.common.slo import DEFAULT_SLO_CONFIG, SloConfig, load_slo_config
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -35,6 +36,9 @@ def render(config: SloConfig) -> dict[pathlib.Path, str]:
         HERE / "rules" / "slo.rules.yml": _yaml(rules.slo_rule_groups(config)),
         HERE / "rules" / "mesh.rules.yml": _yaml(rules.mesh_rule_groups(config)),
     }
+    for name, board in dashboards.build_all().items():
+        files[HERE / "dashboards" / f"{name}.json"] = json.dumps(board, indent=2,
+                                                                 sort_keys=True) + "\n"
     return files
 
 

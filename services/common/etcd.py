@@ -31,6 +31,7 @@ class Keys:
     models = ROOT + "models/"
     replicas = ROOT + "replicas/"
     services = ROOT + "services/"
+    registry_audit_outbox = ROOT + "registry/audit-outbox/"
     budgets = ROOT + "budgets/"
 
     @staticmethod
@@ -52,6 +53,18 @@ class Keys:
     @staticmethod
     def model_history(model: str, sequence: int) -> str:
         return f"{Keys.models}{model}/history/{sequence:020d}"
+
+    @staticmethod
+    def model_history_prefix(model: str) -> str:
+        return f"{Keys.models}{model}/history/"
+
+    @staticmethod
+    def model_versions_prefix(model: str) -> str:
+        return f"{Keys.models}{model}/versions/"
+
+    @staticmethod
+    def registry_audit_event(event_id: str) -> str:
+        return f"{Keys.registry_audit_outbox}{event_id}"
 
     @staticmethod
     def replica(replica_id: str) -> str:

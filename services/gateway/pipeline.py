@@ -32,8 +32,10 @@ from services.common.logs import get_logger
 from services.gateway.admission import FairAdmission, priority_index
 from services.gateway.peers import Grant, Route
 from services.gateway.requests import GenerationRequest, Principal
+from services.gateway.shadow import ShadowTraffic
 from services.gateway.validation import Limits, validate
 from services.registry.catalog import ModelCatalog
+from services.registry.manifest import ModelVersion
 
 log = get_logger(__name__)
 CANCEL_REPORT_TIMEOUT_S = 1.0
@@ -56,6 +58,11 @@ QUEUE = Histogram(
 )
 TOKENS = Counter(
     "infermesh_gateway_tokens_total", "Tokens served.", ["tenant", "model", "kind"]
+)
+RESOLUTIONS = Counter(
+    "infermesh_gateway_model_resolutions_total",
+    "Requests by the rollout arm that answered them: production, canary, or pinned.",
+    ["model", "arm"],
 )
 
 
@@ -140,6 +147,7 @@ class GenerationPipeline:
         limits: Limits,
         fair: FairAdmission,
         *,
+        shadow: ShadowTraffic,
         source: str,
         max_attempts: int = 2,
         clock: Callable[[], float] = time.monotonic,
@@ -151,6 +159,7 @@ class GenerationPipeline:
         self._audit = audit
         self._limits = limits
         self._fair = fair
+        self._shadow = shadow
         self._source = source
         self._max_attempts = max_attempts
         self._clock = clock
@@ -162,9 +171,16 @@ class GenerationPipeline:
         """Runs one generation, reporting through `send`; returns the `Finished` it sent."""
         progress = _Progress(arrived=self._clock(), model=request.model)
         finished: Finished | None = None
+        shadow: ModelVersion | None = None
         try:
-            version = self._catalog.resolve(request.model)
+            # A bare name follows the rollout: the sticky canary split, the shadow sample.
+            resolution = self._catalog.route(
+                request.model, principal.tenant_id, request.user, request.request_id
+            )
+            version, shadow = resolution.version, resolution.shadow
+            progress.model = version.name
             progress.version_id = version.version_id
+            RESOLUTIONS.labels(version.name, resolution.arm).inc()
             validated = validate(request, principal, version, self._limits)
             async with asyncio.timeout(validated.timeout_s):
                 finish_reason = await self._admit_route_relay(
@@ -191,7 +207,21 @@ class GenerationPipeline:
             self._run_cleanups(progress)
         self._record(principal, request, progress, finished, client_address)
         await send(finished)
+        if shadow is not None and finished.finish_reason in ("stop", "length"):
+            self._copy_to_shadow(principal, request, shadow)
         return finished
+
+    def _copy_to_shadow(
+        self, principal: Principal, request: GenerationRequest, shadow: ModelVersion
+    ) -> None:
+        """After the user's generation ended well: the same request, checked against the shadow
+        version's own limits and defaults, to the shadow (no quota, no audit, text discarded)."""
+        try:
+            validated = validate(request, principal, shadow, self._limits)
+        except errors.InvalidArgument:
+            self._shadow.drop(shadow, "dropped_invalid")
+            return
+        self._shadow.submit(shadow, validated.engine)
 
     async def _admit_route_relay(
         self, principal: Principal, engine_request: EngineRequest, version_id: str,

@@ -36,6 +36,7 @@ from services.gateway.pipeline import (
 )
 from services.gateway.requests import ChatTurn, GenerationRequest, Principal, SamplingRequest
 from services.gateway.settings import GatewaySettings
+from services.gateway.shadow import ShadowTraffic
 from services.gateway.tenant_admin import TenantAdminServicer
 from services.gateway.validation import Limits, validate_request_id
 from services.registry.catalog import ModelCatalog
@@ -240,13 +241,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def _model_info(self, name: str) -> inference_pb2.ModelInfo:
         entry = self._catalog.entry(name)
-        production = entry.aliases.get("production", "")
-        info = inference_pb2.ModelInfo(name=name, production_version=production)
-        version = entry.versions.get(production)
+        routing = entry.routing
+        info = inference_pb2.ModelInfo(
+            name=name, production_version=routing.production, canary_version=routing.canary,
+            canary_weight_percent=routing.canary_weight_percent, routing_revision=routing.revision,
+        )
+        version = entry.versions.get(routing.production)
         if version is not None:
             info.context_window = version.context_window
             info.max_output_tokens = version.max_output_tokens
             info.description = version.manifest.get("description", "")
+            info.cost_per_1k_input_tokens = version.cost_per_1k_input_tokens
+            info.cost_per_1k_output_tokens = version.cost_per_1k_output_tokens
         return info
 
 
@@ -372,6 +378,8 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     audit = AuditEmitter(directory, settings.peer_timeout_s)
     audit.start()
     adapter = TritonAdapter()
+    shadow = ShadowTraffic(Peers(directory, settings.peer_timeout_s), adapter,
+                           settings.shadow_max_in_flight, settings.shadow_timeout_s)
     pipeline = GenerationPipeline(
         catalog,
         Peers(directory, settings.peer_timeout_s),
@@ -383,6 +391,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
             max_running=settings.max_running, max_queued_per_tenant=settings.max_queued_per_tenant,
             max_queued=settings.max_queued, aging_s=settings.queue_aging_s,
             max_wait_s=settings.max_queue_wait_s)),
+        shadow=shadow,
         source=f"gateway/{settings.instance_id}",
         max_attempts=settings.max_attempts,
     )
@@ -403,6 +412,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
 
     async def cleanup() -> None:
         await pipeline.drain_background()
+        await shadow.close()
         await audit.close()
         await adapter.close()
         await directory.close()

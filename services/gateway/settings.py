@@ -30,3 +30,7 @@ class GatewaySettings(ServiceSettings):
     idempotency_ttl_s: float = Field(
         600.0, description="How long a finished outcome answers repeats of its idempotency key."
     )
+    shadow_max_in_flight: int = Field(
+        4, description="Shadow copies this gateway runs at once; more are dropped, not queued."
+    )
+    shadow_timeout_s: float = Field(30.0, description="Deadline of one shadow copy.")

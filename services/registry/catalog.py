@@ -1,7 +1,8 @@
-"""The registry's read side: every model's versions and aliases, resolved from a local copy.
+"""The registry's read side: every model's versions and routing, resolved from a local copy.
 
-`ModelCatalog` is fed by a watch on `models/` (see `store.py`) and answers `resolve()` with a
-dict lookup, so the gateway's hot path never waits on etcd.
+`ModelCatalog` is fed by a watch on `models/` (see `store.py`) and answers `resolve()` and
+`route()` with dict lookups and a hash, so the gateway's hot path never waits on etcd and a
+rollback is served as soon as the watch delivers it.
 """
 
 from __future__ import annotations
@@ -11,13 +12,23 @@ from typing import Any
 
 from services.common import errors
 from services.registry.manifest import ModelRef, ModelVersion, parse_ref
+from services.registry.rollout import Routing, assignment_bucket, in_canary, shadow_sampled
 
 
 @dataclass
 class ModelEntry:
     name: str
     versions: dict[str, ModelVersion] = field(default_factory=dict)
-    aliases: dict[str, str] = field(default_factory=dict)  # alias → version id
+    routing: Routing = field(default_factory=Routing)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where one request goes: the version that answers it and, when sampled, a shadow copy."""
+
+    version: ModelVersion
+    arm: str  # production | canary | pinned (an explicit @alias or @sha256 reference)
+    shadow: ModelVersion | None = None
 
 
 class ModelCatalog:
@@ -30,12 +41,15 @@ class ModelCatalog:
         models: dict[str, ModelEntry] = {}
         for suffix, value in items.items():
             name, _, rest = suffix.partition("/")
-            entry = models.setdefault(name, ModelEntry(name))
             if rest.startswith("versions/"):
-                version = ModelVersion(value["version_id"], value["manifest"])
+                entry = models.setdefault(name, ModelEntry(name))
+                version = ModelVersion(
+                    value["version_id"], value["manifest"], value.get("registered_at", 0.0),
+                    value.get("registered_by", ""),
+                )
                 entry.versions[version.version_id] = version
             elif rest == "routing":
-                entry.aliases = {k: v for k, v in value["aliases"].items() if v}
+                models.setdefault(name, ModelEntry(name)).routing = Routing.from_record(value)
         self._models = {name: e for name, e in models.items() if e.versions}
 
     def models(self) -> list[ModelEntry]:
@@ -48,13 +62,36 @@ class ModelCatalog:
         return entry
 
     def resolve(self, ref: str | ModelRef, field: str = "model") -> ModelVersion:
-        """The version a reference means now; NotFound names what is missing."""
+        """The version a reference names now (a bare name: production); NotFound names what is
+        missing."""
         parsed = parse_ref(ref, field) if isinstance(ref, str) else ref
         entry = self.entry(parsed.name)
-        version_id = parsed.version_id or entry.aliases.get(parsed.alias, "")
+        version_id = parsed.version_id or entry.routing.target(parsed.alias)
         if not version_id:
-            raise errors.NotFound(f"model {parsed.name!r} has no {parsed.alias!r} alias")
+            raise errors.NotFound(f"model {parsed.name!r} has no {parsed.alias!r} version")
+        return self._version(entry, version_id)
+
+    def route(self, ref: str, tenant: str, user: str, request_id: str) -> Resolution:
+        """Where a client's request goes. A bare name follows the rollout (the sticky canary
+        split and the shadow sample); an explicit `@alias` or `@sha256:` is served as named and
+        is never copied to the shadow."""
+        parsed = parse_ref(ref)
+        if parsed.explicit:
+            return Resolution(self.resolve(parsed), "pinned")
+        entry = self.entry(parsed.name)
+        routing = entry.routing
+        if in_canary(routing, assignment_bucket(parsed.name, tenant, user)):
+            version, arm = self._version(entry, routing.canary), "canary"
+        else:
+            version, arm = self.resolve(parsed), "production"
+        shadow = None
+        if shadow_sampled(routing, request_id):
+            shadow = self._version(entry, routing.shadow)
+        return Resolution(version, arm, shadow)
+
+    @staticmethod
+    def _version(entry: ModelEntry, version_id: str) -> ModelVersion:
         version = entry.versions.get(version_id)
         if version is None:
-            raise errors.NotFound(f"model {parsed.name!r} has no version {version_id}")
+            raise errors.NotFound(f"model {entry.name!r} has no version {version_id}")
         return version

@@ -1,20 +1,38 @@
-"""The Registry gRPC servicer: decodes, calls the store or the catalog, encodes."""
+"""The Registry gRPC servicer: authenticates, decodes, calls one domain object, encodes.
+
+Reads need any valid API key; every write (blob uploads, registrations, routing changes) needs
+an admin key, whose identity (`tenant/key id`) is the actor in history and in the audit log.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
-from google.protobuf import json_format
+import grpc
+from google.protobuf import json_format, timestamp_pb2
 
 from infermesh.v1 import registry_pb2, registry_pb2_grpc
 from services.common import errors, etcd, status
+from services.common.auth import Authenticator, Principal
+from services.common.discovery import ServiceDirectory
 from services.common.runtime import ServiceContext, ServiceParts
+from services.common.tenancy import parse_key, parse_tenant
+from services.registry import rollout
+from services.registry.admin_audit import AdminAuditShipper
+from services.registry.blobs import LocalBlobStore
 from services.registry.catalog import ModelCatalog
-from services.registry.store import RegistryStore, parse_models_key
+from services.registry.manifest import ModelVersion, parse_ref
+from services.registry.settings import RegistrySettings
+from services.registry.store import RegistryStore, check_model_name, parse_models_key
+from services.registry.uploads import BlobUploads
+
+UPLOAD_IDLE_TIMEOUT_S = 60.0
 
 
 def manifest_to_dict(manifest: registry_pb2.ModelManifest) -> dict[str, Any]:
-    """The canonical-form dict: every field present, proto field names."""
+    """The manifest's dict form: every field present, proto field names."""
     return json_format.MessageToDict(
         manifest, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
@@ -24,60 +42,233 @@ def manifest_from_dict(manifest: dict[str, Any]) -> registry_pb2.ModelManifest:
     return json_format.ParseDict(manifest, registry_pb2.ModelManifest())
 
 
+def _timestamp(unix_s: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(unix_s * 1e9))
+    return stamp
+
+
+def encode_version(version: ModelVersion) -> registry_pb2.VersionInfo:
+    return registry_pb2.VersionInfo(
+        version_id=version.version_id, manifest=manifest_from_dict(version.manifest),
+        registered_at=_timestamp(version.registered_at), registered_by=version.registered_by,
+    )
+
+
+def encode_routing(model: str, routing: rollout.Routing) -> registry_pb2.Routing:
+    return registry_pb2.Routing(
+        model=model, revision=routing.revision, production=routing.production,
+        previous=routing.previous, canary=routing.canary,
+        canary_weight_percent=routing.canary_weight_percent, shadow=routing.shadow,
+        shadow_rate=routing.shadow_rate, updated_at=_timestamp(routing.updated_at),
+        updated_by=routing.updated_by,
+    )
+
+
+def encode_entry(model: str, entry: rollout.HistoryEntry) -> registry_pb2.HistoryEntry:
+    return registry_pb2.HistoryEntry(
+        revision=entry.revision, action=entry.action, actor=entry.actor, reason=entry.reason,
+        at=_timestamp(entry.at), before=encode_routing(model, entry.before),
+        after=encode_routing(model, entry.after),
+    )
+
+
+def decode_change(request: registry_pb2.ChangeRoutingRequest) -> rollout.Change:
+    which = request.WhichOneof("change")
+    if which == "promote":
+        return rollout.Promote(request.promote.version_id)
+    if which == "canary":
+        return rollout.SetCanary(request.canary.version_id, request.canary.weight_percent)
+    if which == "clear_canary":
+        return rollout.ClearCanary()
+    if which == "shadow":
+        return rollout.SetShadow(request.shadow.version_id, request.shadow.rate)
+    if which == "clear_shadow":
+        return rollout.ClearShadow()
+    if which == "rollback":
+        return rollout.Rollback()
+    raise errors.InvalidArgument("change", "is required: promote, canary, clear_canary, shadow, "
+                                 "clear_shadow or rollback")
+
+
+def actor_of(principal: Principal) -> str:
+    return f"{principal.tenant_id}/{principal.key_id}"
+
+
+async def upload_chunks(
+    request_iterator: AsyncIterator[registry_pb2.UploadBlobRequest], idle_timeout_s: float
+) -> AsyncIterator[bytes]:
+    """The chunks after the header; a client silent for `idle_timeout_s` ends the upload."""
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                message = await anext(request_iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise errors.DeadlineExceeded(
+                f"no upload data for {idle_timeout_s:g}s; resume from GetBlobStatus"
+            ) from None
+        if message.WhichOneof("part") != "chunk":
+            raise errors.InvalidArgument("header", "must be sent once, as the first message")
+        yield message.chunk
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, store: RegistryStore, catalog: ModelCatalog):
+    def __init__(
+        self, auth: Authenticator, store: RegistryStore, catalog: ModelCatalog,
+        uploads: BlobUploads,
+    ):
+        self._auth = auth
         self._store = store
         self._catalog = catalog
+        self._uploads = uploads
+
+    def _principal(self, context: grpc.aio.ServicerContext, admin: bool) -> Principal:
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        if admin:
+            return self._auth.authenticate_admin(authorization)
+        return self._auth.authenticate(authorization)
+
+    async def UploadBlob(self, request_iterator, context):
+        try:
+            self._principal(context, admin=True)
+            try:
+                async with asyncio.timeout(UPLOAD_IDLE_TIMEOUT_S):
+                    first = await anext(request_iterator)
+            except (StopAsyncIteration, TimeoutError):
+                raise errors.InvalidArgument("header", "is required as the first message") from None
+            if first.WhichOneof("part") != "header":
+                raise errors.InvalidArgument("header", "is required as the first message")
+            header = first.header
+            blob = await self._uploads.upload(
+                header.digest, header.size, header.offset,
+                upload_chunks(request_iterator, UPLOAD_IDLE_TIMEOUT_S),
+            )
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
+        return registry_pb2.BlobStatus(
+            digest=blob.digest, complete=blob.complete, uploaded_bytes=blob.uploaded_bytes
+        )
+
+    async def GetBlobStatus(self, request, context):
+        try:
+            self._principal(context, admin=False)
+            blob = await self._uploads.status(request.digest)
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
+        return registry_pb2.BlobStatus(
+            digest=blob.digest, complete=blob.complete, uploaded_bytes=blob.uploaded_bytes
+        )
 
     async def RegisterVersion(self, request, context):
         try:
-            version, created = await self._store.register(manifest_to_dict(request.manifest))
+            principal = self._principal(context, admin=True)
+            version, created = await self._store.register(
+                manifest_to_dict(request.manifest), actor_of(principal)
+            )
         except errors.MeshError as exc:
             await status.abort(context, exc)
         return registry_pb2.RegisterVersionResponse(version_id=version.version_id, created=created)
 
-    async def SetAlias(self, request, context):
+    async def GetVersion(self, request, context):
+        """Read from etcd, not the watch cache: an admin sees what they just wrote."""
         try:
-            previous = await self._store.set_alias(
-                request.model, request.alias, request.version_id,
-                request.expected_version_id, request.actor, request.reason,
-            )
+            self._principal(context, admin=False)
+            ref = parse_ref(request.ref, "ref")
+            version_id = ref.version_id or (await self._store.routing(ref.name)).target(ref.alias)
+            version = await self._store.version(ref.name, version_id) if version_id else None
+            if version is None:
+                raise errors.NotFound(f"{request.ref} names no registered version")
         except errors.MeshError as exc:
             await status.abort(context, exc)
-        return registry_pb2.SetAliasResponse(previous_version_id=previous)
+        return encode_version(version)
 
-    async def Resolve(self, request, context):
+    async def ListVersions(self, request, context):
         try:
-            version = self._catalog.resolve(request.model)
+            self._principal(context, admin=False)
+            entry = self._catalog.entry(check_model_name(request.model))
         except errors.MeshError as exc:
             await status.abort(context, exc)
-        return registry_pb2.ResolveResponse(
-            version_id=version.version_id, manifest=manifest_from_dict(version.manifest)
-        )
+        versions = sorted(entry.versions.values(), key=lambda v: (v.registered_at, v.version_id))
+        return registry_pb2.ListVersionsResponse(versions=[encode_version(v) for v in versions])
 
     async def ListModels(self, request, context):
+        try:
+            self._principal(context, admin=False)
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
         return registry_pb2.ListRegisteredModelsResponse(
             models=[
                 registry_pb2.RegisteredModel(
-                    name=entry.name, aliases=entry.aliases, version_ids=sorted(entry.versions)
+                    name=entry.name, routing=encode_routing(entry.name, entry.routing),
+                    version_count=len(entry.versions),
                 )
                 for entry in self._catalog.models()
             ]
         )
 
+    async def GetRouting(self, request, context):
+        try:
+            self._principal(context, admin=False)
+            routing = await self._store.routing(request.model)
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
+        return encode_routing(request.model, routing)
+
+    async def ChangeRouting(self, request, context):
+        try:
+            principal = self._principal(context, admin=True)
+            entry = await self._store.change_routing(
+                request.model, request.expected_revision, decode_change(request),
+                actor_of(principal), request.reason,
+            )
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
+        return registry_pb2.ChangeRoutingResponse(
+            routing=encode_routing(request.model, entry.after),
+            entry=encode_entry(request.model, entry),
+        )
+
+    async def ListHistory(self, request, context):
+        try:
+            self._principal(context, admin=False)
+            entries = await self._store.history(request.model, request.limit)
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
+        return registry_pb2.ListHistoryResponse(
+            entries=[encode_entry(request.model, entry) for entry in entries]
+        )
+
 
 async def setup(ctx: ServiceContext) -> ServiceParts:
+    settings = ctx.settings
+    assert isinstance(settings, RegistrySettings)
     catalog = ModelCatalog()
-    cache: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
-        ctx.etcd, etcd.Keys.models, parse_models_key, on_change=lambda: catalog.rebuild(cache.items)
+    models: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
+        ctx.etcd, etcd.Keys.models, parse_models_key, on_change=lambda: catalog.rebuild(models.items)
     )
-    await cache.start()
+    keys = etcd.WatchCache(ctx.etcd, etcd.Keys.apikeys, parse_key)
+    tenants = etcd.WatchCache(ctx.etcd, etcd.Keys.tenants, parse_tenant)
+    directory = ServiceDirectory(ctx.etcd)
+    for cache in (models, keys, tenants, directory):
+        await cache.start()
+    shipper = AdminAuditShipper(ctx.etcd, directory, settings.peer_timeout_s)
+    await shipper.start()
+    blobs = await asyncio.to_thread(LocalBlobStore, settings.blob_dir)
+    store = RegistryStore(ctx.etcd, blobs, source=f"registry/{settings.instance_id}")
     registry_pb2_grpc.add_RegistryServicer_to_server(
-        RegistryServicer(RegistryStore(ctx.etcd, catalog), catalog), ctx.server
+        RegistryServicer(Authenticator(keys, tenants), store, catalog,
+                         BlobUploads(blobs, settings.max_blob_bytes)),
+        ctx.server,
     )
+
+    async def cleanup() -> None:
+        await shipper.close()
+        await directory.close()
+        for cache in (models, keys, tenants):
+            await cache.stop()
+
     return ServiceParts(
-        [registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name], cleanup=cache.stop
+        [registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name], cleanup=cleanup
     )
-
-
-

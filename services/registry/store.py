@@ -1,84 +1,231 @@
-"""The registry's write side in etcd: immutable versions, compare-and-swap aliases, history.
+"""The registry's write side in etcd: immutable versions, compare-and-swap routing, history.
 
-    models/<name>/versions/<version id>  {"schema", "version_id", "manifest", "registered_at"}
-    models/<name>/routing                {"schema", "aliases": {"production": id, "previous": id}}
-    models/<name>/history/<revision>     {"schema", "alias", "from", "to", "actor", "reason", "at"}
+    models/<name>/versions/<version id>  {"schema", "version_id", "manifest", "registered_at",
+                                          "registered_by"}       created once, never changed
+    models/<name>/routing                `rollout.Routing` as JSON (with "schema")
+    models/<name>/history/<revision>     `rollout.HistoryEntry` as JSON
+    registry/audit-outbox/<event id>     an admin audit event not yet acknowledged by the auditor
+
+A routing change writes routing, its history entry and its audit event in one transaction that
+compares the routing key's mod revision with what was read, so two racing admins cannot both
+win, and an etcd failure in the middle leaves either all three or none.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aetcd
+import aetcd.exceptions
+import grpc
 
 from services.common import errors, etcd
-from services.registry.catalog import ModelCatalog
-from services.registry.manifest import ALIAS, ModelVersion, validate_manifest, version_id
+from services.common.logs import get_logger
+from services.registry.blobs import BlobStore
+from services.registry.manifest import FILE_GROUPS, MODEL_NAME, ModelVersion, validate_manifest
+from services.registry.manifest import version_id as compute_version_id
+from services.registry.rollout import (
+    Change,
+    HistoryEntry,
+    Routing,
+    action_name,
+    apply_change,
+    validate_reason,
+)
 
 SCHEMA = 1
+ROUTING_SCHEMA = 2
+DEFAULT_HISTORY_LIMIT = 100
+MAX_HISTORY_LIMIT = 10_000
+log = get_logger(__name__)
 
 
-def parse_models_key(_suffix: str, raw: bytes) -> dict[str, Any]:
+def parse_models_key(suffix: str, raw: bytes) -> dict[str, Any]:
+    """The watch caches keep versions and routing; history stays in etcd (read on demand)."""
+    if "/history/" in suffix:
+        return {}
     return etcd.decode(raw)
 
 
+@contextlib.asynccontextmanager
+async def etcd_unavailable_as_error() -> AsyncIterator[None]:
+    """etcd away or too slow → Unavailable (safe to retry: the writes are transactions)."""
+    try:
+        yield
+    except (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, TimeoutError) as exc:
+        raise errors.Unavailable(f"etcd is unavailable: {exc!r}", retry_after_s=1.0) from exc
+
+
+def check_model_name(model: str) -> str:
+    if not MODEL_NAME.match(model):
+        raise errors.InvalidArgument(
+            "model", "must be 1-64 characters of a-z, 0-9, '.', '_' and '-'"
+        )
+    return model
+
+
+def audit_record(
+    event_id: str, actor: str, action: str, target: str, before: Any, after: Any, reason: str,
+    source: str, at: float,
+) -> dict[str, Any]:
+    """The outbox form of an `AdminRecord` audit event (see `admin_audit.py`)."""
+    return {
+        "schema": SCHEMA, "event_id": event_id, "time": at, "source": source, "actor": actor,
+        "action": action, "target": target, "reason": reason,
+        "before_json": json.dumps(before, sort_keys=True),
+        "after_json": json.dumps(after, sort_keys=True),
+    }
+
+
 class RegistryStore:
-    def __init__(self, client: aetcd.Client, catalog: ModelCatalog):
+    """Every write of the registry; `source` names this instance in audit events."""
+
+    def __init__(self, client: aetcd.Client, blobs: BlobStore, source: str,
+                 clock=time.time):
         self._client = client
-        self._catalog = catalog
+        self._blobs = blobs
+        self._source = source
+        self._clock = clock
 
-    async def register(self, manifest: dict[str, Any]) -> tuple[ModelVersion, bool]:
-        """Stores the version unless it exists (create-if-absent). Returns (version, created)."""
+    async def register(self, manifest: dict[str, Any], actor: str) -> tuple[ModelVersion, bool]:
+        """Stores the version unless it exists (create-if-absent). Returns (version, created).
+
+        Every file it pins must already be in the blob store with the stated size."""
         validate_manifest(manifest)
-        vid = version_id(manifest)
-        key = etcd.Keys.model_version(manifest["name"], vid).encode()
+        await asyncio.to_thread(self._check_blobs, manifest)
+        vid = compute_version_id(manifest)
+        name = manifest["name"]
+        key = etcd.Keys.model_version(name, vid).encode()
+        now = self._clock()
         record = {"schema": SCHEMA, "version_id": vid, "manifest": manifest,
-                  "registered_at": time.time()}
+                  "registered_at": now, "registered_by": actor}
+        event_id = f"registry:{name}:register:{vid}"
+        audit = audit_record(event_id, actor, "registry.register_version", f"{name}@{vid}",
+                             None, {"version_id": vid}, "", self._source, now)
         tx = self._client.transactions
-        created, _ = await self._client.transaction(
-            compare=[tx.version(key) == 0], success=[tx.put(key, etcd.encode(record))], failure=[]
-        )
-        return ModelVersion(vid, manifest), bool(created)
+        async with etcd_unavailable_as_error():
+            created, _ = await self._client.transaction(
+                compare=[tx.version(key) == 0],
+                success=[tx.put(key, etcd.encode(record)),
+                         tx.put(etcd.Keys.registry_audit_event(event_id).encode(),
+                                etcd.encode(audit))],
+                failure=[],
+            )
+            if created:
+                return ModelVersion(vid, manifest, now, actor), True
+            existing = await self._client.get(key)
+        stored = etcd.decode(existing.value)
+        return ModelVersion(vid, stored["manifest"], stored["registered_at"],
+                            stored.get("registered_by", "")), False
 
-    async def set_alias(
-        self, model: str, alias: str, target: str, expected: str, actor: str, reason: str
-    ) -> str:
-        """Moves `alias` to `target` if it still points at `expected`; returns the old target.
+    def _check_blobs(self, manifest: dict[str, Any]) -> None:
+        for group in FILE_GROUPS:
+            for index, ref in enumerate(manifest.get(group, [])):
+                field = f"manifest.{group}[{index}]"
+                if not self._blobs.exists(ref["digest"]):
+                    raise errors.FailedPrecondition(
+                        f"{field}: blob {ref['digest']} ({ref['name']}) is not in the blob store; "
+                        "upload it first (meshctl registry push uploads what is missing)",
+                        field=field,
+                    )
+                stored = self._blobs.uploaded_size(ref["digest"])
+                if stored != int(ref["size_bytes"]):
+                    raise errors.InvalidArgument(
+                        f"{field}.size_bytes",
+                        f"the blob {ref['digest']} has {stored} bytes, not {ref['size_bytes']}",
+                    )
 
-        Moving `production` also records the old target as `previous`, for rollback.
-        """
-        if not ALIAS.match(alias) or alias == "previous":
-            raise errors.InvalidArgument("alias", "must be a-z, 0-9, '-' (and not 'previous')")
-        version_key = etcd.Keys.model_version(model, target).encode()
-        if await self._client.get(version_key) is None:
-            raise errors.NotFound(f"model {model!r} has no version {target}")
+    async def version(self, model: str, version_id: str) -> ModelVersion | None:
+        async with etcd_unavailable_as_error():
+            found = await self._client.get(etcd.Keys.model_version(model, version_id).encode())
+        if found is None:
+            return None
+        stored = etcd.decode(found.value)
+        return ModelVersion(version_id, stored["manifest"], stored["registered_at"],
+                            stored.get("registered_by", ""))
+
+    async def routing(self, model: str) -> Routing:
+        """The model's routing as etcd has it now (what a compare-and-swap compares with)."""
+        check_model_name(model)
+        async with etcd_unavailable_as_error():
+            current = await self._client.get(etcd.Keys.model_routing(model).encode())
+            if current is not None:
+                return Routing.from_record(etcd.decode(current.value))
+            versions = await self._client.get_prefix(
+                etcd.Keys.model_versions_prefix(model).encode(), keys_only=True
+            )
+        if not list(versions):
+            raise errors.NotFound(f"model {model!r} does not exist")
+        return Routing()
+
+    async def change_routing(
+        self, model: str, expected_revision: int, change: Change, actor: str, reason: str
+    ) -> HistoryEntry:
+        """Applies `change` if the routing is still at `expected_revision`; FailedPrecondition
+        when someone else changed it first (reload and retry)."""
+        check_model_name(model)
+        validate_reason(reason)
         routing_key = etcd.Keys.model_routing(model).encode()
-        current = await self._client.get(routing_key)
-        aliases: dict[str, str] = etcd.decode(current.value)["aliases"] if current else {}
-        before = aliases.get(alias, "")
-        if before != expected:
+        async with etcd_unavailable_as_error():
+            current = await self._client.get(routing_key)
+        before = Routing.from_record(etcd.decode(current.value)) if current else Routing()
+        if before.revision != expected_revision:
             raise errors.FailedPrecondition(
-                f"{model}@{alias} points at {before or 'nothing'}, not {expected or 'nothing'}; "
-                "reload and retry"
+                f"{model}'s routing is at revision {before.revision}, not {expected_revision}: "
+                "someone changed it since you looked; check `meshctl registry history` and retry"
             )
-        updated = dict(aliases, **{alias: target})
-        if alias == "production" and before and before != target:
-            updated["previous"] = before
+        target = getattr(change, "version_id", "")
+        if target and await self.version(model, target) is None:
+            raise errors.NotFound(f"model {model!r} has no version {target}")
+        if current is None and not target:
+            await self.routing(model)  # NotFound for an unknown model, before the state rules
+        now = self._clock()
+        after = apply_change(before, change, model, actor, now)
+        action = action_name(change)
+        entry = HistoryEntry(after.revision, action, actor, reason, now, before, after)
+        event_id = f"registry:{model}:routing:{after.revision}"
+        audit = audit_record(event_id, actor, f"registry.{action}", model, before.to_record(),
+                             after.to_record(), reason, self._source, now)
         tx = self._client.transactions
-        guard = tx.mod(routing_key) == current.mod_revision if current else tx.version(routing_key) == 0
-        history = {"schema": SCHEMA, "alias": alias, "from": before, "to": target,
-                   "actor": actor, "reason": reason, "at": time.time()}
-        ok, _ = await self._client.transaction(
-            compare=[guard],
-            success=[
-                tx.put(routing_key, etcd.encode({"schema": SCHEMA, "aliases": updated})),
-                tx.put(etcd.Keys.model_history(model, time.time_ns()).encode(), etcd.encode(history)),
-            ],
-            failure=[],
-        )
-        if not ok:
-            raise errors.FailedPrecondition(
-                f"{model}@{alias} changed while we were moving it; reload and retry"
+        guard = (tx.mod(routing_key) == current.mod_revision if current
+                 else tx.version(routing_key) == 0)
+        async with etcd_unavailable_as_error():
+            won, _ = await self._client.transaction(
+                compare=[guard],
+                success=[
+                    tx.put(routing_key,
+                           etcd.encode({"schema": ROUTING_SCHEMA, **after.to_record()})),
+                    tx.put(etcd.Keys.model_history(model, after.revision).encode(),
+                           etcd.encode({"schema": SCHEMA, **entry.to_record()})),
+                    tx.put(etcd.Keys.registry_audit_event(event_id).encode(),
+                           etcd.encode(audit)),
+                ],
+                failure=[],
             )
-        return before
+        if not won:
+            raise errors.FailedPrecondition(
+                f"{model}'s routing changed while this change was being written; someone else "
+                "won the race. Check `meshctl registry history` and retry"
+            )
+        log.info("routing_changed", model=model, action=action, revision=after.revision,
+                 actor=actor, production=after.production, canary=after.canary,
+                 shadow=after.shadow)
+        return entry
+
+    async def history(self, model: str, limit: int) -> list[HistoryEntry]:
+        """The newest `limit` changes (0: the default), oldest first."""
+        check_model_name(model)
+        limit = limit or DEFAULT_HISTORY_LIMIT
+        if not 1 <= limit <= MAX_HISTORY_LIMIT:
+            raise errors.InvalidArgument("limit", f"must be 0..{MAX_HISTORY_LIMIT}")
+        async with etcd_unavailable_as_error():
+            listing = await self._client.get_prefix(
+                etcd.Keys.model_history_prefix(model).encode(), sort_order="descend"
+            )
+        entries = [HistoryEntry.from_record(etcd.decode(kv.value)) for kv in listing]
+        return entries[:limit][::-1]

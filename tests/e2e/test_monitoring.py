@@ -84,7 +84,7 @@ async def drive_traffic(stack: StackInfo, rounds: int) -> None:
         stub = inference_pb2_grpc.InferenceStub(channel)
         for i in range(rounds):
             await stub.Generate(inference_pb2.GenerateRequest(
-                model=stack.model, prompt=f"monitoring {i}",
+                model=stack.reference_model, prompt=f"monitoring {i}",
                 params=inference_pb2.SamplingParams(max_tokens=6, seed=i)),
                 metadata=metadata, timeout=60)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -146,18 +146,26 @@ async def test_every_metric_a_rule_or_dashboard_reads_is_exported(stack: StackIn
             assert found, f"{histogram} has no bucket le={le} (slo.toml {name} threshold)"
 
 
+def test_every_dashboard_query_is_valid_promql(stack: StackInfo) -> None:
+    expressions = dashboard_expressions()
+    assert len(expressions) >= 20
+    for expr in expressions:
+        concrete = re.sub(r"\$\w+", ".+", expr)  # what "All" selects in a variable
+        api(stack, "query", query=concrete)  # a parse error is an HTTP 400
+
+
 async def test_meshctl_slo_reports_the_demo_model(stack: StackInfo) -> None:
     await drive_traffic(stack, rounds=3)
     ratio = RATIO.format(window="1h")
 
     def recorded():
-        samples = api(stack, "query", query=f'{ratio}{{model="{stack.model}"}}')["result"]
+        samples = api(stack, "query", query=f'{ratio}{{model="{stack.reference_model}"}}')["result"]
         return samples if len(samples) == len(slo.SLO_NAMES) else None
 
-    wait_for(recorded, f"{ratio} for {stack.model} (rules run every 15s)", timeout_s=60)
+    wait_for(recorded, f"{ratio} for {stack.reference_model} (rules run every 15s)", timeout_s=60)
     result = CliRunner().invoke(app, ["slo", "--prometheus", stack.endpoints["prometheus"]])
     assert result.exit_code == 0, result.output
-    rows = [line.split() for line in result.output.splitlines() if line.startswith(stack.model)]
+    rows = [line.split() for line in result.output.splitlines() if line.startswith(stack.reference_model)]
     assert [row[1] for row in rows] == list(slo.SLO_NAMES)
     availability = rows[0]
     assert availability[2:4] == ["interactive", "99.90%"]

@@ -84,6 +84,18 @@ def test_burn_alerts_use_the_workbook_windows_and_each_tiers_budget() -> None:
     assert "/ 0.005 > 14.4" in page["expr"] and "/ 0.005 > 6" in page["expr"]
 
 
+def test_dashboards_have_unique_uids_and_every_panel_a_query() -> None:
+    boards = generate.dashboards.build_all()
+    assert set(boards) == {"overview", "tenant", "model-versions", "replicas"}
+    assert len({b["uid"] for b in boards.values()}) == len(boards)
+    for name, board in boards.items():
+        panels = [p for p in board["panels"] if p["type"] != "row"]
+        assert panels, name
+        for panel in panels:
+            assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"])
+            assert panel["datasource"]["uid"] == "${datasource}", (name, panel["title"])
+
+
 # -- the definition itself ---------------------------------------------------------------------
 
 

@@ -4,7 +4,8 @@ import pytest
 
 from services.common import errors
 from services.registry.catalog import ModelCatalog
-from services.registry.manifest import parse_ref, validate_manifest, version_id
+from services.registry.manifest import diff_manifests, parse_ref, validate_manifest, version_id
+from services.registry.rollout import Routing
 
 MANIFEST = {
     "name": "demo",
@@ -54,7 +55,8 @@ def test_parse_ref_forms():
     assert parse_ref("demo@canary").alias == "canary"
     pinned = "sha256:" + "a" * 64
     assert parse_ref(f"demo@{pinned}").version_id == pinned
-    for bad in ("", "Demo", "demo@sha256:xyz", "demo@Bad"):
+    assert parse_ref("demo@production").explicit and not parse_ref("demo").explicit
+    for bad in ("", "Demo", "demo@sha256:xyz", "demo@Bad", "demo@beta"):
         with pytest.raises(errors.InvalidArgument):
             parse_ref(bad)
 
@@ -76,3 +78,73 @@ def test_catalog_resolves_aliases_and_pins():
     with pytest.raises(errors.NotFound):
         catalog.resolve("demo@sha256:" + "b" * 64)
     assert [e.name for e in catalog.models()] == ["demo"]
+
+
+def test_canonical_form_leaves_defaults_out():
+    """A field added later at its default value (as protobuf prints it) keeps the id."""
+    grown = copy.deepcopy(MANIFEST)
+    grown["engine"].update(num_blocks=0, page_size=0, dtype="", tensor_parallelism=0)
+    grown["weights"] = []
+    grown["safety"] = {"blocked_phrases": []}
+    assert version_id(grown) == version_id(MANIFEST)
+    grown["engine"]["tensor_parallelism"] = 2
+    assert version_id(grown) != version_id(MANIFEST)
+
+
+def test_diff_names_fields_and_files():
+    digest = "sha256:" + "ab" * 32
+    after = copy.deepcopy(MANIFEST)
+    after["sampling"]["temperature"] = 0.2
+    after["weights"] = [{"name": "model.gguf", "digest": digest, "size_bytes": "10"}]
+    assert diff_manifests(MANIFEST, after) == [
+        ("sampling.temperature", 0.7, 0.2),
+        ("weights[model.gguf].digest", None, digest),
+        ("weights[model.gguf].size_bytes", None, "10"),
+    ]
+    assert diff_manifests(MANIFEST, copy.deepcopy(MANIFEST)) == []
+
+
+def test_engine_and_safety_limits_name_the_field():
+    for edit, field in [
+        (lambda m: m["engine"].update(num_blocks=4, page_size=16), "manifest.engine.num_blocks"),
+        (lambda m: m["engine"].update(num_blocks=4096), "manifest.engine.page_size"),
+        (lambda m: m["engine"].update(tensor_parallelism=65),
+         "manifest.engine.tensor_parallelism"),
+        (lambda m: m.update(safety={"blocked_phrases": [" "]}),
+         "manifest.safety.blocked_phrases[0]"),
+        (lambda m: m.update(triton_model_name=""), "manifest.triton_model_name"),
+        (lambda m: m.update(cost_per_1k_output_tokens=float("inf")),
+         "manifest.cost_per_1k_output_tokens"),
+    ]:
+        manifest = copy.deepcopy(MANIFEST)
+        edit(manifest)
+        with pytest.raises(errors.InvalidArgument) as raised:
+            validate_manifest(manifest)
+        assert raised.value.field == field
+
+
+def test_catalog_routes_the_rollout_and_serves_pins_as_named():
+    production, canary = dict(MANIFEST), dict(MANIFEST, description="canary")
+    shadow = dict(MANIFEST, description="shadow")
+    ids = [version_id(m) for m in (production, canary, shadow)]
+    catalog = ModelCatalog()
+    catalog.rebuild({
+        **{f"demo/versions/{vid}": {"version_id": vid, "manifest": m}
+           for vid, m in zip(ids, (production, canary, shadow), strict=True)},
+        "demo/routing": Routing(revision=3, production=ids[0], canary=ids[1],
+                                canary_weight_percent=50, shadow=ids[2],
+                                shadow_rate=1.0).to_record(),
+    })
+    arms = {catalog.route("demo", "acme", f"u{i}", f"r{i}").arm for i in range(200)}
+    assert arms == {"production", "canary"}
+    routed = catalog.route("demo", "acme", "u1", "r1")
+    assert routed.shadow is not None and routed.shadow.version_id == ids[2]
+    for ref, expected in [("demo@production", ids[0]), ("demo@canary", ids[1]),
+                          (f"demo@{ids[2]}", ids[2])]:
+        pinned = catalog.route(ref, "acme", "u1", "r1")
+        assert (pinned.arm, pinned.version.version_id, pinned.shadow) == ("pinned", expected, None)
+    assert catalog.resolve("demo@shadow").version_id == ids[2]
+    with pytest.raises(errors.NotFound):
+        catalog.resolve("demo@previous")
+    with pytest.raises(errors.InvalidArgument):
+        catalog.route("demo@beta", "acme", "u1", "r1")

@@ -1,0 +1,192 @@
+"""The Registry API from the outside: what `meshctl registry`, the embedded stack and the
+benchmarks call. Pushing a model uploads what the registry lacks (resumably), then registers.
+
+`load_push_source` reads a model directory (its `manifest.json` beside the files) or a manifest
+file: a file the manifest names that exists beside it is hashed and uploaded; one that does not
+must carry its digest and size, and the registry must already hold it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from infermesh.v1 import registry_pb2, registry_pb2_grpc
+from services.common import errors, status
+from services.registry.blobs import CHUNK, file_digest
+from services.registry.manifest import FILE_GROUPS
+
+MANIFEST_FILE = "manifest.json"
+UPLOAD_MIN_TIMEOUT_S = 60.0
+UPLOAD_MIN_BYTES_PER_S = 4 << 20  # an upload slower than this over its whole length times out
+
+Progress = Callable[[int], None]  # called with the bytes just sent (or skipped as present)
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: pathlib.Path
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class PushSource:
+    manifest: registry_pb2.ModelManifest
+    files: list[LocalFile]  # the pinned files found beside the manifest
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def load_push_source(source: str) -> PushSource:
+    """Reads `DIR` (DIR/manifest.json), a manifest file, or `-` (stdin). Blocking file I/O.
+
+    Raises InvalidArgument naming the field when the manifest does not parse or a local file
+    does not match the digest or size the manifest states."""
+    if source == "-":
+        text, base = sys.stdin.read(), pathlib.Path.cwd()
+    else:
+        path = pathlib.Path(source)
+        manifest_path = path / MANIFEST_FILE if path.is_dir() else path
+        if not manifest_path.is_file():
+            raise errors.InvalidArgument("source", f"{manifest_path} does not exist")
+        text, base = manifest_path.read_text(), manifest_path.parent
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise errors.InvalidArgument("manifest", f"is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise errors.InvalidArgument("manifest", "must be a JSON object")
+    local: list[LocalFile] = []
+    for group in FILE_GROUPS:
+        for index, ref in enumerate(raw.get(group) or []):
+            field = f"manifest.{group}[{index}]"
+            name = ref.get("name", "") if isinstance(ref, dict) else ""
+            candidate = base / name
+            if not name or "/" in name or not candidate.is_file():
+                if not ref.get("digest") or "size_bytes" not in ref:
+                    raise errors.InvalidArgument(
+                        field, f"{candidate} is not here, so the manifest must give its digest "
+                        "and size_bytes (and the registry must hold it)"
+                    )
+                continue
+            digest, size = file_digest(candidate)
+            if ref.get("digest", digest) != digest:
+                raise errors.InvalidArgument(
+                    f"{field}.digest", f"{candidate} hashes to {digest}, not {ref['digest']}"
+                )
+            if int(ref.get("size_bytes", size)) != size:
+                raise errors.InvalidArgument(
+                    f"{field}.size_bytes", f"{candidate} has {size} bytes, not {ref['size_bytes']}"
+                )
+            ref["digest"], ref["size_bytes"] = digest, size
+            local.append(LocalFile(candidate, digest, size))
+    try:
+        manifest = json_format.ParseDict(raw, registry_pb2.ModelManifest())
+    except json_format.ParseError as exc:
+        raise errors.InvalidArgument("manifest", str(exc)) from None
+    unique = {f.digest: f for f in local}  # the same bytes under two names upload once
+    return PushSource(manifest, list(unique.values()))
+
+
+class RegistryClient:
+    """One channel to a registry, every call authenticated with `api_key` and bounded by
+    `timeout_s` (uploads: by their size). Errors come back as `errors.MeshError`."""
+
+    def __init__(self, endpoint: str, api_key: str, timeout_s: float = 10.0):
+        self._channel = grpc.aio.insecure_channel(endpoint)
+        self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._timeout_s = timeout_s
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return await method(request, metadata=self._metadata,
+                                timeout=timeout_s or self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise status.from_rpc_error(exc) from None
+
+    async def upload(self, local: LocalFile, progress: Progress) -> registry_pb2.BlobStatus:
+        """Uploads what the registry lacks of one file, from where an earlier try stopped."""
+        blob = await self._call(self._stub.GetBlobStatus,
+                                registry_pb2.GetBlobStatusRequest(digest=local.digest))
+        if blob.complete:
+            progress(local.size)
+            return blob
+        offset = blob.uploaded_bytes
+        progress(offset)
+
+        async def messages() -> AsyncIterator[registry_pb2.UploadBlobRequest]:
+            yield registry_pb2.UploadBlobRequest(header=registry_pb2.BlobHeader(
+                digest=local.digest, size=local.size, offset=offset))
+            with open(local.path, "rb") as handle:
+                handle.seek(offset)
+                while chunk := await asyncio.to_thread(handle.read, CHUNK):
+                    yield registry_pb2.UploadBlobRequest(chunk=chunk)
+                    progress(len(chunk))
+
+        timeout_s = max(UPLOAD_MIN_TIMEOUT_S, local.size / UPLOAD_MIN_BYTES_PER_S)
+        return await self._call(self._stub.UploadBlob, messages(), timeout_s)
+
+    async def push(
+        self, source: PushSource, progress: Progress = lambda _: None
+    ) -> registry_pb2.RegisterVersionResponse:
+        for local in source.files:
+            blob = await self.upload(local, progress)
+            if not blob.complete:
+                raise errors.Internal(f"the registry did not complete {local.digest}")
+        return await self.register(source.manifest)
+
+    async def register(
+        self, manifest: registry_pb2.ModelManifest
+    ) -> registry_pb2.RegisterVersionResponse:
+        return await self._call(self._stub.RegisterVersion,
+                                registry_pb2.RegisterVersionRequest(manifest=manifest))
+
+    async def version(self, ref: str) -> registry_pb2.VersionInfo:
+        return await self._call(self._stub.GetVersion, registry_pb2.GetVersionRequest(ref=ref))
+
+    async def versions(self, model: str) -> list[registry_pb2.VersionInfo]:
+        reply = await self._call(self._stub.ListVersions,
+                                 registry_pb2.ListVersionsRequest(model=model))
+        return list(reply.versions)
+
+    async def models(self) -> list[registry_pb2.RegisteredModel]:
+        reply = await self._call(self._stub.ListModels, registry_pb2.ListRegisteredModelsRequest())
+        return list(reply.models)
+
+    async def routing(self, model: str) -> registry_pb2.Routing:
+        return await self._call(self._stub.GetRouting, registry_pb2.GetRoutingRequest(model=model))
+
+    async def change(
+        self, model: str, reason: str, expected_revision: int | None = None, **change: Any
+    ) -> registry_pb2.ChangeRoutingResponse:
+        """One routing change, e.g. `change(m, why, promote=registry_pb2.Promote(...))`.
+
+        Without `expected_revision` the change is made against the routing as read just now,
+        so it still fails if another admin changes the model in between."""
+        if expected_revision is None:
+            expected_revision = (await self.routing(model)).revision
+        return await self._call(self._stub.ChangeRouting, registry_pb2.ChangeRoutingRequest(
+            model=model, expected_revision=expected_revision, reason=reason, **change))
+
+    async def history(self, model: str, limit: int = 0) -> list[registry_pb2.HistoryEntry]:
+        reply = await self._call(self._stub.ListHistory,
+                                 registry_pb2.ListHistoryRequest(model=model, limit=limit))
+        return list(reply.entries)
