@@ -23,11 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.prometheus import PrometheusServer
-from infermesh.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
-from services.common import etcd
+from infermesh.v1 import inference_pb2, inference_pb2_grpc, registry_pb2
+from services.common import errors, etcd
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import ChildProcess, pid_alive, stop_pid
 from services.common.tenancy import Tenant, TenantPlan, TenantStore
+from services.registry.client import RegistryClient
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = REPO_ROOT / "backends" / "triton" / "model_repository"
@@ -75,6 +76,7 @@ class StackInfo:
     def env_lines(self) -> str:
         values = {
             "INFERMESH_GATEWAY": self.gateway,
+            "INFERMESH_REGISTRY": self.endpoints["registry"],
             "INFERMESH_API_KEY": self.api_key,
             "INFERMESH_MODEL": self.model,
             "INFERMESH_ETCD": self.etcd,
@@ -121,6 +123,8 @@ class Stack:
                     extra["INFERMESH_AUDITOR_DATA_DIR"] = str(self.state_dir / "data" / "auditor")
                 if name == "gateway":
                     extra.update(self.options.gateway_env)
+                if name == "registry":
+                    extra["INFERMESH_REGISTRY_BLOB_DIR"] = str(self.state_dir / "data" / "blobs")
                 self._start_service(name, f"services.{name}", ports[name], metrics[name], extra)
             self._start_service(
                 "sidecar", "backends.triton.sidecar", ports["sidecar"], metrics["sidecar"],
@@ -205,24 +209,7 @@ class Stack:
             tenants = TenantStore(client)
             await tenants.put_tenant(Tenant(DEMO_TENANT, "Demo tenant", self.options.demo_plan))
             api_key, _ = await tenants.issue_key(DEMO_TENANT, role="admin")
-        async with grpc.aio.insecure_channel(f"{LOOPBACK}:{ports['registry']}") as channel:
-            registry = registry_pb2_grpc.RegistryStub(channel)
-            reply = await registry.RegisterVersion(
-                registry_pb2.RegisterVersionRequest(manifest=demo_manifest()), timeout=5
-            )
-            current = await registry.ListModels(
-                registry_pb2.ListRegisteredModelsRequest(), timeout=5
-            )
-            aliases = {m.name: dict(m.aliases) for m in current.models}
-            expected = aliases.get(DEMO_MODEL, {}).get("production", "")
-            if expected != reply.version_id:
-                await registry.SetAlias(
-                    registry_pb2.SetAliasRequest(
-                        model=DEMO_MODEL, alias="production", version_id=reply.version_id,
-                        expected_version_id=expected, actor="stack", reason="demo model",
-                    ),
-                    timeout=5,
-                )
+        await register_demo_model(f"{LOOPBACK}:{ports['registry']}", api_key, deadline)
         await self._wait_routable(f"{LOOPBACK}:{ports['gateway']}", api_key, deadline)
         return api_key
 
@@ -246,6 +233,24 @@ class Stack:
     def _write_state(self, info: StackInfo) -> None:
         (self.state_dir / "env").write_text(info.env_lines())
         (self.state_dir / "stack.json").write_text(json.dumps(info.__dict__, indent=2))
+
+
+async def register_demo_model(registry: str, api_key: str, deadline: float) -> None:
+    """Registers the demo manifest through the Registry API and makes it production (unless it
+    already is). Retries while the registry has not yet seen the freshly issued key."""
+    async with RegistryClient(registry, api_key, timeout_s=5.0) as client:
+        while True:
+            try:
+                reply = await client.register(demo_manifest())
+                break
+            except errors.Unauthenticated:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        routing = await client.routing(DEMO_MODEL)
+        if routing.production != reply.version_id:
+            await client.change(DEMO_MODEL, "the embedded stack's demo model", routing.revision,
+                                promote=registry_pb2.Promote(version_id=reply.version_id))
 
 
 def load_state(state_dir: pathlib.Path) -> StackInfo | None:
