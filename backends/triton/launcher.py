@@ -121,11 +121,13 @@ class TritonServer:
         models: Sequence[str] | None = None,
         log_to_file: bool = True,
         exit_timeout_s: int = 10,
+        bind_address: str = LOOPBACK,
     ):
         """`models` None loads every model folder in the repository; `log_to_file` False inherits
         stdout/stderr (for the CLI, whose own output is already captured)."""
         self.workdir = workdir.resolve()  # /proc/PID/exe shows resolved paths
         self.ports = ports
+        self.bind_address = bind_address  # 0.0.0.0 in a pod: the gateway dials the pod's IP
         self.model_repository = model_repository.resolve()
         self.models = (
             sorted(p.name for p in model_repository.iterdir() if (p / "config.pbtxt").is_file())
@@ -165,11 +167,11 @@ class TritonServer:
             str(_TRITON_BINARY),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={self.workdir / 'backends'}",
-            f"--grpc-address={LOOPBACK}",
+            f"--grpc-address={self.bind_address}",
             f"--grpc-port={self.ports.grpc}",
-            f"--http-address={LOOPBACK}",
+            f"--http-address={self.bind_address}",
             f"--http-port={self.ports.http}",
-            f"--metrics-address={LOOPBACK}",
+            f"--metrics-address={self.bind_address}",
             f"--metrics-port={self.ports.metrics}",
             "--allow-gpu-metrics=false",
             f"--exit-timeout-secs={self.exit_timeout_s}",
@@ -279,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
+    parser.add_argument("--address", default=LOOPBACK, help="where Triton listens (all three ports)")
     parser.add_argument("--model-repository", type=pathlib.Path, default=DEFAULT_MODEL_REPOSITORY)
     parser.add_argument("--workdir", type=pathlib.Path, help="default: a new temporary directory")
     parser.add_argument(
@@ -295,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_repository=args.model_repository,
         models=args.models,
         log_to_file=not args.log_to_stdout,
+        bind_address=args.address,
     )
     # A plain flag: a signal handler that takes a lock (threading.Event) can deadlock.
     stop_signals: list[int] = []
