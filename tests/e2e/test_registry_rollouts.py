@@ -1,0 +1,257 @@
+"""Model rollouts over the real stack, driven by `meshctl registry` as an admin would: push a
+model directory with a blob, show/diff/list/history, canary and pins at the gateway, a shadow
+copy that the client never sees and is not billed, a rollback visible at two gateways, admin
+actions in the audit log, and a non-admin key refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deploy.local.stack import REPO_ROOT, StackInfo
+from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from services.common import etcd
+from services.common.net import LOOPBACK, free_port
+from services.common.processes import ChildProcess
+from services.common.tenancy import Tenant, TenantStore
+
+pytestmark = pytest.mark.integration
+MESHCTL = pathlib.Path(sys.executable).parent / "meshctl"
+VERSION = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def manifest(name: str, description: str) -> dict:
+    return {
+        "name": name, "description": description, "triton_model_name": "reference",
+        "tokenizer": "whitespace",
+        "engine": {"context_window": 4096, "max_output_tokens": 256, "max_batch_size": 8},
+        "sampling": {"max_tokens": 8, "temperature": 0.7, "top_p": 0.95},
+        "cost_per_1k_input_tokens": 0.0001, "cost_per_1k_output_tokens": 0.0002,
+        "weights": [{"name": "engine.plan"}],
+    }
+
+
+def meshctl(stack: StackInfo, *args: str, key: str | None = None,
+            stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, INFERMESH_REGISTRY=stack.endpoints["registry"],
+               INFERMESH_API_KEY=key or stack.api_key, INFERMESH_STATE_DIR="/nonexistent")
+    return subprocess.run([str(MESHCTL), "registry", *args], env=env, input=stdin, text=True,
+                          capture_output=True, timeout=60, cwd=REPO_ROOT)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def pushed_version(output: str) -> str:
+    found = VERSION.search(output)
+    assert found, output
+    return found.group(0)
+
+
+async def generate(gateway: str, key: str, model: str, user: str = "",
+                   request_id: str = "") -> inference_pb2.GenerateResponse:
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        return await inference_pb2_grpc.InferenceStub(channel).Generate(
+            inference_pb2.GenerateRequest(model=model, prompt="rollout check", user=user,
+                                          request_id=request_id,
+                                          params=inference_pb2.SamplingParams(max_tokens=2)),
+            metadata=(("authorization", f"Bearer {key}"),), timeout=10)
+
+
+async def wait_serving(gateway: str, key: str, model: str, version: str,
+                       within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            if (await generate(gateway, key, model)).model_version == version:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        assert time.monotonic() < deadline, f"{gateway} does not serve {version}"
+        await asyncio.sleep(0.02)
+
+
+def metric(endpoint: str, name: str, labels: dict[str, str]) -> float:
+    with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def models(stack: StackInfo, tmp_path_factory) -> dict[str, str]:
+    """One model, two versions pushed with `meshctl registry push DIR`; the first promoted."""
+    name = f"rollout-{uuid.uuid4().hex[:6]}"
+    root = tmp_path_factory.mktemp("models")
+    ids = {}
+    for label in ("v1", "v2"):
+        directory = root / label
+        directory.mkdir()
+        (directory / "engine.plan").write_bytes(os.urandom(300_000))
+        (directory / "manifest.json").write_text(json.dumps(manifest(name, f"{name} {label}")))
+        ids[label] = pushed_version(ok(meshctl(stack, "push", str(directory))))
+    ok(meshctl(stack, "promote", name, ids["v1"], "--reason", "launch"))
+    asyncio.run(wait_serving(stack.gateway, stack.api_key, name, ids["v1"]))
+    return {"name": name, **ids, "dir": str(root)}
+
+
+@pytest.fixture(scope="module")
+def user_key(stack: StackInfo) -> str:
+    async def issue() -> str:
+        async with etcd.connect(stack.etcd, 5.0) as client:
+            tenants = TenantStore(client)
+            tenant = f"r-{uuid.uuid4().hex[:8]}"
+            await tenants.put_tenant(Tenant(tenant, "rollout user"))
+            key, _ = await tenants.issue_key(tenant, role="user")
+            return key
+
+    return asyncio.run(issue())
+
+
+@pytest.fixture(scope="module")
+def second_gateway(stack: StackInfo, stack_dir: pathlib.Path) -> Iterator[str]:
+    """Another gateway process on the same etcd: both must follow every routing change."""
+    port, metrics_port = free_port(), free_port()
+    env = dict(os.environ, INFERMESH_ETCD_ENDPOINT=stack.etcd, INFERMESH_PORT=str(port),
+               INFERMESH_METRICS_PORT=str(metrics_port),
+               INFERMESH_INSTANCE_ID=f"gateway-second-{uuid.uuid4().hex[:6]}",
+               INFERMESH_BLOB_DIR=str(stack_dir / "data" / "blobs"))
+    child = ChildProcess("gateway-2", [sys.executable, "-m", "services.gateway"],
+                         stack_dir / "logs" / "gateway-2.log", env=env, cwd=REPO_ROOT)
+    child.start()
+    endpoint = f"{LOOPBACK}:{port}"
+    try:
+        with grpc.insecure_channel(endpoint) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 30
+            while True:
+                assert child.alive(), child.log_tail()
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, child.log_tail()
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        child.stop(grace_s=10.0)
+
+
+def test_push_show_diff_list_and_history(stack, models, tmp_path):
+    name, v1, v2 = models["name"], models["v1"], models["v2"]
+    assert "already registered" in ok(meshctl(stack, "push", f"{models['dir']}/v1"))
+    exported = ok(meshctl(stack, "show", f"{name}@{v1}", "--json"))
+    round_trip = ok(meshctl(stack, "push", "-", stdin=exported))
+    assert pushed_version(round_trip) == v1 and "already registered" in round_trip
+    shown = ok(meshctl(stack, "show", f"{name}@{v1[7:19]}"))  # a unique prefix does
+    assert v1 in shown and "weights[engine.plan].digest" in shown
+    diff = ok(meshctl(stack, "diff", f"{name}@{v1}", v2))
+    assert f'description: "{name} v1" → "{name} v2"' in diff
+    assert "weights[engine.plan].digest" in diff
+    listing = ok(meshctl(stack, "list", name))
+    assert re.search(rf"{v1} .* production", listing) and v2 in listing
+    assert name in ok(meshctl(stack, "list"))
+    assert "launch" in ok(meshctl(stack, "history", name))
+
+
+def test_a_non_admin_key_changes_nothing(stack, models, user_key):
+    refused = meshctl(stack, "promote", models["name"], models["v2"], "--reason", "sneaky",
+                      key=user_key)
+    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr
+    assert models["v1"] in ok(meshctl(stack, "show", models["name"], key=user_key))
+
+
+async def test_canary_is_sticky_and_pins_are_served(stack, models, user_key):
+    name, v1, v2 = models["name"], models["v1"], models["v2"]
+    ok(await asyncio.to_thread(meshctl, stack, "canary", name, v2, "--weight", "50",
+                               "--reason", "try v2"))
+    await wait_serving(stack.gateway, user_key, f"{name}@canary", v2)
+    served: dict[str, str] = {}
+    for index in range(12):
+        user = f"user-{index}"
+        first = await generate(stack.gateway, user_key, name, user)
+        again = await generate(stack.gateway, user_key, name, user)
+        assert first.model_version == again.model_version
+        served[user] = first.model_version
+    assert set(served.values()) == {v1, v2}
+    assert (await generate(stack.gateway, user_key, f"{name}@{v1}")).model_version == v1
+    assert (await generate(stack.gateway, user_key, f"{name}@production")).model_version == v1
+    ok(await asyncio.to_thread(meshctl, stack, "canary", "clear", name, "--reason", "done"))
+    await wait_serving(stack.gateway, user_key, name, v1)
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await generate(stack.gateway, user_key, f"{name}@canary")
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_shadow_output_never_reaches_the_client_and_is_not_billed(stack, models, user_key):
+    name, v1, v2 = models["name"], models["v1"], models["v2"]
+    ok(await asyncio.to_thread(meshctl, stack, "shadow", name, v2, "--rate", "1",
+                               "--reason", "compare v2"))
+    gateway_metrics = stack.metrics["gateway"]
+    shadow_ok = {"model": name, "version": v2, "outcome": "ok"}
+    before = metric(gateway_metrics, "infermesh_gateway_shadow_generations_total", shadow_ok)
+    billed_before = metric(gateway_metrics, "infermesh_gateway_generations_total",
+                           {"model": name, "version": v2})
+    deadline = time.monotonic() + 10
+    while metric(gateway_metrics, "infermesh_gateway_shadow_generations_total",
+                 shadow_ok) == before:
+        reply = await generate(stack.gateway, user_key, name, request_id=uuid.uuid4().hex)
+        assert reply.model_version == v1
+        assert time.monotonic() < deadline, "no shadow copy ran"
+        await asyncio.sleep(0.05)
+    # The copy's tokens are counted apart, per version, and never as the tenant's.
+    assert metric(gateway_metrics, "infermesh_gateway_shadow_tokens_total",
+                  {"version": v2, "kind": "completion"}) > 0
+    assert metric(gateway_metrics, "infermesh_gateway_generations_total",
+                  {"model": name, "version": v2}) == billed_before
+    ok(await asyncio.to_thread(meshctl, stack, "shadow", "clear", name, "--reason", "enough"))
+
+
+async def test_rollback_is_served_by_every_gateway(stack, models, user_key, second_gateway):
+    name, v1, v2 = models["name"], models["v1"], models["v2"]
+    ok(await asyncio.to_thread(meshctl, stack, "promote", name, v2, "--reason", "v2 is better"))
+    for gateway in (stack.gateway, second_gateway):
+        await wait_serving(gateway, user_key, name, v2)
+    rolled = await asyncio.to_thread(meshctl, stack, "rollback", name, "--reason", "errors")
+    assert "production  " + v1 in ok(rolled)
+    for gateway in (stack.gateway, second_gateway):
+        await wait_serving(gateway, user_key, name, v1)
+    history = ok(await asyncio.to_thread(meshctl, stack, "history", name))
+    assert re.search(r"rollback .* — errors", history)
+
+
+async def test_admin_changes_reach_the_audit_log(stack, models, stack_dir):
+    """Every change's audit event leaves the registry's etcd outbox once the auditor has it."""
+    name = models["name"]
+    async with etcd.connect(stack.etcd, 5.0) as client:
+        deadline = time.monotonic() + 15
+        while True:
+            pending = [kv.key.decode() for kv in await client.get_prefix(
+                etcd.Keys.registry_audit_outbox.encode()) if f":{name}:" in kv.key.decode()]
+            if not pending:
+                break
+            assert time.monotonic() < deadline, f"never acknowledged: {pending}"
+            await asyncio.sleep(0.1)
+    logged = "".join(path.read_text(errors="replace")
+                     for path in (stack_dir / "data" / "auditor").rglob("*") if path.is_file())
+    assert f"registry:{name}:routing:1" in logged and "registry.promote" in logged
