@@ -100,10 +100,10 @@ async def run(stack: StackInfo) -> dict[str, float]:
         noisy_key = await _tenant(admin, admin_md, f"noisy-{suffix}", NOISY_RPM)
         await asyncio.sleep(0.5)  # the gateway's key cache follows etcd
         stub = inference_pb2_grpc.InferenceStub(channel)
-        alone = await _open_loop(stub, quiet_key, stack.model, QUIET_RATE_PER_S, PHASE_S)
+        alone = await _open_loop(stub, quiet_key, stack.reference_model, QUIET_RATE_PER_S, PHASE_S)
         quiet, noisy = await asyncio.gather(
-            _open_loop(stub, quiet_key, stack.model, QUIET_RATE_PER_S, PHASE_S),
-            _open_loop(stub, noisy_key, stack.model, NOISY_RATE_PER_S, PHASE_S),
+            _open_loop(stub, quiet_key, stack.reference_model, QUIET_RATE_PER_S, PHASE_S),
+            _open_loop(stub, noisy_key, stack.reference_model, NOISY_RATE_PER_S, PHASE_S),
         )
     decisions = await _decision_latency(stack, f"quiet-{suffix}")
 

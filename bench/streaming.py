@@ -75,7 +75,7 @@ def _mesh(stub: inference_pb2_grpc.InferenceStub, stack: StackInfo, max_tokens: 
 
     async def one(index: int) -> Sample:
         frame = inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
-            request_id=uuid.uuid4().hex, model=stack.model, prompt=PROMPT,
+            request_id=uuid.uuid4().hex, model=stack.reference_model, prompt=PROMPT,
             params=inference_pb2.SamplingParams(max_tokens=max_tokens, seed=index)))
         started = time.perf_counter()
         ttft = 0.0

@@ -53,6 +53,8 @@ def generate(
     model: str = typer.Option(..., "--model", envvar="INFERMESH_MODEL",
                               help="name, name@alias or name@sha256:<hex>"),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they arrive."),
+    chat: bool = typer.Option(False, "--chat", help="Send the text as a user chat message "
+                              "(rendered with the model's chat template)."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Most tokens to generate."),
     temperature: float = typer.Option(None, "--temperature"),
     seed: int = typer.Option(None, "--seed"),
@@ -66,7 +68,7 @@ def generate(
     params = sampling(max_tokens, temperature, seed)
     if stream or cancel_after is not None:
         result = asyncio.run(
-            stream_generation(gateway, api_key, model, prompt, params, cancel_after)
+            stream_generation(gateway, api_key, model, prompt, params, cancel_after, chat=chat)
         )
         if result.error_code:
             typer.echo(f"\nerror: {result.error_code}: {result.error_message}", err=True)
@@ -77,7 +79,9 @@ def generate(
             typer.echo(f"error: {result.final.error.code}: {result.final.error.message}", err=True)
             raise typer.Exit(1)
         return
-    reply, code, message = asyncio.run(unary_generation(gateway, api_key, model, prompt, params))
+    reply, code, message = asyncio.run(
+        unary_generation(gateway, api_key, model, prompt, params, chat=chat)
+    )
     if reply is None:
         typer.echo(f"error: {code}: {message}", err=True)
         raise typer.Exit(1)
@@ -103,16 +107,18 @@ def stack_up(
         raise typer.Exit(1)
     stack = Stack(StackOptions(state_dir=state_dir))
     started = time.monotonic()
-    typer.echo("starting etcd, Triton (reference engine), sidecar and services ...", err=True)
+    typer.echo("starting etcd, Triton (torch and reference engines), sidecar and services ...",
+               err=True)
     info = stack.up()
     typer.echo(f"stack up in {time.monotonic() - started:.1f}s; gateway {info.gateway}; "
                f"env in {state_dir / 'env'}; logs in {state_dir / 'logs'}", err=True)
     if demo:
-        typer.echo(f"\n$ meshctl generate --stream --model {info.model} "
-                   "'Tell me about serving language models.'\n", err=True)
+        question = "What is the capital of France? Answer in two sentences."
+        typer.echo(f"\n$ meshctl generate --stream --chat --model {info.model} '{question}'\n",
+                   err=True)
         result = asyncio.run(stream_generation(
-            info.gateway, info.api_key, info.model, "Tell me about serving language models.",
-            sampling(48, None, 7)))
+            info.gateway, info.api_key, info.model, question, sampling(64, None, None),
+            chat=True))
         if result.final is not None:
             print_final(result.final)
     if detach:

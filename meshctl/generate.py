@@ -32,16 +32,25 @@ def sampling(max_tokens: int | None, temperature: float | None, seed: int | None
     return params
 
 
+def generation_input(text: str, chat: bool) -> dict:
+    """The request's input: `text` as a raw prompt, or as one user message of a chat (which the
+    gateway renders with the model's chat template)."""
+    if chat:
+        return {"messages": inference_pb2.Messages(
+            messages=[inference_pb2.ChatMessage(role="user", content=text)])}
+    return {"prompt": text}
+
+
 async def stream_generation(
     gateway: str, api_key: str, model: str, prompt: str, params: inference_pb2.SamplingParams,
-    cancel_after: int | None = None, out=sys.stdout,
+    cancel_after: int | None = None, out=sys.stdout, chat: bool = False,
 ) -> GenerationResult:
     """Streams over `GenerateStream`, writing text to `out`; sends Cancel after `cancel_after`
     Tokens frames."""
     request_id = uuid.uuid4().hex
     send_queue: asyncio.Queue[inference_pb2.ClientFrame | None] = asyncio.Queue()
     await send_queue.put(inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
-        request_id=request_id, model=model, prompt=prompt, params=params)))
+        request_id=request_id, model=model, params=params, **generation_input(prompt, chat))))
 
     async def frames() -> AsyncIterator[inference_pb2.ClientFrame]:
         while (frame := await send_queue.get()) is not None:
@@ -74,13 +83,15 @@ async def stream_generation(
 
 
 async def unary_generation(
-    gateway: str, api_key: str, model: str, prompt: str, params: inference_pb2.SamplingParams
+    gateway: str, api_key: str, model: str, prompt: str, params: inference_pb2.SamplingParams,
+    chat: bool = False,
 ) -> tuple[inference_pb2.GenerateResponse | None, str, str]:
     async with grpc.aio.insecure_channel(gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         try:
             reply = await stub.Generate(
-                inference_pb2.GenerateRequest(model=model, prompt=prompt, params=params),
+                inference_pb2.GenerateRequest(model=model, params=params,
+                                              **generation_input(prompt, chat)),
                 metadata=(("authorization", f"Bearer {api_key}"),),
             )
             return reply, "", ""

@@ -132,7 +132,7 @@ class EngineStats:
     """Named like TensorRT-LLM's `nv_trt_llm_request_metrics` and `..._kv_cache_block_metrics`."""
 
     active: int  # requests in the running batch
-    max: int  # requests the cache could hold at one block each (the ceiling, not a promise)
+    max: int  # requests one step can decode: min(KV blocks, tokens per step), one each at least
     waiting: int  # queued, not yet admitted to the batch
     scheduled: int  # requests the running batch holds
     context: int  # of those, still prefilling their prompt
@@ -450,7 +450,7 @@ class TorchEngine:
         prefilling = sum(1 for s in active if s.status == RequestStatus.PREFILLING)
         return EngineStats(
             active=len(active),
-            max=kv_max,
+            max=min(kv_max, self.config.max_batch_tokens),
             waiting=len(scheduler.waiting_requests),
             scheduled=len(active),
             context=prefilling,

@@ -1,5 +1,6 @@
-"""The embedded stack: etcd, Triton with the reference engine, its sidecar and the five services,
-each a child process on loopback ports, plus a demo tenant, admin key and model.
+"""The embedded stack: etcd, Triton with the torch and reference engines, its sidecar and the
+services, each a child process on loopback ports, plus a demo tenant, admin key and two models
+(`demo_models.py`: a real one, `demo-chat`, and the reference engine, `demo-reference`).
 
 `Stack.up()` returns only when every service answers SERVING and a generation can be routed;
 `Stack.down()` stops everything it started, in reverse order. The state of a detached stack
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy.local.demo_models import DEMO_MODEL, REFERENCE_MODEL, prepare
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.prometheus import PrometheusServer
 from infermesh.v1 import inference_pb2, inference_pb2_grpc, registry_pb2
@@ -31,26 +33,10 @@ from services.common.tenancy import Tenant, TenantPlan, TenantStore
 from services.registry.client import RegistryClient
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-MODEL_REPOSITORY = REPO_ROOT / "backends" / "triton" / "model_repository"
 DEMO_TENANT = "demo"
-DEMO_MODEL = "demo-chat"
 SERVICES = ("registry", "ratelimit", "scheduler", "auditor", "gateway")
 STOP_ORDER = ("prometheus", "gateway", "sidecar", "scheduler", "ratelimit", "registry", "auditor",
               "triton", "etcd")
-
-
-def demo_manifest() -> registry_pb2.ModelManifest:
-    return registry_pb2.ModelManifest(
-        name=DEMO_MODEL,
-        description="The reference engine: deterministic text with simulated serving costs.",
-        triton_model_name="reference",
-        tokenizer="whitespace",
-        engine=registry_pb2.EngineConfig(context_window=4096, max_output_tokens=1024,
-                                         max_batch_size=8),
-        sampling=registry_pb2.SamplingDefaults(max_tokens=64, temperature=0.7, top_p=0.95),
-        cost_per_1k_input_tokens=0.0001,
-        cost_per_1k_output_tokens=0.0002,
-    )
 
 
 @dataclass
@@ -67,7 +53,8 @@ class StackInfo:
 
     gateway: str
     api_key: str
-    model: str
+    model: str  # the real model (torch engine)
+    reference_model: str  # the reference engine: made-up text, modelled serving costs
     etcd: str
     endpoints: dict[str, str]
     metrics: dict[str, str]
@@ -79,6 +66,7 @@ class StackInfo:
             "INFERMESH_REGISTRY": self.endpoints["registry"],
             "INFERMESH_API_KEY": self.api_key,
             "INFERMESH_MODEL": self.model,
+            "INFERMESH_REFERENCE_MODEL": self.reference_model,
             "INFERMESH_ETCD": self.etcd,
             "INFERMESH_TRITON": self.endpoints["triton"],
             "INFERMESH_TRITON_METRICS": self.metrics["triton"],
@@ -98,8 +86,12 @@ class Stack:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def up(self, timeout_s: float = 90.0) -> StackInfo:
-        deadline = time.monotonic() + timeout_s
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        blob_dir = self.state_dir / "data" / "blobs"
+        # Blobs in, Triton's repository rendered; the first time on a machine this converts the
+        # GGUF (~15-30 s), so it comes before the start-up deadline.
+        models = prepare(self.state_dir, blob_dir)
+        deadline = time.monotonic() + timeout_s
         try:
             etcd_server = EtcdServer(self.state_dir / "data" / "etcd", self.logs / "etcd.log")
             etcd_server.start()
@@ -112,7 +104,7 @@ class Stack:
                 [sys.executable, "-m", "backends.triton.launcher",
                  "--grpc-port", str(triton["grpc"]), "--http-port", str(triton["http"]),
                  "--metrics-port", str(triton["metrics"]),
-                 "--model-repository", str(MODEL_REPOSITORY),
+                 "--model-repository", str(models.repository),
                  "--workdir", str(self.state_dir / "triton")],
                 {},
             )
@@ -122,9 +114,10 @@ class Stack:
                 if name == "auditor":
                     extra["INFERMESH_AUDITOR_DATA_DIR"] = str(self.state_dir / "data" / "auditor")
                 if name == "gateway":
+                    extra["INFERMESH_BLOB_DIR"] = str(blob_dir)
                     extra.update(self.options.gateway_env)
                 if name == "registry":
-                    extra["INFERMESH_REGISTRY_BLOB_DIR"] = str(self.state_dir / "data" / "blobs")
+                    extra["INFERMESH_REGISTRY_BLOB_DIR"] = str(blob_dir)
                 self._start_service(name, f"services.{name}", ports[name], metrics[name], extra)
             self._start_service(
                 "sidecar", "backends.triton.sidecar", ports["sidecar"], metrics["sidecar"],
@@ -135,7 +128,9 @@ class Stack:
             )
             for name in (*SERVICES, "sidecar"):
                 self._wait_serving(name, f"{LOOPBACK}:{ports[name]}", deadline)
-            api_key = asyncio.run(self._bootstrap(etcd_server.endpoint, ports, deadline))
+            api_key = asyncio.run(
+                self._bootstrap(etcd_server.endpoint, ports, models.manifests, deadline)
+            )
             endpoints = {name: f"{LOOPBACK}:{port}" for name, port in ports.items()}
             endpoints["triton"] = f"{LOOPBACK}:{triton['grpc']}"
             metric_endpoints = {name: f"{LOOPBACK}:{port}" for name, port in metrics.items()}
@@ -148,6 +143,7 @@ class Stack:
             endpoints["prometheus"] = prometheus.endpoint
             self.info = StackInfo(
                 gateway=endpoints["gateway"], api_key=api_key, model=DEMO_MODEL,
+                reference_model=REFERENCE_MODEL,
                 etcd=etcd_server.endpoint, endpoints=endpoints, metrics=metric_endpoints,
                 pids={name: child.pid for name, child in self.children.items()},
             )
@@ -202,22 +198,32 @@ class Stack:
                     raise TimeoutError(f"{name} not SERVING in time:\n{child.log_tail()}")
                 time.sleep(0.1)
 
-    async def _bootstrap(self, etcd_endpoint: str, ports: dict[str, int], deadline: float) -> str:
-        """Demo tenant, admin key and model; returns once the gateway can serve the model."""
+    async def _bootstrap(
+        self, etcd_endpoint: str, ports: dict[str, int],
+        manifests: list[registry_pb2.ModelManifest], deadline: float,
+    ) -> str:
+        """Demo tenant, admin key and models; returns once the gateway can serve every model."""
         client = etcd.connect(etcd_endpoint, 5.0)
         async with client:
             tenants = TenantStore(client)
             await tenants.put_tenant(Tenant(DEMO_TENANT, "Demo tenant", self.options.demo_plan))
             api_key, _ = await tenants.issue_key(DEMO_TENANT, role="admin")
-        await register_demo_model(f"{LOOPBACK}:{ports['registry']}", api_key, deadline)
-        await self._wait_routable(f"{LOOPBACK}:{ports['gateway']}", api_key, deadline)
+        for manifest in manifests:
+            await register_demo_model(f"{LOOPBACK}:{ports['registry']}", api_key, manifest,
+                                      deadline)
+        for manifest in manifests:
+            await self._wait_routable(f"{LOOPBACK}:{ports['gateway']}", api_key, manifest.name,
+                                      deadline)
         return api_key
 
-    async def _wait_routable(self, gateway: str, api_key: str, deadline: float) -> None:
-        """Until a one-token generation succeeds: keys, model and replica are all visible."""
+    async def _wait_routable(
+        self, gateway: str, api_key: str, model: str, deadline: float
+    ) -> None:
+        """Until a one-token generation succeeds: keys, model, tokenizer and replica are all
+        visible."""
         metadata = (("authorization", f"Bearer {api_key}"),)
         request = inference_pb2.GenerateRequest(
-            model=DEMO_MODEL, prompt="warm up", params=inference_pb2.SamplingParams(max_tokens=1)
+            model=model, prompt="warm up", params=inference_pb2.SamplingParams(max_tokens=1)
         )
         async with grpc.aio.insecure_channel(gateway) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
@@ -227,7 +233,7 @@ class Stack:
                     return
                 except grpc.aio.AioRpcError as exc:
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"the gateway cannot serve {DEMO_MODEL}: {exc}") from exc
+                        raise TimeoutError(f"the gateway cannot serve {model}: {exc}") from exc
                 await asyncio.sleep(0.2)
 
     def _write_state(self, info: StackInfo) -> None:
@@ -235,21 +241,23 @@ class Stack:
         (self.state_dir / "stack.json").write_text(json.dumps(info.__dict__, indent=2))
 
 
-async def register_demo_model(registry: str, api_key: str, deadline: float) -> None:
-    """Registers the demo manifest through the Registry API and makes it production (unless it
+async def register_demo_model(
+    registry: str, api_key: str, manifest: registry_pb2.ModelManifest, deadline: float
+) -> None:
+    """Registers a demo manifest through the Registry API and makes it production (unless it
     already is). Retries while the registry has not yet seen the freshly issued key."""
     async with RegistryClient(registry, api_key, timeout_s=5.0) as client:
         while True:
             try:
-                reply = await client.register(demo_manifest())
+                reply = await client.register(manifest)
                 break
             except errors.Unauthenticated:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.05)
-        routing = await client.routing(DEMO_MODEL)
+        routing = await client.routing(manifest.name)
         if routing.production != reply.version_id:
-            await client.change(DEMO_MODEL, "the embedded stack's demo model", routing.revision,
+            await client.change(manifest.name, "the embedded stack's demo model", routing.revision,
                                 promote=registry_pb2.Promote(version_id=reply.version_id))
 
 

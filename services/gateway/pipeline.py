@@ -33,6 +33,7 @@ from services.gateway.admission import FairAdmission, priority_index
 from services.gateway.peers import Grant, Route
 from services.gateway.requests import GenerationRequest, Principal
 from services.gateway.shadow import ShadowTraffic
+from services.gateway.tokenizers import TokenizerStore
 from services.gateway.validation import Limits, validate
 from services.registry.catalog import ModelCatalog
 from services.registry.manifest import ModelVersion
@@ -148,6 +149,7 @@ class GenerationPipeline:
         fair: FairAdmission,
         *,
         shadow: ShadowTraffic,
+        tokenizers: TokenizerStore,
         source: str,
         max_attempts: int = 2,
         clock: Callable[[], float] = time.monotonic,
@@ -160,6 +162,7 @@ class GenerationPipeline:
         self._limits = limits
         self._fair = fair
         self._shadow = shadow
+        self._tokenizers = tokenizers
         self._source = source
         self._max_attempts = max_attempts
         self._clock = clock
@@ -181,11 +184,12 @@ class GenerationPipeline:
             progress.model = version.name
             progress.version_id = version.version_id
             RESOLUTIONS.labels(version.name, resolution.arm).inc()
-            validated = validate(request, principal, version, self._limits)
+            validated = validate(request, principal, version, self._limits,
+                                 self._tokenizers.get(version))
             async with asyncio.timeout(validated.timeout_s):
                 finish_reason = await self._admit_route_relay(
                     principal, validated.engine, version.version_id, validated.timeout_s,
-                    validated.prompt_tokens_estimate, progress, send,
+                    validated.prompt_tokens, progress, send,
                 )
             finished = self._finished(request.request_id, finish_reason, progress)
         except errors.MeshError as exc:
@@ -217,8 +221,9 @@ class GenerationPipeline:
         """After the user's generation ended well: the same request, checked against the shadow
         version's own limits and defaults, to the shadow (no quota, no audit, text discarded)."""
         try:
-            validated = validate(request, principal, shadow, self._limits)
-        except errors.InvalidArgument:
+            validated = validate(request, principal, shadow, self._limits,
+                                 self._tokenizers.get(shadow))
+        except (errors.InvalidArgument, errors.Unavailable):  # Unavailable: tokenizer loading
             self._shadow.drop(shadow, "dropped_invalid")
             return
         self._shadow.submit(shadow, validated.engine)

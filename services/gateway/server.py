@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from backends.triton.adapter import TritonAdapter
+from backends.triton.weights import cache_root
 from infermesh.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 from services.common import errors, etcd, status
 from services.common.auth import Authenticator
@@ -36,6 +37,7 @@ from services.gateway.pipeline import (
 )
 from services.gateway.requests import ChatTurn, GenerationRequest, Principal, SamplingRequest
 from services.gateway.settings import GatewaySettings
+from services.gateway.tokenizers import TokenizerStore
 from services.gateway.shadow import ShadowTraffic
 from services.gateway.tenant_admin import TenantAdminServicer
 from services.gateway.validation import Limits, validate_request_id
@@ -369,8 +371,14 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     keys = etcd.WatchCache(ctx.etcd, etcd.Keys.apikeys, parse_key)
     tenants = etcd.WatchCache(ctx.etcd, etcd.Keys.tenants, parse_tenant)
     catalog = ModelCatalog()
+    tokenizers = TokenizerStore(settings.blob_dir, cache_root())
+
+    def models_changed() -> None:
+        catalog.rebuild(models.items)
+        tokenizers.refresh(v for entry in catalog.models() for v in entry.versions.values())
+
     models: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
-        ctx.etcd, etcd.Keys.models, parse_models_key, on_change=lambda: catalog.rebuild(models.items)
+        ctx.etcd, etcd.Keys.models, parse_models_key, on_change=models_changed
     )
     directory = ServiceDirectory(ctx.etcd)
     for cache in (keys, tenants, models, directory):
@@ -392,6 +400,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
             max_queued=settings.max_queued, aging_s=settings.queue_aging_s,
             max_wait_s=settings.max_queue_wait_s)),
         shadow=shadow,
+        tokenizers=tokenizers,
         source=f"gateway/{settings.instance_id}",
         max_attempts=settings.max_attempts,
     )
@@ -412,6 +421,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
 
     async def cleanup() -> None:
         await pipeline.drain_background()
+        await tokenizers.close()
         await shadow.close()
         await audit.close()
         await adapter.close()

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import pathlib
+
 from pydantic import Field
 
 from services.common.settings import ServiceSettings
 
 
 class GatewaySettings(ServiceSettings):
+    blob_dir: pathlib.Path = Field(
+        pathlib.Path(".infermesh/data/blobs"),
+        description="The blob store the models' tokenizer files are read from (verified).",
+    )
     default_timeout_s: float = Field(120.0, description="A generation's deadline when unset.")
     max_timeout_s: float = Field(600.0, description="The longest deadline a client may ask.")
     heartbeat_interval_s: float = Field(

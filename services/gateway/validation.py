@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from backends.triton.adapter import EngineRequest
 from services.common.errors import InvalidArgument
-from services.gateway.requests import ChatTurn, GenerationRequest, Principal
+from services.gateway.requests import GenerationRequest, Principal
+from services.gateway.tokenizers import PromptTokenizer
 from services.registry.manifest import ModelVersion
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -39,20 +40,8 @@ class Limits:
 @dataclass(frozen=True)
 class ValidatedGeneration:
     engine: EngineRequest
-    prompt_tokens_estimate: int
+    prompt_tokens: int  # exact: counted with the version's own tokenizer
     timeout_s: float
-
-
-def count_tokens(tokenizer: str, text: str) -> int:
-    """The gateway's prompt-token count for limits; the engine's own count is what is billed."""
-    if tokenizer == "whitespace":
-        return len(text.split())
-    raise InvalidArgument("model", f"the model's tokenizer {tokenizer!r} is not supported")
-
-
-def render_messages(messages: tuple[ChatTurn, ...]) -> str:
-    """A plain chat rendering for models without a template: `role: content` lines."""
-    return "".join(f"{turn.role}: {turn.content}\n" for turn in messages) + "assistant:"
 
 
 def new_request_id() -> str:
@@ -68,9 +57,12 @@ def validate_request_id(request_id: str) -> str:
 
 
 def validate(
-    request: GenerationRequest, principal: Principal, version: ModelVersion, limits: Limits
+    request: GenerationRequest, principal: Principal, version: ModelVersion, limits: Limits,
+    tokenizer: PromptTokenizer,
 ) -> ValidatedGeneration:
-    prompt = _prompt(request, limits)
+    """`tokenizer` is the version's own (`TokenizerStore.get`): it renders `messages` with the
+    model's chat template and counts the prompt's tokens exactly, as the engine will."""
+    prompt, prompt_field = _prompt(request, limits, tokenizer)
     plan = principal.plan
     sampling = request.sampling
     max_output = min(version.max_output_tokens, plan.max_output_tokens)
@@ -80,12 +72,12 @@ def validate(
     elif not 1 <= max_tokens <= max_output:
         raise InvalidArgument("params.max_tokens", f"must be 1..{max_output}, got {max_tokens}")
     context_limit = min(version.context_window, plan.max_context_tokens)
-    prompt_tokens = count_tokens(version.tokenizer, prompt)
+    prompt_tokens = tokenizer.count(prompt)
     if prompt_tokens + max_tokens > context_limit:
         raise InvalidArgument(
-            "prompt",
-            f"{prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed the context limit "
-            f"of {context_limit}",
+            prompt_field,
+            f"{prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed the context window "
+            f"of {context_limit} tokens",
         )
     _check_range("params.temperature", sampling.temperature, 0.0, 2.0)
     if sampling.top_p is not None and not 0.0 < sampling.top_p <= 1.0:
@@ -132,7 +124,10 @@ def validate(
     return ValidatedGeneration(engine, prompt_tokens, timeout_s)
 
 
-def _prompt(request: GenerationRequest, limits: Limits) -> str:
+def _prompt(
+    request: GenerationRequest, limits: Limits, tokenizer: PromptTokenizer
+) -> tuple[str, str]:
+    """The prompt the engine gets, and the request field it came from."""
     if request.prompt is not None and request.messages is not None:
         raise InvalidArgument("input", "set either prompt or messages, not both")
     if request.messages is not None:
@@ -143,7 +138,7 @@ def _prompt(request: GenerationRequest, limits: Limits) -> str:
                 raise InvalidArgument(f"messages[{index}].role", f"must be one of {ROLES}")
             if not turn.content.strip():
                 raise InvalidArgument(f"messages[{index}].content", "must not be empty")
-        prompt = render_messages(request.messages)
+        prompt = tokenizer.render(request.messages)
         field = "messages"
     else:
         prompt = request.prompt or ""
@@ -152,7 +147,7 @@ def _prompt(request: GenerationRequest, limits: Limits) -> str:
             raise InvalidArgument("prompt", "is required (or messages)")
     if len(prompt) > limits.max_prompt_chars:
         raise InvalidArgument(field, f"must be at most {limits.max_prompt_chars} characters")
-    return prompt
+    return prompt, field
 
 
 def _check_range(field: str, value: float | int | None, low: float, high: float) -> None:

@@ -48,7 +48,7 @@ async def test_sigterm_finishes_open_generations(stack: StackInfo, tmp_path):
         await wait_serving(endpoint, gateway)
         outbox: asyncio.Queue = asyncio.Queue()
         await outbox.put(inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
-            request_id="drain", model=stack.model, prompt="keep going",
+            request_id="drain", model=stack.reference_model, prompt="keep going",
             params=inference_pb2.SamplingParams(max_tokens=24, seed=1))))
 
         async def frames():

@@ -57,7 +57,7 @@ async def generate(stack: StackInfo, key: str, max_tokens: int):
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         return await stub.Generate(inference_pb2.GenerateRequest(
-            model=stack.model, prompt="count the tokens",
+            model=stack.reference_model, prompt="count the tokens",
             params=inference_pb2.SamplingParams(max_tokens=max_tokens)), metadata=auth(key))
 
 
@@ -91,7 +91,7 @@ async def test_cancelled_request_refunds_unused_tokens(stack: StackInfo):
     tenant_id, key = await new_tenant(stack, output_tokens_per_minute=1200)
     outbox: asyncio.Queue = asyncio.Queue()
     await outbox.put(inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
-        request_id="refund", model=stack.model, prompt="go",
+        request_id="refund", model=stack.reference_model, prompt="go",
         params=inference_pb2.SamplingParams(max_tokens=150))))
 
     async def frames():
@@ -174,7 +174,7 @@ async def test_admin_api_needs_an_admin_key_and_valid_plans(stack: StackInfo):
 async def test_idempotent_repeat_returns_the_first_outcome_and_is_charged_once(stack: StackInfo):
     tenant_id, key = await new_tenant(stack)
     request = inference_pb2.GenerateRequest(
-        model=stack.model, prompt="say something once", idempotency_key="order-42",
+        model=stack.reference_model, prompt="say something once", idempotency_key="order-42",
         params=inference_pb2.SamplingParams(max_tokens=12, temperature=1.0))
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)

@@ -80,7 +80,7 @@ class Conversation:
 
 async def test_streamed_generation(stack: StackInfo):
     conv = Conversation(stack)
-    await conv.send(start("s1", stack.model, "Tell me about streams", max_tokens=12, seed=3))
+    await conv.send(start("s1", stack.reference_model, "Tell me about streams", max_tokens=12, seed=3))
     finals = await conv.read_until_final({"s1"})
     await conv.close()
     final = finals["s1"]
@@ -99,10 +99,10 @@ async def test_unary_generation_matches_stream_for_same_seed(stack: StackInfo):
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         reply = await stub.Generate(inference_pb2.GenerateRequest(
-            model=stack.model, prompt="Tell me about streams",
+            model=stack.reference_model, prompt="Tell me about streams",
             params=inference_pb2.SamplingParams(max_tokens=12, seed=3)), metadata=auth(stack.api_key))
     conv = Conversation(stack)
-    await conv.send(start("u1", stack.model, "Tell me about streams", max_tokens=12, seed=3))
+    await conv.send(start("u1", stack.reference_model, "Tell me about streams", max_tokens=12, seed=3))
     await conv.read_until_final({"u1"})
     await conv.close()
     assert reply.text == conv.text("u1") and reply.text.strip()
@@ -113,8 +113,8 @@ async def test_unary_generation_matches_stream_for_same_seed(stack: StackInfo):
 
 async def test_two_generations_multiplexed_on_one_stream(stack: StackInfo):
     conv = Conversation(stack)
-    await conv.send(start("a", stack.model, "first prompt", max_tokens=20, seed=1))
-    await conv.send(start("b", stack.model, "second prompt", max_tokens=8, seed=2))
+    await conv.send(start("a", stack.reference_model, "first prompt", max_tokens=20, seed=1))
+    await conv.send(start("b", stack.reference_model, "second prompt", max_tokens=8, seed=2))
     finals = await conv.read_until_final({"a", "b"})
     await conv.close()
     assert finals["a"].usage.completion_tokens == 20
@@ -151,7 +151,7 @@ async def test_cancel_mid_stream_stops_the_engine(stack: StackInfo):
             if seen == 3:
                 await conv.send(inference_pb2.ClientFrame(cancel=inference_pb2.Cancel(request_id="c1")))
 
-    await conv.send(start("c1", stack.model, "a long story please", max_tokens=1000, seed=5))
+    await conv.send(start("c1", stack.reference_model, "a long story please", max_tokens=1000, seed=5))
     finals = await conv.read_until_final({"c1"}, on_frame=cancel_after_three)
     await conv.close()
     final = finals["c1"]
@@ -177,10 +177,10 @@ async def test_missing_or_wrong_key_is_unauthenticated(stack: StackInfo, key):
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.Generate(inference_pb2.GenerateRequest(model=stack.model, prompt="hi"),
+            await stub.Generate(inference_pb2.GenerateRequest(model=stack.reference_model, prompt="hi"),
                                 metadata=metadata)
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        call = stub.GenerateStream(iter([start("x", stack.model, "hi")]), metadata=metadata)
+        call = stub.GenerateStream(iter([start("x", stack.reference_model, "hi")]), metadata=metadata)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             async for _ in call:
                 pass
@@ -202,12 +202,12 @@ async def test_bad_parameters_name_the_field(stack: StackInfo, params, field):
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.Generate(inference_pb2.GenerateRequest(
-                model=stack.model, prompt="hi", params=inference_pb2.SamplingParams(**params)),
+                model=stack.reference_model, prompt="hi", params=inference_pb2.SamplingParams(**params)),
                 metadata=auth(stack.api_key))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith(field + ":")
     conv = Conversation(stack)
-    await conv.send(start("bad", stack.model, "hi", **params))
+    await conv.send(start("bad", stack.reference_model, "hi", **params))
     finals = await conv.read_until_final({"bad"})
     await conv.close()
     assert finals["bad"].finish_reason == inference_pb2.ERROR
@@ -218,7 +218,7 @@ async def test_bad_parameters_name_the_field(stack: StackInfo, params, field):
 async def test_unknown_model_is_not_found(stack: StackInfo):
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
-        for model in ("no-such-model", f"{stack.model}@canary", f"{stack.model}@sha256:{'f' * 64}"):
+        for model in ("no-such-model", f"{stack.reference_model}@canary", f"{stack.reference_model}@sha256:{'f' * 64}"):
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await stub.Generate(inference_pb2.GenerateRequest(model=model, prompt="hi"),
                                     metadata=auth(stack.api_key))
@@ -248,7 +248,7 @@ async def tenant_key(stack: StackInfo, plan: TenantPlan) -> str:
 async def test_over_concurrency_limit_is_resource_exhausted(stack: StackInfo):
     key = await tenant_key(stack, TenantPlan(max_concurrency=1))
     conv = Conversation(stack, key)
-    await conv.send(start("long", stack.model, "go on and on", max_tokens=1000))
+    await conv.send(start("long", stack.reference_model, "go on and on", max_tokens=1000))
     first_token = asyncio.Event()
 
     async def watch(frame):
@@ -260,7 +260,7 @@ async def test_over_concurrency_limit_is_resource_exhausted(stack: StackInfo):
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.Generate(inference_pb2.GenerateRequest(model=stack.model, prompt="hi"),
+            await stub.Generate(inference_pb2.GenerateRequest(model=stack.reference_model, prompt="hi"),
                                 metadata=auth(key))
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_concurrency=1" in raised.value.details()

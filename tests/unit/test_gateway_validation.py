@@ -3,7 +3,8 @@ import pytest
 from services.common import errors
 from services.common.tenancy import TenantPlan
 from services.gateway.requests import ChatTurn, GenerationRequest, Principal, SamplingRequest
-from services.gateway.validation import Limits, render_messages, validate, validate_request_id
+from services.gateway.tokenizers import WhitespaceTokenizer
+from services.gateway.validation import Limits, validate, validate_request_id
 from services.registry.manifest import ModelVersion
 
 VERSION = ModelVersion("sha256:" + "0" * 64, {
@@ -21,7 +22,7 @@ def request(**kw):
 
 
 def check(req):
-    return validate(req, PRINCIPAL, VERSION, Limits())
+    return validate(req, PRINCIPAL, VERSION, Limits(), WhitespaceTokenizer())
 
 
 def test_defaults_come_from_the_version():
@@ -42,7 +43,7 @@ def test_defaults_come_from_the_version():
         ({"sampling": SamplingRequest(stop=("",))}, "params.stop[0]", "1..128"),
         ({"sampling": SamplingRequest(min_tokens=17)}, "params.min_tokens", "[0, 16]"),
         ({"prompt": "   "}, "prompt", "required"),
-        ({"prompt": "w " * 80}, "prompt", "context limit of 90"),
+        ({"prompt": "w " * 80}, "prompt", "context window of 90 tokens"),
         ({"timeout_s": 0.0}, "timeout", "(0, 600]"),
         ({"user": "u" * 300}, "user", "at most 256"),
         ({"priority": 9}, "priority", "unknown"),
@@ -60,7 +61,8 @@ def test_bad_fields_are_named_with_their_limit(kwargs, field, limit):
 def test_messages_are_rendered():
     turns = (ChatTurn("system", "be brief"), ChatTurn("user", "hi"))
     validated = check(request(prompt=None, messages=turns))
-    assert validated.engine.prompt == render_messages(turns)
+    assert validated.engine.prompt == "system: be brief\nuser: hi\nassistant:"
+    assert validated.prompt_tokens == 6
     assert validated.engine.prompt.endswith("assistant:")
 
 

@@ -1,0 +1,90 @@
+"""The embedded stack's two demo models and the Triton model repository that serves them.
+
+- `demo-chat`: SmolLM2-135M-Instruct on the torch engine, a real model. Its manifest pins the
+  weights (the GGUF file) and the tokenizer files by digest; `prepare` puts them into the stack's
+  blob store (converting the GGUF once per machine) and renders the torch engine's Triton model
+  from the manifest.
+- `demo-reference`: the reference engine, whose text is made up but whose serving costs are
+  modelled; the routing and overload benchmarks and the walking-skeleton tests use it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass
+
+from google.protobuf import json_format
+
+from backends.triton.torch_engine_repository import link_model, render_torch_model
+from backends.triton.weights import ModelFiles, cache_root, publish_default_model
+from infermesh.v1 import registry_pb2
+from services.registry.blobs import LocalBlobStore
+
+__all__ = ["DEMO_MODEL", "REFERENCE_MODEL", "DemoModels", "prepare", "reference_manifest",
+           "torch_manifest"]
+
+DEMO_MODEL = "demo-chat"
+REFERENCE_MODEL = "demo-reference"
+_REFERENCE_SOURCE = (
+    pathlib.Path(__file__).resolve().parents[2] / "backends" / "triton" / "model_repository"
+    / "reference"
+)
+
+
+def reference_manifest() -> registry_pb2.ModelManifest:
+    return registry_pb2.ModelManifest(
+        name=REFERENCE_MODEL,
+        description="The reference engine: deterministic text with simulated serving costs.",
+        triton_model_name="reference",
+        tokenizer="whitespace",
+        engine=registry_pb2.EngineConfig(context_window=4096, max_output_tokens=1024,
+                                         max_batch_size=8),
+        sampling=registry_pb2.SamplingDefaults(max_tokens=64, temperature=0.7, top_p=0.95),
+        cost_per_1k_input_tokens=0.0001,
+        cost_per_1k_output_tokens=0.0002,
+    )
+
+
+def _file_refs(refs: list[dict]) -> list[registry_pb2.FileRef]:
+    return [json_format.ParseDict(ref, registry_pb2.FileRef()) for ref in refs]
+
+
+def torch_manifest(files: ModelFiles) -> registry_pb2.ModelManifest:
+    """SmolLM2-135M-Instruct on the torch engine. The KV cache holds 128 blocks of 32 tokens
+    (~190 MB in float32): a 2048-token context fits twice, eight short chats many times."""
+    return registry_pb2.ModelManifest(
+        name=DEMO_MODEL,
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) on the torch engine.",
+        triton_model_name="smollm2",
+        tokenizer="huggingface",
+        engine=registry_pb2.EngineConfig(
+            context_window=2048, max_output_tokens=512, max_batch_size=8,
+            num_blocks=128, page_size=32, max_batch_tokens=256, dtype="float32",
+        ),
+        sampling=registry_pb2.SamplingDefaults(max_tokens=128, temperature=0.0, top_p=1.0),
+        cost_per_1k_input_tokens=0.0001,
+        cost_per_1k_output_tokens=0.0002,
+        weights=_file_refs(files.weights),
+        tokenizer_files=_file_refs(files.tokenizer_files),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DemoModels:
+    manifests: list[registry_pb2.ModelManifest]  # what the stack registers, real model first
+    repository: pathlib.Path  # the Triton model repository serving them
+
+
+def manifest_dict(manifest: registry_pb2.ModelManifest) -> dict:
+    return json_format.MessageToDict(manifest, preserving_proto_field_name=True)
+
+
+def prepare(state_dir: pathlib.Path, blob_dir: pathlib.Path) -> DemoModels:
+    """Blobs in, repository rendered. Blocking (file I/O, a first-time GGUF conversion)."""
+    cache = cache_root()
+    files = publish_default_model(LocalBlobStore(blob_dir), cache)
+    manifests = [torch_manifest(files), reference_manifest()]
+    repository = state_dir / "models"
+    render_torch_model(repository, manifest_dict(manifests[0]), blob_dir, cache)
+    link_model(repository, _REFERENCE_SOURCE)
+    return DemoModels(manifests, repository)

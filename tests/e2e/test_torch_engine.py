@@ -1,0 +1,211 @@
+"""The real model end to end: the torch engine in the stack's one Triton, behind the gateway.
+
+Every test reuses the session's stack (one Triton, its torch model loaded from the cached
+conversion); the engine's state is read from Triton's metrics endpoint, as the scheduler reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import shutil
+import time
+import urllib.request
+
+import grpc
+import pytest
+from tritonclient.grpc import aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from backends.triton.torch_engine_repository import render_torch_model
+from backends.triton.weights import DEFAULT_MODEL, cache_root
+from deploy.local.stack import StackInfo
+from infermesh.v1 import inference_pb2, inference_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+TRITON_MODEL = "smollm2"  # the demo model's Triton name (deploy/local/demo_models.py)
+QUESTION = "What is the capital of France?"
+
+
+def auth(stack: StackInfo):
+    return (("authorization", f"Bearer {stack.api_key}"),)
+
+
+def chat(text: str) -> inference_pb2.Messages:
+    return inference_pb2.Messages(messages=[inference_pb2.ChatMessage(role="user", content=text)])
+
+
+def engine_metric(stack: StackInfo, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples for the torch model whose labels include `labels`."""
+    with urllib.request.urlopen(f"http://{stack.metrics['triton']}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    wanted = [f'{k}="{v}"' for k, v in {"model": TRITON_MODEL, **labels}.items()]
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+        if line.startswith(name + "{") and all(w in line for w in wanted)
+    )
+
+
+async def metric(stack: StackInfo, name: str, **labels: str) -> float:
+    return await asyncio.to_thread(engine_metric, stack, name, **labels)
+
+
+async def engine_requests(stack: StackInfo) -> float:
+    return await metric(stack, "infermesh_engine_requests_total")
+
+
+async def generate(stack: StackInfo, **fields) -> inference_pb2.GenerateResponse:
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        return await stub.Generate(inference_pb2.GenerateRequest(model=stack.model, **fields),
+                                   metadata=auth(stack), timeout=120)
+
+
+async def stream(stack: StackInfo, request_id: str, on_tokens=None, **fields):
+    """One GenerateStream generation: (text, final). `on_tokens(count, send)` may send frames."""
+    outbox: asyncio.Queue = asyncio.Queue()
+    await outbox.put(inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
+        request_id=request_id, model=stack.model, **fields)))
+
+    async def frames():
+        while (frame := await outbox.get()) is not None:
+            yield frame
+
+    pieces: list[str] = []
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        call = inference_pb2_grpc.InferenceStub(channel).GenerateStream(
+            frames(), metadata=auth(stack), timeout=120)
+        async for frame in call:
+            if frame.HasField("tokens"):
+                pieces.append(frame.tokens.text)
+                if on_tokens is not None:
+                    await on_tokens(len(pieces), outbox.put)
+            elif frame.HasField("final"):
+                await outbox.put(None)
+                return "".join(pieces), frame.final
+    raise AssertionError("the stream ended without a Final")
+
+
+async def test_greedy_chat_answers_paris_with_exact_prompt_tokens(stack: StackInfo):
+    reply = await generate(stack, messages=chat(QUESTION),
+                           params=inference_pb2.SamplingParams(max_tokens=32, temperature=0.0))
+    assert "Paris" in reply.text, reply.text
+    # The gateway rendered the model's own chat template and counted with its own tokenizer:
+    # the engine, which tokenized the prompt itself, reports the same count.
+    from transformers import AutoTokenizer  # the reference implementation, in the test only
+
+    converted = next((cache_root() / "converted").iterdir())
+    tokenizer = AutoTokenizer.from_pretrained(str(converted))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}],
+                                           tokenize=False, add_generation_prompt=True)
+    assert reply.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    assert 0 < reply.usage.completion_tokens <= 32
+    assert reply.finish_reason == inference_pb2.STOP
+
+
+async def test_streamed_and_unary_texts_are_equal_for_the_same_seed(stack: StackInfo):
+    params = inference_pb2.SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=11)
+    reply = await generate(stack, messages=chat("Write a line about the sea."), params=params)
+    text, final = await stream(stack, "seeded", messages=chat("Write a line about the sea."),
+                               params=params)
+    assert text == reply.text and text.strip()
+    assert final.usage.completion_tokens == reply.usage.completion_tokens
+
+
+async def test_eight_concurrent_streams_are_batched(stack: StackInfo):
+    params = inference_pb2.SamplingParams(max_tokens=24, min_tokens=24, temperature=0.8)
+    most_active = 0.0
+    streams = [
+        asyncio.create_task(stream(stack, f"batch-{i}", messages=chat(f"Count to {i + 3}."),
+                                   params=params))
+        for i in range(8)
+    ]
+    deadline = time.monotonic() + 120
+    while not all(task.done() for task in streams) and time.monotonic() < deadline:
+        most_active = max(most_active, await metric(stack, "nv_trt_llm_request_metrics",
+                                                    request_type="active"))
+        await asyncio.sleep(0.05)
+    results = await asyncio.gather(*streams)
+    for text, final in results:
+        assert final.finish_reason == inference_pb2.LENGTH, final
+        assert final.usage.completion_tokens == 24 and text
+    assert most_active > 1, "the eight requests were never in one batch"
+
+
+async def test_a_cancelled_stream_returns_its_kv_blocks(stack: StackInfo):
+    cancelled_before = await metric(stack, "infermesh_engine_requests_total", outcome="cancelled")
+    used_while_running: list[float] = []
+
+    async def cancel_after_three(count: int, send) -> None:
+        if count == 3:
+            used_while_running.append(
+                await metric(stack, "nv_trt_llm_kv_cache_block_metrics",
+                             kv_cache_block_type="used"))
+            await send(inference_pb2.ClientFrame(cancel=inference_pb2.Cancel(request_id="long")))
+
+    _, final = await stream(
+        stack, "long", on_tokens=cancel_after_three, messages=chat("Tell me a very long story."),
+        params=inference_pb2.SamplingParams(max_tokens=400, min_tokens=400, temperature=0.7))
+    assert final.finish_reason == inference_pb2.CANCELLED
+    assert used_while_running and used_while_running[0] >= 1
+    deadline = time.monotonic() + 15
+    while True:
+        used = await metric(stack, "nv_trt_llm_kv_cache_block_metrics",
+                            kv_cache_block_type="used")
+        free = await metric(stack, "nv_trt_llm_kv_cache_block_metrics",
+                            kv_cache_block_type="free")
+        total = await metric(stack, "nv_trt_llm_kv_cache_block_metrics",
+                             kv_cache_block_type="max")
+        cancelled = await metric(stack, "infermesh_engine_requests_total", outcome="cancelled")
+        if used == 0 and free == total and cancelled == cancelled_before + 1:
+            break
+        assert time.monotonic() < deadline, (used, free, total, cancelled)
+        await asyncio.sleep(0.1)
+    assert await metric(stack, "nv_trt_llm_request_metrics", request_type="active") == 0
+
+
+async def test_a_prompt_over_the_context_window_is_refused_at_the_gateway(stack: StackInfo):
+    before = await engine_requests(stack)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await generate(stack, prompt="Paris is lovely. " * 600,
+                       params=inference_pb2.SamplingParams(max_tokens=16))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = raised.value.details()
+    assert details.startswith("prompt:") and "context window of 2048 tokens" in details, details
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await generate(stack, messages=chat("Paris is lovely. " * 600),
+                       params=inference_pb2.SamplingParams(max_tokens=16))
+    assert raised.value.details().startswith("messages:")
+    assert await engine_requests(stack) == before  # nothing reached the engine
+
+
+async def test_a_tampered_weights_blob_is_refused_not_served(
+    stack: StackInfo, stack_dir: pathlib.Path, tmp_path: pathlib.Path
+):
+    """A second torch model whose weights blob was changed on disk: Triton refuses to load it."""
+    source = stack_dir / "data" / "blobs" / "sha256" / DEFAULT_MODEL.digest.split(":", 1)[1]
+    tampered = tmp_path / "blobs" / "sha256" / source.name
+    tampered.parent.mkdir(parents=True)
+    shutil.copyfile(source, tampered)
+    with open(tampered, "r+b") as handle:  # one flipped byte, deep inside the weights
+        handle.seek(tampered.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    manifest = {
+        "triton_model_name": "smollm2-tampered",
+        "weights": [{"name": DEFAULT_MODEL.file_name, "digest": DEFAULT_MODEL.digest}],
+        "tokenizer_files": [],
+        "engine": {"num_blocks": 8, "page_size": 32, "max_batch_tokens": 64},
+    }
+    folder = render_torch_model(stack_dir / "models", manifest, tmp_path / "blobs", cache_root())
+    try:
+        async with triton_aio.InferenceServerClient(stack.endpoints["triton"]) as client:
+            with pytest.raises(InferenceServerException) as raised:
+                await client.load_model("smollm2-tampered")
+            assert "corrupt" in str(raised.value), raised.value
+            assert not await client.is_model_ready("smollm2-tampered")
+            assert await client.is_model_ready(TRITON_MODEL)  # the good one is untouched
+    finally:
+        shutil.rmtree(folder)
