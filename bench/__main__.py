@@ -11,7 +11,7 @@ import json
 import pathlib
 import tempfile
 
-from bench import noisy_neighbor
+from bench import noisy_neighbor, rollback
 from bench.streaming import compare
 from deploy.local.stack import Stack, StackOptions
 from services.common.tenancy import TenantPlan
@@ -38,6 +38,7 @@ def main() -> None:
                 info, levels, args.max_tokens, args.requests_per_stream, args.budget_s
             )
             figures.update(asyncio.run(noisy_neighbor.run(info)))
+            figures.update(rollback.run(info, pathlib.Path(state)))
         finally:
             stack.down()
     print(json.dumps(figures, sort_keys=True))

@@ -19,13 +19,11 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy.local.gateways import ExtraGateway
 from deploy.local.stack import REPO_ROOT, StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 from services.common import etcd
-from services.common.net import LOOPBACK, free_port
-from services.common.processes import ChildProcess
 from services.common.tenancy import Tenant, TenantStore
 
 pytestmark = pytest.mark.integration
@@ -129,32 +127,12 @@ def user_key(stack: StackInfo) -> str:
 @pytest.fixture(scope="module")
 def second_gateway(stack: StackInfo, stack_dir: pathlib.Path) -> Iterator[str]:
     """Another gateway process on the same etcd: both must follow every routing change."""
-    port, metrics_port = free_port(), free_port()
-    env = dict(os.environ, INFERMESH_ETCD_ENDPOINT=stack.etcd, INFERMESH_PORT=str(port),
-               INFERMESH_METRICS_PORT=str(metrics_port),
-               INFERMESH_INSTANCE_ID=f"gateway-second-{uuid.uuid4().hex[:6]}",
-               INFERMESH_BLOB_DIR=str(stack_dir / "data" / "blobs"))
-    child = ChildProcess("gateway-2", [sys.executable, "-m", "services.gateway"],
-                         stack_dir / "logs" / "gateway-2.log", env=env, cwd=REPO_ROOT)
-    child.start()
-    endpoint = f"{LOOPBACK}:{port}"
+    gateway = ExtraGateway(stack, stack_dir)
+    gateway.start()
     try:
-        with grpc.insecure_channel(endpoint) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 30
-            while True:
-                assert child.alive(), child.log_tail()
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, child.log_tail()
-                time.sleep(0.1)
-        yield endpoint
+        yield gateway.endpoint
     finally:
-        child.stop(grace_s=10.0)
+        gateway.stop()
 
 
 def test_push_show_diff_list_and_history(stack, models, tmp_path):

@@ -1,0 +1,66 @@
+"""More gateways beside a running embedded stack: the same etcd, their own ports.
+
+Gateways are stateless and follow etcd through watches, so anything that must hold "at every
+gateway" (a rollback, a key revocation) is checked against two or more of them.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import time
+import uuid
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deploy.local.stack import REPO_ROOT, StackInfo
+from services.common.net import LOOPBACK, free_port
+from services.common.processes import ChildProcess
+
+
+class ExtraGateway:
+    """One more `python -m services.gateway`; `start()` returns once it answers SERVING."""
+
+    def __init__(self, stack: StackInfo, state_dir: pathlib.Path, name: str = "gateway-2"):
+        self.port, self.metrics_port = free_port(), free_port()
+        env = dict(
+            os.environ, INFERMESH_ETCD_ENDPOINT=stack.etcd, INFERMESH_PORT=str(self.port),
+            INFERMESH_METRICS_PORT=str(self.metrics_port),
+            INFERMESH_INSTANCE_ID=f"{name}-{uuid.uuid4().hex[:6]}",
+            INFERMESH_BLOB_DIR=str(state_dir / "data" / "blobs"),
+        )
+        self.process = ChildProcess(name, [sys.executable, "-m", "services.gateway"],
+                                    state_dir / "logs" / f"{name}.log", env=env, cwd=REPO_ROOT)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def metrics(self) -> str:
+        return f"{LOOPBACK}:{self.metrics_port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.process.start()
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.endpoint) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if not self.process.alive():
+                    raise RuntimeError(f"{self.process.name} exited:\n{self.process.log_tail()}")
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"{self.process.name} not SERVING in {timeout_s}s:\n"
+                                       f"{self.process.log_tail()}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.stop(grace_s=10.0)
