@@ -18,9 +18,11 @@ from services.common import errors, etcd, status
 from services.common.auth import Authenticator, Principal
 from services.common.discovery import ServiceDirectory
 from services.common.runtime import ServiceContext, ServiceParts
+from services.common.slo import load_slo_config
 from services.common.tenancy import parse_key, parse_tenant
 from services.registry import rollout
 from services.registry.admin_audit import AdminAuditShipper
+from services.registry.auto_rollback import AutoRollback
 from services.registry.blobs import LocalBlobStore
 from services.registry.catalog import ModelCatalog
 from services.registry.manifest import ModelVersion, parse_ref
@@ -257,6 +259,14 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     await shipper.start()
     blobs = await asyncio.to_thread(LocalBlobStore, settings.blob_dir)
     store = RegistryStore(ctx.etcd, blobs, source=f"registry/{settings.instance_id}")
+    auto_rollback = None
+    if settings.auto_rollback:
+        auto_rollback = AutoRollback(
+            ctx.etcd, catalog, store, await asyncio.to_thread(load_slo_config, settings.slo_config),
+            settings.canary_policy(), settings.canary_check_interval_s,
+            settings.canary_scrape_timeout_s,
+        )
+        await auto_rollback.start()
     registry_pb2_grpc.add_RegistryServicer_to_server(
         RegistryServicer(Authenticator(keys, tenants), store, catalog,
                          BlobUploads(blobs, settings.max_blob_bytes)),
@@ -264,6 +274,8 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     )
 
     async def cleanup() -> None:
+        if auto_rollback is not None:
+            await auto_rollback.close()
         await shipper.close()
         await directory.close()
         for cache in (models, keys, tenants):

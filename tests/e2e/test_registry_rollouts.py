@@ -6,6 +6,7 @@ actions in the audit log, and a non-admin key refused."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pathlib
@@ -29,6 +30,7 @@ from services.common.tenancy import Tenant, TenantStore
 pytestmark = pytest.mark.integration
 MESHCTL = pathlib.Path(sys.executable).parent / "meshctl"
 VERSION = re.compile(r"sha256:[0-9a-f]{64}")
+JUDGE_INTERVAL_S = 2.0  # the registry's default canary_check_interval_s
 
 
 def manifest(name: str, description: str) -> dict:
@@ -216,6 +218,52 @@ async def test_rollback_is_served_by_every_gateway(stack, models, user_key, seco
         await wait_serving(gateway, user_key, name, v1)
     history = ok(await asyncio.to_thread(meshctl, stack, "history", name))
     assert re.search(r"rollback .* — errors", history)
+
+
+async def canary_traffic(stack: StackInfo, key: str, model: str, requests: int) -> None:
+    """Requests from many users (so both arms get some), ten at a time; failures expected."""
+
+    async def one(index: int) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await generate(stack.gateway, key, model, f"user-{index}")
+
+    for start in range(0, requests, 10):
+        await asyncio.gather(*(one(i) for i in range(start, min(start + 10, requests))))
+
+
+async def test_a_healthy_canary_is_left_alone(stack, models, user_key):
+    """Noise: a canary as good as production keeps running through several judgements."""
+    name, v2 = models["name"], models["v2"]
+    ok(await asyncio.to_thread(meshctl, stack, "canary", name, v2, "--weight", "50",
+                               "--reason", "healthy canary"))
+    await wait_serving(stack.gateway, user_key, f"{name}@canary", v2)
+    await canary_traffic(stack, user_key, name, 60)
+    await asyncio.sleep(2 * JUDGE_INTERVAL_S)
+    listing = ok(await asyncio.to_thread(meshctl, stack, "list"))
+    assert re.search(rf"{name} .* canary {v2[7:19]}@50%", listing), listing
+    ok(await asyncio.to_thread(meshctl, stack, "canary", "clear", name, "--reason", "done"))
+
+
+async def test_a_failing_canary_is_rolled_back_automatically(stack, models, user_key, tmp_path):
+    """An injected error rate: the canary's engine is served by no replica, so every request
+    it gets fails; the registry's judge clears it and says why."""
+    name = models["name"]
+    broken = manifest(name, f"{name} broken engine") | {"triton_model_name": "missing-engine"}
+    (tmp_path / "engine.plan").write_bytes(os.urandom(1000))
+    (tmp_path / "manifest.json").write_text(json.dumps(broken))
+    v3 = pushed_version(ok(await asyncio.to_thread(meshctl, stack, "push", str(tmp_path))))
+    ok(await asyncio.to_thread(meshctl, stack, "canary", name, v3, "--weight", "50",
+                               "--reason", "try the new engine"))
+    deadline = time.monotonic() + 60
+    while True:
+        await canary_traffic(stack, user_key, name, 20)
+        history = ok(await asyncio.to_thread(meshctl, stack, "history", name, "--limit", "1"))
+        if "clear_canary" in history:
+            break
+        assert time.monotonic() < deadline, history
+    assert "registry/auto-rollback" in history and "error ratio" in history
+    with pytest.raises(grpc.aio.AioRpcError):  # no canary is left to pin
+        await generate(stack.gateway, user_key, f"{name}@canary")
 
 
 async def test_admin_changes_reach_the_audit_log(stack, models, stack_dir):
