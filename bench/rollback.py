@@ -4,10 +4,10 @@ previous version.
 Two gateways (the stack's and one more) are probed without pause by one client each: unary
 one-token generations of a bench model on the reference engine, each answer stamped with the
 version that served it. A rollback swaps production and previous, so the rounds alternate
-between two versions. Two kinds of rounds:
+between two versions. Three kinds of rounds:
 
-    API rounds (the Registry's ChangeRouting, what the CLI calls):
-      propagation  = last gateway's first answer from the previous version − the call returning
+    API rounds (the Registry's ChangeRouting, what the CLI calls), rollback and promote:
+      propagation  = last gateway's first answer from the new target − the call returning
     CLI rounds (the real `meshctl registry rollback` process, as an admin runs it):
       from command = first answer from the previous version − the command starting; this
                      includes the CLI's own Python start-up, most of a second on 2 cores
@@ -16,21 +16,26 @@ between two versions. Two kinds of rounds:
 
 Answers are stamped when they arrive, so each figure includes one generation's latency: an upper
 bound on the routing switch itself.
+
+    .venv/bin/python -m bench.rollback     # its own stack; prints one JSON line
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 import grpc
 
 from deploy.local.gateways import ExtraGateway
-from deploy.local.stack import REPO_ROOT, StackInfo
+from deploy.local.stack import REPO_ROOT, Stack, StackInfo, StackOptions
 from infermesh.v1 import inference_pb2, inference_pb2_grpc, registry_pb2
 from services.registry.client import RegistryClient
 
@@ -96,18 +101,23 @@ async def _rollback_with_cli(stack: StackInfo) -> tuple[float, float]:
     return started, returned
 
 
-async def _rollback_with_api(registry: RegistryClient, revision: int) -> tuple[float, float]:
+async def _change_with_api(
+    registry: RegistryClient, routing: registry_pb2.Routing, how: str
+) -> tuple[float, float]:
+    """A rollback, or a promote of the previous version (the same routing afterwards, but
+    previous is left pointing at what was production)."""
+    change = ({"rollback": registry_pb2.Rollback()} if how == "rollback" else
+              {"promote": registry_pb2.Promote(version_id=routing.previous)})
     started = time.monotonic()
-    await registry.change(MODEL, "bench: rollback propagation", revision,
-                          rollback=registry_pb2.Rollback())
+    await registry.change(MODEL, f"bench: {how} propagation", routing.revision, **change)
     return started, time.monotonic()
 
 
 async def _round(
-    stack: StackInfo, registry: RegistryClient, gateways: list[str], use_cli: bool
+    stack: StackInfo, registry: RegistryClient, gateways: list[str], how: str
 ) -> tuple[float, float, list[float]]:
     """(started, returned, when each gateway first served the previous version) of one
-    rollback, with every gateway probed before, during and after it."""
+    change (`how`: rollback, promote or cli), with every gateway probed throughout."""
     routing = await registry.routing(MODEL)
     probers = [Prober(gateway, stack.api_key) for gateway in gateways]
     stop = asyncio.Event()
@@ -115,10 +125,10 @@ async def _round(
     try:
         for prober in probers:  # every gateway serves the current production first
             await prober.wait_for(routing.production, ROUND_TIMEOUT_S)
-        if use_cli:
+        if how == "cli":
             started, returned = await _rollback_with_cli(stack)
         else:
-            started, returned = await _rollback_with_api(registry, routing.revision)
+            started, returned = await _change_with_api(registry, routing, how)
         served = [await p.wait_for(routing.previous, ROUND_TIMEOUT_S) for p in probers]
     finally:
         stop.set()
@@ -138,12 +148,14 @@ async def _measure(
                 routing = (await registry.change(
                     MODEL, "bench setup", routing.revision,
                     promote=registry_pb2.Promote(version_id=version_id))).routing
-        propagation_ms, from_command_ms, cli_wall_ms = [], [], []
+        propagation_ms, promote_ms, from_command_ms, cli_wall_ms = [], [], [], []
         for _ in range(rounds):
-            _, returned, served = await _round(stack, registry, gateways, use_cli=False)
+            _, returned, served = await _round(stack, registry, gateways, "rollback")
             propagation_ms.append((max(served) - returned) * 1000)
+            _, returned, served = await _round(stack, registry, gateways, "promote")
+            promote_ms.append((max(served) - returned) * 1000)
         for _ in range(cli_rounds):
-            started, returned, served = await _round(stack, registry, gateways, use_cli=True)
+            started, returned, served = await _round(stack, registry, gateways, "cli")
             from_command_ms.append((min(served) - started) * 1000)
             cli_wall_ms.append((returned - started) * 1000)
     return {
@@ -151,6 +163,8 @@ async def _measure(
         "rollback_gateways": len(gateways),
         "rollback_propagation_ms_max": round(max(propagation_ms), 1),
         "rollback_propagation_ms_p50": round(statistics.median(propagation_ms), 1),
+        "promote_propagation_ms_max": round(max(promote_ms), 1),
+        "promote_propagation_ms_p50": round(statistics.median(promote_ms), 1),
         "rollback_cli_rounds": cli_rounds,
         "rollback_first_generation_from_command_ms_p50": round(
             statistics.median(from_command_ms), 1),
@@ -170,3 +184,24 @@ def run(
             _measure(stack, [stack.gateway, second.endpoint], rounds, cli_rounds))
     finally:
         second.stop()
+
+
+def main() -> None:
+    from bench.__main__ import BENCH_PLAN  # the bench tenant, not the quota, sets the pace
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--cli-rounds", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="infermesh-bench-") as state:
+        stack = Stack(StackOptions(state_dir=pathlib.Path(state), demo_plan=BENCH_PLAN))
+        info = stack.up()
+        try:
+            figures = run(info, pathlib.Path(state), args.rounds, args.cli_rounds)
+        finally:
+            stack.down()
+    print(json.dumps(figures, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
