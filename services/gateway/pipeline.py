@@ -32,6 +32,7 @@ from services.common.logs import get_logger
 from services.gateway.admission import FairAdmission, priority_index
 from services.gateway.peers import Grant, Route
 from services.gateway.requests import GenerationRequest, Principal
+from services.gateway.safety import StreamFilter
 from services.gateway.shadow import ShadowTraffic
 from services.gateway.tokenizers import TokenizerStore
 from services.gateway.validation import Limits, validate
@@ -82,7 +83,7 @@ class TokenText:
 @dataclass(frozen=True)
 class Finished:
     request_id: str
-    finish_reason: str  # stop | length | cancelled | deadline | error
+    finish_reason: str  # stop | length | content_filter | cancelled | deadline | error
     model_version: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -134,6 +135,7 @@ class _Progress:
     queue_s: float = 0.0
     ttft_s: float = 0.0
     first_token_sent: bool = False
+    blocked_phrases: tuple[str, ...] = ()  # the version's safety policy
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -183,6 +185,7 @@ class GenerationPipeline:
             version, shadow = resolution.version, resolution.shadow
             progress.model = version.name
             progress.version_id = version.version_id
+            progress.blocked_phrases = version.blocked_phrases
             RESOLUTIONS.labels(version.name, resolution.arm).inc()
             validated = validate(request, principal, version, self._limits,
                                  self._tokenizers.get(version))
@@ -278,17 +281,28 @@ class GenerationPipeline:
     async def _relay(
         self, route: Route, engine_request: EngineRequest, progress: _Progress, send: Send
     ) -> str:
-        async for chunk in self._engine.generate(route.grpc_endpoint, engine_request):
-            progress.prompt_tokens = chunk.prompt_tokens or progress.prompt_tokens
-            progress.completion_tokens = chunk.completion_tokens or progress.completion_tokens
-            if chunk.text:
-                if not progress.first_token_sent:
-                    progress.first_token_sent = True
-                    progress.ttft_s = self._clock() - progress.arrived
-                await send(TokenText(engine_request.request_id, chunk.text))
+        safety = StreamFilter(progress.blocked_phrases)  # afresh per attempt
+        chunks = self._engine.generate(route.grpc_endpoint, engine_request)
+        async with contextlib.aclosing(chunks):  # leaving early cancels the Triton request
+            async for chunk in chunks:
+                progress.prompt_tokens = chunk.prompt_tokens or progress.prompt_tokens
+                progress.completion_tokens = chunk.completion_tokens or progress.completion_tokens
+                text, blocked = safety.feed(chunk.text)
+                await self._send_text(engine_request.request_id, text, progress, send)
+                if blocked:
+                    return "content_filter"
+        await self._send_text(engine_request.request_id, safety.flush(), progress, send)
         if progress.completion_tokens >= engine_request.max_tokens:
             return "length"
         return "stop"
+
+    async def _send_text(self, request_id: str, text: str, progress: _Progress, send: Send) -> None:
+        if not text:
+            return
+        if not progress.first_token_sent:
+            progress.first_token_sent = True
+            progress.ttft_s = self._clock() - progress.arrived
+        await send(TokenText(request_id, text))
 
     def _finished(
         self, request_id: str, reason: str, progress: _Progress,

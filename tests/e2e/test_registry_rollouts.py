@@ -266,6 +266,23 @@ async def test_a_failing_canary_is_rolled_back_automatically(stack, models, user
         await generate(stack.gateway, user_key, f"{name}@canary")
 
 
+async def test_a_versions_safety_policy_ends_the_stream(stack, models, user_key, tmp_path):
+    """A version that blocks "the ": its (pinned) generations stop before the phrase."""
+    name = models["name"]
+    guarded = manifest(name, f"{name} guarded") | {"safety": {"blocked_phrases": ["the "]}}
+    (tmp_path / "engine.plan").write_bytes(os.urandom(1000))
+    (tmp_path / "manifest.json").write_text(json.dumps(guarded))
+    version = pushed_version(ok(await asyncio.to_thread(meshctl, stack, "push", str(tmp_path))))
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        reply = await inference_pb2_grpc.InferenceStub(channel).Generate(
+            inference_pb2.GenerateRequest(
+                model=f"{name}@{version}", prompt="tell me a story",
+                params=inference_pb2.SamplingParams(max_tokens=64, seed=3)),
+            metadata=(("authorization", f"Bearer {user_key}"),), timeout=10)
+    assert reply.finish_reason == inference_pb2.CONTENT_FILTER
+    assert "the " not in reply.text.lower() and reply.model_version == version
+
+
 async def test_admin_changes_reach_the_audit_log(stack, models, stack_dir):
     """Every change's audit event leaves the registry's etcd outbox once the auditor has it."""
     name = models["name"]

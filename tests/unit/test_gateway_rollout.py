@@ -67,11 +67,17 @@ class NamedEngine:
 
     def __init__(self) -> None:
         self.requests: list[EngineRequest] = []
+        self.unfinished = 0  # streams closed before their final chunk (the request cancelled)
 
     async def generate(self, endpoint: str, request: EngineRequest):
         self.requests.append(request)
-        for count in range(1, 4):
-            yield EngineChunk(f"{endpoint}-{count} ", 2, count, count == 3)
+        finished = False
+        try:
+            for count in range(1, 4):
+                yield EngineChunk(f"{endpoint}-{count} ", 2, count, count == 3)
+            finished = True
+        finally:
+            self.unfinished += not finished
 
 
 class ListAudit:
@@ -82,9 +88,9 @@ class ListAudit:
         self.events.append(event)
 
 
-def build(routing: Routing, shadow_in_flight: int = 4):
+def build(routing: Routing, shadow_in_flight: int = 4, manifest: dict = MANIFEST):
     catalog = ModelCatalog()
-    versions = {version_id(m): m for m in (MANIFEST, SHADOW)}
+    versions = {version_id(m): m for m in (manifest, SHADOW)}
     catalog.rebuild({
         **{f"demo/versions/{vid}": {"version_id": vid, "manifest": m}
            for vid, m in versions.items()},
@@ -167,4 +173,16 @@ async def test_canary_answers_its_callers_and_pins_are_honoured():
     assert pinned.model_version == canary
     _, unknown = await run(pipeline, "demo@previous", "r-prev")
     assert unknown.finish_reason == "error" and unknown.error.code == "NOT_FOUND"
+    await shadow.close()
+
+
+async def test_a_blocked_phrase_ends_the_generation_unsent():
+    guarded = dict(copy.deepcopy(MANIFEST), safety={"blocked_phrases": ["ENGINE-2"]})
+    pipeline, _, _, engine, audit, shadow = build(
+        Routing(revision=1, production=version_id(guarded)), manifest=guarded)
+    events, finished = await run(pipeline, "demo", "r-safety")
+    assert "".join(e.text for e in events if isinstance(e, TokenText)) == "prod-engine-1 prod-"
+    assert finished.finish_reason == "content_filter" and finished.error is None
+    assert engine.unfinished == 1  # the engine request was cancelled, not read to its end
+    assert audit.events[0].generation.finish_reason == "content_filter"
     await shadow.close()
