@@ -1,4 +1,4 @@
-"""Where meshctl finds the gateway and its key: flags, then INFERMESH_* variables, then the
+"""Where meshctl finds a service (the gateway, the registry) and its key: flags, then INFERMESH_* variables, then the
 local stack's `.infermesh/stack.json`."""
 
 from __future__ import annotations
@@ -13,12 +13,22 @@ from deploy.local.stack import load_state
 DEFAULT_STATE_DIR = pathlib.Path(os.environ.get("INFERMESH_STATE_DIR", ".infermesh"))
 
 
-def gateway_and_key(gateway: str | None, api_key: str | None) -> tuple[str, str]:
+def endpoint_and_key(
+    service: str, endpoint: str | None, api_key: str | None
+) -> tuple[str, str]:
+    """`service`'s host:port (`--<service>`, `INFERMESH_<SERVICE>`, the local stack) and the
+    API key (`--api-key`, `INFERMESH_API_KEY`, the local stack's admin key)."""
     state = load_state(DEFAULT_STATE_DIR)
-    gateway = gateway or os.environ.get("INFERMESH_GATEWAY") or (state.gateway if state else None)
+    variable = f"INFERMESH_{service.upper()}"
+    endpoint = (endpoint or os.environ.get(variable)
+                or (state.endpoints.get(service) if state else None))
     api_key = api_key or os.environ.get("INFERMESH_API_KEY") or (state.api_key if state else None)
-    if not gateway:
-        raise typer.BadParameter("no gateway: pass --gateway or set INFERMESH_GATEWAY")
+    if not endpoint:
+        raise typer.BadParameter(f"no {service}: pass --{service} or set {variable}")
     if not api_key:
         raise typer.BadParameter("no API key: pass --api-key or set INFERMESH_API_KEY")
-    return gateway, api_key
+    return endpoint, api_key
+
+
+def gateway_and_key(gateway: str | None, api_key: str | None) -> tuple[str, str]:
+    return endpoint_and_key("gateway", gateway, api_key)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,9 +19,8 @@ from google.protobuf import json_format
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                            TransferSpeedColumn)
 
-from deploy.local.stack import load_state
 from infermesh.v1 import registry_pb2
-from meshctl.config import DEFAULT_STATE_DIR
+from meshctl.config import endpoint_and_key
 from services.common import errors
 from services.registry.client import RegistryClient, load_push_source
 from services.registry.manifest import diff_manifests, flatten
@@ -36,22 +34,10 @@ EXPECT = typer.Option(None, "--expect-revision",
                       help="Fail unless the routing is still at this revision (what you saw).")
 
 
-def registry_and_key(registry: str | None, api_key: str | None) -> tuple[str, str]:
-    state = load_state(DEFAULT_STATE_DIR)
-    registry = (registry or os.environ.get("INFERMESH_REGISTRY")
-                or (state.endpoints.get("registry") if state else None))
-    api_key = api_key or os.environ.get("INFERMESH_API_KEY") or (state.api_key if state else None)
-    if not registry:
-        raise typer.BadParameter("no registry: pass --registry or set INFERMESH_REGISTRY")
-    if not api_key:
-        raise typer.BadParameter("no API key: pass --api-key or set INFERMESH_API_KEY")
-    return registry, api_key
-
-
 def run(registry: str | None, api_key: str | None,
         operation: Callable[[RegistryClient], Awaitable[T]]) -> T:
     """Runs `operation` with a client; on an error prints `CODE: message` and exits 1."""
-    endpoint, key = registry_and_key(registry, api_key)
+    endpoint, key = endpoint_and_key("registry", registry, api_key)
 
     async def call() -> T:
         async with RegistryClient(endpoint, key) as client:
@@ -232,6 +218,20 @@ def promote(
     change(registry, api_key, model, reason, expect, version, promote=registry_pb2.Promote())
 
 
+def set_or_clear(
+    registry: str | None, api_key: str | None, first: str, second: str, reason: str,
+    expect: int | None, clear: dict[str, Any], setting: dict[str, Any] | None, option: str,
+) -> None:
+    """`<cmd> clear MODEL` makes the `clear` change; `<cmd> MODEL VERSION <option> V` makes
+    `setting` (None when the option was not given)."""
+    if first == "clear":
+        change(registry, api_key, second, reason, expect, **clear)
+        return
+    if setting is None:
+        raise typer.BadParameter(f"{option} is required")
+    change(registry, api_key, first, reason, expect, second, **setting)
+
+
 @registry_app.command("canary")
 def canary(
     model: str = typer.Argument(..., help="the model, or `clear` followed by the model"),
@@ -240,14 +240,10 @@ def canary(
     reason: str = REASON, expect: int = EXPECT, registry: str = REGISTRY, api_key: str = API_KEY,
 ) -> None:
     """`canary MODEL VERSION --weight N` sends a sticky N% to VERSION; `canary clear MODEL`."""
-    if model == "clear":
-        change(registry, api_key, version, reason, expect,
-               clear_canary=registry_pb2.ClearCanary())
-        return
-    if weight is None:
-        raise typer.BadParameter("--weight is required (percent, in (0, 100])")
-    change(registry, api_key, model, reason, expect, version,
-           canary=registry_pb2.SetCanary(weight_percent=weight))
+    set_or_clear(registry, api_key, model, version, reason, expect,
+                 {"clear_canary": registry_pb2.ClearCanary()},
+                 None if weight is None else {
+                     "canary": registry_pb2.SetCanary(weight_percent=weight)}, "--weight")
 
 
 @registry_app.command("shadow")
@@ -259,14 +255,10 @@ def shadow(
 ) -> None:
     """`shadow MODEL VERSION --rate R` copies a share R of requests to VERSION (its output is
     discarded, never billed); `shadow clear MODEL`."""
-    if model == "clear":
-        change(registry, api_key, version, reason, expect,
-               clear_shadow=registry_pb2.ClearShadow())
-        return
-    if rate is None:
-        raise typer.BadParameter("--rate is required (a share, in (0, 1])")
-    change(registry, api_key, model, reason, expect, version,
-           shadow=registry_pb2.SetShadow(rate=rate))
+    set_or_clear(registry, api_key, model, version, reason, expect,
+                 {"clear_shadow": registry_pb2.ClearShadow()},
+                 None if rate is None else {"shadow": registry_pb2.SetShadow(rate=rate)},
+                 "--rate")
 
 
 @registry_app.command("rollback")

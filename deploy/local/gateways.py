@@ -12,10 +12,7 @@ import sys
 import time
 import uuid
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from deploy.local.stack import REPO_ROOT, StackInfo
+from deploy.local.stack import REPO_ROOT, StackInfo, wait_serving
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import ChildProcess
 
@@ -44,23 +41,11 @@ class ExtraGateway:
 
     def start(self, timeout_s: float = 30.0) -> None:
         self.process.start()
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.endpoint) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if not self.process.alive():
-                    raise RuntimeError(f"{self.process.name} exited:\n{self.process.log_tail()}")
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"{self.process.name} not SERVING in {timeout_s}s:\n"
-                                       f"{self.process.log_tail()}")
-                time.sleep(0.1)
+        try:
+            wait_serving(self.process, self.endpoint, time.monotonic() + timeout_s)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.process.stop(grace_s=10.0)

@@ -127,7 +127,7 @@ class Stack:
                  "INFERMESH_REPLICA_ID": "replica-0"},
             )
             for name in (*SERVICES, "sidecar"):
-                self._wait_serving(name, f"{LOOPBACK}:{ports[name]}", deadline)
+                wait_serving(self.children[name], f"{LOOPBACK}:{ports[name]}", deadline)
             api_key = asyncio.run(
                 self._bootstrap(etcd_server.endpoint, ports, models.manifests, deadline)
             )
@@ -180,23 +180,6 @@ class Stack:
             {**env, "INFERMESH_PORT": str(port), "INFERMESH_METRICS_PORT": str(metrics_port),
              "INFERMESH_INSTANCE_ID": f"{name}-local"},
         )
-
-    def _wait_serving(self, name: str, endpoint: str, deadline: float) -> None:
-        with grpc.insecure_channel(endpoint) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                child = self.children[name]
-                if not child.alive():
-                    raise RuntimeError(f"{name} exited during start-up:\n{child.log_tail()}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} not SERVING in time:\n{child.log_tail()}")
-                time.sleep(0.1)
 
     async def _bootstrap(
         self, etcd_endpoint: str, ports: dict[str, int],
@@ -259,6 +242,25 @@ async def register_demo_model(
         if routing.production != reply.version_id:
             await client.change(manifest.name, "the embedded stack's demo model", routing.revision,
                                 promote=registry_pb2.Promote(version_id=reply.version_id))
+
+
+def wait_serving(child: ChildProcess, endpoint: str, deadline: float) -> None:
+    """Returns once `child`'s gRPC health says SERVING; raises if it exits or the deadline
+    passes (with the tail of its log)."""
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited during start-up:\n{child.log_tail()}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{child.name} not SERVING in time:\n{child.log_tail()}")
+            time.sleep(0.1)
 
 
 def load_state(state_dir: pathlib.Path) -> StackInfo | None:
