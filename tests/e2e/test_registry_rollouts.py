@@ -174,6 +174,13 @@ async def test_canary_is_sticky_and_pins_are_served(stack, models, user_key):
         assert first.model_version == again.model_version
         served[user] = first.model_version
     assert set(served.values()) == {v1, v2}
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        info = await inference_pb2_grpc.InferenceStub(channel).GetModel(
+            inference_pb2.GetModelRequest(name=name),
+            metadata=(("authorization", f"Bearer {user_key}"),), timeout=5)
+    assert (info.production_version, info.canary_version, info.canary_weight_percent) == \
+        (v1, v2, 50)
+    assert info.routing_revision >= 2 and info.cost_per_1k_output_tokens == 0.0002
     assert (await generate(stack.gateway, user_key, f"{name}@{v1}")).model_version == v1
     assert (await generate(stack.gateway, user_key, f"{name}@production")).model_version == v1
     ok(await asyncio.to_thread(meshctl, stack, "canary", "clear", name, "--reason", "done"))

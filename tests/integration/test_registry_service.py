@@ -192,3 +192,29 @@ async def test_uploads_are_chunked_resumable_and_verified(registry, tmp_path):
         again = await admin.upload(LocalFile(path, digest, len(data)), sent.append)
     assert again.complete and sum(sent) == len(data)
     await channel.close()
+
+
+async def test_one_upload_per_blob_at_a_time(registry):
+    data = b"x" * 100_000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    metadata = (("authorization", f"Bearer {registry.admin_key}"),)
+    release = asyncio.Event()
+
+    async def stalled():
+        yield registry_pb2.UploadBlobRequest(header=registry_pb2.BlobHeader(
+            digest=digest, size=len(data)))
+        await release.wait()  # holds the upload open
+        yield registry_pb2.UploadBlobRequest(chunk=data)
+
+    async with grpc.aio.insecure_channel(registry.endpoint) as channel:
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        first = asyncio.ensure_future(stub.UploadBlob(stalled(), metadata=metadata, timeout=10))
+        await asyncio.sleep(0.3)  # the first upload holds the digest now
+        with pytest.raises(grpc.aio.AioRpcError) as busy:
+            await stub.UploadBlob(iter([
+                registry_pb2.UploadBlobRequest(header=registry_pb2.BlobHeader(
+                    digest=digest, size=len(data))),
+                registry_pb2.UploadBlobRequest(chunk=data)]), metadata=metadata, timeout=10)
+        assert busy.value.code() == grpc.StatusCode.UNAVAILABLE
+        release.set()
+        assert (await first).complete
