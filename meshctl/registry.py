@@ -23,7 +23,7 @@ from infermesh.v1 import registry_pb2
 from meshctl.config import endpoint_and_key
 from services.common import errors
 from services.registry.client import RegistryClient, load_push_source
-from services.registry.manifest import diff_manifests, flatten
+from services.registry.manifest import ALIASES, VERSION_ID, diff_manifests, flatten
 
 T = TypeVar("T")
 registry_app = typer.Typer(help="Model versions and their rollouts.", no_args_is_help=True)
@@ -67,7 +67,7 @@ def manifest_dict(manifest: registry_pb2.ModelManifest) -> dict[str, Any]:
 
 async def resolve_version(client: RegistryClient, model: str, text: str) -> str:
     """A full `sha256:…` id, a unique prefix of one (with or without `sha256:`), or an alias."""
-    if text in ("production", "canary", "shadow", "previous"):
+    if text in ALIASES or VERSION_ID.match(text):
         return (await client.version(f"{model}@{text}")).version_id
     prefix = text if text.startswith("sha256:") else f"sha256:{text}"
     if len(prefix) < len("sha256:") + 6:

@@ -27,7 +27,7 @@ from services.registry.blobs import LocalBlobStore
 from services.registry.catalog import ModelCatalog
 from services.registry.manifest import ModelVersion, parse_ref
 from services.registry.settings import RegistrySettings
-from services.registry.store import RegistryStore, check_model_name, parse_models_key
+from services.registry.store import RegistryStore, parse_models_key
 from services.registry.uploads import BlobUploads
 
 UPLOAD_IDLE_TIMEOUT_S = 60.0
@@ -189,10 +189,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def ListVersions(self, request, context):
         try:
             self._principal(context, admin=False)
-            entry = self._catalog.entry(check_model_name(request.model))
+            versions = await self._store.versions(request.model)
         except errors.MeshError as exc:
             await status.abort(context, exc)
-        versions = sorted(entry.versions.values(), key=lambda v: (v.registered_at, v.version_id))
         return registry_pb2.ListVersionsResponse(versions=[encode_version(v) for v in versions])
 
     async def ListModels(self, request, context):

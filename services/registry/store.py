@@ -82,6 +82,11 @@ def audit_record(
     }
 
 
+def _stored_version(record: dict[str, Any]) -> ModelVersion:
+    return ModelVersion(record["version_id"], record["manifest"], record["registered_at"],
+                        record.get("registered_by", ""))
+
+
 class RegistryStore:
     """Every write of the registry; `source` names this instance in audit events."""
 
@@ -119,9 +124,7 @@ class RegistryStore:
             if created:
                 return ModelVersion(vid, manifest, now, actor), True
             existing = await self._client.get(key)
-        stored = etcd.decode(existing.value)
-        return ModelVersion(vid, stored["manifest"], stored["registered_at"],
-                            stored.get("registered_by", "")), False
+        return _stored_version(etcd.decode(existing.value)), False
 
     def _check_blobs(self, manifest: dict[str, Any]) -> None:
         for group in FILE_GROUPS:
@@ -143,11 +146,18 @@ class RegistryStore:
     async def version(self, model: str, version_id: str) -> ModelVersion | None:
         async with etcd_unavailable_as_error():
             found = await self._client.get(etcd.Keys.model_version(model, version_id).encode())
-        if found is None:
-            return None
-        stored = etcd.decode(found.value)
-        return ModelVersion(version_id, stored["manifest"], stored["registered_at"],
-                            stored.get("registered_by", ""))
+        return None if found is None else _stored_version(etcd.decode(found.value))
+
+    async def versions(self, model: str) -> list[ModelVersion]:
+        """Every version of `model`, oldest first; NotFound when it has none."""
+        check_model_name(model)
+        async with etcd_unavailable_as_error():
+            listing = await self._client.get_prefix(
+                etcd.Keys.model_versions_prefix(model).encode())
+        versions = [_stored_version(etcd.decode(kv.value)) for kv in listing]
+        if not versions:
+            raise errors.NotFound(f"model {model!r} does not exist")
+        return sorted(versions, key=lambda v: (v.registered_at, v.version_id))
 
     async def routing(self, model: str) -> Routing:
         """The model's routing as etcd has it now (what a compare-and-swap compares with)."""
