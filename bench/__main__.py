@@ -11,7 +11,7 @@ import json
 import pathlib
 import tempfile
 
-from bench import noisy_neighbor, rollback
+from bench import noisy_neighbor, rollback, torch_engine
 from bench.streaming import compare
 from deploy.local.stack import Stack, StackOptions
 from services.common.tenancy import TenantPlan
@@ -37,6 +37,7 @@ def main() -> None:
             figures = compare(
                 info, levels, args.max_tokens, args.requests_per_stream, args.budget_s
             )
+            figures.update(torch_engine.compare(info, pathlib.Path(state) / "data" / "blobs"))
             figures.update(asyncio.run(noisy_neighbor.run(info)))
             figures.update(rollback.run(info, pathlib.Path(state)))
         finally:

@@ -12,6 +12,7 @@ import typer
 
 from infermesh.v1 import inference_pb2
 from meshctl.config import DEFAULT_STATE_DIR, gateway_and_key
+from meshctl.engine import engine_app
 from meshctl.generate import sampling, stream_generation, unary_generation
 from meshctl.registry import registry_app
 from meshctl.slo import slo as slo_command
@@ -22,6 +23,7 @@ app = typer.Typer(help="Operate infermesh: the local stack, generations, the aud
 stack_app = typer.Typer(help="Start and stop the embedded stack.", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+app.add_typer(engine_app, name="engine")
 app.add_typer(audit_app, name="audit")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")

@@ -20,11 +20,12 @@ from backends.triton.weights import ModelFiles, cache_root, publish_default_mode
 from infermesh.v1 import registry_pb2
 from services.registry.blobs import LocalBlobStore
 
-__all__ = ["DEMO_MODEL", "REFERENCE_MODEL", "DemoModels", "prepare", "reference_manifest",
-           "torch_manifest"]
+__all__ = ["DEMO_MODEL", "REFERENCE_MODEL", "TORCH_TRITON_MODEL", "DemoModels", "manifest_dict",
+           "prepare", "reference_manifest", "torch_manifest"]
 
 DEMO_MODEL = "demo-chat"
 REFERENCE_MODEL = "demo-reference"
+TORCH_TRITON_MODEL = "smollm2"  # the torch engine's model name in Triton
 _REFERENCE_SOURCE = (
     pathlib.Path(__file__).resolve().parents[2] / "backends" / "triton" / "model_repository"
     / "reference"
@@ -55,7 +56,7 @@ def torch_manifest(files: ModelFiles) -> registry_pb2.ModelManifest:
     return registry_pb2.ModelManifest(
         name=DEMO_MODEL,
         description="SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) on the torch engine.",
-        triton_model_name="smollm2",
+        triton_model_name=TORCH_TRITON_MODEL,
         tokenizer="huggingface",
         engine=registry_pb2.EngineConfig(
             context_window=2048, max_output_tokens=512, max_batch_size=8,

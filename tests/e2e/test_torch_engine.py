@@ -7,6 +7,7 @@ conversion); the engine's state is read from Triton's metrics endpoint, as the s
 from __future__ import annotations
 
 import asyncio
+import json
 import pathlib
 import shutil
 import time
@@ -19,12 +20,13 @@ from tritonclient.utils import InferenceServerException
 
 from backends.triton.torch_engine_repository import render_torch_model
 from backends.triton.weights import DEFAULT_MODEL, cache_root
+from deploy.local.demo_models import TORCH_TRITON_MODEL
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
-TRITON_MODEL = "smollm2"  # the demo model's Triton name (deploy/local/demo_models.py)
+TRITON_MODEL = TORCH_TRITON_MODEL
 QUESTION = "What is the capital of France?"
 
 
@@ -209,3 +211,33 @@ async def test_a_tampered_weights_blob_is_refused_not_served(
             assert await client.is_model_ready(TRITON_MODEL)  # the good one is untouched
     finally:
         shutil.rmtree(folder)
+
+
+def test_calibrate_writes_a_profile_the_reference_engine_can_run_with(
+    stack: StackInfo, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+):
+    from typer.testing import CliRunner
+
+    from backends.triton.reference_engine import EngineConfig, StepTiming
+    from meshctl.__main__ import app
+
+    for variable, value in (("INFERMESH_REGISTRY", stack.endpoints["registry"]),
+                            ("INFERMESH_TRITON", stack.endpoints["triton"]),
+                            ("INFERMESH_TRITON_METRICS", stack.metrics["triton"]),
+                            ("INFERMESH_API_KEY", stack.api_key)):
+        monkeypatch.setenv(variable, value)
+    out = tmp_path / "profile.json"
+    result = CliRunner().invoke(app, [
+        "engine", "calibrate", stack.model, "--out", str(out), "--prompt-lengths", "8,96",
+        "--batches", "1,3", "--decode-tokens", "6", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    profile = json.loads(out.read_text())
+    assert profile["model"] == stack.model and profile["triton_model_name"] == TRITON_MODEL
+    assert profile["decode_step_ms"] + profile["decode_step_ms_per_request"] > 0
+    assert profile["kv_tokens_per_block"] == 32 and profile["kv_blocks_per_request"] >= 1
+    assert profile["max_active_requests"] >= 1
+    assert len(profile["samples"]["prefill_tokens_seconds"]) == 2
+    parameters = profile["reference_parameters"]
+    EngineConfig(StepTiming(**{k: float(v) for k, v in parameters.items()
+                               if k != "max_active_requests"}),
+                 max_active_requests=int(parameters["max_active_requests"]))

@@ -41,6 +41,7 @@ _REQUEST_TYPES = ("active", "max", "waiting", "scheduled", "context")
 _KV_TYPES = ("max", "free", "used", "tokens_per", "reused", "fraction")
 _POLL_S = 0.02  # longest a busy dispatcher waits for tokens before it looks at its inbox again
 _CANCEL_CHECK_S = 0.1  # is_cancelled() is a round trip to the server: not on every token
+_PUBLISH_S = 0.1  # each gauge set is a round trip too: while busy, publish at most this often
 # Inputs the engine does not implement: refused unless they hold their neutral value.
 _NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
             "length_penalty": 1.0, "beam_width": 1, "num_return_sequences": 1}
@@ -283,7 +284,7 @@ class TritonPythonModel:
             self._pending.clear()
 
     def _run(self) -> None:
-        next_cancel_check = 0.0
+        next_cancel_check = next_publish = 0.0
         settled = True  # the engine holds no request and no KV block: nothing left to publish
         while True:
             with self._wakeup:
@@ -302,9 +303,11 @@ class TritonPythonModel:
                 next_cancel_check = now + _CANCEL_CHECK_S
             if self._pending:
                 self._deliver(self._engine.poll(_POLL_S))
-            stats = self._engine.stats()
-            self._metrics.publish(stats)
-            settled = stats.active == 0 and stats.waiting == 0 and stats.kv_used == 0
+            if now >= next_publish or not self._pending:
+                stats = self._engine.stats()
+                self._metrics.publish(stats)
+                settled = stats.active == 0 and stats.waiting == 0 and stats.kv_used == 0
+                next_publish = now + _PUBLISH_S
 
     def _admit(self, pending: _Pending, generation: Generation) -> None:
         try:

@@ -1,0 +1,188 @@
+"""The torch engine's throughput three ways, in one run: through the mesh, straight to Triton, and
+the same model in this process with transformers (the engine's own limit on this machine).
+
+Every request streams `max_tokens` tokens exactly (min_tokens = max_tokens, seeded sampling), so
+all three paths do the same work; at each concurrency the same number of requests runs on each.
+The in-process engine is loaded from the stack's own verified blobs and converted copy, with the
+version's KV-cache config, after the Triton paths (so the two never compete for the CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import statistics
+import time
+import uuid
+
+import grpc
+
+from backends.triton.adapter import EngineRequest, TritonAdapter
+from backends.triton.torch_engine import Generation, Sampling, TorchEngine, TorchEngineConfig
+from backends.triton.weights import (
+    cache_root,
+    materialize_files,
+    materialize_weights,
+    publish_default_model,
+)
+from bench.streaming import LevelResult, Sample, _drive, percentile
+from deploy.local.demo_models import TORCH_TRITON_MODEL, manifest_dict, torch_manifest
+from deploy.local.stack import StackInfo
+from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from services.registry.blobs import LocalBlobStore
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+PATHS = ("mesh", "direct", "inprocess")
+
+
+def _direct(adapter: TritonAdapter, stack: StackInfo, triton_model: str, max_tokens: int):
+    async def one(index: int) -> Sample:
+        request = EngineRequest(
+            triton_model_name=triton_model, request_id=uuid.uuid4().hex, prompt=PROMPT,
+            max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.8, seed=index)
+        started = time.perf_counter()
+        ttft, tokens = 0.0, 0
+        try:
+            async for chunk in adapter.generate(stack.endpoints["triton"], request):
+                if chunk.text and not ttft:
+                    ttft = time.perf_counter() - started
+                tokens = chunk.completion_tokens
+        except Exception:
+            return Sample(0.0, 0, False)
+        return Sample(ttft, tokens, True)
+
+    return one
+
+
+def _mesh(stub: inference_pb2_grpc.InferenceStub, stack: StackInfo, max_tokens: int):
+    metadata = (("authorization", f"Bearer {stack.api_key}"),)
+
+    async def one(index: int) -> Sample:
+        frame = inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
+            request_id=uuid.uuid4().hex, model=stack.model, prompt=PROMPT,
+            params=inference_pb2.SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens,
+                                                temperature=0.8, seed=index)))
+        started = time.perf_counter()
+        ttft = 0.0
+        try:
+            async for reply in stub.GenerateStream(iter([frame]), metadata=metadata):
+                kind = reply.WhichOneof("frame")
+                if kind == "tokens" and not ttft:
+                    ttft = time.perf_counter() - started
+                elif kind == "final":
+                    ok = not reply.final.HasField("error")
+                    return Sample(ttft, reply.final.usage.completion_tokens, ok)
+        except grpc.aio.AioRpcError:
+            pass
+        return Sample(0.0, 0, False)
+
+    return one
+
+
+def _result(concurrency: int, samples: list[Sample], elapsed: float) -> LevelResult:
+    good = [s for s in samples if s.ok]
+    ttfts = [s.ttft_s * 1000 for s in good]
+    return LevelResult(
+        concurrency=concurrency, requests=len(samples), errors=len(samples) - len(good),
+        tokens_per_s=sum(s.tokens for s in good) / elapsed,
+        ttft_p50_ms=statistics.median(ttfts) if ttfts else float("nan"),
+        ttft_p99_ms=percentile(ttfts, 99),
+    )
+
+
+async def _over_grpc(path: str, stack: StackInfo, triton_model: str, concurrency: int,
+                     requests: int, max_tokens: int, budget_s: float) -> LevelResult:
+    if path == "direct":
+        adapter = TritonAdapter()
+        try:
+            samples, elapsed = await _drive(_direct(adapter, stack, triton_model, max_tokens),
+                                            concurrency, range(requests), budget_s)
+        finally:
+            await adapter.close()
+    else:
+        async with grpc.aio.insecure_channel(stack.gateway) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            samples, elapsed = await _drive(_mesh(stub, stack, max_tokens), concurrency,
+                                            range(requests), budget_s)
+    return _result(concurrency, samples, elapsed)
+
+
+def _in_process(engine: TorchEngine, concurrency: int, requests: int,
+                max_tokens: int) -> LevelResult:
+    """Keeps `concurrency` requests in the engine until `requests` have finished."""
+    started: dict[str, float] = {}
+    first: dict[str, float] = {}
+    samples: list[Sample] = []
+    submitted = 0
+    begin = time.perf_counter()
+    while len(samples) < requests:
+        while submitted < requests and len(started) - len(samples) < concurrency:
+            request_id = f"bench-{submitted}"
+            started[request_id] = time.perf_counter()
+            engine.submit(Generation(request_id, PROMPT, max_tokens, Sampling(
+                temperature=0.8, seed=submitted, min_tokens=max_tokens)))
+            submitted += 1
+        for delta in engine.poll(0.05):
+            if delta.text and delta.request_id not in first:
+                first[delta.request_id] = time.perf_counter()
+            if delta.finish_reason is not None:
+                ttft = first.get(delta.request_id, time.perf_counter()) - started[delta.request_id]
+                samples.append(Sample(ttft, delta.num_output_tokens, delta.error == ""))
+    return _result(concurrency, samples, time.perf_counter() - begin)
+
+
+def _load_engine(stack_blob_dir: pathlib.Path) -> TorchEngine:
+    """The stack's demo model, from the same verified blobs, with the same engine config."""
+    blobs = LocalBlobStore(stack_blob_dir)
+    cache = cache_root()
+    manifest = manifest_dict(torch_manifest(publish_default_model(blobs, cache)))
+    engine_config = manifest["engine"]
+    engine = TorchEngine(
+        materialize_weights(blobs, manifest["weights"], cache),
+        materialize_files(blobs, manifest["tokenizer_files"], cache),
+        TorchEngineConfig(num_blocks=engine_config["num_blocks"],
+                          page_size=engine_config["page_size"],
+                          max_batch_tokens=engine_config["max_batch_tokens"],
+                          dtype=engine_config["dtype"]),
+    )
+    engine.start()
+    return engine
+
+
+def compare(stack: StackInfo, stack_blob_dir: pathlib.Path, levels: tuple[int, ...] = (1, 8),
+            max_tokens: int = 64, requests_per_stream: int = 2,
+            budget_s: float = 120.0) -> dict[str, float]:
+    """Figures named `torch_<path>_…_c<N>` plus the two ratios the issue asks for."""
+    triton_model = TORCH_TRITON_MODEL
+    results: dict[tuple[str, int], LevelResult] = {}
+    for concurrency in levels:
+        requests = max(4, concurrency * requests_per_stream)
+        for path in ("direct", "mesh"):
+            asyncio.run(_over_grpc(path, stack, triton_model, 2, 2, 8, budget_s))  # warm
+            results[path, concurrency] = asyncio.run(_over_grpc(
+                path, stack, triton_model, concurrency, requests, max_tokens, budget_s))
+    engine = _load_engine(stack_blob_dir)
+    try:
+        _in_process(engine, 2, 2, 8)  # warm
+        for concurrency in levels:
+            requests = max(4, concurrency * requests_per_stream)
+            results["inprocess", concurrency] = _in_process(engine, concurrency, requests,
+                                                            max_tokens)
+    finally:
+        engine.stop()
+    figures: dict[str, float] = {}
+    for (path, concurrency), result in sorted(results.items()):
+        c = f"c{concurrency}"
+        print(f"torch {path:>9} {c:>3}: {result.tokens_per_s:7.1f} tok/s, ttft p50 "
+              f"{result.ttft_p50_ms:7.1f} ms ({result.requests} req, {result.errors} err)",
+              flush=True)
+        figures[f"torch_{path}_tokens_per_s_{c}"] = round(result.tokens_per_s, 1)
+        figures[f"torch_{path}_ttft_p50_ms_{c}"] = round(result.ttft_p50_ms, 1)
+        figures[f"torch_errors_{path}_{c}"] = result.errors
+    for concurrency in levels:
+        c = f"c{concurrency}"
+        mesh, direct, local = (results[p, concurrency].tokens_per_s for p in PATHS)
+        figures[f"torch_mesh_over_direct_tokens_per_s_{c}"] = round(mesh / direct, 3)
+        figures[f"torch_direct_over_inprocess_tokens_per_s_{c}"] = round(direct / local, 3)
+    return figures
+
