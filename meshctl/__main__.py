@@ -11,6 +11,7 @@ import time
 import typer
 
 from infermesh.v1 import inference_pb2
+from meshctl.audit import audit_app
 from meshctl.config import DEFAULT_STATE_DIR, gateway_and_key
 from meshctl.engine import engine_app
 from meshctl.generate import sampling, stream_generation, unary_generation
@@ -21,7 +22,6 @@ from meshctl.tenants import key_app, tenant_app
 app = typer.Typer(help="Operate infermesh: the local stack, generations, the audit log.",
                   no_args_is_help=True)
 stack_app = typer.Typer(help="Start and stop the embedded stack.", no_args_is_help=True)
-audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(engine_app, name="engine")
 app.add_typer(audit_app, name="audit")
@@ -155,23 +155,6 @@ def stack_down(state_dir: pathlib.Path = typer.Option(DEFAULT_STATE_DIR, "--stat
 
     stopped = stop_detached(state_dir)
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "no stack was running", err=True)
-
-
-@audit_app.command("verify")
-def audit_verify(
-    data_dir: pathlib.Path = typer.Option(DEFAULT_STATE_DIR / "data" / "auditor", "--data-dir"),
-) -> None:
-    """Re-walk the hash chain; exit 1 and name the first bad record when it is broken."""
-    from services.auditor.chain import format_result, verify
-
-    try:
-        result = verify(data_dir)
-    except FileNotFoundError:
-        typer.echo(f"no audit log in {data_dir}", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(format_result(result))
-    if not result.ok:
-        raise typer.Exit(1)
 
 
 def main() -> None:

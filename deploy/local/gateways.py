@@ -27,6 +27,7 @@ class ExtraGateway:
             INFERMESH_METRICS_PORT=str(self.metrics_port),
             INFERMESH_INSTANCE_ID=f"{name}-{uuid.uuid4().hex[:6]}",
             INFERMESH_BLOB_DIR=str(state_dir / "data" / "blobs"),
+            INFERMESH_AUDIT_SPOOL_DIR=str(state_dir / "data" / f"{name}-audit-spool"),
         )
         self.process = ChildProcess(name, [sys.executable, "-m", "services.gateway"],
                                     state_dir / "logs" / f"{name}.log", env=env, cwd=REPO_ROOT)

@@ -115,6 +115,8 @@ class Stack:
                     extra["INFERMESH_AUDITOR_DATA_DIR"] = str(self.state_dir / "data" / "auditor")
                 if name == "gateway":
                     extra["INFERMESH_BLOB_DIR"] = str(blob_dir)
+                    extra["INFERMESH_AUDIT_SPOOL_DIR"] = str(
+                        self.state_dir / "data" / "gateway" / "audit-spool")
                     extra.update(self.options.gateway_env)
                 if name == "registry":
                     extra["INFERMESH_REGISTRY_BLOB_DIR"] = str(blob_dir)

@@ -1,80 +1,462 @@
-"""Audit events from the gateway: queued in memory and shipped to the auditor in batches.
+"""Audit events from the gateway: spooled on local disk, shipped to the auditor in order.
 
-Emitting never blocks or fails a generation. When the queue is full the event is dropped and
-counted (`infermesh_gateway_audit_dropped_total`); a batch the auditor did not acknowledge is
-sent again. A durable on-disk spool is the auditor issue's next step (docs/decisions.md).
+`emit` never blocks and never fails a generation: it serializes the event into memory and
+returns. A writer task appends what accumulated to the spool (length + CRC framed, fdatasync)
+every few milliseconds; a shipper task sends the spool's oldest events to the auditor, one
+batch at a time, and moves the spool's cursor past a batch only once the auditor acknowledged
+it (after its fsync). While the auditor is slow or down the spool grows; when it returns the
+backlog is replayed in order. A crash replays at most the unacknowledged batch again, which
+the auditor stores once (it deduplicates by event id).
+
+The spool is bounded (`max_bytes`, memory and disk together). What happens when it is full
+is configured by `on_full`:
+- `drop` (default): the new event is dropped and counted
+  (`infermesh_gateway_audit_dropped_total{reason="spool_full"}`, plus an error log);
+- `refuse`: new generations are refused with UNAVAILABLE (retry on another gateway) until the
+  spool drains, and the events of generations already running are still kept.
+Nothing is dropped silently: a disk error keeps events in memory (and counts a drop only past
+the bound), and an event the auditor refuses as invalid goes to `rejected.spool`, counted.
+
+Files in the spool directory: `<n>.spool` (frames, rotated at `file_bytes`), `cursor` (the
+first unacknowledged frame), `LOCK` (one gateway per directory), `rejected.spool`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import pathlib
+import struct
+import threading
+import time
+import zlib
+from typing import Any, Literal
 
 import grpc
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
+from infermesh.v1 import auditor_pb2
+from services.auditor import client as auditor_client
+from services.auditor.files import append_durably, fsync_directory
 from services.common import errors
 from services.common.discovery import ServiceDirectory
 from services.common.logs import get_logger
 
 log = get_logger(__name__)
-DROPPED = Counter("infermesh_gateway_audit_dropped_total", "Audit events dropped: queue full.")
-REFUSED = Counter("infermesh_gateway_audit_refused_total", "Audit events the auditor refused.")
+DROPPED = Counter("infermesh_gateway_audit_dropped_total",
+                  "Audit events not kept, by reason (spool_full, corrupt).", ["reason"])
+REJECTED = Counter("infermesh_gateway_audit_refused_total",
+                   "Audit events the auditor refused as invalid (kept in rejected.spool).")
 SHIPPED = Counter("infermesh_gateway_audit_shipped_total", "Audit events acknowledged.")
+SHIP_FAILURES = Counter("infermesh_gateway_audit_ship_failures_total",
+                        "Failed attempts to ship a batch (retried with backoff).")
+REFUSED = Counter("infermesh_gateway_audit_refused_generations_total",
+                  "Generations refused because the audit spool was full (on_full=refuse).")
+SPOOL_BYTES = Gauge("infermesh_gateway_audit_spool_bytes",
+                    "Audit bytes not yet acknowledged by the auditor (memory and disk).")
+
+FRAME = struct.Struct(">II")  # payload length, CRC-32 of the payload
+SPOOL_SUFFIX = ".spool"
+CURSOR_FILE = "cursor"
+REJECTED_FILE = "rejected.spool"
+MAX_FRAME_BYTES = 1 << 20
+
+
+class AuditSpoolSettings(BaseSettings):
+    """`INFERMESH_AUDIT_SPOOL_*`; read by the gateway beside its own settings."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_AUDIT_SPOOL_", extra="ignore")
+
+    dir: pathlib.Path | None = Field(
+        None, description="Spool directory (default .infermesh/data/gateway/<instance id>/"
+        "audit-spool); one gateway per directory.")
+    max_bytes: int = Field(256 << 20, ge=64 << 10,
+                           description="Bound on unacknowledged events, memory and disk.")
+    file_bytes: int = Field(4 << 20, ge=4096, description="A spool file rotates past this.")
+    on_full: Literal["drop", "refuse"] = Field(
+        "drop", description="drop: drop and count new events; refuse: refuse new generations.")
+    flush_interval_s: float = Field(0.01, gt=0, le=1.0,
+                                    description="How long events gather before one fdatasync.")
+    batch_events: int = Field(512, ge=1, le=4096, description="Most events per Append batch.")
+    retry_max_s: float = Field(2.0, gt=0, description="Longest backoff between ship attempts.")
+    flush_timeout_s: float = Field(5.0, ge=0,
+                                   description="On shutdown, how long to keep shipping.")
+
+    def directory(self, instance_id: str) -> pathlib.Path:
+        return self.dir or pathlib.Path(".infermesh/data/gateway") / instance_id / "audit-spool"
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Position:
+    file: int
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    payloads: list[bytes]  # serialized AuditEvents, oldest first
+    end: Position  # just past the last frame read
+    size: int  # spool bytes the batch spans (what committing it frees)
+    corrupt_bytes: int = 0  # unreadable bytes skipped (disk corruption), counted as dropped
+
+
+class Spool:
+    """The files. Blocking I/O: call from worker threads. `write` may run beside `read` and
+    `commit` (one internal lock guards the shared positions), never beside itself."""
+
+    def __init__(self, directory: pathlib.Path, lock_fd: int, file_bytes: int):
+        self._dir = directory
+        self._lock_fd = lock_fd
+        self._file_bytes = file_bytes
+        self._lock = threading.Lock()
+        self._cursor = Position(1, 0)
+        self._end = Position(1, 0)  # durable end of the newest file
+        self._write_fd = -1
+        self.unacked_bytes = 0
+
+    @classmethod
+    def open(cls, directory: pathlib.Path, file_bytes: int) -> Spool:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise errors.FailedPrecondition(
+                    f"the audit spool {directory} is used by another gateway; give each one "
+                    "its own INFERMESH_AUDIT_SPOOL_DIR") from None
+            spool = cls(directory, lock_fd, file_bytes)
+            spool._recover()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return spool
+
+    def _path(self, number: int) -> pathlib.Path:
+        return self._dir / f"{number:016d}{SPOOL_SUFFIX}"
+
+    def _files(self) -> list[int]:
+        return sorted(int(p.stem) for p in self._dir.glob(f"*{SPOOL_SUFFIX}") if p.stem.isdigit())
+
+    def _recover(self) -> None:
+        try:
+            value = json.loads((self._dir / CURSOR_FILE).read_text())
+            cursor = Position(int(value["file"]), int(value["offset"]))
+        except FileNotFoundError:
+            files = self._files()
+            cursor = Position(files[0] if files else 1, 0)
+        for number in self._files():
+            if number < cursor.file:
+                self._path(number).unlink()
+        files = self._files() or [cursor.file]
+        last = files[-1]
+        fd = os.open(self._path(last), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        start = cursor.offset if last == cursor.file else 0
+        end = _frames_end(fd, start)
+        size = os.fstat(fd).st_size
+        if end < size:
+            log.warning("audit_spool_torn_tail_cut", file=last, offset=end, bytes=size - end)
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+        self._write_fd = fd
+        self._cursor = cursor
+        self._end = Position(last, end)
+        self.unacked_bytes = sum(self._path(n).stat().st_size for n in files) - cursor.offset
+
+    def write(self, payloads: list[bytes]) -> None:
+        """Appends the events and fdatasyncs; raises OSError with nothing half-counted."""
+        data = b"".join(FRAME.pack(len(p), zlib.crc32(p)) + p for p in payloads)
+        end = self._end
+        append_durably(self._write_fd, data, end.offset)
+        with self._lock:
+            self._end = Position(end.file, end.offset + len(data))
+            self.unacked_bytes += len(data)
+        if self._end.offset >= self._file_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        number = self._end.file + 1
+        fd = os.open(self._path(number), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     0o640)
+        fsync_directory(self._dir)
+        old = self._write_fd
+        with self._lock:
+            self._write_fd = fd
+            self._end = Position(number, 0)
+        os.close(old)
+
+    def read(self, max_events: int) -> Batch:
+        """Up to `max_events` of the oldest unacknowledged events (not yet committed)."""
+        with self._lock:
+            position, end = self._cursor, self._end
+        payloads: list[bytes] = []
+        size = corrupt = 0
+        while len(payloads) < max_events and position < end:
+            limit = end.offset if position.file == end.file else None
+            with open(self._path(position.file), "rb") as file:
+                file.seek(position.offset)
+                offset = position.offset
+                while len(payloads) < max_events and (limit is None or offset < limit):
+                    header = file.read(FRAME.size)
+                    if not header:
+                        break
+                    length, crc = FRAME.unpack(header) if len(header) == FRAME.size else (0, 0)
+                    payload = file.read(length) if 0 < length <= MAX_FRAME_BYTES else b""
+                    if len(payload) != length or not length or zlib.crc32(payload) != crc:
+                        # Only disk corruption gets here (torn tails are cut at open): skip
+                        # the rest of this file, counted.
+                        rest = os.fstat(file.fileno()).st_size - offset
+                        corrupt += rest
+                        size += rest
+                        log.error("audit_spool_corrupt", file=position.file, offset=offset,
+                                  bytes=rest)
+                        offset += rest
+                        break
+                    payloads.append(payload)
+                    offset += FRAME.size + length
+                    size += FRAME.size + length
+            position = Position(position.file, offset)
+            if position.file < end.file and len(payloads) < max_events:
+                position = Position(position.file + 1, 0)  # that file is read to its end
+        return Batch(payloads, position, size, corrupt)
+
+    def commit(self, batch: Batch) -> None:
+        """Moves the cursor past `batch` (atomically, durably) and deletes finished files."""
+        temporary = self._dir / f"{CURSOR_FILE}.tmp"
+        temporary.write_text(json.dumps({"file": batch.end.file, "offset": batch.end.offset}))
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.rename(temporary, self._dir / CURSOR_FILE)
+        with self._lock:
+            old = self._cursor
+            self._cursor = batch.end
+            self.unacked_bytes -= batch.size
+        for number in range(old.file, batch.end.file):
+            with contextlib.suppress(FileNotFoundError):
+                self._path(number).unlink()
+
+    def reject(self, payloads: list[bytes]) -> None:
+        """Keeps events the auditor refused, for an operator to look at."""
+        with open(self._dir / REJECTED_FILE, "ab") as file:
+            file.write(b"".join(FRAME.pack(len(p), zlib.crc32(p)) + p for p in payloads))
+            file.flush()
+            os.fsync(file.fileno())
+
+    def close(self) -> None:
+        for fd in (self._write_fd, self._lock_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _frames_end(fd: int, start: int) -> int:
+    """The end of the last whole, checksummed frame at or after `start`."""
+    offset = start
+    while True:
+        header = os.pread(fd, FRAME.size, offset)
+        if len(header) < FRAME.size:
+            return offset
+        length, crc = FRAME.unpack(header)
+        if not 0 < length <= MAX_FRAME_BYTES:
+            return offset
+        payload = os.pread(fd, length, offset + FRAME.size)
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            return offset
+        offset += FRAME.size + length
 
 
 class AuditEmitter:
-    def __init__(
-        self, directory: ServiceDirectory, timeout_s: float, capacity: int = 10_000,
-        batch_size: int = 256, retry_s: float = 0.5,
-    ):
-        self._directory = directory
-        self._timeout_s = timeout_s
-        self._queue: asyncio.Queue[auditor_pb2.AuditEvent] = asyncio.Queue(capacity)
-        self._batch_size = batch_size
-        self._retry_s = retry_s
-        self._task: asyncio.Task[None] | None = None
+    """The gateway's audit sink: `emit` on the event loop, disk and network in the background."""
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._ship(), name="audit shipper")
+    def __init__(self, spool: Spool, directory: ServiceDirectory, settings: AuditSpoolSettings,
+                 timeout_s: float):
+        self._spool = spool
+        self._directory = directory
+        self._settings = settings
+        self._timeout_s = timeout_s
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._written = asyncio.Event()
+        self._wake_writer = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._dropped_since_log = 0
+        self._last_drop_log = 0.0
+        SPOOL_BYTES.set(spool.unacked_bytes)
+
+    @classmethod
+    async def open(cls, directory: ServiceDirectory, settings: AuditSpoolSettings,
+                   instance_id: str, timeout_s: float) -> AuditEmitter:
+        """Opens the spool (what a previous run left is shipped first) and starts shipping."""
+        path = settings.directory(instance_id)
+        spool = await asyncio.to_thread(Spool.open, path, settings.file_bytes)
+        emitter = cls(spool, directory, settings, timeout_s)
+        emitter._tasks = [asyncio.create_task(emitter._write_forever(), name="audit spool"),
+                          asyncio.create_task(emitter._ship_forever(), name="audit shipper")]
+        log.info("audit_spool_opened", path=str(path), unacked_bytes=spool.unacked_bytes,
+                 on_full=settings.on_full)
+        return emitter
+
+    @property
+    def usage_bytes(self) -> int:
+        return self._spool.unacked_bytes + self._pending_bytes
+
+    @property
+    def full(self) -> bool:
+        return self.usage_bytes >= self._settings.max_bytes
 
     def emit(self, event: auditor_pb2.AuditEvent) -> None:
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            DROPPED.inc()
+        """Never blocks, never raises: the event is kept, or (drop policy, spool full) counted."""
+        payload = event.SerializeToString()
+        if self._settings.on_full == "drop" and self.full:
+            DROPPED.labels("spool_full").inc()
+            self._log_drop()
+            return
+        self._pending.append(payload)
+        self._pending_bytes += FRAME.size + len(payload)
+        SPOOL_BYTES.set(self.usage_bytes)
+        self._wake_writer.set()
 
-    async def close(self, flush_timeout_s: float = 5.0) -> None:
-        """Ships what is queued (up to `flush_timeout_s`), then stops."""
+    def guard(self, admission: Any) -> Any:
+        """Wraps the gateway's admission so that, under `refuse`, a full spool refuses new
+        generations; under `drop` admission is returned unchanged."""
+        return RefuseWhenSpoolFull(admission, self) if self._settings.on_full == "refuse" else (
+            admission)
+
+    async def close(self) -> None:
+        """Writes what is in memory, ships for up to `flush_timeout_s`, then stops; what is
+        left stays in the spool for the next start."""
+        self._closing = True
+        self._wake_writer.set()
+        writer, shipper = self._tasks
+        await _finish(writer, self._settings.flush_timeout_s + 5.0)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(flush_timeout_s):
-                while not self._queue.empty():
-                    await asyncio.sleep(0.05)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            async with asyncio.timeout(self._settings.flush_timeout_s):
+                while self._spool.unacked_bytes > 0 and not shipper.done():
+                    await asyncio.sleep(0.02)
+        self._written.set()  # the shipper sees `_closing` and stops after its current batch
+        await _finish(shipper, self._timeout_s + 5.0)
+        await asyncio.to_thread(self._spool.close)
+        log.info("audit_spool_closed", unacked_bytes=self.usage_bytes)
 
-    async def _ship(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            while True:
-                try:
-                    stub = auditor_pb2_grpc.AuditorStub(self._directory.channel("auditor"))
-                    await stub.Append(iter(batch), timeout=self._timeout_s)
-                    SHIPPED.inc(len(batch))
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                        # Sending it again cannot succeed; keep the shipper moving.
-                        log.error("audit_batch_refused", events=len(batch), error=exc.details())
-                        REFUSED.inc(len(batch))
-                        break
-                    log.warning("audit_ship_failed", events=len(batch), error=repr(exc))
-                    await asyncio.sleep(self._retry_s)
-                except errors.Unavailable as exc:  # no auditor registered right now
-                    log.warning("audit_ship_failed", events=len(batch), error=exc.message)
-                    await asyncio.sleep(self._retry_s)
+    def _log_drop(self) -> None:
+        self._dropped_since_log += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= 10.0:
+            log.error("audit_events_dropped_spool_full", dropped=self._dropped_since_log,
+                      max_bytes=self._settings.max_bytes)
+            self._dropped_since_log = 0
+            self._last_drop_log = now
+
+    async def _write_forever(self) -> None:
+        """Until closing with nothing left in memory: gather events, write them, fdatasync."""
+        backoff = 0.05
+        while self._pending or not self._closing:
+            if not self._pending:
+                await self._wake_writer.wait()
+                self._wake_writer.clear()
+                continue
+            if not self._closing:
+                await asyncio.sleep(self._settings.flush_interval_s)  # gather, then one sync
+            payloads, self._pending = self._pending, []
+            written = sum(FRAME.size + len(p) for p in payloads)
+            try:
+                await asyncio.to_thread(self._spool.write, payloads)
+            except OSError as exc:
+                self._pending = payloads + self._pending  # kept in memory, still bounded
+                log.error("audit_spool_write_failed", events=len(payloads), error=repr(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._settings.retry_max_s)
+                continue
+            backoff = 0.05
+            self._pending_bytes -= written
+            self._written.set()
+
+    async def _ship_forever(self) -> None:
+        """Until closing: the oldest batch to the auditor; the cursor moves once it is acked."""
+        backoff = 0.1
+        while not self._closing or self._spool.unacked_bytes > 0:
+            batch = await asyncio.to_thread(self._spool.read, self._settings.batch_events)
+            if batch.corrupt_bytes:
+                DROPPED.labels("corrupt").inc()
+            if not batch.payloads and not batch.size:
+                if self._closing:
+                    return
+                self._written.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._written.wait(), 1.0)
+                continue
+            try:
+                await self._ship(batch)
+            except (grpc.aio.AioRpcError, errors.MeshError) as exc:
+                SHIP_FAILURES.inc()
+                log.warning("audit_ship_failed", events=len(batch.payloads), error=repr(exc),
+                            retry_in_s=backoff)
+                if self._closing:
+                    return  # kept in the spool for the next start
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._settings.retry_max_s)
+                continue
+            backoff = 0.1
+            await asyncio.to_thread(self._spool.commit, batch)
+            SHIPPED.inc(len(batch.payloads))
+            SPOOL_BYTES.set(self.usage_bytes)
+
+    async def _ship(self, batch: Batch) -> None:
+        """Sends one batch; an event the auditor calls invalid goes to `rejected.spool`."""
+        if not batch.payloads:
+            return
+        events = [auditor_pb2.AuditEvent.FromString(p) for p in batch.payloads]
+        try:
+            await auditor_client.append(self._directory.channel("auditor"), events,
+                                        self._timeout_s)
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+        # Find the events that cannot be stored (never ours unless a bug): one at a time.
+        for payload, event in zip(batch.payloads, events, strict=True):
+            try:
+                await auditor_client.append(self._directory.channel("auditor"), [event],
+                                            self._timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                await asyncio.to_thread(self._spool.reject, [payload])
+                REJECTED.inc()
+                log.error("audit_event_rejected", event_id=event.event_id, error=exc.details())
+
+
+async def _finish(task: asyncio.Task[None], timeout_s: float) -> None:
+    """Waits for a task to end by itself; cancels it past `timeout_s`."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), timeout_s)
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+class RefuseWhenSpoolFull:
+    """Admission that first checks the audit spool (`on_full=refuse`); every call is
+    otherwise passed through unchanged."""
+
+    def __init__(self, admission: Any, emitter: AuditEmitter):
+        self._admission = admission
+        self._emitter = emitter
+
+    async def acquire_slot(self, *args: Any, **kwargs: Any) -> Any:
+        if self._emitter.full:
+            REFUSED.inc()
+            raise errors.Unavailable(
+                "this gateway's audit spool is full (the auditor is unreachable); retry on "
+                "another gateway or later", retry_after_s=5.0)
+        return await self._admission.acquire_slot(*args, **kwargs)
+
+    async def release_slot(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._admission.release_slot(*args, **kwargs)

@@ -24,7 +24,7 @@ from services.common.discovery import ServiceDirectory
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import TenantStore, parse_key, parse_tenant
 from services.gateway.admission import AdmissionLimits, FairAdmission
-from services.gateway.audit import AuditEmitter
+from services.gateway.audit import AuditEmitter, AuditSpoolSettings
 from services.gateway.peers import Peers
 from services.gateway.idempotency import IdempotencyCache
 from services.gateway.pipeline import (
@@ -383,14 +383,14 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     directory = ServiceDirectory(ctx.etcd)
     for cache in (keys, tenants, models, directory):
         await cache.start()
-    audit = AuditEmitter(directory, settings.peer_timeout_s)
-    audit.start()
+    audit = await AuditEmitter.open(directory, AuditSpoolSettings(), settings.instance_id,
+                                    settings.peer_timeout_s)
     adapter = TritonAdapter()
     shadow = ShadowTraffic(Peers(directory, settings.peer_timeout_s), adapter,
                            settings.shadow_max_in_flight, settings.shadow_timeout_s)
     pipeline = GenerationPipeline(
         catalog,
-        Peers(directory, settings.peer_timeout_s),
+        audit.guard(Peers(directory, settings.peer_timeout_s)),
         Peers(directory, settings.peer_timeout_s),
         adapter,
         audit,

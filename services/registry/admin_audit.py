@@ -19,7 +19,8 @@ import grpc
 from google.protobuf import timestamp_pb2
 from prometheus_client import Counter, Gauge
 
-from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
+from infermesh.v1 import auditor_pb2
+from services.auditor import client as auditor_client
 from services.common import errors, etcd
 from services.common.discovery import ServiceDirectory
 from services.common.logs import get_logger
@@ -96,9 +97,9 @@ class AdminAuditShipper:
     async def _ship(self, batch: list[tuple[str, dict[str, Any]]]) -> bool:
         """True when the auditor acknowledged the batch and the outbox no longer holds it."""
         try:
-            stub = auditor_pb2_grpc.AuditorStub(self._directory.channel("auditor"))
-            await stub.Append(iter([to_event(record) for _, record in batch]),
-                              timeout=self._timeout_s)
+            await auditor_client.append(self._directory.channel("auditor"),
+                                        [to_event(record) for _, record in batch],
+                                        self._timeout_s)
         except (grpc.aio.AioRpcError, errors.Unavailable) as exc:
             SHIP_FAILURES.inc()
             log.warning("admin_audit_ship_failed", events=len(batch), error=repr(exc))

@@ -39,7 +39,8 @@ async def test_sigterm_finishes_open_generations(stack: StackInfo, tmp_path):
     gateway = ChildProcess(
         "gateway-2", [sys.executable, "-m", "services.gateway"], tmp_path / "gateway.log",
         env={**os.environ, "INFERMESH_ETCD_ENDPOINT": stack.etcd, "INFERMESH_PORT": str(port),
-             "INFERMESH_METRICS_PORT": str(free_port()), "INFERMESH_INSTANCE_ID": "gateway-2"},
+             "INFERMESH_METRICS_PORT": str(free_port()), "INFERMESH_INSTANCE_ID": "gateway-2",
+             "INFERMESH_AUDIT_SPOOL_DIR": str(tmp_path / "audit-spool")},
         cwd=REPO_ROOT,
     )
     gateway.start()

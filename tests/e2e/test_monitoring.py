@@ -175,7 +175,9 @@ async def test_meshctl_slo_reports_the_demo_model(stack: StackInfo) -> None:
 
     def recorded():
         samples = api(stack, "query", query=f'{ratio}{{model="{stack.reference_model}"}}')["result"]
-        return samples if len(samples) == len(slo.SLO_NAMES) else None
+        # A first evaluation over a window with no traffic yet is NaN (0/0): wait for numbers.
+        numbers = all(sample["value"][1] != "NaN" for sample in samples)
+        return samples if len(samples) == len(slo.SLO_NAMES) and numbers else None
 
     wait_for(recorded, f"{ratio} for {stack.reference_model} (rules run every 15s)", timeout_s=60)
     result = CliRunner().invoke(app, ["slo", "--prometheus", stack.endpoints["prometheus"]])

@@ -19,7 +19,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
-from services.auditor.chain import verify
+from services.auditor.store import list_segments
+from services.auditor.verify import verify
 from services.common import etcd
 from services.common.tenancy import Tenant, TenantPlan, TenantStore
 
@@ -296,7 +297,7 @@ async def test_audit_chain_verifies_and_detects_an_edit(stack: StackInfo, stack_
         await asyncio.sleep(0.2)
     copy = tmp_path / "auditor"
     shutil.copytree(audit_dir, copy)
-    log_file = next(p for p in copy.iterdir() if p.is_file() and p.stat().st_size > 0)
+    log_file = list_segments(copy)[0].log_path
     lines = log_file.read_text().splitlines(keepends=True)
     target = next(i for i, line in enumerate(lines) if i >= 2 and '"tenant":"' in line)
     edited = re.sub(r'"tenant":"[^"]*"', '"tenant":"tampered"', lines[target], count=1)

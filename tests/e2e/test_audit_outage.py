@@ -1,0 +1,79 @@
+"""The auditor unreachable for 10 s while generations keep coming: none of them fails, and
+once it is back every one of their audit events is in the log, which still verifies.
+
+The auditor is frozen (SIGSTOP) rather than killed, so the shared stack keeps its process: to
+the gateway that is an auditor whose calls hang and whose registration expires, the worst kind
+of outage. (A killed auditor losing nothing it acknowledged is
+tests/integration/test_auditor_service.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+
+import grpc
+import pytest
+
+from deploy.local.stack import StackInfo
+from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from services.auditor import reader
+from services.auditor.verify import format_result, verify
+
+pytestmark = pytest.mark.integration
+
+OUTAGE_S = 10.0
+CLIENTS = 3
+
+
+def logged_request_ids(audit_dir) -> set[str]:
+    view = reader.view_of(audit_dir)
+    return {json.loads(line)["event"].get("request_id", "") for _seq, line in reader.lines(view)}
+
+
+async def test_generations_succeed_and_no_event_is_lost_while_the_auditor_is_down(
+    stack: StackInfo, stack_dir
+) -> None:
+    audit_dir = stack_dir / "data" / "auditor"
+    auditor_pid = stack.pids["auditor"]
+    metadata = (("authorization", f"Bearer {stack.api_key}"),)
+    served: list[str] = []
+    failed: list[str] = []
+    run = uuid.uuid4().hex[:8]
+
+    async def client(stub: inference_pb2_grpc.InferenceStub, number: int, until: float) -> None:
+        for index in range(1000):
+            if time.monotonic() >= until:
+                return
+            request_id = f"outage-{run}-{number}-{index}"
+            try:
+                await stub.Generate(inference_pb2.GenerateRequest(
+                    request_id=request_id, model=stack.model, prompt="Say something short.",
+                    params=inference_pb2.SamplingParams(max_tokens=2, seed=index)),
+                    metadata=metadata, timeout=30)
+                served.append(request_id)
+            except grpc.aio.AioRpcError as exc:
+                failed.append(f"{request_id}: {exc.code().name} {exc.details()}")
+
+    os.kill(auditor_pid, signal.SIGSTOP)
+    try:
+        async with grpc.aio.insecure_channel(stack.gateway) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            until = time.monotonic() + OUTAGE_S
+            await asyncio.wait_for(
+                asyncio.gather(*(client(stub, n, until) for n in range(CLIENTS))), OUTAGE_S + 60)
+    finally:
+        os.kill(auditor_pid, signal.SIGCONT)
+    assert not failed, failed[:5]
+    assert served
+
+    deadline = time.monotonic() + 45
+    while missing := set(served) - logged_request_ids(audit_dir):
+        assert time.monotonic() < deadline, f"{len(missing)} of {len(served)} events lost"
+        await asyncio.sleep(0.5)
+    result = verify(audit_dir)
+    assert result.ok, format_result(result)
