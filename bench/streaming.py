@@ -51,10 +51,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def _direct(adapter: TritonAdapter, stack: StackInfo, max_tokens: int):
+def direct_client(
+    adapter: TritonAdapter, stack: StackInfo, max_tokens: int, triton_model: str = "reference",
+    prompt: str = PROMPT, **sampling,
+):
+    """Request `index` straight to Triton, seeded by its index; `sampling`: more EngineRequest
+    fields (e.g. min_tokens, temperature)."""
+
     async def one(index: int) -> Sample:
-        request = EngineRequest(triton_model_name="reference", request_id=uuid.uuid4().hex,
-                                prompt=PROMPT, max_tokens=max_tokens, seed=index)
+        request = EngineRequest(triton_model_name=triton_model, request_id=uuid.uuid4().hex,
+                                prompt=prompt, max_tokens=max_tokens, seed=index, **sampling)
         started = time.perf_counter()
         ttft = 0.0
         tokens = 0
@@ -70,13 +76,18 @@ def _direct(adapter: TritonAdapter, stack: StackInfo, max_tokens: int):
     return one
 
 
-def _mesh(stub: inference_pb2_grpc.InferenceStub, stack: StackInfo, max_tokens: int):
+def mesh_client(
+    stub: inference_pb2_grpc.InferenceStub, stack: StackInfo, max_tokens: int, model: str = "",
+    prompt: str = PROMPT, **sampling,
+):
+    """Request `index` through the gateway (default: the reference model), seeded by its index;
+    `sampling`: more SamplingParams fields."""
     metadata = (("authorization", f"Bearer {stack.api_key}"),)
 
     async def one(index: int) -> Sample:
         frame = inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
-            request_id=uuid.uuid4().hex, model=stack.reference_model, prompt=PROMPT,
-            params=inference_pb2.SamplingParams(max_tokens=max_tokens, seed=index)))
+            request_id=uuid.uuid4().hex, model=model or stack.reference_model, prompt=prompt,
+            params=inference_pb2.SamplingParams(max_tokens=max_tokens, seed=index, **sampling)))
         started = time.perf_counter()
         ttft = 0.0
         try:
@@ -94,7 +105,7 @@ def _mesh(stub: inference_pb2_grpc.InferenceStub, stack: StackInfo, max_tokens: 
     return one
 
 
-async def _drive(
+async def drive(
     one: Callable[[int], Awaitable[Sample]], concurrency: int, requests: range, budget_s: float
 ) -> tuple[list[Sample], float]:
     samples: list[Sample] = []
@@ -118,13 +129,13 @@ async def _client(
     if path == "direct":
         adapter = TritonAdapter()
         try:
-            return await _drive(_direct(adapter, stack, max_tokens), concurrency, requests,
+            return await drive(direct_client(adapter, stack, max_tokens), concurrency, requests,
                                 budget_s)
         finally:
             await adapter.close()
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
-        return await _drive(_mesh(stub, stack, max_tokens), concurrency, requests, budget_s)
+        return await drive(mesh_client(stub, stack, max_tokens), concurrency, requests, budget_s)
 
 
 def client_process(*args) -> tuple[list[Sample], float]:

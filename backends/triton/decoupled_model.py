@@ -1,0 +1,244 @@
+"""What every decoupled Python-backend model with TensorRT-LLM's tensor interface shares.
+
+The reference engine's and the torch engine's `model.py` both parse the `ensemble` inputs, send
+`text_output` with the token counts, end each request with exactly one response carrying the
+final flag, and export TensorRT-LLM's metric names. Imported only inside Triton's Python-backend
+stub, where `triton_python_backend_utils` exists.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+__all__ = ["FINAL", "EngineMetrics", "Inbox", "Pending", "enqueue", "model_parameters",
+           "parse_text_request", "response", "scalar", "send", "send_error", "strings"]
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+REQUEST_TYPES = ("active", "max", "waiting", "scheduled", "context")
+KV_CACHE_TYPES = ("max", "free", "used", "tokens_per", "reused", "fraction")
+
+
+@dataclass
+class Pending:
+    """A request the dispatcher owns from enqueue until its final response (then it is dropped)."""
+
+    request: pb_utils.InferenceRequest  # kept for is_cancelled(); never used after the final flag
+    sender: pb_utils.InferenceResponseSender
+    stream: bool
+    prefix: str  # prepended to a non-streamed text: the prompt, unless exclude_input_in_output
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0
+    pieces: list[str] = field(default_factory=list)  # the text so far, when not streaming
+    first_token_time_ns: int = 0  # wall clock, comparable with the gateway's own timestamps
+
+
+def model_parameters(args: dict[str, str]) -> dict[str, str]:
+    """config.pbtxt's `parameters`, as plain strings."""
+    parameters = json.loads(args["model_config"]).get("parameters", {})
+    return {key: value["string_value"] for key, value in parameters.items()}
+
+
+def scalar(request: pb_utils.InferenceRequest, name: str, default: Any) -> Any:
+    """An optional [1, 1] input's value; one sequence per request, as the engines generate."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    array = tensor.as_numpy()
+    if array.size != 1:
+        raise ValueError(f"{name} must hold one value per request, got shape {list(array.shape)}")
+    return array.item()
+
+
+def strings(request: pb_utils.InferenceRequest, name: str) -> tuple[str, ...]:
+    """A `dims: [-1]` string input (stop_words, bad_words), empty entries dropped."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return ()
+    return tuple(s for s in (v.decode() for v in tensor.as_numpy().reshape(-1)) if s)
+
+
+def parse_text_request(
+    request: pb_utils.InferenceRequest, sender: pb_utils.InferenceResponseSender
+) -> tuple[str, int, Pending]:
+    """(prompt, max_tokens, the request's Pending) from the inputs every engine reads; ValueError
+    names what is wrong."""
+    raw_prompt = scalar(request, "text_input", None)
+    if raw_prompt is None:
+        raise ValueError("text_input is required")
+    max_tokens = scalar(request, "max_tokens", None)
+    if max_tokens is None:
+        raise ValueError("max_tokens is required")
+    prompt = raw_prompt.decode()
+    stream = bool(scalar(request, "stream", False))
+    exclude_input = bool(scalar(request, "exclude_input_in_output", False))
+    # As TensorRT-LLM: a non-streamed text repeats the prompt unless told not to.
+    pending = Pending(request=request, sender=sender, stream=stream,
+                      prefix="" if stream or exclude_input else prompt)
+    return prompt, int(max_tokens), pending
+
+
+def response(pending: Pending, text: str) -> pb_utils.InferenceResponse:
+    # Batched model: every output carries the batch dimension, shape [1, 1].
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor("text_output", np.array([[text.encode()]], dtype=np.object_)),
+            pb_utils.Tensor("num_input_tokens", np.array([[pending.num_input_tokens]], np.int32)),
+            pb_utils.Tensor("num_output_tokens", np.array([[pending.num_output_tokens]], np.int32)),
+            pb_utils.Tensor(
+                "first_token_time_ns", np.array([[pending.first_token_time_ns]], np.int64)
+            ),
+        ]
+    )
+
+
+def send_error(sender: pb_utils.InferenceResponseSender, message: str, engine: str) -> None:
+    """An error response that is also the request's final one; a refusal is only logged."""
+    error = pb_utils.TritonError(message)
+    try:
+        sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error), flags=FINAL)
+    except Exception as refused:  # nothing more can be done for this request
+        pb_utils.Logger.log_error(f"{engine}: error response not sent: {refused!r}")
+
+
+def send(pending: Pending, text: str, final: bool, engine: str) -> bool:
+    """One response; False when the server refused it (then the request's state is unknown:
+    the caller drops it for good and never touches it again)."""
+    try:
+        pending.sender.send(response(pending, text), flags=FINAL if final else 0)
+        return True
+    except Exception as error:
+        pb_utils.Logger.log_error(f"{engine}: response not sent: {error!r}")
+        return False
+
+
+class Inbox:
+    """Parsed requests handed from `execute()` to the dispatcher thread, until closed."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._items: list[Any] = []  # guarded by _condition
+        self._closed = False  # guarded by _condition: no more requests are accepted
+
+    def put(self, item: Any) -> bool:
+        """Queues `item` and wakes the dispatcher; False once closed."""
+        with self._condition:
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._condition.notify()
+            return True
+
+    def take(self, wait: bool, timeout_s: float | None = None) -> list[Any] | None:
+        """Everything queued; if `wait` and nothing is, waits up to `timeout_s` (None: until
+        woken). None once closed."""
+        with self._condition:
+            if wait and not self._items and not self._closed:
+                self._condition.wait(timeout_s)
+            if self._closed:
+                return None
+            items, self._items = self._items, []
+            return items
+
+    def close(self) -> list[Any]:
+        """Refuses further puts, wakes the dispatcher; returns what it never took."""
+        with self._condition:
+            self._closed = True
+            items, self._items = self._items, []
+            self._condition.notify_all()
+            return items
+
+
+def enqueue(
+    requests: list[pb_utils.InferenceRequest],
+    parse: Callable[[pb_utils.InferenceRequest, pb_utils.InferenceResponseSender], Any],
+    inbox: Inbox, fail: Callable[[pb_utils.InferenceResponseSender, str], None], engine: str,
+) -> None:
+    """What `execute()` does: parse each request (ValueError names what is wrong) and queue it
+    for the dispatcher; a request that cannot be queued gets its error as its final response."""
+    for request in requests:
+        sender = request.get_response_sender()
+        try:
+            item = parse(request, sender)
+        except ValueError as error:  # UnicodeDecodeError included
+            fail(sender, str(error))
+            continue
+        if not inbox.put(item):
+            fail(sender, f"the {engine} is shutting down")
+
+
+class RequestStats(Protocol):
+    """The counts `nv_trt_llm_request_metrics` carries, as each engine reports them."""
+
+    active: int
+    max: int
+    waiting: int
+    scheduled: int
+    context: int
+
+
+class EngineMetrics:
+    """The engine's metrics on Triton's endpoint, named like TensorRT-LLM's."""
+
+    def __init__(self, model: str, version: str, kv_cache: bool = False):
+        """`kv_cache`: also export `nv_trt_llm_kv_cache_block_metrics` (engines with a cache)."""
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        requests = pb_utils.MetricFamily(
+            name="infermesh_engine_requests_total",
+            description="Requests the engine finished, by outcome (completed, cancelled, error)",
+            kind=counter,
+        )
+        tokens = pb_utils.MetricFamily(
+            name="infermesh_engine_generated_tokens_total",
+            description="Tokens the engine generated",
+            kind=counter,
+        )
+        request_metrics = pb_utils.MetricFamily(
+            name="nv_trt_llm_request_metrics", description="TRT LLM request metrics", kind=gauge
+        )
+        self._families = [requests, tokens, request_metrics]
+        self.outcomes = {
+            outcome: requests.Metric(labels={"model": model, "outcome": outcome})
+            for outcome in ("completed", "cancelled", "error")
+        }
+        self.generated_tokens = tokens.Metric(labels={"model": model})
+        base = {"model": model, "version": version}
+        self._gauges = {
+            ("request", kind): request_metrics.Metric(labels={**base, "request_type": kind})
+            for kind in REQUEST_TYPES
+        }
+        if kv_cache:
+            kv_metrics = pb_utils.MetricFamily(
+                name="nv_trt_llm_kv_cache_block_metrics",
+                description="TRT LLM KV cache block metrics",
+                kind=gauge,
+            )
+            self._families.append(kv_metrics)
+            self._gauges.update({
+                ("kv", kind): kv_metrics.Metric(labels={**base, "kv_cache_block_type": kind})
+                for kind in KV_CACHE_TYPES
+            })  # fmt: skip
+        self._published: dict[tuple[str, str], float] = {}
+
+    def publish(self, stats: RequestStats, kv_cache: dict[str, float] | None = None) -> None:
+        """Sets the gauges that changed (each set is a round trip to the server). `kv_cache`
+        maps `KV_CACHE_TYPES` to their values."""
+        values = {("request", kind): getattr(stats, kind) for kind in REQUEST_TYPES}
+        values.update({("kv", kind): value for kind, value in (kv_cache or {}).items()})
+        for key, value in values.items():
+            if self._published.get(key) != value:
+                self._gauges[key].set(value)
+                self._published[key] = value
+
+    def close(self) -> None:
+        # The stub insists that metrics die before their families.
+        self.outcomes.clear()
+        self._gauges.clear()
+        del self.generated_tokens
+        self._families.clear()
