@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from typing import Any
 
@@ -59,3 +60,9 @@ class ServiceDirectory:
             channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
             self._channels[endpoint] = channel
         return channel
+
+
+def rendezvous_owner(key: str, endpoints: list[str]) -> str:
+    """The endpoint `key` belongs to: the highest rendezvous hash, so adding or losing an
+    endpoint moves only the keys that it gains or held."""
+    return max(endpoints, key=lambda e: hashlib.sha256(f"{key}|{e}".encode()).digest())

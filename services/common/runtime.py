@@ -4,7 +4,7 @@ registration and a graceful shutdown on SIGTERM.
 A service provides one `setup` coroutine that adds its servicers to the server and returns a
 `ServiceParts`; `run_service` does the rest, in the same order for every service:
 
-    logs → metrics endpoint → etcd client → servicers → health/reflection → listen →
+    logs → metrics endpoint → etcd client → bind → servicers → health/reflection → start →
     register under a lease → SERVING … SIGTERM → NOT_SERVING → drain (grace) → cleanup → revoke
 """
 
@@ -48,6 +48,7 @@ class ServiceContext:
     server: grpc.aio.Server
     etcd: aetcd.Client
     health: HealthServicer
+    endpoint: str = ""  # host:port other services reach this process on
     draining: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -75,7 +76,10 @@ async def run_service(kind: str, settings: ServiceSettings, setup: Setup) -> Non
     server = grpc.aio.server(interceptors=[ObservabilityInterceptor()], options=SERVER_OPTIONS)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    context = ServiceContext(settings=settings, server=server, etcd=client, health=health)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    endpoint = f"{settings.advertise_host}:{port}"
+    context = ServiceContext(settings=settings, server=server, etcd=client, health=health,
+                             endpoint=endpoint)
     parts = await setup(context)
     names = list(parts.service_names)
     if settings.reflection:
@@ -84,9 +88,7 @@ async def run_service(kind: str, settings: ServiceSettings, setup: Setup) -> Non
              reflection.SERVICE_NAME),
             server,
         )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
-    endpoint = f"{settings.advertise_host}:{port}"
     lease = etcd.LeaseKeeper(client, settings.service_lease_ttl_s)
     await lease.start()
     await lease.put(

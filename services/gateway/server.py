@@ -25,7 +25,8 @@ from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import TenantStore, parse_key, parse_tenant
 from services.gateway.admission import AdmissionLimits, FairAdmission
 from services.gateway.audit import AuditEmitter, AuditSpoolSettings
-from services.gateway.peers import Peers
+from services.gateway.peers import SchedulerClient
+from services.gateway.quota import QuotaLeases
 from services.gateway.idempotency import IdempotencyCache
 from services.gateway.pipeline import (
     Accepted,
@@ -386,12 +387,15 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     audit = await AuditEmitter.open(directory, AuditSpoolSettings(), settings.instance_id,
                                     settings.peer_timeout_s)
     adapter = TritonAdapter()
-    shadow = ShadowTraffic(Peers(directory, settings.peer_timeout_s), adapter,
+    shadow = ShadowTraffic(SchedulerClient(directory, settings.peer_timeout_s), adapter,
                            settings.shadow_max_in_flight, settings.shadow_timeout_s)
+    quota = QuotaLeases(tenants, directory, settings.instance_id, settings.peer_timeout_s,
+                        settings.quota_fail_open)
+    quota.start()
     pipeline = GenerationPipeline(
         catalog,
-        audit.guard(Peers(directory, settings.peer_timeout_s)),
-        Peers(directory, settings.peer_timeout_s),
+        audit.guard(quota),
+        SchedulerClient(directory, settings.peer_timeout_s),
         adapter,
         audit,
         Limits(default_timeout_s=settings.default_timeout_s, max_timeout_s=settings.max_timeout_s),
@@ -423,6 +427,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         await pipeline.drain_background()
         await tokenizers.close()
         await shadow.close()
+        await quota.close()
         await audit.close()
         await adapter.close()
         await directory.close()

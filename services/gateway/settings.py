@@ -40,3 +40,6 @@ class GatewaySettings(ServiceSettings):
         4, description="Shadow copies this gateway runs at once; more are dropped, not queued."
     )
     shadow_timeout_s: float = Field(30.0, description="Deadline of one shadow copy.")
+    quota_fail_open: bool = Field(
+        True, description="With no ratelimit replica reachable: admit (counted) or refuse."
+    )

@@ -61,8 +61,8 @@ class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
             if exc.code() != grpc.StatusCode.NOT_FOUND:  # a brand-new tenant not seen yet
                 raise status.from_rpc_error(exc) from exc
             return info
-        info.month, info.tokens_used, info.in_flight = (
-            usage.month, usage.tokens_used, usage.in_flight)
+        info.month, info.tokens_used, info.slots_leased = (
+            usage.month, usage.tokens_used, usage.slots_leased)
         return info
 
     async def CreateTenant(self, request, context):

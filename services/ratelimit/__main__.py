@@ -1,8 +1,8 @@
 """Runs the ratelimit service: `python -m services.ratelimit`."""
 
 from services.common.runtime import main
-from services.common.settings import ServiceSettings
 from services.ratelimit.server import setup
+from services.ratelimit.settings import RateLimitSettings
 
 if __name__ == "__main__":
-    main("ratelimit", ServiceSettings(), setup)
+    main("ratelimit", RateLimitSettings(), setup)

@@ -2,9 +2,9 @@
 
     budgets/<YYYY-MM>/<tenant>   {"schema": 1, "used": <tokens>}
 
-Usage is committed in memory on every settled request and written out every flush interval (and
-on shutdown), so a crash loses at most one interval of commits — under-counting by that much,
-never double-counting. A new month starts from zero under its own key.
+Usage reported by gateways is added in memory and written out every flush interval (and on
+shutdown), so a crash loses at most one interval of reports — under-counting by that much, never
+double-counting. A new month starts from zero under its own key.
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ class BudgetStore:
         self._client = client
         self._written: dict[tuple[str, str], int] = {}
 
-    async def load(self, month: str) -> dict[str, int]:
-        prefix = f"{etcd.Keys.budgets}{month}/"
-        listing = await self._client.get_prefix(prefix.encode())
-        usage = {kv.key.decode()[len(prefix):]: int(etcd.decode(kv.value)["used"]) for kv in listing}
-        self._written.update({(month, tenant): used for tenant, used in usage.items()})
-        return usage
+    async def load(self, month: str, tenant: str) -> int:
+        got = await self._client.get(etcd.Keys.budget(month, tenant).encode())
+        used = int(etcd.decode(got.value)["used"]) if got else 0
+        self._written[(month, tenant)] = used
+        return used
 
     async def flush(self, month: str, usage: dict[str, int]) -> int:
         """Writes the tenants whose usage changed since the last write; returns how many."""

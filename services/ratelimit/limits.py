@@ -1,42 +1,52 @@
-"""Per-tenant admission: requests-per-minute and input/output tokens-per-minute token buckets,
-leased concurrency slots, and a monthly token budget.
+"""The central side of per-tenant quotas: token buckets for requests and input/output tokens per
+minute, concurrency slots, and the monthly token budget — handed out to gateways as leases.
 
-Admission *reserves*: one request, the prompt's tokens and max_tokens output tokens, and a slot.
-Settling a slot *commits* what the generation really used and refunds the rest to the buckets,
-so a cancelled or failed request pays only for what it consumed. Pure logic with an injected
-clock: no network here.
+Gateways admit requests against the chunks they hold (no network call per request) and come back
+here to top up, give back what they did not use, and report what was used. Pure logic with an
+injected clock: no network here.
+
+How far over its rate a tenant can get: a bucket holds BURST_S seconds of the per-minute rate, so
+any 60 s window admits at most (60 + BURST_S)/60 of the rate from the buckets, plus what gateways
+hold unused at the window's edges (each asks for `LEASE_FRACTION` of a burst at a time).
 """
 
 from __future__ import annotations
 
 import math
-import uuid
 from dataclasses import dataclass, field
 
 from services.common.tenancy import TenantPlan
 
 REASONS = ("concurrency", "rpm", "input_tpm", "output_tpm", "budget", "too_large")
-# A bucket holds this many seconds' worth of its per-minute rate: a tenant may burst that much,
-# so any 60 s window admits at most (60 + BURST_S) / 60 of the configured rate.
 BURST_S = 10.0
 
 
 @dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    slot_id: str = ""
-    reason: str = ""  # one of REASONS when refused
+class Amounts:
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    slots: int = 0
+
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class LeaseDecision:
+    granted: Amounts
+    ttl_s: float
+    reason: str = ""  # set when `need` could not be met (one of REASONS)
     message: str = ""
     retry_after_s: float = 0.0
-    max_tokens: int = 0  # output tokens granted: max_tokens, or the plan's degraded cap
 
 
 @dataclass
 class TokenBucket:
     """`capacity` tokens, refilled continuously at `rate_per_s`.
 
-    A request larger than the capacity (a long prompt against a small per-minute rate) is let
-    through when the bucket is full and leaves it in debt, so it waits no longer than its share.
+    An amount larger than the capacity (a long prompt against a small per-minute rate) is handed
+    out when the bucket is full and leaves it in debt, so it waits no longer than its share.
     """
 
     capacity: float
@@ -44,13 +54,12 @@ class TokenBucket:
     tokens: float
     updated: float
 
-    def refill(self, now: float) -> float:
+    def refill(self, now: float) -> None:
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate_per_s)
         self.updated = now
-        return self.tokens
 
     def wait_for(self, amount: float) -> float:
-        """Seconds until `amount` is available (after `refill`); 0 when it is."""
+        """Seconds until `amount` can be taken (after `refill`); 0 when it can."""
         missing = min(amount, self.capacity) - self.tokens
         return 0.0 if missing <= 1e-9 else missing / self.rate_per_s
 
@@ -62,17 +71,29 @@ class TokenBucket:
 
     def resize(self, per_minute: float) -> None:
         """A plan change keeps the fill ratio."""
-        capacity = _capacity(per_minute)
+        capacity = bucket_capacity(per_minute)
         if capacity != self.capacity:
             self.tokens = self.tokens / self.capacity * capacity
             self.capacity, self.rate_per_s = capacity, per_minute / 60.0
 
 
+def bucket_capacity(per_minute: float) -> float:
+    return max(1.0, per_minute * BURST_S / 60.0)
+
+
+def _bucket(per_minute: int, now: float) -> TokenBucket:
+    capacity = bucket_capacity(per_minute)
+    return TokenBucket(capacity, per_minute / 60.0, capacity, now)
+
+
 @dataclass
-class Slot:
+class GatewayLease:
+    """What one gateway holds of one tenant's allowance."""
+
     expires: float
-    input_tokens: int
-    output_tokens: int
+    slots: int = 0
+    input_tokens: int = 0  # handed out, neither given back nor reported used yet
+    output_tokens: int = 0
 
 
 @dataclass
@@ -80,110 +101,135 @@ class TenantState:
     requests: TokenBucket
     input_tokens: TokenBucket
     output_tokens: TokenBucket
-    slots: dict[str, Slot] = field(default_factory=dict)
-    budget_used: int = 0  # committed tokens this month
+    leases: dict[str, GatewayLease] = field(default_factory=dict)
+    budget_used: int = 0  # reported this month
 
-    def reserved_tokens(self) -> int:
-        return sum(s.input_tokens + s.output_tokens for s in self.slots.values())
+    def slots_leased(self) -> int:
+        return sum(lease.slots for lease in self.leases.values())
 
-
-def _capacity(per_minute: float) -> float:
-    return max(1.0, per_minute * BURST_S / 60.0)
-
-
-def _bucket(per_minute: int, now: float) -> TokenBucket:
-    capacity = _capacity(per_minute)
-    return TokenBucket(capacity, per_minute / 60.0, capacity, now)
+    def tokens_outstanding(self) -> int:
+        return sum(lease.input_tokens + lease.output_tokens for lease in self.leases.values())
 
 
-class Limiter:
-    def __init__(self) -> None:
+class Ledger:
+    def __init__(self, ttl_s: float = 10.0) -> None:
+        self.ttl_s = ttl_s
         self._tenants: dict[str, TenantState] = {}
 
-    def acquire(
-        self, tenant: str, plan: TenantPlan, now: float, hold_s: float,
-        input_tokens: int, output_tokens: int,
-    ) -> Decision:
-        """All or nothing: either every limit has room and all are taken, or none is."""
+    def lease(
+        self, tenant: str, plan: TenantPlan, gateway: str, now: float,
+        need: Amounts, want: Amounts, give_back: Amounts, used_input: int, used_output: int,
+    ) -> LeaseDecision:
+        """Settles what the gateway reports, then grants `want`, or at least `need`, of each
+        resource. Nothing is granted unless all of `need` can be: a request either gets
+        everything it needs to run or waits, holding nothing it cannot use."""
         state = self._state(tenant, plan, now)
         self._expire(state, now)
+        lease = state.leases.setdefault(gateway, GatewayLease(now + self.ttl_s))
+        self._settle(state, lease, give_back, used_input, used_output)
+        lease.expires = now + self.ttl_s
         for bucket in (state.requests, state.input_tokens, state.output_tokens):
             bucket.refill(now)
-        if len(state.slots) >= plan.max_concurrency:
-            soonest = min(s.expires for s in state.slots.values())
-            return Decision(
-                False, reason="concurrency", retry_after_s=max(0.05, min(1.0, soonest - now)),
-                message=f"tenant {tenant!r} has {len(state.slots)} requests in flight "
-                        f"(max_concurrency={plan.max_concurrency})")
-        if input_tokens > plan.input_tokens_per_minute:
-            return Decision(False, reason="too_large",
-                            message=f"the prompt's {input_tokens} tokens exceed the plan's "
-                                    f"input_tokens_per_minute ({plan.input_tokens_per_minute})")
-        granted = self._grantable_output(state, plan, output_tokens)
-        for bucket, amount, reason, limit in (
-            (state.requests, 1, "rpm", f"{plan.requests_per_minute} requests per minute"),
-            (state.input_tokens, input_tokens, "input_tpm",
-             f"{plan.input_tokens_per_minute} input tokens per minute"),
-            (state.output_tokens, granted, "output_tpm",
-             f"{plan.output_tokens_per_minute} output tokens per minute"),
-        ):
-            wait = bucket.wait_for(amount)
-            if wait > 0:
-                return Decision(False, reason=reason, retry_after_s=math.ceil(wait * 1000) / 1000,
-                                message=f"tenant {tenant!r} is over {limit}")
+        refusal = self._refusal(tenant, plan, state, need)
+        if refusal is not None:
+            return refusal
+        granted = Amounts(
+            requests=self._grant(state.requests, need.requests, want.requests),
+            input_tokens=self._grant(state.input_tokens, need.input_tokens, want.input_tokens),
+            output_tokens=self._grant(state.output_tokens, need.output_tokens, want.output_tokens),
+            slots=max(need.slots, min(want.slots, plan.max_concurrency - state.slots_leased())),
+        )
         budget = plan.monthly_token_budget
-        if budget and state.budget_used + state.reserved_tokens() + input_tokens + granted > budget:
-            return Decision(False, reason="budget",
-                            message=f"tenant {tenant!r} has used {state.budget_used} of its "
-                                    f"monthly budget of {budget} tokens")
-        state.requests.take(1)
-        state.input_tokens.take(input_tokens)
-        state.output_tokens.take(granted)
-        slot_id = uuid.uuid4().hex
-        state.slots[slot_id] = Slot(now + hold_s, input_tokens, granted)
-        return Decision(True, slot_id=slot_id, max_tokens=granted)
+        if budget and granted.tokens() > budget - state.budget_used - state.tokens_outstanding():
+            # Never hand out more than the budget has left: only what the request needs.
+            granted = Amounts(granted.requests, need.input_tokens, need.output_tokens,
+                              granted.slots)
+        state.requests.take(granted.requests)
+        state.input_tokens.take(granted.input_tokens)
+        state.output_tokens.take(granted.output_tokens)
+        lease.slots += granted.slots
+        lease.input_tokens += granted.input_tokens
+        lease.output_tokens += granted.output_tokens
+        return LeaseDecision(granted, self.ttl_s)
 
-    def settle(self, tenant: str, slot_id: str, input_used: int, output_used: int) -> bool:
-        """Commits what the request used, refunds the rest; False if the slot was gone."""
-        state = self._tenants.get(tenant)
-        slot = state.slots.pop(slot_id, None) if state else None
-        if state is None or slot is None:
-            return False
-        input_used, output_used = max(0, input_used), max(0, min(output_used, slot.output_tokens))
-        if input_used <= slot.input_tokens:
-            state.input_tokens.give_back(slot.input_tokens - input_used)
-        else:  # the gateway's estimate was low: the engine's count is what is charged
-            state.input_tokens.take(input_used - slot.input_tokens)
-        state.output_tokens.give_back(slot.output_tokens - output_used)
-        state.budget_used += input_used + output_used
-        return True
+    def _refusal(
+        self, tenant: str, plan: TenantPlan, state: TenantState, need: Amounts
+    ) -> LeaseDecision | None:
+        def refuse(reason: str, message: str, retry_after_s: float = 0.0) -> LeaseDecision:
+            return LeaseDecision(Amounts(), self.ttl_s, reason, message,
+                                 math.ceil(retry_after_s * 1000) / 1000)
 
-    def in_flight(self, tenant: str, now: float) -> int:
-        state = self._tenants.get(tenant)
-        if state is None:
+        if need.input_tokens > plan.input_tokens_per_minute:
+            return refuse("too_large", f"the prompt's {need.input_tokens} tokens exceed the "
+                          f"plan's input_tokens_per_minute ({plan.input_tokens_per_minute})")
+        if need.slots and state.slots_leased() + need.slots > plan.max_concurrency:
+            return refuse("concurrency", f"tenant {tenant!r} has {state.slots_leased()} requests "
+                          f"in flight (max_concurrency={plan.max_concurrency})", 0.25)
+        for bucket, amount, reason, limit in (
+            (state.requests, need.requests, "rpm", f"{plan.requests_per_minute} requests"),
+            (state.input_tokens, need.input_tokens, "input_tpm",
+             f"{plan.input_tokens_per_minute} input tokens"),
+            (state.output_tokens, need.output_tokens, "output_tpm",
+             f"{plan.output_tokens_per_minute} output tokens"),
+        ):
+            wait = bucket.wait_for(amount) if amount else 0.0
+            if wait > 0:
+                return refuse(reason, f"tenant {tenant!r} is over {limit} per minute", wait)
+        budget = plan.monthly_token_budget
+        if budget and state.budget_used + state.tokens_outstanding() + need.tokens() > budget:
+            return refuse("budget", f"tenant {tenant!r} has used {state.budget_used} of its "
+                          f"monthly budget of {budget} tokens")
+        return None
+
+    @staticmethod
+    def _grant(bucket: TokenBucket, need: int, want: int) -> int:
+        """`want` if the bucket has it, else what it has (at least `need`, checked before)."""
+        if want <= 0:
             return 0
-        self._expire(state, now)
-        return len(state.slots)
+        available = max(need, int(bucket.tokens))
+        return max(need, min(want, available))
+
+    @staticmethod
+    def _settle(
+        state: TenantState, lease: GatewayLease, give_back: Amounts, used_input: int,
+        used_output: int,
+    ) -> None:
+        state.requests.give_back(max(0, give_back.requests))
+        for name, returned, used in (("input_tokens", give_back.input_tokens, used_input),
+                                     ("output_tokens", give_back.output_tokens, used_output)):
+            held = getattr(lease, name)
+            returned = max(0, min(returned, held))
+            getattr(state, name).give_back(returned)
+            setattr(lease, name, max(0, held - returned - max(0, used)))
+        lease.slots = max(0, lease.slots - max(0, give_back.slots))
+        state.budget_used += max(0, used_input) + max(0, used_output)
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(tokens reported this month, concurrency slots leased)."""
+        state = self._tenants.get(tenant)
+        return (state.budget_used, state.slots_leased()) if state else (0, 0)
 
     def budget_used(self, tenant: str) -> int:
         state = self._tenants.get(tenant)
         return state.budget_used if state else 0
 
+    def tenants(self) -> list[str]:
+        return list(self._tenants)
+
     def restore_budget(self, tenant: str, plan: TenantPlan, used: int, now: float) -> None:
-        """Loads the durable month-to-date usage (on start-up or a new month)."""
+        """Loads the durable month-to-date usage (on start-up, or when a tenant moves here)."""
         self._state(tenant, plan, now).budget_used = used
 
     def new_month(self) -> None:
         for state in self._tenants.values():
             state.budget_used = 0
 
-    @staticmethod
-    def _grantable_output(state: TenantState, plan: TenantPlan, wanted: int) -> int:
-        """`wanted`, or the plan's degraded cap when the output bucket cannot cover `wanted`."""
-        cap = plan.degraded_max_tokens
-        if cap and wanted > cap and state.output_tokens.tokens < wanted:
-            return cap
-        return wanted
+    def forget(self, tenant: str) -> None:
+        """The tenant moved to another replica: drop its state here."""
+        self._tenants.pop(tenant, None)
+
+    def knows(self, tenant: str) -> bool:
+        return tenant in self._tenants
 
     def _state(self, tenant: str, plan: TenantPlan, now: float) -> TenantState:
         state = self._tenants.get(tenant)
@@ -200,7 +246,8 @@ class Limiter:
 
     @staticmethod
     def _expire(state: TenantState, now: float) -> None:
-        """A slot whose hold ran out (its gateway died): its reserved tokens stay spent from the
-        buckets, but nothing is charged to the budget, since nobody knows what it used."""
-        for slot_id in [s for s, slot in state.slots.items() if slot.expires <= now]:
-            del state.slots[slot_id]
+        """A lease not renewed in time (its gateway died): its slots return to the tenant; the
+        tokens it held stay spent from the buckets but are not charged to the budget, since
+        nobody knows what was used."""
+        for gateway in [g for g, lease in state.leases.items() if lease.expires <= now]:
+            del state.leases[gateway]
