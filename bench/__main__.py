@@ -11,7 +11,7 @@ import json
 import pathlib
 import tempfile
 
-from bench import audit, noisy_neighbor, rollback, torch_engine
+from bench import audit, noisy_neighbor, quota_accuracy, rollback, torch_engine
 from bench.streaming import compare
 from deploy.local.stack import Stack, StackOptions
 from services.common.tenancy import TenantPlan
@@ -39,6 +39,7 @@ def main() -> None:
             )
             figures.update(torch_engine.compare(info, pathlib.Path(state) / "data" / "blobs"))
             figures.update(asyncio.run(noisy_neighbor.run(info)))
+            figures.update(quota_accuracy.run(info, pathlib.Path(state)))
             figures.update(rollback.run(info, pathlib.Path(state)))
             figures.update(audit.run(info.endpoints["auditor"]))
         finally:

@@ -35,6 +35,9 @@ SERVER_OPTIONS = (
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    # Peers keep idle channels alive with pings (discovery.CHANNEL_OPTIONS); without this the
+    # server counts those as abuse and closes the channel with GOAWAY "too_many_pings".
+    ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_concurrent_streams", 1_000),
     ("grpc.so_reuseport", 0),
 )

@@ -1,0 +1,88 @@
+"""Global quota accuracy: three gateways admit one tenant's requests from their own local quota
+leases; how close does the tenant's served rate stay to its configured output TPM?
+
+Every gateway is kept saturated for WARMUP_S + WINDOW_S; the output tokens of the requests
+admitted in the last WINDOW_S (after the initial burst is spent) are compared with the plan's
+rate. `quota_global_error_pct` is how far over (+) or under (−) the plan the mesh served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import time
+import uuid
+
+import grpc
+
+from deploy.local.gateways import ExtraGateway
+from deploy.local.stack import StackInfo
+from infermesh.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2, tenants_pb2_grpc
+
+OUTPUT_TPM = 6_000
+MAX_TOKENS = 20
+WORKERS_PER_GATEWAY = 6
+WARMUP_S = 15.0
+WINDOW_S = 60.0
+
+
+async def _worker(endpoint: str, key: str, model: str, stop_at: float,
+                  admitted: list[tuple[float, int]]) -> None:
+    metadata = (("authorization", f"Bearer {key}"),)
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        while time.monotonic() < stop_at:
+            started = time.monotonic()
+            try:
+                reply = await stub.Generate(inference_pb2.GenerateRequest(
+                    request_id=uuid.uuid4().hex, model=model, prompt="meter me",
+                    params=inference_pb2.SamplingParams(max_tokens=MAX_TOKENS)),
+                    metadata=metadata, timeout=30)
+                admitted.append((started, reply.usage.completion_tokens))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                await asyncio.sleep(0.05)  # refused: try again shortly, as a greedy client would
+
+
+async def _measure(stack: StackInfo, endpoints: list[str]) -> dict[str, float]:
+    admin_md = (("authorization", f"Bearer {stack.api_key}"),)
+    tenant_id = f"metered-{uuid.uuid4().hex[:6]}"
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        admin = tenants_pb2_grpc.TenantAdminStub(channel)
+        await admin.CreateTenant(tenants_pb2.CreateTenantRequest(
+            tenant_id=tenant_id, plan=tenants_pb2.PlanUpdate(
+                output_tokens_per_minute=OUTPUT_TPM, requests_per_minute=100_000,
+                max_concurrency=1000)), metadata=admin_md, timeout=10)
+        key = (await admin.IssueKey(tenants_pb2.IssueKeyRequest(tenant_id=tenant_id),
+                                    metadata=admin_md, timeout=10)).api_key
+    await asyncio.sleep(0.5)  # every gateway's key cache follows etcd
+    admitted: list[tuple[float, int]] = []
+    started = time.monotonic()
+    stop_at = started + WARMUP_S + WINDOW_S
+    await asyncio.gather(*(
+        _worker(endpoint, key, stack.reference_model, stop_at, admitted)
+        for endpoint in endpoints for _ in range(WORKERS_PER_GATEWAY)))
+    window_start = started + WARMUP_S
+    served = sum(tokens for at, tokens in admitted if window_start <= at < stop_at)
+    allowed = OUTPUT_TPM * WINDOW_S / 60.0
+    return {
+        "quota_global_error_pct": round((served / allowed - 1.0) * 100.0, 2),
+        "quota_window_tokens_served": served,
+        "quota_window_tokens_allowed": round(allowed),
+    }
+
+
+def run(stack: StackInfo, state_dir: pathlib.Path) -> dict[str, float]:
+    extra = [ExtraGateway(stack, state_dir, name=f"gateway-q{i}") for i in (2, 3)]
+    for gateway in extra:
+        gateway.start()
+    try:
+        figures = asyncio.run(_measure(stack, [stack.gateway] + [g.endpoint for g in extra]))
+    finally:
+        for gateway in extra:
+            gateway.stop()
+    print(f"quota accuracy over 3 gateways: served {figures['quota_window_tokens_served']} output "
+          f"tokens in {WINDOW_S:.0f} s against {figures['quota_window_tokens_allowed']} allowed "
+          f"({figures['quota_global_error_pct']:+.2f} %)", flush=True)
+    return figures
