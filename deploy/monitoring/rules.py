@@ -206,6 +206,12 @@ def mesh_rule_groups(config: SloConfig) -> list[Group]:
                "The quota service is down or failing: admission is not metered as planned.",
                "Check the ratelimit service's log and its etcd connection; while it is away the "
                "gateway cannot take quota, so tenants may run unmetered or be refused."),
+        _alert("InfermeshQuotaFailingOpen", "page", "1m",
+               "sum(increase(infermesh_gateway_quota_fail_open_total[5m])) > 0",
+               "Gateways are admitting requests without quota (no ratelimit replica answers).",
+               "Tenants run unmetered up to their concurrency per gateway: restore the ratelimit "
+               "service (its log, its etcd connection), or set INFERMESH_QUOTA_FAIL_OPEN=false "
+               "to refuse instead."),
         _alert("InfermeshShedRateHigh", "ticket", "15m",
                (f'sum by (model) (rate({generations}{{code="RESOURCE_EXHAUSTED"}}[15m])) / '
                 f"sum by (model) (rate({generations}[15m])) > 0.1"),
