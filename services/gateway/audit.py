@@ -157,6 +157,7 @@ class Spool:
         files = self._files() or [cursor.file]
         last = files[-1]
         fd = os.open(self._path(last), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fsync_directory(self._dir)  # the file's name must outlive a power loss, like its bytes
         start = cursor.offset if last == cursor.file else 0
         end = _frames_end(fd, start)
         size = os.fstat(fd).st_size
@@ -233,6 +234,7 @@ class Spool:
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
         os.rename(temporary, self._dir / CURSOR_FILE)
+        fsync_directory(self._dir)
         with self._lock:
             old = self._cursor
             self._cursor = batch.end

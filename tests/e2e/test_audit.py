@@ -1,5 +1,6 @@
-"""The auditor unreachable for 10 s while generations keep coming: none of them fails, and
-once it is back every one of their audit events is in the log, which still verifies.
+"""The audit log in the running stack: the auditor unreachable for 10 s while generations keep
+coming (none of them fails, and once it is back every one of their events is in the log, which
+still verifies), and the operator's `meshctl audit` commands against the stack.
 
 The auditor is frozen (SIGSTOP) rather than killed, so the shared stack keeps its process: to
 the gateway that is an auditor whose calls hang and whose registration expires, the worst kind
@@ -19,8 +20,11 @@ import uuid
 import grpc
 import pytest
 
+from typer.testing import CliRunner
+
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from meshctl.__main__ import app
 from services.auditor import reader
 from services.auditor.verify import format_result, verify
 
@@ -77,3 +81,26 @@ async def test_generations_succeed_and_no_event_is_lost_while_the_auditor_is_dow
         await asyncio.sleep(0.5)
     result = verify(audit_dir)
     assert result.ok, format_result(result)
+
+
+def test_meshctl_audit_against_the_stack(stack: StackInfo, stack_dir) -> None:
+    """verify trusting etcd, query (export as JSON lines) with the stack's admin key, prove."""
+    audit_dir = str(stack_dir / "data" / "auditor")
+    runner = CliRunner()
+    verified = runner.invoke(app, ["audit", "verify", "--data-dir", audit_dir,
+                                   "--etcd", stack.etcd])
+    assert verified.exit_code == 0 and verified.stdout.startswith("audit log OK"), (
+        verified.output)
+    assert "from etcd" in verified.stderr
+    exported = runner.invoke(app, ["audit", "query", "--auditor", stack.endpoints["auditor"],
+                                   "--api-key", stack.api_key, "--since", "1h", "--limit", "5"])
+    assert exported.exit_code == 0, exported.output
+    records = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert 1 <= len(records) <= 5 and all(r["event"]["event_id"] for r in records)
+    request_id = next(r["event"]["request_id"] for r in records if r["event"].get("request_id"))
+    deadline = time.monotonic() + 10  # the auditor signs a checkpoint every second
+    while (proved := runner.invoke(app, ["audit", "prove", request_id, "--data-dir",
+                                         audit_dir])).exit_code:
+        assert time.monotonic() < deadline, proved.output
+        time.sleep(0.5)
+    assert json.loads(proved.stdout)["record"].startswith('{"seq":')
