@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import duration_pb2
 
 from backends.triton.adapter import EngineRequest, TritonAdapter
 from deploy.local.stack import StackInfo
@@ -78,16 +79,19 @@ def direct_client(
 
 def mesh_client(
     stub: inference_pb2_grpc.InferenceStub, stack: StackInfo, max_tokens: int, model: str = "",
-    prompt: str = PROMPT, **sampling,
+    prompt: str = PROMPT, timeout_s: float = 0.0, **sampling,
 ):
     """Request `index` through the gateway (default: the reference model), seeded by its index;
-    `sampling`: more SamplingParams fields."""
+    `timeout_s` (0: the gateway's default) is its deadline; `sampling`: more SamplingParams
+    fields."""
     metadata = (("authorization", f"Bearer {stack.api_key}"),)
+    timeout = duration_pb2.Duration(seconds=int(timeout_s)) if timeout_s else None
 
     async def one(index: int) -> Sample:
         frame = inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
             request_id=uuid.uuid4().hex, model=model or stack.reference_model, prompt=prompt,
-            params=inference_pb2.SamplingParams(max_tokens=max_tokens, seed=index, **sampling)))
+            params=inference_pb2.SamplingParams(max_tokens=max_tokens, seed=index, **sampling),
+            timeout=timeout))
         started = time.perf_counter()
         ttft = 0.0
         try:

@@ -4,7 +4,8 @@ the same model in this process with transformers (the engine's own limit on this
 Every request streams `max_tokens` tokens exactly (min_tokens = max_tokens, seeded sampling), so
 all three paths do the same work; at each concurrency the same number of requests runs on each.
 The in-process engine is loaded from the stack's own verified blobs and converted copy, with the
-version's KV-cache config, after the Triton paths (so the two never compete for the CPU).
+version's KV-cache config; at each concurrency the three paths run back to back, one at a time
+(the idle engines cost no CPU), so a drifting machine load biases none of them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from services.registry.blobs import LocalBlobStore
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 PATHS = ("mesh", "direct", "inprocess")
 TEMPERATURE = 0.8
+REQUEST_TIMEOUT_S = 300  # beyond the budget: a slow CPU makes requests slow, not failed
 
 
 def _result(concurrency: int, samples: list[Sample], elapsed: float) -> LevelResult:
@@ -60,6 +62,7 @@ async def _over_grpc(path: str, stack: StackInfo, triton_model: str, concurrency
         async with grpc.aio.insecure_channel(stack.gateway) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             client = mesh_client(stub, stack, max_tokens, stack.model, PROMPT,
+                                 timeout_s=budget_s + REQUEST_TIMEOUT_S,
                                  min_tokens=max_tokens, temperature=TEMPERATURE)
             samples, elapsed = await drive(client, concurrency, range(requests), budget_s)
     return _result(concurrency, samples, elapsed)
@@ -113,17 +116,16 @@ def compare(stack: StackInfo, stack_blob_dir: pathlib.Path, levels: tuple[int, .
     """Figures named `torch_<path>_…_c<N>` plus the two ratios the issue asks for."""
     triton_model = TORCH_TRITON_MODEL
     results: dict[tuple[str, int], LevelResult] = {}
-    for concurrency in levels:
-        requests = max(4, concurrency * requests_per_stream)
-        for path in ("direct", "mesh"):
-            asyncio.run(_over_grpc(path, stack, triton_model, 2, 2, 8, budget_s))  # warm
-            results[path, concurrency] = asyncio.run(_over_grpc(
-                path, stack, triton_model, concurrency, requests, max_tokens, budget_s))
-    engine = _load_engine(stack_blob_dir)
+    engine = _load_engine(stack_blob_dir)  # idle while the Triton paths run
     try:
-        _in_process(engine, 2, 2, 8)  # warm
-        for concurrency in levels:
+        asyncio.run(_over_grpc("direct", stack, triton_model, 2, 2, 8, budget_s))  # warm
+        asyncio.run(_over_grpc("mesh", stack, triton_model, 2, 2, 8, budget_s))
+        _in_process(engine, 2, 2, 8)
+        for concurrency in levels:  # the three paths back to back, so load drifts alike
             requests = max(4, concurrency * requests_per_stream)
+            for path in ("direct", "mesh"):
+                results[path, concurrency] = asyncio.run(_over_grpc(
+                    path, stack, triton_model, concurrency, requests, max_tokens, budget_s))
             results["inprocess", concurrency] = _in_process(engine, concurrency, requests,
                                                             max_tokens)
     finally:

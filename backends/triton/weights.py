@@ -31,12 +31,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from services.common import errors
+from services.common.logs import get_logger
 from services.registry.blobs import LocalBlobStore, file_digest, parse_digest
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "publish_default_model",
 ]
 
+log = get_logger(__name__)
 # What a Hugging Face tokenizer needs, chat template included (transformers 5 saves it apart).
 TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 _COMPLETE = "converted.json"  # written last, inside the copy: its presence means "complete"
@@ -139,11 +142,14 @@ def converted_copy(gguf_path: pathlib.Path, digest: str, root: pathlib.Path) -> 
         if (target / _COMPLETE).exists():  # another process converted it meanwhile
             return target
         scratch = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+        started = time.monotonic()
         try:
             _convert(gguf_path, scratch)
             (scratch / _COMPLETE).write_text(json.dumps({"schema": 1, "source": digest}))
             shutil.rmtree(target, ignore_errors=True)  # an older, incomplete attempt
             os.replace(scratch, target)
+            log.info("weights_converted", digest=digest, path=str(target),
+                     seconds=round(time.monotonic() - started, 1))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return target

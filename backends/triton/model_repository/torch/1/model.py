@@ -66,6 +66,7 @@ def _engine_config(parameters: dict[str, str]) -> TorchEngineConfig:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        started = time.monotonic()
         parameters = model_parameters(args)
         blobs = LocalBlobStore(pathlib.Path(parameters["blob_dir"]))
         cache = pathlib.Path(parameters["cache_dir"])
@@ -74,6 +75,9 @@ class TritonPythonModel:
         tokenizer_dir = materialize_files(blobs, json.loads(parameters["tokenizer_files"]), cache)
         self._engine = TorchEngine(model_dir, tokenizer_dir, _engine_config(parameters))
         self._engine.start()
+        pb_utils.Logger.log_info(
+            f"torch engine {args['model_name']}: weights {model_dir.name[:12]} verified and "
+            f"loaded in {time.monotonic() - started:.1f}s; {_engine_config(parameters)}")
         self._metrics = EngineMetrics(args["model_name"], args["model_version"], kv_cache=True)
         self._publish(self._engine.stats())
         self._pending: dict[str, Pending] = {}  # the dispatcher thread's alone
