@@ -3,6 +3,7 @@ metric a rule or dashboard reads actually exported, and `meshctl slo` reading it
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pathlib
 import re
@@ -170,16 +171,20 @@ def test_every_dashboard_query_is_valid_promql(stack: StackInfo) -> None:
 
 
 async def test_meshctl_slo_reports_the_demo_model(stack: StackInfo) -> None:
-    await drive_traffic(stack, rounds=3)
     ratio = RATIO.format(window="1h")
-
-    def recorded():
-        samples = api(stack, "query", query=f'{ratio}{{model="{stack.reference_model}"}}')["result"]
-        # A first evaluation over a window with no traffic yet is NaN (0/0): wait for numbers.
-        numbers = all(sample["value"][1] != "NaN" for sample in samples)
-        return samples if len(samples) == len(slo.SLO_NAMES) and numbers else None
-
-    wait_for(recorded, f"{ratio} for {stack.reference_model} (rules run every 15s)", timeout_s=60)
+    query = f'{ratio}{{model="{stack.reference_model}"}}'
+    deadline = time.monotonic() + 90
+    while True:
+        # rate() sees only what grows between two scrapes (a series that first appears with
+        # all its traffic counted is a rate of 0, and the ratio 0/0 is NaN): keep traffic
+        # flowing until every SLO's ratio is a number (rules run every 15 s).
+        await drive_traffic(stack, rounds=3)
+        samples = api(stack, "query", query=query)["result"]
+        if len(samples) == len(slo.SLO_NAMES) and all(
+                sample["value"][1] != "NaN" for sample in samples):
+            break
+        assert time.monotonic() < deadline, f"{query} never held a number for every SLO"
+        await asyncio.sleep(2.0)
     result = CliRunner().invoke(app, ["slo", "--prometheus", stack.endpoints["prometheus"]])
     assert result.exit_code == 0, result.output
     rows = [line.split() for line in result.output.splitlines()
