@@ -209,8 +209,23 @@ async def test_a_tampered_weights_blob_is_refused_not_served(
             assert "corrupt" in str(raised.value), raised.value
             assert not await client.is_model_ready("smollm2-tampered")
             assert await client.is_model_ready(TRITON_MODEL)  # the good one is untouched
+            # A refused model must not leave the server unready (strict readiness), or the
+            # sidecar would take the whole replica out of routing.
+            await client.unload_model("smollm2-tampered")
+            assert await client.is_server_ready()
     finally:
         shutil.rmtree(folder)
+    # The sidecar may have seen the unready moment: the replica serves again within its polls.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            await generate(stack, prompt="still there?",
+                           params=inference_pb2.SamplingParams(max_tokens=1))
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            assert time.monotonic() < deadline, "the replica never came back"
+            await asyncio.sleep(0.2)
 
 
 def test_calibrate_writes_a_profile_the_reference_engine_can_run_with(
