@@ -174,6 +174,9 @@ class TritonServer:
             f"--metrics-address={self.bind_address}",
             f"--metrics-port={self.ports.metrics}",
             "--allow-gpu-metrics=false",
+            # Ready means "answering": one model that failed to load must not take the replica's
+            # other models out of routing (the sidecar checks each model's own state).
+            "--strict-readiness=false",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             "--model-control-mode=explicit",
             *(f"--load-model={name}" for name in self.models),
