@@ -20,7 +20,9 @@ from services.common.processes import ChildProcess
 class ExtraGateway:
     """One more `python -m services.gateway`; `start()` returns once it answers SERVING."""
 
-    def __init__(self, stack: StackInfo, state_dir: pathlib.Path, name: str = "gateway-2"):
+    def __init__(self, stack: StackInfo, state_dir: pathlib.Path, name: str = "gateway-2",
+                 settings: dict[str, str] | None = None):
+        """`settings`: extra INFERMESH_* variables for this gateway (e.g. a small capacity)."""
         self.port, self.metrics_port = free_port(), free_port()
         env = dict(
             os.environ, INFERMESH_ETCD_ENDPOINT=stack.etcd, INFERMESH_PORT=str(self.port),
@@ -28,6 +30,7 @@ class ExtraGateway:
             INFERMESH_INSTANCE_ID=f"{name}-{uuid.uuid4().hex[:6]}",
             INFERMESH_BLOB_DIR=str(state_dir / "data" / "blobs"),
             INFERMESH_AUDIT_SPOOL_DIR=str(state_dir / "data" / f"{name}-audit-spool"),
+            **(settings or {}),
         )
         self.process = ChildProcess(name, [sys.executable, "-m", "services.gateway"],
                                     state_dir / "logs" / f"{name}.log", env=env, cwd=REPO_ROOT)

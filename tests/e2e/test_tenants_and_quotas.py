@@ -4,6 +4,7 @@ revocation and expiry."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 
@@ -11,6 +12,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from deploy.local.gateways import ExtraGateway
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 
@@ -144,12 +146,22 @@ async def test_monthly_budget_refuses_with_a_clear_message(stack: StackInfo):
     assert "monthly budget of 30 tokens" in raised.value.details()
 
 
-async def test_revocation_and_expiry(stack: StackInfo):
+async def test_revocation_at_every_gateway_and_expiry(stack: StackInfo, stack_dir):
     tenant_id, key = await new_tenant(stack)
     keys = await admin(stack, "ListKeys", tenants_pb2.ListKeysRequest(tenant_id=tenant_id))
     assert len(keys.keys) == 1 and not hasattr(keys.keys[0], "api_key")
-    await admin(stack, "RevokeKey", tenants_pb2.RevokeKeyRequest(key_id=keys.keys[0].key_id))
-    assert await wait_key_state(stack, key, grpc.StatusCode.UNAUTHENTICATED, within_s=1.0) < 1.0
+    other = ExtraGateway(stack, stack_dir, name="gateway-revoke")
+    await asyncio.to_thread(other.start)
+    try:
+        at_other = dataclasses.replace(stack, gateway=other.endpoint)
+        await wait_key_state(at_other, key, grpc.StatusCode.OK)
+        await admin(stack, "RevokeKey", tenants_pb2.RevokeKeyRequest(key_id=keys.keys[0].key_id))
+        waits = await asyncio.gather(
+            wait_key_state(stack, key, grpc.StatusCode.UNAUTHENTICATED, within_s=1.0),
+            wait_key_state(at_other, key, grpc.StatusCode.UNAUTHENTICATED, within_s=1.0))
+        assert max(waits) < 1.0
+    finally:
+        await asyncio.to_thread(other.stop)
     issued = await admin(stack, "IssueKey", tenants_pb2.IssueKeyRequest(
         tenant_id=tenant_id, expires_at=time.time() + 1.5))
     await wait_key_state(stack, issued.api_key, grpc.StatusCode.OK)
@@ -201,3 +213,47 @@ async def test_idempotent_repeat_returns_the_first_outcome_and_is_charged_once(s
     assert raised.value.details().startswith("idempotency_key:")
     charged = first.usage.prompt_tokens + first.usage.completion_tokens
     assert await wait_tokens_used(stack, tenant_id, charged) == charged
+
+
+async def test_a_saturated_gateway_serves_premium_before_batch(stack: StackInfo, stack_dir):
+    """One running place: while it is busy, a batch request and then a premium one queue; the
+    premium one goes first."""
+    _, busy_key = await new_tenant(stack)
+    _, batch_key = await new_tenant(stack, priority="batch")
+    _, premium_key = await new_tenant(stack, priority="premium")
+    narrow = ExtraGateway(stack, stack_dir, name="gateway-narrow",
+                          settings={"INFERMESH_MAX_RUNNING": "1"})
+    await asyncio.to_thread(narrow.start)
+    started: list[str] = []
+    try:
+        async with grpc.aio.insecure_channel(narrow.endpoint) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+
+            async def run(name: str, key: str, max_tokens: int, first_token=None):
+                frame = inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
+                    request_id=name, model=stack.reference_model, prompt="wait your turn",
+                    params=inference_pb2.SamplingParams(max_tokens=max_tokens,
+                                                        min_tokens=max_tokens)))
+                async for reply in stub.GenerateStream(iter([frame]), metadata=auth(key)):
+                    kind = reply.WhichOneof("frame")
+                    if kind == "accepted":
+                        started.append(name)
+                    elif kind == "tokens" and first_token is not None:
+                        first_token.set()
+                    elif kind == "final":
+                        assert not reply.final.HasField("error"), reply.final.error
+                        return
+
+            for key in (busy_key, batch_key, premium_key):  # every key known to the gateway
+                await wait_key_state(dataclasses.replace(stack, gateway=narrow.endpoint), key,
+                                     grpc.StatusCode.OK)
+            busy_started = asyncio.Event()
+            busy = asyncio.create_task(run("busy", busy_key, 300, busy_started))
+            await asyncio.wait_for(busy_started.wait(), 10)
+            batch = asyncio.create_task(run("batch", batch_key, 5))
+            await asyncio.sleep(0.2)  # the batch request is queued first
+            premium = asyncio.create_task(run("premium", premium_key, 5))
+            await asyncio.wait_for(asyncio.gather(busy, batch, premium), 60)
+    finally:
+        await asyncio.to_thread(narrow.stop)
+    assert started == ["busy", "premium", "batch"]
