@@ -50,7 +50,8 @@ from services.common.logs import get_logger
 
 log = get_logger(__name__)
 DROPPED = Counter("infermesh_gateway_audit_dropped_total",
-                  "Audit events not kept, by reason (spool_full, corrupt).", ["reason"])
+                  "Audit events not kept, by reason: spool_full (one per event), corrupt (one "
+                  "per unreadable spool region skipped, disk corruption).", ["reason"])
 REJECTED = Counter("infermesh_gateway_audit_refused_total",
                    "Audit events the auditor refused as invalid (kept in rejected.spool).")
 SHIPPED = Counter("infermesh_gateway_audit_shipped_total", "Audit events acknowledged.")
@@ -200,7 +201,13 @@ class Spool:
         size = corrupt = 0
         while len(payloads) < max_events and position < end:
             limit = end.offset if position.file == end.file else None
-            with open(self._path(position.file), "rb") as file:
+            try:
+                file = open(self._path(position.file), "rb")
+            except FileNotFoundError:  # removed by hand: nothing to read there
+                log.error("audit_spool_file_missing", file=position.file)
+                position = Position(position.file + 1, 0)
+                continue
+            with file:
                 file.seek(position.offset)
                 offset = position.offset
                 while len(payloads) < max_events and (limit is None or offset < limit):
@@ -380,32 +387,32 @@ class AuditEmitter:
             self._written.set()
 
     async def _ship_forever(self) -> None:
-        """Until closing: the oldest batch to the auditor; the cursor moves once it is acked."""
+        """Until closing: the oldest batch to the auditor; the cursor moves once it is acked.
+        Any failure (auditor away, disk error) is retried with backoff; nothing is skipped."""
         backoff = 0.1
         while not self._closing or self._spool.unacked_bytes > 0:
-            batch = await asyncio.to_thread(self._spool.read, self._settings.batch_events)
-            if batch.corrupt_bytes:
-                DROPPED.labels("corrupt").inc()
-            if not batch.payloads and not batch.size:
-                if self._closing:
-                    return
-                self._written.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._written.wait(), 1.0)
-                continue
             try:
+                batch = await asyncio.to_thread(self._spool.read, self._settings.batch_events)
+                if not batch.payloads and not batch.size:
+                    if self._closing:
+                        return
+                    self._written.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._written.wait(), 1.0)
+                    continue
                 await self._ship(batch)
-            except (grpc.aio.AioRpcError, errors.MeshError) as exc:
+                await asyncio.to_thread(self._spool.commit, batch)
+            except (grpc.aio.AioRpcError, errors.MeshError, OSError) as exc:
                 SHIP_FAILURES.inc()
-                log.warning("audit_ship_failed", events=len(batch.payloads), error=repr(exc),
-                            retry_in_s=backoff)
+                log.warning("audit_ship_failed", error=repr(exc), retry_in_s=backoff)
                 if self._closing:
                     return  # kept in the spool for the next start
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._settings.retry_max_s)
                 continue
             backoff = 0.1
-            await asyncio.to_thread(self._spool.commit, batch)
+            if batch.corrupt_bytes:
+                DROPPED.labels("corrupt").inc()
             SHIPPED.inc(len(batch.payloads))
             SPOOL_BYTES.set(self.usage_bytes)
 
