@@ -333,9 +333,6 @@ class TorchEngine:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def count_tokens(self, text: str) -> int:
-        return len(self._encode(text))
-
     def _encode(self, text: str) -> list[int]:
         return list(self._tokenizer(text)["input_ids"])
 
@@ -379,9 +376,6 @@ class TorchEngine:
             return False
         self._manager.cancel_request(request_id)
         return True
-
-    def has_requests(self) -> bool:
-        return bool(self._requests)
 
     def poll(self, timeout_s: float) -> list[Delta]:
         """Waits up to `timeout_s` for decoded tokens; returns every delta available now."""
