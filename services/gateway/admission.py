@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.common import errors
 from services.common.tenancy import PRIORITY_CLASSES
@@ -33,8 +33,13 @@ from services.common.tenancy import PRIORITY_CLASSES
 RUNNING = Gauge("infermesh_gateway_running", "Generations running through this gateway.")
 QUEUED = Gauge("infermesh_gateway_queued", "Generations waiting for a place, by tenant.",
                ["tenant"])
-SHED = Counter("infermesh_gateway_shed_total", "Generations refused by admission, by reason.",
-               ["tenant", "reason"])
+SHED = Counter("infermesh_gateway_shed_total",
+               "Generations refused by quota or admission, by reason.", ["tenant", "reason"])
+ADMITTED = Counter("infermesh_gateway_admitted_total", "Generations given a place to run.",
+                   ["tenant"])
+WAIT = Histogram("infermesh_gateway_admission_wait_seconds",
+                 "Time a generation waited for a place to run.", ["tenant"],
+                 buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,10 @@ class FairAdmission:
         """Waits for a place to run, at most `timeout_s` (the request's remaining deadline) and
         `max_wait_s`. Raises ResourceExhausted (reason queue_full, shed or overload)."""
         try:
-            return await self._admit(tenant, priority, cost, timeout_s)
+            ticket = await self._admit(tenant, priority, cost, timeout_s)
+            ADMITTED.labels(tenant).inc()
+            WAIT.labels(tenant).observe(ticket.queued_s)
+            return ticket
         except errors.ResourceExhausted as exc:
             SHED.labels(tenant, exc.reason).inc()
             raise

@@ -31,6 +31,7 @@ from services.common.discovery import ServiceDirectory, rendezvous_owner
 from services.common.etcd import WatchCache
 from services.common.logs import get_logger
 from services.common.tenancy import Tenant, TenantPlan
+from services.gateway.admission import SHED
 from services.gateway.peers import Grant
 from services.ratelimit.limits import bucket_capacity
 
@@ -122,6 +123,9 @@ class QuotaLeases:
                                                  leased=False)
             output_tokens = self._output_grant(held, plan, output_tokens)
             return self._reserve(tenant, held, input_tokens, output_tokens, leased=True)
+        except errors.ResourceExhausted as exc:
+            SHED.labels(tenant, exc.reason).inc()
+            raise
         finally:
             DECISION_SECONDS.labels(path).observe(time.perf_counter() - started)
 
