@@ -59,6 +59,7 @@ class StackInfo:
     endpoints: dict[str, str]
     metrics: dict[str, str]
     pids: dict[str, int]
+    openai_base_url: str = ""  # the gateway's OpenAI-compatible HTTP API
 
     def env_lines(self) -> str:
         values = {
@@ -71,6 +72,7 @@ class StackInfo:
             "INFERMESH_TRITON": self.endpoints["triton"],
             "INFERMESH_TRITON_METRICS": self.metrics["triton"],
             "INFERMESH_PROMETHEUS": self.endpoints["prometheus"],
+            "INFERMESH_OPENAI_BASE_URL": self.openai_base_url,
         }
         return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
 
@@ -99,6 +101,7 @@ class Stack:
             ports = {name: free_port() for name in (*SERVICES, "sidecar")}
             metrics = {name: free_port() for name in (*SERVICES, "sidecar")}
             triton = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+            openai_port = free_port()
             self._start(
                 "triton",
                 [sys.executable, "-m", "backends.triton.launcher",
@@ -115,6 +118,7 @@ class Stack:
                     extra["INFERMESH_AUDITOR_DATA_DIR"] = str(self.state_dir / "data" / "auditor")
                 if name == "gateway":
                     extra["INFERMESH_BLOB_DIR"] = str(blob_dir)
+                    extra["INFERMESH_HTTP_PORT"] = str(openai_port)
                     extra["INFERMESH_AUDIT_SPOOL_DIR"] = str(
                         self.state_dir / "data" / "gateway" / "audit-spool")
                     extra.update(self.options.gateway_env)
@@ -148,6 +152,7 @@ class Stack:
                 reference_model=REFERENCE_MODEL,
                 etcd=etcd_server.endpoint, endpoints=endpoints, metrics=metric_endpoints,
                 pids={name: child.pid for name, child in self.children.items()},
+                openai_base_url=f"http://{LOOPBACK}:{openai_port}/v1",
             )
             self._write_state(self.info)
             return self.info

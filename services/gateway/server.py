@@ -28,6 +28,7 @@ from services.gateway.audit import AuditEmitter, AuditSpoolSettings
 from services.gateway.peers import SchedulerClient
 from services.gateway.quota import QuotaLeases
 from services.gateway.idempotency import IdempotencyCache
+from services.gateway.openai_http import HttpServer, OpenAIFront
 from services.gateway.pipeline import (
     Accepted,
     Event,
@@ -409,13 +410,16 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         max_attempts=settings.max_attempts,
     )
     authenticator = Authenticator(keys, tenants)
+    generations = Generations(pipeline, IdempotencyCache(settings.idempotency_ttl_s))
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(
-            authenticator, catalog,
-            Generations(pipeline, IdempotencyCache(settings.idempotency_ttl_s)),
-            settings, ctx.draining,
-        ),
+        InferenceServicer(authenticator, catalog, generations, settings, ctx.draining),
         ctx.server,
+    )
+    # The OpenAI-compatible front: the same generations, served over HTTP in this loop.
+    http = HttpServer(
+        OpenAIFront(authenticator, catalog, generations, ctx.draining,
+                    settings.heartbeat_interval_s, settings.stream_buffer_frames).app(),
+        settings.http_port,
     )
     tenants_pb2_grpc.add_TenantAdminServicer_to_server(
         TenantAdminServicer(authenticator, TenantStore(ctx.etcd), directory,
@@ -423,7 +427,10 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         ctx.server,
     )
 
+    await http.start()
+
     async def cleanup() -> None:
+        await http.stop()
         await pipeline.drain_background()
         await tokenizers.close()
         await shadow.close()

@@ -14,6 +14,10 @@ class GatewaySettings(ServiceSettings):
         pathlib.Path(".infermesh/data/blobs"),
         description="The blob store the models' tokenizer files are read from (verified).",
     )
+    http_port: int = Field(
+        0, ge=0, le=65535,
+        description="Loopback port of the OpenAI-compatible HTTP API (0: the OS picks one).",
+    )
     default_timeout_s: float = Field(120.0, description="A generation's deadline when unset.")
     max_timeout_s: float = Field(600.0, description="The longest deadline a client may ask.")
     heartbeat_interval_s: float = Field(

@@ -1,0 +1,480 @@
+"""The OpenAI-compatible HTTP front: a second front on the same `Generations` (idempotency →
+`GenerationPipeline`) the gRPC servicer drives, served by uvicorn in the gateway's event loop.
+
+    POST /v1/chat/completions, /v1/completions   unary JSON, or SSE with "stream": true
+    GET  /v1/models, /v1/models/{id}             the registry's catalog
+    GET  /openapi.json                           this API, from the pydantic bodies
+
+Every generation runs in its own task; a client that disconnects (unary or streaming) cancels
+that task, which is the same path as a gRPC Cancel: the engine frees its slot, quota is settled
+with what was really generated. Errors keep OpenAI's JSON shape and the statuses its client maps
+to exception classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from prometheus_client import Counter
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from services.common import errors
+from services.common.auth import Authenticator
+from services.common.logs import get_logger
+from services.common.net import LOOPBACK
+from services.gateway.openai_protocol import (
+    ChatCompletionBody,
+    CompletionBody,
+    openai_param,
+    parse_body,
+    to_generation,
+)
+from services.gateway.pipeline import Accepted, Event, Finished, TokenText
+from services.gateway.requests import Principal
+from services.gateway.validation import validate_request_id
+from services.registry.catalog import ModelCatalog
+
+log = get_logger(__name__)
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+CANCEL_WAIT_S = 5.0
+HEARTBEAT = b": keep-alive\n\n"
+DONE = b"data: [DONE]\n\n"
+
+HTTP_REQUESTS = Counter(
+    "infermesh_gateway_http_requests_total", "OpenAI HTTP API requests, by route and status.",
+    ["route", "status"],
+)
+HTTP_DISCONNECTS = Counter(
+    "infermesh_gateway_http_disconnects_total",
+    "Generations cancelled because the HTTP client went away.", ["route"],
+)
+
+# MeshError code → (HTTP status, OpenAI error type).
+STATUSES = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "FAILED_PRECONDITION": (400, "invalid_request_error"),
+    "UNAUTHENTICATED": (401, "authentication_error"),
+    "PERMISSION_DENIED": (403, "permission_error"),
+    "NOT_FOUND": (404, "not_found_error"),
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
+    "CANCELLED": (499, "cancelled"),
+    "INTERNAL": (500, "server_error"),
+    "UNAVAILABLE": (503, "service_unavailable"),
+    "DEADLINE_EXCEEDED": (504, "timeout"),
+}
+
+
+def error_payload(error: errors.MeshError, body: Any = None) -> dict[str, Any]:
+    _, kind = STATUSES[error.code]
+    return {"error": {
+        "message": error.message,
+        "type": kind,
+        "param": openai_param(error.field, body) if error.field else None,
+        "code": error.reason or error.code.lower(),
+    }}
+
+
+def error_response(
+    error: errors.MeshError, request_id: str, body: Any = None
+) -> JSONResponse:
+    status, _ = STATUSES[error.code]
+    headers = {"x-request-id": request_id} if request_id else {}
+    if error.retry_after_s is not None:
+        headers["retry-after"] = str(max(1, math.ceil(error.retry_after_s)))
+        headers["retry-after-ms"] = str(max(1, round(error.retry_after_s * 1000)))
+    return JSONResponse(error_payload(error, body), status_code=status, headers=headers)
+
+
+class _Run:
+    """One generation running in its own task, its events queued for the HTTP response."""
+
+    def __init__(self, front: OpenAIFront, principal: Principal, request: Any, peer: str):
+        self.events: asyncio.Queue[Event] = asyncio.Queue(front.buffer_events)
+        self.task = asyncio.create_task(
+            front.generations.run(principal, request, self.events.put, peer),
+            name=f"http generation {request.request_id}",
+        )
+
+    async def first_event(self) -> Event:
+        """Accepted (admitted and routed) or an early Finished; decides the HTTP status."""
+        while True:
+            event = await self.events.get()
+            if isinstance(event, Accepted | Finished):
+                return event
+
+    async def cancel(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.task), CANCEL_WAIT_S)
+
+
+async def _await_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _EventStream(Response):
+    """SSE response: chunks as tokens come (no buffering), a comment when idle, and a watcher
+    that cancels the generation as soon as the client disconnects."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[bytes], run: _Run, headers: dict[str, str],
+                 route: str):
+        self._chunks = chunks
+        self._run = run
+        self._route = route
+        self.status_code = 200
+        self.background = None
+        self.init_headers({**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.create_task(_await_disconnect(receive))
+        # A disconnect cancels the generation at once, even while no token is due.
+        watcher.add_done_callback(lambda w: w.cancelled() or self._run.task.cancel())
+        completed = False
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": self.raw_headers})
+            async for chunk in self._chunks:
+                if watcher.done():
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                completed = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away while we were writing
+            pass
+        finally:
+            watcher.cancel()
+            if completed:  # the pipeline reported Finished; let it return on its own
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._run.task), CANCEL_WAIT_S)
+            else:
+                HTTP_DISCONNECTS.labels(self._route).inc()
+                await self._run.cancel()
+
+
+class OpenAIFront:
+    """The routes, over the gateway's own authenticator, catalog and `Generations`."""
+
+    def __init__(self, authenticator: Authenticator, catalog: ModelCatalog, generations: Any,
+                 draining: asyncio.Event, heartbeat_interval_s: float, buffer_events: int):
+        self._auth = authenticator
+        self._catalog = catalog
+        self.generations = generations
+        self._draining = draining
+        self._heartbeat_s = heartbeat_interval_s
+        self.buffer_events = buffer_events
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
+        ])
+
+    # -- generations -----------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, ChatCompletionBody, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, CompletionBody, "completion")
+
+    async def _generate(self, request: Request, body_type: type, route: str) -> Response:
+        request_id = request.headers.get("x-request-id", "")
+        body = None
+        try:
+            request_id = validate_request_id(request_id)
+            principal = self._auth.authenticate(request.headers.get("authorization"))
+            if self._draining.is_set():
+                raise errors.Unavailable("the gateway is shutting down", retry_after_s=1.0)
+            try:
+                raw = await request.json()
+            except ValueError:
+                raise errors.InvalidArgument("body", "must be a JSON object") from None
+            body = parse_body(body_type, raw)
+            generation = to_generation(body, request_id,
+                                       request.headers.get("idempotency-key", ""))
+        except errors.MeshError as exc:
+            return self._count(route, error_response(exc, _safe_id(request_id), body))
+        peer = f"{request.client.host}:{request.client.port}" if request.client else ""
+        run = _Run(self, principal, generation, peer)
+        headers = {"x-request-id": request_id}
+        if body.stream:
+            first = await run.first_event()
+            if isinstance(first, Finished):
+                return self._count(route, self._finished_error(first, request_id, body))
+            chunks = _sse_chunks(run, first, body, route, request_id, self._heartbeat_s)
+            return self._count(route, _EventStream(chunks, run, headers, route))
+        return self._count(route, await self._unary(request, run, body, route, request_id))
+
+    async def _unary(self, request: Request, run: _Run, body: Any, route: str,
+                     request_id: str) -> Response:
+        pieces: list[str] = []
+        watcher = asyncio.create_task(_await_disconnect(request.receive))
+        try:
+            while True:
+                getter = asyncio.ensure_future(run.events.get())
+                done, _ = await asyncio.wait({getter, watcher},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    HTTP_DISCONNECTS.labels(route).inc()
+                    await run.cancel()
+                    return Response(status_code=499)
+                event = getter.result()
+                if isinstance(event, TokenText):
+                    pieces.append(event.text)
+                elif isinstance(event, Finished):
+                    break
+        finally:
+            watcher.cancel()
+        if event.error is not None or event.finish_reason in ("cancelled", "deadline"):
+            return self._finished_error(event, request_id, body)
+        payload = _completion(route, request_id, body, event, "".join(pieces))
+        return JSONResponse(payload, headers={"x-request-id": request_id})
+
+    @staticmethod
+    def _finished_error(finished: Finished, request_id: str, body: Any) -> JSONResponse:
+        error = finished.error or (
+            errors.DeadlineExceeded("the request's deadline passed")
+            if finished.finish_reason == "deadline" else errors.Cancelled("cancelled"))
+        return error_response(error, request_id, body)
+
+    @staticmethod
+    def _count(route: str, response: Response) -> Response:
+        HTTP_REQUESTS.labels(route, str(response.status_code)).inc()
+        return response
+
+    # -- models ----------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        try:
+            self._auth.authenticate(request.headers.get("authorization"))
+        except errors.MeshError as exc:
+            return self._count("models", error_response(exc, ""))
+        data = [self._model(entry.name) for entry in self._catalog.models()]
+        return self._count("models", JSONResponse({"object": "list", "data": data}))
+
+    async def get_model(self, request: Request) -> Response:
+        try:
+            self._auth.authenticate(request.headers.get("authorization"))
+            model_id = request.path_params["model_id"]
+            name = model_id.partition("@")[0]
+            version = self._catalog.resolve(model_id)  # NotFound for unknown names and aliases
+            payload = self._model(name)
+            payload.update(id=model_id, version=version.version_id)
+        except errors.MeshError as exc:
+            return self._count("models", error_response(exc, ""))
+        return self._count("models", JSONResponse(payload))
+
+    def _model(self, name: str) -> dict[str, Any]:
+        entry = self._catalog.entry(name)
+        routing = entry.routing
+        production = entry.versions.get(routing.production)
+        aliases = {alias: routing.target(alias)
+                   for alias in ("production", "canary", "previous", "shadow")
+                   if routing.target(alias)}
+        return {
+            "id": name, "object": "model", "owned_by": "infermesh",
+            "created": int(production.registered_at) if production else 0,
+            "version": routing.production, "aliases": aliases,
+            "context_window": production.context_window if production else 0,
+        }
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+
+def _safe_id(request_id: str) -> str:
+    """Echo only an id that passed validation (never reflect arbitrary header bytes)."""
+    try:
+        return validate_request_id(request_id) if request_id else ""
+    except errors.InvalidArgument:
+        return ""
+
+
+def _object_id(route: str, request_id: str) -> str:
+    return f"{'chatcmpl' if route == 'chat' else 'cmpl'}-{request_id}"
+
+
+def _usage(finished: Finished) -> dict[str, int]:
+    return {"prompt_tokens": finished.prompt_tokens,
+            "completion_tokens": finished.completion_tokens,
+            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+
+
+def _completion(route: str, request_id: str, body: Any, finished: Finished,
+                text: str) -> dict[str, Any]:
+    if route == "chat":
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finished.finish_reason,
+                                  "logprobs": None,
+                                  "message": {"role": "assistant", "content": text}}
+    else:
+        choice = {"index": 0, "finish_reason": finished.finish_reason, "logprobs": None,
+                  "text": text}
+    return {
+        "id": _object_id(route, request_id),
+        "object": "chat.completion" if route == "chat" else "text_completion",
+        "created": int(time.time()), "model": body.model,
+        "system_fingerprint": finished.model_version,
+        "choices": [choice], "usage": _usage(finished),
+    }
+
+
+def _data(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request_id: str,
+                      heartbeat_s: float) -> AsyncIterator[bytes]:
+    """chunk per token batch → last chunk with finish_reason → [usage chunk] → [DONE]; a
+    failure after the first chunk is an `error` event (the status line is already sent)."""
+    created = int(time.time())
+    version = accepted.model_version if isinstance(accepted, Accepted) else ""
+    chat = route == "chat"
+    base = {"id": _object_id(route, request_id),
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created, "model": body.model, "system_fingerprint": version}
+
+    def chunk(content: str | None, finish_reason: str | None, first: bool = False) -> bytes:
+        if chat:
+            delta: dict[str, Any] = {} if content is None else {"content": content}
+            if first:
+                delta["role"] = "assistant"
+            choice = {"index": 0, "delta": delta, "logprobs": None,
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": content or "", "logprobs": None,
+                      "finish_reason": finish_reason}
+        return _data({**base, "choices": [choice]})
+
+    first = True
+    while True:
+        try:
+            event = await asyncio.wait_for(run.events.get(), heartbeat_s)
+        except TimeoutError:
+            yield HEARTBEAT
+            continue
+        if isinstance(event, TokenText):
+            # Batch what already waits: one chunk per token batch, never a wait for more.
+            text = [event.text]
+            following: Event | None = None
+            while following is None and not run.events.empty():
+                following = run.events.get_nowait()
+                if isinstance(following, TokenText):
+                    text.append(following.text)
+                    following = None
+            yield chunk("".join(text), None, first)
+            first = False
+            if following is None:
+                continue
+            event = following
+        if not isinstance(event, Finished):
+            continue
+        if event.error is not None or event.finish_reason in ("cancelled", "deadline"):
+            error = event.error or errors.DeadlineExceeded("the request's deadline passed")
+            yield _data(error_payload(error, body))
+            return
+        yield chunk(None, event.finish_reason, first)
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield _data({**base, "choices": [], "usage": _usage(event)})
+        yield DONE
+        return
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 for the generation routes, its schemas taken from the pydantic bodies."""
+    components: dict[str, Any] = {}
+    for model in (ChatCompletionBody, CompletionBody):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+    error = {"description": "OpenAI error shape", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"error": {"type": "object"}}}}}}
+    responses = {str(code): error for code in (400, 401, 403, 404, 429, 503, 504)}
+
+    def post(name: str) -> dict[str, Any]:
+        return {"post": {
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{name}"}}}},
+            "responses": {"200": {"description": "JSON, or SSE with stream=true"}, **responses},
+            "security": [{"bearer": []}],
+        }}
+
+    model_get = {"get": {"responses": {"200": {"description": "models"}, **responses},
+                         "security": [{"bearer": []}]}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "infermesh OpenAI-compatible API", "version": "1"},
+        "paths": {
+            "/v1/chat/completions": post("ChatCompletionBody"),
+            "/v1/completions": post("CompletionBody"),
+            "/v1/models": model_get,
+            "/v1/models/{model_id}": {"get": {
+                **model_get["get"],
+                "parameters": [{"name": "model_id", "in": "path", "required": True,
+                                "schema": {"type": "string"}}]}},
+        },
+        "components": {"schemas": components, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the gateway's loop: the gateway's runtime owns the signal handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class HttpServer:
+    """Starts and stops the front's uvicorn server as a task of the running loop."""
+
+    def __init__(self, app: Starlette, port: int):
+        config = uvicorn.Config(app, host=LOOPBACK, port=port, lifespan="off", log_config=None,
+                                access_log=False, timeout_graceful_shutdown=5)
+        self._server = _EmbeddedServer(config)
+        self._task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(), name="openai http server")
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while not self._server.started:
+                if self._task.done():
+                    self._task.result()  # raises why it could not start (port taken, …)
+                    raise errors.Internal("the HTTP server stopped while starting")
+                await asyncio.sleep(0.02)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        log.info("openai_http_listening", port=self.port)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(self._task, STOP_TIMEOUT_S)
+        except TimeoutError:
+            self._server.force_exit = True
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,164 @@
+"""The OpenAI HTTP API's request bodies as pydantic models, and their mapping onto our own
+`GenerationRequest` (no HTTP here).
+
+Every model forbids unknown fields: a parameter we do not implement (`tools`, `response_format`,
+`logit_bias`, …) is refused with a 400 naming it, never silently ignored. Fields OpenAI defines
+that we accept only at their neutral value (`n`, `logprobs`, `echo`, `best_of`) are declared and
+checked in `unsupported_values`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.common.errors import InvalidArgument
+from services.gateway.requests import ChatTurn, GenerationRequest, SamplingRequest
+
+# OpenAI's newer name for the system role; our chat templates know `system`.
+ROLE_ALIASES = {"developer": "system"}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class _Sampling(_Body):
+    """Parameters the two endpoints share; `top_k`, `min_tokens` and `repetition_penalty` are the
+    common extensions (vLLM, TGI) that load tools send to pin output lengths."""
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_tokens: int | None = None
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str = ""
+    n: int | None = None
+    logprobs: Any = None
+
+
+class CompletionBody(_Sampling):
+    prompt: str
+    echo: bool = False
+    best_of: int | None = None
+
+
+class ChatCompletionBody(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = None
+    top_logprobs: int | None = None
+
+
+def parse_body(model: type[_Body], raw: Any) -> Any:
+    """The body as `model`; a wrong or unknown field is an `InvalidArgument` naming it."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = param_path(first["loc"]) or "body"
+        if first["type"] == "extra_forbidden":
+            raise InvalidArgument(field, "is not supported by this API") from None
+        raise InvalidArgument(field, first["msg"]) from None
+
+
+def param_path(loc: tuple[Any, ...]) -> str:
+    """pydantic's location → OpenAI's `param` spelling, e.g. `messages[0].content`."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ("str", "list[TextPart]", "list[str]"):  # pydantic's union branch names
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def unsupported_values(body: CompletionBody | ChatCompletionBody) -> None:
+    """Refuses what OpenAI defines but our engines cannot give, naming the parameter."""
+    if body.n not in (None, 1):
+        raise InvalidArgument("n", "only n=1 is supported")
+    if body.logprobs not in (None, False, 0):
+        raise InvalidArgument("logprobs", "log probabilities are not available from our engines")
+    if isinstance(body, ChatCompletionBody):
+        if body.top_logprobs is not None:
+            raise InvalidArgument("top_logprobs", "log probabilities are not available")
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise InvalidArgument("max_completion_tokens", "set max_tokens or it, not both")
+    else:
+        if body.echo:
+            raise InvalidArgument("echo", "echoing the prompt is not supported")
+        if body.best_of not in (None, 1):
+            raise InvalidArgument("best_of", "only best_of=1 is supported")
+    if body.stream_options is not None and not body.stream:
+        raise InvalidArgument("stream_options", "is only allowed with stream=true")
+
+
+def to_generation(
+    body: CompletionBody | ChatCompletionBody, request_id: str, idempotency_key: str
+) -> GenerationRequest:
+    """The same `GenerationRequest` the gRPC front builds for these parameters."""
+    unsupported_values(body)
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    max_tokens = body.max_tokens
+    prompt: str | None = None
+    messages: tuple[ChatTurn, ...] | None = None
+    if isinstance(body, ChatCompletionBody):
+        if body.max_completion_tokens is not None:
+            max_tokens = body.max_completion_tokens
+        messages = tuple(ChatTurn(ROLE_ALIASES.get(m.role, m.role), m.text())
+                         for m in body.messages)
+    else:
+        prompt = body.prompt
+    return GenerationRequest(
+        request_id=request_id,
+        model=body.model,
+        prompt=prompt,
+        messages=messages,
+        sampling=SamplingRequest(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+            top_k=body.top_k, stop=stop, seed=body.seed,
+            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, min_tokens=body.min_tokens,
+        ),
+        idempotency_key=idempotency_key,
+        user=body.user,
+    )
+
+
+def openai_param(field: str, body: CompletionBody | ChatCompletionBody | None) -> str:
+    """Our validation's field name → the parameter the client sent."""
+    name = field.removeprefix("params.")
+    if (name == "max_tokens" and isinstance(body, ChatCompletionBody)
+            and body.max_completion_tokens is not None):
+        return "max_completion_tokens"
+    return {"request_id": "X-Request-Id", "idempotency_key": "Idempotency-Key"}.get(name, name)

@@ -1,0 +1,105 @@
+"""The OpenAI bodies → our `GenerationRequest`, and refusals that name the parameter."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common import errors
+from services.gateway.openai_http import error_payload, error_response, openapi_document
+from services.gateway.openai_protocol import (
+    ChatCompletionBody,
+    CompletionBody,
+    openai_param,
+    parse_body,
+    to_generation,
+)
+
+
+def chat(**fields) -> ChatCompletionBody:
+    return parse_body(ChatCompletionBody, {
+        "model": "m@canary", "messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def test_chat_parameters_map_exactly():
+    body = chat(max_completion_tokens=7, temperature=0.5, top_p=0.9, stop="END", seed=3,
+                presence_penalty=0.1, frequency_penalty=0.2, user="alice", n=1, logprobs=False)
+    request = to_generation(body, "r1", "idem")
+    assert (request.request_id, request.model, request.user, request.idempotency_key) == (
+        "r1", "m@canary", "alice", "idem")
+    sampling = request.sampling
+    assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.stop,
+            sampling.seed, sampling.presence_penalty, sampling.frequency_penalty) == (
+        7, 0.5, 0.9, ("END",), 3, 0.1, 0.2)
+    assert request.prompt is None and request.messages[0].content == "hi"
+
+
+def test_text_parts_are_joined_and_developer_is_system():
+    body = chat(messages=[{"role": "developer", "content": [
+        {"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]}])
+    turn = to_generation(body, "r", "").messages[0]
+    assert (turn.role, turn.content) == ("system", "be brief")
+
+
+def test_completion_stop_list_and_extensions():
+    body = parse_body(CompletionBody, {"model": "m", "prompt": "p", "stop": ["a", "b"],
+                                       "max_tokens": 4, "min_tokens": 2, "top_k": 5})
+    request = to_generation(body, "r", "")
+    assert request.prompt == "p" and request.sampling.stop == ("a", "b")
+    assert (request.sampling.min_tokens, request.sampling.top_k) == (2, 5)
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"n": 2}, "n"),
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"max_tokens": 5, "max_completion_tokens": 5}, "max_completion_tokens"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_unsupported_values_name_the_parameter(fields, param):
+    with pytest.raises(errors.InvalidArgument) as raised:
+        to_generation(chat(**fields), "r", "")
+    assert raised.value.field == param
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": []}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content"),
+    ({"messages": []}, "messages"),
+])
+def test_unknown_or_malformed_fields_name_the_parameter(fields, param):
+    with pytest.raises(errors.InvalidArgument) as raised:
+        chat(**fields)
+    assert raised.value.field == param
+
+
+def test_validation_field_names_become_openai_params():
+    uses_completion_tokens = chat(max_completion_tokens=9)
+    assert openai_param("params.max_tokens", uses_completion_tokens) == "max_completion_tokens"
+    assert openai_param("params.max_tokens", chat(max_tokens=9)) == "max_tokens"
+    assert openai_param("request_id", None) == "X-Request-Id"
+    assert openai_param("messages[0].role", None) == "messages[0].role"
+
+
+def test_errors_keep_openai_shape_status_and_retry_after():
+    limited = errors.ResourceExhausted("over quota", retry_after_s=2.2, reason="rpm")
+    response = error_response(limited, "r1")
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "3" and response.headers["x-request-id"] == "r1"
+    assert error_payload(limited)["error"] == {
+        "message": "over quota", "type": "rate_limit_error", "param": None, "code": "rpm"}
+    invalid = errors.InvalidArgument("params.top_p", "must be in (0, 1]")
+    assert error_payload(invalid)["error"]["param"] == "top_p"
+    for error, status in ((errors.Unauthenticated("x"), 401), (errors.PermissionDenied("x"), 403),
+                          (errors.NotFound("x"), 404), (errors.Unavailable("x"), 503),
+                          (errors.DeadlineExceeded("x"), 504)):
+        assert error_response(error, "").status_code == status
+
+
+def test_openapi_document_holds_the_bodies():
+    document = openapi_document()
+    schemas = document["components"]["schemas"]
+    assert {"ChatCompletionBody", "CompletionBody", "ChatMessage"} <= set(schemas)
+    assert "messages" in schemas["ChatCompletionBody"]["properties"]
