@@ -107,12 +107,14 @@ class _Run:
             name=f"http generation {request.request_id}",
         )
 
-    async def first_event(self) -> Event:
-        """Accepted (admitted and routed) or an early Finished; decides the HTTP status."""
-        while True:
-            event = await self.events.get()
-            if isinstance(event, Accepted | Finished):
-                return event
+    async def next_event(self, disconnected: asyncio.Task[None]) -> Event | None:
+        """The next event, or None when the client disconnected first."""
+        getter = asyncio.ensure_future(self.events.get())
+        done, _ = await asyncio.wait({getter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        return None
 
     async def cancel(self) -> None:
         if not self.task.done():
@@ -133,10 +135,11 @@ class _EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(self, chunks: AsyncIterator[bytes], run: _Run, headers: dict[str, str],
-                 route: str):
+                 route: str, request_id: str):
         self._chunks = chunks
         self._run = run
         self._route = route
+        self._request_id = request_id
         self.status_code = 200
         self.background = None
         self.init_headers({**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -165,6 +168,8 @@ class _EventStream(Response):
                     await asyncio.wait_for(asyncio.shield(self._run.task), CANCEL_WAIT_S)
             else:
                 HTTP_DISCONNECTS.labels(self._route).inc()
+                log.info("http_client_disconnected", request_id=self._request_id,
+                         route=self._route)
                 await self._run.cancel()
 
 
@@ -217,39 +222,32 @@ class OpenAIFront:
         peer = f"{request.client.host}:{request.client.port}" if request.client else ""
         run = _Run(self, principal, generation, peer)
         headers = {"x-request-id": request_id}
-        if body.stream:
-            first = await run.first_event()
-            if isinstance(first, Finished):
-                return self._count(route, self._finished_error(first, request_id, body))
-            chunks = _sse_chunks(run, first, body, route, request_id, self._heartbeat_s)
-            return self._count(route, _EventStream(chunks, run, headers, route))
-        return self._count(route, await self._unary(request, run, body, route, request_id))
-
-    async def _unary(self, request: Request, run: _Run, body: Any, route: str,
-                     request_id: str) -> Response:
-        pieces: list[str] = []
         watcher = asyncio.create_task(_await_disconnect(request.receive))
         try:
-            while True:
-                getter = asyncio.ensure_future(run.events.get())
-                done, _ = await asyncio.wait({getter, watcher},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    HTTP_DISCONNECTS.labels(route).inc()
-                    await run.cancel()
-                    return Response(status_code=499)
-                event = getter.result()
+            # Streaming: the status waits for Accepted (admitted, routed) or an early Finished.
+            event = await run.next_event(watcher)
+            pieces: list[str] = []
+            while event is not None and not (
+                isinstance(event, Finished) or (body.stream and isinstance(event, Accepted))
+            ):
                 if isinstance(event, TokenText):
                     pieces.append(event.text)
-                elif isinstance(event, Finished):
-                    break
+                event = await run.next_event(watcher)
         finally:
             watcher.cancel()
+        if event is None:
+            HTTP_DISCONNECTS.labels(route).inc()
+            log.info("http_client_disconnected", request_id=request_id, route=route)
+            await run.cancel()
+            return self._count(route, Response(status_code=499))
+        if isinstance(event, Accepted):
+            chunks = _sse_chunks(run, event, body, route, request_id, self._heartbeat_s)
+            return self._count(route, _EventStream(chunks, run, headers, route, request_id))
+        assert isinstance(event, Finished)
         if event.error is not None or event.finish_reason in ("cancelled", "deadline"):
-            return self._finished_error(event, request_id, body)
+            return self._count(route, self._finished_error(event, request_id, body))
         payload = _completion(route, request_id, body, event, "".join(pieces))
-        return JSONResponse(payload, headers={"x-request-id": request_id})
+        return self._count(route, JSONResponse(payload, headers=headers))
 
     @staticmethod
     def _finished_error(finished: Finished, request_id: str, body: Any) -> JSONResponse:

@@ -105,6 +105,9 @@ async def test_errors_map_to_the_clients_exception_classes(stack: StackInfo):
     with pytest.raises(openai.NotFoundError) as missing:
         await api.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
     assert missing.value.body["type"] == "not_found_error"
+    with pytest.raises(openai.NotFoundError):  # a refusal keeps its status when streaming too
+        await api.chat.completions.create(model="no-such-model", stream=True,
+                                          messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError) as bad:
         await api.chat.completions.create(model=stack.reference_model,
                                           messages=[{"role": "user", "content": "hi"}],
@@ -145,6 +148,29 @@ async def test_over_quota_is_a_rate_limit_error_with_retry_after(stack: StackInf
     assert int(limited.value.response.headers["retry-after"]) >= 1
 
 
+async def wait_engine_cancellations(stack: StackInfo, count: float) -> str:
+    """The engine's metrics once it has recorded `count` cancelled requests."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = engine_metrics(stack)
+        if metric(text, "infermesh_engine_requests_total", outcome="cancelled") == count:
+            return text
+        assert time.monotonic() < deadline, "the engine never recorded the cancellation"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_unary_client_that_gives_up_cancels_on_the_engine(stack: StackInfo):
+    cancelled_before = metric(engine_metrics(stack), "infermesh_engine_requests_total",
+                              outcome="cancelled")
+    impatient = openai.AsyncOpenAI(base_url=stack.openai_base_url, api_key=stack.api_key,
+                                   max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        await impatient.completions.create(model=stack.reference_model, prompt="a long story",
+                                           max_tokens=1000, extra_body={"min_tokens": 1000})
+    text = await wait_engine_cancellations(stack, cancelled_before + 1)
+    assert metric(text, "nv_trt_llm_request_metrics", request_type="active") == 0
+
+
 async def test_closing_a_stream_early_cancels_on_the_engine(stack: StackInfo):
     cancelled_before = metric(engine_metrics(stack), "infermesh_engine_requests_total",
                               outcome="cancelled")
@@ -158,14 +184,7 @@ async def test_closing_a_stream_early_cancels_on_the_engine(stack: StackInfo):
         if seen == 3:
             break
     await stream.close()
-    deadline = time.monotonic() + 10
-    while True:
-        text = engine_metrics(stack)
-        if metric(text, "infermesh_engine_requests_total",
-                  outcome="cancelled") == cancelled_before + 1:
-            break
-        assert time.monotonic() < deadline, "the engine never recorded the cancellation"
-        await asyncio.sleep(0.1)
+    text = await wait_engine_cancellations(stack, cancelled_before + 1)
     assert metric(text, "nv_trt_llm_request_metrics", request_type="active") == 0
     gateway = f"http://{stack.metrics['gateway']}/metrics"
     with urllib.request.urlopen(gateway, timeout=5) as response:
