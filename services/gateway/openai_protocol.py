@@ -36,7 +36,6 @@ class TextPart(_Body):
 class ChatMessage(_Body):
     role: str
     content: str | list[TextPart]
-    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):

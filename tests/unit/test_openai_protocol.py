@@ -68,6 +68,7 @@ def test_unsupported_values_name_the_parameter(fields, param):
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0].content"),
     ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
 ])
 def test_unknown_or_malformed_fields_name_the_parameter(fields, param):
     with pytest.raises(errors.InvalidArgument) as raised:
