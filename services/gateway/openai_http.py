@@ -32,7 +32,6 @@ from starlette.types import Receive, Scope, Send
 from services.common import errors
 from services.common.auth import Authenticator
 from services.common.logs import get_logger
-from services.common.net import LOOPBACK
 from services.gateway.openai_protocol import (
     ChatCompletionBody,
     CompletionBody,
@@ -447,8 +446,8 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpServer:
     """Starts and stops the front's uvicorn server as a task of the running loop."""
 
-    def __init__(self, app: Starlette, port: int):
-        config = uvicorn.Config(app, host=LOOPBACK, port=port, lifespan="off", log_config=None,
+    def __init__(self, app: Starlette, host: str, port: int):
+        config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_config=None,
                                 access_log=False, timeout_graceful_shutdown=5)
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None

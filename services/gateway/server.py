@@ -419,7 +419,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     http = HttpServer(
         OpenAIFront(authenticator, catalog, generations, ctx.draining,
                     settings.heartbeat_interval_s, settings.stream_buffer_frames).app(),
-        settings.http_port,
+        settings.host, settings.http_port,
     )
     tenants_pb2_grpc.add_TenantAdminServicer_to_server(
         TenantAdminServicer(authenticator, TenantStore(ctx.etcd), directory,

@@ -16,7 +16,7 @@ class GatewaySettings(ServiceSettings):
     )
     http_port: int = Field(
         0, ge=0, le=65535,
-        description="Loopback port of the OpenAI-compatible HTTP API (0: the OS picks one).",
+        description="Port of the OpenAI-compatible HTTP API, on `host` (0: the OS picks).",
     )
     default_timeout_s: float = Field(120.0, description="A generation's deadline when unset.")
     max_timeout_s: float = Field(600.0, description="The longest deadline a client may ask.")
