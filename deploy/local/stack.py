@@ -161,11 +161,21 @@ class Stack:
             raise
 
     def down(self) -> None:
-        for name in STOP_ORDER:
-            child = self.children.pop(name, None)
-            if child is not None:
-                child.stop(grace_s=15.0)
-        forget_state(self.state_dir)
+        """Stops every child, in STOP_ORDER and then any other, even if one stop fails."""
+        order = [n for n in STOP_ORDER if n in self.children]
+        order += [n for n in self.children if n not in STOP_ORDER]
+        try:
+            for name in order:
+                child = self.children.pop(name)
+                try:
+                    child.stop(grace_s=15.0)
+                except Exception as exc:  # keep stopping the rest; say which one resisted
+                    print(f"could not stop {name} (pid {child.pid}): {exc!r}", file=sys.stderr)
+        finally:
+            for child in self.children.values():  # interrupted above: kill what is left
+                child.stop(grace_s=0.0)
+            self.children.clear()
+            forget_state(self.state_dir)
 
     def failed_children(self) -> list[str]:
         return [name for name, child in self.children.items() if not child.alive()]
