@@ -423,7 +423,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     )
     tenants_pb2_grpc.add_TenantAdminServicer_to_server(
         TenantAdminServicer(authenticator, TenantStore(ctx.etcd), directory,
-                            settings.peer_timeout_s),
+                            settings.peer_timeout_s, audit, f"gateway/{settings.instance_id}"),
         ctx.server,
     )
 

@@ -7,14 +7,25 @@ from the ratelimit service, which owns the month-to-date counts.
 from __future__ import annotations
 
 import dataclasses
+import json
+import uuid
+from typing import Any
 
 import grpc
+from google.protobuf import timestamp_pb2
 
-from infermesh.v1 import ratelimit_pb2, ratelimit_pb2_grpc, tenants_pb2, tenants_pb2_grpc
+from infermesh.v1 import (
+    auditor_pb2,
+    ratelimit_pb2,
+    ratelimit_pb2_grpc,
+    tenants_pb2,
+    tenants_pb2_grpc,
+)
 from services.common import errors, status
 from services.common.auth import Authenticator
 from services.common.discovery import ServiceDirectory
 from services.common.tenancy import ApiKey, Tenant, TenantPlan, TenantStore
+from services.gateway.pipeline import AuditSink
 
 PLAN_FIELDS = [f.name for f in dataclasses.fields(TenantPlan)]
 
@@ -30,23 +41,39 @@ def encode_key(key: ApiKey) -> tenants_pb2.KeyInfo:
 
 
 class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
+    """Every change is audited (actor = the admin key, before and after, never a clear key)."""
+
     def __init__(
         self, authenticator: Authenticator, store: TenantStore, directory: ServiceDirectory,
-        timeout_s: float,
+        timeout_s: float, audit: AuditSink, source: str,
     ):
         self._auth = authenticator
         self._store = store
         self._directory = directory
         self._timeout_s = timeout_s
+        self._audit = audit
+        self._source = source
 
     async def _call(self, context: grpc.aio.ServicerContext, operation):
         """Runs `operation` for an admin caller; every MeshError becomes its status."""
         try:
             authorization = dict(context.invocation_metadata() or ()).get("authorization")
-            self._auth.authenticate_admin(authorization)
-            return await operation()
+            principal = self._auth.authenticate_admin(authorization)
+            return await operation(f"key:{principal.key_id}@{principal.tenant_id}")
         except errors.MeshError as exc:
             await status.abort(context, exc)
+
+    def _record(self, actor: str, action: str, target: str, before: Any, after: Any) -> None:
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        self._audit.emit(auditor_pb2.AuditEvent(
+            event_id=uuid.uuid4().hex, request_id=uuid.uuid4().hex, time=now, source=self._source,
+            admin=auditor_pb2.AdminRecord(
+                actor=actor, action=action, target=target,
+                before_json=json.dumps(before, sort_keys=True) if before is not None else "",
+                after_json=json.dumps(after, sort_keys=True) if after is not None else "",
+            ),
+        ))
 
     async def _info(self, tenant: Tenant, revision: int) -> tenants_pb2.TenantInfo:
         info = tenants_pb2.TenantInfo(
@@ -66,17 +93,19 @@ class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
         return info
 
     async def CreateTenant(self, request, context):
-        async def create():
+        async def create(actor: str):
             tenant = Tenant(request.tenant_id, request.name or request.tenant_id,
                             apply_plan_update(TenantPlan(), request.plan))
             await self._store.create_tenant(tenant)
+            self._record(actor, "tenants.create", tenant.tenant_id, None,
+                         dataclasses.asdict(tenant))
             _, revision = await self._store.get_tenant(tenant.tenant_id)
             return await self._info(tenant, revision)
 
         return await self._call(context, create)
 
     async def UpdateTenant(self, request, context):
-        async def update():
+        async def update(actor: str):
             current, revision = await self._store.get_tenant(request.tenant_id)
             expected = request.expected_revision or revision
             tenant = Tenant(
@@ -85,20 +114,22 @@ class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
                 apply_plan_update(current.plan, request.plan),
             )
             await self._store.update_tenant(tenant, expected)
+            self._record(actor, "tenants.update", tenant.tenant_id,
+                         dataclasses.asdict(current), dataclasses.asdict(tenant))
             _, revision = await self._store.get_tenant(tenant.tenant_id)
             return await self._info(tenant, revision)
 
         return await self._call(context, update)
 
     async def GetTenant(self, request, context):
-        async def get():
+        async def get(actor: str):
             tenant, revision = await self._store.get_tenant(request.tenant_id)
             return await self._info(tenant, revision)
 
         return await self._call(context, get)
 
     async def ListTenants(self, request, context):
-        async def list_all():
+        async def list_all(actor: str):
             tenants = await self._store.list_tenants()
             return tenants_pb2.ListTenantsResponse(tenants=[
                 tenants_pb2.TenantInfo(tenant_id=t.tenant_id, name=t.name,
@@ -109,21 +140,24 @@ class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
         return await self._call(context, list_all)
 
     async def IssueKey(self, request, context):
-        async def issue():
+        async def issue(actor: str):
             clear, key = await self._store.issue_key(
                 request.tenant_id, request.role or "user", request.expires_at)
+            self._record(actor, "keys.issue", key.key_id, None, dataclasses.asdict(key))
             return tenants_pb2.IssuedKey(api_key=clear, key=encode_key(key))
 
         return await self._call(context, issue)
 
     async def RevokeKey(self, request, context):
-        async def revoke():
-            return encode_key(await self._store.revoke_key(request.key_id))
+        async def revoke(actor: str):
+            key = await self._store.revoke_key(request.key_id)
+            self._record(actor, "keys.revoke", key.key_id, dataclasses.asdict(key), None)
+            return encode_key(key)
 
         return await self._call(context, revoke)
 
     async def ListKeys(self, request, context):
-        async def list_keys():
+        async def list_keys(actor: str):
             keys = await self._store.list_keys(request.tenant_id or None)
             return tenants_pb2.ListKeysResponse(keys=[encode_key(k) for _, k in keys])
 

@@ -10,11 +10,19 @@ import uuid
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from deploy.local.gateways import ExtraGateway
 from deploy.local.stack import StackInfo
-from infermesh.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2, tenants_pb2_grpc
+from infermesh.v1 import (
+    auditor_pb2,
+    auditor_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    tenants_pb2,
+    tenants_pb2_grpc,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -257,3 +265,32 @@ async def test_a_saturated_gateway_serves_premium_before_batch(stack: StackInfo,
     finally:
         await asyncio.to_thread(narrow.stop)
     assert started == ["busy", "premium", "batch"]
+
+
+async def test_tenant_and_key_changes_are_audited(stack: StackInfo):
+    since = timestamp_pb2.Timestamp()
+    since.GetCurrentTime()
+    tenant_id, _ = await new_tenant(stack)
+    keys = await admin(stack, "ListKeys", tenants_pb2.ListKeysRequest(tenant_id=tenant_id))
+    await admin(stack, "RevokeKey", tenants_pb2.RevokeKeyRequest(key_id=keys.keys[0].key_id))
+    wanted = {("tenants.create", tenant_id), ("keys.issue", keys.keys[0].key_id),
+              ("keys.revoke", keys.keys[0].key_id)}
+    deadline = time.monotonic() + 15
+    async with grpc.aio.insecure_channel(stack.endpoints["auditor"]) as channel:
+        stub = auditor_pb2_grpc.AuditorStub(channel)
+        while True:  # events reach the auditor through the gateway's spool
+            found = {}
+            async for record in stub.Query(auditor_pb2.QueryRequest(since=since, limit=1000),
+                                           metadata=auth(stack.api_key), timeout=10):
+                if record.event.WhichOneof("body") == "admin":
+                    found[(record.event.admin.action, record.event.admin.target)] = \
+                        record.event.admin
+            if wanted <= found.keys():
+                break
+            assert time.monotonic() < deadline, f"audited so far: {sorted(found)}"
+            await asyncio.sleep(0.2)
+    created = found[("tenants.create", tenant_id)]
+    assert created.actor.startswith("key:") and tenant_id in created.after_json
+    issued = found[("keys.issue", keys.keys[0].key_id)]
+    assert "imk_" not in issued.after_json  # never the clear key
+    assert found[("keys.revoke", keys.keys[0].key_id)].before_json
