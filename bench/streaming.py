@@ -33,6 +33,7 @@ class Sample:
     ttft_s: float
     tokens: int
     ok: bool
+    error: str = ""  # why it failed: a status code name and message
 
 
 @dataclass
@@ -70,8 +71,8 @@ def direct_client(
                 if chunk.text and not ttft:
                     ttft = time.perf_counter() - started
                 tokens = chunk.completion_tokens
-        except Exception:
-            return Sample(0.0, 0, False)
+        except Exception as exc:  # a failed request is a sample too: counted, not fatal
+            return Sample(0.0, 0, False, repr(exc))
         return Sample(ttft, tokens, True)
 
     return one
@@ -100,11 +101,12 @@ def mesh_client(
                 if kind == "tokens" and not ttft:
                     ttft = time.perf_counter() - started
                 elif kind == "final":
-                    ok = not reply.final.HasField("error")
-                    return Sample(ttft, reply.final.usage.completion_tokens, ok)
-        except grpc.aio.AioRpcError:
-            pass
-        return Sample(0.0, 0, False)
+                    error = reply.final.error
+                    failed = f"{error.code}: {error.message}" if reply.final.HasField("error") else ""
+                    return Sample(ttft, reply.final.usage.completion_tokens, not failed, failed)
+        except grpc.aio.AioRpcError as exc:
+            return Sample(0.0, 0, False, f"{exc.code().name}: {exc.details()}")
+        return Sample(0.0, 0, False, "the stream ended without a Final")
 
     return one
 

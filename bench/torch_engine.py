@@ -39,6 +39,8 @@ REQUEST_TIMEOUT_S = 300  # beyond the budget: a slow CPU makes requests slow, no
 
 def _result(concurrency: int, samples: list[Sample], elapsed: float) -> LevelResult:
     good = [s for s in samples if s.ok]
+    for error in sorted({s.error for s in samples if not s.ok}):
+        print(f"torch c{concurrency}: failed: {error}", flush=True)
     ttfts = [s.ttft_s * 1000 for s in good]
     return LevelResult(
         concurrency=concurrency, requests=len(samples), errors=len(samples) - len(good),
