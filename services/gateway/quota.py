@@ -111,10 +111,10 @@ class QuotaLeases:
             plan = self._plan(tenant)
             held = self._held.setdefault(tenant, _Held())
             held.last_acquire = self._clock()
-            if not self._covers(held, plan, input_tokens, output_tokens):
+            if not self._covers(held, input_tokens, output_tokens):
                 path = "lease"
                 async with held.lock:
-                    if not self._covers(held, plan, input_tokens, output_tokens):
+                    if not self._covers(held, input_tokens, output_tokens):
                         admitted_open = await self._top_up(tenant, plan, held, input_tokens,
                                                            output_tokens)
                         if admitted_open:
@@ -152,12 +152,13 @@ class QuotaLeases:
             raise errors.Unauthenticated(f"tenant {tenant!r} no longer exists")
         return record.plan
 
-    def _covers(self, held: _Held, plan: TenantPlan, input_tokens: int, output_tokens: int) -> bool:
+    def _covers(self, held: _Held, input_tokens: int, output_tokens: int) -> bool:
+        """Whether what is held serves the request in full (a shortfall here is this gateway's,
+        not the tenant's: it tops up before degrading anything)."""
         if held.expires <= self._clock():
             return False
-        output_needed = min(output_tokens, plan.degraded_max_tokens or output_tokens)
         return (held.requests >= 1 and held.input_tokens >= input_tokens
-                and held.output_tokens >= output_needed and held.slots > held.slots_in_use)
+                and held.output_tokens >= output_tokens and held.slots > held.slots_in_use)
 
     def _output_grant(self, held: _Held, plan: TenantPlan, output_tokens: int) -> int:
         """max_tokens, or the plan's degraded cap when only that much is held."""

@@ -294,3 +294,14 @@ async def test_tenant_and_key_changes_are_audited(stack: StackInfo):
     issued = found[("keys.issue", keys.keys[0].key_id)]
     assert "imk_" not in issued.after_json  # never the clear key
     assert found[("keys.revoke", keys.keys[0].key_id)].before_json
+
+
+async def test_a_degrading_plan_caps_max_tokens_before_refusing(stack: StackInfo):
+    # A burst of 100 output tokens at 10 a second; under pressure, 16 instead of refusing.
+    _, key = await new_tenant(stack, output_tokens_per_minute=600, degraded_max_tokens=16)
+    first = await generate(stack, key, 90)
+    assert first.usage.completion_tokens == 90
+    await asyncio.sleep(1.0)  # ~10 tokens refill: not 90, but enough for the degraded cap
+    degraded = await generate(stack, key, 90)
+    assert degraded.usage.completion_tokens == 16
+    assert degraded.finish_reason == inference_pb2.LENGTH
