@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import json
 import re
@@ -11,6 +13,8 @@ from google.protobuf import json_format
 
 from infermesh.v1 import tenants_pb2, tenants_pb2_grpc
 from meshctl.rpc import TIMEOUT_S, call_gateway
+from services.common import errors, etcd
+from services.common.tenancy import ApiKey, Tenant, TenantStore
 
 tenant_app = typer.Typer(help="Tenants and their plans.", no_args_is_help=True)
 key_app = typer.Typer(help="API keys (shown once when issued; only a hash is stored).",
@@ -165,3 +169,28 @@ def key_list(tenant_id: str = typer.Argument(""), gateway: str = GATEWAY,
     for key in reply.keys:
         expires = f" expires_at={key.expires_at:.0f}" if key.expires_at else ""
         typer.echo(f"{key.key_id} {key.tenant_id} {key.role}{expires}")
+
+
+@key_app.command("bootstrap")
+def key_bootstrap(
+    tenant_id: str = typer.Argument("operators", help="The tenant the first admin key belongs to."),
+    etcd_endpoint: str = typer.Option(..., "--etcd", envvar="INFERMESH_ETCD",
+                                      help="host:port of etcd (operators only: no API key yet)"),
+) -> None:
+    """Create the first admin key (and its tenant, if missing) directly in etcd: the admin API
+    needs an admin key, so a new cluster starts here."""
+
+    async def bootstrap() -> tuple[str, ApiKey]:
+        async with etcd.connect(etcd_endpoint, TIMEOUT_S) as client:
+            store = TenantStore(client)
+            with contextlib.suppress(errors.FailedPrecondition):  # it exists: keep its plan
+                await store.create_tenant(Tenant(tenant_id, tenant_id))
+            return await store.issue_key(tenant_id, role="admin")
+
+    try:
+        clear, key = asyncio.run(bootstrap())
+    except errors.MeshError as exc:
+        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(clear)
+    typer.echo(f"key_id={key.key_id} tenant={key.tenant_id} role=admin", err=True)
