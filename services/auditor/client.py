@@ -7,14 +7,25 @@ other high-rate writers keep one `Append` stream open and pipeline batches thems
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
 from services.auditor.checkpoints import Checkpoint
 from services.auditor.reader import ConsistencyProof, InclusionProof
 from services.common import errors
+
+
+def new_event(source: str, request_id: str, **body: Any) -> auditor_pb2.AuditEvent:
+    """An event with a fresh id and the current time; `body` is `generation=…` or `admin=…`."""
+    now = timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    return auditor_pb2.AuditEvent(event_id=uuid.uuid4().hex, request_id=request_id, time=now,
+                                  source=source, **body)
 
 
 async def append(

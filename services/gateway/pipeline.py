@@ -17,16 +17,15 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from google.protobuf import timestamp_pb2
 from prometheus_client import Counter, Histogram
 
 from backends.triton.adapter import EngineChunk, EngineRequest
 from infermesh.v1 import auditor_pb2
+from services.auditor.client import new_event
 from services.common import errors
 from services.common.logs import get_logger
 from services.gateway.admission import FairAdmission, priority_index
@@ -352,14 +351,10 @@ class GenerationPipeline:
             progress.prompt_tokens)
         TOKENS.labels(principal.tenant_id, progress.model, version, "completion").inc(
             progress.completion_tokens)
-        now = timestamp_pb2.Timestamp()
-        now.GetCurrentTime()
         self._audit.emit(
-            auditor_pb2.AuditEvent(
-                event_id=uuid.uuid4().hex,
-                request_id=request.request_id,
-                time=now,
-                source=self._source,
+            new_event(
+                self._source,
+                request.request_id,
                 generation=auditor_pb2.GenerationRecord(
                     tenant=principal.tenant_id,
                     key_id=principal.key_id,

@@ -12,7 +12,6 @@ import uuid
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from infermesh.v1 import (
     auditor_pb2,
@@ -21,6 +20,7 @@ from infermesh.v1 import (
     tenants_pb2,
     tenants_pb2_grpc,
 )
+from services.auditor.client import new_event
 from services.common import errors, status
 from services.common.auth import Authenticator
 from services.common.discovery import ServiceDirectory
@@ -64,10 +64,8 @@ class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
             await status.abort(context, exc)
 
     def _record(self, actor: str, action: str, target: str, before: Any, after: Any) -> None:
-        now = timestamp_pb2.Timestamp()
-        now.GetCurrentTime()
-        self._audit.emit(auditor_pb2.AuditEvent(
-            event_id=uuid.uuid4().hex, request_id=uuid.uuid4().hex, time=now, source=self._source,
+        self._audit.emit(new_event(
+            self._source, uuid.uuid4().hex,
             admin=auditor_pb2.AdminRecord(
                 actor=actor, action=action, target=target,
                 before_json=json.dumps(before, sort_keys=True) if before is not None else "",
