@@ -98,7 +98,7 @@ Send = Callable[[Event], Awaitable[None]]
 
 class Admission(Protocol):
     async def acquire_slot(
-        self, tenant: str, request_id: str, hold_s: float, input_tokens: int, output_tokens: int
+        self, tenant: str, request_id: str, input_tokens: int, output_tokens: int
     ) -> Grant: ...
     async def release_slot(
         self, tenant: str, slot_id: str, input_used: int, output_used: int
@@ -238,7 +238,7 @@ class GenerationPipeline:
         tenant = principal.tenant_id
         # Reserves prompt + max_tokens; settled with the engine's real counts when it ends.
         grant = await self._admission.acquire_slot(
-            tenant, engine_request.request_id, hold_s, prompt_tokens, engine_request.max_tokens
+            tenant, engine_request.request_id, prompt_tokens, engine_request.max_tokens
         )
         progress.cleanups.append(lambda: self._admission.release_slot(
             tenant, grant.slot_id, progress.prompt_tokens, progress.completion_tokens))

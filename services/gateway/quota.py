@@ -101,7 +101,7 @@ class QuotaLeases:
                 await self._renew(tenant, give_back_all=True)
 
     async def acquire_slot(
-        self, tenant: str, request_id: str, hold_s: float, input_tokens: int, output_tokens: int
+        self, tenant: str, request_id: str, input_tokens: int, output_tokens: int
     ) -> Grant:
         """Reserves from what is held, topping up only when short. ResourceExhausted names the
         limit and when to retry."""

@@ -47,7 +47,7 @@ async def test_a_lost_replica_moves_its_tenants_and_budgets_follow(etcd_server, 
             await wait_until(lambda: len(directory.endpoints("ratelimit")) == 2)
             endpoints = directory.endpoints("ratelimit")
             first_owner = rendezvous_owner(tenant, endpoints)
-            grant = await quota.acquire_slot(tenant, "r1", 60, 100, 50)
+            grant = await quota.acquire_slot(tenant, "r1", 100, 50)
             await quota.release_slot(tenant, grant.slot_id, 100, 50)
             await quota.close()  # reports the usage to the owner, gives back the rest
             await asyncio.sleep(1.5)  # the owner writes budgets out every second
@@ -57,7 +57,7 @@ async def test_a_lost_replica_moves_its_tenants_and_budgets_follow(etcd_server, 
                 e for e in endpoints if e != first_owner])
             survivor = directory.endpoints("ratelimit")[0]
             assert rendezvous_owner(tenant, [survivor]) == survivor
-            grant = await quota.acquire_slot(tenant, "r2", 60, 10, 10)  # served by the survivor
+            grant = await quota.acquire_slot(tenant, "r2", 10, 10)  # served by the survivor
             await quota.release_slot(tenant, grant.slot_id, 10, 10)
             await quota.close()
             usage = await ratelimit_pb2_grpc.RateLimitStub(directory.channel_to(survivor)).GetUsage(
@@ -82,9 +82,9 @@ async def test_fail_closed_refuses_when_no_replica_answers(etcd_server):
             await wait_until(lambda: not directory.endpoints("ratelimit"))
             closed = QuotaLeases(tenants, directory, "gateway-c", 1.0, fail_open=False)
             with pytest.raises(errors.Unavailable):
-                await closed.acquire_slot("closed-tenant", "r", 60, 1, 1)
+                await closed.acquire_slot("closed-tenant", "r", 1, 1)
             opened = QuotaLeases(tenants, directory, "gateway-o", 1.0, fail_open=True)
-            grant = await opened.acquire_slot("closed-tenant", "r", 60, 1, 1)
+            grant = await opened.acquire_slot("closed-tenant", "r", 1, 1)
             assert grant.max_tokens == 1
             await opened.release_slot("closed-tenant", grant.slot_id, 1, 1)
         finally:

@@ -42,7 +42,7 @@ class CountingAdmission:
     def __init__(self) -> None:
         self.acquired: list[str] = []
 
-    async def acquire_slot(self, tenant, request_id, hold_s, input_tokens, output_tokens):
+    async def acquire_slot(self, tenant, request_id, input_tokens, output_tokens):
         self.acquired.append(request_id)
         return Grant(slot_id=f"slot-{request_id}", max_tokens=output_tokens)
 
