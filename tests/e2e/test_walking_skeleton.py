@@ -129,6 +129,10 @@ def engine_metrics(stack: StackInfo) -> str:
         return response.read().decode()
 
 
+# The engine's metrics are per Triton model; the torch engine shares the server.
+REFERENCE = {"model": "reference"}
+
+
 def metric(text: str, name: str, **labels) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -141,7 +145,8 @@ def metric(text: str, name: str, **labels) -> float:
 
 async def test_cancel_mid_stream_stops_the_engine(stack: StackInfo):
     before = engine_metrics(stack)
-    cancelled_before = metric(before, "infermesh_engine_requests_total", outcome="cancelled")
+    cancelled_before = metric(before, "infermesh_engine_requests_total", outcome="cancelled",
+                              **REFERENCE)
     conv = Conversation(stack)
     seen = 0
 
@@ -162,14 +167,17 @@ async def test_cancel_mid_stream_stops_the_engine(stack: StackInfo):
     deadline = time.monotonic() + 10
     while True:
         text = engine_metrics(stack)
-        if metric(text, "infermesh_engine_requests_total", outcome="cancelled") == cancelled_before + 1:
+        cancelled = metric(text, "infermesh_engine_requests_total", outcome="cancelled",
+                           **REFERENCE)
+        if cancelled == cancelled_before + 1:
             break
         assert time.monotonic() < deadline, "the engine never recorded the cancellation"
         await asyncio.sleep(0.1)
-    assert metric(text, "nv_trt_llm_request_metrics", request_type="active") == 0
-    generated = metric(text, "infermesh_engine_generated_tokens_total")
+    assert metric(text, "nv_trt_llm_request_metrics", request_type="active", **REFERENCE) == 0
+    generated = metric(text, "infermesh_engine_generated_tokens_total", **REFERENCE)
     await asyncio.sleep(0.5)
-    assert metric(engine_metrics(stack), "infermesh_engine_generated_tokens_total") == generated
+    assert metric(engine_metrics(stack), "infermesh_engine_generated_tokens_total",
+                  **REFERENCE) == generated
 
 
 @pytest.mark.parametrize("key", [None, "imk_not-a-real-key", ""])
