@@ -6,6 +6,10 @@ retry, `google.rpc.RetryInfo`, so SDKs can act without parsing the message.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from typing import Any
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -40,6 +44,22 @@ def to_rich_status(error: errors.MeshError) -> grpc.Status:
         code=grpc_code(error).value[0], message=error.message, details=details
     )
     return rpc_status.to_status(status)
+
+
+REFUSAL_DRAIN_S = 1.0
+
+
+async def abort_stream(
+    context: grpc.aio.ServicerContext, error: errors.MeshError, request_iterator: Any
+) -> None:
+    """Ends a client-streaming call with `error` after reading what the client is sending (up to
+    REFUSAL_DRAIN_S): a status sent while the client is mid-write reaches it as INTERNAL ("Internal
+    error from Core") instead of the real code."""
+    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+        async with asyncio.timeout(REFUSAL_DRAIN_S):
+            async for _ in request_iterator:
+                pass
+    await abort(context, error)
 
 
 async def abort(context: grpc.aio.ServicerContext, error: errors.MeshError) -> None:

@@ -46,7 +46,6 @@ from services.gateway.validation import Limits, validate_request_id
 from services.registry.catalog import ModelCatalog
 from services.registry.store import parse_models_key
 
-REFUSAL_DRAIN_S = 1.0
 FINISH_REASONS = {
     "stop": inference_pb2.STOP,
     "length": inference_pb2.LENGTH,
@@ -210,13 +209,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             principal = self._auth.authenticate(_metadata(context, "authorization"))
         except errors.MeshError as exc:
-            # Read what the client is sending (briefly) before refusing: a status sent while the
-            # client is mid-write reaches it as INTERNAL instead of UNAUTHENTICATED.
-            with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
-                async with asyncio.timeout(REFUSAL_DRAIN_S):
-                    async for _ in request_iterator:
-                        pass
-            await status.abort(context, exc)
+            await status.abort_stream(context, exc, request_iterator)
         session = _StreamSession(
             self._generations, principal, context.peer(), self._settings, self._draining
         )

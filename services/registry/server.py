@@ -148,7 +148,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 upload_chunks(request_iterator, UPLOAD_IDLE_TIMEOUT_S),
             )
         except errors.MeshError as exc:
-            await status.abort(context, exc)
+            await status.abort_stream(context, exc, request_iterator)
         return registry_pb2.BlobStatus(
             digest=blob.digest, complete=blob.complete, uploaded_bytes=blob.uploaded_bytes
         )
@@ -158,7 +158,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             self._principal(context, admin=False)
             blob = await self._uploads.status(request.digest)
         except errors.MeshError as exc:
-            await status.abort(context, exc)
+            await status.abort_stream(context, exc, request_iterator)
         return registry_pb2.BlobStatus(
             digest=blob.digest, complete=blob.complete, uploaded_bytes=blob.uploaded_bytes
         )
