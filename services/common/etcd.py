@@ -30,6 +30,9 @@ class Keys:
     apikeys = ROOT + "apikeys/"
     models = ROOT + "models/"
     replicas = ROOT + "replicas/"
+    replica_load = ROOT + "load/"
+    placements = ROOT + "placements/"
+    scheduler_leader = ROOT + "scheduler/leader"
     services = ROOT + "services/"
     registry_audit_outbox = ROOT + "registry/audit-outbox/"
     budgets = ROOT + "budgets/"
@@ -69,6 +72,16 @@ class Keys:
     @staticmethod
     def replica(replica_id: str) -> str:
         return f"{Keys.replicas}{replica_id}"
+
+    @staticmethod
+    def load(replica_id: str) -> str:
+        """A replica's load report (KV blocks, requests), rewritten by its sidecar under a lease."""
+        return f"{Keys.replica_load}{replica_id}"
+
+    @staticmethod
+    def placement(replica_id: str) -> str:
+        """The models the scheduler's leader wants loaded on a replica (its sidecar applies it)."""
+        return f"{Keys.placements}{replica_id}"
 
     @staticmethod
     def budget(month: str, tenant_id: str) -> str:
