@@ -19,6 +19,11 @@ the bound), and an event the auditor refuses as invalid goes to `rejected.spool`
 
 Files in the spool directory: `<n>.spool` (frames, rotated at `file_bytes`), `cursor` (the
 first unacknowledged frame), `LOCK` (one gateway per directory), `rejected.spool`.
+
+Instance ids are new on every start, so with the default layout (`<root>/<instance id>/
+audit-spool`) a gateway that died leaves its spool behind under an id nobody will use again.
+Every gateway therefore adopts such orphans: a sibling spool whose `LOCK` it can take belongs
+to no running gateway, so it ships that spool's events and then removes the directory.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import fcntl
 import json
 import os
 import pathlib
+import shutil
 import struct
 import threading
 import time
@@ -59,6 +65,8 @@ SHIP_FAILURES = Counter("infermesh_gateway_audit_ship_failures_total",
                         "Failed attempts to ship a batch (retried with backoff).")
 REFUSED = Counter("infermesh_gateway_audit_refused_generations_total",
                   "Generations refused because the audit spool was full (on_full=refuse).")
+ORPHANS = Counter("infermesh_gateway_audit_orphans_adopted_total",
+                  "Spools left by gateways that died, shipped and removed by this one.")
 SPOOL_BYTES = Gauge("infermesh_gateway_audit_spool_bytes",
                     "Audit bytes not yet acknowledged by the auditor (memory and disk).")
 
@@ -67,6 +75,7 @@ SPOOL_SUFFIX = ".spool"
 CURSOR_FILE = "cursor"
 REJECTED_FILE = "rejected.spool"
 MAX_FRAME_BYTES = 1 << 20
+SPOOL_DIR_NAME = "audit-spool"
 
 
 class AuditSpoolSettings(BaseSettings):
@@ -75,8 +84,12 @@ class AuditSpoolSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INFERMESH_AUDIT_SPOOL_", extra="ignore")
 
     dir: pathlib.Path | None = Field(
-        None, description="Spool directory (default .infermesh/data/gateway/<instance id>/"
-        "audit-spool); one gateway per directory.")
+        None, description="Spool directory (default <root>/<instance id>/audit-spool); one "
+        "gateway per directory. Set it to a path that survives restarts, or keep the default "
+        "and let gateways adopt each other's orphaned spools.")
+    root: pathlib.Path = Field(
+        pathlib.Path(".infermesh/data/gateway"),
+        description="Parent of the per-instance spools in the default layout.")
     max_bytes: int = Field(256 << 20, ge=64 << 10,
                            description="Bound on unacknowledged events, memory and disk.")
     file_bytes: int = Field(4 << 20, ge=4096, description="A spool file rotates past this.")
@@ -90,7 +103,16 @@ class AuditSpoolSettings(BaseSettings):
                                    description="On shutdown, how long to keep shipping.")
 
     def directory(self, instance_id: str) -> pathlib.Path:
-        return self.dir or pathlib.Path(".infermesh/data/gateway") / instance_id / "audit-spool"
+        return self.dir or self.root / instance_id / SPOOL_DIR_NAME
+
+    def orphan_candidates(self, instance_id: str) -> list[pathlib.Path]:
+        """Other instances' spools in the default layout (none when `dir` is pinned: the next
+        start reuses that directory, so nothing is orphaned)."""
+        if self.dir is not None:
+            return []
+        own = self.directory(instance_id)
+        return sorted(p for p in self.root.glob(f"*/{SPOOL_DIR_NAME}")
+                      if p != own and (p / "LOCK").exists())
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -120,6 +142,10 @@ class Spool:
         self._end = Position(1, 0)  # durable end of the newest file
         self._write_fd = -1
         self.unacked_bytes = 0
+
+    @property
+    def directory(self) -> pathlib.Path:
+        return self._dir
 
     @classmethod
     def open(cls, directory: pathlib.Path, file_bytes: int) -> Spool:
@@ -283,8 +309,9 @@ class AuditEmitter:
     """The gateway's audit sink: `emit` on the event loop, disk and network in the background."""
 
     def __init__(self, spool: Spool, directory: ServiceDirectory, settings: AuditSpoolSettings,
-                 timeout_s: float):
+                 timeout_s: float, orphans: list[pathlib.Path] | None = None):
         self._spool = spool
+        self._orphans = orphans or []
         self._directory = directory
         self._settings = settings
         self._timeout_s = timeout_s
@@ -304,7 +331,8 @@ class AuditEmitter:
         """Opens the spool (what a previous run left is shipped first) and starts shipping."""
         path = settings.directory(instance_id)
         spool = await asyncio.to_thread(Spool.open, path, settings.file_bytes)
-        emitter = cls(spool, directory, settings, timeout_s)
+        emitter = cls(spool, directory, settings, timeout_s,
+                      orphans=await asyncio.to_thread(settings.orphan_candidates, instance_id))
         emitter._tasks = [asyncio.create_task(emitter._write_forever(), name="audit spool"),
                           asyncio.create_task(emitter._ship_forever(), name="audit shipper")]
         log.info("audit_spool_opened", path=str(path), unacked_bytes=spool.unacked_bytes,
@@ -388,25 +416,55 @@ class AuditEmitter:
 
     async def _ship_forever(self) -> None:
         """Until closing: the oldest batch to the auditor; the cursor moves once it is acked.
-        Any failure (auditor away, disk error) is retried with backoff; nothing is skipped."""
+        Any failure (auditor away, disk error) is retried with backoff; nothing is skipped.
+        Orphaned spools go first: their events are older than this gateway's."""
+        for path in self._orphans:
+            if self._closing:
+                return
+            await self._adopt(path)
+        await self._ship_spool(self._spool, orphan=False)
+
+    async def _adopt(self, path: pathlib.Path) -> None:
+        """Ships a dead gateway's spool, then removes it; skipped if a live gateway holds it."""
+        try:
+            spool = await asyncio.to_thread(Spool.open, path, self._settings.file_bytes)
+        except errors.FailedPrecondition:
+            return  # its gateway is alive
+        except OSError as exc:
+            log.error("audit_orphan_unreadable", path=str(path), error=repr(exc))
+            return
+        log.info("audit_orphan_adopting", path=str(path), unacked_bytes=spool.unacked_bytes)
+        try:
+            if await self._ship_spool(spool, orphan=True):
+                await asyncio.to_thread(_remove_spool_directory, path)
+                ORPHANS.inc()
+                log.info("audit_orphan_adopted", path=str(path))
+        finally:
+            await asyncio.to_thread(spool.close)
+
+    async def _ship_spool(self, spool: Spool, orphan: bool) -> bool:
+        """Ships `spool` until closing (and, for an orphan, until it is empty); True when an
+        orphan was emptied."""
         backoff = 0.1
-        while not self._closing or self._spool.unacked_bytes > 0:
+        while not self._closing or spool.unacked_bytes > 0:
             try:
-                batch = await asyncio.to_thread(self._spool.read, self._settings.batch_events)
+                batch = await asyncio.to_thread(spool.read, self._settings.batch_events)
                 if not batch.payloads and not batch.size:
+                    if orphan:
+                        return True
                     if self._closing:
-                        return
+                        return False
                     self._written.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._written.wait(), 1.0)
                     continue
-                await self._ship(batch)
-                await asyncio.to_thread(self._spool.commit, batch)
+                await self._ship(spool, batch)
+                await asyncio.to_thread(spool.commit, batch)
             except (grpc.aio.AioRpcError, errors.MeshError, OSError) as exc:
                 SHIP_FAILURES.inc()
                 log.warning("audit_ship_failed", error=repr(exc), retry_in_s=backoff)
                 if self._closing:
-                    return  # kept in the spool for the next start
+                    return False  # kept in the spool for the next start
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._settings.retry_max_s)
                 continue
@@ -415,8 +473,9 @@ class AuditEmitter:
                 DROPPED.labels("corrupt").inc()
             SHIPPED.inc(len(batch.payloads))
             SPOOL_BYTES.set(self.usage_bytes)
+        return False
 
-    async def _ship(self, batch: Batch) -> None:
+    async def _ship(self, spool: Spool, batch: Batch) -> None:
         """Sends one batch; an event the auditor calls invalid goes to `rejected.spool`."""
         if not batch.payloads:
             return
@@ -436,9 +495,22 @@ class AuditEmitter:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                     raise
-                await asyncio.to_thread(self._spool.reject, [payload])
+                await asyncio.to_thread(spool.reject, [payload])
                 REJECTED.inc()
                 log.error("audit_event_rejected", event_id=event.event_id, error=exc.details())
+
+
+def _remove_spool_directory(path: pathlib.Path) -> None:
+    """Removes an emptied spool (events the auditor refused stay, in `rejected.spool`), and its
+    instance directory when nothing else is left there."""
+    if (path / REJECTED_FILE).exists():
+        for leftover in path.iterdir():
+            if leftover.name != REJECTED_FILE:
+                leftover.unlink()
+        return
+    shutil.rmtree(path)
+    with contextlib.suppress(OSError):  # not empty: something else lives there
+        path.parent.rmdir()
 
 
 async def _finish(task: asyncio.Task[None], timeout_s: float) -> None:

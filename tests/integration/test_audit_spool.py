@@ -75,3 +75,41 @@ async def test_events_wait_for_the_auditor_and_arrive_in_order(
     finally:
         await directory.close()
         await client.close()
+
+
+async def test_a_dead_gateways_spool_is_adopted_and_a_live_ones_left_alone(
+    etcd_server: EtcdServer, tmp_path: pathlib.Path
+) -> None:
+    """Instance ids are new on every start: the next gateway ships what a dead one spooled."""
+    data_dir = tmp_path / "auditor"
+    settings = AuditSpoolSettings(root=tmp_path / "gateways", flush_interval_s=0.005,
+                                  retry_max_s=0.2, flush_timeout_s=0.5)
+    client = etcd.connect(etcd_server.endpoint, 2.0)
+    directory = ServiceDirectory(client)
+    await directory.start()
+    dead_events = [audit_event(n) for n in range(1, 51)]
+    try:
+        dead = await AuditEmitter.open(directory, settings, "gw-dead", 2.0)  # no auditor yet
+        for event in dead_events:
+            dead.emit(event)
+        await dead.close()  # as good as a crash: the events stay in its spool
+        live = await AuditEmitter.open(directory, settings, "gw-live", 2.0)  # holds its LOCK
+        auditor = Auditor(etcd_server.endpoint, data_dir, tmp_path / "auditor.log")
+        try:
+            await auditor.start()
+            adopter = await AuditEmitter.open(directory, settings, "gw-new", 2.0)
+            try:
+                assert await wait_stored(data_dir, 50) == [e.event_id for e in dead_events]
+                deadline = time.monotonic() + 10.0
+                while (tmp_path / "gateways" / "gw-dead").exists():
+                    assert time.monotonic() < deadline, "the adopted spool was not removed"
+                    await asyncio.sleep(0.05)
+                assert settings.directory("gw-live").exists()
+            finally:
+                await adopter.close()
+                await live.close()
+        finally:
+            assert await auditor.stop() == 0, auditor.process.log_tail()
+    finally:
+        await directory.close()
+        await client.close()
