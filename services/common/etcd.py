@@ -33,6 +33,7 @@ class Keys:
     replica_load = ROOT + "load/"
     placements = ROOT + "placements/"
     scheduler_leader = ROOT + "scheduler/leader"
+    scheduler_demand_prefix = ROOT + "scheduler/demand/"
     services = ROOT + "services/"
     registry_audit_outbox = ROOT + "registry/audit-outbox/"
     budgets = ROOT + "budgets/"
@@ -82,6 +83,11 @@ class Keys:
     def placement(replica_id: str) -> str:
         """The models the scheduler's leader wants loaded on a replica (its sidecar applies it)."""
         return f"{Keys.placements}{replica_id}"
+
+    @staticmethod
+    def scheduler_demand(instance_id: str) -> str:
+        """One scheduler's measured token demand, under its lease (the leader sums them all)."""
+        return f"{Keys.scheduler_demand_prefix}{instance_id}"
 
     @staticmethod
     def budget(month: str, tenant_id: str) -> str:

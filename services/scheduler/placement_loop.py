@@ -1,0 +1,351 @@
+"""The scheduler's control loop: elect a leader; the leader sizes and places models.
+
+Every scheduler instance meters the demand of the routes it releases (`DemandMeter`) and
+publishes its rates under its own lease (`scheduler/demand/<instance>`), because any instance
+may route. The elected leader, every `interval_s` and on every change to the replicas or the
+registry's models:
+
+    demand (summed over instances) → desired replicas per Triton model (`Autoscaler`, exported as
+    infermesh_scheduler_desired_replicas) → wanted models (registry routing) → `place` →
+    `placements/<replica>` written where the decision changed, fenced on the leader key
+
+`start_placement(ctx, meter, settings)` starts all of it and returns the cleanup coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common import etcd
+from services.common.logs import get_logger
+from services.common.runtime import ServiceContext
+from services.registry.catalog import ModelCatalog
+from services.registry.store import parse_models_key
+from services.scheduler.autoscale import Autoscaler, ScalePolicy, TokenRates
+from services.scheduler.demand import DemandMeter
+from services.scheduler.leader import LeaderElection
+from services.scheduler.placement import (
+    LoadBackoff,
+    ReplicaState,
+    model_memory,
+    place,
+    wanted_models,
+)
+
+log = get_logger(__name__)
+SCHEMA = 1
+DESIRED = Gauge("infermesh_scheduler_desired_replicas",
+                "Replicas each Triton model needs for its measured demand (leader only).",
+                ["model"])
+DEMAND = Gauge("infermesh_scheduler_demand_tokens_per_second",
+               "Token demand over all schedulers (leader only), by phase and window.",
+               ["model", "phase", "window"])
+SHORTFALL = Gauge("infermesh_scheduler_placement_shortfall",
+                  "Copies wanted that no replica could take (memory, zones, failures).",
+                  ["model"])
+WRITES = Counter("infermesh_scheduler_placement_writes_total",
+                 "Placement keys written by the leader, by outcome.", ["outcome"])
+LOAD_FAILURES = Counter("infermesh_scheduler_placement_load_failures_total",
+                        "Model loads a sidecar reported failed (each starts a back-off).",
+                        ["model"])
+
+
+class Capacity(BaseModel):
+    """One replica's throughput for a model, in tokens/s."""
+
+    prefill_tokens_per_s: float = Field(gt=0)
+    decode_tokens_per_s: float = Field(gt=0)
+
+
+# Measured (docs/benchmarks.md): the torch engine, SmolLM2-135M in float32 on 2 CPU cores,
+# ~555 prompt tokens/s of prefill and ~112 tokens/s of decode at batch 8, rounded down.
+DEFAULT_CAPACITY = {"*": Capacity(prefill_tokens_per_s=500, decode_tokens_per_s=100)}
+
+
+class PlacementSettings(BaseSettings):
+    """The placement leader's settings, from `INFERMESH_PLACEMENT_<FIELD>` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_PLACEMENT_", extra="ignore")
+
+    enabled: bool = Field(True, description="Run the election and, when leader, placement.")
+    interval_s: float = Field(5.0, gt=0, le=300, description="Placement rounds at least this "
+                              "often; changes to replicas or models start one sooner.")
+    leader_ttl_s: int = Field(5, ge=2, le=60, description="Lease TTL of the leader key: the "
+                              "longest a lost leader goes unreplaced.")
+    min_copies: int = Field(1, ge=1, le=1000, description="Copies of every production version.")
+    headroom: float = Field(0.2, ge=0, le=10, description="Spare capacity over the demand "
+                            "(0.2 = 20 %).")
+    scale_out_window_s: float = Field(30.0, ge=1, le=3600,
+                                      description="Demand window that scales out at once.")
+    scale_in_window_s: float = Field(600.0, ge=1, le=86400,
+                                     description="Demand window that scale-in must also allow.")
+    scale_in_cooldown_s: float = Field(300.0, ge=0, le=86400,
+                                       description="No scale-in sooner after any change.")
+    default_capacity: dict[str, Capacity] = Field(
+        default_factory=lambda: dict(DEFAULT_CAPACITY),
+        description="Per-replica tokens/s by GPU type ('*': any other), for models whose "
+                    "replicas report no calibrated capacity. JSON.")
+    load_retry_s: float = Field(30.0, gt=0, le=3600,
+                                description="First delay before a failed load is retried.")
+    load_retry_max_s: float = Field(600.0, gt=0, le=86400,
+                                    description="Longest delay between retries of a failed load.")
+    demand_publish_s: float = Field(5.0, gt=0, le=300,
+                                    description="How often each scheduler publishes its demand.")
+
+    def demand_meter(self, clock: Callable[[], float] = time.monotonic) -> DemandMeter:
+        """The meter whose `on_release` the scheduler servicer calls."""
+        return DemandMeter(max(self.scale_in_window_s, self.scale_out_window_s), clock)
+
+    def capacity_for(self, gpu_type: str) -> TokenRates | None:
+        found = self.default_capacity.get(gpu_type) or self.default_capacity.get("*")
+        if found is None:
+            return None
+        return TokenRates(found.prefill_tokens_per_s, found.decode_tokens_per_s)
+
+
+def _decode(_suffix: str, raw: bytes) -> Any:
+    return etcd.decode(raw)
+
+
+def _replica(_suffix: str, raw: bytes) -> ReplicaState:
+    return ReplicaState.from_record(etcd.decode(raw))
+
+
+def demand_record(meter: DemandMeter, settings: PlacementSettings) -> dict[str, Any]:
+    """This instance's demand as it publishes it: per model, short and long window rates."""
+    models = {}
+    for model in meter.models():
+        short = meter.rates(model, settings.scale_out_window_s)
+        long = meter.rates(model, settings.scale_in_window_s)
+        models[model] = {"short": [short.prefill_tokens_per_s, short.decode_tokens_per_s],
+                         "long": [long.prefill_tokens_per_s, long.decode_tokens_per_s]}
+    return {"schema": SCHEMA, "models": models}
+
+
+def total_demand(records: list[dict[str, Any]]) -> dict[str, dict[str, TokenRates]]:
+    """Triton model → {"short", "long"} → summed over every scheduler's published demand."""
+    sums: dict[str, dict[str, list[float]]] = {}
+    for record in records:
+        for model, windows in record.get("models", {}).items():
+            for window in ("short", "long"):
+                acc = sums.setdefault(model, {}).setdefault(window, [0.0, 0.0])
+                acc[0] += float(windows[window][0])
+                acc[1] += float(windows[window][1])
+    return {model: {w: TokenRates(*v) for w, v in windows.items()}
+            for model, windows in sums.items()}
+
+
+def replica_capacity(
+    model: str, replicas: list[ReplicaState], settings: PlacementSettings
+) -> TokenRates | None:
+    """The median calibrated capacity the replicas report for `model`; else the configured
+    default for the GPU type most of the eligible replicas have."""
+    reported = [r.capacity[model] for r in replicas if model in r.capacity]
+    if reported:
+        return TokenRates(statistics.median(p for p, _ in reported),
+                          statistics.median(d for _, d in reported))
+    types = [r.gpu_type for r in replicas if r.eligible]
+    gpu_type = max(set(types), key=lambda t: (types.count(t), t)) if types else ""
+    return settings.capacity_for(gpu_type)
+
+
+class Placer:
+    """The leader's rounds: demand → desired replicas → placement → `placements/` writes."""
+
+    def __init__(self, ctx_etcd, election: LeaderElection, settings: PlacementSettings,
+                 replicas: etcd.WatchCache[ReplicaState], models: etcd.WatchCache[Any],
+                 placements: etcd.WatchCache[Any], demand: etcd.WatchCache[Any],
+                 clock: Callable[[], float] = time.monotonic):
+        self._etcd = ctx_etcd
+        self._election = election
+        self._settings = settings
+        self._replicas = replicas
+        self._models = models
+        self._placements = placements
+        self._demand = demand
+        self._clock = clock
+        self._written: dict[str, dict[str, Any]] = {}  # ours, until the watch shows them
+        self._backoff = LoadBackoff(settings.load_retry_s, settings.load_retry_max_s)
+        self._autoscaler = Autoscaler(
+            ScalePolicy(headroom=settings.headroom, zones=1, min_copies=settings.min_copies,
+                        scale_in_cooldown_s=settings.scale_in_cooldown_s), clock)
+
+    def current(self) -> dict[str, dict[str, Any]]:
+        """Replica id → the placement record in force (ours when the watch lags behind)."""
+        view = dict(self._placements.items)
+        for rid, record in self._written.items():
+            if record["generation"] >= view.get(rid, {}).get("generation", 0):
+                view[rid] = record
+        return view
+
+    def desired(self, replicas: list[ReplicaState]) -> dict[str, int]:
+        zones = len({r.zone for r in replicas if r.eligible}) or 1
+        self._autoscaler.policy = dataclasses.replace(self._autoscaler.policy, zones=zones)
+        demand = total_demand(list(self._demand.items.values()))
+        desired: dict[str, int] = {}
+        for model, windows in demand.items():
+            capacity = replica_capacity(model, replicas, self._settings)
+            if capacity is None:
+                continue
+            zero = TokenRates(0.0, 0.0)
+            desired[model] = self._autoscaler.desired(
+                model, windows.get("short", zero), windows.get("long", zero), capacity)
+            for window, rates in windows.items():
+                DEMAND.labels(model, "prefill", window).set(rates.prefill_tokens_per_s)
+                DEMAND.labels(model, "decode", window).set(rates.decode_tokens_per_s)
+        return desired
+
+    async def round(self) -> int:
+        """One placement round (leader only); returns how many placement keys it wrote."""
+        if not self._election.is_leader:
+            return 0
+        now = self._clock()
+        replicas = sorted(self._replicas.items.values(), key=lambda r: r.replica_id)
+        catalog = ModelCatalog()
+        catalog.rebuild(self._models.items)
+        entries = catalog.models()
+        desired = self.desired(replicas)
+        wanted = wanted_models(entries, desired, self._settings.min_copies)
+        for want in wanted:
+            DESIRED.labels(want.triton_model).set(max(want.copies, desired.get(want.triton_model,
+                                                                                0)))
+        current = self.current()
+        told = {rid: record.get("models", []) for rid, record in current.items()}
+        for rid, model in self._backoff.observe(replicas, told, now):
+            LOAD_FAILURES.labels(model).inc()
+            log.warning("placement_load_failed", replica=rid, model=model)
+        decision = place(replicas, wanted, pending=told, blocked=self._backoff.blocked(now),
+                         memory=model_memory(entries))
+        SHORTFALL.clear()
+        for model, missing in decision.shortfalls.items():
+            SHORTFALL.labels(model).set(missing)
+        for rid, model in decision.evicted:
+            log.info("placement_evicted", replica=rid, model=model)
+        written = 0
+        for rid, models in decision.models.items():
+            previous = current.get(rid)
+            if previous is not None and set(previous.get("models", [])) == models:
+                continue
+            record = {"schema": SCHEMA, "models": sorted(models),
+                      "generation": (previous or {}).get("generation", 0) + 1}
+            if not await self._write(rid, record):
+                break
+            written += 1
+        return written
+
+    async def _write(self, replica_id: str, record: dict[str, Any]) -> bool:
+        """Writes one placement if we still lead (fenced); False when leadership is gone."""
+        if not self._election.is_leader:
+            return False
+        tx = self._etcd.transactions
+        won, _ = await asyncio.wait_for(self._etcd.transaction(
+            compare=[self._election.fence()],
+            success=[tx.put(etcd.Keys.placement(replica_id).encode(), etcd.encode(record))],
+            failure=[],
+        ), self._settings.interval_s)
+        WRITES.labels("written" if won else "fenced").inc()
+        if won:
+            self._written[replica_id] = record
+            log.info("placement_written", replica=replica_id, models=record["models"],
+                     generation=record["generation"])
+        return won
+
+    def stepped_down(self) -> None:
+        """A follower exports no signal, so that `max()` over schedulers reads the leader's."""
+        DESIRED.clear()
+        DEMAND.clear()
+        SHORTFALL.clear()
+        self._written.clear()
+
+
+async def _publish_demand(lease: etcd.LeaseKeeper, key: str, meter: DemandMeter,
+                          settings: PlacementSettings) -> None:
+    published = None
+    while True:
+        record = demand_record(meter, settings)
+        if record != published:
+            try:
+                await asyncio.wait_for(lease.put(key, record), settings.demand_publish_s)
+                published = record
+            except Exception as exc:  # etcd away or slow: publish when it is back
+                log.warning("demand_publish_failed", error=repr(exc))
+        await asyncio.sleep(settings.demand_publish_s)
+
+
+async def _lead(placer: Placer, election: LeaderElection, changed: asyncio.Event,
+                settings: PlacementSettings) -> None:
+    was_leader = False
+    while True:
+        if election.is_leader:
+            was_leader = True
+            changed.clear()
+            try:
+                await placer.round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd away or slow: the next round tries again
+                log.warning("placement_round_failed", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), settings.interval_s)
+            await asyncio.sleep(min(0.5, settings.interval_s))  # a burst of changes: one round
+        else:
+            if was_leader:
+                placer.stepped_down()
+                was_leader = False
+            await election.wait_changed(settings.interval_s)
+
+
+async def start_placement(
+    ctx: ServiceContext, meter: DemandMeter, settings: PlacementSettings | None = None
+) -> Callable[[], Awaitable[None]]:
+    """Publishes this instance's demand, campaigns for leadership and, while leader, places
+    models. Returns the cleanup, which steps down (another instance takes over at once)."""
+    settings = settings or PlacementSettings()
+    timeout_s = ctx.settings.etcd_timeout_s
+    demand_lease = etcd.LeaseKeeper(ctx.etcd, settings.leader_ttl_s)
+    await asyncio.wait_for(demand_lease.start(), timeout_s)
+    tasks = [asyncio.create_task(_publish_demand(
+        demand_lease, etcd.Keys.scheduler_demand(ctx.settings.instance_id), meter, settings),
+        name="demand publisher")]
+    if not settings.enabled:
+        return _cleanup(tasks, [], demand_lease, None)
+    changed = asyncio.Event()
+    caches = [
+        etcd.WatchCache(ctx.etcd, etcd.Keys.replicas, _replica, on_change=changed.set),
+        etcd.WatchCache(ctx.etcd, etcd.Keys.models, parse_models_key, on_change=changed.set),
+        etcd.WatchCache(ctx.etcd, etcd.Keys.placements, _decode),
+        etcd.WatchCache(ctx.etcd, etcd.Keys.scheduler_demand_prefix, _decode),
+    ]
+    for cache in caches:
+        await cache.start(timeout_s * 5)
+    election = LeaderElection(ctx.etcd, etcd.Keys.scheduler_leader, ctx.settings.instance_id,
+                              settings.leader_ttl_s, timeout_s)
+    election.start()
+    placer = Placer(ctx.etcd, election, settings, *caches)
+    tasks.append(asyncio.create_task(_lead(placer, election, changed, settings),
+                                     name="placement leader"))
+    return _cleanup(tasks, caches, demand_lease, election)
+
+
+def _cleanup(tasks, caches, demand_lease, election) -> Callable[[], Awaitable[None]]:
+    async def cleanup() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if election is not None:
+            await election.close()
+        for cache in caches:
+            await cache.stop()
+        await demand_lease.close()
+
+    return cleanup
