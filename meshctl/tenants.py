@@ -30,12 +30,14 @@ def plan_update(
     priority: str | None, rpm: int | None, input_tpm: int | None, output_tpm: int | None,
     max_concurrency: int | None, max_context: int | None, max_output: int | None,
     monthly_tokens: int | None, degraded_max_tokens: int | None,
+    audit_text_hashes: bool | None = None,
 ) -> tenants_pb2.PlanUpdate:
     values = {
         "priority": priority, "requests_per_minute": rpm, "input_tokens_per_minute": input_tpm,
         "output_tokens_per_minute": output_tpm, "max_concurrency": max_concurrency,
         "max_context_tokens": max_context, "max_output_tokens": max_output,
         "monthly_token_budget": monthly_tokens, "degraded_max_tokens": degraded_max_tokens,
+        "audit_text_hashes": audit_text_hashes,
     }
     return tenants_pb2.PlanUpdate(**{k: v for k, v in values.items() if v is not None})
 
@@ -73,6 +75,8 @@ MAX_OUTPUT = typer.Option(None, "--max-output", help="output tokens per request"
 MONTHLY = typer.Option(None, "--monthly-tokens", help="monthly token budget; 0 = none")
 DEGRADED = typer.Option(None, "--degraded-max-tokens",
                         help="under pressure, cap max_tokens to this before refusing; 0 = off")
+TEXT_HASHES = typer.Option(None, "--audit-text-hashes/--no-audit-text-hashes",
+                           help="audit events carry sha256 of the prompt and completion")
 
 
 @tenant_app.command("create")
@@ -81,13 +85,14 @@ def tenant_create(
     priority: str = PRIORITY, rpm: int = RPM, input_tpm: int = INPUT_TPM,
     output_tpm: int = OUTPUT_TPM, max_concurrency: int = MAX_CONCURRENCY,
     max_context: int = MAX_CONTEXT, max_output: int = MAX_OUTPUT, monthly_tokens: int = MONTHLY,
-    degraded_max_tokens: int = DEGRADED, gateway: str = GATEWAY, api_key: str = API_KEY,
+    degraded_max_tokens: int = DEGRADED, audit_text_hashes: bool = TEXT_HASHES,
+    gateway: str = GATEWAY, api_key: str = API_KEY,
 ) -> None:
     """Create a tenant; unset plan fields take the defaults."""
     request = tenants_pb2.CreateTenantRequest(
         tenant_id=tenant_id, name=name or "",
         plan=plan_update(priority, rpm, input_tpm, output_tpm, max_concurrency, max_context,
-                         max_output, monthly_tokens, degraded_max_tokens))
+                         max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes))
     show(call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
                       .CreateTenant(request, metadata=md, timeout=TIMEOUT_S)))
 
@@ -98,7 +103,7 @@ def tenant_update(
     priority: str = PRIORITY, rpm: int = RPM, input_tpm: int = INPUT_TPM,
     output_tpm: int = OUTPUT_TPM, max_concurrency: int = MAX_CONCURRENCY,
     max_context: int = MAX_CONTEXT, max_output: int = MAX_OUTPUT, monthly_tokens: int = MONTHLY,
-    degraded_max_tokens: int = DEGRADED,
+    degraded_max_tokens: int = DEGRADED, audit_text_hashes: bool = TEXT_HASHES,
     expected_revision: int = typer.Option(0, "--expected-revision",
                                           help="refuse if the tenant changed since (from show)"),
     gateway: str = GATEWAY, api_key: str = API_KEY,
@@ -107,7 +112,7 @@ def tenant_update(
     request = tenants_pb2.UpdateTenantRequest(
         tenant_id=tenant_id, expected_revision=expected_revision,
         plan=plan_update(priority, rpm, input_tpm, output_tpm, max_concurrency, max_context,
-                         max_output, monthly_tokens, degraded_max_tokens))
+                         max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes))
     if name is not None:
         request.name = name
     show(call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)

@@ -41,6 +41,7 @@ class TenantPlan:
     max_output_tokens: int = 2048
     monthly_token_budget: int = 0  # input + output tokens per calendar month (UTC); 0 = none
     degraded_max_tokens: int = 0  # under pressure, cap max_tokens to this before refusing; 0 = off
+    audit_text_hashes: bool = False  # audit events carry sha256 of the prompt and completion
 
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> TenantPlan:
@@ -98,8 +99,10 @@ def validate_tenant(tenant: Tenant) -> None:
     plan = tenant.plan
     if plan.priority not in PRIORITY_CLASSES:
         raise errors.InvalidArgument("plan.priority", f"must be one of {', '.join(PRIORITY_CLASSES)}")
+    if not isinstance(plan.audit_text_hashes, bool):
+        raise errors.InvalidArgument("plan.audit_text_hashes", "must be true or false")
     for name, value in asdict(plan).items():
-        if name == "priority":
+        if name in ("priority", "audit_text_hashes"):
             continue
         low = 0 if name in ZERO_MEANS_NONE else 1
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 10**12:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -121,6 +122,22 @@ class AuditSink(Protocol):
     def emit(self, event: auditor_pb2.AuditEvent) -> None: ...
 
 
+class TextHashes:
+    """sha256 of the prompt the engine got and of the text the client got, for the audit log
+    (plan `audit_text_hashes`); the completion's is fed as text is sent."""
+
+    def __init__(self, prompt: str):
+        self.prompt_sha256 = hashlib.sha256(prompt.encode()).hexdigest()
+        self._completion = hashlib.sha256()
+
+    def sent(self, text: str) -> None:
+        self._completion.update(text.encode())
+
+    @property
+    def completion_sha256(self) -> str:
+        return self._completion.hexdigest()
+
+
 @dataclass
 class _Progress:
     """What the generation has got so far; read when it ends, however it ends."""
@@ -135,6 +152,7 @@ class _Progress:
     ttft_s: float = 0.0
     first_token_sent: bool = False
     blocked_phrases: tuple[str, ...] = ()  # the version's safety policy
+    text_hashes: TextHashes | None = None  # only when the tenant's plan asks for them
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -188,6 +206,8 @@ class GenerationPipeline:
             RESOLUTIONS.labels(version.name, resolution.arm).inc()
             validated = validate(request, principal, version, self._limits,
                                  self._tokenizers.get(version))
+            if principal.plan.audit_text_hashes:
+                progress.text_hashes = TextHashes(validated.engine.prompt)
             async with asyncio.timeout(validated.timeout_s):
                 finish_reason = await self._admit_route_relay(
                     principal, validated.engine, version.version_id, validated.timeout_s,
@@ -301,6 +321,8 @@ class GenerationPipeline:
         if not progress.first_token_sent:
             progress.first_token_sent = True
             progress.ttft_s = self._clock() - progress.arrived
+        if progress.text_hashes is not None:
+            progress.text_hashes.sent(text)
         await send(TokenText(request_id, text))
 
     def _finished(
@@ -351,6 +373,7 @@ class GenerationPipeline:
             progress.prompt_tokens)
         TOKENS.labels(principal.tenant_id, progress.model, version, "completion").inc(
             progress.completion_tokens)
+        hashes = progress.text_hashes
         self._audit.emit(
             new_event(
                 self._source,
@@ -370,6 +393,8 @@ class GenerationPipeline:
                     client_address=client_address,
                     idempotency_key=request.idempotency_key,
                     replica_id=progress.replica_id,
+                    prompt_sha256=hashes.prompt_sha256 if hashes else "",
+                    completion_sha256=hashes.completion_sha256 if hashes else "",
                 ),
             )
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import time
 import uuid
 
@@ -305,3 +306,39 @@ async def test_a_degrading_plan_caps_max_tokens_before_refusing(stack: StackInfo
     degraded = await generate(stack, key, 90)
     assert degraded.usage.completion_tokens == 16
     assert degraded.finish_reason == inference_pb2.LENGTH
+
+
+async def audited_generation(stack: StackInfo, request_id: str) -> auditor_pb2.GenerationRecord:
+    """The generation's audit record, once it has come through the gateway's spool."""
+    deadline = time.monotonic() + 15
+    async with grpc.aio.insecure_channel(stack.endpoints["auditor"]) as channel:
+        stub = auditor_pb2_grpc.AuditorStub(channel)
+        while True:
+            async for record in stub.Query(auditor_pb2.QueryRequest(request_id=request_id),
+                                           metadata=auth(stack.api_key), timeout=10):
+                return record.event.generation
+            assert time.monotonic() < deadline, f"{request_id} was never audited"
+            await asyncio.sleep(0.2)
+
+
+async def test_audit_records_hold_text_hashes_only_for_tenants_that_ask(stack: StackInfo):
+    hashing_tenant, hashing_key = await new_tenant(stack, audit_text_hashes=True)
+    _, plain_key = await new_tenant(stack)
+    shown = await admin(stack, "GetTenant", tenants_pb2.GetTenantRequest(tenant_id=hashing_tenant))
+    assert shown.plan.audit_text_hashes
+    prompt = "hash what the model was asked"
+    records = {}
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        for name, key in (("hashing", hashing_key), ("plain", plain_key)):
+            request_id = f"hashes-{name}-{uuid.uuid4().hex[:8]}"
+            reply = await stub.Generate(inference_pb2.GenerateRequest(
+                request_id=request_id, model=stack.reference_model, prompt=prompt,
+                params=inference_pb2.SamplingParams(max_tokens=8, seed=1)), metadata=auth(key))
+            records[name] = (reply.text, await audited_generation(stack, request_id))
+    text, hashed = records["hashing"]
+    assert hashed.prompt_sha256 == hashlib.sha256(prompt.encode()).hexdigest()
+    assert hashed.completion_sha256 == hashlib.sha256(text.encode()).hexdigest()
+    assert text and prompt not in str(hashed) and text not in str(hashed)
+    _, plain = records["plain"]
+    assert plain.prompt_sha256 == plain.completion_sha256 == ""
