@@ -1,21 +1,43 @@
-"""The sidecar beside each Triton server: registers the replica in etcd under a lease.
+"""The sidecar beside each Triton server: registers the replica, reports its load, applies the
+scheduler's placements and drains on SIGTERM.
 
-Every `poll_interval_s` it asks Triton whether it is ready and which models are loaded, and
-rewrites `replicas/<id>` when that changes. The key lives under the sidecar's own lease, so a
-replica whose sidecar dies disappears from routing within the TTL; on SIGTERM the lease is revoked
-first, so no new work is routed here while Triton finishes what it has.
+Three loops share one etcd lease (short TTL, so a replica whose sidecar dies disappears within
+seconds): health (Triton ready, models READY with their versions) every `health_interval_s`,
+rewriting `replicas/<id>` when it changes; load (Triton's metrics page) every `load_interval_s`,
+rewriting `load/<id>` when it changes and at least every `load_refresh_s` (the scheduler treats an
+older report as a dead replica); placement, following `placements/<id>` and loading or unloading
+models through Triton's model control API. The decisions and the values live in
+`replica_status.py`; this module only does the I/O, each call under a deadline.
+
+On SIGTERM the record is republished with `draining: true` (no new work is routed here), the
+sidecar waits until the engines report no request running or waiting (or `drain_timeout_s`
+passes), and only then revokes the lease, so both keys disappear at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import Field
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import Field, model_validator
 from tritonclient.grpc import aio as triton_aio
 
+from backends.triton.replica_status import (
+    ModelLoad,
+    PlacementTarget,
+    ReplicaIdentity,
+    is_idle,
+    load_report,
+    parse_engine_metrics,
+    parse_placement,
+    plan_placement,
+    replica_record,
+)
 from services.common import etcd
 from services.common.logs import get_logger
 from services.common.runtime import ServiceContext, ServiceParts, main
@@ -23,7 +45,18 @@ from services.common.settings import ServiceSettings
 
 log = get_logger(__name__)
 READY = Gauge("infermesh_sidecar_triton_ready", "1 when Triton answers ready.", ["replica"])
-MODELS = Gauge("infermesh_sidecar_models_ready", "Models loaded and ready.", ["replica"])
+MODELS = Gauge("infermesh_sidecar_models_ready", "Models loaded, ready and served.", ["replica"])
+DRAINING = Gauge("infermesh_sidecar_draining", "1 while the replica drains.", ["replica"])
+LOAD_REPORTS = Counter("infermesh_sidecar_load_reports_total", "Load reports written to etcd.",
+                       ["replica"])
+SCRAPE_FAILURES = Counter("infermesh_sidecar_scrape_failures_total",
+                          "Triton metrics scrapes that failed (no load report written).",
+                          ["replica"])
+PLACEMENT_ACTIONS = Counter("infermesh_sidecar_placement_actions_total",
+                            "Model loads and unloads, by outcome.", ["action", "outcome"])
+PLACEMENT_SECONDS = Histogram("infermesh_sidecar_placement_action_seconds",
+                              "How long a model load or unload took.", ["action"],
+                              buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 
 
 class SidecarSettings(ServiceSettings):
@@ -31,74 +64,363 @@ class SidecarSettings(ServiceSettings):
     triton_metrics_endpoint: str = Field(
         "127.0.0.1:8002", description="Triton's metrics host:port."
     )
-    replica_id: str = Field("replica-0", description="Unique name of this Triton replica.")
-    zone: str = Field("local", description="Failure domain, for zone-aware routing.")
-    poll_interval_s: float = Field(1.0, description="How often Triton is health-checked.")
-    replica_lease_ttl_s: int = Field(5, description="TTL of the lease under the replica key.")
-    triton_timeout_s: float = Field(2.0, description="Deadline for each call to Triton.")
+    replica_id: str = Field("replica-0", min_length=1, description="Unique name of this replica.")
+    zone: str = Field("local", min_length=1, description="Failure domain, for zone-aware routing.")
+    gpu_type: str = Field("cpu", min_length=1,
+                          description='Accelerator model, e.g. "H100-80GB"; "cpu" without one.')
+    gpu_memory_mib: int = Field(8192, gt=0, description="Accelerator memory placement may fill.")
+    health_interval_s: float = Field(
+        0.5, gt=0, le=5, description="How often Triton's health and models are checked."
+    )
+    load_interval_s: float = Field(0.25, gt=0, le=5, description="How often load is scraped.")
+    load_refresh_s: float = Field(
+        1.0, gt=0, description="Longest time between two load reports, changed or not."
+    )
+    replica_lease_ttl_s: int = Field(
+        2, ge=2, description="TTL of the lease under the replica's keys (etcd's minimum is ~2)."
+    )
+    triton_timeout_s: float = Field(1.0, gt=0, description="Deadline for a probe or scrape.")
+    model_load_timeout_s: float = Field(300.0, gt=0, description="Deadline for one model load.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="Longest SIGTERM waits for in-flight generations before leaving."
+    )
+
+    @model_validator(mode="after")
+    def _refresh_after_interval(self) -> SidecarSettings:
+        if self.load_refresh_s < self.load_interval_s:
+            raise ValueError(
+                f"load_refresh_s ({self.load_refresh_s}) must be >= load_interval_s "
+                f"({self.load_interval_s})"
+            )
+        return self
 
 
-async def probe(client: triton_aio.InferenceServerClient, timeout_s: float) -> tuple[bool, list[str]]:
-    """(ready, models loaded and READY); (False, []) when Triton does not answer in time."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            if not await client.is_server_ready():
-                return False, []
-            index = await client.get_model_repository_index(as_json=True)
-    except Exception as exc:  # unreachable, or an error status: not ready either way
-        log.warning("triton_probe_failed", error=repr(exc))
-        return False, []
-    models = sorted(m["name"] for m in index.get("models", []) if m.get("state") == "READY")
-    return True, models
+def _fetch_text(url: str, timeout_s: float) -> str:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return response.read().decode()
 
 
-def replica_record(settings: SidecarSettings, ready: bool, models: list[str]) -> dict[str, Any]:
-    return {
-        "schema": 1,
-        "replica_id": settings.replica_id,
-        "grpc_endpoint": settings.triton_grpc_endpoint,
-        "metrics_endpoint": settings.triton_metrics_endpoint,
-        "zone": settings.zone,
-        "models": models,
-        "healthy": ready and bool(models),
-    }
+class Sidecar:
+    """One replica's sidecar. `run()` returns once the lease is revoked after a drain."""
 
+    def __init__(self, ctx: ServiceContext, settings: SidecarSettings):
+        self._ctx = ctx
+        self._settings = settings
+        self._identity = ReplicaIdentity(
+            replica_id=settings.replica_id,
+            grpc_endpoint=settings.triton_grpc_endpoint,
+            metrics_endpoint=settings.triton_metrics_endpoint,
+            zone=settings.zone,
+            gpu_type=settings.gpu_type,
+            gpu_memory_mib=settings.gpu_memory_mib,
+        )
+        self._triton = triton_aio.InferenceServerClient(settings.triton_grpc_endpoint)
+        self._lease = etcd.LeaseKeeper(ctx.etcd, settings.replica_lease_ttl_s)
+        self._placements: etcd.WatchCache[PlacementTarget] = etcd.WatchCache(
+            ctx.etcd, etcd.Keys.placement(settings.replica_id),
+            lambda _suffix, raw: parse_placement(etcd.decode(raw)),
+            on_change=self._placement_changed,
+        )
+        # What Triton and its engines said last.
+        self._ready = False
+        self._probed = asyncio.Event()  # set after the first successful model listing
+        self._versions: dict[str, str] = {}  # READY models → Triton version
+        self._loads: dict[str, ModelLoad] = {}
+        self._scraped = asyncio.Condition()  # notified after every scrape, ok or not
+        self._scrape_ok = False
+        # Placement state.
+        self._target: PlacementTarget | None = None
+        self._actions: dict[str, asyncio.Task[None]] = {}  # model → its load or unload under way
+        self._unloading: set[str] = set()  # already left out of `models`: no new routes
+        self._failed: set[str] = set()  # failed for the current target: not retried
+        self._errors: dict[str, str] = {}
+        self._reconcile = asyncio.Event()
+        self._draining = False
+        # What etcd holds.
+        self._record_lock = asyncio.Lock()
+        self._published_record: dict[str, Any] | None = None
+        self._published_load: dict[str, Any] | None = None
+        self._load_written_at = 0.0
 
-async def keep_registered(ctx: ServiceContext, settings: SidecarSettings) -> None:
-    client = triton_aio.InferenceServerClient(settings.triton_grpc_endpoint)
-    lease = etcd.LeaseKeeper(ctx.etcd, settings.replica_lease_ttl_s)
-    await lease.start()
-    key = etcd.Keys.replica(settings.replica_id)
-    published: dict[str, Any] | None = None
-    try:
-        while not ctx.draining.is_set():
-            ready, models = await probe(client, settings.triton_timeout_s)
-            READY.labels(settings.replica_id).set(int(ready))
-            MODELS.labels(settings.replica_id).set(len(models))
-            record = replica_record(settings, ready, models)
-            if record != published:
-                try:
-                    await lease.put(key, record)
-                    published = record
-                    log.info("replica_published", healthy=record["healthy"], models=models)
-                except Exception as exc:  # etcd away: keep probing, publish when it is back
-                    log.warning("replica_publish_failed", error=repr(exc))
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Registers, then serves until the runtime starts draining; then drains and withdraws."""
+        settings = self._settings
+        loops: list[asyncio.Task[None]] = []
+        try:
+            if not await self._start_lease():
+                return
+            loops = [
+                asyncio.create_task(self._every(settings.health_interval_s, self._check_health),
+                                    name="sidecar health"),
+                asyncio.create_task(self._every(settings.load_interval_s, self._report_load),
+                                    name="sidecar load"),
+                asyncio.create_task(self._apply_placements(), name="sidecar placements"),
+            ]
+            await self._ctx.draining.wait()
+            await self._drain()
+        finally:
+            tasks = [*loops, *self._actions.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._placements.stop()
+            await self._lease.close()  # revokes: the record and the load report vanish together
+            await self._triton.close()
+            DRAINING.labels(settings.replica_id).set(0)
+            log.info("replica_withdrawn", replica=settings.replica_id)
+
+    async def _start_lease(self) -> bool:
+        """Grants the lease, retrying while etcd is away; False if draining began first."""
+        while not self._ctx.draining.is_set():
+            try:
+                await self._lease.start()
+                return True
+            except Exception as exc:
+                log.warning("replica_lease_failed", error=repr(exc))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.draining.wait(), settings.poll_interval_s)
-    finally:
-        await lease.close()
-        await client.close()
-        log.info("replica_withdrawn", replica=settings.replica_id)
+                await asyncio.wait_for(self._ctx.draining.wait(), self._settings.health_interval_s)
+        return False
+
+    async def _every(self, interval_s: float, tick: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await tick()
+            except Exception as exc:  # one bad tick (etcd away): keep going, the next may pass
+                log.warning("sidecar_tick_failed", tick=tick.__name__, error=repr(exc))
+            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+
+    async def _drain(self) -> None:
+        """draining: true first (routing stops), then wait for the engines to go idle."""
+        settings = self._settings
+        self._draining = True
+        self._reconcile.set()  # the placement loop sees _draining and stops applying
+        DRAINING.labels(settings.replica_id).set(1)
+        deadline = time.monotonic() + settings.drain_timeout_s
+        log.info("replica_draining", timeout_s=settings.drain_timeout_s)
+        while not await self._publish_record():  # etcd away: keep trying within the deadline
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(min(settings.health_interval_s, deadline - time.monotonic()))
+        # Two idle scrapes in a row: a request routed just before `draining` was seen gets the
+        # time of one scrape interval to show up in the engine's counts.
+        idle_in_a_row = 0
+        while idle_in_a_row < 2:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("drain_timed_out", timeout_s=settings.drain_timeout_s,
+                            loads={m: load.report() for m, load in self._loads.items()})
+                return
+            try:
+                async with asyncio.timeout(left):
+                    async with self._scraped:
+                        await self._scraped.wait()
+            except TimeoutError:
+                continue
+            if not self._scrape_ok:
+                log.info("drain_ended_triton_gone")  # nothing left there to wait for
+                return
+            idle_in_a_row = idle_in_a_row + 1 if is_idle(self._loads) else 0
+        log.info("replica_drained")
+
+    # -- health and the record -----------------------------------------------------------------
+
+    async def _check_health(self) -> None:
+        ready, versions = await self._probe()
+        self._ready = ready
+        if versions is not None:
+            self._versions = versions
+            self._probed.set()
+            self._reconcile.set()
+        READY.labels(self._settings.replica_id).set(int(ready))
+        await self._publish_record()
+
+    async def _probe(self) -> tuple[bool, dict[str, str] | None]:
+        """(ready, READY models → version); (False, None) when Triton does not answer in time."""
+        timeout_s = self._settings.triton_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                ready = await self._triton.is_server_ready(client_timeout=timeout_s)
+                index = await self._triton.get_model_repository_index(
+                    as_json=True, client_timeout=timeout_s
+                )
+        except Exception as exc:  # unreachable, or an error status: not ready either way
+            if self._ready:
+                log.warning("triton_probe_failed", error=repr(exc))
+            return False, None
+        versions: dict[str, str] = {}
+        for model in index.get("models", []):
+            if model.get("state") == "READY":
+                version = str(model.get("version", ""))
+                versions[model["name"]] = max(versions.get(model["name"], ""), version, key=_order)
+        return bool(ready), versions
+
+    async def _publish_record(self) -> bool:
+        """Writes `replicas/<id>` if it changed; False when etcd refused (retried next tick)."""
+        async with self._record_lock:
+            served = {m: v for m, v in self._versions.items() if m not in self._unloading}
+            record = replica_record(self._identity, self._ready, served, self._loads,
+                                    self._draining, self._errors)
+            MODELS.labels(self._settings.replica_id).set(len(record["models"]))
+            if record == self._published_record:
+                return True
+            try:
+                await self._lease.put(etcd.Keys.replica(self._settings.replica_id), record)
+            except Exception as exc:
+                log.warning("replica_publish_failed", error=repr(exc))
+                return False
+            self._published_record = record
+            log.info("replica_published", healthy=record["healthy"], models=record["models"],
+                     draining=record["draining"], placement_errors=record["placement_errors"])
+            return True
+
+    # -- load ----------------------------------------------------------------------------------
+
+    async def _report_load(self) -> None:
+        loads = await self._scrape()
+        async with self._scraped:
+            self._scrape_ok = loads is not None
+            if loads is not None:
+                kv_changed = _kv(loads) != _kv(self._loads)
+                self._loads = loads
+            self._scraped.notify_all()
+        if loads is None:
+            SCRAPE_FAILURES.labels(self._settings.replica_id).inc()
+            return  # no report: a stale one tells the scheduler this replica is gone
+        if kv_changed:
+            await self._publish_record()
+        served = [m for m in self._versions if m not in self._unloading]
+        now = time.time()
+        report = load_report(self._settings.replica_id, now, loads, served)
+        unchanged = self._published_load is not None and {**report, "at": 0} == {
+            **self._published_load, "at": 0}
+        if unchanged and now - self._load_written_at < self._settings.load_refresh_s:
+            return
+        await self._lease.put(etcd.Keys.load(self._settings.replica_id), report)
+        self._published_load, self._load_written_at = report, now
+        LOAD_REPORTS.labels(self._settings.replica_id).inc()
+
+    async def _scrape(self) -> dict[str, ModelLoad] | None:
+        timeout_s = self._settings.triton_timeout_s
+        url = f"http://{self._settings.triton_metrics_endpoint}/metrics"
+        try:
+            async with asyncio.timeout(timeout_s):
+                text = await asyncio.to_thread(_fetch_text, url, timeout_s)
+            return parse_engine_metrics(text)
+        except Exception as exc:  # refused, timed out, or not a metrics page
+            log.debug("triton_scrape_failed", error=repr(exc))
+            return None
+
+    # -- placement -----------------------------------------------------------------------------
+
+    def _placement_changed(self) -> None:
+        self._reconcile.set()
+
+    async def _apply_placements(self) -> None:
+        """Follows `placements/<id>`; every change, finished action or health check re-plans."""
+        try:
+            await self._placements.start(timeout_s=self._settings.etcd_timeout_s * 2)
+        except TimeoutError:  # etcd away: the cache keeps retrying; its first load re-plans
+            log.warning("placement_watch_not_loaded")
+        await self._probed.wait()
+        while not self._draining:
+            await self._reconcile.wait()
+            self._reconcile.clear()
+            if not self._draining:
+                await self._plan_and_act()
+
+    async def _plan_and_act(self) -> None:
+        target = self._placements.get("")
+        if target is None:
+            return  # no placement for this replica: keep whatever it has
+        if target != self._target:
+            self._target = target
+            self._failed.clear()  # a new target retries what failed before
+            self._errors = {m: e for m, e in self._errors.items() if m in target.models}
+            log.info("placement_received", models=sorted(target.models),
+                     generation=target.generation)
+        plan = plan_placement(target, self._versions, self._actions, self._failed,
+                              self._unloading)
+        if plan.unload:
+            self._unloading |= plan.unload
+            await self._publish_record()  # out of routing before Triton is asked to unload
+        for model in plan.load:
+            self._start_action(model, "load", self._load)
+        for model in plan.unload:
+            self._start_action(model, "unload", self._unload)
+
+    def _start_action(self, model: str, action: str,
+                      run: Callable[[str], Awaitable[None]]) -> None:
+        async def act() -> None:
+            started = time.monotonic()
+            try:
+                await run(model)
+            except Exception as exc:
+                message = f"{action} failed: {_describe(exc)}"
+                self._failed.add(model)
+                self._errors[model] = message
+                PLACEMENT_ACTIONS.labels(action, "error").inc()
+                log.warning("placement_action_failed", model=model, action=action, error=message)
+            else:
+                self._errors.pop(model, None)
+                PLACEMENT_ACTIONS.labels(action, "ok").inc()
+                log.info("placement_action_done", model=model, action=action,
+                         seconds=round(time.monotonic() - started, 3))
+            finally:
+                PLACEMENT_SECONDS.labels(action).observe(time.monotonic() - started)
+                self._unloading.discard(model)
+                ready, versions = await self._probe()  # the next plan must see the outcome
+                if versions is not None:
+                    self._ready, self._versions = ready, versions
+                del self._actions[model]
+                self._reconcile.set()
+                with contextlib.suppress(Exception):  # the health loop retries a failed write
+                    await self._publish_record()
+
+        log.info("placement_action_started", model=model, action=action)
+        self._actions[model] = asyncio.create_task(act(), name=f"{action} {model}")
+
+    async def _load(self, model: str) -> None:
+        timeout_s = self._settings.model_load_timeout_s
+        async with asyncio.timeout(timeout_s):
+            await self._triton.load_model(model, client_timeout=timeout_s)
+
+    async def _unload(self, model: str) -> None:
+        # Triton lets the model's in-flight requests finish before it goes.
+        timeout_s = self._settings.triton_timeout_s * 10
+        async with asyncio.timeout(timeout_s):
+            await self._triton.unload_model(model, client_timeout=timeout_s)
+
+
+def _order(version: str) -> tuple[int, str]:
+    """Triton versions are integers; the highest READY one is the one reported."""
+    return (int(version), version) if version.isdigit() else (-1, version)
+
+
+def _kv(loads: dict[str, ModelLoad]) -> dict[str, dict[str, int] | None]:
+    return {model: load.kv_capacity() for model, load in loads.items()}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or repr(exc)
 
 
 async def setup(ctx: ServiceContext) -> ServiceParts:
     settings = ctx.settings
     assert isinstance(settings, SidecarSettings)
-    task = asyncio.create_task(keep_registered(ctx, settings), name="replica registration")
+    task = asyncio.create_task(Sidecar(ctx, settings).run(), name="sidecar")
 
     async def cleanup() -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, settings.triton_timeout_s + 5)
+        # The runtime calls this after setting `draining`: the drain happens inside `task`.
+        limit_s = settings.drain_timeout_s + settings.etcd_timeout_s * 3 + 5
+        try:
+            await asyncio.wait_for(task, limit_s)
+        except TimeoutError:
+            log.error("sidecar_stop_timed_out", limit_s=limit_s)
 
     return ServiceParts([], cleanup=cleanup)
 

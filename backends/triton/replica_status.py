@@ -1,0 +1,195 @@
+"""What a sidecar knows about its replica, as the etcd values the scheduler reads, and the
+placement decisions it takes. Pure: no etcd, Triton or clock here (the sidecar feeds it).
+
+The record (`replicas/<id>`) changes rarely: identity, health, models, KV capacity, draining and
+placement errors. The load report (`load/<id>`) changes every few hundred milliseconds: per model,
+KV blocks and requests, read from the TensorRT-LLM metric families on Triton's endpoint
+(`nv_trt_llm_kv_cache_block_metrics`, `nv_trt_llm_request_metrics`), which the reference and torch
+engines export under the same names. A family an engine does not export leaves its fields out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+__all__ = [
+    "SCHEMA",
+    "ModelLoad",
+    "PlacementPlan",
+    "PlacementTarget",
+    "ReplicaIdentity",
+    "is_idle",
+    "load_report",
+    "parse_engine_metrics",
+    "parse_placement",
+    "plan_placement",
+    "replica_record",
+]
+
+SCHEMA = 1
+KV_FAMILY = "nv_trt_llm_kv_cache_block_metrics"
+REQUEST_FAMILY = "nv_trt_llm_request_metrics"
+# Metric label value → load report field, for each family.
+KV_FIELDS = {"max": "kv_max_blocks", "free": "kv_free_blocks", "used": "kv_used_blocks",
+             "reused": "kv_reused_blocks", "tokens_per": "kv_tokens_per_block"}
+REQUEST_FIELDS = {"active": "active", "waiting": "waiting", "max": "max"}
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """One model's engine figures from one scrape; None where the engine exports no such value."""
+
+    kv_max_blocks: int | None = None
+    kv_free_blocks: int | None = None
+    kv_used_blocks: int | None = None
+    kv_reused_blocks: int | None = None
+    kv_tokens_per_block: int | None = None  # a capacity, published in the record, not the load
+    active: int | None = None
+    waiting: int | None = None
+    max: int | None = None
+
+    def report(self) -> dict[str, int]:
+        """The load report's per-model entry: the contract's fields that the engine exports."""
+        values = {
+            "kv_max_blocks": self.kv_max_blocks, "kv_free_blocks": self.kv_free_blocks,
+            "kv_used_blocks": self.kv_used_blocks, "kv_reused_blocks": self.kv_reused_blocks,
+            "active": self.active, "waiting": self.waiting, "max": self.max,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+    def kv_capacity(self) -> dict[str, int] | None:
+        """The record's `kv` entry, once the engine has told both its pool size and block size."""
+        if self.kv_max_blocks is None or self.kv_tokens_per_block is None:
+            return None
+        return {"max_blocks": self.kv_max_blocks, "tokens_per_block": self.kv_tokens_per_block}
+
+
+def parse_engine_metrics(text: str) -> dict[str, ModelLoad]:
+    """Triton's metrics page → per model (the `model` label) figures from the TensorRT-LLM
+    families; other families are ignored. Raises ValueError on a page that is not Prometheus
+    text."""
+    figures: dict[str, dict[str, int]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == KV_FAMILY:
+            label, fields = "kv_cache_block_type", KV_FIELDS
+        elif family.name == REQUEST_FAMILY:
+            label, fields = "request_type", REQUEST_FIELDS
+        else:
+            continue
+        for sample in family.samples:
+            model, kind = sample.labels.get("model"), sample.labels.get(label)
+            if model is not None and kind in fields:
+                figures.setdefault(model, {})[fields[kind]] = int(sample.value)
+    return {model: ModelLoad(**values) for model, values in figures.items()}
+
+
+def is_idle(loads: Mapping[str, ModelLoad]) -> bool:
+    """No model has a request running or waiting: what a draining replica waits for. An engine
+    that exports no request counts has nothing to wait for."""
+    return all(not (load.active or load.waiting) for load in loads.values())
+
+
+def load_report(replica_id: str, at: float, loads: Mapping[str, ModelLoad],
+                models: Iterable[str]) -> dict[str, Any]:
+    """`load/<id>`: the figures of the models this replica serves (`models`), stamped `at`
+    (unix seconds) so readers can tell a stale report from a quiet replica."""
+    served = set(models)
+    return {
+        "schema": SCHEMA,
+        "replica_id": replica_id,
+        "at": at,
+        "models": {name: load.report() for name, load in sorted(loads.items()) if name in served},
+    }
+
+
+@dataclass(frozen=True)
+class ReplicaIdentity:
+    """What does not change while a sidecar runs (from its settings)."""
+
+    replica_id: str
+    grpc_endpoint: str
+    metrics_endpoint: str
+    zone: str
+    gpu_type: str  # "cpu" where the engine runs on the host's processors
+    gpu_memory_mib: int
+
+
+def replica_record(
+    identity: ReplicaIdentity,
+    ready: bool,
+    versions: Mapping[str, str],
+    loads: Mapping[str, ModelLoad],
+    draining: bool,
+    placement_errors: Mapping[str, str],
+) -> dict[str, Any]:
+    """`replicas/<id>`. `versions`: the models Triton has READY that the replica serves (a model
+    being unloaded is already left out), with their Triton version. `healthy` needs Triton ready
+    and at least one model; `kv` has the models whose engines report their cache."""
+    kv = {name: capacity for name in sorted(versions)
+          if name in loads and (capacity := loads[name].kv_capacity()) is not None}
+    return {
+        "schema": SCHEMA,
+        "replica_id": identity.replica_id,
+        "grpc_endpoint": identity.grpc_endpoint,
+        "metrics_endpoint": identity.metrics_endpoint,
+        "zone": identity.zone,
+        "gpu_type": identity.gpu_type,
+        "gpu_memory_mib": identity.gpu_memory_mib,
+        "models": sorted(versions),
+        "versions": dict(sorted(versions.items())),
+        "kv": kv,
+        "healthy": ready and bool(versions),
+        "draining": draining,
+        "placement_errors": dict(sorted(placement_errors.items())),
+    }
+
+
+@dataclass(frozen=True)
+class PlacementTarget:
+    """`placements/<id>` as written by the scheduler's leader."""
+
+    models: frozenset[str]
+    generation: int
+
+
+def parse_placement(raw: Mapping[str, Any]) -> PlacementTarget:
+    """Validates a placement value; ValueError names the field that is wrong."""
+    if raw.get("schema") != SCHEMA:
+        raise ValueError(f"placement schema must be {SCHEMA}, got {raw.get('schema')!r}")
+    models = raw.get("models")
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ValueError("placement models must be a list of non-empty model names")
+    generation = raw.get("generation")
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+        raise ValueError(f"placement generation must be an integer >= 0, got {generation!r}")
+    return PlacementTarget(frozenset(models), generation)
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    load: frozenset[str] = field(default_factory=frozenset)
+    unload: frozenset[str] = field(default_factory=frozenset)
+
+
+def plan_placement(
+    target: PlacementTarget,
+    ready: Iterable[str],
+    busy: Iterable[str],
+    failed: Iterable[str],
+    unloading: Iterable[str] = (),
+) -> PlacementPlan:
+    """What to do now to move towards `target`. A model with an action under way (`busy`) is
+    left alone until that action ends, so a model is never unloaded mid-load (nor loaded twice);
+    a model whose load or unload failed for this target (`failed`) is not retried until the
+    target changes (a new generation), so a broken model is not reloaded every second. Extras
+    go first: no load starts while an unload is planned or under way (`unloading`), because the
+    target is only known to fit the accelerator's memory once the models leaving are gone."""
+    ready, busy, failed = set(ready), set(busy), set(failed)
+    unload = frozenset(ready - target.models - busy - failed)
+    if unload or set(unloading):
+        return PlacementPlan(unload=unload)
+    return PlacementPlan(load=frozenset(target.models - ready - busy - failed))

@@ -1,0 +1,206 @@
+"""Engine replicas side by side on one machine: a Triton server and its sidecar each, on free
+loopback ports, each replica in its own zone. The tests, the routing benchmark and failure drills
+use this to get N real replicas registered in an etcd they already run.
+
+`ReplicaSet.start()` returns once every Triton is ready and every sidecar answers SERVING;
+`wait_registered()` then waits until etcd holds each replica's record and load report. `stop()`
+drains the sidecars (SIGTERM), then stops the Triton servers; `kill()` SIGKILLs one replica's
+processes, as a lost node would, and cleans up what Triton leaves behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import pathlib
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import aetcd
+
+from backends.triton.launcher import DEFAULT_MODEL_REPOSITORY, TritonPorts, TritonServer
+from deploy.local.stack import wait_serving
+from services.common import etcd
+from services.common.net import LOOPBACK, free_port
+from services.common.processes import ChildProcess
+
+__all__ = ["REFERENCE_MODEL_DIR", "Replica", "ReplicaSet", "reference_repository"]
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+REFERENCE_MODEL_DIR = DEFAULT_MODEL_REPOSITORY / "reference"
+
+
+def reference_repository(
+    root: pathlib.Path, names: Iterable[str], parameters: Mapping[str, str] | None = None
+) -> pathlib.Path:
+    """A model repository at `root` holding the reference engine once per name in `names`, each
+    a separate Triton model, with the config.pbtxt `parameters` given (e.g. calibrated physics:
+    `prefill_us_per_token`, `decode_step_ms`, ...) replacing the shipped values."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = (REFERENCE_MODEL_DIR / "config.pbtxt").read_text()
+    for key, value in (parameters or {}).items():
+        block = f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
+        pattern = re.compile(
+            rf'parameters: \{{\n  key: "{re.escape(key)}"\n  value: \{{ string_value: "[^"]*" \}}\n\}}\n'
+        )
+        config, found = pattern.subn(block.replace("\\", "\\\\"), config)
+        if not found:
+            config += block
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"model name {name!r} must be letters, digits, '_', '.' or '-'")
+        model_dir = root / name
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.copytree(REFERENCE_MODEL_DIR / "1", model_dir / "1",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        named, count = re.subn(r'^name: "[^"]*"$', f'name: "{name}"', config, flags=re.M)
+        assert count == 1, "the reference config.pbtxt names its model once"
+        (model_dir / "config.pbtxt").write_text(named)
+    return root
+
+
+@dataclass
+class Replica:
+    replica_id: str
+    zone: str
+    triton: TritonServer
+    sidecar: ChildProcess
+    sidecar_endpoint: str  # the sidecar's gRPC health
+    sidecar_metrics: str  # host:port of the sidecar's /metrics
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return self.triton.grpc_address
+
+    @property
+    def metrics_endpoint(self) -> str:
+        return f"{LOOPBACK}:{self.triton.ports.metrics}"
+
+
+class ReplicaSet:
+    """`count` replicas named `<id_prefix>-<i>`, zones assigned round robin from `zones`."""
+
+    def __init__(
+        self,
+        root: pathlib.Path,
+        etcd_endpoint: str,
+        count: int,
+        model_repository: pathlib.Path = DEFAULT_MODEL_REPOSITORY,
+        models: Sequence[str] | None = None,
+        zones: Sequence[str] = ("zone-a", "zone-b", "zone-c"),
+        id_prefix: str = "replica",
+        sidecar_env: Mapping[str, str] | None = None,
+    ):
+        """`models` None loads every model in the repository at start; [] none (placements
+        load them later). `sidecar_env`: extra INFERMESH_* settings for every sidecar."""
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}")
+        if not zones:
+            raise ValueError("zones must name at least one zone")
+        self.root = root
+        self.etcd_endpoint = etcd_endpoint
+        self.replicas: list[Replica] = []
+        for index in range(count):
+            replica_id = f"{id_prefix}-{index}"
+            workdir = root / replica_id
+            triton = TritonServer(workdir / "triton", TritonPorts.free(), model_repository,
+                                  models=models)
+            port, metrics_port = free_port(), free_port()
+            zone = zones[index % len(zones)]
+            env = {
+                **os.environ,
+                "INFERMESH_ETCD_ENDPOINT": etcd_endpoint,
+                "INFERMESH_PORT": str(port),
+                "INFERMESH_METRICS_PORT": str(metrics_port),
+                "INFERMESH_INSTANCE_ID": f"sidecar-{replica_id}",
+                "INFERMESH_REPLICA_ID": replica_id,
+                "INFERMESH_ZONE": zone,
+                "INFERMESH_TRITON_GRPC_ENDPOINT": triton.grpc_address,
+                "INFERMESH_TRITON_METRICS_ENDPOINT": f"{LOOPBACK}:{triton.ports.metrics}",
+                **(sidecar_env or {}),
+            }
+            sidecar = ChildProcess(f"sidecar-{replica_id}",
+                                   [sys.executable, "-m", "backends.triton.sidecar"],
+                                   workdir / "sidecar.log", env=env, cwd=REPO_ROOT)
+            self.replicas.append(Replica(replica_id, zone, triton, sidecar,
+                                         f"{LOOPBACK}:{port}", f"{LOOPBACK}:{metrics_port}"))
+
+    def __getitem__(self, replica_id: str) -> Replica:
+        for replica in self.replicas:
+            if replica.replica_id == replica_id:
+                return replica
+        raise KeyError(replica_id)
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Every Triton (loading in parallel), then every sidecar; stops all on failure."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            for replica in self.replicas:
+                replica.triton.start()
+            for replica in self.replicas:
+                replica.triton.wait_ready(max(1.0, deadline - time.monotonic()))
+            for replica in self.replicas:
+                replica.sidecar.start()
+            for replica in self.replicas:
+                wait_serving(replica.sidecar, replica.sidecar_endpoint, deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    async def wait_registered(
+        self, client: aetcd.Client, timeout_s: float = 30.0, models: Iterable[str] = ()
+    ) -> None:
+        """Until every replica's record is healthy with `models` and its load report is in."""
+        wanted = set(models)
+        deadline = time.monotonic() + timeout_s
+        waiting = {replica.replica_id for replica in self.replicas}
+        while waiting:
+            for replica_id in sorted(waiting):
+                record = await client.get(etcd.Keys.replica(replica_id).encode())
+                load = await client.get(etcd.Keys.load(replica_id).encode())
+                if record is not None and load is not None:
+                    value = etcd.decode(record.value)
+                    if value["healthy"] and wanted <= set(value["models"]):
+                        waiting.discard(replica_id)
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"not registered with {sorted(wanted)} after {timeout_s}s: "
+                                   f"{sorted(waiting)}")
+            if waiting:
+                await asyncio.sleep(0.1)
+
+    def stop(self, grace_s: float = 45.0) -> None:
+        """Drains every sidecar (SIGTERM, all at once), then stops every Triton in parallel."""
+        for replica in self.replicas:
+            if replica.sidecar.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    replica.sidecar.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        for replica in self.replicas:
+            replica.sidecar.stop(grace_s)
+        with concurrent.futures.ThreadPoolExecutor(len(self.replicas)) as pool:
+            list(pool.map(lambda replica: replica.triton.stop(), self.replicas))
+
+    def kill(self, replica_id: str) -> None:
+        """SIGKILLs the replica's sidecar and Triton (a lost node): its lease expires on its own.
+        Triton's orphaned stubs and shared memory are cleaned up like after any stop."""
+        replica = self[replica_id]
+        if replica.sidecar.alive():
+            replica.sidecar.process.kill()  # type: ignore[union-attr]
+            replica.sidecar.process.wait(5)  # type: ignore[union-attr]
+        if replica.triton.running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(replica.triton.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        replica.triton.stop()
+
+    def __enter__(self) -> ReplicaSet:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
