@@ -63,7 +63,9 @@ class ReplicaState:
             loaded=frozenset(record.get("models", ())),
             failed=frozenset(record.get("placement_errors") or {}),
             draining=bool(record.get("draining", False)),
-            healthy=bool(record.get("healthy", False)),
+            # "healthy" needs a model loaded; "ready" (Triton up, maybe empty) lets a fresh
+            # replica be filled.
+            healthy=bool(record.get("healthy", False)) or bool(record.get("ready", False)),
             gpu_type=record.get("gpu_type", ""),
             capacity=capacity,
         )
