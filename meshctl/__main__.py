@@ -12,6 +12,7 @@ import typer
 
 from infermesh.v1 import inference_pb2
 from meshctl.audit import audit_app
+from meshctl.capacity import capacity_app
 from meshctl.config import DEFAULT_STATE_DIR, gateway_and_key
 from meshctl.engine import engine_app
 from meshctl.generate import sampling, stream_generation, unary_generation
@@ -29,6 +30,7 @@ app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.command("slo")(slo_command)
 app.add_typer(registry_app, name="registry")
+app.add_typer(capacity_app, name="capacity")
 
 FINISH = {v: k.lower() for k, v in inference_pb2.FinishReason.items()}
 
