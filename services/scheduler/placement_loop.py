@@ -67,9 +67,10 @@ class Capacity(BaseModel):
     decode_tokens_per_s: float = Field(gt=0)
 
 
-# Measured (docs/benchmarks.md): the torch engine, SmolLM2-135M in float32 on 2 CPU cores,
-# ~555 prompt tokens/s of prefill and ~112 tokens/s of decode at batch 8, rounded down.
-DEFAULT_CAPACITY = {"*": Capacity(prefill_tokens_per_s=500, decode_tokens_per_s=100)}
+# The torch engine (SmolLM2-135M, float32) on the project's 2-core CPU machines, rounded down:
+# ~43 tokens/s of decode at 8 streams (docs/benchmarks.md), ~555 prompt tokens/s of prefill.
+# GPU fleets configure their own types; replicas that report calibrated capacity override both.
+DEFAULT_CAPACITY = {"*": Capacity(prefill_tokens_per_s=500, decode_tokens_per_s=40)}
 
 
 class PlacementSettings(BaseSettings):
