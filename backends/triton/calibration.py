@@ -14,7 +14,7 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 __all__ = ["EngineProfile", "fit_line", "fit_profile"]
 
@@ -55,6 +55,28 @@ class EngineProfile:
             "decode_step_ms_per_request": f"{self.decode_step_ms_per_request:.3f}",
             "max_active_requests": str(self.max_active_requests),
         }
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineProfile:
+        """Reads what `to_json` wrote; ValueError names what is missing or of the wrong schema."""
+        raw = json.loads(text)
+        if not isinstance(raw, dict) or raw.get("schema") != 1:
+            raise ValueError("an engine profile must be a JSON object with schema 1")
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - set(raw) - {"samples"})
+        if missing:
+            raise ValueError(f"the engine profile lacks {', '.join(missing)}")
+        return cls(**{name: raw[name] for name in names if name in raw})
+
+    def token_rates(self) -> tuple[float, float] | None:
+        """One replica's capacity on this engine: (prefill tokens/s when it only prefills, decode
+        tokens/s with a full inflight batch of `max_active_requests`); None when a fitted cost
+        is zero (a flat, noisy measurement says nothing about the limit)."""
+        batch = self.max_active_requests
+        step_ms = self.decode_step_ms + self.decode_step_ms_per_request * batch
+        if self.prefill_us_per_token <= 0 or step_ms <= 0 or batch < 1:
+            return None
+        return 1e6 / self.prefill_us_per_token, batch * 1e3 / step_ms
 
     def to_json(self) -> str:
         return json.dumps({"schema": 1, **asdict(self),

@@ -125,12 +125,15 @@ def replica_record(
     loads: Mapping[str, ModelLoad],
     draining: bool,
     placement_errors: Mapping[str, str],
+    capacity: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     """`replicas/<id>`. `versions`: the models Triton has READY that the replica serves (a model
-    being unloaded is already left out), with their Triton version. `healthy` needs Triton ready
-    and at least one model; `kv` has the models whose engines report their cache."""
-    kv = {name: capacity for name in sorted(versions)
-          if name in loads and (capacity := loads[name].kv_capacity()) is not None}
+    being unloaded is already left out), with their Triton version. `ready`: Triton answers
+    (placement may fill an empty replica); `healthy` also needs a model to route to; `kv` has the
+    models whose engines report their cache; `capacity` (model → prefill, decode tokens/s of
+    one replica, from the engine's calibrated profile) is published for served models only."""
+    kv = {name: blocks for name in sorted(versions)
+          if name in loads and (blocks := loads[name].kv_capacity()) is not None}
     return {
         "schema": SCHEMA,
         "replica_id": identity.replica_id,
@@ -142,6 +145,11 @@ def replica_record(
         "models": sorted(versions),
         "versions": dict(sorted(versions.items())),
         "kv": kv,
+        "capacity": {
+            name: {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode}
+            for name, (prefill, decode) in sorted((capacity or {}).items()) if name in versions
+        },
+        "ready": ready,
         "healthy": ready and bool(versions),
         "draining": draining,
         "placement_errors": dict(sorted(placement_errors.items())),

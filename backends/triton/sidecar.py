@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pathlib
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field, model_validator
 from tritonclient.grpc import aio as triton_aio
 
+from backends.triton.calibration import EngineProfile
 from backends.triton.replica_status import (
     ModelLoad,
     PlacementTarget,
@@ -65,7 +67,7 @@ class SidecarSettings(ServiceSettings):
         "127.0.0.1:8002", description="Triton's metrics host:port."
     )
     replica_id: str = Field("replica-0", min_length=1, description="Unique name of this replica.")
-    zone: str = Field("local", min_length=1, description="Failure domain, for zone-aware routing.")
+    zone: str = Field("local", description="Failure domain, for zone-aware routing ('' unknown).")
     gpu_type: str = Field("cpu", min_length=1,
                           description='Accelerator model, e.g. "H100-80GB"; "cpu" without one.')
     gpu_memory_mib: int = Field(8192, gt=0, description="Accelerator memory placement may fill.")
@@ -84,6 +86,11 @@ class SidecarSettings(ServiceSettings):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="Longest SIGTERM waits for in-flight generations before leaving."
     )
+    engine_profiles: list[pathlib.Path] = Field(
+        default_factory=list,
+        description="Profiles from `meshctl engine calibrate` (JSON list of paths): the record "
+        "publishes each profiled model's capacity in tokens/s; unprofiled models have none.",
+    )
 
     @model_validator(mode="after")
     def _refresh_after_interval(self) -> SidecarSettings:
@@ -93,6 +100,23 @@ class SidecarSettings(ServiceSettings):
                 f"({self.load_interval_s})"
             )
         return self
+
+
+def engine_capacity(paths: list[pathlib.Path]) -> dict[str, tuple[float, float]]:
+    """Triton model → (prefill, decode tokens/s) from calibrated profiles; an unreadable or
+    invalid profile stops the sidecar at start with the file's name."""
+    capacity: dict[str, tuple[float, float]] = {}
+    for path in paths:
+        try:
+            profile = EngineProfile.from_json(path.read_text())
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"engine_profiles: {path}: {exc}") from exc
+        rates = profile.token_rates()
+        if rates is None:
+            log.warning("engine_profile_without_capacity", path=str(path))
+        else:
+            capacity[profile.triton_model_name] = rates
+    return capacity
 
 
 def _fetch_text(url: str, timeout_s: float) -> str:
@@ -114,6 +138,7 @@ class Sidecar:
             gpu_type=settings.gpu_type,
             gpu_memory_mib=settings.gpu_memory_mib,
         )
+        self._capacity = engine_capacity(settings.engine_profiles)
         self._triton = triton_aio.InferenceServerClient(settings.triton_grpc_endpoint)
         self._lease = etcd.LeaseKeeper(ctx.etcd, settings.replica_lease_ttl_s)
         self._placements: etcd.WatchCache[PlacementTarget] = etcd.WatchCache(
@@ -262,7 +287,7 @@ class Sidecar:
         async with self._record_lock:
             served = {m: v for m, v in self._versions.items() if m not in self._unloading}
             record = replica_record(self._identity, self._ready, served, self._loads,
-                                    self._draining, self._errors)
+                                    self._draining, self._errors, self._capacity)
             MODELS.labels(self._settings.replica_id).set(len(record["models"]))
             if record == self._published_record:
                 return True

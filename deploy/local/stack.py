@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import pathlib
+import secrets
 import shlex
 import sys
 import time
@@ -60,6 +61,7 @@ class StackInfo:
     metrics: dict[str, str]
     pids: dict[str, int]
     openai_base_url: str = ""  # the gateway's OpenAI-compatible HTTP API
+    mesh_token: str = ""  # what the stack's services present to each other (a fresh one per up)
 
     def env_lines(self) -> str:
         values = {
@@ -111,7 +113,9 @@ class Stack:
                  "--workdir", str(self.state_dir / "triton")],
                 {},
             )
-            base = {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint}
+            mesh_token = secrets.token_urlsafe(32)
+            base = {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint,
+                    "INFERMESH_MESH_TOKEN": mesh_token}
             for name in SERVICES:
                 extra = dict(base)
                 if name == "auditor":
@@ -130,7 +134,11 @@ class Stack:
                 {**base,
                  "INFERMESH_TRITON_GRPC_ENDPOINT": f"{LOOPBACK}:{triton['grpc']}",
                  "INFERMESH_TRITON_METRICS_ENDPOINT": f"{LOOPBACK}:{triton['metrics']}",
-                 "INFERMESH_REPLICA_ID": "replica-0"},
+                 "INFERMESH_REPLICA_ID": "replica-0",
+                 "INFERMESH_ZONE": "local",
+                 # Within `down()`'s 15 s per child; the gateway is stopped first, so a drain
+                 # here only waits for generations that outlived it.
+                 "INFERMESH_DRAIN_TIMEOUT_S": "10"},
             )
             for name in (*SERVICES, "sidecar"):
                 wait_serving(self.children[name], f"{LOOPBACK}:{ports[name]}", deadline)
@@ -152,7 +160,7 @@ class Stack:
                 reference_model=REFERENCE_MODEL,
                 etcd=etcd_server.endpoint, endpoints=endpoints, metrics=metric_endpoints,
                 pids={name: child.pid for name, child in self.children.items()},
-                openai_base_url=f"http://{LOOPBACK}:{openai_port}/v1",
+                openai_base_url=f"http://{LOOPBACK}:{openai_port}/v1", mesh_token=mesh_token,
             )
             self._write_state(self.info)
             return self.info

@@ -17,6 +17,7 @@ import pytest
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 
+from backends.triton.calibration import EngineProfile
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.replicas import ReplicaSet, reference_repository
 from services.common import etcd
@@ -33,8 +34,16 @@ def replicas(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[ReplicaSet]:
     root = tmp_path_factory.mktemp("replicas")
     repository = reference_repository(root / "models", ["alpha", "beta"], ENGINE)
+    profile = root / "alpha-profile.json"  # as `meshctl engine calibrate` writes it
+    profile.write_text(EngineProfile(
+        model="alpha", version_id="sha256:" + "0" * 64, triton_model_name="alpha",
+        prefill_us_per_token=50.0, decode_step_ms=10.0, decode_step_ms_per_request=0.2,
+        max_active_requests=32, kv_tokens_per_block=64, kv_blocks_per_request=1.0,
+        kv_request_tokens=64).to_json())
     replica_set = ReplicaSet(root, etcd_server.endpoint, 3, repository, models=["alpha"],
-                             id_prefix=PREFIX, sidecar_env={"INFERMESH_DRAIN_TIMEOUT_S": "60"})
+                             id_prefix=PREFIX,
+                             sidecar_env={"INFERMESH_DRAIN_TIMEOUT_S": "60",
+                                          "INFERMESH_ENGINE_PROFILES": json.dumps([str(profile)])})
     replica_set.start()
     yield replica_set
     replica_set.stop()
@@ -111,7 +120,10 @@ async def test_record_and_load_report_carry_the_contract_fields(
         "schema": 1, "replica_id": replica.replica_id, "grpc_endpoint": replica.grpc_endpoint,
         "metrics_endpoint": replica.metrics_endpoint, "zone": "zone-a", "gpu_type": "cpu",
         "gpu_memory_mib": 8192, "models": ["alpha"], "versions": {"alpha": "1"},
-        "kv": record["kv"], "healthy": True, "draining": False, "placement_errors": {},
+        "kv": record["kv"],
+        "capacity": {"alpha": {"prefill_tokens_per_s": 20_000.0,
+                               "decode_tokens_per_s": pytest.approx(32 * 1e3 / 16.4)}},
+        "ready": True, "healthy": True, "draining": False, "placement_errors": {},
     }
     if record["kv"]:  # the engine exports its KV cache: both capacity figures are there
         assert set(record["kv"]["alpha"]) == {"max_blocks", "tokens_per_block"}

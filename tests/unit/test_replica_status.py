@@ -82,20 +82,24 @@ def test_load_report_has_the_contract_fields_of_served_models_only() -> None:
 def test_record_carries_identity_models_versions_kv_and_errors() -> None:
     loads = parse_engine_metrics(METRICS_PAGE)
     record = replica_record(IDENTITY, True, {"reference": "1", "chat": "3"}, loads,
-                            draining=False, placement_errors={"broken": "load failed: boom"})
+                            draining=False, placement_errors={"broken": "load failed: boom"},
+                            capacity={"chat": (9000.0, 400.0), "not-loaded": (1.0, 1.0)})
     assert record == {
         "schema": 1, "replica_id": "r1", "grpc_endpoint": "10.0.0.1:8001",
         "metrics_endpoint": "10.0.0.1:8002", "zone": "zone-a", "gpu_type": "cpu",
         "gpu_memory_mib": 8192, "models": ["chat", "reference"],
         "versions": {"chat": "3", "reference": "1"},
         "kv": {"chat": {"max_blocks": 256, "tokens_per_block": 32}},
-        "healthy": True, "draining": False, "placement_errors": {"broken": "load failed: boom"},
+        "capacity": {"chat": {"prefill_tokens_per_s": 9000.0, "decode_tokens_per_s": 400.0}},
+        "ready": True, "healthy": True, "draining": False,
+        "placement_errors": {"broken": "load failed: boom"},
     }
 
 
 def test_record_is_unhealthy_when_triton_is_not_ready_or_serves_nothing() -> None:
     assert not replica_record(IDENTITY, False, {"chat": "1"}, {}, False, {})["healthy"]
-    assert not replica_record(IDENTITY, True, {}, {}, False, {})["healthy"]
+    empty = replica_record(IDENTITY, True, {}, {}, False, {})
+    assert empty["ready"] and not empty["healthy"]  # placement may fill it; routing skips it
     assert replica_record(IDENTITY, True, {"chat": "1"}, {}, True, {})["draining"] is True
 
 
