@@ -37,6 +37,7 @@ class Pending:
     num_output_tokens: int = 0
     pieces: list[str] = field(default_factory=list)  # the text so far, when not streaming
     first_token_time_ns: int = 0  # wall clock, comparable with the gateway's own timestamps
+    kv_cache_reused_blocks: int = 0  # prompt blocks found in the prefix cache (0: not known)
 
 
 def model_parameters(args: dict[str, str]) -> dict[str, str]:
@@ -93,6 +94,9 @@ def response(pending: Pending, text: str) -> pb_utils.InferenceResponse:
             pb_utils.Tensor("num_output_tokens", np.array([[pending.num_output_tokens]], np.int32)),
             pb_utils.Tensor(
                 "first_token_time_ns", np.array([[pending.first_token_time_ns]], np.int64)
+            ),
+            pb_utils.Tensor(
+                "kv_cache_reused_blocks", np.array([[pending.kv_cache_reused_blocks]], np.int32)
             ),
         ]
     )
@@ -183,6 +187,19 @@ class RequestStats(Protocol):
     context: int
 
 
+class KvCacheStats(RequestStats, Protocol):
+    """And the block counts `nv_trt_llm_kv_cache_block_metrics` carries (engines with a cache)."""
+
+    kv_max: int
+    kv_free: int
+    kv_used: int
+    kv_tokens_per: int
+    kv_reused: int
+
+    @property
+    def kv_fraction(self) -> float: ...
+
+
 class EngineMetrics:
     """The engine's metrics on Triton's endpoint, named like TensorRT-LLM's."""
 
@@ -226,11 +243,13 @@ class EngineMetrics:
             })  # fmt: skip
         self._published: dict[tuple[str, str], float] = {}
 
-    def publish(self, stats: RequestStats, kv_cache: dict[str, float] | None = None) -> None:
-        """Sets the gauges that changed (each set is a round trip to the server). `kv_cache`
-        maps `KV_CACHE_TYPES` to their values."""
+    def publish(self, stats: RequestStats | KvCacheStats) -> None:
+        """Sets the gauges that changed (each set is a round trip to the server); the KV-cache
+        ones from `stats.kv_<type>` when the metrics were made with `kv_cache`."""
         values = {("request", kind): getattr(stats, kind) for kind in REQUEST_TYPES}
-        values.update({("kv", kind): value for kind, value in (kv_cache or {}).items()})
+        if ("kv", "max") in self._gauges:
+            values.update({("kv", kind): getattr(stats, f"kv_{kind}") for kind in KV_CACHE_TYPES})
+            values["kv", "fraction"] = round(values["kv", "fraction"], 4)
         for key, value in values.items():
             if self._published.get(key) != value:
                 self._gauges[key].set(value)

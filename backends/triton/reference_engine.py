@@ -3,8 +3,9 @@
 Where no GPU exists, Triton hosts this engine behind the TensorRT-LLM tensor interface so the mesh
 can be built, tested and benchmarked against a backend that behaves like one: prefill costs time
 per prompt token, every decode step advances all active requests by one token and takes longer as
-the batch grows, requests beyond the batch capacity wait, and cancelled requests leave at once.
-The text is English chosen deterministically from (seed, prompt), so tests can compare exact
+the batch grows, requests hold blocks of a paged KV cache and wait when the batch or the cache is
+full, block-aligned prefixes stay cached for later requests (a hit skips that part of prefill),
+and cancelled requests leave at once, freeing their blocks. The text is English chosen deterministically from (seed, prompt), so tests can compare exact
 output and people can read what streams by. This module is pure Python (no Triton, no clock):
 the Triton model drives `ReferenceEngine.step()` from one thread and sleeps the modelled time.
 """
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import random
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -23,6 +26,7 @@ __all__ = [
     "EngineConfig",
     "EngineStats",
     "FinishReason",
+    "KvBlockPool",
     "GenerationRequest",
     "ReferenceEngine",
     "StepResult",
@@ -30,6 +34,7 @@ __all__ = [
     "TokenOutput",
     "complete",
     "count_tokens",
+    "block_hashes",
 ]
 
 # A small corpus of plain sentences; every sentence ends with its only period, which is how the
@@ -120,10 +125,13 @@ class EngineConfig:
 
     timing: StepTiming = StepTiming()
     max_active_requests: int = 32  # the inflight batch's capacity (TensorRT-LLM's max_batch_size)
+    kv_cache_blocks: int = 4096  # the KV pool; defaults large enough that only the batch limits
+    kv_block_tokens: int = 64  # tokens per block (TensorRT-LLM's tokens_per_block)
 
     def __post_init__(self) -> None:
-        if self.max_active_requests < 1:
-            raise ValueError("max_active_requests must be at least 1")
+        for name in ("max_active_requests", "kv_cache_blocks", "kv_block_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,7 @@ class TokenOutput:
     num_output_tokens: int  # tokens generated so far, stop-string tokens included (they cost steps)
     finish_reason: FinishReason | None  # set on the request's last output, which is then forgotten
     first_token: bool  # this step produced the request's first token (time-to-first-token)
+    kv_cache_reused_blocks: int  # prompt blocks its first admission found in the prefix cache
 
 
 @dataclass(frozen=True)
@@ -168,20 +177,122 @@ class StepResult:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """Counts named like TensorRT-LLM's `nv_trt_llm_request_metrics{request_type=...}`."""
+    """Named like TensorRT-LLM's `nv_trt_llm_request_metrics{request_type=...}` and
+    `nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=...}` (as the torch engine's)."""
 
     active: int
     max: int
     waiting: int
     scheduled: int  # requests the last step ran (0 when idle)
     context: int  # requests the last step prefilled (0 when idle)
+    kv_max: int
+    kv_used: int  # held by unfinished requests
+    kv_free: int  # kv_max - kv_used: cached prefixes count as free (they are evicted on demand)
+    kv_reused: int  # unreferenced blocks kept for prefix reuse
+    kv_tokens_per: int
+
+    @property
+    def kv_fraction(self) -> float:
+        return self.kv_used / self.kv_max
+
+
+def block_hashes(tokens: Sequence[str], block_tokens: int, start: int = 0,
+                 previous: int = 0) -> list[int]:
+    """Chained hashes of the full blocks of `tokens` from block `start` on (`previous`: the hash
+    of block `start - 1`): a block is identified by its content and everything before it."""
+    hashes = []
+    for index in range(start, len(tokens) // block_tokens):
+        block = "\x1f".join(tokens[index * block_tokens:(index + 1) * block_tokens])
+        digest = hashlib.blake2b(previous.to_bytes(8, "big") + block.encode(), digest_size=8)
+        previous = int.from_bytes(digest.digest(), "big")
+        hashes.append(previous)
+    return hashes
+
+
+class KvBlockPool:
+    """A fixed pool of KV blocks with a prefix cache, as vLLM's and TensorRT-LLM's block managers.
+
+    A block is in use (refcount > 0, shared by every request whose prefix it holds), free and
+    cached (refcount 0 but still indexed by its hash, so a later request with the same prefix
+    reuses it), or free and empty. New blocks come from the empty ones first, then by evicting
+    the least recently released cached block.
+    """
+
+    def __init__(self, num_blocks: int, block_tokens: int):
+        self.num_blocks = num_blocks
+        self.block_tokens = block_tokens
+        self._refcount = [0] * num_blocks
+        self._hash: list[int | None] = [None] * num_blocks
+        self._by_hash: dict[int, int] = {}  # the prefix cache: hash -> block holding it
+        self._empty = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 is taken first
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unused; LRU first
+
+    @property
+    def free(self) -> int:
+        return len(self._empty) + len(self._evictable)
+
+    @property
+    def cached_free(self) -> int:
+        return len(self._evictable)
+
+    def cached_prefix(self, hashes: Sequence[int]) -> list[int]:
+        """The blocks holding the longest cached leading run of `hashes`."""
+        blocks = []
+        for block_hash in hashes:
+            block = self._by_hash.get(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def in_use(self, block: int) -> bool:
+        return self._refcount[block] > 0
+
+    def acquire(self, block: int) -> None:
+        """Shares a cached block with one more request."""
+        if self._refcount[block] == 0:
+            del self._evictable[block]
+        self._refcount[block] += 1
+
+    def allocate(self) -> int:
+        """A block for new content; evicts the least recently used cached block if need be."""
+        if self._empty:
+            block = self._empty.pop()
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._by_hash[self._hash[block]]  # type: ignore[arg-type]
+            self._hash[block] = None
+        else:
+            raise RuntimeError("no free KV block")  # callers check `free` first
+        self._refcount[block] = 1
+        return block
+
+    def register(self, block: int, block_hash: int) -> None:
+        """Makes a computed block findable by later requests; a duplicate of a block already
+        cached stays unindexed (and becomes empty when released)."""
+        if block_hash not in self._by_hash and self._hash[block] is None:
+            self._hash[block] = block_hash
+            self._by_hash[block_hash] = block
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """Drops one request's hold on `blocks`, last block first: a request's tail is evicted
+        before its head, because a cached block is useless once the block before it is gone."""
+        for block in reversed(blocks):
+            self._refcount[block] -= 1
+            if self._refcount[block] == 0:
+                if self._hash[block] is None:
+                    self._empty.append(block)
+                else:
+                    self._evictable[block] = None
 
 
 class _Sequence:
     """One request's generation state: the lazy word stream and the held-back stop-string prefix."""
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest, max_tokens: int):
+        """`max_tokens`: the request's, or fewer when the KV pool cannot hold that many."""
         self.request = request
+        self.max_tokens = max_tokens
         self.prompt_tokens = count_tokens(request.prompt)
         rng = _rng_for(request.seed, request.prompt)
         target = rng.randint(MIN_NATURAL_TOKENS, MAX_NATURAL_TOKENS)
@@ -189,11 +300,16 @@ class _Sequence:
         self.words = _word_stream(rng)
         self.generated = 0
         self.pending = ""  # generated text not emitted yet because it may start a stop string
+        self.tokens = request.prompt.split()  # prompt and generated words: what the KV holds
+        self.blocks: list[int] = []  # KV blocks held, in token order
+        self.hashes: list[int] = []  # hashes of the full blocks computed so far
+        self.kv_cache_reused_blocks = 0
 
     def advance(self) -> TokenOutput:
         """Generates one token and decides what of the text so far can be emitted."""
         word = next(self.words)
         self.generated += 1
+        self.tokens.append(word.lstrip())
         self.pending += word
         request = self.request
         finish: FinishReason | None = None
@@ -201,14 +317,15 @@ class _Sequence:
         stop_at = self._first_stop()
         if stop_at is not None:
             delta, finish = self.pending[:stop_at], FinishReason.STOP
-        elif self.generated >= request.max_tokens:
+        elif self.generated >= self.max_tokens:
             delta, finish = self.pending, FinishReason.LENGTH
         elif self.generated >= self.target_tokens and word.endswith("."):
             delta, finish = self.pending, FinishReason.STOP
         else:
             keep_from = self._held_back_from()
             delta, self.pending = self.pending[:keep_from], self.pending[keep_from:]
-        return TokenOutput(request.request_id, delta, self.generated, finish, self.generated == 1)
+        return TokenOutput(request.request_id, delta, self.generated, finish,
+                           self.generated == 1, self.kv_cache_reused_blocks)
 
     def _first_stop(self) -> int | None:
         # Text already emitted never holds the start of a match (see _held_back_from), so only
@@ -226,7 +343,20 @@ class _Sequence:
 
 
 class ReferenceEngine:
-    """An inflight batcher: each `step()` admits waiting requests and advances every active one.
+    """An inflight batcher over a paged KV cache: each `step()` grows the running requests' KV,
+    admits waiting requests FCFS while batch slots and blocks allow, and advances every running
+    request by one token.
+
+    A running request holds ceil(tokens / kv_block_tokens) blocks (tokens: prompt + generated),
+    and before each step enough for one more token. When the pool cannot give a running request
+    its next block, the newest running request is preempted, as vLLM does: its blocks are
+    released and it goes back to the front of the queue, to be prefilled again (prompt and the
+    tokens generated so far; its own blocks usually still sit in the prefix cache) and resume
+    its text unchanged. Preempting, rather than reserving prompt + max_tokens up front, keeps
+    the pool full of useful work when max_tokens is a loose bound, which it usually is. A
+    request's max_tokens is clipped to what the whole pool can hold after its prompt (as
+    TensorRT-LLM clips to max_seq_len), so a request alone always fits; a prompt that can never
+    fit is refused.
 
     Not thread-safe: one thread owns it (the Triton model's dispatcher). Requests finish by
     producing an output with a `finish_reason`, or leave early through `abort_request()`.
@@ -234,56 +364,152 @@ class ReferenceEngine:
 
     def __init__(self, config: EngineConfig = EngineConfig()):
         self.config = config
-        self._waiting: dict[int, _Sequence] = {}  # insertion-ordered: the FCFS queue
-        self._active: dict[int, _Sequence] = {}
+        self._pool = KvBlockPool(config.kv_cache_blocks, config.kv_block_tokens)
+        self._waiting: OrderedDict[int, _Sequence] = OrderedDict()  # the FCFS queue
+        self._active: dict[int, _Sequence] = {}  # in admission order: the newest last
         self._last_scheduled = 0
         self._last_context = 0
 
     def add_request(self, request: GenerationRequest) -> None:
-        """Queues a request; it joins the batch at the next step with a free slot (FCFS)."""
+        """Queues a request; it joins the batch at the first step with a free slot and blocks.
+
+        ValueError if its prompt (and the token it generates first) can never fit the pool.
+        """
         if request.request_id in self._active or request.request_id in self._waiting:
             raise ValueError(f"request {request.request_id} is already in the engine")
-        self._waiting[request.request_id] = _Sequence(request)
+        prompt_tokens = count_tokens(request.prompt)
+        room = self.config.kv_cache_blocks * self.config.kv_block_tokens - prompt_tokens
+        if room < 1:
+            raise ValueError(
+                f"the prompt needs {self._blocks_for(prompt_tokens + 1)} KV blocks of "
+                f"{self.config.kv_block_tokens} tokens; the cache holds at most "
+                f"kv_cache_blocks={self.config.kv_cache_blocks}")
+        self._waiting[request.request_id] = _Sequence(request, min(request.max_tokens, room))
 
     def abort_request(self, request_id: int) -> bool:
-        """Drops a waiting or active request at once (cancellation); False if it is not here."""
-        dropped = self._active.pop(request_id, None) or self._waiting.pop(request_id, None)
-        return dropped is not None
+        """Drops a waiting or active request at once (cancellation), freeing its KV blocks;
+        False if it is not here."""
+        sequence = self._active.pop(request_id, None) or self._waiting.pop(request_id, None)
+        if sequence is None:
+            return False
+        self._release(sequence)
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._active or self._waiting)
 
     def step(self) -> StepResult:
-        """One iteration: prefill the newly admitted requests, then one token for each active one.
+        """One iteration: grow or preempt, admit and prefill, then one token for each running
+        request.
 
         A newly admitted request gets its first token in the step that prefills it, as in
-        TensorRT-LLM's inflight batching, so its step costs its prefill on top of the decode.
+        TensorRT-LLM's inflight batching, so its step costs the prefill of its uncached tokens on
+        top of the decode.
         """
-        admitted: list[_Sequence] = []
-        while self._waiting and len(self._active) < self.config.max_active_requests:
-            request_id = next(iter(self._waiting))
-            sequence = self._active[request_id] = self._waiting.pop(request_id)
-            admitted.append(sequence)
+        # As vLLM: no admission in a step that preempted, which would only thrash the pool.
+        admitted = [] if self._grow_running() else self._admit_waiting()
         timing = self.config.timing
         duration = timing.decode_step_seconds(len(self._active)) if self._active else 0.0
-        duration += sum(timing.prefill_seconds(s.prompt_tokens) for s in admitted)
+        duration += sum(timing.prefill_seconds(uncached) for _, uncached in admitted)
         self._last_scheduled, self._last_context = len(self._active), len(admitted)
-        outputs = [sequence.advance() for sequence in self._active.values()]
-        for output in outputs:
+        outputs = []
+        for sequence in list(self._active.values()):
+            output = sequence.advance()
+            outputs.append(output)
+            self._register_full_blocks(sequence)
             if output.finish_reason is not None:
                 del self._active[output.request_id]
+                self._release(sequence)
         return StepResult(outputs, duration)
 
     @property
     def stats(self) -> EngineStats:
         idle = not self.has_unfinished_requests()
+        free = self._pool.free
         return EngineStats(
             active=len(self._active),
             max=self.config.max_active_requests,
             waiting=len(self._waiting),
             scheduled=0 if idle else self._last_scheduled,
             context=0 if idle else self._last_context,
+            kv_max=self.config.kv_cache_blocks,
+            kv_used=self.config.kv_cache_blocks - free,
+            kv_free=free,
+            kv_reused=self._pool.cached_free,
+            kv_tokens_per=self.config.kv_block_tokens,
         )
+
+    def _blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.config.kv_block_tokens)
+
+    def _grow_running(self) -> bool:
+        """Gives every running request, oldest first, room for its next token, preempting the
+        newest while the pool is short; True if any was preempted."""
+        preempted = False
+        for sequence in list(self._active.values()):
+            if sequence.request.request_id not in self._active:
+                continue  # preempted to make room for an older request
+            needed = self._blocks_for(len(sequence.tokens) + 1) - len(sequence.blocks)
+            while needed > self._pool.free and (newest := self._newest_other(sequence)):
+                self._preempt(newest)
+                preempted = True
+            if needed <= self._pool.free:  # always so for the oldest: alone, a request fits
+                sequence.blocks.extend(self._pool.allocate() for _ in range(needed))
+            else:  # it is the newest: it waits for the older ones to finish
+                self._preempt(sequence)
+                preempted = True
+        return preempted
+
+    def _newest_other(self, sequence: _Sequence) -> _Sequence | None:
+        newest = next(reversed(self._active.values()))
+        return None if newest is sequence else newest
+
+    def _preempt(self, sequence: _Sequence) -> None:
+        del self._active[sequence.request.request_id]
+        self._release(sequence)
+        self._waiting[sequence.request.request_id] = sequence
+        self._waiting.move_to_end(sequence.request.request_id, last=False)
+
+    def _admit_waiting(self) -> list[tuple[_Sequence, int]]:
+        """Admits from the head of the queue while a slot and the blocks are free (strict FCFS:
+        a head that does not fit blocks the rest); returns (request, uncached tokens) admitted."""
+        admitted = []
+        block_tokens = self.config.kv_block_tokens
+        while self._waiting and len(self._active) < self.config.max_active_requests:
+            sequence = next(iter(self._waiting.values()))
+            tokens = len(sequence.tokens)
+            # At least one token is computed: the one whose logits give the next token.
+            hashes = block_hashes(sequence.tokens[:tokens - 1], block_tokens)
+            hits = self._pool.cached_prefix(hashes)
+            hits_free = sum(1 for block in hits if not self._pool.in_use(block))
+            needed = self._blocks_for(tokens + 1) - len(hits)
+            if needed > self._pool.free - hits_free:
+                break
+            del self._waiting[sequence.request.request_id]
+            for block in hits:
+                self._pool.acquire(block)
+            sequence.blocks = hits + [self._pool.allocate() for _ in range(needed)]
+            sequence.hashes = hashes[:len(hits)]
+            if sequence.generated == 0:
+                sequence.kv_cache_reused_blocks = len(hits)
+            self._active[sequence.request.request_id] = sequence
+            admitted.append((sequence, tokens - len(hits) * block_tokens))
+        for sequence, _ in admitted:  # computed by this step: cached for the ones that follow
+            self._register_full_blocks(sequence)
+        return admitted
+
+    def _register_full_blocks(self, sequence: _Sequence) -> None:
+        start = len(sequence.hashes)
+        previous = sequence.hashes[-1] if sequence.hashes else 0
+        for offset, block_hash in enumerate(
+            block_hashes(sequence.tokens, self.config.kv_block_tokens, start, previous)
+        ):
+            self._pool.register(sequence.blocks[start + offset], block_hash)
+            sequence.hashes.append(block_hash)
+
+    def _release(self, sequence: _Sequence) -> None:
+        self._pool.release(sequence.blocks)
+        sequence.blocks, sequence.hashes = [], []
 
 
 @dataclass(frozen=True)

@@ -91,10 +91,11 @@ def engine_inputs(
     min_tokens: int | None = None,
     exclude_input_in_output: bool | None = None,
     stop_words: Sequence[str] = (),
+    prompt: str = PROMPT,
 ) -> list[InferInput]:
     """The TensorRT-LLM `ensemble` inputs for one request (batch dimension 1)."""
     inputs = [
-        tensor("text_input", np.array([[PROMPT.encode()]], dtype=np.object_), "BYTES"),
+        tensor("text_input", np.array([[prompt.encode()]], dtype=np.object_), "BYTES"),
         tensor("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
         tensor("stream", np.array([[stream]], dtype=bool), "BOOL"),
         tensor("seed", np.array([[seed]], dtype=np.uint64), "UINT64"),
@@ -219,6 +220,31 @@ async def test_concurrent_requests_share_steps_and_each_get_their_own_text(
     assert metric(metrics, "nv_trt_llm_request_metrics", request_type="max") == 32
 
 
+async def test_kv_cache_metrics_and_prefix_hits_on_the_metrics_endpoint(
+    client: triton_aio.InferenceServerClient, triton: TritonServer
+) -> None:
+    def kv(metrics_text: str, kind: str) -> float:
+        return metric(metrics_text, "nv_trt_llm_kv_cache_block_metrics", model=MODEL,
+                      version="1", kv_cache_block_type=kind)
+
+    before = await asyncio.to_thread(read_metrics, triton)
+    # 130 words unseen by the other tests, in blocks of 64 (config.pbtxt): two full blocks.
+    system_prompt = " ".join(f"rule{i}" for i in range(130))
+    first = await generate(client, engine_inputs(max_tokens=2, prompt=system_prompt))
+    after_first = await asyncio.to_thread(read_metrics, triton)
+    second = await generate(client, engine_inputs(max_tokens=2, prompt=system_prompt))
+    after_second = await asyncio.to_thread(read_metrics, triton)
+
+    assert scalar(first[-1], "kv_cache_reused_blocks") == 0
+    assert scalar(second[-1], "kv_cache_reused_blocks") == 2
+    assert scalar(second[-1], "num_input_tokens") == 130
+    for metrics in (after_first, after_second):  # idle again: every block free, two more cached
+        assert (kv(metrics, "max"), kv(metrics, "tokens_per")) == (4096, 64)
+        assert (kv(metrics, "used"), kv(metrics, "free"), kv(metrics, "fraction")) == (0, 4096, 0)
+        assert kv(metrics, "reused") == kv(before, "reused") + 2
+        assert metric(metrics, "nv_trt_llm_request_metrics", request_type="waiting") == 0
+
+
 async def test_bad_input_gets_an_error_response_and_the_stream_ends(
     client: triton_aio.InferenceServerClient, triton: TritonServer
 ) -> None:
@@ -246,6 +272,9 @@ async def test_cancelled_request_stops_generating(
         assert error is None and not is_final(result)
         received += 1
         if received == 5:
+            running = await asyncio.to_thread(read_metrics, triton)
+            assert metric(running, "nv_trt_llm_kv_cache_block_metrics",
+                          kv_cache_block_type="used") >= 1
             responses.cancel()
             break
 
@@ -257,6 +286,7 @@ async def test_cancelled_request_stops_generating(
             break
         assert time.monotonic() < deadline, metrics
         await asyncio.sleep(0.05)
+    assert metric(metrics, "nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="used") == 0
     tokens = metric(metrics, "infermesh_engine_generated_tokens_total", model=MODEL)
     await asyncio.sleep(0.3)  # ~70 decode steps' worth of time
     later = await asyncio.to_thread(read_metrics, triton)

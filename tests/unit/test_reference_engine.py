@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from backends.triton.reference_engine import (
@@ -12,8 +14,10 @@ from backends.triton.reference_engine import (
     EngineStats,
     FinishReason,
     GenerationRequest,
+    KvBlockPool,
     ReferenceEngine,
     StepTiming,
+    block_hashes,
     complete,
     count_tokens,
 )
@@ -145,7 +149,9 @@ def test_requests_beyond_capacity_wait_and_join_when_a_slot_frees() -> None:
     engine.add_request(request(2, max_tokens=5))
     first = engine.step()
     assert {o.request_id for o in first.outputs} == {0, 1}
-    assert engine.stats == EngineStats(active=2, max=2, waiting=1, scheduled=2, context=2)
+    assert engine.stats == EngineStats(active=2, max=2, waiting=1, scheduled=2, context=2,
+                                       kv_max=4096, kv_used=2, kv_free=4094, kv_reused=0,
+                                       kv_tokens_per=64)
     second = engine.step()  # request 0 finishes here, freeing its slot
     assert [o.finish_reason for o in second.outputs if o.request_id == 0] == [FinishReason.LENGTH]
     assert (engine.stats.active, engine.stats.waiting, engine.stats.context) == (1, 1, 0)
@@ -196,11 +202,244 @@ def test_requests_the_engine_cannot_run_are_refused() -> None:
 
 
 def test_config_is_validated() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_active_requests must be at least 1"):
         EngineConfig(max_active_requests=0)
+    with pytest.raises(ValueError, match="kv_cache_blocks must be at least 1, got 0"):
+        EngineConfig(kv_cache_blocks=0)
+    with pytest.raises(ValueError, match="kv_block_tokens must be at least 1"):
+        EngineConfig(kv_block_tokens=-2)
     with pytest.raises(ValueError):
         StepTiming(decode_step_ms=-1)
     engine = ReferenceEngine()
     engine.add_request(request(0))
     with pytest.raises(ValueError):
         engine.add_request(request(0))
+
+
+# --- the paged KV cache and the prefix cache ---
+
+def words(count: int, start: int = 0) -> str:
+    return " ".join(f"w{i}" for i in range(start, start + count))
+
+
+def held_blocks(engine: ReferenceEngine, tokens_by_request: dict[int, int]) -> int:
+    return sum(math.ceil(t / engine.config.kv_block_tokens) for t in tokens_by_request.values())
+
+
+def test_a_running_request_holds_ceil_tokens_over_block_size_blocks_and_grows() -> None:
+    engine = ReferenceEngine(EngineConfig(kv_cache_blocks=64, kv_block_tokens=4))
+    prompts = {0: words(6), 1: words(3, 100), 2: words(9, 200)}
+    for request_id, prompt in prompts.items():
+        engine.add_request(request(request_id, prompt=prompt, seed=request_id, max_tokens=20))
+    tokens = {request_id: count_tokens(prompt) for request_id, prompt in prompts.items()}
+    used = []
+    while engine.has_unfinished_requests():
+        for output in engine.step().outputs:
+            tokens[output.request_id] += 1
+            if output.finish_reason is not None:
+                del tokens[output.request_id]
+        assert engine.stats.kv_used == held_blocks(engine, tokens)
+        assert engine.stats.kv_used + engine.stats.kv_free == 64
+        used.append(engine.stats.kv_used)
+    # 25, 22 and 28 tokens before the last step, which ends all three (max_tokens=20).
+    assert used[0] == 2 + 1 + 3 and max(used) == 7 + 6 + 7
+    assert engine.stats.kv_used == 0 and engine.stats.kv_free == 64
+
+
+def test_finished_requests_free_their_blocks_and_keep_full_blocks_as_cache() -> None:
+    engine = ReferenceEngine(EngineConfig(kv_cache_blocks=16, kv_block_tokens=4))
+    engine.add_request(request(0, prompt=words(10), max_tokens=3))
+    run_to_completion(engine)
+    stats = engine.stats
+    # 13 tokens: three full blocks stay cached (refcount 0, reusable), the partial one is empty.
+    assert (stats.kv_used, stats.kv_free, stats.kv_reused, stats.kv_fraction) == (0, 16, 3, 0.0)
+
+
+def test_cancelling_frees_the_blocks_at_once_running_or_waiting() -> None:
+    engine = ReferenceEngine(EngineConfig(kv_cache_blocks=4, kv_block_tokens=4))
+    engine.add_request(request(0, prompt=words(11)))  # 12 tokens after a step: 3 blocks
+    engine.add_request(request(1, prompt=words(5, 50)))  # needs 2: waits
+    engine.step()
+    assert (engine.stats.kv_used, engine.stats.active, engine.stats.waiting) == (3, 1, 1)
+    assert engine.abort_request(0)
+    assert engine.stats.kv_used == 0
+    engine.step()
+    assert (engine.stats.kv_used, engine.stats.active) == (2, 1)
+    assert engine.abort_request(1)
+    assert (engine.stats.kv_used, engine.stats.kv_free) == (0, 4)
+
+
+def test_requests_that_do_not_fit_wait_fcfs_and_the_pool_is_never_exceeded() -> None:
+    engine = ReferenceEngine(EngineConfig(kv_cache_blocks=5, kv_block_tokens=4))
+    for request_id in range(4):  # 7 prompt tokens each: 2 blocks at admission
+        engine.add_request(request(request_id, prompt=words(7, 10 * request_id), max_tokens=6))
+    first = engine.step()
+    assert {o.request_id for o in first.outputs} == {0, 1}  # 2 x 2 blocks; 1 left is too few
+    assert (engine.stats.active, engine.stats.waiting, engine.stats.kv_used) == (2, 2, 4)
+    admitted_order = [0, 1]
+    while engine.has_unfinished_requests():
+        result = engine.step()
+        assert engine.stats.kv_used <= 5
+        for output in result.outputs:
+            if output.first_token:
+                admitted_order.append(output.request_id)
+    assert admitted_order == [0, 1, 2, 3]
+
+
+def test_a_request_that_cannot_grow_preempts_the_newest_which_resumes_its_text_unchanged() -> None:
+    engine = ReferenceEngine(EngineConfig(kv_cache_blocks=5, kv_block_tokens=4))
+    # Each fits the 20 tokens of the pool alone (18 tokens at the end), not both together.
+    engine.add_request(request(0, prompt=words(3), seed=1, max_tokens=15))
+    engine.add_request(request(1, prompt=words(3, 50), seed=2, max_tokens=15))
+    deltas: dict[int, list[str]] = {0: [], 1: []}
+    preempted_seen = False
+    while engine.has_unfinished_requests():
+        result = engine.step()
+        stats = engine.stats
+        assert stats.kv_used <= 5
+        if stats.active == 1 and stats.waiting == 1:
+            preempted_seen = True
+            assert [o.request_id for o in result.outputs] == [0]  # the oldest keeps running
+        for output in result.outputs:
+            deltas[output.request_id].append(output.delta)
+    assert preempted_seen
+    for request_id, seed in ((0, 1), (1, 2)):
+        prompt = words(3, 50 * request_id)
+        assert "".join(deltas[request_id]) == complete(
+            request(prompt=prompt, seed=seed, max_tokens=15)).text
+
+
+def test_a_preempted_request_is_prefilled_again_from_what_stayed_cached() -> None:
+    timing = StepTiming(prefill_us_per_token=1000, decode_step_ms=0, decode_step_ms_per_request=0)
+    engine = ReferenceEngine(EngineConfig(timing=timing, kv_cache_blocks=6, kv_block_tokens=4))
+    engine.add_request(request(0, prompt=words(7), max_tokens=12))  # 19 tokens: 5 blocks
+    engine.add_request(request(1, prompt=words(7, 50), max_tokens=12))
+    tokens = {0: 7, 1: 7}
+    readmissions = []
+    while engine.has_unfinished_requests():
+        was_waiting = engine.stats.waiting == 1 and tokens[1] > 7
+        result = engine.step()
+        if was_waiting and engine.stats.waiting == 0:
+            readmissions.append((result.duration_s * 1000, tokens[1]))
+        for output in result.outputs:
+            tokens[output.request_id] += 1
+    # Its last block was partial (never cached, so reused first); its full blocks were kept.
+    assert readmissions and all(round(prefilled) < held for prefilled, held in readmissions)
+
+
+def test_a_prompt_that_can_never_fit_is_refused_and_max_tokens_is_clipped_to_the_pool() -> None:
+    engine = ReferenceEngine(EngineConfig(kv_cache_blocks=2, kv_block_tokens=4))
+    with pytest.raises(ValueError, match="needs 3 KV blocks .* kv_cache_blocks=2"):
+        engine.add_request(request(0, prompt=words(8)))
+    engine.add_request(request(1, prompt=words(2)))
+    deltas = run_to_completion(engine)[1]
+    natural = complete(request(prompt=words(2))).text
+    assert len(deltas) == 6  # max_tokens clipped: 2 + 6 tokens fill both blocks
+    assert natural.startswith("".join(deltas))
+    assert engine.stats.kv_used == 0
+
+
+def test_a_prefix_hit_skips_its_prefill_and_is_reported() -> None:
+    timing = StepTiming(prefill_us_per_token=1000, decode_step_ms=1, decode_step_ms_per_request=0)
+    engine = ReferenceEngine(EngineConfig(timing=timing, kv_cache_blocks=32, kv_block_tokens=4))
+    system = words(10)  # two full blocks and two words
+    engine.add_request(request(0, prompt=f"{system} first question", max_tokens=2))
+    first = engine.step()
+    assert first.duration_s == pytest.approx(0.001 + 12 * 0.001)
+    assert first.outputs[0].kv_cache_reused_blocks == 0
+    run_to_completion(engine)
+    engine.add_request(request(1, prompt=f"{system} another question here", max_tokens=2))
+    second = engine.step()
+    # 13 prompt tokens, the first 8 cached (the third block differs after "w8 w9").
+    assert second.duration_s == pytest.approx(0.001 + (13 - 8) * 0.001)
+    assert second.outputs[0].kv_cache_reused_blocks == 2
+    assert engine.stats.kv_used == 4  # 14 tokens, two of the blocks shared with the cache
+
+
+def test_a_whole_cached_prompt_still_computes_its_last_token() -> None:
+    timing = StepTiming(prefill_us_per_token=1000, decode_step_ms=0, decode_step_ms_per_request=0)
+    engine = ReferenceEngine(EngineConfig(timing=timing, kv_cache_blocks=32, kv_block_tokens=4))
+    for request_id in range(2):
+        engine.add_request(request(request_id, prompt=words(8), max_tokens=1))
+        result = engine.step()
+    assert result.outputs[0].kv_cache_reused_blocks == 1
+    assert result.duration_s == pytest.approx(4 * 0.001)
+
+
+def test_running_requests_share_cached_blocks_and_a_later_turn_reuses_generated_blocks() -> None:
+    engine = ReferenceEngine(EngineConfig(kv_cache_blocks=32, kv_block_tokens=4))
+    prompt = words(9)
+    engine.add_request(request(0, prompt=prompt, seed=3, max_tokens=7))
+    engine.step()
+    engine.add_request(request(1, prompt=prompt + " again", seed=4, max_tokens=7))
+    result = engine.step()
+    assert [o.kv_cache_reused_blocks for o in result.outputs if o.request_id == 1] == [2]
+    # Shared, not copied: 3 blocks for request 0 (11 tokens), 1 more for request 1's 3rd block.
+    assert engine.stats.kv_used == 3 + 1
+    run_to_completion(engine)
+    reply = complete(request(prompt=prompt, seed=3, max_tokens=7)).text
+    engine.add_request(request(2, prompt=f"{prompt}{reply} and then", max_tokens=1))
+    # Turn two: the prompt's and the reply's full blocks (16 tokens: 4 blocks) are cached.
+    assert engine.step().outputs[0].kv_cache_reused_blocks == 4
+
+
+def test_block_hashes_chain_every_earlier_block() -> None:
+    tokens = words(12).split()
+    hashes = block_hashes(tokens, 4)
+    assert len(hashes) == 3 and len(set(hashes)) == 3
+    assert block_hashes(tokens[:11], 4) == hashes[:2]  # a partial block is not hashed
+    other = ["x", *tokens[1:]]
+    assert all(a != b for a, b in zip(block_hashes(other, 4), hashes, strict=True))
+    assert block_hashes(tokens, 4, start=1, previous=hashes[0]) == hashes[1:]
+
+
+def test_the_pool_evicts_the_least_recently_released_block_and_a_request_tail_first() -> None:
+    pool = KvBlockPool(num_blocks=4, block_tokens=4)
+    a = [pool.allocate(), pool.allocate()]
+    b = [pool.allocate()]
+    for block, block_hash in zip(a + b, (1, 2, 3), strict=True):
+        pool.register(block, block_hash)
+    pool.release(a)
+    pool.release(b)
+    assert (pool.free, pool.cached_free) == (4, 3)
+    assert pool.allocate() not in a + b  # the empty block goes first
+    assert pool.allocate() == a[1]  # then a's tail: released before b, and tail before head
+    assert pool.cached_prefix([1, 2, 3]) == [a[0]]
+    assert pool.allocate() == a[0]
+    assert pool.cached_prefix([1]) == [] and pool.cached_prefix([3]) == b
+    pool.acquire(b[0])  # a hit takes the block out of the evictable set
+    assert pool.free == 0
+    with pytest.raises(RuntimeError):
+        pool.allocate()
+
+
+def test_lru_eviction_keeps_the_most_recently_used_prefix() -> None:
+    engine = ReferenceEngine(EngineConfig(kv_cache_blocks=6, kv_block_tokens=4))
+    for request_id, start in enumerate((0, 100)):  # prefixes A then B, 2 full blocks each
+        engine.add_request(request(request_id, prompt=words(9, start), max_tokens=1))
+        run_to_completion(engine)
+    assert engine.stats.kv_reused == 4
+    engine.add_request(request(2, prompt=words(5, 500), max_tokens=1))  # 2 blocks, 1 cached
+    run_to_completion(engine)  # 2 empty blocks were enough: nothing evicted yet
+    assert engine.stats.kv_reused == 5
+    engine.add_request(request(3, prompt=words(11, 900), max_tokens=1))  # needs 3: evicts A's
+    run_to_completion(engine)
+    engine.add_request(request(4, prompt=words(9, 100), max_tokens=1))
+    assert engine.step().outputs[0].kv_cache_reused_blocks == 2  # B survived
+    engine.add_request(request(5, prompt=words(9, 0), max_tokens=1))
+    assert engine.step().outputs[0].kv_cache_reused_blocks == 0  # A was evicted
+
+
+def test_text_under_kv_pressure_is_the_text_without_it() -> None:
+    tight = ReferenceEngine(EngineConfig(kv_cache_blocks=12, kv_block_tokens=4,
+                                         max_active_requests=8))
+    shared = words(10)
+    for request_id in range(8):
+        tight.add_request(request(request_id, prompt=f"{shared} q{request_id}", seed=request_id,
+                                  max_tokens=30))
+    deltas = run_to_completion(tight)
+    for request_id in range(8):
+        expected = complete(request(prompt=f"{shared} q{request_id}", seed=request_id,
+                                    max_tokens=30))
+        assert "".join(deltas[request_id]) == expected.text
+    assert tight.stats.kv_used == 0

@@ -50,8 +50,9 @@ def _engine_config(parameters: dict[str, str]) -> EngineConfig:
         if f.name in parameters
     }
     config: dict[str, Any] = {"timing": StepTiming(**timing)}
-    if "max_active_requests" in parameters:
-        config["max_active_requests"] = int(parameters["max_active_requests"])
+    for name in ("max_active_requests", "kv_cache_blocks", "kv_block_tokens"):
+        if name in parameters:
+            config[name] = int(parameters[name])
     return EngineConfig(**config)
 
 
@@ -59,7 +60,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         parameters = model_parameters(args)
         self._engine = ReferenceEngine(_engine_config(parameters))  # the dispatcher thread's alone
-        self._metrics = EngineMetrics(args["model_name"], args["model_version"])
+        self._metrics = EngineMetrics(args["model_name"], args["model_version"], kv_cache=True)
         self._metrics.publish(self._engine.stats)
         self._ids = itertools.count()
         self._pending: dict[int, Pending] = {}  # the dispatcher thread's alone
@@ -126,8 +127,12 @@ class TritonPythonModel:
             if idle and not arrivals:
                 continue  # woken with nothing to do
             for pending, generation in arrivals:
+                try:
+                    self._engine.add_request(generation)
+                except ValueError as error:  # a prompt the KV cache can never hold
+                    self._fail(pending.sender, str(error))
+                    continue
                 self._pending[generation.request_id] = pending
-                self._engine.add_request(generation)
             self._drop_cancelled()
             result = self._engine.step()
             now = time.monotonic()
@@ -158,6 +163,7 @@ class TritonPythonModel:
             pending.num_output_tokens = output.num_output_tokens
             if output.first_token:
                 pending.first_token_time_ns = now_ns
+                pending.kv_cache_reused_blocks = output.kv_cache_reused_blocks
             if output.finish_reason is not None:
                 del self._pending[output.request_id]
                 text = output.delta

@@ -35,7 +35,6 @@ from backends.triton.decoupled_model import (
 )
 from backends.triton.torch_engine import (
     Delta,
-    EngineStats,
     FinishReason,
     Generation,
     Sampling,
@@ -79,7 +78,7 @@ class TritonPythonModel:
             f"torch engine {args['model_name']}: weights {model_dir.name[:12]} verified and "
             f"loaded in {time.monotonic() - started:.1f}s; {_engine_config(parameters)}")
         self._metrics = EngineMetrics(args["model_name"], args["model_version"], kv_cache=True)
-        self._publish(self._engine.stats())
+        self._metrics.publish(self._engine.stats())
         self._pending: dict[str, Pending] = {}  # the dispatcher thread's alone
         self._inbox = Inbox()  # of (Pending, Generation)
         self._dispatcher = threading.Thread(
@@ -130,13 +129,6 @@ class TritonPythonModel:
         send_error(sender, message, "torch engine")
         self._metrics.outcomes["error"].increment(1)
 
-    def _publish(self, stats: EngineStats) -> None:
-        self._metrics.publish(stats, {
-            "max": stats.kv_max, "free": stats.kv_free, "used": stats.kv_used,
-            "tokens_per": stats.kv_tokens_per, "reused": stats.kv_reused,
-            "fraction": round(stats.kv_fraction, 4),
-        })  # fmt: skip
-
     def _dispatch(self) -> None:
         """The dispatcher thread: owns the engine's requests until finalize()."""
         try:
@@ -171,7 +163,7 @@ class TritonPythonModel:
                 self._deliver(self._engine.poll(_POLL_S))
             if now >= next_publish or not self._pending:
                 stats = self._engine.stats()
-                self._publish(stats)
+                self._metrics.publish(stats)
                 settled = stats.active == 0 and stats.waiting == 0 and stats.kv_used == 0
                 next_publish = now + _PUBLISH_S
 
