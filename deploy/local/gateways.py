@@ -30,6 +30,7 @@ class ExtraGateway:
             INFERMESH_INSTANCE_ID=f"{name}-{uuid.uuid4().hex[:6]}",
             INFERMESH_BLOB_DIR=str(state_dir / "data" / "blobs"),
             INFERMESH_AUDIT_SPOOL_DIR=str(state_dir / "data" / f"{name}-audit-spool"),
+            INFERMESH_MESH_TOKEN=stack.mesh_token,
             **(settings or {}),
         )
         self.process = ChildProcess(name, [sys.executable, "-m", "services.gateway"],

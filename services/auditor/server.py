@@ -39,6 +39,7 @@ from services.auditor.settings import AuditorSettings
 from services.auditor.store import AppendResult, AuditLog, LogCorrupted
 from services.common import errors, etcd, status
 from services.common.auth import Authenticator, Principal
+from services.common.discovery import MESH_TOKEN_HEADER, mesh_token_matches
 from services.common.logs import get_logger
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import parse_key, parse_tenant
@@ -67,6 +68,8 @@ ACK_SECONDS = Histogram(
 )
 LAST_SEQUENCE = Gauge("infermesh_auditor_last_sequence", "Sequence number of the durable head.")
 CHECKPOINTS = Counter("infermesh_auditor_checkpoints_total", "Checkpoints signed into the log.")
+APPEND_REFUSED = Counter("infermesh_auditor_append_unauthenticated_total",
+                         "Append calls refused for a missing or wrong mesh token.")
 PUBLISHED_SIZE = Gauge(
     "infermesh_auditor_checkpoint_published_size", "Tree size of the checkpoint in etcd."
 )
@@ -234,7 +237,14 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         """Reads batches as they come (up to `max_inflight_batches` waiting on the disk) and
         acknowledges each, in order, once durable. A bad batch ends the stream with
         INVALID_ARGUMENT; the batches before it stay stored (and acknowledged if already due).
+        Only mesh services may write: the call must carry the mesh token (when one is set).
         """
+        if not mesh_token_matches(context.invocation_metadata(),
+                                  self._settings.mesh_token.get_secret_value()):
+            APPEND_REFUSED.inc()
+            await status.abort_stream(context, errors.Unauthenticated(
+                f"Append is for mesh services: {MESH_TOKEN_HEADER} is missing or wrong",
+                field=MESH_TOKEN_HEADER), request_iterator)
         inflight: asyncio.Queue[Any] = asyncio.Queue(self._settings.max_inflight_batches)
         reading = asyncio.create_task(self._read_batches(request_iterator, inflight))
         try:
@@ -522,6 +532,10 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     tenants = etcd.WatchCache(ctx.etcd, etcd.Keys.tenants, parse_tenant)
     for cache in (keys, tenants):
         await cache.start()
+    if not settings.mesh_token.get_secret_value():
+        log.warning("append_unauthenticated",
+                    hint="set INFERMESH_MESH_TOKEN on every service: anyone who reaches this "
+                         "port can append events")
     committer = GroupCommitter(audit_log, settings.group_max_events, settings.write_timeout_s)
     committer.start()
     auditor_pb2_grpc.add_AuditorServicer_to_server(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import aetcd
@@ -18,19 +20,77 @@ CHANNEL_OPTIONS = (
 )
 
 
+MESH_TOKEN_HEADER = "x-infermesh-mesh-token"
+
+
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), (MESH_TOKEN_HEADER, token))
+    return details._replace(metadata=metadata)
+
+
+# grpc.aio files each interceptor under the first call shape it implements, so each shape needs
+# its own object.
+class _UnaryUnaryToken(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str):
+        self._token = token
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(_with_token(details, self._token), request)
+
+
+class _UnaryStreamToken(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str):
+        self._token = token
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(_with_token(details, self._token), request)
+
+
+class _StreamUnaryToken(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, token: str):
+        self._token = token
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(_with_token(details, self._token), request_iterator)
+
+
+class _StreamStreamToken(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, token: str):
+        self._token = token
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(_with_token(details, self._token), request_iterator)
+
+
+def mesh_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that add the mesh token to every call, whatever its shape."""
+    return [cls(token) for cls in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken,
+                                   _StreamStreamToken)]
+
+
+def mesh_token_matches(metadata: Sequence[tuple[str, Any]] | None, token: str) -> bool:
+    """Whether a call carries the mesh token (always true when the mesh has none)."""
+    if not token:
+        return True
+    sent = dict(metadata or ()).get(MESH_TOKEN_HEADER, "")
+    return isinstance(sent, str) and hmac.compare_digest(sent.encode(), token.encode())
+
+
 def _parse(_suffix: str, raw: bytes) -> dict[str, Any]:
     return etcd.decode(raw)
 
 
 class ServiceDirectory:
-    """Live endpoints per service kind, with one long-lived channel per endpoint."""
+    """Live endpoints per service kind, with one long-lived channel per endpoint; every call
+    on those channels carries `mesh_token` when there is one."""
 
-    def __init__(self, client: aetcd.Client):
+    def __init__(self, client: aetcd.Client, mesh_token: str = ""):
         self._cache: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
             client, etcd.Keys.services, _parse
         )
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._turn = itertools.count()
+        self._interceptors = mesh_token_interceptors(mesh_token) if mesh_token else None
 
     async def start(self) -> None:
         await self._cache.start()
@@ -57,7 +117,8 @@ class ServiceDirectory:
     def channel_to(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS,
+                                                interceptors=self._interceptors)
             self._channels[endpoint] = channel
         return channel
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,3 +30,8 @@ class ServiceSettings(BaseSettings):
     reflection: bool = Field(True, description="Serve gRPC reflection (grpcurl, evans).")
     log_level: str = Field("info", description="debug | info | warning | error")
     peer_timeout_s: float = Field(2.0, description="Deadline for a call to another mesh service.")
+    mesh_token: SecretStr = Field(
+        SecretStr(""), description="Shared secret every mesh service sends on its calls to the "
+        "others (x-infermesh-mesh-token); services that take internal writes (the auditor's "
+        "Append) refuse calls without it. Empty: internal calls are not authenticated "
+        "(development only; the auditor logs a warning).")

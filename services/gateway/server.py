@@ -375,21 +375,21 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     models: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
         ctx.etcd, etcd.Keys.models, parse_models_key, on_change=models_changed
     )
-    directory = ServiceDirectory(ctx.etcd)
+    directory = ServiceDirectory(ctx.etcd, ctx.settings.mesh_token.get_secret_value())
     for cache in (keys, tenants, models, directory):
         await cache.start()
     audit = await AuditEmitter.open(directory, AuditSpoolSettings(), settings.instance_id,
                                     settings.peer_timeout_s)
     adapter = TritonAdapter()
-    shadow = ShadowTraffic(SchedulerClient(directory, settings.peer_timeout_s), adapter,
-                           settings.shadow_max_in_flight, settings.shadow_timeout_s)
+    shadow = ShadowTraffic(SchedulerClient(directory, settings.peer_timeout_s, settings.zone),
+                           adapter, settings.shadow_max_in_flight, settings.shadow_timeout_s)
     quota = QuotaLeases(tenants, directory, settings.instance_id, settings.peer_timeout_s,
                         settings.quota_fail_open)
     quota.start()
     pipeline = GenerationPipeline(
         catalog,
         audit.guard(quota),
-        SchedulerClient(directory, settings.peer_timeout_s),
+        SchedulerClient(directory, settings.peer_timeout_s, settings.zone),
         adapter,
         audit,
         Limits(default_timeout_s=settings.default_timeout_s, max_timeout_s=settings.max_timeout_s),

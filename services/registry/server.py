@@ -251,7 +251,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     )
     keys = etcd.WatchCache(ctx.etcd, etcd.Keys.apikeys, parse_key)
     tenants = etcd.WatchCache(ctx.etcd, etcd.Keys.tenants, parse_tenant)
-    directory = ServiceDirectory(ctx.etcd)
+    directory = ServiceDirectory(ctx.etcd, ctx.settings.mesh_token.get_secret_value())
     for cache in (models, keys, tenants, directory):
         await cache.start()
     shipper = AdminAuditShipper(ctx.etcd, directory, settings.peer_timeout_s)

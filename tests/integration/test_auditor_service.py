@@ -23,6 +23,7 @@ from services.auditor.checkpoints import CHECKPOINT_KEY, PUBLIC_KEYS_PREFIX, Che
 from services.auditor.client import append, consistency_from_message, inclusion_from_message
 from services.auditor.verify import format_result, verify
 from services.common import etcd, status
+from services.common.discovery import ServiceDirectory
 from services.common.net import LOOPBACK
 from services.common.tenancy import Tenant, TenantStore
 from tests.integration.auditors import Auditor, audit_event
@@ -271,3 +272,36 @@ async def test_sigkill_under_heavy_load_loses_nothing_acknowledged(
     result = verify(data_dir, keys=trusted, trusted=[before_kill])
     assert result.ok, format_result(result)
     assert consistency_from_message(proof).check(trusted) == ""
+
+
+async def test_append_needs_the_mesh_token_when_the_mesh_has_one(
+    etcd_server: EtcdServer, tmp_path
+) -> None:
+    auditor = Auditor(etcd_server.endpoint, tmp_path / "audit", tmp_path / "auditor.log",
+                      INFERMESH_MESH_TOKEN="mesh-secret")
+    await auditor.start()
+    client = etcd.connect(etcd_server.endpoint, 2.0)
+    try:
+        async with grpc.aio.insecure_channel(auditor.endpoint) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+                await append(channel, [audit_event(1)], 5.0)
+        assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "x-infermesh-mesh-token" in anonymous.value.details()
+        for token, code in (("wrong", grpc.StatusCode.UNAUTHENTICATED), ("mesh-secret", None)):
+            directory = ServiceDirectory(client, token)
+            try:
+                channel = directory.channel_to(auditor.endpoint)
+                if code is None:
+                    assert (await append(channel, [audit_event(2)], 5.0)).appended == 1
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await append(channel, [audit_event(3)], 5.0)
+                    assert refused.value.code() == code
+            finally:
+                await directory.close()
+    finally:
+        await client.close()
+        assert await auditor.stop() == 0, auditor.process.log_tail()
+    stored = [json.loads(line)["event"]["event_id"]
+              for _seq, line in reader.lines(reader.view_of(tmp_path / "audit"))]
+    assert stored == ["ev-000002"]  # nothing refused was stored
