@@ -82,7 +82,10 @@ class SidecarSettings(ServiceSettings):
         2, ge=2, description="TTL of the lease under the replica's keys (etcd's minimum is ~2)."
     )
     triton_timeout_s: float = Field(1.0, gt=0, description="Deadline for a probe or scrape.")
-    model_load_timeout_s: float = Field(300.0, gt=0, description="Deadline for one model load.")
+    model_control_timeout_s: float = Field(
+        300.0, gt=0, description="Deadline for one model load or unload (engines load slowly; "
+        "an unload waits for the model's in-flight requests)."
+    )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="Longest SIGTERM waits for in-flight generations before leaving."
     )
@@ -358,8 +361,12 @@ class Sidecar:
 
     async def _plan_and_act(self) -> None:
         target = self._placements.get("")
-        if target is None:
-            return  # no placement for this replica: keep whatever it has
+        if target is None:  # no placement for this replica: keep whatever it has
+            if self._target is not None:  # withdrawn: its errors are no longer news
+                self._target, self._errors = None, {}
+                self._failed.clear()
+                await self._publish_record()
+            return
         if target != self._target:
             self._target = target
             self._failed.clear()  # a new target retries what failed before
@@ -408,13 +415,13 @@ class Sidecar:
         self._actions[model] = asyncio.create_task(act(), name=f"{action} {model}")
 
     async def _load(self, model: str) -> None:
-        timeout_s = self._settings.model_load_timeout_s
+        timeout_s = self._settings.model_control_timeout_s
         async with asyncio.timeout(timeout_s):
             await self._triton.load_model(model, client_timeout=timeout_s)
 
     async def _unload(self, model: str) -> None:
         # Triton lets the model's in-flight requests finish before it goes.
-        timeout_s = self._settings.triton_timeout_s * 10
+        timeout_s = self._settings.model_control_timeout_s
         async with asyncio.timeout(timeout_s):
             await self._triton.unload_model(model, client_timeout=timeout_s)
 

@@ -16,7 +16,7 @@ def test_defaults_suit_routing_and_a_fast_failover() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [
     ("gpu_memory_mib", 0), ("load_interval_s", 0), ("health_interval_s", 10),
-    ("replica_lease_ttl_s", 1), ("triton_timeout_s", 0), ("model_load_timeout_s", -1),
+    ("replica_lease_ttl_s", 1), ("triton_timeout_s", 0), ("model_control_timeout_s", -1),
     ("drain_timeout_s", -1), ("replica_id", ""), ("gpu_type", ""),
 ])
 def test_out_of_range_values_are_refused_by_name(field: str, value: object) -> None:
