@@ -3,6 +3,7 @@ scheduler, with deadlines and error mapping."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -10,6 +11,15 @@ import grpc
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import status
 from services.common.discovery import ServiceDirectory
+from services.scheduler.outcome import Outcome
+
+OUTCOMES = {
+    Outcome.UNREPORTED: scheduler_pb2.ROUTE_OUTCOME_UNSPECIFIED,
+    Outcome.OK: scheduler_pb2.ROUTE_OUTCOME_OK,
+    Outcome.FAILED_BEFORE_FIRST_TOKEN: scheduler_pb2.ROUTE_OUTCOME_FAILED_BEFORE_FIRST_TOKEN,
+    Outcome.FAILED_AFTER_FIRST_TOKEN: scheduler_pb2.ROUTE_OUTCOME_FAILED_AFTER_FIRST_TOKEN,
+    Outcome.CANCELLED: scheduler_pb2.ROUTE_OUTCOME_CANCELLED,
+}
 
 
 @dataclass(frozen=True)
@@ -28,13 +38,16 @@ class Route:
 
 
 class SchedulerClient:
-    def __init__(self, directory: ServiceDirectory, timeout_s: float):
+    """The scheduler's Route/Release, from a gateway in `zone` (preferred by the scheduler)."""
+
+    def __init__(self, directory: ServiceDirectory, timeout_s: float, zone: str = ""):
         self._directory = directory
         self._timeout_s = timeout_s
+        self._zone = zone
 
     async def route(
         self, triton_model_name: str, version_id: str, request_id: str, hold_s: float,
-        exclude: list[str],
+        exclude: list[str], *, prefix_hashes: Sequence[int] = (), prompt_tokens: int = 0,
     ) -> Route:
         stub = scheduler_pb2_grpc.SchedulerStub(self._directory.channel("scheduler"))
         try:
@@ -42,7 +55,8 @@ class SchedulerClient:
                 scheduler_pb2.RouteRequest(
                     triton_model_name=triton_model_name, version_id=version_id,
                     request_id=request_id, hold=status.seconds_to_duration(hold_s),
-                    exclude_replicas=exclude,
+                    exclude_replicas=exclude, prefix_hashes=prefix_hashes,
+                    prompt_tokens=prompt_tokens, zone=self._zone,
                 ),
                 timeout=self._timeout_s,
             )
@@ -50,9 +64,16 @@ class SchedulerClient:
             raise status.from_rpc_error(exc) from exc
         return Route(reply.replica_id, reply.grpc_endpoint, reply.reservation_id)
 
-    async def release_route(self, reservation_id: str) -> None:
+    async def release_route(
+        self, reservation_id: str, outcome: Outcome = Outcome.UNREPORTED,
+        completion_tokens: int = 0,
+    ) -> None:
+        """Frees the reservation and says how the generation went (the replica's breaker)."""
         stub = scheduler_pb2_grpc.SchedulerStub(self._directory.channel("scheduler"))
         await stub.Release(
-            scheduler_pb2.ReleaseRouteRequest(reservation_id=reservation_id),
+            scheduler_pb2.ReleaseRouteRequest(
+                reservation_id=reservation_id, outcome=OUTCOMES[outcome],
+                completion_tokens=completion_tokens,
+            ),
             timeout=self._timeout_s,
         )

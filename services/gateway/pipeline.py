@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,6 +28,7 @@ from backends.triton.adapter import EngineChunk, EngineRequest
 from infermesh.v1 import auditor_pb2
 from services.auditor.client import new_event
 from services.common import errors
+from services.common.prefix import prompt_block_hashes
 from services.common.logs import get_logger
 from services.gateway.admission import FairAdmission, priority_index
 from services.gateway.peers import Grant, Route
@@ -38,6 +39,7 @@ from services.gateway.tokenizers import TokenizerStore
 from services.gateway.validation import Limits, validate
 from services.registry.catalog import ModelCatalog
 from services.registry.manifest import ModelVersion
+from services.scheduler.outcome import Outcome
 
 log = get_logger(__name__)
 CANCEL_REPORT_TIMEOUT_S = 1.0
@@ -109,9 +111,12 @@ class Admission(Protocol):
 class Routing(Protocol):
     async def route(
         self, triton_model_name: str, version_id: str, request_id: str, hold_s: float,
-        exclude: list[str],
+        exclude: list[str], *, prefix_hashes: Sequence[int] = (), prompt_tokens: int = 0,
     ) -> Route: ...
-    async def release_route(self, reservation_id: str) -> None: ...
+    async def release_route(
+        self, reservation_id: str, outcome: Outcome = Outcome.UNREPORTED,
+        completion_tokens: int = 0,
+    ) -> None: ...
 
 
 class Engine(Protocol):
@@ -136,6 +141,14 @@ class TextHashes:
     @property
     def completion_sha256(self) -> str:
         return self._completion.hexdigest()
+
+
+@dataclass
+class _Release:
+    """One attempt's reservation, and how the attempt went (reported when it is released)."""
+
+    reservation_id: str
+    outcome: Outcome = Outcome.CANCELLED
 
 
 @dataclass
@@ -276,25 +289,38 @@ class GenerationPipeline:
 
         progress.cleanups.append(give_back_place)
         failed: list[str] = []
+        prefix_hashes = prompt_block_hashes(engine_request.prompt)
         for attempt in range(1, self._max_attempts + 1):
             route = await self._routing.route(
                 engine_request.triton_model_name, version_id, engine_request.request_id, hold_s,
-                failed,
+                failed, prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens,
             )
-            progress.cleanups.append(lambda r=route: self._routing.release_route(r.reservation_id))
+            # Cancelled (or past its deadline) until the relay says otherwise: neither judges
+            # the replica, so its breaker ignores them.
+            released = _Release(route.reservation_id)
+            progress.cleanups.append(lambda r=released: self._routing.release_route(
+                r.reservation_id, r.outcome,
+                0 if r.outcome is Outcome.FAILED_BEFORE_FIRST_TOKEN else progress.completion_tokens,
+            ))
             progress.replica_id = route.replica_id
             if attempt == 1:
                 progress.queue_s = self._clock() - progress.arrived
                 QUEUE.labels(progress.model).observe(progress.queue_s)
                 await send(Accepted(engine_request.request_id, version_id))
             try:
-                return await self._relay(route, engine_request, progress, send)
-            except errors.Unavailable as exc:
+                finish_reason = await self._relay(route, engine_request, progress, send)
+            except errors.MeshError as exc:
+                released.outcome = (Outcome.FAILED_AFTER_FIRST_TOKEN if progress.first_token_sent
+                                    else Outcome.FAILED_BEFORE_FIRST_TOKEN)
                 # Retry only before the first token, only on another replica.
-                if progress.first_token_sent or attempt == self._max_attempts:
+                if (not isinstance(exc, errors.Unavailable) or progress.first_token_sent
+                        or attempt == self._max_attempts):
                     raise
                 log.warning("replica_failed_retrying", replica=route.replica_id, error=str(exc))
                 failed.append(route.replica_id)
+                continue
+            released.outcome = Outcome.OK
+            return finish_reason
         raise errors.Unavailable("no replica could serve the request", retry_after_s=1.0)
 
     async def _relay(

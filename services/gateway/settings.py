@@ -30,6 +30,10 @@ class GatewaySettings(ServiceSettings):
         256, description="Frames queued for a slow client before generations wait for it."
     )
     max_attempts: int = Field(2, description="Tries per generation (retries before first token).")
+    zone: str = Field(
+        "", max_length=64,
+        description="This gateway's zone: the scheduler prefers replicas in it (empty: none).",
+    )
     max_running: int = Field(
         64, description="Generations this gateway runs at once; the rest wait in fair queues."
     )

@@ -1,82 +1,202 @@
-"""The Scheduler gRPC servicer: replicas from the sidecars' leased records, routing by `Router`."""
+"""The Scheduler gRPC servicer: replicas and their load reports from the sidecars' leased etcd
+records (two watch caches), routing by `Router`, released outcomes to the breakers and to the
+demand meter (`on_release`)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import errors, etcd, status
+from services.common.logs import get_logger
+from services.common.prefix import MAX_BLOCKS
 from services.common.runtime import ServiceContext, ServiceParts
-from services.scheduler.routing import ReplicaInfo, Router
+from services.scheduler.breakers import BreakerState
+from services.scheduler.candidates import RouteQuery
+from services.scheduler.inventory import LoadReport, ReplicaInfo
+from services.scheduler.outcome import Outcome
+from services.scheduler.routing import Router
+from services.scheduler.settings import SchedulerSettings
+
+log = get_logger(__name__)
 
 ROUTES = Counter("infermesh_scheduler_routes_total", "Route decisions.", ["model", "outcome"])
+DECISION = Histogram(
+    "infermesh_scheduler_route_decision_seconds", "Time to pick a replica (in process).",
+    ["policy"], buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01),
+)
+RELEASES = Counter(
+    "infermesh_scheduler_releases_total", "Released routes, by reported outcome.",
+    ["model", "outcome"],
+)
 REPLICAS = Gauge("infermesh_scheduler_replicas", "Replicas known, by health.", ["healthy"])
-MAX_HOLD_S = 3600.0
+MAX_EXCLUDED = 64
+MAX_ZONE_CHARS = 64
+MAX_PROMPT_TOKENS = 10_000_000
 
+OUTCOMES = {
+    scheduler_pb2.ROUTE_OUTCOME_UNSPECIFIED: Outcome.UNREPORTED,
+    scheduler_pb2.ROUTE_OUTCOME_OK: Outcome.OK,
+    scheduler_pb2.ROUTE_OUTCOME_FAILED_BEFORE_FIRST_TOKEN: Outcome.FAILED_BEFORE_FIRST_TOKEN,
+    scheduler_pb2.ROUTE_OUTCOME_FAILED_AFTER_FIRST_TOKEN: Outcome.FAILED_AFTER_FIRST_TOKEN,
+    scheduler_pb2.ROUTE_OUTCOME_CANCELLED: Outcome.CANCELLED,
+}
+BREAKER_STATES = {
+    BreakerState.CLOSED: scheduler_pb2.BREAKER_STATE_CLOSED,
+    BreakerState.OPEN: scheduler_pb2.BREAKER_STATE_OPEN,
+    BreakerState.HALF_OPEN: scheduler_pb2.BREAKER_STATE_HALF_OPEN,
+}
 
-def parse_replica(_suffix: str, raw: bytes) -> ReplicaInfo:
-    return ReplicaInfo.from_record(etcd.decode(raw))
+OnRelease = Callable[[str, int, int], None]  # (triton model, prompt tokens, completion tokens)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, replicas: etcd.WatchCache[ReplicaInfo], router: Router, clock=time.monotonic):
+    def __init__(
+        self, replicas: etcd.WatchCache[ReplicaInfo], loads: etcd.WatchCache[LoadReport],
+        router: Router, *, max_hold_s: float, on_release: OnRelease | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._replicas = replicas
+        self._loads = loads
         self._router = router
+        self._max_hold_s = max_hold_s
+        self._on_release = on_release
         self._clock = clock
 
     async def Route(self, request, context):
-        hold_s = request.hold.ToTimedelta().total_seconds()
+        model = request.triton_model_name
         try:
-            if not request.triton_model_name:
-                raise errors.InvalidArgument("triton_model_name", "is required")
-            if not 0 < hold_s <= MAX_HOLD_S:
-                raise errors.InvalidArgument("hold", f"must be in (0, {MAX_HOLD_S:.0f}] seconds")
+            query = self._query(request)
+            started = time.perf_counter()
             reservation = self._router.route(
-                self._replicas.items.values(), request.triton_model_name, self._clock(), hold_s,
-                exclude=request.exclude_replicas,
-            )
+                query, self._replicas.items.values(), self._loads.items, self._clock())
+            DECISION.labels(self._router.config.policy.value).observe(
+                time.perf_counter() - started)
         except errors.MeshError as exc:
-            ROUTES.labels(request.triton_model_name[:64], exc.code).inc()
+            ROUTES.labels(model[:64], exc.code).inc()
             await status.abort(context, exc)
-        ROUTES.labels(request.triton_model_name, "OK").inc()
+        ROUTES.labels(model, "OK").inc()
         return scheduler_pb2.RouteResponse(
             replica_id=reservation.replica.replica_id,
             grpc_endpoint=reservation.replica.grpc_endpoint,
             reservation_id=reservation.reservation_id,
         )
 
-    async def Release(self, request, context):
-        return scheduler_pb2.ReleaseRouteResponse(
-            released=self._router.release(request.reservation_id)
+    def _query(self, request: scheduler_pb2.RouteRequest) -> RouteQuery:
+        hold_s = request.hold.ToTimedelta().total_seconds()
+        if not request.triton_model_name:
+            raise errors.InvalidArgument("triton_model_name", "is required")
+        if not 0 < hold_s <= self._max_hold_s:
+            raise errors.InvalidArgument("hold", f"must be in (0, {self._max_hold_s:.0f}] seconds")
+        if len(request.prefix_hashes) > MAX_BLOCKS:
+            raise errors.InvalidArgument("prefix_hashes", f"at most {MAX_BLOCKS} blocks")
+        if len(request.exclude_replicas) > MAX_EXCLUDED:
+            raise errors.InvalidArgument("exclude_replicas", f"at most {MAX_EXCLUDED} replicas")
+        if len(request.zone) > MAX_ZONE_CHARS:
+            raise errors.InvalidArgument("zone", f"at most {MAX_ZONE_CHARS} characters")
+        if request.prompt_tokens > MAX_PROMPT_TOKENS:
+            raise errors.InvalidArgument("prompt_tokens", f"at most {MAX_PROMPT_TOKENS}")
+        return RouteQuery(
+            model=request.triton_model_name, hold_s=hold_s, prompt_tokens=request.prompt_tokens,
+            prefix_hashes=request.prefix_hashes, zone=request.zone,
+            exclude=frozenset(request.exclude_replicas),
         )
 
+    async def Release(self, request, context):
+        outcome = OUTCOMES.get(request.outcome)
+        if outcome is None:
+            await status.abort(context, errors.InvalidArgument(
+                "outcome", f"unknown value {request.outcome}"))
+        reservation = self._router.release(
+            request.reservation_id, outcome, self._clock(), self._replicas.items.values())
+        if reservation is None:
+            return scheduler_pb2.ReleaseRouteResponse(released=False)
+        RELEASES.labels(reservation.model, outcome.value).inc()
+        # A request that failed before its first token is retried elsewhere: count it once.
+        if self._on_release is not None and outcome is not Outcome.FAILED_BEFORE_FIRST_TOKEN:
+            try:
+                self._on_release(reservation.model, reservation.prompt_tokens,
+                                 request.completion_tokens)
+            except Exception as exc:  # demand is advisory: never fail a release for it
+                log.error("on_release_failed", model=reservation.model, error=repr(exc))
+        return scheduler_pb2.ReleaseRouteResponse(released=True)
+
     async def ListReplicas(self, request, context):
-        load = self._router.in_flight()
-        return scheduler_pb2.ListReplicasResponse(
-            replicas=[
-                scheduler_pb2.Replica(
-                    replica_id=r.replica_id, grpc_endpoint=r.grpc_endpoint,
-                    metrics_endpoint=r.metrics_endpoint, zone=r.zone, models=sorted(r.models),
-                    healthy=r.healthy, in_flight=load.get(r.replica_id, 0),
-                )
-                for r in sorted(self._replicas.items.values(), key=lambda r: r.replica_id)
-            ]
-        )
+        now = self._clock()
+        in_flight = self._router.in_flight()
+        breakers = self._router.breakers
+        stale_after_s = self._router.config.load_stale_after_s
+        replicas = []
+        for r in sorted(self._replicas.items.values(), key=lambda r: r.replica_id):
+            report = self._loads.get(r.replica_id)
+            age_s = now - report.received_at if report is not None else 0.0
+            replicas.append(scheduler_pb2.Replica(
+                replica_id=r.replica_id, grpc_endpoint=r.grpc_endpoint,
+                metrics_endpoint=r.metrics_endpoint, zone=r.zone, models=sorted(r.models),
+                healthy=r.healthy, in_flight=in_flight.get(r.replica_id, 0),
+                draining=r.draining, gpu_type=r.gpu_type, gpu_memory_mib=r.gpu_memory_mib or 0,
+                loads=[
+                    scheduler_pb2.ModelLoad(
+                        triton_model=name, kv_max_blocks=load.kv_max_blocks or 0,
+                        kv_free_blocks=load.kv_free_blocks or 0,
+                        kv_used_blocks=load.kv_used_blocks or 0,
+                        kv_reused_blocks=load.kv_reused_blocks or 0, active=load.active or 0,
+                        waiting=load.waiting or 0, max=load.max or 0,
+                    )
+                    for name, load in sorted(report.models.items())
+                ] if report is not None else [],
+                load_reported=report is not None, load_age_s=age_s,
+                load_fresh=report is not None and age_s <= stale_after_s,
+                breaker=BREAKER_STATES[breakers.state(r.replica_id)],
+                zone_breaker=BREAKER_STATES[breakers.zone_state(r.zone)],
+            ))
+        return scheduler_pb2.ListReplicasResponse(replicas=replicas)
+
+
+def replica_parser(_suffix: str, raw: bytes) -> ReplicaInfo:
+    return ReplicaInfo.from_record(etcd.decode(raw))
+
+
+def load_parser(clock: Callable[[], float]) -> Callable[[str, bytes], LoadReport]:
+    """Parses a load report, stamped with when it arrived (freshness is judged on our clock)."""
+    def parse(suffix: str, raw: bytes) -> LoadReport:
+        record = etcd.decode(raw)
+        if not isinstance(record, dict):
+            raise ValueError("a load report is a JSON object")
+        return LoadReport.from_record(suffix, record, clock())
+    return parse
 
 
 async def setup(ctx: ServiceContext) -> ServiceParts:
+    settings = ctx.settings
+    assert isinstance(settings, SchedulerSettings)
     replicas: etcd.WatchCache[ReplicaInfo] = etcd.WatchCache(
-        ctx.etcd, etcd.Keys.replicas, parse_replica,
+        ctx.etcd, etcd.Keys.replicas, replica_parser,
         on_change=lambda: _count_replicas(replicas),
     )
+    loads: etcd.WatchCache[LoadReport] = etcd.WatchCache(
+        ctx.etcd, etcd.Keys.replica_load, load_parser(time.monotonic))
     await replicas.start()
+    try:
+        await loads.start()
+    except BaseException:
+        await replicas.stop()
+        raise
+    router = Router(settings.routing_config())
+    log.info("routing", policy=router.config.policy.value)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(
-        SchedulerServicer(replicas, Router()), ctx.server
+        SchedulerServicer(replicas, loads, router, max_hold_s=settings.max_hold_s), ctx.server
     )
+
+    async def cleanup() -> None:
+        await loads.stop()
+        await replicas.stop()
+
     return ServiceParts(
-        [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name], cleanup=replicas.stop
+        [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name], cleanup=cleanup
     )
 
 

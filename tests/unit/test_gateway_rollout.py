@@ -54,11 +54,12 @@ class RecordingRouting:
     def __init__(self) -> None:
         self.routed: list[tuple[str, str]] = []
 
-    async def route(self, triton_model_name, version_id, request_id, hold_s, exclude):
+    async def route(self, triton_model_name, version_id, request_id, hold_s, exclude, *,
+                    prefix_hashes=(), prompt_tokens=0):
         self.routed.append((triton_model_name, request_id))
         return Route("replica-0", triton_model_name, f"res-{request_id}")
 
-    async def release_route(self, reservation_id):
+    async def release_route(self, reservation_id, outcome=None, completion_tokens=0):
         return None
 
 

@@ -1,0 +1,65 @@
+"""Which replica most likely holds a prompt's leading blocks in its KV cache, learnt from the
+routing history (approximate, like llm-d's prefix-cache scorer): every routed request records its
+block hashes against the replica it went to.
+
+Bounded: per model, at most `max_blocks` hashes (least recently routed evicted first), each
+remembering at most `holders_per_block` replicas (most recent kept).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+
+class PrefixIndex:
+    def __init__(self, max_blocks: int = 65_536, holders_per_block: int = 8):
+        if max_blocks < 1:
+            raise ValueError(f"max_blocks must be at least 1, got {max_blocks}")
+        if holders_per_block < 1:
+            raise ValueError(f"holders_per_block must be at least 1, got {holders_per_block}")
+        self._max_blocks = max_blocks
+        self._holders_per_block = holders_per_block
+        # model → block hash → replica ids (dict as an ordered set, most recent last)
+        self._models: dict[str, OrderedDict[int, dict[str, None]]] = {}
+
+    def blocks(self, model: str) -> int:
+        return len(self._models.get(model, ()))
+
+    def matches(self, model: str, hashes: Sequence[int]) -> dict[str, int]:
+        """Replica id → length of the longest leading chain of `hashes` it was routed; replicas
+        with no match are absent."""
+        index = self._models.get(model)
+        if not index or not hashes:
+            return {}
+        matched: dict[str, int] = {}
+        alive: set[str] | None = None
+        for position, block in enumerate(hashes, start=1):
+            holders = index.get(block)
+            if not holders:
+                break
+            alive = set(holders) if alive is None else alive.intersection(holders)
+            if not alive:
+                break
+            for replica_id in alive:
+                matched[replica_id] = position
+        return matched
+
+    def record(self, model: str, hashes: Sequence[int], replica_id: str) -> None:
+        """Remembers that `replica_id` served `hashes` just now (it will hold them cached)."""
+        if not hashes:
+            return
+        index = self._models.setdefault(model, OrderedDict())
+        # Last block first, so a chain's leading blocks are the most recent and evicted last.
+        for block in reversed(hashes):
+            holders = index.get(block)
+            if holders is None:
+                index[block] = {replica_id: None}
+            else:
+                index.move_to_end(block)
+                holders.pop(replica_id, None)
+                holders[replica_id] = None
+                if len(holders) > self._holders_per_block:
+                    del holders[next(iter(holders))]
+        while len(index) > self._max_blocks:
+            index.popitem(last=False)

@@ -1,0 +1,194 @@
+"""The scheduler as a real process over real etcd: replica records and load reports written the
+way sidecars write them; a replica whose keys vanish or whose load report goes stale stops being
+routed to within 2 s; failures reported on Release open its breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+
+import grpc
+import pytest
+
+from deploy.local.stack import REPO_ROOT, wait_serving
+from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.common import etcd, status
+from services.common.net import free_port
+from services.common.processes import ChildProcess
+
+pytestmark = pytest.mark.integration
+STALE_AFTER_S = 1.5
+ROUTED_AWAY_WITHIN_S = 2.0
+SLACK_S = 1.0  # a loaded 2-core machine delays the watch and our writes a little
+
+
+def scheduler_process(etcd_endpoint: str, port: int, log_path) -> ChildProcess:
+    return ChildProcess(
+        "scheduler", [sys.executable, "-m", "services.scheduler"], log_path,
+        env={**os.environ, "INFERMESH_ETCD_ENDPOINT": etcd_endpoint, "INFERMESH_PORT": str(port),
+             "INFERMESH_METRICS_PORT": str(free_port()),
+             "INFERMESH_INSTANCE_ID": f"scheduler-{uuid.uuid4().hex[:6]}",
+             "INFERMESH_ROUTING_POLICY": "least_loaded",
+             "INFERMESH_LOAD_STALE_AFTER_S": str(STALE_AFTER_S),
+             "INFERMESH_BREAKER_CONSECUTIVE_FAILURES": "2",
+             "INFERMESH_BREAKER_COOLDOWN_S": "60"},
+        cwd=REPO_ROOT,
+    )
+
+
+class FakeSidecars:
+    """Writes replica records and load reports for a unique model, as sidecars do (a lease
+    each), and keeps chosen replicas' reports fresh in the background."""
+
+    def __init__(self, client, model: str):
+        self.client = client
+        self.model = model
+        self.leases: dict[str, object] = {}
+        self.reporting: set[str] = set()
+        self._task: asyncio.Task | None = None
+
+    async def add(self, rid: str, zone: str = "z") -> None:
+        lease = self.leases[rid] = await self.client.lease(10)
+        await self.client.put(etcd.Keys.replica(rid).encode(), etcd.encode({
+            "schema": 1, "replica_id": rid, "grpc_endpoint": f"127.0.0.1:{free_port()}",
+            "zone": zone, "models": [self.model], "healthy": True, "draining": False,
+            "kv": {self.model: {"max_blocks": 64, "tokens_per_block": 16}},
+        }), lease=lease)
+        self.reporting.add(rid)
+        await self.report(rid)
+
+    async def report(self, rid: str) -> None:
+        await self.client.put(etcd.Keys.load(rid).encode(), etcd.encode({
+            "schema": 1, "replica_id": rid, "at": time.time(),
+            "models": {self.model: {"kv_max_blocks": 64, "kv_free_blocks": 64, "active": 0,
+                                    "waiting": 0, "max": 8}},
+        }), lease=self.leases[rid])
+
+    async def vanish(self, rid: str) -> None:
+        self.reporting.discard(rid)
+        await self.leases.pop(rid).revoke()
+
+    def start(self) -> None:
+        async def keep_reporting() -> None:
+            while True:
+                for rid in list(self.reporting):
+                    await self.report(rid)
+                await asyncio.sleep(0.25)
+        self._task = asyncio.create_task(keep_reporting())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for lease in self.leases.values():
+            await lease.revoke()
+
+
+async def route(stub, model: str, **fields) -> scheduler_pb2.RouteResponse:
+    return await stub.Route(scheduler_pb2.RouteRequest(
+        triton_model_name=model, hold=status.seconds_to_duration(30), **fields), timeout=2)
+
+
+async def routed_set(stub, model: str, n: int = 6) -> set[str]:
+    """The replicas `n` concurrent routes go to (their reservations spread them), then released."""
+    replies = [await route(stub, model) for _ in range(n)]
+    for reply in replies:
+        await stub.Release(scheduler_pb2.ReleaseRouteRequest(
+            reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK),
+            timeout=2)
+    return {reply.replica_id for reply in replies}
+
+
+async def wait_routed_only(stub, model: str, expected: set[str], within_s: float) -> float:
+    """Seconds until every route goes to `expected`; fails past `within_s`."""
+    started = time.monotonic()
+    while True:
+        chosen = await routed_set(stub, model)
+        elapsed = time.monotonic() - started
+        if chosen == expected:
+            return elapsed
+        assert elapsed < within_s, f"still routed to {chosen} after {elapsed:.2f} s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def scheduler(etcd_server, tmp_path):
+    port = free_port()
+    process = scheduler_process(etcd_server.endpoint, port, tmp_path / "scheduler.log")
+    process.start()
+    try:
+        await asyncio.to_thread(wait_serving, process, f"127.0.0.1:{port}",
+                                time.monotonic() + 20)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield scheduler_pb2_grpc.SchedulerStub(channel)
+    finally:
+        assert process.stop() == 0, process.log_tail()
+
+
+@pytest.fixture
+async def sidecars(etcd_server):
+    async with etcd.connect(etcd_server.endpoint, 5.0) as client:
+        fakes = FakeSidecars(client, f"routing-it-{uuid.uuid4().hex[:8]}")
+        try:
+            yield fakes
+        finally:
+            await fakes.close()
+
+
+async def test_vanished_or_silent_replicas_stop_receiving_routes(scheduler, sidecars):
+    model = sidecars.model
+    a, b, c = (f"{model}-{x}" for x in "abc")
+    for rid in (a, b, c):
+        await sidecars.add(rid)
+    sidecars.start()
+    await wait_routed_only(scheduler, model, {a, b, c}, within_s=5)  # the watch caught up
+
+    await sidecars.vanish(c)  # its lease revoked: record and report gone
+    await wait_routed_only(scheduler, model, {a, b}, within_s=ROUTED_AWAY_WITHIN_S + SLACK_S)
+
+    sidecars.reporting.discard(b)  # alive in etcd, but its load reports stop
+    silent_since = time.monotonic()
+    await wait_routed_only(scheduler, model, {a},
+                           within_s=ROUTED_AWAY_WITHIN_S + SLACK_S - (time.monotonic() - silent_since))
+    listing = await scheduler.ListReplicas(scheduler_pb2.ListReplicasRequest(), timeout=2)
+    mine = {r.replica_id: r for r in listing.replicas if r.replica_id.startswith(model)}
+    assert set(mine) == {a, b}
+    assert mine[a].load_fresh and not mine[b].load_fresh and mine[b].load_reported
+    assert mine[a].loads[0].kv_max_blocks == 64 and mine[a].loads[0].max == 8
+
+    sidecars.reporting.add(b)  # reports again: back in rotation
+    await wait_routed_only(scheduler, model, {a, b}, within_s=5)
+
+
+async def test_failures_released_open_the_replicas_breaker(scheduler, sidecars):
+    model = sidecars.model
+    a, b = f"{model}-a", f"{model}-b"
+    for rid in (a, b):
+        await sidecars.add(rid)
+    sidecars.start()
+    await wait_routed_only(scheduler, model, {a, b}, within_s=5)
+    for _ in range(2):
+        reply = await route(scheduler, model, exclude_replicas=[b])
+        assert reply.replica_id == a
+        released = await scheduler.Release(scheduler_pb2.ReleaseRouteRequest(
+            reservation_id=reply.reservation_id,
+            outcome=scheduler_pb2.ROUTE_OUTCOME_FAILED_BEFORE_FIRST_TOKEN), timeout=2)
+        assert released.released
+    assert await routed_set(scheduler, model) == {b}
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await route(scheduler, model, exclude_replicas=[b])
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "circuit breaker" in refused.value.details()
+    listing = await scheduler.ListReplicas(scheduler_pb2.ListReplicasRequest(), timeout=2)
+    states = {r.replica_id: r.breaker for r in listing.replicas if r.replica_id in (a, b)}
+    assert states == {a: scheduler_pb2.BREAKER_STATE_OPEN, b: scheduler_pb2.BREAKER_STATE_CLOSED}
+
+
+async def test_route_fields_are_validated(scheduler):
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await route(scheduler, "m", prefix_hashes=list(range(300)))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prefix_hashes" in refused.value.details()
