@@ -1,0 +1,143 @@
+"""The pipeline's routing over in-memory peers: it sends the prompt's prefix hashes and length,
+retries a replica that fails before the first token on another one, and releases every route
+with how it went (what the scheduler's breakers and demand meter read)."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+
+from backends.triton.adapter import EngineChunk
+from services.common import errors
+from services.common.prefix import prompt_block_hashes
+from services.common.tenancy import TenantPlan
+from services.gateway.admission import AdmissionLimits, FairAdmission
+from services.gateway.peers import Grant, Route
+from services.gateway.pipeline import GenerationPipeline, TokenText
+from services.gateway.requests import GenerationRequest, Principal, SamplingRequest
+from services.gateway.shadow import ShadowTraffic
+from services.gateway.tokenizers import TokenizerStore
+from services.gateway.validation import Limits
+from services.registry.catalog import ModelCatalog
+from services.registry.manifest import version_id
+from services.registry.rollout import Routing
+from services.scheduler.outcome import Outcome
+
+MANIFEST = {
+    "name": "demo", "description": "production", "triton_model_name": "engine",
+    "tokenizer": "whitespace",
+    "engine": {"context_window": 4096, "max_output_tokens": 1024, "max_batch_size": 8},
+    "sampling": {"max_tokens": 3, "temperature": 0.7, "top_p": 0.95, "top_k": 0},
+    "cost_per_1k_input_tokens": 0.1, "cost_per_1k_output_tokens": 0.2,
+}
+PRINCIPAL = Principal("acme", "k1", "user", TenantPlan())
+PROMPT = "You are a helpful assistant who always answers briefly and politely. " * 4
+
+
+class Admission:
+    async def acquire_slot(self, tenant, request_id, input_tokens, output_tokens):
+        return Grant(slot_id="slot", max_tokens=output_tokens)
+
+    async def release_slot(self, tenant, slot_id, input_used, output_used):
+        return None
+
+
+class ReplicaRouting:
+    """Routes to the first replica not excluded; records routes and releases."""
+
+    def __init__(self, replicas: list[str]):
+        self.replicas = replicas
+        self.routes: list[dict] = []
+        self.releases: list[tuple[str, Outcome, int]] = []
+
+    async def route(self, triton_model_name, version_id, request_id, hold_s, exclude, *,
+                    prefix_hashes=(), prompt_tokens=0):
+        self.routes.append({"exclude": list(exclude), "prefix_hashes": list(prefix_hashes),
+                            "prompt_tokens": prompt_tokens})
+        replica = next(r for r in self.replicas if r not in exclude)
+        return Route(replica, replica, f"res-{replica}")
+
+    async def release_route(self, reservation_id, outcome=Outcome.UNREPORTED,
+                            completion_tokens=0):
+        self.releases.append((reservation_id, outcome, completion_tokens))
+
+
+class Engine:
+    """Replica "down" is unreachable; "flaky" fails after its first chunk; "slow" never ends."""
+
+    async def generate(self, endpoint, request):
+        if endpoint == "down":
+            raise errors.Unavailable("replica down is unreachable")
+        for count in range(1, 4):
+            if endpoint == "slow" and count == 2:
+                await asyncio.sleep(60)
+            yield EngineChunk(f"t{count} ", 5, count, count == 3)
+            if endpoint == "flaky":
+                raise errors.Unavailable("replica flaky went away")
+
+
+def pipeline(routing: ReplicaRouting) -> GenerationPipeline:
+    catalog = ModelCatalog()
+    vid = version_id(MANIFEST)
+    catalog.rebuild({f"demo/versions/{vid}": {"version_id": vid, "manifest": MANIFEST},
+                     "demo/routing": Routing(revision=1, production=vid).to_record()})
+    engine = Engine()
+    return GenerationPipeline(
+        catalog, Admission(), routing, engine, _NoAudit(), Limits(),
+        FairAdmission(AdmissionLimits()),
+        shadow=ShadowTraffic(routing, engine, max_in_flight=1, timeout_s=5.0),
+        tokenizers=TokenizerStore(pathlib.Path("."), pathlib.Path(".")), source="gateway/test",
+    )
+
+
+class _NoAudit:
+    def emit(self, event) -> None:
+        return None
+
+
+async def generate(p: GenerationPipeline):
+    events = []
+
+    async def send(event) -> None:
+        events.append(event)
+
+    request = GenerationRequest(request_id="r1", model="demo", prompt=PROMPT,
+                                sampling=SamplingRequest(max_tokens=3))
+    finished = await p.run(PRINCIPAL, request, send)
+    await p.drain_background()
+    return events, finished
+
+
+async def test_a_failure_before_the_first_token_is_retried_elsewhere_and_reported():
+    routing = ReplicaRouting(["down", "up"])
+    p = pipeline(routing)
+    events, finished = await generate(p)
+    assert finished.finish_reason == "length" and finished.error is None
+    assert "".join(e.text for e in events if isinstance(e, TokenText)) == "t1 t2 t3 "
+    assert [r["exclude"] for r in routing.routes] == [[], ["down"]]
+    assert routing.routes[0]["prefix_hashes"] == prompt_block_hashes(PROMPT)
+    assert routing.routes[0]["prompt_tokens"] > 0
+    assert sorted(routing.releases) == [
+        ("res-down", Outcome.FAILED_BEFORE_FIRST_TOKEN, 0), ("res-up", Outcome.OK, 3)]
+
+
+async def test_a_failure_after_the_first_token_is_not_retried():
+    routing = ReplicaRouting(["flaky", "up"])
+    _, finished = await generate(pipeline(routing))
+    assert finished.finish_reason == "error" and finished.error.code == "UNAVAILABLE"
+    assert len(routing.routes) == 1
+    assert routing.releases == [("res-flaky", Outcome.FAILED_AFTER_FIRST_TOKEN, 1)]
+
+
+async def test_a_cancelled_generation_says_nothing_against_its_replica():
+    routing = ReplicaRouting(["slow"])
+    p = pipeline(routing)
+    task = asyncio.create_task(generate(p))
+    async with asyncio.timeout(5):
+        while not routing.routes:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await p.drain_background()
+    assert routing.releases == [("res-slow", Outcome.CANCELLED, 1)]
