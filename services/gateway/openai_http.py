@@ -37,6 +37,7 @@ from services.gateway.openai_protocol import (
     CompletionBody,
     openai_param,
     parse_body,
+    request_timeout,
     to_generation,
 )
 from services.gateway.pipeline import Accepted, Event, Finished, TokenText
@@ -215,7 +216,8 @@ class OpenAIFront:
                 raise errors.InvalidArgument("body", "must be a JSON object") from None
             body = parse_body(body_type, raw)
             generation = to_generation(body, request_id,
-                                       request.headers.get("idempotency-key", ""))
+                                       request.headers.get("idempotency-key", ""),
+                                       request_timeout(request.headers.get("x-request-timeout")))
         except errors.MeshError as exc:
             return self._count(route, error_response(exc, _safe_id(request_id), body))
         peer = f"{request.client.host}:{request.client.port}" if request.client else ""
@@ -408,8 +410,18 @@ def openapi_document() -> dict[str, Any]:
         "type": "object", "properties": {"error": {"type": "object"}}}}}}
     responses = {str(code): error for code in (400, 401, 403, 404, 429, 503, 504)}
 
+    headers = [
+        {"name": "X-Request-Id", "in": "header", "schema": {"type": "string"},
+         "description": "echoed; 1-128 of A-Z a-z 0-9 . _ : -"},
+        {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"},
+         "description": "a retry with the same key and body returns the first result"},
+        {"name": "X-Request-Timeout", "in": "header", "schema": {"type": "string"},
+         "description": "the generation's deadline in seconds (504 when it passes)"},
+    ]
+
     def post(name: str) -> dict[str, Any]:
         return {"post": {
+            "parameters": headers,
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{name}"}}}},
             "responses": {"200": {"description": "JSON, or SSE with stream=true"}, **responses},

@@ -9,6 +9,7 @@ checked in `unsupported_values`.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -122,8 +123,23 @@ def unsupported_values(body: CompletionBody | ChatCompletionBody) -> None:
         raise InvalidArgument("stream_options", "is only allowed with stream=true")
 
 
+def request_timeout(header: str | None) -> float | None:
+    """`X-Request-Timeout` (seconds): the generation's deadline, as `GenerateRequest.timeout` on
+    gRPC (the gateway's default when absent; its maximum is checked with the other limits)."""
+    if header is None:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidArgument("timeout", "must be a positive number of seconds")
+    return seconds
+
+
 def to_generation(
-    body: CompletionBody | ChatCompletionBody, request_id: str, idempotency_key: str
+    body: CompletionBody | ChatCompletionBody, request_id: str, idempotency_key: str,
+    timeout_s: float | None = None,
 ) -> GenerationRequest:
     """The same `GenerationRequest` the gRPC front builds for these parameters."""
     unsupported_values(body)
@@ -151,6 +167,7 @@ def to_generation(
         ),
         idempotency_key=idempotency_key,
         user=body.user,
+        timeout_s=timeout_s,
     )
 
 
@@ -160,4 +177,5 @@ def openai_param(field: str, body: CompletionBody | ChatCompletionBody | None) -
     if (name == "max_tokens" and isinstance(body, ChatCompletionBody)
             and body.max_completion_tokens is not None):
         return "max_completion_tokens"
-    return {"request_id": "X-Request-Id", "idempotency_key": "Idempotency-Key"}.get(name, name)
+    return {"request_id": "X-Request-Id", "idempotency_key": "Idempotency-Key",
+            "timeout": "X-Request-Timeout"}.get(name, name)

@@ -137,6 +137,23 @@ async def test_request_id_is_echoed_and_idempotency_key_replays(stack: StackInfo
     assert again.choices[0].text == first.parse().choices[0].text
 
 
+async def test_the_timeout_header_is_the_generations_deadline(stack: StackInfo):
+    api = client(stack)
+    with pytest.raises(openai.APIStatusError) as late:  # ~2 s of decoding, 0.3 s allowed
+        await api.completions.create(
+            model=stack.reference_model, prompt="take your time", max_tokens=500,
+            extra_body={"min_tokens": 500}, extra_headers={"X-Request-Timeout": "0.3"})
+    assert late.value.status_code == 504 and late.value.body["code"] == "deadline_exceeded"
+    with pytest.raises(openai.BadRequestError) as bad:
+        await api.completions.create(model=stack.reference_model, prompt="p", max_tokens=2,
+                                     extra_headers={"X-Request-Timeout": "soon"})
+    assert bad.value.body["param"] == "X-Request-Timeout"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        await api.completions.create(model=stack.reference_model, prompt="p", max_tokens=2,
+                                     extra_headers={"X-Request-Timeout": "86400"})
+    assert too_long.value.body["param"] == "X-Request-Timeout"
+
+
 async def test_over_quota_is_a_rate_limit_error_with_retry_after(stack: StackInfo):
     _, key = await new_tenant(stack, output_tokens_per_minute=600)  # a burst of 100
     api = client(stack, key)

@@ -11,6 +11,7 @@ from services.gateway.openai_protocol import (
     CompletionBody,
     openai_param,
     parse_body,
+    request_timeout,
     to_generation,
 )
 
@@ -81,6 +82,7 @@ def test_validation_field_names_become_openai_params():
     assert openai_param("params.max_tokens", uses_completion_tokens) == "max_completion_tokens"
     assert openai_param("params.max_tokens", chat(max_tokens=9)) == "max_tokens"
     assert openai_param("request_id", None) == "X-Request-Id"
+    assert openai_param("timeout", None) == "X-Request-Timeout"
     assert openai_param("messages[0].role", None) == "messages[0].role"
 
 
@@ -104,3 +106,12 @@ def test_openapi_document_holds_the_bodies():
     schemas = document["components"]["schemas"]
     assert {"ChatCompletionBody", "CompletionBody", "ChatMessage"} <= set(schemas)
     assert "messages" in schemas["ChatCompletionBody"]["properties"]
+
+
+def test_the_timeout_header_becomes_the_generations_deadline():
+    assert to_generation(chat(), "r", "", request_timeout("2.5")).timeout_s == 2.5
+    assert to_generation(chat(), "r", "", request_timeout(None)).timeout_s is None
+    for bad in ("0", "-1", "soon", "nan", "inf", ""):
+        with pytest.raises(errors.InvalidArgument) as refused:
+            request_timeout(bad)
+        assert openai_param(refused.value.field, None) == "X-Request-Timeout"
