@@ -145,6 +145,9 @@ class Probes:
     zone: bool = False
 
 
+NO_PROBES = Probes()
+
+
 class Breakers:
     """Every replica's and zone's breaker, created on first use. A replica with no zone ("")
     has no zone breaker."""
@@ -187,10 +190,9 @@ class Breakers:
     def routed(self, replica_id: str, zone: str) -> Probes:
         replica = self._replicas.get(replica_id)
         zone_breaker = self._zones.get(zone) if zone else None
-        return Probes(
-            replica=replica is not None and replica.routed(),
-            zone=zone_breaker is not None and zone_breaker.routed(),
-        )
+        replica_probe = replica is not None and replica.routed()
+        zone_probe = zone_breaker is not None and zone_breaker.routed()
+        return Probes(replica_probe, zone_probe) if replica_probe or zone_probe else NO_PROBES
 
     def record(
         self, replica_id: str, zone: str, outcome: Outcome, probes: Probes, now: float,

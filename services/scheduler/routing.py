@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from services.common import errors
 from services.common.logs import get_logger
-from services.scheduler.breakers import Breakers, BreakerSettings, Probes
+from services.scheduler.breakers import NO_PROBES, Breakers, BreakerSettings, Probes
 from services.scheduler.candidates import Candidate, RouteQuery, RoutingContext
 from services.scheduler.filters import FILTERS
 from services.scheduler.inventory import LoadReport, ReplicaInfo
@@ -61,7 +61,7 @@ class RoutingConfig:
         return ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reservation:
     reservation_id: str
     replica: ReplicaInfo
@@ -69,7 +69,7 @@ class Reservation:
     prompt_tokens: int
     created_at: float
     expires_at: float
-    probes: Probes = Probes()  # which breakers this request is the probe of
+    probes: Probes = NO_PROBES  # which breakers this request is the probe of
 
 
 class Router:
@@ -83,6 +83,7 @@ class Router:
         self._by_replica: dict[str, dict[str, float]] = {}  # replica → reservation → created at
         self._expiries: list[tuple[float, str]] = []  # heap of (expires at, reservation id)
         self._rotation: dict[str, int] = {}  # round robin: next position per model
+        self._degraded: list[str] = []  # the last decision's fallback notes
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count()
 
@@ -110,8 +111,12 @@ class Router:
                     f"no replica of {model!r} left after the filter {rule.name!r}",
                     retry_after_s=1.0,
                 )
-        if ctx.notes:
-            log.warning("routing_degraded", model=model, notes=ctx.notes)
+        if ctx.notes != self._degraded:  # logged when it starts and when it ends, not per route
+            if ctx.notes:
+                log.warning("routing_degraded", model=model, notes=ctx.notes)
+            else:
+                log.info("routing_recovered", model=model)
+            self._degraded = ctx.notes
         chosen = self._pick(ctx, candidates)
         return self._reserve(query, chosen.replica, now)
 

@@ -4,6 +4,7 @@ demand meter (`on_release`)."""
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 
@@ -187,6 +188,10 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         raise
     router = Router(settings.routing_config())
     log.info("routing", policy=router.config.policy.value)
+    # Start-up objects (modules, protobuf descriptors, the loaded caches) never die: out of the
+    # collector's sight, full collections stay short on the routing path (bench/route_decision.py).
+    gc.collect()
+    gc.freeze()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(
         SchedulerServicer(replicas, loads, router, max_hold_s=settings.max_hold_s), ctx.server
     )
