@@ -94,6 +94,13 @@ def overview() -> dashboard.Dashboard:
                              "{{model}}")))
         .with_panel(_series("Tokens", "short",
                             ("sum by (kind) (infermesh:tokens:rate5m)", "{{kind}}/s")))
+        .with_row(dashboard.Row("Zones"))
+        .with_panel(_series("Availability by zone (5m)", "percentunit",
+                            ("infermesh:availability_by_zone:ratio_rate5m",
+                             "{{model}} {{zone}}")))
+        .with_panel(_series("TTFT p95 by zone", "s",
+                            ('infermesh:ttft_seconds_by_zone:quantile_rate5m{quantile="0.95"}',
+                             "{{model}} {{zone}}")))
     )
 
 
@@ -116,6 +123,9 @@ def tenant() -> dashboard.Dashboard:
         .with_panel(_series("Shed", "reqps",
                             (f"infermesh:shed:rate5m{{{selected}}}",
                              "{{tenant}} {{model}} {{code}}")))
+        .with_panel(_series("Spend (at the versions' prices)", "currencyUSD",
+                            (f"infermesh:spend:rate5m{{{selected}}} * 3600",
+                             "{{tenant}} {{model}} per hour")))
     )
 
 
@@ -143,6 +153,9 @@ def model_versions() -> dashboard.Dashboard:
                              "{{version}}")))
         .with_panel(_series("Error budget left (period)", "percentunit",
                             (f"{BUDGET_REMAINING}{{{selected}}}", "{{slo}}")))
+        .with_panel(_series("Cost per 1k tokens by version", "currencyUSD",
+                            (f"infermesh:cost_per_1k_tokens:rate5m{{{selected}}}",
+                             "{{version}}")))
     )
 
 
@@ -150,7 +163,7 @@ def replicas() -> dashboard.Dashboard:
     selected = 'instance=~"$instance"'
     return (
         _board("infermesh-replica", "infermesh / replica",
-               "Each Triton replica: batch, queue, tokens/s, idle time, readiness.")
+               "Each Triton replica: batch, queue, KV cache, tokens/s, idle time, readiness.")
         .with_variable(_variable("instance", "Replica",
                                  "label_values(nv_trt_llm_request_metrics, instance)"))
         .with_panel(_series("Batch (active requests)", "short",
@@ -161,6 +174,9 @@ def replicas() -> dashboard.Dashboard:
                              f'request_type="waiting"}})', "{{instance}}")))
         .with_panel(_series("Tokens/s", "short",
                             (f"infermesh:replica_tokens:rate5m{{{selected}}}",
+                             "{{instance}} {{model}}")))
+        .with_panel(_series("KV cache used", "percentunit",
+                            (f"infermesh:kv_cache_used:ratio{{{selected}}}",
                              "{{instance}} {{model}}")))
         .with_panel(_series("Idle minutes in the last hour", "m",
                             (f"infermesh:replica_idle_minutes:sum1h{{{selected}}}",

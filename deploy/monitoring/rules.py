@@ -147,6 +147,8 @@ def mesh_rule_groups(config: SloConfig) -> list[Group]:
              "model, version"),
             ("infermesh:queue_seconds:quantile_rate5m", "infermesh_gateway_queue_seconds",
              "model"),
+            ("infermesh:ttft_seconds_by_zone:quantile_rate5m", "infermesh_gateway_ttft_seconds",
+             "model, zone"),
         ):
             sli.append({
                 "record": record,
@@ -170,6 +172,18 @@ def mesh_rule_groups(config: SloConfig) -> list[Group]:
                   f'{{code=~"RESOURCE_EXHAUSTED|UNAVAILABLE"}}[5m]))')},
         {"record": "infermesh:tokens:rate5m",
          "expr": "sum by (tenant, model, kind) (rate(infermesh_gateway_tokens_total[5m]))"},
+        {"record": "infermesh:availability_by_zone:ratio_rate5m",
+         "expr": (f'sum by (model, zone) (rate({generations}{{code="OK"}}[5m])) / '
+                  f'sum by (model, zone) (rate({generations}{{code!~"{client}"}}[5m]))')},
+        {"record": "infermesh:spend:rate5m",
+         "expr": "sum by (tenant, model) (rate(infermesh_gateway_spend_total[5m]))"},
+        {"record": "infermesh:cost_per_1k_tokens:rate5m",
+         "expr": ("1000 * sum by (model, version) (rate(infermesh_gateway_spend_total[5m])) / "
+                  "sum by (model, version) (rate(infermesh_gateway_tokens_total[5m]))")},
+        {"record": "infermesh:kv_cache_used:ratio",
+         "expr": ('sum by (instance, model) (nv_trt_llm_kv_cache_block_metrics'
+                  '{kv_cache_block_type="used"}) / sum by (instance, model) '
+                  '(nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="max"})')},
         {"record": "infermesh:replica_tokens:rate5m",
          "expr": ("sum by (instance, model) "
                   "(rate(infermesh_engine_generated_tokens_total[5m]))")},

@@ -44,17 +44,24 @@ from services.scheduler.outcome import Outcome
 log = get_logger(__name__)
 CANCEL_REPORT_TIMEOUT_S = 1.0
 
+# `zone` is the gateway's own (its setting): the SLIs are sliced by the zone that served.
 GENERATIONS = Counter(
     "infermesh_gateway_generations_total", "Generations finished, by outcome.",
-    ["tenant", "model", "version", "finish_reason", "code"],
+    ["tenant", "model", "version", "finish_reason", "code", "zone"],
 )
 TTFT = Histogram(
-    "infermesh_gateway_ttft_seconds", "Arrival to first token.", ["model", "version"],
+    "infermesh_gateway_ttft_seconds", "Arrival to first token.", ["model", "version", "zone"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 ITL = Histogram(  # the ITL SLO's metric (deploy/monitoring/slo.toml); aiperf's definition
     "infermesh_gateway_itl_seconds", "Mean gap between tokens after the first, per generation.",
-    ["model", "version"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
+    ["model", "version", "zone"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
+)
+SPEND = Counter(  # the cost-per-1k-tokens SLI and per-tenant spend, in the manifests' currency
+    "infermesh_gateway_spend_total",
+    "What the tokens served cost at the version's prices (cost_per_1k_input/output_tokens).",
+    ["tenant", "model", "version"],
 )
 QUEUE = Histogram(
     "infermesh_gateway_queue_seconds", "Arrival to the engine request (admission + routing).",
@@ -165,6 +172,7 @@ class _Progress:
     ttft_s: float = 0.0
     first_token_sent: bool = False
     blocked_phrases: tuple[str, ...] = ()  # the version's safety policy
+    prices_per_1k: tuple[float, float] = (0.0, 0.0)  # the version's input and output prices
     text_hashes: TextHashes | None = None  # only when the tenant's plan asks for them
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -183,6 +191,7 @@ class GenerationPipeline:
         shadow: ShadowTraffic,
         tokenizers: TokenizerStore,
         source: str,
+        zone: str = "",
         max_attempts: int = 2,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -196,6 +205,7 @@ class GenerationPipeline:
         self._shadow = shadow
         self._tokenizers = tokenizers
         self._source = source
+        self._zone = zone
         self._max_attempts = max_attempts
         self._clock = clock
         self._background: set[asyncio.Task[None]] = set()
@@ -216,6 +226,8 @@ class GenerationPipeline:
             progress.model = version.name
             progress.version_id = version.version_id
             progress.blocked_phrases = version.blocked_phrases
+            progress.prices_per_1k = (version.cost_per_1k_input_tokens,
+                                      version.cost_per_1k_output_tokens)
             RESOLUTIONS.labels(version.name, resolution.arm).inc()
             validated = validate(request, principal, version, self._limits,
                                  self._tokenizers.get(version))
@@ -389,16 +401,19 @@ class GenerationPipeline:
         code = finished.error.code if finished.error else "OK"
         version = progress.version_id or "unresolved"
         GENERATIONS.labels(principal.tenant_id, progress.model if progress.version_id else "unknown",
-                           version, finished.finish_reason, code).inc()
+                           version, finished.finish_reason, code, self._zone).inc()
         if progress.first_token_sent:
-            TTFT.labels(progress.model, version).observe(progress.ttft_s)
+            TTFT.labels(progress.model, version, self._zone).observe(progress.ttft_s)
         if progress.first_token_sent and progress.completion_tokens > 1:
-            ITL.labels(progress.model, version).observe(
+            ITL.labels(progress.model, version, self._zone).observe(
                 (finished.total_s - progress.ttft_s) / (progress.completion_tokens - 1))
         TOKENS.labels(principal.tenant_id, progress.model, version, "prompt").inc(
             progress.prompt_tokens)
         TOKENS.labels(principal.tenant_id, progress.model, version, "completion").inc(
             progress.completion_tokens)
+        price_in, price_out = progress.prices_per_1k
+        SPEND.labels(principal.tenant_id, progress.model, version).inc(
+            (progress.prompt_tokens * price_in + progress.completion_tokens * price_out) / 1000)
         hashes = progress.text_hashes
         self._audit.emit(
             new_event(

@@ -400,6 +400,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         shadow=shadow,
         tokenizers=tokenizers,
         source=f"gateway/{settings.instance_id}",
+        zone=settings.zone,
         max_attempts=settings.max_attempts,
     )
     authenticator = Authenticator(keys, tenants)
