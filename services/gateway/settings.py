@@ -32,7 +32,8 @@ class GatewaySettings(ServiceSettings):
     max_attempts: int = Field(2, description="Tries per generation (retries before first token).")
     zone: str = Field(
         "", max_length=64,
-        description="This gateway's zone: the scheduler prefers replicas in it (empty: none).",
+        description="This gateway's zone: the scheduler prefers replicas in it, and the SLI "
+        "metrics carry it as their `zone` label (empty: none).",
     )
     max_running: int = Field(
         64, description="Generations this gateway runs at once; the rest wait in fair queues."
