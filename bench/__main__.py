@@ -11,7 +11,7 @@ import json
 import pathlib
 import tempfile
 
-from bench import audit, noisy_neighbor, quota_accuracy, rollback, torch_engine
+from bench import audit, noisy_neighbor, quota_accuracy, rollback, routing, torch_engine
 from bench.streaming import compare
 from deploy.local.stack import Stack, StackOptions
 from services.common.tenancy import TenantPlan
@@ -30,6 +30,8 @@ def main() -> None:
                         help="Per level and path: no new requests after this.")
     args = parser.parse_args()
     levels = tuple(int(x) for x in args.levels.split(","))
+    # Its own etcd, replicas and schedulers: run before the stack, which would share the CPUs.
+    routing_figures = routing.run()
     with tempfile.TemporaryDirectory(prefix="infermesh-bench-") as state:
         stack = Stack(StackOptions(state_dir=pathlib.Path(state), demo_plan=BENCH_PLAN))
         info = stack.up()
@@ -44,6 +46,7 @@ def main() -> None:
             figures.update(audit.run(info.endpoints["auditor"]))
         finally:
             stack.down()
+    figures.update(routing_figures)
     print(json.dumps(figures, sort_keys=True))
 
 

@@ -1,0 +1,346 @@
+"""Routing: round robin vs least-loaded vs KV/prefix-aware, on four real reference replicas.
+
+One run starts real etcd, four replicas (`deploy/local/replicas.py`: a Triton server with the
+reference engine and its sidecar each) and one scheduler per routing policy. A client then plays
+the same kind of workload against each scheduler in turn: chat sessions whose prompts start with
+one of a few long system prompts and grow turn by turn (each turn repeats the previous prompt and
+answer), mixed with unique prompts. For every request it calls `Scheduler.Route` (with the
+prompt's prefix hashes from `services/common/prefix.py`), streams from the chosen Triton with the
+gateway's own adapter, and releases the route. Each policy gets its own system prompts and
+questions (drawn from the same distribution with another seed), so no policy finds the cache warmed
+by the one before. The replicas' KV pools are too small for every system prompt, so a policy that
+spreads a prefix over all replicas keeps evicting and prefilling it again.
+
+It also reports, with `bench/route_decision.py`, the routing decision in process (the real
+Router and scorers over 100 synthetic replicas) and the Route RPC round trip to a scheduler
+process, the two costs behind a Route call per request vs a routing table streamed to gateways.
+
+    python -m bench.routing [--rate 6] [--duration-s 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import random
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+import aetcd
+import grpc
+
+from backends.triton.adapter import EngineRequest, TritonAdapter
+from bench import route_decision
+from bench.streaming import percentile
+from deploy.local.etcd_server import EtcdServer
+from deploy.local.replicas import ReplicaSet, reference_repository
+from deploy.local.stack import REPO_ROOT, wait_serving
+from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.common import status
+from services.common.net import LOOPBACK, free_port
+from services.common.prefix import prompt_block_hashes
+from services.common.processes import ChildProcess
+from services.scheduler.outcome import Outcome
+from services.scheduler.routing import Policy
+
+MODEL = "routing-reference"
+REPLICAS = 4
+POLICIES = (Policy.ROUND_ROBIN, Policy.LEAST_LOADED, Policy.KV_AWARE)
+BASELINE = Policy.ROUND_ROBIN
+# The simulated accelerator of every replica. Prefill at 4,000 tokens/s and a 10 ms decode step
+# are the proportions of a mid-size model on one GPU; a pool of 80 blocks of 64 tokens holds three
+# or four system prompts and the requests running on them, not all twelve.
+ENGINE = {
+    "prefill_us_per_token": "250",
+    "decode_step_ms": "10",
+    "decode_step_ms_per_request": "0.5",
+    "max_active_requests": "16",
+    "kv_cache_blocks": "80",
+    "kv_block_tokens": "64",
+}
+SYSTEM_PROMPTS = 12
+SYSTEM_PROMPT_WORDS = 1000
+TURNS = 3  # per chat session; each turn's prompt is the last one, its answer and a question
+UNIQUE_SHARE = 0.3  # sessions that are one request with a prompt nobody else sends
+UNIQUE_PROMPT_WORDS = 150
+QUESTION_WORDS = 20
+OUTPUT_TOKENS = 24  # every answer exactly this long (min_tokens = max_tokens)
+THINK_S = 0.2  # between an answer and the next turn's question
+HOLD_S = 60.0
+VOCABULARY = (
+    "the customer account order invoice policy shipping refund support product warranty "
+    "please always never answer question carefully politely briefly detail explain assistant "
+    "should must may include exclude price discount delivery return service contract team "
+    "data privacy secure record update status request ticket priority escalate manager hours"
+).split()
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One request of a session: its prompt is known once the previous answers are."""
+
+    question: str
+
+
+@dataclass(frozen=True)
+class Session:
+    start_s: float  # after the phase began
+    opening: str  # the system prompt, or the whole unique prompt
+    turns: tuple[Turn, ...]
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    tokens: int
+    error: str = ""
+
+
+def _words(rng: random.Random, count: int) -> str:
+    return " ".join(rng.choice(VOCABULARY) for _ in range(count))
+
+
+def workload(seed: int, rate_per_s: float, duration_s: float) -> list[Session]:
+    """Poisson session arrivals over `duration_s`; chat sessions pick a system prompt uniformly."""
+    rng = random.Random(seed)
+    systems = [f"System {seed}-{k}: the assistant of shop {k}. {_words(rng, SYSTEM_PROMPT_WORDS)}"
+               for k in range(SYSTEM_PROMPTS)]
+    sessions: list[Session] = []
+    at = rng.expovariate(rate_per_s)
+    while at < duration_s:
+        if rng.random() < UNIQUE_SHARE:
+            unique = f"Note {seed}-{len(sessions)}: {_words(rng, UNIQUE_PROMPT_WORDS)}"
+            sessions.append(Session(at, unique, (Turn(_words(rng, QUESTION_WORDS)),)))
+        else:
+            turns = tuple(Turn(_words(rng, QUESTION_WORDS)) for _ in range(TURNS))
+            sessions.append(Session(at, rng.choice(systems), turns))
+        at += rng.expovariate(rate_per_s)
+    return sessions
+
+
+class Client:
+    """Route → stream from the chosen Triton → Release, for one scheduler (one policy)."""
+
+    def __init__(self, scheduler: scheduler_pb2_grpc.SchedulerStub, adapter: TritonAdapter):
+        self._scheduler = scheduler
+        self._adapter = adapter
+
+    async def generate(self, prompt: str, seed: int) -> tuple[Sample, str]:
+        started = time.perf_counter()
+        try:
+            route = await self._scheduler.Route(scheduler_pb2.RouteRequest(
+                triton_model_name=MODEL, request_id=uuid.uuid4().hex,
+                hold=status.seconds_to_duration(HOLD_S),
+                prefix_hashes=prompt_block_hashes(prompt), prompt_tokens=len(prompt.split()),
+            ), timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            return Sample(0.0, 0, f"route: {exc.code().name}: {exc.details()}"), ""
+        request = EngineRequest(triton_model_name=MODEL, request_id=uuid.uuid4().hex,
+                                prompt=prompt, max_tokens=OUTPUT_TOKENS,
+                                min_tokens=OUTPUT_TOKENS, seed=seed)
+        ttft, tokens, pieces, outcome, error = 0.0, 0, [], Outcome.OK, ""
+        try:
+            async with asyncio.timeout(60.0):
+                async for chunk in self._adapter.generate(route.grpc_endpoint, request):
+                    if chunk.text and not ttft:
+                        ttft = time.perf_counter() - started
+                    pieces.append(chunk.text)
+                    tokens = chunk.completion_tokens
+        except Exception as exc:  # a failed request is a sample too: counted, not fatal
+            outcome = (Outcome.FAILED_AFTER_FIRST_TOKEN if ttft
+                       else Outcome.FAILED_BEFORE_FIRST_TOKEN)
+            error = repr(exc)
+        await self._scheduler.Release(scheduler_pb2.ReleaseRouteRequest(
+            reservation_id=route.reservation_id, outcome=_OUTCOMES[outcome],
+            completion_tokens=tokens), timeout=5.0)
+        return Sample(ttft, tokens, error), "".join(pieces)
+
+    async def session(self, session: Session, index: int, samples: list[Sample]) -> None:
+        prompt = session.opening
+        for turn in session.turns:
+            prompt = f"{prompt}\nUser: {turn.question}\nAssistant:"
+            sample, answer = await self.generate(prompt, seed=index)
+            samples.append(sample)
+            if sample.error:
+                return
+            prompt += answer
+            await asyncio.sleep(THINK_S)
+
+
+_OUTCOMES = {
+    Outcome.OK: scheduler_pb2.ROUTE_OUTCOME_OK,
+    Outcome.FAILED_BEFORE_FIRST_TOKEN: scheduler_pb2.ROUTE_OUTCOME_FAILED_BEFORE_FIRST_TOKEN,
+    Outcome.FAILED_AFTER_FIRST_TOKEN: scheduler_pb2.ROUTE_OUTCOME_FAILED_AFTER_FIRST_TOKEN,
+}
+
+
+async def play(client: Client, sessions: list[Session]) -> tuple[list[Sample], float]:
+    """Starts every session at its time (open loop); returns the samples and the wall time."""
+    samples: list[Sample] = []
+    started = time.perf_counter()
+
+    async def one(index: int, session: Session) -> None:
+        await asyncio.sleep(max(0.0, session.start_s - (time.perf_counter() - started)))
+        await client.session(session, index, samples)
+
+    await asyncio.gather(*(one(i, s) for i, s in enumerate(sessions)))
+    return samples, time.perf_counter() - started
+
+
+def summarise(samples: list[Sample], wall_s: float) -> dict[str, float]:
+    good = [s for s in samples if not s.error]
+    ttfts = [s.ttft_s * 1000 for s in good]
+    return {
+        "requests": len(samples),
+        "errors": len(samples) - len(good),
+        "ttft_p50_ms": round(percentile(ttfts, 50), 1),
+        "ttft_p90_ms": round(percentile(ttfts, 90), 1),
+        "ttft_p99_ms": round(percentile(ttfts, 99), 1),
+        "requests_per_s": round(len(good) / wall_s, 2),
+        "tokens_per_s": round(sum(s.tokens for s in good) / wall_s, 1),
+    }
+
+
+class Schedulers:
+    """One scheduler process per policy, on the bench's etcd (placement off: the replicas keep
+    the model they were started with)."""
+
+    def __init__(self, root: pathlib.Path, etcd_endpoint: str):
+        self.endpoints: dict[Policy, str] = {}
+        self.children: dict[Policy, ChildProcess] = {}
+        for policy in POLICIES:
+            port = free_port()
+            env = {**os.environ, "INFERMESH_ETCD_ENDPOINT": etcd_endpoint,
+                   "INFERMESH_PORT": str(port), "INFERMESH_METRICS_PORT": str(free_port()),
+                   "INFERMESH_INSTANCE_ID": f"scheduler-{policy.value}",
+                   "INFERMESH_ROUTING_POLICY": policy.value,
+                   "INFERMESH_PLACEMENT_ENABLED": "false"}
+            self.children[policy] = ChildProcess(
+                f"scheduler-{policy.value}", [sys.executable, "-m", "services.scheduler"],
+                root / f"scheduler-{policy.value}.log", env=env, cwd=REPO_ROOT)
+            self.endpoints[policy] = f"{LOOPBACK}:{port}"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for child in self.children.values():
+            child.start()
+        for policy, child in self.children.items():
+            wait_serving(child, self.endpoints[policy], deadline)
+
+    def stop(self) -> None:
+        for child in self.children.values():
+            child.stop(grace_s=10.0)
+
+
+async def _measure(replicas: ReplicaSet, schedulers: Schedulers, etcd_endpoint: str,
+                   rate_per_s: float, duration_s: float) -> dict[str, float]:
+    host, port = etcd_endpoint.rsplit(":", 1)
+    async with aetcd.Client(host, int(port), timeout=5) as client:
+        await replicas.wait_registered(client, timeout_s=60, models=[MODEL])
+    await asyncio.sleep(2.0)  # every scheduler's watch has the records and a load report
+    figures: dict[str, float] = {}
+    adapter = TritonAdapter()
+    try:
+        results = {}
+        for round_index, policy in enumerate(POLICIES):
+            async with grpc.aio.insecure_channel(schedulers.endpoints[policy]) as channel:
+                client = Client(scheduler_pb2_grpc.SchedulerStub(channel), adapter)
+                # Warm the processes and channels on prompts no measured session shares.
+                warm = workload(seed=1000 + round_index, rate_per_s=8.0, duration_s=1.0)
+                await play(client, [Session(0.0, s.opening[:200], s.turns[:1]) for s in warm])
+                sessions = workload(seed=round_index, rate_per_s=rate_per_s,
+                                    duration_s=duration_s)
+                samples, wall_s = await play(client, sessions)
+                results[policy] = summary = summarise(samples, wall_s)
+                errors = sorted({s.error for s in samples if s.error})[:3]
+                print(f"routing {policy.value:>12}: ttft p50 {summary['ttft_p50_ms']:7.1f} "
+                      f"p90 {summary['ttft_p90_ms']:7.1f} p99 {summary['ttft_p99_ms']:7.1f} ms, "
+                      f"{summary['requests_per_s']:5.2f} req/s, {summary['tokens_per_s']:6.1f} "
+                      f"tok/s ({summary['requests']} req, {summary['errors']} err) {errors or ''}",
+                      flush=True)
+                for key, value in summary.items():
+                    figures[f"routing_{policy.value}_{key}"] = value
+    finally:
+        await adapter.close()
+    base = results[BASELINE]
+    for policy in POLICIES:
+        if policy is not BASELINE:
+            figures[f"{policy.value}_p90_ttft_speedup_vs_rr"] = round(
+                base["ttft_p90_ms"] / results[policy]["ttft_p90_ms"], 2)
+    figures["kv_routing_p90_ttft_speedup_vs_rr"] = figures.pop("kv_aware_p90_ttft_speedup_vs_rr")
+    print(f"routing p90 TTFT vs round robin: kv_aware "
+          f"{figures['kv_routing_p90_ttft_speedup_vs_rr']}x lower, least_loaded "
+          f"{figures['least_loaded_p90_ttft_speedup_vs_rr']}x", flush=True)
+    return figures
+
+
+def run(rate_per_s: float = 6.0, duration_s: float = 20.0) -> dict[str, float]:
+    """The whole routing benchmark; `rate_per_s`: session arrivals per policy phase."""
+    with tempfile.TemporaryDirectory(prefix="infermesh-bench-routing-") as state:
+        root = pathlib.Path(state)
+        etcd_server = EtcdServer(root / "etcd", root / "etcd.log")
+        etcd_server.start()
+        try:
+            repository = reference_repository(root / "models", [MODEL], ENGINE)
+            replicas = ReplicaSet(root / "replicas", etcd_server.endpoint, REPLICAS,
+                                  model_repository=repository, models=[MODEL])
+            schedulers = Schedulers(root, etcd_server.endpoint)
+            replicas.start()
+            try:
+                schedulers.start()
+                try:
+                    figures = asyncio.run(_measure(replicas, schedulers, etcd_server.endpoint,
+                                                   rate_per_s, duration_s))
+                finally:
+                    schedulers.stop()
+            finally:
+                replicas.stop()
+        finally:
+            etcd_server.stop()
+    figures.update(decision_costs())
+    return figures
+
+
+def decision_costs() -> dict[str, float]:
+    """The in-process decision and the Route RPC round trip, as `bench/route_decision.py`
+    measures them (100 replicas), under this benchmark's names."""
+    in_process = route_decision.decision_time_us(100, 5000, Policy.KV_AWARE)
+    rpc = route_decision.rpc_round_trip_us(100, 2000)
+    one, many = rpc["concurrency_1"], rpc["concurrency_16"]
+    figures = {
+        "route_decision_us_p50_100_replicas": in_process["cpu"]["p50"],
+        "route_decision_us_p99_100_replicas": in_process["cpu"]["p99"],
+        "route_decision_wall_us_p99_100_replicas": in_process["wall"]["p99"],
+        "route_rpc_us_p50_100_replicas": one["p50"],
+        "route_rpc_us_p99_100_replicas": one["p99"],
+        "route_rpc_us_p50_16_callers": many["p50"],
+        "route_rpc_routes_per_s_16_callers": many["routes_per_s"],
+        "route_rpc_over_decision_p50": round(one["p50"] / in_process["cpu"]["p50"], 1),
+    }
+    print(f"routing decision in process (100 replicas, kv_aware, CPU time): p50 "
+          f"{figures['route_decision_us_p50_100_replicas']} / p99 "
+          f"{figures['route_decision_us_p99_100_replicas']} µs; Route RPC round trip: p50 "
+          f"{figures['route_rpc_us_p50_100_replicas']} / p99 "
+          f"{figures['route_rpc_us_p99_100_replicas']} µs "
+          f"({figures['route_rpc_over_decision_p50']}x the decision at p50), "
+          f"{figures['route_rpc_routes_per_s_16_callers']} routes/s with 16 callers", flush=True)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=float, default=6.0, help="Session arrivals per second.")
+    parser.add_argument("--duration-s", type=float, default=20.0,
+                        help="Sessions start during this long, per policy.")
+    args = parser.parse_args()
+    print(json.dumps(run(args.rate, args.duration_s), sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
