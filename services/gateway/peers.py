@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import grpc
 
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
-from services.common import status
-from services.common.discovery import ServiceDirectory
+from services.common import errors, status
+from services.common.discovery import ServiceDirectory, rendezvous_owner
 from services.scheduler.outcome import Outcome
 
 OUTCOMES = {
@@ -38,18 +38,33 @@ class Route:
 
 
 class SchedulerClient:
-    """The scheduler's Route/Release, from a gateway in `zone` (preferred by the scheduler)."""
+    """The scheduler's Route/Release, from a gateway in `zone` (preferred by the scheduler).
+
+    Reservations, breakers and the prefix index live in each scheduler instance, so a request
+    goes to the instance its prompt's first block hashes to (rendezvous: the same prefix, the
+    same instance, whichever gateway asks), and its Release to the instance that routed it.
+    """
 
     def __init__(self, directory: ServiceDirectory, timeout_s: float, zone: str = ""):
         self._directory = directory
         self._timeout_s = timeout_s
         self._zone = zone
+        self._routed_by: dict[str, str] = {}  # reservation id → scheduler endpoint, until released
+
+    def _scheduler(self, triton_model_name: str, request_id: str,
+                   prefix_hashes: Sequence[int]) -> str:
+        endpoints = self._directory.endpoints("scheduler")
+        if not endpoints:
+            raise errors.Unavailable("no scheduler service is registered", retry_after_s=1.0)
+        key = f"{triton_model_name}/{prefix_hashes[0]}" if prefix_hashes else request_id
+        return rendezvous_owner(key, endpoints)
 
     async def route(
         self, triton_model_name: str, version_id: str, request_id: str, hold_s: float,
         exclude: list[str], *, prefix_hashes: Sequence[int] = (), prompt_tokens: int = 0,
     ) -> Route:
-        stub = scheduler_pb2_grpc.SchedulerStub(self._directory.channel("scheduler"))
+        endpoint = self._scheduler(triton_model_name, request_id, prefix_hashes)
+        stub = scheduler_pb2_grpc.SchedulerStub(self._directory.channel_to(endpoint))
         try:
             reply = await stub.Route(
                 scheduler_pb2.RouteRequest(
@@ -62,6 +77,7 @@ class SchedulerClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise status.from_rpc_error(exc) from exc
+        self._routed_by[reply.reservation_id] = endpoint
         return Route(reply.replica_id, reply.grpc_endpoint, reply.reservation_id)
 
     async def release_route(
@@ -69,7 +85,10 @@ class SchedulerClient:
         completion_tokens: int = 0,
     ) -> None:
         """Frees the reservation and says how the generation went (the replica's breaker)."""
-        stub = scheduler_pb2_grpc.SchedulerStub(self._directory.channel("scheduler"))
+        endpoint = self._routed_by.pop(reservation_id, None)
+        if endpoint is None:
+            return  # not routed by this client, or already released
+        stub = scheduler_pb2_grpc.SchedulerStub(self._directory.channel_to(endpoint))
         await stub.Release(
             scheduler_pb2.ReleaseRouteRequest(
                 reservation_id=reservation_id, outcome=OUTCOMES[outcome],

@@ -48,6 +48,7 @@ class FakeSidecars:
         self.model = model
         self.leases: dict[str, object] = {}
         self.reporting: set[str] = set()
+        self.vanished: set[str] = set()
         self._task: asyncio.Task | None = None
 
     async def add(self, rid: str, zone: str = "z") -> None:
@@ -69,13 +70,15 @@ class FakeSidecars:
 
     async def vanish(self, rid: str) -> None:
         self.reporting.discard(rid)
-        await self.leases.pop(rid).revoke()
+        self.vanished.add(rid)
+        await self.leases[rid].revoke()
 
     def start(self) -> None:
         async def keep_reporting() -> None:
             while True:
                 for rid in list(self.reporting):
-                    await self.report(rid)
+                    if rid in self.reporting:  # not vanished while we wrote the others
+                        await self.report(rid)
                 await asyncio.sleep(0.25)
         self._task = asyncio.create_task(keep_reporting())
 
@@ -83,8 +86,9 @@ class FakeSidecars:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for lease in self.leases.values():
-            await lease.revoke()
+        for rid, lease in self.leases.items():
+            if rid not in self.vanished:
+                await lease.revoke()
 
 
 async def route(stub, model: str, **fields) -> scheduler_pb2.RouteResponse:
