@@ -1,0 +1,120 @@
+"""The Scheduler servicer over in-memory views of its two caches: validation names the field,
+Release feeds the demand callback once per served request, and ListReplicas shows load and
+breaker state."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from infermesh.v1 import scheduler_pb2
+from services.common import status
+from services.scheduler.breakers import BreakerSettings
+from services.scheduler.routing import Policy, Router, RoutingConfig
+from services.scheduler.server import SchedulerServicer
+from tests.unit.scheduler_builders import replica, report
+
+
+class Items:
+    """What the servicer reads of a WatchCache: `items` and `get`."""
+
+    def __init__(self, items: dict):
+        self.items = items
+
+    def get(self, key):
+        return self.items.get(key)
+
+
+class Aborted(Exception):
+    pass
+
+
+class Context:
+    """Records the status an RPC ends with (as grpc.aio's context.abort, it raises)."""
+
+    async def abort(self, code, details, trailing_metadata=()):
+        self.code = code
+        self.details = details
+        raise Aborted()
+
+
+def servicer(on_release=None, now=1.0):
+    replicas = Items({"a": replica("a", zone="z"), "b": replica("b", zone="z")})
+    loads = Items({"a": report("a", 0.9, free=30, active=2, waiting=1)})
+    router = Router(RoutingConfig(policy=Policy.LEAST_LOADED,
+                                  breakers=BreakerSettings(consecutive_failures=1)))
+    return SchedulerServicer(replicas, loads, router, max_hold_s=60, on_release=on_release,
+                             clock=lambda: now)
+
+
+def route_request(**fields):
+    return scheduler_pb2.RouteRequest(triton_model_name="m", hold=status.seconds_to_duration(10),
+                                      **fields)
+
+
+async def test_release_reports_demand_once_per_served_request():
+    demand = []
+    s = servicer(on_release=lambda *args: demand.append(args))
+    outcomes = [scheduler_pb2.ROUTE_OUTCOME_FAILED_BEFORE_FIRST_TOKEN,  # retried: counted there
+                scheduler_pb2.ROUTE_OUTCOME_OK, scheduler_pb2.ROUTE_OUTCOME_CANCELLED]
+    for outcome in outcomes:
+        reply = await s.Route(route_request(prompt_tokens=40), Context())
+        released = await s.Release(scheduler_pb2.ReleaseRouteRequest(
+            reservation_id=reply.reservation_id, outcome=outcome, completion_tokens=7), Context())
+        assert released.released
+    assert demand == [("m", 40, 7), ("m", 40, 7)]
+    again = await s.Release(scheduler_pb2.ReleaseRouteRequest(reservation_id=reply.reservation_id),
+                            Context())
+    assert not again.released and len(demand) == 2
+
+
+async def test_a_failing_demand_callback_never_fails_the_release():
+    def broken(*args):
+        raise RuntimeError("meter down")
+
+    s = servicer(on_release=broken)
+    reply = await s.Route(route_request(), Context())
+    released = await s.Release(scheduler_pb2.ReleaseRouteRequest(
+        reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK), Context())
+    assert released.released
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"triton_model_name": ""}, "triton_model_name"),
+    ({"hold": status.seconds_to_duration(120)}, "hold"),
+    ({"prefix_hashes": list(range(257))}, "prefix_hashes"),
+    ({"zone": "z" * 65}, "zone"),
+    ({"exclude_replicas": [str(i) for i in range(65)]}, "exclude_replicas"),
+    ({"prompt_tokens": 10_000_001}, "prompt_tokens"),
+])
+async def test_route_fields_are_validated(fields, field):
+    context = Context()
+    request = scheduler_pb2.RouteRequest(triton_model_name="m",
+                                         hold=status.seconds_to_duration(10))
+    for name, value in fields.items():
+        if isinstance(value, list):
+            getattr(request, name).extend(value)
+        elif name == "hold":
+            request.hold.CopyFrom(value)
+        else:
+            setattr(request, name, value)
+    with pytest.raises(Aborted):
+        await servicer().Route(request, context)
+    assert context.code == grpc.StatusCode.INVALID_ARGUMENT and field in context.details
+
+
+async def test_list_replicas_shows_load_and_breakers():
+    s = servicer()
+    reply = await s.Route(route_request(exclude_replicas=["a"]), Context())
+    await s.Release(scheduler_pb2.ReleaseRouteRequest(
+        reservation_id=reply.reservation_id,
+        outcome=scheduler_pb2.ROUTE_OUTCOME_FAILED_AFTER_FIRST_TOKEN), Context())
+    listing = {r.replica_id: r for r in (await s.ListReplicas(
+        scheduler_pb2.ListReplicasRequest(), Context())).replicas}
+    a, b = listing["a"], listing["b"]
+    assert a.load_reported and a.load_fresh and round(a.load_age_s, 3) == 0.1
+    assert (a.loads[0].kv_free_blocks, a.loads[0].active, a.loads[0].waiting) == (30, 2, 1)
+    assert not b.load_reported and not b.loads
+    assert b.breaker == scheduler_pb2.BREAKER_STATE_OPEN
+    assert a.breaker == scheduler_pb2.BREAKER_STATE_CLOSED
+    assert a.zone_breaker == scheduler_pb2.BREAKER_STATE_CLOSED  # one of two failing: not most
