@@ -20,8 +20,9 @@ class PrefixIndex:
             raise ValueError(f"holders_per_block must be at least 1, got {holders_per_block}")
         self._max_blocks = max_blocks
         self._holders_per_block = holders_per_block
-        # model → block hash → replica ids (dict as an ordered set, most recent last)
-        self._models: dict[str, OrderedDict[int, dict[str, None]]] = {}
+        # model → block hash → replica ids, most recent last (a tuple: ~50 bytes, where a set
+        # or dict would take ~200; at 65 536 blocks a model's index stays near 10 MB)
+        self._models: dict[str, OrderedDict[int, tuple[str, ...]]] = {}
 
     def blocks(self, model: str) -> int:
         return len(self._models.get(model, ()))
@@ -33,16 +34,20 @@ class PrefixIndex:
         if not index or not hashes:
             return {}
         matched: dict[str, int] = {}
-        alive: set[str] | None = None
-        for position, block in enumerate(hashes, start=1):
+        alive: set[str] = set()
+        length = 0  # of the chain every replica in `alive` holds
+        for block in hashes:
             holders = index.get(block)
-            if not holders:
-                break
-            alive = set(holders) if alive is None else alive.intersection(holders)
-            if not alive:
-                break
-            for replica_id in alive:
-                matched[replica_id] = position
+            still = alive.intersection(holders) if length and holders else set(holders or ())
+            if length:
+                for replica_id in alive - still:  # their chain ended at the previous block
+                    matched[replica_id] = length
+            if not still:
+                return matched
+            alive = still
+            length += 1
+        for replica_id in alive:
+            matched[replica_id] = length
         return matched
 
     def record(self, model: str, hashes: Sequence[int], replica_id: str) -> None:
@@ -54,12 +59,11 @@ class PrefixIndex:
         for block in reversed(hashes):
             holders = index.get(block)
             if holders is None:
-                index[block] = {replica_id: None}
-            else:
-                index.move_to_end(block)
-                holders.pop(replica_id, None)
-                holders[replica_id] = None
-                if len(holders) > self._holders_per_block:
-                    del holders[next(iter(holders))]
+                index[block] = (replica_id,)
+                continue
+            index.move_to_end(block)
+            if holders[-1] != replica_id:
+                holders = (*(h for h in holders if h != replica_id), replica_id)
+                index[block] = holders[-self._holders_per_block:]
         while len(index) > self._max_blocks:
             index.popitem(last=False)
