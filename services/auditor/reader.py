@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from services.auditor import merkle
+from services.auditor import index, merkle
 from services.auditor.checkpoints import BadCheckpoint, Checkpoint, parse_public_record
 from services.auditor.records import Record, canonical_json, parse_line, MalformedRecord
 from services.auditor.store import (
@@ -106,32 +106,45 @@ class QueryFilter:
 def query(view: LogView, where: QueryFilter) -> Iterator[tuple[Record, bytes]]:
     """Records matching every set field of `where`, oldest first, at most `where.limit`.
 
-    Time is the auditor's `at`, which never decreases along the log, so whole segments outside
-    the range are skipped unread. A request id or tenant is looked for as text in the line
-    before the line is parsed, which keeps a scan cheap.
+    A sealed segment is read only when its index (services/auditor/index.py) says it may hold a
+    match; the segment being written is always read. Within a segment, a request id or tenant is
+    looked for as text in the line before the line is parsed, which keeps a scan cheap. Time is
+    the auditor's `at`, which never decreases along the log, so the scan stops past `until`.
     """
     needles = []
     if where.request_id:
         needles.append(b'"request_id":' + canonical_json(where.request_id).encode())
     if where.tenant:
         needles.append(b'"tenant":' + canonical_json(where.tenant).encode())
-    start = _first_sequence_at_or_after(view, where.since_ms) if where.since_ms else 1
     found = 0
-    for _seq, line in lines(view, start):
-        if found >= where.limit:
-            return
-        if any(needle not in line for needle in needles):
-            continue
-        try:
-            record = parse_line(line)
-        except MalformedRecord:
-            continue
-        if where.until_ms and record.at >= where.until_ms:
-            return
-        if record.at < where.since_ms or not _matches(record.event, where):
-            continue
-        found += 1
-        yield record, line
+    for segment_view in _segments_that_may_match(view, where):
+        for _seq, line in lines(segment_view):
+            if found >= where.limit:
+                return
+            if any(needle not in line for needle in needles):
+                continue
+            try:
+                record = parse_line(line)
+            except MalformedRecord:
+                continue
+            if where.until_ms and record.at >= where.until_ms:
+                return
+            if record.at < where.since_ms or not _matches(record.event, where):
+                continue
+            found += 1
+            yield record, line
+
+
+def _segments_that_may_match(view: LogView, where: QueryFilter) -> Iterator[LogView]:
+    """One view per segment to read: sealed ones their index does not rule out, then the last."""
+    *sealed, last = view.segments
+    for segment in sealed:
+        summary = index.load_or_build(segment)
+        if summary is not None and summary.may_match(
+                since_ms=where.since_ms, until_ms=where.until_ms, tenant=where.tenant,
+                model=where.model, request_id=where.request_id):
+            yield dataclasses.replace(view, segments=(segment,), end=None)
+    yield dataclasses.replace(view, segments=(last,))
 
 
 def _matches(event: dict[str, Any], where: QueryFilter) -> bool:
@@ -142,25 +155,6 @@ def _matches(event: dict[str, Any], where: QueryFilter) -> bool:
                                            generation.get("model_version")):
         return False
     return not where.request_id or event.get("request_id") == where.request_id
-
-
-def _first_sequence_at_or_after(view: LogView, since_ms: int) -> int:
-    """The first sequence of the newest segment that starts before `since_ms`."""
-    start = view.segments[0].first
-    for segment in view.segments[1:]:
-        first = _first_at(segment)
-        if first is None or first >= since_ms:
-            break
-        start = segment.first
-    return start
-
-
-def _first_at(segment: Segment) -> int | None:
-    try:
-        with open(segment.log_path, "rb") as file:
-            return parse_line(file.readline()).at
-    except (FileNotFoundError, MalformedRecord):
-        return None
 
 
 def find_sequence(view: LogView, request_id: str) -> int:

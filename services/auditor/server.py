@@ -29,7 +29,7 @@ from google.protobuf import json_format, timestamp_pb2
 from prometheus_client import Counter, Gauge, Histogram
 
 from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
-from services.auditor import reader, verify
+from services.auditor import index, reader, verify
 from services.auditor.checkpoints import (
     CHECKPOINT_KEY, PUBLIC_KEYS_PREFIX, Checkpoint, Signer,
 )
@@ -68,6 +68,7 @@ ACK_SECONDS = Histogram(
 )
 LAST_SEQUENCE = Gauge("infermesh_auditor_last_sequence", "Sequence number of the durable head.")
 CHECKPOINTS = Counter("infermesh_auditor_checkpoints_total", "Checkpoints signed into the log.")
+INDEX_INTERVAL_S = 10.0  # how soon a rotated segment gets its query index
 APPEND_REFUSED = Counter("infermesh_auditor_append_unauthenticated_total",
                          "Append calls refused for a missing or wrong mesh token.")
 PUBLISHED_SIZE = Gauge(
@@ -554,6 +555,11 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
                 PUBLISH_FAILURES.inc()
                 raise
 
+    async def build_indexes() -> None:
+        built = await asyncio.to_thread(index.build_missing, settings.data_dir)
+        if built:
+            log.info("audit_indexes_built", segments=built)
+
     async def retention() -> None:
         cutoff = int((time.time() - settings.retention_s) * 1000)
         dropped = await asyncio.to_thread(audit_log.drop_segments, cutoff)
@@ -562,7 +568,8 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
             await checkpoint()
 
     background = [asyncio.create_task(_every(settings.checkpoint_interval_s, checkpoint,
-                                             "audit_checkpoint"))]
+                                             "audit_checkpoint")),
+                  asyncio.create_task(_every(INDEX_INTERVAL_S, build_indexes, "audit_index"))]
     if settings.retention_s:
         background.append(asyncio.create_task(
             _every(settings.retention_check_interval_s, retention, "audit_retention")))

@@ -52,6 +52,7 @@ LOCK_FILE = "LOCK"
 PUBLIC_KEY_FILE = "signing.pub.json"
 LOG_SUFFIX = ".log"
 CHECKPOINT_SUFFIX = ".ckpt"
+INDEX_SUFFIX = ".idx"  # a sealed segment's query index (services/auditor/index.py), not evidence
 _READ_CHUNK = 1 << 16
 
 
@@ -75,6 +76,10 @@ class Segment:
     @property
     def checkpoint_path(self) -> pathlib.Path:
         return self.directory / f"{self.first:020d}{CHECKPOINT_SUFFIX}"
+
+    @property
+    def index_path(self) -> pathlib.Path:
+        return self.directory / f"{self.first:020d}{INDEX_SUFFIX}"
 
 
 def list_segments(data_dir: pathlib.Path) -> list[Segment]:
@@ -277,7 +282,7 @@ class AuditLog:
             self._first = segments[len(dropped)].first
             self._guarded(self._write_checkpoint)
             for segment in dropped:
-                for path in (segment.log_path, segment.checkpoint_path):
+                for path in (segment.log_path, segment.checkpoint_path, segment.index_path):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
             fsync_directory(self._dir / SEGMENTS_DIR)

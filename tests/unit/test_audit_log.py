@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from services.auditor import merkle, reader, store
+from services.auditor import index, merkle, reader, store
 from services.auditor.checkpoints import Checkpoint, Signer
 from services.auditor.records import GENESIS_HASH, parse_line
 from services.auditor.verify import format_result, verify
@@ -342,6 +342,71 @@ def test_query_filters_by_tenant_model_request_and_time(data_dir, signer) -> Non
     assert reader.find_sequence(view, "req-30") == 30
     with pytest.raises(errors.NotFound):
         reader.find_sequence(view, "req-nope")
+
+
+def test_queries_read_only_the_sealed_segments_their_index_allows(
+    data_dir, signer, monkeypatch
+) -> None:
+    clock = Clock()
+    with open_log(data_dir, signer, clock, segment_max_bytes=1500) as audit_log:
+        for n in range(1, 61):
+            audit_log.append([event(n, tenant="zeta" if n == 17 else "acme",
+                                    model="mistral" if n > 50 else "llama")])
+            clock.now += 10
+        view = audit_log.view()
+    sealed = view.segments[:-1]
+    assert len(sealed) >= 4
+    assert index.build_missing(data_dir) == len(sealed)
+    assert index.build_missing(data_dir) == 0  # every index is current
+    read: list[int] = []
+    real_lines = reader.lines
+
+    def counting_lines(segment_view, start=1):
+        read.append(segment_view.segments[0].first)
+        return real_lines(segment_view, start)
+
+    monkeypatch.setattr(reader, "lines", counting_lines)
+
+    def query(**where: object) -> tuple[list[int], list[int]]:
+        read.clear()
+        found = [r.seq for r, _ in reader.query(view, reader.QueryFilter(**where))]
+        return found, list(read)
+
+    holding = [s.first for s in sealed if s.first <= 17][-1]
+    newest = view.segments[-1].first
+    assert query(tenant="zeta") == ([17], [holding, newest])
+    assert query(request_id="req-17") == ([17], [holding, newest])
+    late = int((Clock().now + 300) * 1000)  # record 31 on
+    found, segments_read = query(since_ms=late, model="llama")
+    assert found == list(range(31, 51))
+    firsts = [s.first for s in view.segments]
+    # Sealed segments with a record from 31 on and a llama record (all after 50 are mistral).
+    wanted = [f for f, after in zip(firsts, firsts[1:]) if after - 1 >= 31 and f <= 50]
+    assert segments_read == [*wanted, newest] and len(wanted) < len(sealed)
+    # An index that no longer matches its segment's file is rebuilt, never trusted.
+    first_index = json.loads(sealed[0].index_path.read_text())
+    first_index["log_bytes"] += 1
+    first_index["tenants"] = []
+    sealed[0].index_path.write_text(json.dumps(first_index))
+    assert query(tenant="acme", limit=1)[0] == [1]
+    # A Bloom filter says "maybe" for what it holds and, here, "no" for what it does not.
+    summary = index.load_or_build(sealed[0])
+    assert summary is not None and summary.request_ids.may_contain("req-1")
+    assert not any(summary.request_ids.may_contain(f"absent-{n}") for n in range(20))
+
+
+def test_retention_removes_a_dropped_segments_index(data_dir, signer) -> None:
+    clock = Clock()
+    with open_log(data_dir, signer, clock, segment_max_bytes=2000) as audit_log:
+        for n in range(1, 41):
+            audit_log.append([event(n)])
+            clock.now += 1
+        index.build_missing(data_dir)
+        first = segments(data_dir)[0]
+        assert first.index_path.exists()
+        assert audit_log.drop_segments(int((clock.now - 15) * 1000))
+    assert not first.index_path.exists()
+    assert verify(data_dir).ok
 
 
 def test_inclusion_and_consistency_proofs_check_and_catch_a_lie(data_dir, signer) -> None:
