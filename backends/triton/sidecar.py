@@ -257,6 +257,8 @@ class Sidecar:
 
     async def _check_health(self) -> None:
         ready, versions = await self._probe()
+        if ready and not self._ready:  # (re)started: what failed on the old server gets a retry
+            self._failed.clear()
         self._ready = ready
         if versions is not None:
             self._versions = versions
@@ -317,6 +319,8 @@ class Sidecar:
         if loads is None:
             SCRAPE_FAILURES.labels(self._settings.replica_id).inc()
             return  # no report: a stale one tells the scheduler this replica is gone
+        if not self._probed.is_set():
+            return  # which models it serves is not known yet
         if kv_changed:
             await self._publish_record()
         served = [m for m in self._versions if m not in self._unloading]

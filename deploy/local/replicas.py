@@ -157,7 +157,8 @@ class ReplicaSet:
     async def wait_registered(
         self, client: aetcd.Client, timeout_s: float = 30.0, models: Iterable[str] = ()
     ) -> None:
-        """Until every replica's record is healthy with `models` and its load report is in."""
+        """Until every replica's record is healthy with `models` and its load report covers
+        them."""
         wanted = set(models)
         deadline = time.monotonic() + timeout_s
         waiting = {replica.replica_id for replica in self.replicas}
@@ -166,8 +167,9 @@ class ReplicaSet:
                 record = await client.get(etcd.Keys.replica(replica_id).encode())
                 load = await client.get(etcd.Keys.load(replica_id).encode())
                 if record is not None and load is not None:
-                    value = etcd.decode(record.value)
-                    if value["healthy"] and wanted <= set(value["models"]):
+                    value, report = etcd.decode(record.value), etcd.decode(load.value)
+                    if (value["healthy"] and wanted <= set(value["models"])
+                            and wanted <= set(report["models"])):
                         waiting.discard(replica_id)
             if waiting and time.monotonic() > deadline:
                 raise TimeoutError(f"not registered with {sorted(wanted)} after {timeout_s}s: "

@@ -76,6 +76,11 @@ async def eventually(client: aetcd.Client, key: str, check: Any, timeout_s: floa
         await asyncio.sleep(0.05)
 
 
+def active(load: dict[str, Any], model: str) -> int | None:
+    """Requests running on `model` per a load report; None while the report lacks the model."""
+    return load["models"].get(model, {}).get("active")
+
+
 def generation_inputs(tokens: int) -> list[InferInput]:
     """A streamed request for exactly `tokens` tokens (min_tokens = max_tokens)."""
     inputs = []
@@ -146,11 +151,11 @@ async def test_load_follows_a_running_generation(client: aetcd.Client,
     replica = replicas[f"{PREFIX}-0"]
     key = etcd.Keys.load(replica.replica_id)
     generation = asyncio.create_task(generate(replica.grpc_endpoint, "alpha", 200))
-    busy = await eventually(client, key, lambda v: v["models"]["alpha"]["active"] == 1)
+    busy = await eventually(client, key, lambda v: active(v, "alpha") == 1)
     if "kv_used_blocks" in busy["models"]["alpha"]:
         assert busy["models"]["alpha"]["kv_used_blocks"] > 0
     assert await generation == 200
-    await eventually(client, key, lambda v: v["models"]["alpha"]["active"] == 0)
+    await eventually(client, key, lambda v: active(v, "alpha") == 0)
 
 
 async def test_placement_loads_and_unloads_and_reports_a_bad_model(
@@ -203,7 +208,7 @@ async def test_sigterm_drains_in_flight_generations_before_the_lease_goes(
     follower = asyncio.create_task(follow())
     try:
         generation = asyncio.create_task(generate(replica.grpc_endpoint, "alpha", 300))
-        await eventually(client, load_key, lambda v: v["models"]["alpha"]["active"] == 1)
+        await eventually(client, load_key, lambda v: active(v, "alpha") == 1)
         replica.sidecar.process.send_signal(signal.SIGTERM)
         draining = await eventually(client, record_key, lambda v: v["draining"])
         assert draining["healthy"] and draining["models"] == ["alpha"]
