@@ -54,14 +54,16 @@ REPLICAS = 4
 POLICIES = (Policy.ROUND_ROBIN, Policy.LEAST_LOADED, Policy.KV_AWARE)
 BASELINE = Policy.ROUND_ROBIN
 # The simulated accelerator of every replica. Prefill at 4,000 tokens/s and a 10 ms decode step
-# are the proportions of a mid-size model on one GPU; a pool of 80 blocks of 64 tokens holds three
-# or four system prompts and the requests running on them, not all twelve.
+# are the proportions of a mid-size model on one GPU; a pool of 96 blocks of 64 tokens holds four
+# or five system prompts and the requests running on them, not all twelve (so round robin keeps
+# evicting), and the three a replica gets under prefix-aware routing with room to spare (five when
+# the scorers, which cannot see what is cached, put more on one replica).
 ENGINE = {
     "prefill_us_per_token": "250",
     "decode_step_ms": "10",
     "decode_step_ms_per_request": "0.5",
     "max_active_requests": "16",
-    "kv_cache_blocks": "80",
+    "kv_cache_blocks": "96",
     "kv_block_tokens": "64",
 }
 SYSTEM_PROMPTS = 12
