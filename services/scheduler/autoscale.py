@@ -136,6 +136,9 @@ class Autoscaler:
                 state.replicas, state.changed_at = floor, now
         return state.replicas
 
+    def models(self) -> set[str]:
+        return set(self._models)
+
     def forget(self, model: str) -> None:
         """A model no longer served: its history must not hold a later one up."""
         self._models.pop(model, None)

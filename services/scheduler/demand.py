@@ -74,7 +74,7 @@ class DemandMeter:
         buckets = self._models.get(model)
         if buckets is not None:
             for second, (p, c) in buckets.by_second.items():
-                if second >= oldest:
+                if second + 1 > oldest:  # the bucket [second, second + 1) overlaps the window
                     prompt += p
                     completion += c
         return TokenRates(prompt / span, completion / span)

@@ -3,7 +3,8 @@
 A candidate grants a lease and creates `scheduler/leader` under it with a create-if-absent
 transaction; whoever creates it leads while it keeps the lease alive. Followers watch the key and
 campaign again as soon as it is deleted (the leader stepped down or its lease expired), so a lost
-leader is replaced within the lease TTL.
+leader is replaced within the lease TTL. A leader that lost its lease waits half a TTL before it
+campaigns again, so a healthy follower takes over first.
 
 Leadership ends the moment the lease cannot be shown alive: a keepalive that reports the lease
 gone, the key deleted, or no successful keepalive for a whole TTL (etcd away: it may already
@@ -82,7 +83,7 @@ class LeaderElection:
 
     async def _run(self) -> None:
         while True:
-            lease = None
+            lease, lost = None, False
             try:
                 lease = await self._call(self._client.lease(self._ttl_s))
                 granted_at = self._clock()
@@ -98,10 +99,12 @@ class LeaderElection:
                 log.warning("leader_election_failed", error=repr(exc))
                 await asyncio.sleep(min(1.0, self._ttl_s / 3))
             finally:
-                self._step_down()
+                lost = self._step_down()
                 if lease is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(self._call(lease.revoke()))
+            if lost:  # a leader that just lost its lease is suspect: the others go first
+                await asyncio.sleep(self._ttl_s / 2)
 
     async def _campaign(self, lease) -> int:
         """The key's create revision if we created it now, else 0."""
@@ -123,13 +126,16 @@ class LeaderElection:
         self._changed.set()
         log.info("leader_elected", candidate=self._candidate.decode(), revision=revision)
 
-    def _step_down(self) -> None:
-        if self._create_revision:
-            log.warning("leadership_lost", candidate=self._candidate.decode())
-            self._create_revision = 0
-            self._valid_until = 0.0
-            LEADER.set(0)
-            self._changed.set()
+    def _step_down(self) -> bool:
+        """Ends our leadership, if we had it; True when we had."""
+        if not self._create_revision:
+            return False
+        log.warning("leadership_lost", candidate=self._candidate.decode())
+        self._create_revision = 0
+        self._valid_until = 0.0
+        LEADER.set(0)
+        self._changed.set()
+        return True
 
     async def _hold(self, lease) -> None:
         """Returns when leadership is lost: lease gone, key deleted, or keepalives failing for

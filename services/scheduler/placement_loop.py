@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aetcd
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -163,11 +164,12 @@ def replica_capacity(
 class Placer:
     """The leader's rounds: demand → desired replicas → placement → `placements/` writes."""
 
-    def __init__(self, ctx_etcd, election: LeaderElection, settings: PlacementSettings,
+    def __init__(self, client: aetcd.Client, election: LeaderElection, settings: PlacementSettings,
                  replicas: etcd.WatchCache[ReplicaState], models: etcd.WatchCache[Any],
                  placements: etcd.WatchCache[Any], demand: etcd.WatchCache[Any],
-                 clock: Callable[[], float] = time.monotonic):
-        self._etcd = ctx_etcd
+                 timeout_s: float, clock: Callable[[], float] = time.monotonic):
+        self._etcd = client
+        self._timeout_s = timeout_s
         self._election = election
         self._settings = settings
         self._replicas = replicas
@@ -176,6 +178,7 @@ class Placer:
         self._demand = demand
         self._clock = clock
         self._written: dict[str, dict[str, Any]] = {}  # ours, until the watch shows them
+        self._exported: dict[Gauge, set[tuple[str, ...]]] = {}
         self._backoff = LoadBackoff(settings.load_retry_s, settings.load_retry_max_s)
         self._autoscaler = Autoscaler(
             ScalePolicy(headroom=settings.headroom, zones=1, min_copies=settings.min_copies,
@@ -194,17 +197,30 @@ class Placer:
         self._autoscaler.policy = dataclasses.replace(self._autoscaler.policy, zones=zones)
         demand = total_demand(list(self._demand.items.values()))
         desired: dict[str, int] = {}
+        rates_by_label: dict[tuple[str, ...], float] = {}
         for model, windows in demand.items():
+            for window, rates in windows.items():
+                rates_by_label[(model, "prefill", window)] = rates.prefill_tokens_per_s
+                rates_by_label[(model, "decode", window)] = rates.decode_tokens_per_s
             capacity = replica_capacity(model, replicas, self._settings)
             if capacity is None:
                 continue
             zero = TokenRates(0.0, 0.0)
             desired[model] = self._autoscaler.desired(
                 model, windows.get("short", zero), windows.get("long", zero), capacity)
-            for window, rates in windows.items():
-                DEMAND.labels(model, "prefill", window).set(rates.prefill_tokens_per_s)
-                DEMAND.labels(model, "decode", window).set(rates.decode_tokens_per_s)
+        for model in self._autoscaler.models() - set(desired):
+            self._autoscaler.forget(model)
+        self._export(DEMAND, rates_by_label)
         return desired
+
+    def _export(self, gauge: Gauge, values: dict[tuple[str, ...], float]) -> None:
+        """Sets `values` and removes the labels set last round but not now (no stale series,
+        and no moment without any: /metrics is scraped from another thread)."""
+        for labels, value in values.items():
+            gauge.labels(*labels).set(value)
+        for labels in self._exported.get(gauge, set()) - set(values):
+            gauge.remove(*labels)
+        self._exported[gauge] = set(values)
 
     async def round(self) -> int:
         """One placement round (leader only); returns how many placement keys it wrote."""
@@ -217,9 +233,8 @@ class Placer:
         entries = catalog.models()
         desired = self.desired(replicas)
         wanted = wanted_models(entries, desired, self._settings.min_copies)
-        for want in wanted:
-            DESIRED.labels(want.triton_model).set(max(want.copies, desired.get(want.triton_model,
-                                                                                0)))
+        self._export(DESIRED, {(w.triton_model,): max(w.copies, desired.get(w.triton_model, 0))
+                               for w in wanted})
         current = self.current()
         told = {rid: record.get("models", []) for rid, record in current.items()}
         for rid, model in self._backoff.observe(replicas, told, now):
@@ -227,9 +242,7 @@ class Placer:
             log.warning("placement_load_failed", replica=rid, model=model)
         decision = place(replicas, wanted, pending=told, blocked=self._backoff.blocked(now),
                          memory=model_memory(entries))
-        SHORTFALL.clear()
-        for model, missing in decision.shortfalls.items():
-            SHORTFALL.labels(model).set(missing)
+        self._export(SHORTFALL, {(m,): n for m, n in decision.shortfalls.items()})
         for rid, model in decision.evicted:
             log.info("placement_evicted", replica=rid, model=model)
         written = 0
@@ -253,7 +266,7 @@ class Placer:
             compare=[self._election.fence()],
             success=[tx.put(etcd.Keys.placement(replica_id).encode(), etcd.encode(record))],
             failure=[],
-        ), self._settings.interval_s)
+        ), self._timeout_s)
         WRITES.labels("written" if won else "fenced").inc()
         if won:
             self._written[replica_id] = record
@@ -263,20 +276,19 @@ class Placer:
 
     def stepped_down(self) -> None:
         """A follower exports no signal, so that `max()` over schedulers reads the leader's."""
-        DESIRED.clear()
-        DEMAND.clear()
-        SHORTFALL.clear()
+        for gauge in (DESIRED, DEMAND, SHORTFALL):
+            self._export(gauge, {})
         self._written.clear()
 
 
 async def _publish_demand(lease: etcd.LeaseKeeper, key: str, meter: DemandMeter,
-                          settings: PlacementSettings) -> None:
+                          settings: PlacementSettings, timeout_s: float) -> None:
     published = None
     while True:
         record = demand_record(meter, settings)
         if record != published:
             try:
-                await asyncio.wait_for(lease.put(key, record), settings.demand_publish_s)
+                await asyncio.wait_for(lease.put(key, record), timeout_s)
                 published = record
             except Exception as exc:  # etcd away or slow: publish when it is back
                 log.warning("demand_publish_failed", error=repr(exc))
@@ -316,7 +328,8 @@ async def start_placement(
     demand_lease = etcd.LeaseKeeper(ctx.etcd, settings.leader_ttl_s)
     await asyncio.wait_for(demand_lease.start(), timeout_s)
     tasks = [asyncio.create_task(_publish_demand(
-        demand_lease, etcd.Keys.scheduler_demand(ctx.settings.instance_id), meter, settings),
+        demand_lease, etcd.Keys.scheduler_demand(ctx.settings.instance_id), meter, settings,
+        timeout_s),
         name="demand publisher")]
     if not settings.enabled:
         return _cleanup(tasks, [], demand_lease, None)
@@ -332,7 +345,7 @@ async def start_placement(
     election = LeaderElection(ctx.etcd, etcd.Keys.scheduler_leader, ctx.settings.instance_id,
                               settings.leader_ttl_s, timeout_s)
     election.start()
-    placer = Placer(ctx.etcd, election, settings, *caches)
+    placer = Placer(ctx.etcd, election, settings, *caches, timeout_s=timeout_s)
     tasks.append(asyncio.create_task(_lead(placer, election, changed, settings),
                                      name="placement leader"))
     return _cleanup(tasks, caches, demand_lease, election)

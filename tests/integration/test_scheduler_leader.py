@@ -48,10 +48,11 @@ async def test_one_leader_of_two_and_takeover_when_its_lease_is_revoked(etcd_ser
             stale_fence = old.fence()
             held = await client.get(key.encode())
             await client.revoke_lease(held.lease)  # the leader's lease is lost
-            revoked_at = time.monotonic()
-            await until(lambda: other.is_leader, TTL_S + 1, "the follower to take over")
-            assert time.monotonic() - revoked_at < TTL_S
-            assert not old.is_leader
+            await until(lambda: not old.is_leader, 1, "the old leader to step down")
+            # The follower takes over within the TTL (the deposed one waits half a TTL first;
+            # on a loaded machine it may still win the race, which is as good an outcome).
+            await until(lambda: any(e.is_leader for e in electors), TTL_S, "a new leader")
+            assert (await client.get(key.encode())).create_revision > held.create_revision
             tx = client.transactions
             won, _ = await client.transaction(
                 compare=[stale_fence], success=[tx.put(f"{key}/x".encode(), b"stale")],
@@ -112,7 +113,8 @@ async def test_the_leader_places_models_on_replicas_and_moves_a_failed_load(
         await client.put(etcd.Keys.model_routing(name).encode(), etcd.encode(
             {"schema": 2, "revision": 2, "production": "v2", "previous": "v1"}))
         for rid, zone in ((r1, "a"), (r2, "b")):
-            await client.put(etcd.Keys.replica(rid).encode(), etcd.encode(replica_record(rid, zone)))
+            await client.put(etcd.Keys.replica(rid).encode(),
+                             etcd.encode(replica_record(rid, zone)))
         settings = PlacementSettings(
             interval_s=0.3, leader_ttl_s=TTL_S, min_copies=2, demand_publish_s=0.2,
             default_capacity={"*": {"prefill_tokens_per_s": 1000, "decode_tokens_per_s": 100}})

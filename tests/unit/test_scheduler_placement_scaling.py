@@ -119,6 +119,15 @@ def test_a_young_meter_averages_over_its_age_and_refuses_negative_counts():
         meter.on_release("m", 1, -1)
 
 
+def test_a_release_in_the_meters_first_second_counts():
+    clock = Clock(1_000.5)
+    meter = DemandMeter(max_window_s=600, clock=clock)
+    clock.now = 1_000.9
+    meter.on_release("m", 100, 10)
+    clock.now = 1_004.5
+    assert meter.rates("m", 600) == TokenRates(25.0, 2.5)
+
+
 def test_the_meter_forgets_the_least_recent_model_beyond_its_bound():
     meter = DemandMeter(max_window_s=60, clock=Clock(), max_models=2)
     for model in ("a", "b", "a", "c"):
