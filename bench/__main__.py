@@ -11,7 +11,9 @@ import json
 import pathlib
 import tempfile
 
-from bench import audit, noisy_neighbor, quota_accuracy, rollback, routing, torch_engine
+from bench import (
+    audit, noisy_neighbor, openai_load, quota_accuracy, rollback, routing, torch_engine,
+)
 from bench.streaming import compare
 from deploy.local.stack import Stack, StackOptions
 from services.common.tenancy import TenantPlan
@@ -44,6 +46,7 @@ def main() -> None:
             figures.update(quota_accuracy.run(info, pathlib.Path(state)))
             figures.update(rollback.run(info, pathlib.Path(state)))
             figures.update(audit.run(info.endpoints["auditor"]))
+            figures.update(openai_load.run(info, pathlib.Path(state)))
         finally:
             stack.down()
     figures.update(routing_figures)
