@@ -273,11 +273,12 @@ def rollback(
 @registry_app.command("history")
 def history(
     model: str, limit: int = typer.Option(20, "--limit", help="Newest this many."),
+    before: int = typer.Option(0, "--before", help="Only changes older than this revision."),
     registry: str = REGISTRY, api_key: str = API_KEY,
 ) -> None:
     """Every routing change: revision, time, actor, action, what it pointed at, and why."""
-    entries = run(registry, api_key, lambda client: client.history(model, limit))
-    for entry in entries:
+    page = run(registry, api_key, lambda client: client.history(model, limit, before))
+    for entry in page.entries:
         after = entry.after
         detail = {
             "promote": f"production {short(after.production)} (was {short(entry.before.production)})",
@@ -289,3 +290,6 @@ def history(
         }.get(entry.action, "")
         typer.echo(f"{entry.revision:>4}  {_when(entry.at)}  {entry.actor:28} {entry.action:13} "
                    f"{detail}  — {entry.reason}")
+    if page.next_before_revision:
+        typer.echo(f"(older: meshctl registry history {model} --before "
+                   f"{page.next_before_revision})")

@@ -186,7 +186,9 @@ class RegistryClient:
         return await self._call(self._stub.ChangeRouting, registry_pb2.ChangeRoutingRequest(
             model=model, expected_revision=expected_revision, reason=reason, **change))
 
-    async def history(self, model: str, limit: int = 0) -> list[registry_pb2.HistoryEntry]:
-        reply = await self._call(self._stub.ListHistory,
-                                 registry_pb2.ListHistoryRequest(model=model, limit=limit))
-        return list(reply.entries)
+    async def history(
+        self, model: str, limit: int = 0, before_revision: int = 0
+    ) -> registry_pb2.ListHistoryResponse:
+        """One page of the model's changes, oldest first (`next_before_revision` for older)."""
+        return await self._call(self._stub.ListHistory, registry_pb2.ListHistoryRequest(
+            model=model, limit=limit, before_revision=before_revision))

@@ -234,11 +234,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def ListHistory(self, request, context):
         try:
             self._principal(context, admin=False)
-            entries = await self._store.history(request.model, request.limit)
+            entries, older = await self._store.history(request.model, request.limit,
+                                                       request.before_revision)
         except errors.MeshError as exc:
             await status.abort(context, exc)
         return registry_pb2.ListHistoryResponse(
-            entries=[encode_entry(request.model, entry) for entry in entries]
+            entries=[encode_entry(request.model, entry) for entry in entries],
+            next_before_revision=older,
         )
 
 

@@ -227,15 +227,25 @@ class RegistryStore:
                  shadow=after.shadow)
         return entry
 
-    async def history(self, model: str, limit: int) -> list[HistoryEntry]:
-        """The newest `limit` changes (0: the default), oldest first."""
+    async def history(
+        self, model: str, limit: int, before_revision: int = 0
+    ) -> tuple[list[HistoryEntry], int]:
+        """One page: the newest `limit` changes (0: the default) older than `before_revision`
+        (0: up to the newest), oldest first, and the next older page's `before_revision` (0:
+        none). Every change adds one to the revision, so a page is one key range of `limit`
+        keys: a long history costs nothing to page through."""
         check_model_name(model)
         limit = limit or DEFAULT_HISTORY_LIMIT
         if not 1 <= limit <= MAX_HISTORY_LIMIT:
             raise errors.InvalidArgument("limit", f"must be 0..{MAX_HISTORY_LIMIT}")
+        if before_revision < 0:
+            raise errors.InvalidArgument("before_revision", "must be 0 (the newest) or more")
+        end = before_revision or (await self.routing(model)).revision + 1
+        start = max(1, end - limit)
         async with etcd_unavailable_as_error():
-            listing = await self._client.get_prefix(
-                etcd.Keys.model_history_prefix(model).encode(), sort_order="descend"
-            )
+            listing = await self._client.get_range(
+                etcd.Keys.model_history(model, start).encode(),
+                etcd.Keys.model_history(model, end).encode(),
+            ) if start < end else []
         entries = [HistoryEntry.from_record(etcd.decode(kv.value)) for kv in listing]
-        return entries[:limit][::-1]
+        return entries, start if start > 1 else 0

@@ -133,8 +133,13 @@ async def test_push_show_round_trip_and_routing(registry, tmp_path):
             await admin.change(name, "late", 1, rollback=registry_pb2.Rollback())
         assert (await admin.version(f"{name}@canary")).version_id == v2.version_id
         history = await admin.history(name)
-        assert [(e.action, e.reason) for e in history] == [("promote", "launch"),
-                                                           ("canary", "try v2")]
+        assert [(e.action, e.reason) for e in history.entries] == [("promote", "launch"),
+                                                                   ("canary", "try v2")]
+        older = await admin.history(name, limit=1)
+        assert [e.action for e in older.entries] == ["canary"]
+        assert older.next_before_revision == 2
+        page = await admin.history(name, limit=1, before_revision=older.next_before_revision)
+        assert ([e.action for e in page.entries], page.next_before_revision) == (["promote"], 0)
         assert [v.version_id for v in await admin.versions(name)] == \
             [reply.version_id, v2.version_id]
 

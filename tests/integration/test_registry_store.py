@@ -120,7 +120,8 @@ async def test_history_and_audit_events_are_written_with_the_change(client, blob
     await store.change_routing(name, 0, Promote(v1.version_id), "ops/k1", "launch")
     await store.change_routing(name, 1, Promote(v2.version_id), "ops/k2", "better answers")
     await store.change_routing(name, 2, Rollback(), "ops/k3", "TTFT regression")
-    history = await store.history(name, 0)
+    history, older = await store.history(name, 0)
+    assert older == 0
     assert [(e.revision, e.action, e.actor, e.reason) for e in history] == [
         (1, "promote", "ops/k1", "launch"),
         (2, "promote", "ops/k2", "better answers"),
@@ -129,7 +130,12 @@ async def test_history_and_audit_events_are_written_with_the_change(client, blob
     assert history[-1].before.production == v2.version_id
     assert history[-1].after == await store.routing(name)
     assert history[-1].after.production == v1.version_id and history[-1].at > 0
-    assert [e.revision for e in await store.history(name, 2)] == [2, 3]
+    newest, older = await store.history(name, 2)
+    assert ([e.revision for e in newest], older) == ([2, 3], 2)
+    oldest, older = await store.history(name, 2, before_revision=older)
+    assert ([e.revision for e in oldest], older) == ([1], 0)
+    with pytest.raises(errors.InvalidArgument, match="before_revision"):
+        await store.history(name, 2, before_revision=-1)
     for revision, action in ((1, "registry.promote"), (3, "registry.rollback")):
         event = await client.get(etcd.Keys.registry_audit_event(
             f"registry:{name}:routing:{revision}").encode())
@@ -181,7 +187,7 @@ async def test_etcd_restart_during_promotes_leaves_a_consistent_state(tmp_path, 
                 await flipping
             assert "UNAVAILABLE" in outcomes and outcomes[-1] == "ok"
             routing = await store.routing(name)
-            history = await store.history(name, 10_000)
+            history, _ = await store.history(name, 10_000)
             # Every committed change has exactly its history entry and its audit event, and the
             # routing is the last entry's result: nothing half-written.
             assert [e.revision for e in history] == list(range(1, routing.revision + 1))
