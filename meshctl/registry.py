@@ -293,3 +293,23 @@ def history(
     if page.next_before_revision:
         typer.echo(f"(older: meshctl registry history {model} --before "
                    f"{page.next_before_revision})")
+
+
+@registry_app.command("gc")
+def gc(
+    grace_hours: float = typer.Option(24.0, "--grace-hours",
+                                      help="Spare blobs and uploads younger than this."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; delete nothing."),
+    reason: str = typer.Option("", "--reason", "-m",
+                               help="Why (required unless --dry-run); kept in the audit log."),
+    registry: str = REGISTRY, api_key: str = API_KEY,
+) -> None:
+    """Delete blobs no registered version pins, and abandoned uploads (versions are never
+    deleted, so this frees what failed or abandoned pushes left)."""
+    reply = run(registry, api_key,
+                lambda client: client.collect_garbage(grace_hours * 3600, dry_run, reason))
+    verb = "would delete" if dry_run else "deleted"
+    for digest in reply.deleted:
+        typer.echo(f"{verb} {digest}")
+    typer.echo(f"{verb} {len(reply.deleted)} blobs and {reply.abandoned_uploads} abandoned "
+               f"uploads ({reply.freed_bytes} bytes); kept {reply.kept}")

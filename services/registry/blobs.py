@@ -7,15 +7,22 @@ directory is the default implementation, an S3-compatible bucket the production 
 
     <root>/sha256/<hex>              verified blobs (read-only once in place)
     <root>/incoming/<hex>.partial    an upload in progress; resumable from its current size
+
+Garbage collection (`collect`) deletes blobs no registered version pins and uploads left
+unfinished, once they are older than a grace period. A blob's age is its modification time, which
+registration refreshes (`touch`) before it checks the blob is there: a version being registered
+never loses a blob to a collection running beside it (the collection re-reads the time just
+before it deletes), and a blob deleted first makes the registration fail clearly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pathlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from services.common import errors
@@ -42,8 +49,21 @@ def file_digest(path: pathlib.Path) -> tuple[str, int]:
     return f"sha256:{hasher.hexdigest()}", size
 
 
+@dataclasses.dataclass(frozen=True)
+class Collected:
+    """What a garbage collection removed (or, on a dry run, would remove)."""
+
+    deleted: list[str]  # digests of unpinned blobs
+    freed_bytes: int  # theirs and the abandoned uploads'
+    abandoned_uploads: int
+    kept: int  # blobs a version pins, or younger than the grace period
+
+
 class BlobStore(Protocol):
     def exists(self, digest: str) -> bool: ...
+    def touch(self, digest: str) -> bool: ...
+    def collect(self, pinned: Callable[[str], bool], older_than: float,
+                dry_run: bool) -> Collected: ...
     def uploaded_size(self, digest: str) -> int: ...
     def write(self, digest: str, size: int, chunks: Iterable[bytes], offset: int = 0) -> None: ...
     def read(self, digest: str) -> Iterator[bytes]: ...
@@ -66,6 +86,40 @@ class LocalBlobStore:
 
     def exists(self, digest: str) -> bool:
         return self._final(digest).exists()
+
+    def touch(self, digest: str) -> bool:
+        """Marks the blob as just used (garbage collection spares it for a grace period);
+        False when it is not in the store."""
+        try:
+            os.utime(self._final(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def collect(self, pinned: Callable[[str], bool], older_than: float,
+                dry_run: bool) -> Collected:
+        """Deletes blobs for which `pinned(digest)` is false and unfinished uploads, both only
+        when last modified before `older_than` (unix seconds)."""
+        deleted: list[str] = []
+        freed = abandoned = kept = 0
+        for path in sorted((self.root / "sha256").iterdir()):
+            digest = f"sha256:{path.name}"
+            if not DIGEST.match(digest) or pinned(digest) or not _older(path, older_than):
+                kept += 1
+                continue
+            size = path.stat().st_size
+            if not dry_run and not _remove_if_older(path, older_than):
+                kept += 1  # touched (registered) since it was listed
+                continue
+            deleted.append(digest)
+            freed += size
+        for path in (self.root / "incoming").glob("*.partial"):
+            if _older(path, older_than):
+                size = path.stat().st_size
+                if dry_run or _remove_if_older(path, older_than):
+                    abandoned += 1
+                    freed += size
+        return Collected(deleted, freed, abandoned, kept)
 
     def uploaded_size(self, digest: str) -> int:
         """How many bytes of an interrupted upload are already here (resume from there)."""
@@ -134,3 +188,21 @@ class LocalBlobStore:
         if actual != digest:
             raise errors.Internal(f"blob {digest} is corrupt on disk (hashes to {actual})")
         return final
+
+
+def _older(path: pathlib.Path, older_than: float) -> bool:
+    try:
+        return path.stat().st_mtime < older_than
+    except FileNotFoundError:
+        return False
+
+
+def _remove_if_older(path: pathlib.Path, older_than: float) -> bool:
+    """Deletes `path` if it is still older than `older_than` now, right before deleting."""
+    if not _older(path, older_than):
+        return False
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True

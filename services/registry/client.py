@@ -186,6 +186,12 @@ class RegistryClient:
         return await self._call(self._stub.ChangeRouting, registry_pb2.ChangeRoutingRequest(
             model=model, expected_revision=expected_revision, reason=reason, **change))
 
+    async def collect_garbage(
+        self, grace_s: float, dry_run: bool, reason: str
+    ) -> registry_pb2.CollectGarbageResponse:
+        return await self._call(self._stub.CollectGarbage, registry_pb2.CollectGarbageRequest(
+            grace=status.seconds_to_duration(grace_s), dry_run=dry_run, reason=reason))
+
     async def history(
         self, model: str, limit: int = 0, before_revision: int = 0
     ) -> registry_pb2.ListHistoryResponse:

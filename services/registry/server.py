@@ -31,6 +31,7 @@ from services.registry.store import RegistryStore, parse_models_key
 from services.registry.uploads import BlobUploads
 
 UPLOAD_IDLE_TIMEOUT_S = 60.0
+DEFAULT_GC_GRACE_S = 86400.0
 
 
 def manifest_to_dict(manifest: registry_pb2.ModelManifest) -> dict[str, Any]:
@@ -242,6 +243,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             entries=[encode_entry(request.model, entry) for entry in entries],
             next_before_revision=older,
         )
+
+
+    async def CollectGarbage(self, request, context):
+        try:
+            principal = self._principal(context, admin=True)
+            grace_s = (request.grace.ToTimedelta().total_seconds()
+                       if request.HasField("grace") else DEFAULT_GC_GRACE_S)
+            collected = await self._store.collect_garbage(
+                grace_s, request.dry_run, actor_of(principal), request.reason)
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
+        return registry_pb2.CollectGarbageResponse(
+            deleted=collected.deleted, freed_bytes=collected.freed_bytes,
+            abandoned_uploads=collected.abandoned_uploads, kept=collected.kept)
 
 
 async def setup(ctx: ServiceContext) -> ServiceParts:

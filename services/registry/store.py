@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,7 +27,7 @@ import grpc
 
 from services.common import errors, etcd
 from services.common.logs import get_logger
-from services.registry.blobs import BlobStore
+from services.registry.blobs import BlobStore, Collected
 from services.registry.manifest import FILE_GROUPS, MODEL_NAME, ModelVersion, validate_manifest
 from services.registry.manifest import version_id as compute_version_id
 from services.registry.rollout import (
@@ -42,6 +43,9 @@ SCHEMA = 1
 ROUTING_SCHEMA = 2
 DEFAULT_HISTORY_LIMIT = 100
 MAX_HISTORY_LIMIT = 10_000
+MIN_GC_GRACE_S = 3600.0  # longer than any push takes between its uploads and its registration
+MAX_GC_GRACE_S = 365 * 86400.0
+AUDITED_DIGESTS = 100  # an audit event names at most this many deleted blobs (and the count)
 log = get_logger(__name__)
 
 
@@ -130,7 +134,7 @@ class RegistryStore:
         for group in FILE_GROUPS:
             for index, ref in enumerate(manifest.get(group, [])):
                 field = f"manifest.{group}[{index}]"
-                if not self._blobs.exists(ref["digest"]):
+                if not self._blobs.touch(ref["digest"]):  # also spares it from collection
                     raise errors.FailedPrecondition(
                         f"{field}: blob {ref['digest']} ({ref['name']}) is not in the blob store; "
                         "upload it first (meshctl registry push uploads what is missing)",
@@ -142,6 +146,41 @@ class RegistryStore:
                         f"{field}.size_bytes",
                         f"the blob {ref['digest']} has {stored} bytes, not {ref['size_bytes']}",
                     )
+
+    async def collect_garbage(
+        self, grace_s: float, dry_run: bool, actor: str, reason: str
+    ) -> Collected:
+        """Deletes the blobs no registered version pins, and abandoned uploads, older than
+        `grace_s` (uploads of a push still running are younger); audited unless a dry run."""
+        if not MIN_GC_GRACE_S <= grace_s <= MAX_GC_GRACE_S:
+            raise errors.InvalidArgument(
+                "grace", f"must be {MIN_GC_GRACE_S:.0f}-{MAX_GC_GRACE_S:.0f} seconds")
+        if not dry_run:
+            validate_reason(reason)
+        started = self._clock()
+        async with etcd_unavailable_as_error():
+            listing = await self._client.get_prefix(etcd.Keys.models.encode())
+        pinned = {
+            ref["digest"]
+            for kv in listing if b"/versions/" in kv.key
+            for group in FILE_GROUPS for ref in etcd.decode(kv.value)["manifest"].get(group, [])
+        }
+        collected = await asyncio.to_thread(
+            self._blobs.collect, pinned.__contains__, started - grace_s, dry_run)
+        if not dry_run and (collected.deleted or collected.abandoned_uploads):
+            event_id = f"registry:gc:{uuid.uuid4().hex}"
+            audit = audit_record(
+                event_id, actor, "registry.collect_garbage", "blobs", None,
+                {"deleted": collected.deleted[:AUDITED_DIGESTS],
+                 "deleted_count": len(collected.deleted), "freed_bytes": collected.freed_bytes,
+                 "abandoned_uploads": collected.abandoned_uploads}, reason, self._source, started)
+            async with etcd_unavailable_as_error():
+                await self._client.put(etcd.Keys.registry_audit_event(event_id).encode(),
+                                       etcd.encode(audit))
+        log.info("blobs_collected", dry_run=dry_run, deleted=len(collected.deleted),
+                 freed_bytes=collected.freed_bytes, abandoned_uploads=collected.abandoned_uploads,
+                 kept=collected.kept, actor=actor)
+        return collected
 
     async def version(self, model: str, version_id: str) -> ModelVersion | None:
         async with etcd_unavailable_as_error():

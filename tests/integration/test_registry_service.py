@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import pathlib
+import time
 import uuid
 
 import grpc
@@ -19,6 +21,7 @@ from infermesh.v1 import registry_pb2, registry_pb2_grpc
 from services.common import errors, etcd
 from services.common.runtime import ServiceContext
 from services.common.tenancy import Tenant, TenantStore
+from services.registry.blobs import LocalBlobStore, file_digest
 from services.registry.client import LocalFile, RegistryClient, load_push_source
 from services.registry.server import setup
 from services.registry.settings import RegistrySettings
@@ -223,3 +226,35 @@ async def test_one_upload_per_blob_at_a_time(registry):
         assert busy.value.code() == grpc.StatusCode.UNAVAILABLE
         release.set()
         assert (await first).complete
+
+
+async def test_garbage_collection_frees_only_blobs_no_version_pins(registry, tmp_path):
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    write_model(tmp_path / "v1", name, "kept")
+    async with registry.client() as admin:
+        kept = await admin.push(await asyncio.to_thread(load_push_source, str(tmp_path / "v1")))
+        # A push that uploaded its blob and never registered (its manifest was refused).
+        orphan = tmp_path / "orphan.bin"
+        orphan.write_bytes(b"\x02left behind" * 1000)
+        orphan_digest, orphan_size = file_digest(orphan)
+        await asyncio.to_thread(LocalBlobStore(tmp_path / "blobs").put_file, orphan)
+        blobs = sorted((tmp_path / "blobs" / "sha256").iterdir())
+        for path in blobs:  # all of them old enough
+            os.utime(path, (time.time() - 7200, time.time() - 7200))
+        with pytest.raises(errors.InvalidArgument, match="grace"):
+            await admin.collect_garbage(60, dry_run=True, reason="")
+        with pytest.raises(errors.InvalidArgument, match="reason"):
+            await admin.collect_garbage(3600, dry_run=False, reason="")
+        async with registry.client(admin=False) as user:
+            with pytest.raises(errors.PermissionDenied):
+                await user.collect_garbage(3600, dry_run=True, reason="")
+        dry = await admin.collect_garbage(3600, dry_run=True, reason="")
+        assert list(dry.deleted) == [orphan_digest] and dry.kept == len(blobs) - 1
+        assert len(sorted((tmp_path / "blobs" / "sha256").iterdir())) == len(blobs)
+        done = await admin.collect_garbage(3600, dry_run=False, reason="abandoned push")
+        assert list(done.deleted) == [orphan_digest] and done.freed_bytes == orphan_size
+        assert len(sorted((tmp_path / "blobs" / "sha256").iterdir())) == len(blobs) - 1
+        # What a version pins stays: its manifest alone registers it again (blobs all there).
+        source = await asyncio.to_thread(load_push_source, str(tmp_path / "v1"))
+        again = await admin.register(source.manifest)
+        assert (again.version_id, again.created) == (kept.version_id, False)
