@@ -5,8 +5,9 @@ can be built, tested and benchmarked against a backend that behaves like one: pr
 per prompt token, every decode step advances all active requests by one token and takes longer as
 the batch grows, requests hold blocks of a paged KV cache and wait when the batch or the cache is
 full, block-aligned prefixes stay cached for later requests (a hit skips that part of prefill),
-and cancelled requests leave at once, freeing their blocks. The text is English chosen deterministically from (seed, prompt), so tests can compare exact
-output and people can read what streams by. This module is pure Python (no Triton, no clock):
+and cancelled requests leave at once, freeing their blocks. The text is English chosen
+deterministically from (seed, prompt), so tests can compare exact output and people can read
+what streams by. This module is pure Python (no Triton, no clock):
 the Triton model drives `ReferenceEngine.step()` from one thread and sleeps the modelled time.
 """
 
