@@ -144,7 +144,11 @@ class LeaderElection:
         deleted = asyncio.create_task(self._wait_deleted(self._create_revision),
                                       name="leader key watch")
         try:
-            await asyncio.wait({keepalive, deleted}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({keepalive, deleted},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is not None:  # e.g. the watch broke: etcd restarted
+                    log.warning("leader_hold_failed", error=repr(task.exception()))
         finally:
             for task in (keepalive, deleted):
                 task.cancel()
