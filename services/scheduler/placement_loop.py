@@ -24,7 +24,7 @@ from typing import Any
 
 import aetcd
 from prometheus_client import Counter, Gauge
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common import etcd
@@ -103,6 +103,15 @@ class PlacementSettings(BaseSettings):
                                     description="Longest delay between retries of a failed load.")
     demand_publish_s: float = Field(5.0, gt=0, le=300,
                                     description="How often each scheduler publishes its demand.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PlacementSettings:
+        if self.scale_in_window_s < self.scale_out_window_s:
+            raise ValueError("scale_in_window_s: must be >= scale_out_window_s "
+                             f"({self.scale_out_window_s:g})")
+        if self.load_retry_max_s < self.load_retry_s:
+            raise ValueError(f"load_retry_max_s: must be >= load_retry_s ({self.load_retry_s:g})")
+        return self
 
     def demand_meter(self, clock: Callable[[], float] = time.monotonic) -> DemandMeter:
         """The meter whose `on_release` the scheduler servicer calls."""

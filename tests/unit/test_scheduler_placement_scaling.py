@@ -2,6 +2,7 @@
 survival, out fast and in slow (injected clock), and the demand meter's windows."""
 
 import pytest
+from pydantic import ValidationError
 
 from services.common import errors
 from services.scheduler.autoscale import (
@@ -160,3 +161,12 @@ def test_capacity_is_the_calibrated_median_else_the_gpu_types_default():
     assert replica_capacity("m", h100, settings) == TokenRates(20_000, 2_000)
     assert replica_capacity("m", [ReplicaState("r", gpu_type="cpu")], settings) == \
         TokenRates(500, 100)
+
+
+def test_placement_settings_name_the_field_and_the_limit():
+    with pytest.raises(ValidationError, match="scale_in_window_s: must be >= scale_out_window_s"):
+        PlacementSettings(scale_out_window_s=60, scale_in_window_s=30)
+    with pytest.raises(ValidationError, match="load_retry_max_s: must be >= load_retry_s"):
+        PlacementSettings(load_retry_s=60, load_retry_max_s=30)
+    with pytest.raises(ValidationError, match="min_copies"):
+        PlacementSettings(min_copies=0)
