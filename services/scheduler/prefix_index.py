@@ -23,9 +23,15 @@ class PrefixIndex:
         # model → block hash → replica ids, most recent last (a tuple: ~50 bytes, where a set
         # or dict would take ~200; at 65 536 blocks a model's index stays near 10 MB)
         self._models: dict[str, OrderedDict[int, tuple[str, ...]]] = {}
+        self._held: dict[str, dict[str, int]] = {}  # model → replica → blocks it holds here
 
     def blocks(self, model: str) -> int:
         return len(self._models.get(model, ()))
+
+    def held(self, model: str) -> dict[str, int]:
+        """Replica id → how many of the model's indexed blocks it holds (its likely share of
+        cached prefixes). Do not mutate."""
+        return self._held.get(model, {})
 
     def matches(self, model: str, hashes: Sequence[int]) -> dict[str, int]:
         """Replica id → length of the longest leading chain of `hashes` it was routed; replicas
@@ -55,15 +61,31 @@ class PrefixIndex:
         if not hashes:
             return
         index = self._models.setdefault(model, OrderedDict())
+        held = self._held.setdefault(model, {})
         # Last block first, so a chain's leading blocks are the most recent and evicted last.
         for block in reversed(hashes):
             holders = index.get(block)
             if holders is None:
                 index[block] = (replica_id,)
+                held[replica_id] = held.get(replica_id, 0) + 1
                 continue
             index.move_to_end(block)
-            if holders[-1] != replica_id:
-                holders = (*(h for h in holders if h != replica_id), replica_id)
-                index[block] = holders[-self._holders_per_block:]
+            if holders[-1] == replica_id:
+                continue
+            if replica_id not in holders:
+                held[replica_id] = held.get(replica_id, 0) + 1
+            holders = (*(h for h in holders if h != replica_id), replica_id)
+            for dropped in holders[: -self._holders_per_block]:
+                _forget(held, dropped)
+            index[block] = holders[-self._holders_per_block:]
         while len(index) > self._max_blocks:
-            index.popitem(last=False)
+            for dropped in index.popitem(last=False)[1]:
+                _forget(held, dropped)
+
+
+def _forget(held: dict[str, int], replica_id: str) -> None:
+    left = held[replica_id] - 1
+    if left:
+        held[replica_id] = left
+    else:
+        del held[replica_id]

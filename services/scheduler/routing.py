@@ -44,7 +44,8 @@ class RoutingConfig:
     policy: Policy = Policy.KV_AWARE
     # kv_aware's scorer weights (llm-d's well-lit path weighs prefix 3, KV 2, queue 2)
     weights: Mapping[str, float] = field(
-        default_factory=lambda: {"prefix": 3.0, "kv_free": 2.0, "queue": 2.0, "zone": 1.0})
+        default_factory=lambda: {"prefix": 3.0, "kv_free": 2.0, "queue": 2.0, "cache_spread": 0.0,
+                                 "zone": 1.0})
     load_stale_after_s: float = 1.5  # a replica silent for longer is skipped
     queue_scale: int = 8  # the engine batch assumed when a load report gives no `max`
     prefix_index_blocks: int = 65_536  # per model
@@ -78,7 +79,7 @@ class Router:
         self.breakers = Breakers(self.config.breakers)
         self.prefix = PrefixIndex(self.config.prefix_index_blocks)
         self._scorers = [(SCORERS[name], weight) for name, weight in self.config.scorer_weights()]
-        self._records_prefix = any(s.name == "prefix" for s, _ in self._scorers)
+        self._records_prefix = any(s.name in ("prefix", "cache_spread") for s, _ in self._scorers)
         self._reservations: dict[str, Reservation] = {}
         self._by_replica: dict[str, dict[str, float]] = {}  # replica → reservation → created at
         self._expiries: list[tuple[float, str]] = []  # heap of (expires at, reservation id)

@@ -70,6 +70,22 @@ class PrefixScorer:
         return [matched.get(c.replica_id, 0) / total for c in candidates]
 
 
+class CacheSpreadScorer:
+    """1 for the replica holding the fewest of the model's indexed prefix blocks, 0 for the one
+    holding the most: a prompt no replica has yet goes where it evicts least. The engine's free
+    KV count cannot tell this, as it counts cached, unreferenced blocks as free."""
+
+    name = "cache_spread"
+
+    def score(self, ctx: RoutingContext, candidates: Sequence[Candidate]) -> list[float]:
+        held = ctx.prefix.held(ctx.query.model)
+        counts = [held.get(c.replica_id, 0) for c in candidates] if held else []
+        most = max(counts, default=0)
+        if not most:
+            return [1.0] * len(candidates)
+        return [1.0 - count / most for count in counts]
+
+
 class ZoneScorer:
     """1 for a replica in the caller's zone (no cross-zone hop, no cross-zone traffic bill)."""
 
@@ -83,5 +99,6 @@ class ZoneScorer:
 
 
 SCORERS: dict[str, Scorer] = {
-    s.name: s for s in (KvFreeScorer(), QueueScorer(), PrefixScorer(), ZoneScorer())
+    s.name: s for s in (KvFreeScorer(), QueueScorer(), PrefixScorer(), CacheSpreadScorer(),
+                        ZoneScorer())
 }

@@ -16,6 +16,9 @@ class SchedulerSettings(ServiceSettings):
     weight_prefix: float = Field(3.0, ge=0, le=100, description="kv_aware: prefix affinity.")
     weight_kv_free: float = Field(2.0, ge=0, le=100, description="kv_aware: free KV blocks.")
     weight_queue: float = Field(2.0, ge=0, le=100, description="kv_aware: engine queue.")
+    weight_cache_spread: float = Field(
+        0.0, ge=0, le=100, description="kv_aware: fewest cached prefix blocks (new prefixes)."
+    )
     weight_zone: float = Field(1.0, ge=0, le=100, description="kv_aware: the caller's zone.")
     load_stale_after_s: float = Field(
         1.5, gt=0, le=60, description="A replica whose load report is older is not routed to."
@@ -48,7 +51,8 @@ class SchedulerSettings(ServiceSettings):
         return RoutingConfig(
             policy=self.routing_policy,
             weights={"prefix": self.weight_prefix, "kv_free": self.weight_kv_free,
-                     "queue": self.weight_queue, "zone": self.weight_zone},
+                     "queue": self.weight_queue, "cache_spread": self.weight_cache_spread,
+                     "zone": self.weight_zone},
             load_stale_after_s=self.load_stale_after_s,
             queue_scale=self.queue_scale,
             prefix_index_blocks=self.prefix_index_blocks,

@@ -102,3 +102,12 @@ def test_every_scorer_stays_in_range(scorer):
     cs[2].load = LoadReport("c", 10, {}).models.get("m")
     values = scorer.score(context(query(hashes=[1, 2, 3], zone="z"), prefix=prefix), cs)
     assert len(values) == 3 and all(0.0 <= v <= 1.0 for v in values)
+
+
+def test_cache_spread_scorer_prefers_the_replica_holding_fewest_blocks():
+    prefix = PrefixIndex()
+    prefix.record("m", [1, 2, 3, 4], "a")
+    prefix.record("m", [5, 6], "b")
+    cs = [candidate("a"), candidate("b"), candidate("c")]
+    assert scorers.CacheSpreadScorer().score(context(prefix=prefix), cs) == [0.0, 0.5, 1.0]
+    assert scorers.CacheSpreadScorer().score(context(), cs) == [1.0, 1.0, 1.0]

@@ -47,3 +47,15 @@ def test_bad_bounds_are_refused():
         PrefixIndex(max_blocks=0)
     with pytest.raises(ValueError, match="holders_per_block"):
         PrefixIndex(holders_per_block=0)
+
+
+def test_held_counts_follow_records_caps_and_evictions():
+    index = PrefixIndex(max_blocks=3, holders_per_block=2)
+    index.record("m", [1, 2], "a")
+    index.record("m", [1], "b")
+    assert index.held("m") == {"a": 2, "b": 1}
+    index.record("m", [1], "c")  # block 1 keeps its two most recent holders: b and c
+    assert index.held("m") == {"a": 1, "b": 1, "c": 1}
+    index.record("m", [7, 8], "c")  # four blocks: the least recent (2, a's) is evicted
+    assert index.held("m") == {"b": 1, "c": 3}
+    assert index.held("other") == {}

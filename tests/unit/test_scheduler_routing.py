@@ -142,3 +142,25 @@ def test_an_expired_probe_lets_another_through():
     probe = r.route(query(hold_s=2), [replica("a")], {}, 2)
     assert probe.probes.replica
     assert r.route(query(), [replica("a")], {}, 5).probes.replica  # the first probe expired
+
+
+def test_cache_spread_puts_new_prefixes_where_they_evict_least():
+    """Twelve long system prompts, each first seen while the others' requests have finished: by
+    free KV and queue alone the replicas look alike (cached blocks count as free), so the lowest
+    id takes every new prefix; the cache_spread scorer deals them out evenly."""
+    replicas = [replica(rid) for rid in ("a", "b", "c", "d")]
+    loads = {x.replica_id: report(x.replica_id, 0.0) for x in replicas}
+
+    def owners(weight):
+        weights = {"prefix": 3.0, "kv_free": 2.0, "queue": 2.0, "cache_spread": weight}
+        r = router(weights=weights)
+        chosen = {}
+        for k in range(12):
+            hashes = prompt_block_hashes(f"system prompt {k}: be brief. " * 40)
+            reservation = r.route(query(hashes=hashes), replicas, loads, 0.1)
+            r.release(reservation.reservation_id, Outcome.OK, 0.1)
+            chosen[k] = reservation.replica.replica_id
+        return sorted(chosen.values())
+
+    assert owners(0.0) == ["a"] * 12
+    assert owners(1.0) == ["a", "a", "a", "b", "b", "b", "c", "c", "c", "d", "d", "d"]
