@@ -29,11 +29,13 @@ import random
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 
 import aetcd
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends.triton.adapter import EngineRequest, TritonAdapter
 from bench import route_decision
@@ -209,6 +211,22 @@ def summarise(samples: list[Sample], wall_s: float) -> dict[str, float]:
     }
 
 
+def prefill_tokens(replicas: ReplicaSet) -> dict[str, float]:
+    """Prompt tokens the replicas' engines prefilled, by prefix-cache hit or miss, summed from
+    their Triton metrics (`infermesh_engine_prefill_tokens_total`)."""
+    totals = {"hit": 0.0, "miss": 0.0}
+    for replica in replicas.replicas:
+        url = f"http://{replica.metrics_endpoint}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (sample.name == "infermesh_engine_prefill_tokens_total"
+                        and sample.labels.get("model") == MODEL):
+                    totals[sample.labels["cache"]] += sample.value
+    return totals
+
+
 class Schedulers:
     """One scheduler process per policy, on the bench's etcd (placement off: the replicas keep
     the model they were started with)."""
@@ -258,13 +276,18 @@ async def _measure(replicas: ReplicaSet, schedulers: Schedulers, etcd_endpoint: 
                 await play(client, [Session(0.0, s.opening[:200], s.turns[:1]) for s in warm])
                 sessions = workload(seed=round_index, rate_per_s=rate_per_s,
                                     duration_s=duration_s)
+                before = await asyncio.to_thread(prefill_tokens, replicas)
                 samples, wall_s = await play(client, sessions)
+                after = await asyncio.to_thread(prefill_tokens, replicas)
                 results[policy] = summary = summarise(samples, wall_s)
+                hit, miss = (after[c] - before[c] for c in ("hit", "miss"))
+                summary["prefix_hit_rate"] = round(hit / (hit + miss), 3) if hit + miss else 0.0
                 errors = sorted({s.error for s in samples if s.error})[:3]
                 print(f"routing {policy.value:>12}: ttft p50 {summary['ttft_p50_ms']:7.1f} "
                       f"p90 {summary['ttft_p90_ms']:7.1f} p99 {summary['ttft_p99_ms']:7.1f} ms, "
                       f"{summary['requests_per_s']:5.2f} req/s, {summary['tokens_per_s']:6.1f} "
-                      f"tok/s ({summary['requests']} req, {summary['errors']} err) {errors or ''}",
+                      f"tok/s, {summary['prefix_hit_rate']:.0%} of prefill tokens cached "
+                      f"({summary['requests']} req, {summary['errors']} err) {errors or ''}",
                       flush=True)
                 for key, value in summary.items():
                     figures[f"routing_{policy.value}_{key}"] = value

@@ -203,8 +203,10 @@ class KvCacheStats(RequestStats, Protocol):
 class EngineMetrics:
     """The engine's metrics on Triton's endpoint, named like TensorRT-LLM's."""
 
-    def __init__(self, model: str, version: str, kv_cache: bool = False):
-        """`kv_cache`: also export `nv_trt_llm_kv_cache_block_metrics` (engines with a cache)."""
+    def __init__(self, model: str, version: str, kv_cache: bool = False,
+                 prefix_cache: bool = False):
+        """`kv_cache`: also export `nv_trt_llm_kv_cache_block_metrics` (engines with a cache);
+        `prefix_cache`: also count prefilled tokens by cache hit or miss (engines that know)."""
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         requests = pb_utils.MetricFamily(
             name="infermesh_engine_requests_total",
@@ -225,6 +227,17 @@ class EngineMetrics:
             for outcome in ("completed", "cancelled", "error")
         }
         self.generated_tokens = tokens.Metric(labels={"model": model})
+        self._prefill_tokens: dict[str, Any] = {}  # cache (hit, miss) -> counter
+        if prefix_cache:
+            prefill = pb_utils.MetricFamily(
+                name="infermesh_engine_prefill_tokens_total",
+                description="Tokens the engine's prefills computed (cache=miss) or found in its "
+                            "prefix cache (cache=hit)",
+                kind=counter,
+            )
+            self._families.append(prefill)
+            self._prefill_tokens = {cache: prefill.Metric(labels={"model": model, "cache": cache})
+                                    for cache in ("hit", "miss")}
         base = {"model": model, "version": version}
         self._gauges = {
             ("request", kind): request_metrics.Metric(labels={**base, "request_type": kind})
@@ -255,9 +268,16 @@ class EngineMetrics:
                 self._gauges[key].set(value)
                 self._published[key] = value
 
+    def count_prefill(self, computed: int, cached: int) -> None:
+        """Adds one step's prefill tokens (needs `prefix_cache`)."""
+        for cache, tokens in (("miss", computed), ("hit", cached)):
+            if tokens:
+                self._prefill_tokens[cache].increment(tokens)
+
     def close(self) -> None:
         # The stub insists that metrics die before their families.
         self.outcomes.clear()
+        self._prefill_tokens.clear()
         self._gauges.clear()
         del self.generated_tokens
         self._families.clear()

@@ -174,6 +174,8 @@ class TokenOutput:
 class StepResult:
     outputs: list[TokenOutput]
     duration_s: float  # modelled wall time of this step: the caller sleeps it before delivering
+    prefilled_tokens: int = 0  # tokens the step's prefills computed (what its time paid for)
+    cached_tokens: int = 0  # tokens those prefills found in the prefix cache instead
 
 
 @dataclass(frozen=True)
@@ -411,7 +413,8 @@ class ReferenceEngine:
         admitted = [] if self._grow_running() else self._admit_waiting()
         timing = self.config.timing
         duration = timing.decode_step_seconds(len(self._active)) if self._active else 0.0
-        duration += sum(timing.prefill_seconds(uncached) for _, uncached in admitted)
+        prefilled = sum(uncached for _, uncached, _ in admitted)
+        duration += timing.prefill_seconds(prefilled)
         self._last_scheduled, self._last_context = len(self._active), len(admitted)
         outputs = []
         for sequence in list(self._active.values()):
@@ -421,7 +424,8 @@ class ReferenceEngine:
             if output.finish_reason is not None:
                 del self._active[output.request_id]
                 self._release(sequence)
-        return StepResult(outputs, duration)
+        cached = sum(hit for _, _, hit in admitted)
+        return StepResult(outputs, duration, prefilled, cached)
 
     @property
     def stats(self) -> EngineStats:
@@ -471,9 +475,10 @@ class ReferenceEngine:
         self._waiting[sequence.request.request_id] = sequence
         self._waiting.move_to_end(sequence.request.request_id, last=False)
 
-    def _admit_waiting(self) -> list[tuple[_Sequence, int]]:
+    def _admit_waiting(self) -> list[tuple[_Sequence, int, int]]:
         """Admits from the head of the queue while a slot and the blocks are free (strict FCFS:
-        a head that does not fit blocks the rest); returns (request, uncached tokens) admitted."""
+        a head that does not fit blocks the rest); returns (request, uncached tokens, cached
+        tokens) admitted."""
         admitted = []
         block_tokens = self.config.kv_block_tokens
         while self._waiting and len(self._active) < self.config.max_active_requests:
@@ -494,8 +499,9 @@ class ReferenceEngine:
             if sequence.generated == 0:
                 sequence.kv_cache_reused_blocks = len(hits)
             self._active[sequence.request.request_id] = sequence
-            admitted.append((sequence, tokens - len(hits) * block_tokens))
-        for sequence, _ in admitted:  # computed by this step: cached for the ones that follow
+            cached = len(hits) * block_tokens
+            admitted.append((sequence, tokens - cached, cached))
+        for sequence, _, _ in admitted:  # computed by this step: cached for the ones that follow
             self._register_full_blocks(sequence)
         return admitted
 

@@ -227,6 +227,10 @@ async def test_kv_cache_metrics_and_prefix_hits_on_the_metrics_endpoint(
         return metric(metrics_text, "nv_trt_llm_kv_cache_block_metrics", model=MODEL,
                       version="1", kv_cache_block_type=kind)
 
+    def prefilled(metrics_text: str, cache: str) -> float:
+        return metric(metrics_text, "infermesh_engine_prefill_tokens_total", model=MODEL,
+                      cache=cache)
+
     before = await asyncio.to_thread(read_metrics, triton)
     # 130 words unseen by the other tests, in blocks of 64 (config.pbtxt): two full blocks.
     system_prompt = " ".join(f"rule{i}" for i in range(130))
@@ -238,6 +242,10 @@ async def test_kv_cache_metrics_and_prefix_hits_on_the_metrics_endpoint(
     assert scalar(first[-1], "kv_cache_reused_blocks") == 0
     assert scalar(second[-1], "kv_cache_reused_blocks") == 2
     assert scalar(second[-1], "num_input_tokens") == 130
+    # The first computed all 130 prompt tokens; the second found 128 cached and computed 2.
+    assert prefilled(after_first, "miss") == prefilled(before, "miss") + 130
+    assert prefilled(after_second, "miss") == prefilled(after_first, "miss") + 2
+    assert prefilled(after_second, "hit") == prefilled(before, "hit") + 128
     for metrics in (after_first, after_second):  # idle again: every block free, two more cached
         assert (kv(metrics, "max"), kv(metrics, "tokens_per")) == (4096, 64)
         assert (kv(metrics, "used"), kv(metrics, "free"), kv(metrics, "fraction")) == (0, 4096, 0)

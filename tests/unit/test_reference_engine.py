@@ -347,12 +347,14 @@ def test_a_prefix_hit_skips_its_prefill_and_is_reported() -> None:
     first = engine.step()
     assert first.duration_s == pytest.approx(0.001 + 12 * 0.001)
     assert first.outputs[0].kv_cache_reused_blocks == 0
+    assert (first.prefilled_tokens, first.cached_tokens) == (12, 0)
     run_to_completion(engine)
     engine.add_request(request(1, prompt=f"{system} another question here", max_tokens=2))
     second = engine.step()
     # 13 prompt tokens, the first 8 cached (the third block differs after "w8 w9").
     assert second.duration_s == pytest.approx(0.001 + (13 - 8) * 0.001)
     assert second.outputs[0].kv_cache_reused_blocks == 2
+    assert (second.prefilled_tokens, second.cached_tokens) == (13 - 8, 8)
     assert engine.stats.kv_used == 4  # 14 tokens, two of the blocks shared with the cache
 
 

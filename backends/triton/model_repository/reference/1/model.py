@@ -60,7 +60,8 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         parameters = model_parameters(args)
         self._engine = ReferenceEngine(_engine_config(parameters))  # the dispatcher thread's alone
-        self._metrics = EngineMetrics(args["model_name"], args["model_version"], kv_cache=True)
+        self._metrics = EngineMetrics(args["model_name"], args["model_version"], kv_cache=True,
+                                      prefix_cache=True)
         self._metrics.publish(self._engine.stats)
         self._ids = itertools.count()
         self._pending: dict[int, Pending] = {}  # the dispatcher thread's alone
@@ -142,10 +143,13 @@ class TritonPythonModel:
             step_start = now if idle else max(step_end, now - result.duration_s)
             step_end = step_start + result.duration_s
             time.sleep(max(0.0, step_end - now))
-            self._deliver(result.outputs)
+            # Metrics first: a client that has its final response then reads them up to date.
             if result.outputs:
                 self._metrics.generated_tokens.increment(len(result.outputs))
+            self._metrics.count_prefill(result.prefilled_tokens, result.cached_tokens)
             self._metrics.publish(self._engine.stats)
+            self._deliver(result.outputs)
+            self._metrics.publish(self._engine.stats)  # a refused send drops its request
 
     def _drop_cancelled(self) -> None:
         """Cancelled requests leave the engine before the next step and get an empty final."""
