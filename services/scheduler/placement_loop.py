@@ -255,8 +255,11 @@ class Placer:
         for rid, model in decision.evicted:
             log.info("placement_evicted", replica=rid, model=model)
         written = 0
+        loaded = {r.replica_id: r.loaded for r in replicas}
         for rid, models in decision.models.items():
             previous = current.get(rid)
+            if previous is None and models == loaded[rid]:
+                continue  # no key means "keep what you have": nothing to say yet
             if previous is not None and set(previous.get("models", [])) == models:
                 continue
             record = {"schema": SCHEMA, "models": sorted(models),

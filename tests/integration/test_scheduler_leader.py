@@ -104,7 +104,7 @@ async def test_the_leader_places_models_on_replicas_and_moves_a_failed_load(
 ):
     tag = uuid.uuid4().hex[:8]
     name, big, small = f"m-{tag}", f"big-{tag}", f"small-{tag}"
-    r1, r2 = f"r1-{tag}", f"r2-{tag}"
+    r1, r2, r3 = f"r1-{tag}", f"r2-{tag}", f"r3-{tag}"
     async with etcd.connect(etcd_server.endpoint, TIMEOUT_S) as client:
         await client.put(etcd.Keys.model_version(name, "v1").encode(),
                          etcd.encode(version_record(name, "v1", small, 10_000)))
@@ -115,6 +115,9 @@ async def test_the_leader_places_models_on_replicas_and_moves_a_failed_load(
         for rid, zone in ((r1, "a"), (r2, "b")):
             await client.put(etcd.Keys.replica(rid).encode(),
                              etcd.encode(replica_record(rid, zone)))
+        # Draining, with a model nothing wants: nothing to tell it, so no placement key at all.
+        await client.put(etcd.Keys.replica(r3).encode(), etcd.encode(
+            replica_record(r3, "a", models=[f"other-{tag}"]) | {"draining": True}))
         settings = PlacementSettings(
             interval_s=0.3, leader_ttl_s=TTL_S, min_copies=2, demand_publish_s=0.2,
             default_capacity={"*": {"prefill_tokens_per_s": 1000, "decode_tokens_per_s": 100}})
@@ -141,6 +144,7 @@ async def test_the_leader_places_models_on_replicas_and_moves_a_failed_load(
 
             await until(placed, 10, "both copies of production and one of previous")
             first = await placements()
+            assert await client.get(etcd.Keys.placement(r3).encode()) is None
             holder = next(rid for rid in (r1, r2) if small in first[rid])
             other = r2 if holder == r1 else r1
             # The previous version fails to load where it was placed: it moves to the other
@@ -169,7 +173,7 @@ async def test_the_leader_places_models_on_replicas_and_moves_a_failed_load(
         finally:
             for cleanup in cleanups:
                 await cleanup()
-            for rid in (r1, r2):
+            for rid in (r1, r2, r3):
                 await client.delete(etcd.Keys.replica(rid).encode())
                 await client.delete(etcd.Keys.placement(rid).encode())
             await client.delete_prefix(f"{etcd.Keys.models}{name}/".encode())
