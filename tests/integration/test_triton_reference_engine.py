@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from backends.triton.launcher import TritonPorts, TritonServer
 from backends.triton.reference_engine import GenerationRequest, complete, count_tokens
+from deploy.local.replicas import reference_repository
 
 pytestmark = pytest.mark.integration
 
@@ -300,6 +301,34 @@ async def test_cancelled_request_stops_generating(
     later = await asyncio.to_thread(read_metrics, triton)
     assert metric(later, "infermesh_engine_generated_tokens_total", model=MODEL) == tokens
     assert cancelled(later) == cancelled_before + 1
+
+
+async def test_the_kv_pool_set_in_config_bounds_what_runs_together(tmp_path: pathlib.Path) -> None:
+    # Three blocks of four tokens: one request of 7 prompt + 4 output tokens fills the pool.
+    repository = reference_repository(tmp_path / "models", [MODEL],
+                                      {"kv_cache_blocks": "3", "kv_block_tokens": "4"})
+    server = TritonServer(tmp_path / "triton", TritonPorts.free(), repository)
+    server.start()
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        prompt = "one two three four five six seven"
+        async with triton_aio.InferenceServerClient(server.grpc_address) as small:
+            first, second = await asyncio.gather(*(
+                generate(small, engine_inputs(max_tokens=4, min_tokens=4, seed=seed,
+                                              prompt=prompt)) for seed in (1, 2)))
+            with pytest.raises(InferenceServerException, match="kv_cache_blocks=3"):
+                await generate(small, engine_inputs(max_tokens=1, prompt=" ".join(["w"] * 12)))
+        for seed, streamed in ((1, first), (2, second)):
+            expected = complete(GenerationRequest(0, prompt, max_tokens=4, seed=seed))
+            assert "".join(text(r) for r in streamed) == expected.text
+        # Not prefilled in the same step (which would stamp both first tokens alike): one waited.
+        assert scalar(first[0], "first_token_time_ns") != scalar(second[0], "first_token_time_ns")
+        metrics = await asyncio.to_thread(read_metrics, server)
+        kv = {kind: metric(metrics, "nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type=kind)
+              for kind in ("max", "tokens_per", "used", "free")}
+        assert kv == {"max": 3, "tokens_per": 4, "used": 0, "free": 3}
+    finally:
+        assert await asyncio.to_thread(server.stop) == 0, server.log_tail()
 
 
 def test_stop_cleans_up_stubs_and_shared_memory_after_triton_is_killed(
