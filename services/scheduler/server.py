@@ -4,6 +4,7 @@ demand meter (`on_release`)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from services.scheduler.breakers import BreakerState
 from services.scheduler.candidates import RouteQuery
 from services.scheduler.inventory import LoadReport, ReplicaInfo
 from services.scheduler.outcome import Outcome
+from services.scheduler.placement_loop import PlacementSettings, start_placement
 from services.scheduler.routing import Router
 from services.scheduler.settings import SchedulerSettings
 
@@ -180,28 +182,30 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     )
     loads: etcd.WatchCache[LoadReport] = etcd.WatchCache(
         ctx.etcd, etcd.Keys.replica_load, load_parser(time.monotonic))
-    await replicas.start()
-    try:
-        await loads.start()
-    except BaseException:
-        await replicas.stop()
-        raise
     router = Router(settings.routing_config())
     log.info("routing", policy=router.config.policy.value)
+    placement_settings = PlacementSettings()
+    meter = placement_settings.demand_meter()
+    async with contextlib.AsyncExitStack() as starting:  # a failed start undoes what it did
+        await replicas.start()
+        starting.push_async_callback(replicas.stop)
+        await loads.start()
+        starting.push_async_callback(loads.stop)
+        # The election and placement (only the leader places; any instance routes); on
+        # shutdown it steps down first, so another instance leads at once.
+        starting.push_async_callback(await start_placement(ctx, meter, placement_settings))
+        running = starting.pop_all()
     # Start-up objects (modules, protobuf descriptors, the loaded caches) never die: out of the
     # collector's sight, full collections stay short on the routing path (bench/route_decision.py).
     gc.collect()
     gc.freeze()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(
-        SchedulerServicer(replicas, loads, router, max_hold_s=settings.max_hold_s), ctx.server
+        SchedulerServicer(replicas, loads, router, max_hold_s=settings.max_hold_s,
+                          on_release=meter.on_release), ctx.server
     )
 
-    async def cleanup() -> None:
-        await loads.stop()
-        await replicas.stop()
-
     return ServiceParts(
-        [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name], cleanup=cleanup
+        [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name], cleanup=running.aclose
     )
 
 
