@@ -334,44 +334,43 @@ async def start_placement(
     ctx: ServiceContext, meter: DemandMeter, settings: PlacementSettings | None = None
 ) -> Callable[[], Awaitable[None]]:
     """Publishes this instance's demand, campaigns for leadership and, while leader, places
-    models. Returns the cleanup, which steps down (another instance takes over at once)."""
+    models. Returns the cleanup, which steps down first (another instance takes over at once).
+    A failed start undoes what it had started before it raises."""
     settings = settings or PlacementSettings()
     timeout_s = ctx.settings.etcd_timeout_s
-    demand_lease = etcd.LeaseKeeper(ctx.etcd, settings.leader_ttl_s)
-    await asyncio.wait_for(demand_lease.start(), timeout_s)
-    tasks = [asyncio.create_task(_publish_demand(
-        demand_lease, etcd.Keys.scheduler_demand(ctx.settings.instance_id), meter, settings,
-        timeout_s),
-        name="demand publisher")]
-    if not settings.enabled:
-        return _cleanup(tasks, [], demand_lease, None)
-    changed = asyncio.Event()
-    caches = [
-        etcd.WatchCache(ctx.etcd, etcd.Keys.replicas, _replica, on_change=changed.set),
-        etcd.WatchCache(ctx.etcd, etcd.Keys.models, parse_models_key, on_change=changed.set),
-        etcd.WatchCache(ctx.etcd, etcd.Keys.placements, _decode),
-        etcd.WatchCache(ctx.etcd, etcd.Keys.scheduler_demand_prefix, _decode),
-    ]
-    for cache in caches:
-        await cache.start(timeout_s * 5)
-    election = LeaderElection(ctx.etcd, etcd.Keys.scheduler_leader, ctx.settings.instance_id,
-                              settings.leader_ttl_s, timeout_s)
-    election.start()
-    placer = Placer(ctx.etcd, election, settings, *caches, timeout_s=timeout_s)
-    tasks.append(asyncio.create_task(_lead(placer, election, changed, settings),
-                                     name="placement leader"))
-    return _cleanup(tasks, caches, demand_lease, election)
+    async with contextlib.AsyncExitStack() as starting:
+        demand_lease = etcd.LeaseKeeper(ctx.etcd, settings.leader_ttl_s)
+        starting.push_async_callback(demand_lease.close)
+        await asyncio.wait_for(demand_lease.start(), timeout_s)
+        publisher = asyncio.create_task(_publish_demand(
+            demand_lease, etcd.Keys.scheduler_demand(ctx.settings.instance_id), meter, settings,
+            timeout_s), name="demand publisher")
+        starting.push_async_callback(_stop, publisher)
+        if settings.enabled:
+            changed = asyncio.Event()
+            caches = [
+                etcd.WatchCache(ctx.etcd, etcd.Keys.replicas, _replica, on_change=changed.set),
+                etcd.WatchCache(ctx.etcd, etcd.Keys.models, parse_models_key,
+                                on_change=changed.set),
+                etcd.WatchCache(ctx.etcd, etcd.Keys.placements, _decode),
+                etcd.WatchCache(ctx.etcd, etcd.Keys.scheduler_demand_prefix, _decode),
+            ]
+            for cache in caches:
+                starting.push_async_callback(cache.stop)
+                await cache.start(timeout_s * 5)
+            election = LeaderElection(ctx.etcd, etcd.Keys.scheduler_leader,
+                                      ctx.settings.instance_id, settings.leader_ttl_s, timeout_s)
+            starting.push_async_callback(election.close)
+            election.start()
+            placer = Placer(ctx.etcd, election, settings, *caches, timeout_s=timeout_s)
+            leading = asyncio.create_task(_lead(placer, election, changed, settings),
+                                          name="placement leader")
+            starting.push_async_callback(_stop, leading)
+        running = starting.pop_all()
+    return running.aclose
 
 
-def _cleanup(tasks, caches, demand_lease, election) -> Callable[[], Awaitable[None]]:
-    async def cleanup() -> None:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if election is not None:
-            await election.close()
-        for cache in caches:
-            await cache.stop()
-        await demand_lease.close()
-
-    return cleanup
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

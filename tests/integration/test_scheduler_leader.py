@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 
+import aetcd.exceptions
 import pytest
 from prometheus_client import REGISTRY
 
@@ -177,3 +178,14 @@ async def test_the_leader_places_models_on_replicas_and_moves_a_failed_load(
                 await client.delete(etcd.Keys.replica(rid).encode())
                 await client.delete(etcd.Keys.placement(rid).encode())
             await client.delete_prefix(f"{etcd.Keys.models}{name}/".encode())
+
+
+async def test_a_failed_start_leaves_nothing_running():
+    """etcd unreachable: start_placement raises, and no task of it is left behind."""
+    async with etcd.connect("127.0.0.1:1", 0.5) as unreachable:
+        ctx = ServiceContext(settings=ServiceSettings(etcd_timeout_s=0.5), server=None,
+                             etcd=unreachable, health=None)
+        with pytest.raises(aetcd.exceptions.ConnectionFailedError):
+            await start_placement(ctx, PlacementSettings().demand_meter(), PlacementSettings())
+    names = {"demand publisher", "placement leader", "leader election"}
+    assert not [t for t in asyncio.all_tasks() if t.get_name() in names and not t.done()]
