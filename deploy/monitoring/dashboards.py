@@ -185,6 +185,12 @@ def replicas() -> dashboard.Dashboard:
                             ("infermesh_sidecar_triton_ready", "{{replica}}"),
                             ('sum(infermesh_scheduler_replicas{healthy="true"})',
                              "healthy replicas (scheduler)")))
+        .with_panel(_series("Placement: desired replicas (autoscaling signal) and shortfall",
+                            "short",
+                            ("max by (model) (infermesh_scheduler_desired_replicas)",
+                             "desired {{model}}"),
+                            ("max by (model) (infermesh_scheduler_placement_shortfall)",
+                             "unplaced {{model}}")))
     )
 
 

@@ -232,6 +232,12 @@ def mesh_rule_groups(config: SloConfig) -> list[Group]:
                "More than 10% of {{ $labels.model }}'s generations are shed (quota or overload).",
                "Per tenant: infermesh:shed:rate5m; one tenant at its plan limit is expected, "
                "every tenant shed means too few replicas."),
+        _alert("InfermeshPlacementShortfall", "ticket", "15m",
+               "max by (model) (infermesh_scheduler_placement_shortfall) > 0",
+               "{{ $labels.model }} has fewer copies placed than its routing and demand want.",
+               "infermesh_scheduler_desired_replicas says how many are wanted: add replicas (or "
+               "let the autoscaler), free GPU memory, or read the sidecars' placement_errors "
+               "for a model that fails to load (the leader retries it with a back-off)."),
         _alert("InfermeshTargetDown", "ticket", "5m", "up == 0",
                "{{ $labels.job }} ({{ $labels.instance }}) does not answer Prometheus' scrapes.",
                "Check that process's log; a service that is up but unscraped hides its SLIs."),
