@@ -4,6 +4,7 @@ the Kubernetes 1.37 schemas; and the properties the manifests promise hold in wh
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -127,3 +128,52 @@ def test_keys_come_from_secrets_never_literals(rendered: list[dict]) -> None:
     volumes = auditor["spec"]["template"]["spec"]["volumes"]
     assert {"secretName": "infermesh-auditor-signing-key", "defaultMode": 0o400} in [
         v.get("secret") for v in volumes]
+
+
+MONITORING = K8S.parent / "monitoring"
+
+
+def test_prometheus_and_grafana_render_validate_and_carry_the_generated_files() -> None:
+    rendered = render(MONITORING)
+    for doc in rendered:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    for doc in (d for d in rendered if d["kind"] in WORKLOADS):
+        for container in _containers(doc):
+            assert "readinessProbe" in container and "livenessProbe" in container
+    maps = {d["metadata"]["name"].rsplit("-", 1)[0]: d["data"]
+            for d in rendered if d["kind"] == "ConfigMap"}
+    rules = sorted((MONITORING / "rules").glob("*.yml"))
+    assert maps["prometheus-rules"] == {p.name: p.read_text() for p in rules}
+    boards = sorted((MONITORING / "dashboards").glob("*.json"))
+    assert maps["grafana-dashboards"] == {p.name: p.read_text() for p in boards}
+    config = yaml.safe_load(maps["prometheus-config"]["prometheus.yml"])
+    assert config["scrape_configs"][0]["kubernetes_sd_configs"][0]["namespaces"] == {
+        "names": ["infermesh"]}
+    assert not [d for d in rendered if d["kind"] == "Secret"]  # Grafana's password: a Secret ref
+
+
+def test_prometheus_names_jobs_as_the_embedded_stack_does() -> None:
+    """The relabelling gives each (app, port) the job name the rules and dashboards use."""
+    config = yaml.safe_load((MONITORING / "k8s" / "prometheus.yml").read_text())
+    relabel = config["scrape_configs"][0]["relabel_configs"]
+
+    def job(app: str, port: str) -> str | None:
+        labels = {"__meta_kubernetes_pod_label_app_kubernetes_io_name": app,
+                  "__meta_kubernetes_pod_container_port_name": port,
+                  "__meta_kubernetes_pod_name": f"{app}-0"}
+        for rule in relabel:
+            value = ";".join(labels.get(s, "") for s in rule["source_labels"])
+            matched = re.fullmatch(rule.get("regex", "(.*)"), value)
+            if rule.get("action") == "keep":
+                if not matched:
+                    return None
+            elif matched:
+                labels[rule["target_label"]] = matched.expand(
+                    rule.get("replacement", r"\1").replace("$1", r"\1"))
+        return labels["job"]
+
+    assert job("gateway", "metrics") == "gateway"
+    assert job("etcd", "client") == "etcd"
+    assert job("replica", "metrics") == "sidecar"
+    assert job("replica", "triton-metrics") == "triton"
+    assert job("gateway", "grpc") is None and job("etcd", "peer") is None
