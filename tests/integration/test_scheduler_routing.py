@@ -1,6 +1,7 @@
 """The scheduler as a real process over real etcd: replica records and load reports written the
 way sidecars write them; a replica whose keys vanish or whose load report goes stale stops being
-routed to within 2 s; failures reported on Release open its breaker."""
+routed to within 2 s; failures reported on Release open its breaker; with two instances, each
+Release reaches the instance that routed."""
 
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ import pytest
 from deploy.local.stack import REPO_ROOT, wait_serving
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import etcd, status
+from services.common.discovery import ServiceDirectory
 from services.common.net import free_port
+from services.common.prefix import prompt_block_hashes
 from services.common.processes import ChildProcess
+from services.gateway.peers import SchedulerClient
+from services.scheduler.outcome import Outcome
 
 pytestmark = pytest.mark.integration
 STALE_AFTER_S = 1.5
@@ -196,3 +201,58 @@ async def test_route_fields_are_validated(scheduler):
         await route(scheduler, "m", prefix_hashes=list(range(300)))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prefix_hashes" in refused.value.details()
+
+
+async def test_each_release_reaches_the_scheduler_instance_that_routed(etcd_server, sidecars,
+                                                                        tmp_path):
+    """Two scheduler instances: the gateway's client sends a prompt to the instance its first
+    block hashes to, and its Release to the same instance, so no reservation is left held."""
+    model = sidecars.model
+    for rid in (f"{model}-a", f"{model}-b"):
+        await sidecars.add(rid)
+    sidecars.start()
+    ports = [free_port(), free_port()]
+    processes = [scheduler_process(etcd_server.endpoint, port, tmp_path / f"scheduler-{port}.log")
+                 for port in ports]
+    for process in processes:
+        process.start()
+    try:
+        for process, port in zip(processes, ports, strict=True):
+            await asyncio.to_thread(wait_serving, process, f"127.0.0.1:{port}",
+                                    time.monotonic() + 20)
+        async with etcd.connect(etcd_server.endpoint, 5.0) as client:
+            directory = ServiceDirectory(client)
+            await directory.start()
+            try:
+                wanted = {f"127.0.0.1:{port}" for port in ports}
+                async with asyncio.timeout(10):
+                    while not wanted <= set(directory.endpoints("scheduler")):
+                        await asyncio.sleep(0.05)
+                scheduler = SchedulerClient(directory, 2.0)
+                routes = []
+                for n in range(24):  # both instances get some (all on one: 2 in 2^24)
+                    prompt = f"conversation {n}: " + "a shared system prompt. " * 10
+                    routes.append(await scheduler.route(
+                        model, "", f"r{n}", 30.0, [],
+                        prefix_hashes=prompt_block_hashes(prompt), prompt_tokens=10))
+                held = await in_flight(ports, model)
+                assert sum(held) == 24 and all(held)
+                for route_ in routes:
+                    await scheduler.release_route(route_.reservation_id, Outcome.OK, 5)
+                assert await in_flight(ports, model) == [0, 0]
+            finally:
+                await directory.close()
+    finally:
+        for process in processes:
+            assert process.stop() == 0, process.log_tail()
+
+
+async def in_flight(ports: list[int], model: str) -> list[int]:
+    """Reservations each scheduler instance holds on this test's replicas."""
+    counts = []
+    for port in ports:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            listing = await scheduler_pb2_grpc.SchedulerStub(channel).ListReplicas(
+                scheduler_pb2.ListReplicasRequest(), timeout=2)
+        counts.append(sum(r.in_flight for r in listing.replicas if r.replica_id.startswith(model)))
+    return counts
