@@ -123,7 +123,14 @@ class ServiceDirectory:
         return channel
 
 
+def rendezvous_order(key: str, endpoints: list[str]) -> list[str]:
+    """The endpoints by their rendezvous hash for `key`, highest first: the first owns the key,
+    the next is where it goes if the first is lost (and where a caller may fail over)."""
+    return sorted(endpoints, key=lambda e: hashlib.sha256(f"{key}|{e}".encode()).digest(),
+                  reverse=True)
+
+
 def rendezvous_owner(key: str, endpoints: list[str]) -> str:
-    """The endpoint `key` belongs to: the highest rendezvous hash, so adding or losing an
-    endpoint moves only the keys that it gains or held."""
-    return max(endpoints, key=lambda e: hashlib.sha256(f"{key}|{e}".encode()).digest())
+    """The endpoint `key` belongs to, so adding or losing an endpoint moves only the keys that
+    it gains or held."""
+    return rendezvous_order(key, endpoints)[0]

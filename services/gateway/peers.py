@@ -7,11 +7,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import Counter
 
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import errors, status
-from services.common.discovery import ServiceDirectory, rendezvous_owner
+from services.common.discovery import ServiceDirectory, rendezvous_order
+from services.common.logs import get_logger
 from services.scheduler.outcome import Outcome
+
+log = get_logger(__name__)
+SCHEDULER_FAILOVERS = Counter(
+    "infermesh_gateway_scheduler_failovers_total",
+    "Routes sent to the next scheduler in rendezvous order because the owner did not answer.")
 
 OUTCOMES = {
     Outcome.UNREPORTED: scheduler_pb2.ROUTE_OUTCOME_UNSPECIFIED,
@@ -42,7 +49,9 @@ class SchedulerClient:
 
     Reservations, breakers and the prefix index live in each scheduler instance, so a request
     goes to the instance its prompt's first block hashes to (rendezvous: the same prefix, the
-    same instance, whichever gateway asks), and its Release to the instance that routed it.
+    same instance, whichever gateway asks), and its Release to the instance that routed it. An
+    instance that does not answer is skipped for the next one in rendezvous order (where its
+    prefixes move when its registration expires), so a lost scheduler fails no request.
     """
 
     def __init__(self, directory: ServiceDirectory, timeout_s: float, zone: str = ""):
@@ -51,32 +60,42 @@ class SchedulerClient:
         self._zone = zone
         self._routed_by: dict[str, str] = {}  # reservation id → scheduler endpoint, until released
 
-    def _scheduler(self, triton_model_name: str, request_id: str,
-                   prefix_hashes: Sequence[int]) -> str:
+    def _schedulers(self, triton_model_name: str, request_id: str,
+                    prefix_hashes: Sequence[int]) -> list[str]:
+        """The owner of this prefix first, then the one to fail over to."""
         endpoints = self._directory.endpoints("scheduler")
         if not endpoints:
             raise errors.Unavailable("no scheduler service is registered", retry_after_s=1.0)
         key = f"{triton_model_name}/{prefix_hashes[0]}" if prefix_hashes else request_id
-        return rendezvous_owner(key, endpoints)
+        return rendezvous_order(key, endpoints)[:2]
 
     async def route(
         self, triton_model_name: str, version_id: str, request_id: str, hold_s: float,
         exclude: list[str], *, prefix_hashes: Sequence[int] = (), prompt_tokens: int = 0,
     ) -> Route:
-        endpoint = self._scheduler(triton_model_name, request_id, prefix_hashes)
-        stub = scheduler_pb2_grpc.SchedulerStub(self._directory.channel_to(endpoint))
+        request = scheduler_pb2.RouteRequest(
+            triton_model_name=triton_model_name, version_id=version_id, request_id=request_id,
+            hold=status.seconds_to_duration(hold_s), exclude_replicas=exclude,
+            prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens, zone=self._zone,
+        )
+        *first, last = self._schedulers(triton_model_name, request_id, prefix_hashes)
         try:
-            reply = await stub.Route(
-                scheduler_pb2.RouteRequest(
-                    triton_model_name=triton_model_name, version_id=version_id,
-                    request_id=request_id, hold=status.seconds_to_duration(hold_s),
-                    exclude_replicas=exclude, prefix_hashes=prefix_hashes,
-                    prompt_tokens=prompt_tokens, zone=self._zone,
-                ),
-                timeout=self._timeout_s,
-            )
+            for endpoint in first:
+                try:
+                    return await self._route_at(endpoint, request)
+                except grpc.aio.AioRpcError as exc:
+                    if not _scheduler_away(exc):
+                        raise
+                    SCHEDULER_FAILOVERS.inc()
+                    log.warning("scheduler_unreachable_failing_over", scheduler=endpoint,
+                                code=exc.code().name)
+            return await self._route_at(last, request)
         except grpc.aio.AioRpcError as exc:
             raise status.from_rpc_error(exc) from exc
+
+    async def _route_at(self, endpoint: str, request: scheduler_pb2.RouteRequest) -> Route:
+        stub = scheduler_pb2_grpc.SchedulerStub(self._directory.channel_to(endpoint))
+        reply = await stub.Route(request, timeout=self._timeout_s)
         self._routed_by[reply.reservation_id] = endpoint
         return Route(reply.replica_id, reply.grpc_endpoint, reply.reservation_id)
 
@@ -96,3 +115,13 @@ class SchedulerClient:
             ),
             timeout=self._timeout_s,
         )
+
+
+def _scheduler_away(error: grpc.aio.AioRpcError) -> bool:
+    """The scheduler did not answer (down, or registered but gone): not a status it sent, such
+    as "no healthy replica" (UNAVAILABLE with details), which another instance would repeat."""
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return True
+    sent_details = any(key == status.DETAILS_KEY
+                       for key, _ in (error.trailing_metadata() or ()))
+    return error.code() == grpc.StatusCode.UNAVAILABLE and not sent_details

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 import uuid
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from deploy.local.stack import REPO_ROOT, wait_serving
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -240,11 +242,25 @@ async def test_each_release_reaches_the_scheduler_instance_that_routed(etcd_serv
                 for route_ in routes:
                     await scheduler.release_route(route_.reservation_id, Outcome.OK, 5)
                 assert await in_flight(ports, model) == [0, 0]
+                # One instance dies; its registration outlives it for the lease TTL. Routes
+                # whose prefixes it owned go to the next instance in rendezvous order.
+                failovers = REGISTRY.get_sample_value(
+                    "infermesh_gateway_scheduler_failovers_total") or 0.0
+                os.kill(processes[0].pid, signal.SIGKILL)
+                assert f"127.0.0.1:{ports[0]}" in directory.endpoints("scheduler")
+                for n in range(24):
+                    prompt = f"conversation {n}: " + "a shared system prompt. " * 10
+                    route_ = await scheduler.route(
+                        model, "", f"after-{n}", 30.0, [],
+                        prefix_hashes=prompt_block_hashes(prompt), prompt_tokens=10)
+                    await scheduler.release_route(route_.reservation_id, Outcome.OK, 5)
+                assert (REGISTRY.get_sample_value("infermesh_gateway_scheduler_failovers_total")
+                        or 0.0) > failovers
             finally:
                 await directory.close()
     finally:
-        for process in processes:
-            assert process.stop() == 0, process.log_tail()
+        processes[0].stop()  # killed above (or, if the test failed first, stopped here)
+        assert processes[1].stop() == 0, processes[1].log_tail()
 
 
 async def in_flight(ports: list[int], model: str) -> list[int]:
