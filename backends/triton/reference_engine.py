@@ -296,7 +296,6 @@ class _Sequence:
         """`max_tokens`: the request's, or fewer when the KV pool cannot hold that many."""
         self.request = request
         self.max_tokens = max_tokens
-        self.prompt_tokens = count_tokens(request.prompt)
         rng = _rng_for(request.seed, request.prompt)
         target = rng.randint(MIN_NATURAL_TOKENS, MAX_NATURAL_TOKENS)
         self.target_tokens = max(target, request.min_tokens)
