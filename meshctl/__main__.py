@@ -103,7 +103,8 @@ def stack_up(
     state_dir: pathlib.Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir"),
 ) -> None:
     """Start etcd, Triton, the sidecar and every service; write <state-dir>/env."""
-    from deploy.local.stack import Stack, StackOptions, load_state
+    from deploy.local.stack import Stack, StackOptions
+    from deploy.local.state import load_state
 
     if load_state(state_dir) is not None:
         typer.echo(f"a stack is already recorded in {state_dir}/stack.json; "

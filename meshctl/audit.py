@@ -165,7 +165,7 @@ def _when(text: str) -> datetime.datetime:
 def _auditor_endpoint(explicit: str | None) -> str:
     if explicit:
         return explicit
-    from deploy.local.stack import load_state
+    from deploy.local.state import load_state
 
     state = load_state(DEFAULT_STATE_DIR)
     if state is None or "auditor" not in state.endpoints:

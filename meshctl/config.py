@@ -8,7 +8,7 @@ import pathlib
 
 import typer
 
-from deploy.local.stack import load_state
+from deploy.local.state import load_state
 
 DEFAULT_STATE_DIR = pathlib.Path(os.environ.get("INFERMESH_STATE_DIR", ".infermesh"))
 

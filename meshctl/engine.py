@@ -26,7 +26,7 @@ import typer
 
 from backends.triton.adapter import EngineRequest, TritonAdapter
 from backends.triton.calibration import EngineProfile, fit_profile
-from deploy.local.stack import load_state
+from deploy.local.state import load_state
 from meshctl.config import DEFAULT_STATE_DIR, endpoint_and_key
 from services.common import errors
 from services.registry.client import RegistryClient

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import typer
 
-from deploy.local.stack import load_state
+from deploy.local.state import load_state
 from deploy.monitoring.rules import BUDGET_REMAINING, OBJECTIVE, RATIO
 from meshctl.config import DEFAULT_STATE_DIR
 from services.common.slo import SLO_NAMES, burn_rate

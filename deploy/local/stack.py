@@ -11,11 +11,9 @@ from another process.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import pathlib
 import secrets
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from deploy.local.demo_models import DEMO_MODEL, REFERENCE_MODEL, prepare
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.prometheus import PrometheusServer
+from deploy.local.state import StackInfo, forget_state, load_state, write_state
 from infermesh.v1 import inference_pb2, inference_pb2_grpc, registry_pb2
 from services.common import errors, etcd
 from services.common.net import LOOPBACK, free_port
@@ -46,37 +45,6 @@ class StackOptions:
     demo_plan: TenantPlan = field(default_factory=TenantPlan)
     gateway_env: dict[str, str] = field(default_factory=dict)  # extra INFERMESH_* for the gateway
     triton_log_verbose: bool = False
-
-
-@dataclass
-class StackInfo:
-    """What a caller needs to use a running stack (also what `.infermesh/env` holds)."""
-
-    gateway: str
-    api_key: str
-    model: str  # the real model (torch engine)
-    reference_model: str  # the reference engine: made-up text, modelled serving costs
-    etcd: str
-    endpoints: dict[str, str]
-    metrics: dict[str, str]
-    pids: dict[str, int]
-    openai_base_url: str = ""  # the gateway's OpenAI-compatible HTTP API
-    mesh_token: str = ""  # what the stack's services present to each other (a fresh one per up)
-
-    def env_lines(self) -> str:
-        values = {
-            "INFERMESH_GATEWAY": self.gateway,
-            "INFERMESH_REGISTRY": self.endpoints["registry"],
-            "INFERMESH_API_KEY": self.api_key,
-            "INFERMESH_MODEL": self.model,
-            "INFERMESH_REFERENCE_MODEL": self.reference_model,
-            "INFERMESH_ETCD": self.etcd,
-            "INFERMESH_TRITON": self.endpoints["triton"],
-            "INFERMESH_TRITON_METRICS": self.metrics["triton"],
-            "INFERMESH_PROMETHEUS": self.endpoints["prometheus"],
-            "INFERMESH_OPENAI_BASE_URL": self.openai_base_url,
-        }
-        return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
 
 
 class Stack:
@@ -162,7 +130,7 @@ class Stack:
                 pids={name: child.pid for name, child in self.children.items()},
                 openai_base_url=f"http://{LOOPBACK}:{openai_port}/v1", mesh_token=mesh_token,
             )
-            self._write_state(self.info)
+            write_state(self.state_dir, self.info)
             return self.info
         except BaseException:
             self.down()
@@ -244,10 +212,6 @@ class Stack:
                         raise TimeoutError(f"the gateway cannot serve {model}: {exc}") from exc
                 await asyncio.sleep(0.2)
 
-    def _write_state(self, info: StackInfo) -> None:
-        (self.state_dir / "env").write_text(info.env_lines())
-        (self.state_dir / "stack.json").write_text(json.dumps(info.__dict__, indent=2))
-
 
 async def register_demo_model(
     registry: str, api_key: str, manifest: registry_pb2.ModelManifest, deadline: float
@@ -288,13 +252,6 @@ def wait_serving(child: ChildProcess, endpoint: str, deadline: float) -> None:
             time.sleep(0.1)
 
 
-def load_state(state_dir: pathlib.Path) -> StackInfo | None:
-    path = state_dir / "stack.json"
-    if not path.exists():
-        return None
-    return StackInfo(**json.loads(path.read_text()))
-
-
 def stop_detached(state_dir: pathlib.Path) -> list[str]:
     """Stops a stack started by another process, from its `stack.json`; returns what it stopped."""
     info = load_state(state_dir)
@@ -308,9 +265,3 @@ def stop_detached(state_dir: pathlib.Path) -> list[str]:
             stopped.append(name)
     forget_state(state_dir)
     return stopped
-
-
-def forget_state(state_dir: pathlib.Path) -> None:
-    """A stopped stack leaves no endpoints or key behind for scripts to pick up."""
-    for name in ("stack.json", "env"):
-        (state_dir / name).unlink(missing_ok=True)
