@@ -310,10 +310,14 @@ class GenerationPipeline:
             # Cancelled (or past its deadline) until the relay says otherwise: neither judges
             # the replica, so its breaker ignores them.
             released = _Release(route.reservation_id)
-            progress.cleanups.append(lambda r=released: self._routing.release_route(
-                r.reservation_id, r.outcome,
-                0 if r.outcome is Outcome.FAILED_BEFORE_FIRST_TOKEN else progress.completion_tokens,
-            ))
+
+            async def release(r: _Release = released) -> None:
+                await self._routing.release_route(
+                    r.reservation_id, r.outcome,
+                    0 if r.outcome is Outcome.FAILED_BEFORE_FIRST_TOKEN
+                    else progress.completion_tokens)
+
+            progress.cleanups.append(release)
             progress.replica_id = route.replica_id
             if attempt == 1:
                 progress.queue_s = self._clock() - progress.arrived
@@ -322,14 +326,23 @@ class GenerationPipeline:
             try:
                 finish_reason = await self._relay(route, engine_request, progress, send)
             except errors.MeshError as exc:
-                released.outcome = (Outcome.FAILED_AFTER_FIRST_TOKEN if progress.first_token_sent
-                                    else Outcome.FAILED_BEFORE_FIRST_TOKEN)
+                # Unavailable is the replica's failure (unreachable, or its stream broke); any
+                # other error is the engine's answer about this request (a prompt that never
+                # fits, a bad stop word), which says nothing about the replica's health.
+                replica_failed = isinstance(exc, errors.Unavailable)
+                released.outcome = (
+                    Outcome.UNREPORTED if not replica_failed
+                    else Outcome.FAILED_AFTER_FIRST_TOKEN if progress.first_token_sent
+                    else Outcome.FAILED_BEFORE_FIRST_TOKEN)
                 # Retry only before the first token, only on another replica.
-                if (not isinstance(exc, errors.Unavailable) or progress.first_token_sent
+                if (not replica_failed or progress.first_token_sent
                         or attempt == self._max_attempts):
                     raise
                 log.warning("replica_failed_retrying", replica=route.replica_id, error=str(exc))
                 failed.append(route.replica_id)
+                # Its breaker hears of the failure now, not when the retry ends.
+                progress.cleanups.remove(release)
+                self._in_background(release)
                 continue
             released.outcome = Outcome.OK
             return finish_reason
@@ -382,10 +395,13 @@ class GenerationPipeline:
     def _run_cleanups(self, progress: _Progress) -> None:
         """Releases run in the background: the client's Final need not wait for them."""
         for cleanup in progress.cleanups:
-            task = asyncio.create_task(self._quietly(cleanup))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(cleanup)
         progress.cleanups.clear()
+
+    def _in_background(self, cleanup: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.create_task(self._quietly(cleanup))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @staticmethod
     async def _quietly(cleanup: Callable[[], Awaitable[None]]) -> None:

@@ -4,6 +4,10 @@
     open ──(cool-down passed)──▶ half-open: one probe request at a time
     half-open ──probe ok──▶ closed        half-open ──probe failed──▶ open (cool-down again)
 
+A probe's verdict comes with its Release, which for a long generation (or a gateway that died)
+can be minutes away: a probe not judged within `probe_timeout_s` is taken as lost and another
+is let through, so a half-open breaker — for a zone, every replica in it — never waits on one.
+
 A zone's breaker opens when most of the zone's replicas have their own breaker open or
 half-open (a zone-wide fault: network, power, a bad rollout there); it then probes and closes
 like a replica's. Pure logic with the time passed in; transitions are logged and counted.
@@ -45,6 +49,7 @@ class BreakerSettings:
     min_requests: int = 10  # ... once the window holds at least this many outcomes
     window_s: float = 30.0
     cooldown_s: float = 5.0  # open this long before a probe is let through
+    probe_timeout_s: float = 5.0  # a probe not judged by then is lost: another may go
     zone_failing_fraction: float = 0.5  # a zone opens when more of its replicas than this fail
 
 
@@ -60,6 +65,7 @@ class CircuitBreaker:
         self.state = BreakerState.CLOSED
         self._opened_at = 0.0
         self._probe_out = False
+        self._probe_until = 0.0
         self._consecutive = 0
         self._window: deque[tuple[float, bool]] = deque()  # (time, failed)
         self._window_failures = 0
@@ -72,12 +78,15 @@ class CircuitBreaker:
             if now < self._opened_at + self._settings.cooldown_s:
                 return False
             self._move(BreakerState.HALF_OPEN)
+        if self._probe_out and now >= self._probe_until:
+            self._probe_out = False  # its verdict is taking too long: try another probe
         return not self._probe_out
 
-    def routed(self) -> bool:
+    def routed(self, now: float) -> bool:
         """Called when a request was routed here; True if it is the half-open breaker's probe."""
         if self.state is BreakerState.HALF_OPEN and not self._probe_out:
             self._probe_out = True
+            self._probe_until = now + self._settings.probe_timeout_s
             return True
         return False
 
@@ -187,11 +196,11 @@ class Breakers:
             return False
         return zone not in self.zones_not_closed or self._zones[zone].available(now)
 
-    def routed(self, replica_id: str, zone: str) -> Probes:
+    def routed(self, replica_id: str, zone: str, now: float) -> Probes:
         replica = self._replicas.get(replica_id)
         zone_breaker = self._zones.get(zone) if zone else None
-        replica_probe = replica is not None and replica.routed()
-        zone_probe = zone_breaker is not None and zone_breaker.routed()
+        replica_probe = replica is not None and replica.routed(now)
+        zone_probe = zone_breaker is not None and zone_breaker.routed(now)
         return Probes(replica_probe, zone_probe) if replica_probe or zone_probe else NO_PROBES
 
     def record(

@@ -12,7 +12,10 @@ from typing import Any
 
 
 def _int(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """A count from a record; None when absent, not a number, or negative (not a count)."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
+        return None
+    return int(value)
 
 
 @dataclass(frozen=True)

@@ -147,11 +147,22 @@ def total_demand(records: list[dict[str, Any]]) -> dict[str, dict[str, TokenRate
     """Triton model → {"short", "long"} → summed over every scheduler's published demand."""
     sums: dict[str, dict[str, list[float]]] = {}
     for record in records:
-        for model, windows in record.get("models", {}).items():
-            for window in ("short", "long"):
+        try:
+            if record.get("schema") != SCHEMA:
+                raise ValueError(f"schema {record.get('schema')!r}")
+            rates = {model: {window: (float(windows[window][0]), float(windows[window][1]))
+                             for window in ("short", "long")}
+                     for model, windows in record["models"].items()}
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+            # One scheduler of another version (a rolling upgrade), or an edited key, must not
+            # stop placement: its demand is left out, loudly.
+            log.warning("demand_record_skipped", error=repr(exc))
+            continue
+        for model, windows in rates.items():
+            for window, (prefill, decode) in windows.items():
                 acc = sums.setdefault(model, {}).setdefault(window, [0.0, 0.0])
-                acc[0] += float(windows[window][0])
-                acc[1] += float(windows[window][1])
+                acc[0] += prefill
+                acc[1] += decode
     return {model: {w: TokenRates(*v) for w, v in windows.items()}
             for model, windows in sums.items()}
 

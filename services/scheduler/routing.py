@@ -172,7 +172,7 @@ class Router:
             prompt_tokens=query.prompt_tokens,
             created_at=now,
             expires_at=now + query.hold_s,
-            probes=self.breakers.routed(replica.replica_id, replica.zone),
+            probes=self.breakers.routed(replica.replica_id, replica.zone, now),
         )
         self._reservations[reservation.reservation_id] = reservation
         self._by_replica.setdefault(replica.replica_id, {})[reservation.reservation_id] = now

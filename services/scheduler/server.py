@@ -4,6 +4,7 @@ demand meter (`on_release`)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import time
@@ -39,6 +40,8 @@ REPLICAS = Gauge("infermesh_scheduler_replicas", "Replicas known, by health.", [
 MAX_EXCLUDED = 64
 MAX_ZONE_CHARS = 64
 MAX_PROMPT_TOKENS = 10_000_000
+MAX_COMPLETION_TOKENS = 10_000_000
+MAX_REMEMBERED_REPORTS = 10_000
 
 OUTCOMES = {
     scheduler_pb2.ROUTE_OUTCOME_UNSPECIFIED: Outcome.UNREPORTED,
@@ -113,6 +116,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if outcome is None:
             await status.abort(context, errors.InvalidArgument(
                 "outcome", f"unknown value {request.outcome}"))
+        if request.completion_tokens > MAX_COMPLETION_TOKENS:  # it drives the demand signal
+            await status.abort(context, errors.InvalidArgument(
+                "completion_tokens", f"must be at most {MAX_COMPLETION_TOKENS}"))
         reservation = self._router.release(
             request.reservation_id, outcome, self._clock(), self._replicas.items.values())
         if reservation is None:
@@ -164,12 +170,26 @@ def replica_parser(_suffix: str, raw: bytes) -> ReplicaInfo:
 
 
 def load_parser(clock: Callable[[], float]) -> Callable[[str, bytes], LoadReport]:
-    """Parses a load report, stamped with when it arrived (freshness is judged on our clock)."""
+    """Parses a load report, stamped with when it arrived (freshness is judged on our clock).
+
+    The same bytes again (the watch re-listing after a reconnect, not a new report: every report
+    carries its own time) keep their first stamp, so a replica whose reports stopped does not
+    look fresh again after every re-list."""
+    seen: collections.OrderedDict[str, tuple[bytes, LoadReport]] = collections.OrderedDict()
+
     def parse(suffix: str, raw: bytes) -> LoadReport:
+        previous = seen.get(suffix)
+        if previous is not None and previous[0] == raw:
+            return previous[1]
         record = etcd.decode(raw)
         if not isinstance(record, dict):
             raise ValueError("a load report is a JSON object")
-        return LoadReport.from_record(suffix, record, clock())
+        report = LoadReport.from_record(suffix, record, clock())
+        seen[suffix] = (raw, report)
+        seen.move_to_end(suffix)
+        if len(seen) > MAX_REMEMBERED_REPORTS:  # replicas long gone (pods of a scaled fleet)
+            seen.popitem(last=False)
+        return report
     return parse
 
 

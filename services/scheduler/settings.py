@@ -43,6 +43,10 @@ class SchedulerSettings(ServiceSettings):
     breaker_cooldown_s: float = Field(
         5.0, gt=0, le=3600, description="How long a breaker stays open before one probe."
     )
+    breaker_probe_timeout_s: float = Field(
+        5.0, gt=0, le=3600, description="A probe not judged by then (its Release) is lost, and "
+        "another is let through."
+    )
     zone_failing_fraction: float = Field(
         0.5, ge=0, lt=1, description="A zone's breaker opens when more of its replicas fail."
     )
@@ -62,6 +66,7 @@ class SchedulerSettings(ServiceSettings):
                 min_requests=self.breaker_min_requests,
                 window_s=self.breaker_window_s,
                 cooldown_s=self.breaker_cooldown_s,
+                probe_timeout_s=self.breaker_probe_timeout_s,
                 zone_failing_fraction=self.zone_failing_fraction,
             ),
         )

@@ -63,11 +63,21 @@ class ReplicaRouting:
 
 
 class Engine:
-    """Replica "down" is unreachable; "flaky" fails after its first chunk; "slow" never ends."""
+    """Replica "down" is unreachable; "flaky" fails after its first chunk; "slow" never ends;
+    "refusing" answers every request with an error of the engine's (a request it cannot run);
+    "gated" waits for `gate` before its first chunk."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
 
     async def generate(self, endpoint, request):
         if endpoint == "down":
             raise errors.Unavailable("replica down is unreachable")
+        if endpoint == "refusing":
+            raise errors.Internal("engine error: the prompt needs 90 KV blocks, the pool has 64")
+        if endpoint == "gated":
+            await self.gate.wait()
         for count in range(1, 4):
             if endpoint == "slow" and count == 2:
                 await asyncio.sleep(60)
@@ -76,12 +86,12 @@ class Engine:
                 raise errors.Unavailable("replica flaky went away")
 
 
-def pipeline(routing: ReplicaRouting) -> GenerationPipeline:
+def pipeline(routing: ReplicaRouting, engine: Engine | None = None) -> GenerationPipeline:
     catalog = ModelCatalog()
     vid = version_id(MANIFEST)
     catalog.rebuild({f"demo/versions/{vid}": {"version_id": vid, "manifest": MANIFEST},
                      "demo/routing": Routing(revision=1, production=vid).to_record()})
-    engine = Engine()
+    engine = engine or Engine()
     return GenerationPipeline(
         catalog, Admission(), routing, engine, _NoAudit(), Limits(),
         FairAdmission(AdmissionLimits()),
@@ -119,6 +129,31 @@ async def test_a_failure_before_the_first_token_is_retried_elsewhere_and_reporte
     assert routing.routes[0]["prompt_tokens"] > 0
     assert sorted(routing.releases) == [
         ("res-down", Outcome.FAILED_BEFORE_FIRST_TOKEN, 0), ("res-up", Outcome.OK, 3)]
+
+
+async def test_a_failed_attempt_is_released_before_the_retry_ends():
+    """The dead replica's breaker hears of it at once, not when the other replica finishes."""
+    engine = Engine()
+    engine.gate.clear()
+    routing = ReplicaRouting(["down", "gated"])
+    task = asyncio.create_task(generate(pipeline(routing, engine)))
+    async with asyncio.timeout(5):
+        while not routing.releases:
+            await asyncio.sleep(0.01)
+    assert routing.releases == [("res-down", Outcome.FAILED_BEFORE_FIRST_TOKEN, 0)]
+    assert not task.done()  # the retry is still streaming
+    engine.gate.set()
+    _, finished = await asyncio.wait_for(task, 5)
+    assert finished.error is None
+    assert routing.releases[1:] == [("res-gated", Outcome.OK, 3)]
+
+
+async def test_an_error_the_engine_reports_about_the_request_says_nothing_of_the_replica():
+    routing = ReplicaRouting(["refusing", "up"])
+    _, finished = await generate(pipeline(routing))
+    assert finished.finish_reason == "error" and finished.error.code == "INTERNAL"
+    assert len(routing.routes) == 1  # not retried: another replica would refuse it too
+    assert routing.releases == [("res-refusing", Outcome.UNREPORTED, 0)]
 
 
 async def test_a_failure_after_the_first_token_is_not_retried():

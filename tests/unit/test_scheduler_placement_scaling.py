@@ -144,8 +144,10 @@ def test_demand_from_every_scheduler_is_summed():
     meters[0].on_release("m", 1_000, 100)
     meters[1].on_release("m", 3_000, 300)
     clock.now += 1
-    total = total_demand([demand_record(m, settings) for m in meters])
-    assert total["m"]["short"] == TokenRates(400.0, 40.0)
+    malformed = [{"schema": 2, "models": {"m": {"short": [1e9, 1e9]}}}, {"schema": 1},
+                 {"schema": 1, "models": {"m": {"short": ["x", 1]}}}, "not a record"]
+    total = total_demand([demand_record(m, settings) for m in meters] + malformed)
+    assert total["m"]["short"] == TokenRates(400.0, 40.0)  # what cannot be read is left out
     assert total["m"]["long"] == TokenRates(40.0, 4.0)
 
 

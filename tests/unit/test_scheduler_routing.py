@@ -164,3 +164,17 @@ def test_cache_spread_puts_new_prefixes_where_they_evict_least():
 
     assert owners(0.0) == ["a"] * 12
     assert owners(1.0) == ["a", "a", "a", "b", "b", "b", "c", "c", "c", "d", "d", "d"]
+
+
+def test_a_load_report_with_impossible_figures_counts_as_unknown_and_still_routes():
+    from services.scheduler.inventory import LoadReport
+
+    broken = LoadReport.from_record("a", {"models": {"m": {
+        "kv_max_blocks": -1, "kv_free_blocks": -5, "active": -2, "waiting": "x", "max": -8}}},
+        received_at=0.0)
+    load = broken.models["m"]
+    assert (load.kv_max_blocks, load.kv_free_blocks, load.active, load.max) == (
+        None, None, None, None)
+    router = Router(RoutingConfig(policy=Policy.KV_AWARE))
+    chosen = router.route(query("m"), [replica("a", models=("m",))], {"a": broken}, now=0.5)
+    assert chosen.replica.replica_id == "a"

@@ -11,7 +11,7 @@ from infermesh.v1 import scheduler_pb2
 from services.common import status
 from services.scheduler.breakers import BreakerSettings
 from services.scheduler.routing import Policy, Router, RoutingConfig
-from services.scheduler.server import SchedulerServicer
+from services.scheduler.server import SchedulerServicer, load_parser
 from tests.unit.scheduler_builders import replica, report
 
 
@@ -118,3 +118,31 @@ async def test_list_replicas_shows_load_and_breakers():
     assert b.breaker == scheduler_pb2.BREAKER_STATE_OPEN
     assert a.breaker == scheduler_pb2.BREAKER_STATE_CLOSED
     assert a.zone_breaker == scheduler_pb2.BREAKER_STATE_CLOSED  # one of two failing: not most
+
+
+async def test_release_refuses_an_impossible_token_count_and_keeps_the_reservation():
+    demand: list[tuple] = []
+    s = servicer(on_release=lambda *args: demand.append(args))
+    reply = await s.Route(route_request(), Context())
+    context = Context()
+    with pytest.raises(Aborted):
+        await s.Release(scheduler_pb2.ReleaseRouteRequest(
+            reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK,
+            completion_tokens=4_000_000_000), context)
+    assert context.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "completion_tokens" in context.details and demand == []
+    released = await s.Release(scheduler_pb2.ReleaseRouteRequest(
+        reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK), Context())
+    assert released.released  # the refused call changed nothing
+
+
+def test_a_relisted_load_report_keeps_the_time_it_first_arrived():
+    """A watch re-list hands the parser the same bytes again: not a new report."""
+    now = [100.0]
+    parse = load_parser(lambda: now[0])
+    raw = b'{"schema": 1, "at": 5.0, "models": {"m": {"active": 1}}}'
+    assert parse("a", raw).received_at == 100.0
+    now[0] = 130.0
+    assert parse("a", raw).received_at == 100.0  # still 30 s old: stale, as it should be
+    newer = b'{"schema": 1, "at": 35.0, "models": {"m": {"active": 1}}}'
+    assert parse("a", newer).received_at == 130.0
