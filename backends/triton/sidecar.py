@@ -76,7 +76,9 @@ class SidecarSettings(ServiceSettings):
     )
     load_interval_s: float = Field(0.25, gt=0, le=5, description="How often load is scraped.")
     load_refresh_s: float = Field(
-        1.0, gt=0, description="Longest time between two load reports, changed or not."
+        1.0, gt=0, le=1.0, description="Longest time between two load reports, changed or not. "
+        "Schedulers drop a replica whose report is older than their INFERMESH_LOAD_STALE_AFTER_S "
+        "(1.5 s): this plus load_interval_s must stay under it, or idle replicas blink out."
     )
     replica_lease_ttl_s: int = Field(
         2, ge=2, description="TTL of the lease under the replica's keys (etcd's minimum is ~2)."
