@@ -107,15 +107,18 @@ class _ModelScale:
 class Autoscaler:
     """Desired replicas per model, with hysteresis: out at once, in slowly.
 
-    `desired(model, short, long, capacity)` takes the demand over a short window (reacts to a
-    burst) and over a long one (what scale-in must also satisfy)."""
+    `desired(model, short, long, capacity, serving)` takes the demand over a short window
+    (reacts to a burst) and over a long one (what scale-in must also satisfy), and how many
+    replicas serve the model now: a fresh state (a new leader) starts no lower than that and
+    waits a whole cool-down before scaling in, so a failover never undoes a recent scale-out."""
 
     policy: ScalePolicy
     clock: Callable[[], float]
     _models: dict[str, _ModelScale] = field(default_factory=dict)
 
     def desired(
-        self, model: str, short: TokenRates, long: TokenRates, capacity: TokenRates
+        self, model: str, short: TokenRates, long: TokenRates, capacity: TokenRates,
+        serving: int = 0,
     ) -> int:
         policy = self.policy
         now = self.clock()
@@ -127,7 +130,7 @@ class Autoscaler:
         burst, sustained = size(short), size(long)
         state = self._models.get(model)
         if state is None:
-            state = self._models[model] = _ModelScale(max(burst, sustained), now)
+            state = self._models[model] = _ModelScale(max(burst, sustained, serving), now)
         elif burst > state.replicas:
             state.replicas, state.changed_at = burst, now
         else:

@@ -226,8 +226,9 @@ class Placer:
             if capacity is None:
                 continue
             zero = TokenRates(0.0, 0.0)
+            serving = sum(1 for r in replicas if model in r.loaded)
             desired[model] = self._autoscaler.desired(
-                model, windows.get("short", zero), windows.get("long", zero), capacity)
+                model, windows.get("short", zero), windows.get("long", zero), capacity, serving)
         for model in self._autoscaler.models() - set(desired):
             self._autoscaler.forget(model)
         self._export(DEMAND, rates_by_label)

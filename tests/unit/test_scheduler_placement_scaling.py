@@ -93,6 +93,19 @@ def test_scale_out_is_immediate_and_scale_in_waits_for_the_long_window_and_cool_
     assert scaler.desired("m", quiet, quiet, CAPACITY) == 1
 
 
+def test_a_new_leader_starts_from_the_fleet_serving_and_waits_a_cool_down_to_scale_in():
+    """A failover must not undo a recent scale-out: the fresh state knows nothing of it."""
+    clock = Clock()
+    fresh = Autoscaler(ScalePolicy(headroom=0, zones=1, min_copies=1, scale_in_cooldown_s=300),
+                       clock)
+    quiet = TokenRates(0, 1_000)
+    assert fresh.desired("m", quiet, quiet, CAPACITY, serving=4) == 4
+    clock.now += 299
+    assert fresh.desired("m", quiet, quiet, CAPACITY, serving=4) == 4
+    clock.now += 1
+    assert fresh.desired("m", quiet, quiet, CAPACITY, serving=4) == 1
+
+
 def test_the_meter_averages_prefill_and_decode_over_sliding_windows():
     clock = Clock()
     meter = DemandMeter(max_window_s=600, clock=clock)
