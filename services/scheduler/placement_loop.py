@@ -103,6 +103,9 @@ class PlacementSettings(BaseSettings):
                                     description="Longest delay between retries of a failed load.")
     demand_publish_s: float = Field(5.0, gt=0, le=300,
                                     description="How often each scheduler publishes its demand.")
+    forget_gone_after_s: float = Field(
+        600.0, ge=60, le=86400, description="A replica without a record this long has its "
+        "placement deleted (a scaled-in pod's; a restarting replica is back well before).")
 
     @model_validator(mode="after")
     def _ordered(self) -> PlacementSettings:
@@ -198,6 +201,7 @@ class Placer:
         self._demand = demand
         self._clock = clock
         self._written: dict[str, dict[str, Any]] = {}  # ours, until the watch shows them
+        self._absent_since: dict[str, float] = {}  # placed replicas with no record, since when
         self._exported: dict[Gauge, set[tuple[str, ...]]] = {}
         self._backoff = LoadBackoff(settings.load_retry_s, settings.load_retry_max_s)
         self._autoscaler = Autoscaler(
@@ -279,23 +283,44 @@ class Placer:
             if not await self._write(rid, record):
                 break
             written += 1
+        await self._forget_gone(current, {r.replica_id for r in replicas}, now)
         return written
+
+    async def _forget_gone(self, current: dict[str, Any], present: set[str], now: float) -> None:
+        """Deletes the placements of replicas gone for `forget_gone_after_s` (pods of a fleet
+        that scaled in never come back; a restarting replica is back well before)."""
+        for rid in list(self._absent_since):
+            if rid in present or rid not in current:
+                del self._absent_since[rid]
+        for rid in current.keys() - present:
+            since = self._absent_since.setdefault(rid, now)
+            if now - since < self._settings.forget_gone_after_s:
+                continue
+            if not await self._fenced(self._etcd.transactions.delete(
+                    etcd.Keys.placement(rid).encode())):
+                return
+            self._written.pop(rid, None)
+            self._absent_since.pop(rid, None)
+            log.info("placement_forgotten", replica=rid, absent_s=round(now - since, 1))
 
     async def _write(self, replica_id: str, record: dict[str, Any]) -> bool:
         """Writes one placement if we still lead (fenced); False when leadership is gone."""
-        if not self._election.is_leader:
-            return False
-        tx = self._etcd.transactions
-        won, _ = await asyncio.wait_for(self._etcd.transaction(
-            compare=[self._election.fence()],
-            success=[tx.put(etcd.Keys.placement(replica_id).encode(), etcd.encode(record))],
-            failure=[],
-        ), self._timeout_s)
-        WRITES.labels("written" if won else "fenced").inc()
+        won = await self._fenced(self._etcd.transactions.put(
+            etcd.Keys.placement(replica_id).encode(), etcd.encode(record)))
         if won:
             self._written[replica_id] = record
             log.info("placement_written", replica=replica_id, models=record["models"],
                      generation=record["generation"])
+        return won
+
+    async def _fenced(self, tx_op: Any) -> bool:
+        """One etcd operation, only while we lead (compared in the same transaction)."""
+        if not self._election.is_leader:
+            return False
+        won, _ = await asyncio.wait_for(self._etcd.transaction(
+            compare=[self._election.fence()], success=[tx_op], failure=[],
+        ), self._timeout_s)
+        WRITES.labels("written" if won else "fenced").inc()
         return won
 
     def stepped_down(self) -> None:
@@ -303,6 +328,7 @@ class Placer:
         for gauge in (DESIRED, DEMAND, SHORTFALL):
             self._export(gauge, {})
         self._written.clear()
+        self._absent_since.clear()  # a later term starts counting afresh
 
 
 async def _publish_demand(lease: etcd.LeaseKeeper, key: str, meter: DemandMeter,

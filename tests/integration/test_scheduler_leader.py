@@ -17,6 +17,8 @@ from services.common import etcd
 from services.common.runtime import ServiceContext
 from services.common.settings import ServiceSettings
 from services.scheduler.leader import LeaderElection
+from services.registry.store import parse_models_key
+from services.scheduler import placement_loop
 from services.scheduler.placement_loop import PlacementSettings, start_placement
 
 pytestmark = pytest.mark.integration
@@ -189,3 +191,47 @@ async def test_a_failed_start_leaves_nothing_running():
             await start_placement(ctx, PlacementSettings().demand_meter(), PlacementSettings())
     names = {"demand publisher", "placement leader", "leader election"}
     assert not [t for t in asyncio.all_tasks() if t.get_name() in names and not t.done()]
+
+
+async def test_the_placement_of_a_replica_gone_for_good_is_deleted(etcd_server: EtcdServer):
+    """A scaled-in pod never comes back: its `placements/` key must not live for ever, while a
+    replica that is only restarting keeps its placement."""
+    tag = uuid.uuid4().hex[:8]
+    gone, restarting = f"gone-{tag}", f"back-{tag}"
+    now = [1000.0]
+    settings = PlacementSettings(leader_ttl_s=TTL_S, forget_gone_after_s=60)
+    async with etcd.connect(etcd_server.endpoint, TIMEOUT_S) as client:
+        for rid in (gone, restarting):
+            await client.put(etcd.Keys.placement(rid).encode(),
+                             etcd.encode({"schema": 1, "models": ["m"], "generation": 1}))
+        caches = [etcd.WatchCache(client, etcd.Keys.replicas, placement_loop._replica),
+                  etcd.WatchCache(client, etcd.Keys.models, parse_models_key),
+                  etcd.WatchCache(client, etcd.Keys.placements, placement_loop._decode),
+                  etcd.WatchCache(client, etcd.Keys.scheduler_demand_prefix,
+                                  placement_loop._decode)]
+        for cache in caches:
+            await cache.start()
+        election = LeaderElection(client, f"{etcd.Keys.scheduler_leader}-{tag}", f"p-{tag}",
+                                  TTL_S, TIMEOUT_S)
+        election.start()
+        placer = placement_loop.Placer(client, election, settings, *caches, timeout_s=TIMEOUT_S,
+                                       clock=lambda: now[0])
+        try:
+            await until(lambda: election.is_leader, 10, "leadership")
+            await until(lambda: {gone, restarting} <= caches[2].items.keys(), 10, "the watch")
+            await placer.round()  # both absent: remembered, nothing deleted yet
+            now[0] += 30
+            await client.put(etcd.Keys.replica(restarting).encode(),
+                             etcd.encode(replica_record(restarting, "a", models=["m"])))
+            await until(lambda: restarting in caches[0].items, 10, "the replica's record")
+            now[0] += 31
+            await placer.round()
+            assert await client.get(etcd.Keys.placement(gone).encode()) is None
+            assert await client.get(etcd.Keys.placement(restarting).encode()) is not None
+        finally:
+            await election.close()
+            for cache in caches:
+                await cache.stop()
+            for rid in (gone, restarting):
+                await client.delete(etcd.Keys.replica(rid).encode())
+                await client.delete(etcd.Keys.placement(rid).encode())
