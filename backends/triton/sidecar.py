@@ -162,6 +162,7 @@ class Sidecar:
         self._target: PlacementTarget | None = None
         self._actions: dict[str, asyncio.Task[None]] = {}  # model → its load or unload under way
         self._unloading: set[str] = set()  # already left out of `models`: no new routes
+        self._actions_done = 0  # placement actions finished (each ends with its own probe)
         self._failed: set[str] = set()  # failed for the current target: not retried
         self._errors: dict[str, str] = {}
         self._reconcile = asyncio.Event()
@@ -258,7 +259,10 @@ class Sidecar:
     # -- health and the record -----------------------------------------------------------------
 
     async def _check_health(self) -> None:
+        actions_done = self._actions_done
         ready, versions = await self._probe()
+        if actions_done != self._actions_done:
+            return  # a load or unload finished while we probed: its own probe is newer
         if ready and not self._ready:  # (re)started: what failed on the old server gets a retry
             self._failed.clear()
         self._ready = ready
@@ -408,10 +412,11 @@ class Sidecar:
                          seconds=round(time.monotonic() - started, 3))
             finally:
                 PLACEMENT_SECONDS.labels(action).observe(time.monotonic() - started)
-                self._unloading.discard(model)
                 ready, versions = await self._probe()  # the next plan must see the outcome
                 if versions is not None:
                     self._ready, self._versions = ready, versions
+                self._actions_done += 1  # a health probe begun before this one is now stale
+                self._unloading.discard(model)
                 del self._actions[model]
                 self._reconcile.set()
                 with contextlib.suppress(Exception):  # the health loop retries a failed write
