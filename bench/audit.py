@@ -25,10 +25,10 @@ import time
 import uuid
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.streaming import percentile
 from deploy.local.etcd_server import EtcdServer
+from deploy.local.stack import wait_serving
 from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import ChildProcess
@@ -103,23 +103,6 @@ def run(endpoint: str, levels: tuple[int, ...] = LEVELS, duration_s: float = 5.0
     return figures
 
 
-def _serving(endpoint: str, child: ChildProcess, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(endpoint) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if not child.alive():
-                raise RuntimeError(f"the auditor exited:\n{child.log_tail()}")
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == (
-                        health_pb2.HealthCheckResponse.SERVING):
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"the auditor was not SERVING in {timeout_s}s:\n{child.log_tail()}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration-s", type=float, default=5.0, help="Per level.")
@@ -137,7 +120,7 @@ def main() -> None:
             cwd=pathlib.Path(__file__).resolve().parents[1])
         try:
             auditor.start()
-            _serving(f"{LOOPBACK}:{port}", auditor)
+            wait_serving(auditor, f"{LOOPBACK}:{port}", time.monotonic() + 60)
             figures = run(f"{LOOPBACK}:{port}", duration_s=args.duration_s)
         finally:
             auditor.stop()

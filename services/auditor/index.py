@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -153,12 +154,24 @@ def load_or_build(segment: Segment) -> SegmentIndex | None:
 
 
 def _saved(segment: Segment, size: int) -> SegmentIndex | None:
-    """The index on disk if it was made for a file of this size; None if missing or unreadable."""
+    """The index on disk if it was made for a file of this size; None if missing or unreadable.
+    Every query consults every sealed segment's index, so a parsed one is kept in memory for as
+    long as its file is unchanged (same path, size and modification time)."""
     try:
-        index = SegmentIndex.from_json(json.loads(segment.index_path.read_bytes()))
+        stat = segment.index_path.stat()
+    except OSError:
+        return None
+    index = _parsed(str(segment.index_path), stat.st_size, stat.st_mtime_ns)
+    return index if index is not None and index.log_bytes == size else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(path: str, _size: int, _mtime_ns: int) -> SegmentIndex | None:
+    """One index file's content, cached by its identity (the arguments after `path`)."""
+    try:
+        return SegmentIndex.from_json(json.loads(pathlib.Path(path).read_bytes()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return index if index.log_bytes == size else None
 
 
 def _save(path: pathlib.Path, index: SegmentIndex) -> None:

@@ -6,32 +6,17 @@ import asyncio
 import os
 import signal
 import sys
+import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.local.stack import REPO_ROOT, StackInfo
+from deploy.local.stack import REPO_ROOT, StackInfo, wait_serving
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 from services.common.net import free_port
 from services.common.processes import ChildProcess
 
 pytestmark = pytest.mark.integration
-
-
-async def wait_serving(endpoint: str, child: ChildProcess) -> None:
-    async with grpc.aio.insecure_channel(endpoint) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(200):
-            assert child.alive(), child.log_tail()
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"gateway never SERVING:\n{child.log_tail()}")
 
 
 async def test_sigterm_finishes_open_generations(stack: StackInfo, tmp_path):
@@ -46,7 +31,7 @@ async def test_sigterm_finishes_open_generations(stack: StackInfo, tmp_path):
     gateway.start()
     try:
         endpoint = f"127.0.0.1:{port}"
-        await wait_serving(endpoint, gateway)
+        await asyncio.to_thread(wait_serving, gateway, endpoint, time.monotonic() + 20)
         outbox: asyncio.Queue = asyncio.Queue()
         await outbox.put(inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
             request_id="drain", model=stack.reference_model, prompt="keep going",

@@ -10,18 +10,13 @@ import sys
 import time
 import uuid
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy.local.stack import REPO_ROOT, wait_serving
 from infermesh.v1 import auditor_pb2
 from services.common import etcd
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import ChildProcess
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-AUDITOR_SERVICE = auditor_pb2.DESCRIPTOR.services_by_name["Auditor"].full_name
-
 
 class Auditor:
     """One `python -m services.auditor` child on free loopback ports."""
@@ -54,26 +49,14 @@ class Auditor:
         return f"{LOOPBACK}:{self.port}"
 
     async def start(self, timeout_s: float = 30.0) -> None:
-        """Starts the child and returns once gRPC health says the Auditor service is SERVING."""
+        """Starts the child and returns once gRPC health says SERVING (stopped if it never does)."""
         self.process.start()
-        deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(self.endpoint) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if not self.process.alive():
-                    pytest.fail(f"auditor exited during start:\n{self.process.log_tail()}")
-                try:
-                    reply = await health.Check(
-                        health_pb2.HealthCheckRequest(service=AUDITOR_SERVICE), timeout=1.0
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.process.stop()
-                    pytest.fail(f"auditor not SERVING in {timeout_s}s:\n{self.process.log_tail()}")
-                await asyncio.sleep(0.1)
+        try:
+            await asyncio.to_thread(wait_serving, self.process, self.endpoint,
+                                    time.monotonic() + timeout_s)
+        except (RuntimeError, TimeoutError) as exc:
+            self.process.stop()
+            pytest.fail(str(exc))
 
     async def stop(self) -> int | None:
         """SIGTERM (then SIGKILL after a grace), off the event loop; returns the exit code."""
