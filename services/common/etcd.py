@@ -118,6 +118,8 @@ class WatchCache(Generic[T]):
     `start()` returns once the first full load is in; after that the copy follows etcd through a
     watch, reloading from scratch when the watch breaks (etcd restart, compaction). Lookups are
     plain dict reads. `on_change` runs after every applied change, with the cache up to date.
+    A reload keeps the parsed value of every key whose revision did not change, so a value is
+    parsed once per write: a parser may stamp what it parses (e.g. with its arrival time).
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class WatchCache(Generic[T]):
         self._on_change = on_change
         self._retry_s = retry_s
         self._items: dict[str, T] = {}
+        self._revisions: dict[str, int] = {}  # suffix → the mod revision its item was parsed at
         self._loaded = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.revision = 0
@@ -170,9 +173,15 @@ class WatchCache(Generic[T]):
     async def _load_and_watch(self) -> None:
         listing = await self._client.get_prefix(self._prefix.encode())
         items: dict[str, T] = {}
+        revisions: dict[str, int] = {}
         for kv in listing:
-            self._put(items, kv.key, kv.value)
-        self._items = items
+            suffix = kv.key.decode()[len(self._prefix) :]
+            if self._revisions.get(suffix) == kv.mod_revision and suffix in self._items:
+                items[suffix] = self._items[suffix]  # unchanged since we parsed it
+                revisions[suffix] = kv.mod_revision
+            elif self._put(items, kv.key, kv.value):
+                revisions[suffix] = kv.mod_revision
+        self._items, self._revisions = items, revisions
         self.revision = listing.header.revision
         self._loaded.set()
         self._changed()
@@ -181,10 +190,13 @@ class WatchCache(Generic[T]):
         )
         try:
             async for event in watch:
+                suffix = event.kv.key.decode()[len(self._prefix) :]
                 if event.kind == "PUT":
-                    self._put(self._items, event.kv.key, event.kv.value)
+                    if self._put(self._items, event.kv.key, event.kv.value):
+                        self._revisions[suffix] = event.kv.mod_revision
                 else:
-                    self._items.pop(event.kv.key.decode()[len(self._prefix) :], None)
+                    self._items.pop(suffix, None)
+                    self._revisions.pop(suffix, None)
                 self.revision = event.kv.mod_revision
                 self._changed()
         finally:
@@ -192,12 +204,15 @@ class WatchCache(Generic[T]):
                 await watch.cancel()
         raise ConnectionError("watch ended")
 
-    def _put(self, items: dict[str, T], key: bytes, raw: bytes) -> None:
+    def _put(self, items: dict[str, T], key: bytes, raw: bytes) -> bool:
+        """Parses one value into `items`; False (logged, left out) when it cannot be read."""
         suffix = key.decode()[len(self._prefix) :]
         try:
             items[suffix] = self._parse(suffix, raw)
         except (ValueError, KeyError, TypeError) as exc:
             log.error("bad_etcd_value", key=key.decode(), error=repr(exc))
+            return False
+        return True
 
     def _changed(self) -> None:
         if self._on_change is not None:

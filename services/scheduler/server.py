@@ -4,7 +4,6 @@ demand meter (`on_release`)."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import gc
 import time
@@ -41,7 +40,6 @@ MAX_EXCLUDED = 64
 MAX_ZONE_CHARS = 64
 MAX_PROMPT_TOKENS = 10_000_000
 MAX_COMPLETION_TOKENS = 10_000_000
-MAX_REMEMBERED_REPORTS = 10_000
 
 OUTCOMES = {
     scheduler_pb2.ROUTE_OUTCOME_UNSPECIFIED: Outcome.UNREPORTED,
@@ -171,25 +169,13 @@ def replica_parser(_suffix: str, raw: bytes) -> ReplicaInfo:
 
 def load_parser(clock: Callable[[], float]) -> Callable[[str, bytes], LoadReport]:
     """Parses a load report, stamped with when it arrived (freshness is judged on our clock).
-
-    The same bytes again (the watch re-listing after a reconnect, not a new report: every report
-    carries its own time) keep their first stamp, so a replica whose reports stopped does not
-    look fresh again after every re-list."""
-    seen: collections.OrderedDict[str, tuple[bytes, LoadReport]] = collections.OrderedDict()
-
+    The watch cache parses each write once, so a re-list after a reconnect keeps the stamp: a
+    replica whose reports stopped does not look fresh again."""
     def parse(suffix: str, raw: bytes) -> LoadReport:
-        previous = seen.get(suffix)
-        if previous is not None and previous[0] == raw:
-            return previous[1]
         record = etcd.decode(raw)
         if not isinstance(record, dict):
             raise ValueError("a load report is a JSON object")
-        report = LoadReport.from_record(suffix, record, clock())
-        seen[suffix] = (raw, report)
-        seen.move_to_end(suffix)
-        if len(seen) > MAX_REMEMBERED_REPORTS:  # replicas long gone (pods of a scaled fleet)
-            seen.popitem(last=False)
-        return report
+        return LoadReport.from_record(suffix, record, clock())
     return parse
 
 

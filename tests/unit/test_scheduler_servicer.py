@@ -11,7 +11,7 @@ from infermesh.v1 import scheduler_pb2
 from services.common import status
 from services.scheduler.breakers import BreakerSettings
 from services.scheduler.routing import Policy, Router, RoutingConfig
-from services.scheduler.server import SchedulerServicer, load_parser
+from services.scheduler.server import SchedulerServicer
 from tests.unit.scheduler_builders import replica, report
 
 
@@ -134,15 +134,3 @@ async def test_release_refuses_an_impossible_token_count_and_keeps_the_reservati
     released = await s.Release(scheduler_pb2.ReleaseRouteRequest(
         reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK), Context())
     assert released.released  # the refused call changed nothing
-
-
-def test_a_relisted_load_report_keeps_the_time_it_first_arrived():
-    """A watch re-list hands the parser the same bytes again: not a new report."""
-    now = [100.0]
-    parse = load_parser(lambda: now[0])
-    raw = b'{"schema": 1, "at": 5.0, "models": {"m": {"active": 1}}}'
-    assert parse("a", raw).received_at == 100.0
-    now[0] = 130.0
-    assert parse("a", raw).received_at == 100.0  # still 30 s old: stale, as it should be
-    newer = b'{"schema": 1, "at": 35.0, "models": {"m": {"active": 1}}}'
-    assert parse("a", newer).received_at == 130.0
