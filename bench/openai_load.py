@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import grpc
 
 from backends.triton.reference_engine import CORPUS
 from backends.triton.weights import cache_root, materialize_weights, publish_default_model
-from bench.streaming import Sample, drive, mesh_client
+from bench.streaming import Sample, drive, mesh_client, percentile
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2_grpc
 from services.registry.blobs import LocalBlobStore
@@ -132,12 +131,11 @@ async def run_grpc(stack: StackInfo, texts: list[str]) -> dict[str, float]:
         samples, _ = await drive(one, CONCURRENCY, range(REQUESTS), RUN_TIMEOUT_S)
         elapsed = time.perf_counter() - started
     good = [s for s in samples if s.ok]
-    ttfts = sorted(s.ttft_s * 1000 for s in good)
+    ttfts = [s.ttft_s * 1000 for s in good]
     return {
         "tokens_per_s": sum(s.tokens for s in good) / elapsed,
-        "ttft_p50_ms": statistics.median(ttfts) if ttfts else float("nan"),
-        "ttft_p99_ms": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))]
-        if ttfts else float("nan"),
+        "ttft_p50_ms": percentile(ttfts, 50),
+        "ttft_p99_ms": percentile(ttfts, 99),
         "errors": float(len(samples) - len(good)),
     }
 
