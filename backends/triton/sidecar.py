@@ -211,7 +211,8 @@ class Sidecar:
             except Exception as exc:
                 log.warning("replica_lease_failed", error=repr(exc))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ctx.draining.wait(), self._settings.health_interval_s)
+                async with asyncio.timeout(self._settings.health_interval_s):
+                    await self._ctx.draining.wait()
         return False
 
     async def _every(self, interval_s: float, tick: Callable[[], Awaitable[None]]) -> None:
@@ -461,7 +462,8 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         # The runtime calls this after setting `draining`: the drain happens inside `task`.
         limit_s = settings.drain_timeout_s + settings.etcd_timeout_s * 3 + 5
         try:
-            await asyncio.wait_for(task, limit_s)
+            async with asyncio.timeout(limit_s):
+                await task
         except TimeoutError:
             log.error("sidecar_stop_timed_out", limit_s=limit_s)
 

@@ -118,7 +118,8 @@ class GroupCommitter:
         self._waiting.append((events, future))
         self._wake.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                return await asyncio.shield(future)
         except TimeoutError:
             future.add_done_callback(_consume)
             raise errors.Unavailable(

@@ -152,7 +152,8 @@ class WatchCache(Generic[T]):
 
     async def start(self, timeout_s: float = 10.0) -> None:
         self._task = asyncio.create_task(self._follow(), name=f"watch {self._prefix}")
-        await asyncio.wait_for(self._loaded.wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await self._loaded.wait()
 
     async def stop(self) -> None:
         if self._task is not None:

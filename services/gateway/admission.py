@@ -128,7 +128,8 @@ class FairAdmission:
         self._dispatch()
         wait_s = min(timeout_s, self.limits.max_wait_s)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), wait_s)
+            async with asyncio.timeout(wait_s):
+                return await asyncio.shield(waiter.future)
         except TimeoutError:
             if waiter.future.done() and not waiter.future.exception():
                 return waiter.future.result()  # admitted at the last moment

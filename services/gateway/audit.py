@@ -456,7 +456,8 @@ class AuditEmitter:
                         return False
                     self._written.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._written.wait(), 1.0)
+                        async with asyncio.timeout(1.0):
+                            await self._written.wait()
                     continue
                 await self._ship(spool, batch)
                 await asyncio.to_thread(spool.commit, batch)
@@ -516,7 +517,8 @@ def _remove_spool_directory(path: pathlib.Path) -> None:
 async def _finish(task: asyncio.Task[None], timeout_s: float) -> None:
     """Waits for a task to end by itself; cancels it past `timeout_s`."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await asyncio.shield(task)
     if not task.done():
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -120,7 +120,8 @@ class _Run:
         if not self.task.done():
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.task), CANCEL_WAIT_S)
+                async with asyncio.timeout(CANCEL_WAIT_S):
+                    await asyncio.shield(self.task)
 
 
 async def _await_disconnect(receive: Receive) -> None:
@@ -165,7 +166,8 @@ class _EventStream(Response):
             watcher.cancel()
             if completed:  # the pipeline reported Finished; let it return on its own
                 with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._run.task), CANCEL_WAIT_S)
+                    async with asyncio.timeout(CANCEL_WAIT_S):
+                        await asyncio.shield(self._run.task)
             else:
                 HTTP_DISCONNECTS.labels(self._route).inc()
                 log.info("http_client_disconnected", request_id=self._request_id,
@@ -368,7 +370,8 @@ async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request
     first = True
     while True:
         try:
-            event = await asyncio.wait_for(run.events.get(), heartbeat_s)
+            async with asyncio.timeout(heartbeat_s):
+                event = await run.events.get()
         except TimeoutError:
             yield HEARTBEAT
             continue
@@ -481,7 +484,8 @@ class HttpServer:
             return
         self._server.should_exit = True
         try:
-            await asyncio.wait_for(self._task, STOP_TIMEOUT_S)
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await self._task
         except TimeoutError:
             self._server.force_exit = True
             self._task.cancel()

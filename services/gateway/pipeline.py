@@ -252,7 +252,8 @@ class GenerationPipeline:
             # Tell the client if it is still there; a torn-down stream reads nothing, so the
             # wait is bounded.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(send(finished), CANCEL_REPORT_TIMEOUT_S)
+                async with asyncio.timeout(CANCEL_REPORT_TIMEOUT_S):
+                    await send(finished)
             raise
         finally:
             self._run_cleanups(progress)

@@ -145,10 +145,9 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                store.flush(current_month(), {t: ledger.budget_used(t) for t in ledger.tenants()}),
-                ctx.settings.etcd_timeout_s,
-            )
+            async with asyncio.timeout(ctx.settings.etcd_timeout_s):
+                await store.flush(current_month(),
+                                  {t: ledger.budget_used(t) for t in ledger.tenants()})
         await directory.close()
         await tenants.stop()
 

@@ -83,7 +83,8 @@ class AdminAuditShipper:
     async def _ship_forever(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._retry_s * 4)
+                async with asyncio.timeout(self._retry_s * 4):
+                    await self._wake.wait()
             self._wake.clear()
             pending = sorted(self._outbox.items.items(), key=lambda kv: kv[1]["time"])
             PENDING.set(len(pending))

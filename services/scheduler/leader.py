@@ -64,7 +64,8 @@ class LeaderElection:
     async def wait_changed(self, timeout_s: float) -> None:
         """Returns when leadership was gained or lost, or after `timeout_s`."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._changed.wait()
         self._changed.clear()
 
     def start(self) -> None:
@@ -79,7 +80,8 @@ class LeaderElection:
                 await self._task
 
     async def _call(self, coroutine):
-        return await asyncio.wait_for(coroutine, self._timeout_s)
+        async with asyncio.timeout(self._timeout_s):
+            return await coroutine
 
     async def _run(self) -> None:
         while True:
@@ -187,4 +189,5 @@ class LeaderElection:
         if held is None:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wait_deleted(held.mod_revision + 1), self._ttl_s)
+            async with asyncio.timeout(self._ttl_s):
+                await self._wait_deleted(held.mod_revision + 1)

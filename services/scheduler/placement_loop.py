@@ -317,9 +317,9 @@ class Placer:
         """One etcd operation, only while we lead (compared in the same transaction)."""
         if not self._election.is_leader:
             return False
-        won, _ = await asyncio.wait_for(self._etcd.transaction(
-            compare=[self._election.fence()], success=[tx_op], failure=[],
-        ), self._timeout_s)
+        async with asyncio.timeout(self._timeout_s):
+            won, _ = await self._etcd.transaction(
+                compare=[self._election.fence()], success=[tx_op], failure=[])
         WRITES.labels("written" if won else "fenced").inc()
         return won
 
@@ -338,7 +338,8 @@ async def _publish_demand(lease: etcd.LeaseKeeper, key: str, meter: DemandMeter,
         record = demand_record(meter, settings)
         if record != published:
             try:
-                await asyncio.wait_for(lease.put(key, record), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await lease.put(key, record)
                 published = record
             except Exception as exc:  # etcd away or slow: publish when it is back
                 log.warning("demand_publish_failed", error=repr(exc))
@@ -359,7 +360,8 @@ async def _lead(placer: Placer, election: LeaderElection, changed: asyncio.Event
             except Exception as exc:  # etcd away or slow: the next round tries again
                 log.warning("placement_round_failed", error=repr(exc))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), settings.interval_s)
+                async with asyncio.timeout(settings.interval_s):
+                    await changed.wait()
             await asyncio.sleep(min(0.5, settings.interval_s))  # a burst of changes: one round
         else:
             if was_leader:
@@ -379,7 +381,8 @@ async def start_placement(
     async with contextlib.AsyncExitStack() as starting:
         demand_lease = etcd.LeaseKeeper(ctx.etcd, settings.leader_ttl_s)
         starting.push_async_callback(demand_lease.close)
-        await asyncio.wait_for(demand_lease.start(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await demand_lease.start()
         publisher = asyncio.create_task(_publish_demand(
             demand_lease, etcd.Keys.scheduler_demand(ctx.settings.instance_id), meter, settings,
             timeout_s), name="demand publisher")
