@@ -17,6 +17,7 @@ from meshctl.config import DEFAULT_STATE_DIR, gateway_and_key
 from meshctl.engine import engine_app
 from meshctl.generate import sampling, stream_generation, unary_generation
 from meshctl.registry import registry_app
+from meshctl.replicas import replicas as replicas_command
 from meshctl.slo import slo as slo_command
 from meshctl.tenants import key_app, tenant_app
 
@@ -29,6 +30,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.command("slo")(slo_command)
+app.command("replicas")(replicas_command)
 app.add_typer(registry_app, name="registry")
 app.add_typer(capacity_app, name="capacity")
 

@@ -30,6 +30,7 @@ class StackInfo:
         values = {
             "INFERMESH_GATEWAY": self.gateway,
             "INFERMESH_REGISTRY": self.endpoints["registry"],
+            "INFERMESH_SCHEDULER": self.endpoints["scheduler"],
             "INFERMESH_API_KEY": self.api_key,
             "INFERMESH_MODEL": self.model,
             "INFERMESH_REFERENCE_MODEL": self.reference_model,

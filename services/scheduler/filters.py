@@ -94,3 +94,6 @@ class BreakerClosed:
 FILTERS: tuple[Filter, ...] = (
     ServesModel(), Healthy(), NotDraining(), NotExcluded(), FreshLoad(), BreakerClosed(),
 )
+# The filters that judge a replica whatever the request: why an operator sees it get no traffic.
+REPLICA_FILTERS: tuple[Filter, ...] = tuple(
+    f for f in FILTERS if not isinstance(f, (ServesModel, NotExcluded)))

@@ -24,7 +24,7 @@ from services.common import errors
 from services.common.logs import get_logger
 from services.scheduler.breakers import NO_PROBES, Breakers, BreakerSettings, Probes
 from services.scheduler.candidates import Candidate, RouteQuery, RoutingContext
-from services.scheduler.filters import FILTERS
+from services.scheduler.filters import FILTERS, REPLICA_FILTERS
 from services.scheduler.inventory import LoadReport, ReplicaInfo
 from services.scheduler.outcome import Outcome
 from services.scheduler.prefix_index import PrefixIndex
@@ -87,6 +87,26 @@ class Router:
         self._degraded: list[str] = []  # the last decision's fallback notes
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count()
+
+    def unroutable(
+        self, replicas: Iterable[ReplicaInfo], loads: Mapping[str, LoadReport], now: float,
+    ) -> dict[str, str]:
+        """For each replica no request may be routed to now, the name of the first filter it
+        fails (the filters that depend on the request — model, retries — aside)."""
+        ctx = RoutingContext(
+            query=RouteQuery(model="", hold_s=0.0), now=now, loads=loads, breakers=self.breakers,
+            prefix=self.prefix, load_stale_after_s=self.config.load_stale_after_s,
+            queue_scale=self.config.queue_scale,
+        )
+        candidates = [Candidate(r, loads.get(r.replica_id), None) for r in replicas]
+        reasons: dict[str, str] = {}
+        for rule in REPLICA_FILTERS:
+            kept = rule.filter(ctx, candidates)
+            kept_ids = {c.replica_id for c in kept}
+            reasons.update((c.replica_id, rule.name) for c in candidates
+                           if c.replica_id not in kept_ids)
+            candidates = kept
+        return reasons
 
     def route(
         self, query: RouteQuery, replicas: Iterable[ReplicaInfo],

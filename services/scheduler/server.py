@@ -136,6 +136,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         in_flight = self._router.in_flight()
         breakers = self._router.breakers
         stale_after_s = self._router.config.load_stale_after_s
+        unroutable = self._router.unroutable(self._replicas.items.values(), self._loads.items, now)
         replicas = []
         for r in sorted(self._replicas.items.values(), key=lambda r: r.replica_id):
             report = self._loads.get(r.replica_id)
@@ -159,6 +160,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 load_fresh=report is not None and age_s <= stale_after_s,
                 breaker=BREAKER_STATES[breakers.state(r.replica_id)],
                 zone_breaker=BREAKER_STATES[breakers.zone_state(r.zone)],
+                unroutable_because=unroutable.get(r.replica_id, ""),
             ))
         return scheduler_pb2.ListReplicasResponse(replicas=replicas)
 

@@ -4,6 +4,7 @@ error, cancellation reaches the engine, and the audit chain holds."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import time
@@ -17,8 +18,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from typer.testing import CliRunner
+
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from meshctl.__main__ import app
 from services.auditor.store import list_segments
 from services.auditor.verify import verify
 from services.common import etcd
@@ -291,6 +295,22 @@ def test_every_service_answers_health_and_reflection(stack: StackInfo):
                 assert any(s.startswith("infermesh.v1.") for s in services), (name, services)
         with urllib.request.urlopen(f"http://{stack.metrics[name]}/metrics", timeout=5) as r:
             assert b"python_info" in r.read(), name
+
+
+def test_meshctl_replicas_shows_what_the_scheduler_routes_on(stack: StackInfo):
+    runner = CliRunner()
+    table = runner.invoke(app, ["replicas", "--scheduler", stack.endpoints["scheduler"]])
+    assert table.exit_code == 0, table.output
+    header, *rows = table.stdout.splitlines()
+    assert header.split()[:4] == ["REPLICA", "ZONE", "ROUTABLE", "BREAKER"]
+    assert rows[0].split()[:4] == ["replica-0", "local", "yes", "closed"], rows
+    as_json = runner.invoke(app, ["replicas", "--scheduler", stack.endpoints["scheduler"],
+                                  "--json"])
+    [replica] = json.loads(as_json.stdout)["replicas"]
+    assert replica["replica_id"] == "replica-0" and replica["load_reported"]
+    assert {load["triton_model"] for load in replica["loads"]} == set(replica["models"])
+    models = {line.split()[-4] for line in rows}  # one line per model: its KV and queue
+    assert models == set(replica["models"]) and len(models) >= 2
 
 
 async def test_audit_chain_verifies_and_detects_an_edit(stack: StackInfo, stack_dir, tmp_path):

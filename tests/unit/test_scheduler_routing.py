@@ -34,6 +34,20 @@ def test_only_routable_replicas_and_the_error_names_the_filter():
         r.route(query(), [], {}, 0)
 
 
+def test_unroutable_names_the_first_request_independent_filter_each_replica_fails():
+    r = router(breakers=BreakerSettings(consecutive_failures=1, cooldown_s=5))
+    replicas = [replica("ok"), replica("sick", healthy=False),
+                replica("leaving", draining=True, healthy=False), replica("silent"),
+                replica("tripped"), replica("other", models=("x",))]
+    loads = {rid: report(rid, 10.0) for rid in ("ok", "tripped", "other")}
+    loads["silent"] = report("silent", 0.0)
+    res = r.route(query(exclude=["ok", "silent", "other"]), replicas, loads, 10.0)
+    r.release(res.reservation_id, Outcome.FAILED_BEFORE_FIRST_TOKEN, 10.0, replicas)
+    assert r.unroutable(replicas, loads, now=10.5) == {
+        "sick": "healthy", "leaving": "healthy", "silent": "load report fresh",
+        "tripped": "circuit breaker not open"}  # serving another model is no fault of its own
+
+
 def test_reservations_expire():
     r = router()
     r.route(query(hold_s=5), [replica("a")], {}, now=0)

@@ -118,6 +118,7 @@ async def test_list_replicas_shows_load_and_breakers():
     assert b.breaker == scheduler_pb2.BREAKER_STATE_OPEN
     assert a.breaker == scheduler_pb2.BREAKER_STATE_CLOSED
     assert a.zone_breaker == scheduler_pb2.BREAKER_STATE_CLOSED  # one of two failing: not most
+    assert (a.unroutable_because, b.unroutable_because) == ("", "circuit breaker not open")
 
 
 async def test_release_refuses_an_impossible_token_count_and_keeps_the_reservation():

@@ -13,7 +13,7 @@ def test_state_round_trips_owner_only_and_is_forgotten(tmp_path: pathlib.Path) -
         gateway="127.0.0.1:1", api_key="imk_secret", model="demo-chat",
         reference_model="demo-reference", etcd="127.0.0.1:2",
         endpoints={"registry": "127.0.0.1:3", "triton": "127.0.0.1:4",
-                   "prometheus": "127.0.0.1:5"},
+                   "prometheus": "127.0.0.1:5", "scheduler": "127.0.0.1:8"},
         metrics={"triton": "127.0.0.1:6"}, pids={"etcd": 7}, mesh_token="token")
     (tmp_path / "env").write_text("stale")
     (tmp_path / "env").chmod(0o644)  # left by an older run
@@ -21,6 +21,8 @@ def test_state_round_trips_owner_only_and_is_forgotten(tmp_path: pathlib.Path) -
     assert load_state(tmp_path) == info
     for name in ("env", "stack.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
-    assert "export INFERMESH_API_KEY=imk_secret" in (tmp_path / "env").read_text()
+    env = (tmp_path / "env").read_text()
+    assert "export INFERMESH_API_KEY=imk_secret" in env
+    assert "export INFERMESH_SCHEDULER=127.0.0.1:8" in env
     forget_state(tmp_path)
     assert load_state(tmp_path) is None and not (tmp_path / "env").exists()
