@@ -10,6 +10,7 @@ Channels are long-lived, one per replica endpoint.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,6 +23,15 @@ from tritonclient.grpc import aio as triton_aio
 from services.common import errors
 
 OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens")
+# The liveness probe input our Python-backend engines declare (backends/triton/decoupled_model.py).
+PROBE_INPUT = "infermesh_probe"
+
+
+def engine_process_gone(message: str) -> bool:
+    """Whether a Triton error says the model's engine process died (the Python backend's stub
+    crashed): every request to that model fails until it is reloaded, so it is the replica's
+    failure, not the request's."""
+    return message.startswith("Stub process") and "is not healthy" in message
 
 
 @dataclass(frozen=True)
@@ -154,7 +164,11 @@ class TritonAdapter:
         try:
             async for result, error in responses:
                 if error is not None:  # the engine's final answer; read on until the stream ends
-                    engine_error = errors.Internal(f"engine error: {error.message()}")
+                    engine_error = (
+                        errors.Unavailable(f"replica {endpoint}: {error.message()}",
+                                           retry_after_s=1.0)
+                        if engine_process_gone(error.message())
+                        else errors.Internal(f"engine error: {error.message()}"))
                     finished = True
                     continue
                 chunk = EngineChunk(
@@ -188,3 +202,32 @@ def _rpc_error(exc: grpc.aio.AioRpcError, endpoint: str) -> errors.MeshError:
         return errors.Unavailable(f"replica {endpoint} is unreachable: {exc.details()}",
                                   retry_after_s=1.0)
     return errors.Internal(f"replica {endpoint}: {exc.code().name}: {exc.details()}")
+
+
+async def probe_engine(
+    client: triton_aio.InferenceServerClient, model: str, timeout_s: float
+) -> str | None:
+    """Asks `model`'s engine process whether it is alive (`execute()` answers a probe at once,
+    without generating); None when it answered, else Triton's error message. Raises TimeoutError
+    past `timeout_s`."""
+    tensors = _Tensors()
+    tensors.add("text_input", "BYTES", np.array([[b""]], dtype=np.object_))
+    tensors.add("max_tokens", "INT32", np.array([[1]], dtype=np.int32))
+    tensors.add(PROBE_INPUT, "BOOL", np.array([[True]], dtype=bool))
+
+    async def one_request():
+        yield {"model_name": model, "inputs": tensors.inputs, "request_id": "infermesh-probe"}
+
+    failure: str | None = None
+    responses = client.stream_infer(one_request())
+    ended = False
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for _result, error in responses:  # read to the stream's end (Trap 4)
+                if error is not None:
+                    failure = error.message()
+        ended = True
+    finally:
+        if not ended:
+            responses.cancel()
+    return failure

@@ -8,6 +8,7 @@ stub, where `triton_python_backend_utils` exists.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import threading
 from collections.abc import Callable
@@ -17,10 +18,15 @@ from typing import Any, Protocol
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-__all__ = ["FINAL", "EngineMetrics", "Inbox", "Pending", "enqueue", "model_parameters",
+__all__ = ["FINAL", "PROBE_INPUT", "EngineMetrics", "Inbox", "Pending", "enqueue",
+           "model_parameters",
+           "report_crashes",
            "parse_text_request", "response", "scalar", "send", "send_error", "strings"]
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# A request with this input true is a liveness probe (the sidecar's): `execute()` answers it at
+# once with an empty final response, without the engine. Mirrored in backends/triton/adapter.py.
+PROBE_INPUT = "infermesh_probe"
 REQUEST_TYPES = ("active", "max", "waiting", "scheduled", "context")
 KV_CACHE_TYPES = ("max", "free", "used", "tokens_per", "reused", "fraction")
 
@@ -38,6 +44,12 @@ class Pending:
     pieces: list[str] = field(default_factory=list)  # the text so far, when not streaming
     first_token_time_ns: int = 0  # wall clock, comparable with the gateway's own timestamps
     kv_cache_reused_blocks: int = 0  # prompt blocks found in the prefix cache (0: not known)
+
+
+def report_crashes() -> None:
+    """A fatal signal in the stub (a segfault in an extension) ends the model instance for good;
+    this leaves the Python stack of every thread in Triton's log (the stub's stderr) first."""
+    faulthandler.enable(all_threads=True)
 
 
 def model_parameters(args: dict[str, str]) -> dict[str, str]:
@@ -169,12 +181,22 @@ def enqueue(
     for request in requests:
         sender = request.get_response_sender()
         try:
+            if scalar(request, PROBE_INPUT, False):
+                _answer_probe(sender, engine)
+                continue
             item = parse(request, sender)
         except ValueError as error:  # UnicodeDecodeError included
             fail(sender, str(error))
             continue
         if not inbox.put(item):
             fail(sender, f"the {engine} is shutting down")
+
+
+def _answer_probe(sender: pb_utils.InferenceResponseSender, engine: str) -> None:
+    try:
+        sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
+    except Exception as refused:  # the prober gives up on its own deadline
+        pb_utils.Logger.log_error(f"{engine}: probe answer not sent: {refused!r}")
 
 
 class RequestStats(Protocol):

@@ -6,7 +6,10 @@ seconds): health (Triton ready, models READY with their versions) every `health_
 rewriting `replicas/<id>` when it changes; load (Triton's metrics page) every `load_interval_s`,
 rewriting `load/<id>` when it changes and at least every `load_refresh_s` (the scheduler treats an
 older report as a dead replica); placement, following `placements/<id>` and loading or unloading
-models through Triton's model control API. The decisions and the values live in
+models through Triton's model control API. A fourth asks each model's engine process whether it
+is alive (models that declare the probe input): a crashed Python-backend stub leaves Triton
+calling the model READY while failing every request, so the sidecar restarts (unloads and loads)
+that model. The decisions and the values live in
 `replica_status.py`; this module only does the I/O, each call under a deadline.
 
 On SIGTERM the record is republished with `draining: true` (no new work is routed here), the
@@ -28,6 +31,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field, model_validator
 from tritonclient.grpc import aio as triton_aio
 
+from backends.triton.adapter import PROBE_INPUT, engine_process_gone, probe_engine
 from backends.triton.calibration import EngineProfile
 from backends.triton.replica_status import (
     ModelLoad,
@@ -55,7 +59,10 @@ SCRAPE_FAILURES = Counter("infermesh_sidecar_scrape_failures_total",
                           "Triton metrics scrapes that failed (no load report written).",
                           ["replica"])
 PLACEMENT_ACTIONS = Counter("infermesh_sidecar_placement_actions_total",
-                            "Model loads and unloads, by outcome.", ["action", "outcome"])
+                            "Model loads, unloads and restarts, by outcome.", ["action", "outcome"])
+ENGINE_RESTARTS = Counter("infermesh_sidecar_engine_restarts_total",
+                          "Models restarted because their engine process was found dead.",
+                          ["model"])
 PLACEMENT_SECONDS = Histogram("infermesh_sidecar_placement_action_seconds",
                               "How long a model load or unload took.", ["action"],
                               buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
@@ -84,6 +91,15 @@ class SidecarSettings(ServiceSettings):
         2, ge=2, description="TTL of the lease under the replica's keys (etcd's minimum is ~2)."
     )
     triton_timeout_s: float = Field(1.0, gt=0, description="Deadline for a probe or scrape.")
+    engine_probe_interval_s: float = Field(
+        2.0, ge=0, le=60, description="How often each model's engine process is asked whether it "
+        "is alive (models whose config declares the `infermesh_probe` input); 0 never asks."
+    )
+    engine_probe_misses: int = Field(
+        3, ge=1, le=20, description="Probes in a row left unanswered (each within "
+        "triton_timeout_s) after which the model is restarted; an answer that the engine "
+        "process is gone restarts it at once."
+    )
     model_control_timeout_s: float = Field(
         300.0, gt=0, description="Deadline for one model load or unload (engines load slowly; "
         "an unload waits for the model's in-flight requests)."
@@ -167,6 +183,8 @@ class Sidecar:
         self._errors: dict[str, str] = {}
         self._reconcile = asyncio.Event()
         self._draining = False
+        self._probe_inputs: dict[tuple[str, str], bool] = {}  # (model, version) → declares it
+        self._probe_misses: dict[str, int] = {}  # model → probes in a row without an answer
         # What etcd holds.
         self._record_lock = asyncio.Lock()
         self._published_record: dict[str, Any] | None = None
@@ -189,6 +207,10 @@ class Sidecar:
                                     name="sidecar load"),
                 asyncio.create_task(self._apply_placements(), name="sidecar placements"),
             ]
+            if settings.engine_probe_interval_s:
+                loops.append(asyncio.create_task(
+                    self._every(settings.engine_probe_interval_s, self._probe_engines),
+                    name="sidecar engine probe"))
             await self._ctx.draining.wait()
             await self._drain()
         finally:
@@ -351,6 +373,60 @@ class Sidecar:
         except Exception as exc:  # refused, timed out, or not a metrics page
             log.debug("triton_scrape_failed", error=repr(exc))
             return None
+
+    # -- engine processes ----------------------------------------------------------------------
+
+    async def _probe_engines(self) -> None:
+        """Restarts every served model whose engine process answers that it is gone, or that
+        leaves `engine_probe_misses` probes in a row unanswered (a request sent as the process
+        died hangs its model instance, and everything queued behind it)."""
+        settings = self._settings
+        for model, version in list(self._versions.items()):
+            if model in self._actions or model in self._unloading or self._draining:
+                continue
+            if not self._ready or not await self._declares_probe(model, version):
+                continue
+            try:
+                failure = await probe_engine(self._triton, model, settings.triton_timeout_s)
+            except TimeoutError:
+                failure = "no answer"
+            except Exception as exc:  # unreachable: the health loop judges Triton itself
+                log.warning("engine_probe_failed", model=model, error=repr(exc))
+                continue
+            if failure is None or not (engine_process_gone(failure) or failure == "no answer"):
+                self._probe_misses.pop(model, None)  # alive (an error about the probe is too)
+                continue
+            misses = self._probe_misses[model] = self._probe_misses.get(model, 0) + 1
+            if not engine_process_gone(failure) and misses < settings.engine_probe_misses:
+                log.warning("engine_probe_unanswered", model=model, misses=misses)
+                continue
+            del self._probe_misses[model]
+            ENGINE_RESTARTS.labels(model).inc()
+            log.error("engine_process_gone_restarting", model=model, error=failure)
+            self._unloading.add(model)
+            await self._publish_record()  # out of routing while it restarts
+            self._start_action(model, "restart", self._restart)
+
+    async def _declares_probe(self, model: str, version: str) -> bool:
+        known = self._probe_inputs.get((model, version))
+        if known is None:
+            timeout_s = self._settings.triton_timeout_s
+            try:
+                async with asyncio.timeout(timeout_s):
+                    config = await self._triton.get_model_config(
+                        model, version, as_json=True, client_timeout=timeout_s)
+            except Exception as exc:  # asked again on the next round
+                log.debug("model_config_unreadable", model=model, error=repr(exc))
+                return False
+            inputs = config.get("config", {}).get("input", [])
+            known = any(i.get("name") == PROBE_INPUT for i in inputs)
+            self._probe_inputs[model, version] = known
+        return known
+
+    async def _restart(self, model: str) -> None:
+        """Unload (a dead process holds nothing to wait for) and load: a new engine process."""
+        await self._unload(model)
+        await self._load(model)
 
     # -- placement -----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from backends.triton.decoupled_model import (
     Pending,
     enqueue,
     model_parameters,
+    report_crashes,
     parse_text_request,
     scalar,
     send,
@@ -58,6 +59,7 @@ def _engine_config(parameters: dict[str, str]) -> EngineConfig:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        report_crashes()
         parameters = model_parameters(args)
         self._engine = ReferenceEngine(_engine_config(parameters))  # the dispatcher thread's alone
         self._metrics = EngineMetrics(args["model_name"], args["model_version"], kv_cache=True,

@@ -27,6 +27,7 @@ from backends.triton.decoupled_model import (
     Pending,
     enqueue,
     model_parameters,
+    report_crashes,
     parse_text_request,
     scalar,
     send,
@@ -65,6 +66,7 @@ def _engine_config(parameters: dict[str, str]) -> TorchEngineConfig:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        report_crashes()
         started = time.monotonic()
         parameters = model_parameters(args)
         blobs = LocalBlobStore(pathlib.Path(parameters["blob_dir"]))
