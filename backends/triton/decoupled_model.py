@@ -39,6 +39,7 @@ class Pending:
     sender: pb_utils.InferenceResponseSender
     stream: bool
     prefix: str  # prepended to a non-streamed text: the prompt, unless exclude_input_in_output
+    outputs: frozenset[str]  # the outputs the client asked for: the only ones ever built
     num_input_tokens: int = 0
     num_output_tokens: int = 0
     pieces: list[str] = field(default_factory=list)  # the text so far, when not streaming
@@ -93,25 +94,29 @@ def parse_text_request(
     exclude_input = bool(scalar(request, "exclude_input_in_output", False))
     # As TensorRT-LLM: a non-streamed text repeats the prompt unless told not to.
     pending = Pending(request=request, sender=sender, stream=stream,
-                      prefix="" if stream or exclude_input else prompt)
+                      prefix="" if stream or exclude_input else prompt,
+                      outputs=frozenset(request.requested_output_names()))
     return prompt, int(max_tokens), pending
 
 
 def response(pending: Pending, text: str) -> pb_utils.InferenceResponse:
+    """Only the outputs the client asked for. Triton 2.51's stub drops the others itself, freeing
+    their numpy arrays without holding the GIL, which corrupts the interpreter's heap and
+    crashes the stub under load (python_backend #390, fixed after 24.10)."""
     # Batched model: every output carries the batch dimension, shape [1, 1].
-    return pb_utils.InferenceResponse(
-        output_tensors=[
-            pb_utils.Tensor("text_output", np.array([[text.encode()]], dtype=np.object_)),
-            pb_utils.Tensor("num_input_tokens", np.array([[pending.num_input_tokens]], np.int32)),
-            pb_utils.Tensor("num_output_tokens", np.array([[pending.num_output_tokens]], np.int32)),
-            pb_utils.Tensor(
-                "first_token_time_ns", np.array([[pending.first_token_time_ns]], np.int64)
-            ),
-            pb_utils.Tensor(
-                "kv_cache_reused_blocks", np.array([[pending.kv_cache_reused_blocks]], np.int32)
-            ),
-        ]
-    )
+    tensors = []
+    if "text_output" in pending.outputs:
+        tensors.append(pb_utils.Tensor(
+            "text_output", np.array([[text.encode()]], dtype=np.object_)))
+    for name, value, dtype in (
+        ("num_input_tokens", pending.num_input_tokens, np.int32),
+        ("num_output_tokens", pending.num_output_tokens, np.int32),
+        ("first_token_time_ns", pending.first_token_time_ns, np.int64),
+        ("kv_cache_reused_blocks", pending.kv_cache_reused_blocks, np.int32),
+    ):
+        if name in pending.outputs:
+            tensors.append(pb_utils.Tensor(name, np.array([[value]], dtype)))
+    return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 def send_error(sender: pb_utils.InferenceResponseSender, message: str, engine: str) -> None:
