@@ -17,9 +17,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
-import os
 import pathlib
-import sys
 import tempfile
 import time
 import uuid
@@ -28,10 +26,9 @@ import grpc
 
 from bench.streaming import percentile
 from deploy.local.etcd_server import EtcdServer
-from deploy.local.stack import wait_serving
+from deploy.local.stack import service_process, wait_serving
 from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
 from services.common.net import LOOPBACK, free_port
-from services.common.processes import ChildProcess
 
 BATCH_EVENTS = 64
 LEVELS = (1, 8, 64)
@@ -112,12 +109,10 @@ def main() -> None:
         etcd_server = EtcdServer(root / "etcd", root / "etcd.log")
         etcd_server.start()
         port = free_port()
-        auditor = ChildProcess(
-            "auditor", [sys.executable, "-m", "services.auditor"], root / "auditor.log",
-            env={**os.environ, "INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint,
-                 "INFERMESH_PORT": str(port), "INFERMESH_METRICS_PORT": str(free_port()),
-                 "INFERMESH_AUDITOR_DATA_DIR": str(root / "auditor")},
-            cwd=pathlib.Path(__file__).resolve().parents[1])
+        auditor = service_process(
+            "auditor", "services.auditor", root / "auditor.log", port,
+            {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint,
+             "INFERMESH_AUDITOR_DATA_DIR": str(root / "auditor")})
         try:
             auditor.start()
             wait_serving(auditor, f"{LOOPBACK}:{port}", time.monotonic() + 60)

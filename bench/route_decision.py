@@ -15,10 +15,8 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import pathlib
 import random
-import sys
 import tempfile
 import time
 
@@ -26,12 +24,11 @@ import grpc
 
 from bench.streaming import percentile
 from deploy.local.etcd_server import EtcdServer
-from deploy.local.stack import REPO_ROOT, wait_serving
+from deploy.local.stack import service_process, wait_serving
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import etcd, status
 from services.common.net import free_port
 from services.common.prefix import prompt_block_hashes
-from services.common.processes import ChildProcess
 from services.scheduler.candidates import RouteQuery
 from services.scheduler.inventory import LoadReport, ModelLoad, ReplicaInfo
 from services.scheduler.outcome import Outcome
@@ -146,13 +143,9 @@ def rpc_round_trip_us(replicas: int = 100, samples: int = 2000,
         server = EtcdServer(root / "etcd", root / "etcd.log")
         server.start()
         port = free_port()
-        scheduler = ChildProcess(
-            "scheduler", [sys.executable, "-m", "services.scheduler"], root / "scheduler.log",
-            env={**os.environ, "INFERMESH_ETCD_ENDPOINT": server.endpoint,
-                 "INFERMESH_PORT": str(port), "INFERMESH_METRICS_PORT": str(free_port()),
-                 "INFERMESH_INSTANCE_ID": "scheduler-bench", "INFERMESH_LOG_LEVEL": "warning"},
-            cwd=REPO_ROOT,
-        )
+        scheduler = service_process(
+            "scheduler-bench", "services.scheduler", root / "scheduler.log", port,
+            {"INFERMESH_ETCD_ENDPOINT": server.endpoint, "INFERMESH_LOG_LEVEL": "warning"})
         try:
             asyncio.run(_write_fleet(server.endpoint, replicas))
             scheduler.start()

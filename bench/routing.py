@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import pathlib
 import random
-import sys
 import tempfile
 import time
 import urllib.request
@@ -42,7 +40,7 @@ from bench import route_decision
 from bench.streaming import percentile
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.replicas import ReplicaSet, reference_repository
-from deploy.local.stack import REPO_ROOT, wait_serving
+from deploy.local.stack import service_process, wait_serving
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import status
 from services.common.net import LOOPBACK, free_port
@@ -236,14 +234,12 @@ class Schedulers:
         self.children: dict[Policy, ChildProcess] = {}
         for policy in POLICIES:
             port = free_port()
-            env = {**os.environ, "INFERMESH_ETCD_ENDPOINT": etcd_endpoint,
-                   "INFERMESH_PORT": str(port), "INFERMESH_METRICS_PORT": str(free_port()),
-                   "INFERMESH_INSTANCE_ID": f"scheduler-{policy.value}",
-                   "INFERMESH_ROUTING_POLICY": policy.value,
-                   "INFERMESH_PLACEMENT_ENABLED": "false"}
-            self.children[policy] = ChildProcess(
-                f"scheduler-{policy.value}", [sys.executable, "-m", "services.scheduler"],
-                root / f"scheduler-{policy.value}.log", env=env, cwd=REPO_ROOT)
+            self.children[policy] = service_process(
+                f"scheduler-{policy.value}", "services.scheduler",
+                root / f"scheduler-{policy.value}.log", port,
+                {"INFERMESH_ETCD_ENDPOINT": etcd_endpoint,
+                 "INFERMESH_ROUTING_POLICY": policy.value,
+                 "INFERMESH_PLACEMENT_ENABLED": "false"})
             self.endpoints[policy] = f"{LOOPBACK}:{port}"
 
     def start(self, timeout_s: float = 60.0) -> None:

@@ -6,15 +6,12 @@ gateway" (a rollback, a key revocation) is checked against two or more of them.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import sys
 import time
 import uuid
 
-from deploy.local.stack import REPO_ROOT, StackInfo, wait_serving
+from deploy.local.stack import StackInfo, service_process, wait_serving
 from services.common.net import LOOPBACK, free_port
-from services.common.processes import ChildProcess
 
 
 class ExtraGateway:
@@ -24,17 +21,17 @@ class ExtraGateway:
                  settings: dict[str, str] | None = None):
         """`settings`: extra INFERMESH_* variables for this gateway (e.g. a small capacity)."""
         self.port, self.metrics_port = free_port(), free_port()
-        env = dict(
-            os.environ, INFERMESH_ETCD_ENDPOINT=stack.etcd, INFERMESH_PORT=str(self.port),
-            INFERMESH_METRICS_PORT=str(self.metrics_port),
-            INFERMESH_INSTANCE_ID=f"{name}-{uuid.uuid4().hex[:6]}",
-            INFERMESH_BLOB_DIR=str(state_dir / "data" / "blobs"),
-            INFERMESH_AUDIT_SPOOL_DIR=str(state_dir / "data" / f"{name}-audit-spool"),
-            INFERMESH_MESH_TOKEN=stack.mesh_token,
+        variables = {
+            "INFERMESH_ETCD_ENDPOINT": stack.etcd,
+            "INFERMESH_METRICS_PORT": str(self.metrics_port),
+            "INFERMESH_INSTANCE_ID": f"{name}-{uuid.uuid4().hex[:6]}",
+            "INFERMESH_BLOB_DIR": str(state_dir / "data" / "blobs"),
+            "INFERMESH_AUDIT_SPOOL_DIR": str(state_dir / "data" / f"{name}-audit-spool"),
+            "INFERMESH_MESH_TOKEN": stack.mesh_token,
             **(settings or {}),
-        )
-        self.process = ChildProcess(name, [sys.executable, "-m", "services.gateway"],
-                                    state_dir / "logs" / f"{name}.log", env=env, cwd=REPO_ROOT)
+        }
+        self.process = service_process(name, "services.gateway",
+                                       state_dir / "logs" / f"{name}.log", self.port, variables)
 
     @property
     def endpoint(self) -> str:

@@ -18,7 +18,6 @@ import pathlib
 import re
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,14 +25,13 @@ from dataclasses import dataclass
 import aetcd
 
 from backends.triton.launcher import DEFAULT_MODEL_REPOSITORY, TritonPorts, TritonServer
-from deploy.local.stack import wait_serving
+from deploy.local.stack import service_process, wait_serving
 from services.common import etcd
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import ChildProcess
 
 __all__ = ["REFERENCE_MODEL_DIR", "Replica", "ReplicaSet", "reference_repository"]
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 REFERENCE_MODEL_DIR = DEFAULT_MODEL_REPOSITORY / "reference"
 
 
@@ -114,21 +112,17 @@ class ReplicaSet:
                                   models=models)
             port, metrics_port = free_port(), free_port()
             zone = zones[index % len(zones)]
-            env = {
-                **os.environ,
+            variables = {
                 "INFERMESH_ETCD_ENDPOINT": etcd_endpoint,
-                "INFERMESH_PORT": str(port),
                 "INFERMESH_METRICS_PORT": str(metrics_port),
-                "INFERMESH_INSTANCE_ID": f"sidecar-{replica_id}",
                 "INFERMESH_REPLICA_ID": replica_id,
                 "INFERMESH_ZONE": zone,
                 "INFERMESH_TRITON_GRPC_ENDPOINT": triton.grpc_address,
                 "INFERMESH_TRITON_METRICS_ENDPOINT": f"{LOOPBACK}:{triton.ports.metrics}",
                 **(sidecar_env or {}),
             }
-            sidecar = ChildProcess(f"sidecar-{replica_id}",
-                                   [sys.executable, "-m", "backends.triton.sidecar"],
-                                   workdir / "sidecar.log", env=env, cwd=REPO_ROOT)
+            sidecar = service_process(f"sidecar-{replica_id}", "backends.triton.sidecar",
+                                      workdir / "sidecar.log", port, variables)
             self.replicas.append(Replica(replica_id, zone, triton, sidecar,
                                          f"{LOOPBACK}:{port}", f"{LOOPBACK}:{metrics_port}"))
 

@@ -159,20 +159,20 @@ class Stack:
     # -- helpers -------------------------------------------------------------------------------
 
     def _start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        child = ChildProcess(name, argv, self.logs / f"{name}.log", env={**os.environ, **env},
-                             cwd=REPO_ROOT)
-        child.start()
-        self.children[name] = child
+        self._run(ChildProcess(name, argv, self.logs / f"{name}.log", env={**os.environ, **env},
+                               cwd=REPO_ROOT))
 
     def _start_service(
         self, name: str, module: str, port: int, metrics_port: int, env: dict[str, str]
     ) -> None:
-        self._start(
-            name,
-            [sys.executable, "-m", module],
-            {**env, "INFERMESH_PORT": str(port), "INFERMESH_METRICS_PORT": str(metrics_port),
-             "INFERMESH_INSTANCE_ID": f"{name}-local"},
-        )
+        self._run(service_process(
+            name, module, self.logs / f"{name}.log", port,
+            {**env, "INFERMESH_METRICS_PORT": str(metrics_port),
+             "INFERMESH_INSTANCE_ID": f"{name}-local"}))
+
+    def _run(self, child: ChildProcess) -> None:
+        child.start()
+        self.children[child.name] = child
 
     async def _bootstrap(
         self, etcd_endpoint: str, ports: dict[str, int],
@@ -231,6 +231,16 @@ async def register_demo_model(
         if routing.production != reply.version_id:
             await client.change(manifest.name, "the embedded stack's demo model", routing.revision,
                                 promote=registry_pb2.Promote(version_id=reply.version_id))
+
+
+def service_process(name: str, module: str, log_path: pathlib.Path, port: int,
+                    settings: dict[str, str]) -> ChildProcess:
+    """`python -m <module>` (a service, or the sidecar) from the repository root: gRPC on
+    `port`, metrics on a free port, instance id `name`, then `settings` (INFERMESH_*, which may
+    override those) over this process's environment."""
+    env = {**os.environ, "INFERMESH_PORT": str(port), "INFERMESH_METRICS_PORT": str(free_port()),
+           "INFERMESH_INSTANCE_ID": name, **settings}
+    return ChildProcess(name, [sys.executable, "-m", module], log_path, env=env, cwd=REPO_ROOT)
 
 
 def wait_serving(child: ChildProcess, endpoint: str, deadline: float) -> None:

@@ -5,29 +5,24 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 
 import grpc
 import pytest
 
-from deploy.local.stack import REPO_ROOT, StackInfo, wait_serving
+from deploy.local.stack import StackInfo, service_process, wait_serving
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 from services.common.net import free_port
-from services.common.processes import ChildProcess
 
 pytestmark = pytest.mark.integration
 
 
 async def test_sigterm_finishes_open_generations(stack: StackInfo, tmp_path):
     port = free_port()
-    gateway = ChildProcess(
-        "gateway-2", [sys.executable, "-m", "services.gateway"], tmp_path / "gateway.log",
-        env={**os.environ, "INFERMESH_ETCD_ENDPOINT": stack.etcd, "INFERMESH_PORT": str(port),
-             "INFERMESH_METRICS_PORT": str(free_port()), "INFERMESH_INSTANCE_ID": "gateway-2",
-             "INFERMESH_AUDIT_SPOOL_DIR": str(tmp_path / "audit-spool")},
-        cwd=REPO_ROOT,
-    )
+    gateway = service_process(
+        "gateway-2", "services.gateway", tmp_path / "gateway.log", port,
+        {"INFERMESH_ETCD_ENDPOINT": stack.etcd,
+         "INFERMESH_AUDIT_SPOOL_DIR": str(tmp_path / "audit-spool")})
     gateway.start()
     try:
         endpoint = f"127.0.0.1:{port}"

@@ -6,17 +6,15 @@ import asyncio
 import os
 import pathlib
 import signal
-import sys
 import time
 import uuid
 
 import pytest
 
-from deploy.local.stack import REPO_ROOT, wait_serving
+from deploy.local.stack import service_process, wait_serving
 from infermesh.v1 import auditor_pb2
 from services.common import etcd
 from services.common.net import LOOPBACK, free_port
-from services.common.processes import ChildProcess
 
 class Auditor:
     """One `python -m services.auditor` child on free loopback ports."""
@@ -26,22 +24,17 @@ class Auditor:
         self.instance_id = f"test-auditor-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
         self.metrics_port = free_port()
-        variables = dict(
-            os.environ,
-            INFERMESH_ETCD_ENDPOINT=etcd_endpoint,
-            INFERMESH_PORT=str(self.port),
-            INFERMESH_METRICS_PORT=str(self.metrics_port),
-            INFERMESH_INSTANCE_ID=self.instance_id,
-            INFERMESH_SHUTDOWN_GRACE_S="5",
-            INFERMESH_AUDITOR_DATA_DIR=str(data_dir),
-            INFERMESH_AUDITOR_CHECKPOINT_INTERVAL_S="0.2",
-            INFERMESH_AUDITOR_SEGMENT_MAX_BYTES="65536",  # several segments in every test
-        )
-        variables.update(env)
-        self.process = ChildProcess(
-            "auditor", [sys.executable, "-m", "services.auditor"], log_path, env=variables,
-            cwd=REPO_ROOT,
-        )
+        variables = {
+            "INFERMESH_ETCD_ENDPOINT": etcd_endpoint,
+            "INFERMESH_METRICS_PORT": str(self.metrics_port),
+            "INFERMESH_SHUTDOWN_GRACE_S": "5",
+            "INFERMESH_AUDITOR_DATA_DIR": str(data_dir),
+            "INFERMESH_AUDITOR_CHECKPOINT_INTERVAL_S": "0.2",
+            "INFERMESH_AUDITOR_SEGMENT_MAX_BYTES": "65536",  # several segments in every test
+            **env,
+        }
+        self.process = service_process(self.instance_id, "services.auditor", log_path,
+                                       self.port, variables)
         self.key = etcd.Keys.service("auditor", self.instance_id)
 
     @property

@@ -4,14 +4,12 @@ slots a dead gateway held come back when its lease lapses."""
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 
 import grpc
 import pytest
 
-from deploy.local.stack import REPO_ROOT
+from deploy.local.stack import service_process
 from infermesh.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from services.common import etcd
 from services.common.net import free_port
@@ -23,13 +21,9 @@ TTL_S = 1.0
 
 
 def ratelimit_process(etcd_endpoint: str, port: int, log_path) -> ChildProcess:
-    return ChildProcess(
-        "ratelimit", [sys.executable, "-m", "services.ratelimit"], log_path,
-        env={**os.environ, "INFERMESH_ETCD_ENDPOINT": etcd_endpoint, "INFERMESH_PORT": str(port),
-             "INFERMESH_METRICS_PORT": str(free_port()), "INFERMESH_INSTANCE_ID": "ratelimit-t",
-             "INFERMESH_LEASE_TTL_S": str(TTL_S)},
-        cwd=REPO_ROOT,
-    )
+    return service_process("ratelimit-t", "services.ratelimit", log_path, port,
+                           {"INFERMESH_ETCD_ENDPOINT": etcd_endpoint,
+                            "INFERMESH_LEASE_TTL_S": str(TTL_S)})
 
 
 async def lease(port: int, tenant: str, gateway: str, deadline_s: float = 15.0, **fields):

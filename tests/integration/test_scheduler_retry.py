@@ -7,9 +7,7 @@ completes, the failed attempt is released as such; soon after, replica-0 is not 
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -18,7 +16,7 @@ import pytest
 from backends.triton.adapter import TritonAdapter
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.replicas import ReplicaSet, reference_repository
-from deploy.local.stack import REPO_ROOT, wait_serving
+from deploy.local.stack import service_process, wait_serving
 from services.common import etcd
 from services.common.discovery import ServiceDirectory
 from services.common.net import free_port
@@ -100,14 +98,11 @@ def replicas(etcd_server: EtcdServer, tmp_path_factory) -> Iterator[ReplicaSet]:
 @pytest.fixture(scope="module")
 def scheduler(etcd_server: EtcdServer, tmp_path_factory) -> Iterator[ChildProcess]:
     port = free_port()
-    process = ChildProcess(
-        "scheduler", [sys.executable, "-m", "services.scheduler"],
-        tmp_path_factory.mktemp("retry-scheduler") / "scheduler.log",
-        env={**os.environ, "INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint,
-             "INFERMESH_PORT": str(port), "INFERMESH_METRICS_PORT": str(free_port()),
-             "INFERMESH_INSTANCE_ID": "scheduler-retry", "INFERMESH_ROUTING_POLICY": "least_loaded"},
-        cwd=REPO_ROOT,
-    )
+    process = service_process(
+        "scheduler-retry", "services.scheduler",
+        tmp_path_factory.mktemp("retry-scheduler") / "scheduler.log", port,
+        {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint,
+         "INFERMESH_ROUTING_POLICY": "least_loaded"})
     process.start()
     try:
         wait_serving(process, f"127.0.0.1:{port}", time.monotonic() + 30)

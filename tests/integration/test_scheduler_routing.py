@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 import uuid
 
@@ -16,7 +15,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from deploy.local.stack import REPO_ROOT, wait_serving
+from deploy.local.stack import service_process, wait_serving
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import etcd, status
 from services.common.discovery import ServiceDirectory
@@ -33,17 +32,11 @@ SLACK_S = 1.0  # a loaded 2-core machine delays the watch and our writes a littl
 
 
 def scheduler_process(etcd_endpoint: str, port: int, log_path) -> ChildProcess:
-    return ChildProcess(
-        "scheduler", [sys.executable, "-m", "services.scheduler"], log_path,
-        env={**os.environ, "INFERMESH_ETCD_ENDPOINT": etcd_endpoint, "INFERMESH_PORT": str(port),
-             "INFERMESH_METRICS_PORT": str(free_port()),
-             "INFERMESH_INSTANCE_ID": f"scheduler-{uuid.uuid4().hex[:6]}",
-             "INFERMESH_ROUTING_POLICY": "least_loaded",
-             "INFERMESH_LOAD_STALE_AFTER_S": str(STALE_AFTER_S),
-             "INFERMESH_BREAKER_CONSECUTIVE_FAILURES": "2",
-             "INFERMESH_BREAKER_COOLDOWN_S": "60"},
-        cwd=REPO_ROOT,
-    )
+    return service_process(
+        f"scheduler-{uuid.uuid4().hex[:6]}", "services.scheduler", log_path, port,
+        {"INFERMESH_ETCD_ENDPOINT": etcd_endpoint, "INFERMESH_ROUTING_POLICY": "least_loaded",
+         "INFERMESH_LOAD_STALE_AFTER_S": str(STALE_AFTER_S),
+         "INFERMESH_BREAKER_CONSECUTIVE_FAILURES": "2", "INFERMESH_BREAKER_COOLDOWN_S": "60"})
 
 
 class FakeSidecars:
