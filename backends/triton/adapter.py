@@ -23,15 +23,18 @@ from tritonclient.grpc import aio as triton_aio
 from services.common import errors
 
 OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens")
-# The liveness probe input our Python-backend engines declare (backends/triton/decoupled_model.py).
+# The liveness probe input our Python-backend engines declare, and the words they refuse with
+# once their engine stopped (backends/triton/decoupled_model.py).
 PROBE_INPUT = "infermesh_probe"
+ENGINE_STOPPED = "engine stopped"
 
 
 def engine_process_gone(message: str) -> bool:
-    """Whether a Triton error says the model's engine process died (the Python backend's stub
-    crashed): every request to that model fails until it is reloaded, so it is the replica's
-    failure, not the request's."""
-    return message.startswith("Stub process") and "is not healthy" in message
+    """Whether a Triton error says the model's engine no longer runs — the Python backend's stub
+    crashed, or our engine's dispatcher ended: every request to that model fails until it is
+    reloaded, so it is the replica's failure, not the request's."""
+    return (message.startswith("Stub process") and "is not healthy" in message
+            or message.startswith(ENGINE_STOPPED))
 
 
 @dataclass(frozen=True)

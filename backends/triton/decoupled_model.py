@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 __all__ = ["FINAL", "PROBE_INPUT", "EngineMetrics", "Inbox", "Pending", "enqueue",
-           "model_parameters",
+           "model_parameters", "stopped",
            "report_crashes",
            "parse_text_request", "response", "scalar", "send", "send_error", "strings"]
 
@@ -27,6 +27,14 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # A request with this input true is a liveness probe (the sidecar's): `execute()` answers it at
 # once with an empty final response, without the engine. Mirrored in backends/triton/adapter.py.
 PROBE_INPUT = "infermesh_probe"
+# How a model says its engine no longer runs (its dispatcher ended: a shutdown, or a bug), on a
+# refused request and on a probe: the gateway and the sidecar take it for the replica's failure,
+# not the request's. Mirrored in backends/triton/adapter.py.
+ENGINE_STOPPED = "engine stopped"
+
+
+def stopped(engine: str) -> str:
+    return f"{ENGINE_STOPPED} ({engine})"
 REQUEST_TYPES = ("active", "max", "waiting", "scheduled", "context")
 KV_CACHE_TYPES = ("max", "free", "used", "tokens_per", "reused", "fraction")
 
@@ -147,6 +155,11 @@ class Inbox:
         self._items: list[Any] = []  # guarded by _condition
         self._closed = False  # guarded by _condition: no more requests are accepted
 
+    @property
+    def closed(self) -> bool:
+        with self._condition:
+            return self._closed
+
     def put(self, item: Any) -> bool:
         """Queues `item` and wakes the dispatcher; False once closed."""
         with self._condition:
@@ -187,14 +200,17 @@ def enqueue(
         sender = request.get_response_sender()
         try:
             if scalar(request, PROBE_INPUT, False):
-                _answer_probe(sender, engine)
+                if inbox.closed:  # the process lives, the engine does not
+                    fail(sender, stopped(engine))
+                else:
+                    _answer_probe(sender, engine)
                 continue
             item = parse(request, sender)
         except ValueError as error:  # UnicodeDecodeError included
             fail(sender, str(error))
             continue
         if not inbox.put(item):
-            fail(sender, f"the {engine} is shutting down")
+            fail(sender, stopped(engine))
 
 
 def _answer_probe(sender: pb_utils.InferenceResponseSender, engine: str) -> None:

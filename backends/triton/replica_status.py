@@ -27,7 +27,9 @@ __all__ = [
     "parse_engine_metrics",
     "parse_placement",
     "plan_placement",
+    "probe_verdict",
     "replica_record",
+    "restarts_within_budget",
 ]
 
 SCHEMA = 1
@@ -201,3 +203,28 @@ def plan_placement(
     if unload or set(unloading):
         return PlacementPlan(unload=unload)
     return PlacementPlan(load=frozenset(target.models - ready - busy - failed))
+
+
+def probe_verdict(gone: bool, answered: bool, misses: int, max_misses: int) -> tuple[bool, int]:
+    """After one liveness probe of a model's engine: (restart it now, probes in a row missed
+    now). An answer that the engine is gone restarts at once; no answer in time counts a miss,
+    and `max_misses` in a row restart (one slow answer on a busy machine does not); any other
+    answer — alive, or an error about the probe itself — shows the process alive."""
+    if gone:
+        return True, 0
+    if answered:
+        return False, 0
+    misses += 1
+    return (True, 0) if misses >= max_misses else (False, misses)
+
+
+def restarts_within_budget(
+    history: Iterable[float], now: float, window_s: float, max_restarts: int
+) -> tuple[bool, list[float]]:
+    """Whether one more engine restart at `now` stays within `max_restarts` per `window_s`,
+    and the restart times still inside the window (with `now` when it does). An engine that
+    keeps dying is left unloaded and reported instead, so placement moves it elsewhere."""
+    recent = [at for at in history if now - at < window_s]
+    if len(recent) >= max_restarts:
+        return False, recent
+    return True, [*recent, now]

@@ -42,7 +42,9 @@ from backends.triton.replica_status import (
     parse_engine_metrics,
     parse_placement,
     plan_placement,
+    probe_verdict,
     replica_record,
+    restarts_within_budget,
 )
 from services.common import etcd
 from services.common.logs import get_logger
@@ -90,16 +92,25 @@ class SidecarSettings(ServiceSettings):
     replica_lease_ttl_s: int = Field(
         2, ge=2, description="TTL of the lease under the replica's keys (etcd's minimum is ~2)."
     )
-    triton_timeout_s: float = Field(1.0, gt=0, description="Deadline for a probe or scrape.")
+    triton_timeout_s: float = Field(1.0, gt=0, description="Deadline for a health check or scrape.")
     engine_probe_interval_s: float = Field(
         2.0, ge=0, le=60, description="How often each model's engine process is asked whether it "
         "is alive (models whose config declares the `infermesh_probe` input); 0 never asks."
     )
-    engine_probe_misses: int = Field(
-        3, ge=1, le=20, description="Probes in a row left unanswered (each within "
-        "triton_timeout_s) after which the model is restarted; an answer that the engine "
-        "process is gone restarts it at once."
+    engine_probe_timeout_s: float = Field(
+        2.0, gt=0, le=30, description="How long a liveness probe may go unanswered before it "
+        "counts as a miss."
     )
+    engine_probe_misses: int = Field(
+        3, ge=1, le=20, description="Probes in a row left unanswered after which the model is "
+        "restarted; an answer that the engine is gone restarts it at once."
+    )
+    engine_max_restarts: int = Field(
+        3, ge=1, le=100, description="Engine restarts of one model allowed per "
+        "engine_restart_window_s; past them the model is left unloaded and reported as a "
+        "placement error (the scheduler places it elsewhere)."
+    )
+    engine_restart_window_s: float = Field(600.0, gt=0, description="See engine_max_restarts.")
     model_control_timeout_s: float = Field(
         300.0, gt=0, description="Deadline for one model load or unload (engines load slowly; "
         "an unload waits for the model's in-flight requests)."
@@ -185,6 +196,7 @@ class Sidecar:
         self._draining = False
         self._probe_inputs: dict[tuple[str, str], bool] = {}  # (model, version) → declares it
         self._probe_misses: dict[str, int] = {}  # model → probes in a row without an answer
+        self._restarts: dict[str, list[float]] = {}  # model → its recent engine restarts
         # What etcd holds.
         self._record_lock = asyncio.Lock()
         self._published_record: dict[str, Any] | None = None
@@ -377,35 +389,42 @@ class Sidecar:
     # -- engine processes ----------------------------------------------------------------------
 
     async def _probe_engines(self) -> None:
-        """Restarts every served model whose engine process answers that it is gone, or that
-        leaves `engine_probe_misses` probes in a row unanswered (a request sent as the process
-        died hangs its model instance, and everything queued behind it)."""
+        """Restarts every served model whose engine answers that it is gone, or that leaves
+        `engine_probe_misses` probes in a row unanswered (a request sent as the process died
+        hangs its model instance, and everything queued behind it)."""
         settings = self._settings
         for model, version in list(self._versions.items()):
-            if model in self._actions or model in self._unloading or self._draining:
+            if not self._probe_wanted(model, version):
                 continue
-            if not self._ready or not await self._declares_probe(model, version):
+            if not await self._declares_probe(model, version):
                 continue
             try:
-                failure = await probe_engine(self._triton, model, settings.triton_timeout_s)
+                failure = await probe_engine(self._triton, model, settings.engine_probe_timeout_s)
+                answered = True
             except TimeoutError:
-                failure = "no answer"
+                failure, answered = None, False
             except Exception as exc:  # unreachable: the health loop judges Triton itself
                 log.warning("engine_probe_failed", model=model, error=repr(exc))
                 continue
-            if failure is None or not (engine_process_gone(failure) or failure == "no answer"):
-                self._probe_misses.pop(model, None)  # alive (an error about the probe is too)
-                continue
-            misses = self._probe_misses[model] = self._probe_misses.get(model, 0) + 1
-            if not engine_process_gone(failure) and misses < settings.engine_probe_misses:
+            gone = failure is not None and engine_process_gone(failure)
+            restart, misses = probe_verdict(gone, answered, self._probe_misses.get(model, 0),
+                                            settings.engine_probe_misses)
+            self._probe_misses[model] = misses
+            if not answered and not restart:
                 log.warning("engine_probe_unanswered", model=model, misses=misses)
+            # The probe took time: act only if nothing else took the model over meanwhile.
+            if not restart or not self._probe_wanted(model, version):
                 continue
-            del self._probe_misses[model]
             ENGINE_RESTARTS.labels(model).inc()
-            log.error("engine_process_gone_restarting", model=model, error=failure)
-            self._unloading.add(model)
-            await self._publish_record()  # out of routing while it restarts
+            log.error("engine_gone_restarting", model=model, error=failure or "no answer")
+            self._unloading.add(model)  # out of routing while it restarts
             self._start_action(model, "restart", self._restart)
+            await self._publish_record()
+
+    def _probe_wanted(self, model: str, version: str) -> bool:
+        """Served, ready and left alone: no load, unload or restart under way, no drain."""
+        return (self._ready and not self._draining and self._versions.get(model) == version
+                and model not in self._actions and model not in self._unloading)
 
     async def _declares_probe(self, model: str, version: str) -> bool:
         known = self._probe_inputs.get((model, version))
@@ -424,8 +443,18 @@ class Sidecar:
         return known
 
     async def _restart(self, model: str) -> None:
-        """Unload (a dead process holds nothing to wait for) and load: a new engine process."""
+        """Unload (a dead process holds nothing to wait for) and load: a new engine process —
+        unless it already died `engine_max_restarts` times in the window: then it stays
+        unloaded and the failure is reported."""
+        settings = self._settings
+        allowed, self._restarts[model] = restarts_within_budget(
+            self._restarts.get(model, ()), time.monotonic(), settings.engine_restart_window_s,
+            settings.engine_max_restarts)
         await self._unload(model)
+        if not allowed:
+            raise RuntimeError(
+                f"its engine died {settings.engine_max_restarts} times within "
+                f"{settings.engine_restart_window_s:g}s: left unloaded")
         await self._load(model)
 
     # -- placement -----------------------------------------------------------------------------

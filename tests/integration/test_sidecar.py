@@ -220,7 +220,7 @@ async def test_a_crashed_engine_process_is_restarted(client: aetcd.Client,
             assert time.monotonic() < deadline, f"alpha never served again: {exc!r}"
         assert time.monotonic() < deadline, "alpha never restarted"
         await asyncio.sleep(0.2)
-    assert "engine_process_gone_restarting" in replica.sidecar.log_tail(200)
+    assert "engine_gone_restarting" in replica.sidecar.log_tail(200)
     await eventually(client, etcd.Keys.replica(replica.replica_id),
                      lambda v: v["models"] == ["alpha"] and not v["placement_errors"])
 

@@ -14,7 +14,9 @@ from backends.triton.replica_status import (
     parse_engine_metrics,
     parse_placement,
     plan_placement,
+    probe_verdict,
     replica_record,
+    restarts_within_budget,
 )
 
 # Shaped like Triton's page: its own families, then the engines' (labels as the engines set them).
@@ -141,3 +143,23 @@ def test_plan_does_not_retry_what_failed_for_this_target() -> None:
     target = PlacementTarget(frozenset({"a", "broken"}), 3)
     assert plan_placement(target, ready=["a", "stuck"], busy=[], failed=["broken", "stuck"]) == (
         PlacementPlan())
+
+
+def test_a_gone_engine_restarts_at_once_and_silence_only_after_misses_in_a_row():
+    assert probe_verdict(gone=True, answered=True, misses=0, max_misses=3) == (True, 0)
+    assert probe_verdict(gone=False, answered=False, misses=0, max_misses=3) == (False, 1)
+    assert probe_verdict(gone=False, answered=False, misses=1, max_misses=3) == (False, 2)
+    assert probe_verdict(gone=False, answered=False, misses=2, max_misses=3) == (True, 0)
+    # One answer in between (even an error about the probe) shows the process alive.
+    assert probe_verdict(gone=False, answered=True, misses=2, max_misses=3) == (False, 0)
+
+
+def test_an_engine_that_keeps_dying_runs_out_of_restarts_until_the_window_passes():
+    history: list[float] = []
+    for at in (0.0, 10.0, 20.0):
+        allowed, history = restarts_within_budget(history, at, window_s=600, max_restarts=3)
+        assert allowed
+    allowed, history = restarts_within_budget(history, 30.0, window_s=600, max_restarts=3)
+    assert not allowed and history == [0.0, 10.0, 20.0]
+    allowed, history = restarts_within_budget(history, 605.0, window_s=600, max_restarts=3)
+    assert allowed and history == [10.0, 20.0, 605.0]

@@ -13,7 +13,9 @@ def _calls_wait_for(path: Path) -> list[int]:
     tree = ast.parse(path.read_text(), filename=str(path))
     return [node.lineno for node in ast.walk(tree)
             if isinstance(node, ast.Attribute) and node.attr == "wait_for"
-            and isinstance(node.value, ast.Name) and node.value.id == "asyncio"]
+            and isinstance(node.value, ast.Name) and node.value.id == "asyncio"
+            or isinstance(node, ast.ImportFrom) and node.module == "asyncio"
+            and any(alias.name == "wait_for" for alias in node.names)]
 
 
 def test_no_asyncio_wait_for_in_long_lived_code():

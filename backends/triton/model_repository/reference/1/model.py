@@ -31,6 +31,7 @@ from backends.triton.decoupled_model import (
     scalar,
     send,
     send_error,
+    stopped,
     strings,
 )
 from backends.triton.reference_engine import (
@@ -117,7 +118,7 @@ class TritonPythonModel:
                 self._pending[generation.request_id] = pending
             for request_id, pending in self._pending.items():
                 self._engine.abort_request(request_id)
-                self._fail(pending.sender, "the reference engine stopped")
+                self._fail(pending.sender, stopped("reference engine"))
             self._pending.clear()
 
     def _run_steps(self) -> None:

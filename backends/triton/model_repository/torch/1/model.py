@@ -32,6 +32,7 @@ from backends.triton.decoupled_model import (
     scalar,
     send,
     send_error,
+    stopped,
     strings,
 )
 from backends.triton.torch_engine import (
@@ -139,10 +140,10 @@ class TritonPythonModel:
             pb_utils.Logger.log_error(f"torch engine dispatcher failed: {error!r}")
         finally:
             for pending, _ in self._inbox.close():
-                self._fail(pending.sender, "the torch engine stopped")
+                self._fail(pending.sender, stopped("torch engine"))
             for request_id, pending in self._pending.items():
                 self._engine.cancel(request_id)
-                self._fail(pending.sender, "the torch engine stopped")
+                self._fail(pending.sender, stopped("torch engine"))
             self._pending.clear()
 
     def _run(self) -> None:
