@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 import aetcd
 
 from services.common.logs import get_logger
+from services.common.tasks import cancel_and_wait
 
 ROOT = "/infermesh/v1/"
 log = get_logger(__name__)
@@ -157,9 +158,7 @@ class WatchCache(Generic[T]):
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     async def _follow(self) -> None:
         while True:
@@ -253,9 +252,7 @@ class LeaseKeeper:
     async def close(self) -> None:
         """Stops the keepalive and revokes the lease, so our keys disappear at once."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._lease is not None:
             with contextlib.suppress(Exception):
                 await self._lease.revoke()

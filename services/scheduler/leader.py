@@ -24,6 +24,7 @@ import aetcd
 from prometheus_client import Gauge
 
 from services.common.logs import get_logger
+from services.common.tasks import cancel_and_wait
 
 log = get_logger(__name__)
 LEADER = Gauge("infermesh_scheduler_leader",
@@ -75,9 +76,7 @@ class LeaderElection:
         """Stops campaigning; a leader deletes its key (revokes the lease) so another takes
         over at once rather than after the TTL."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     async def _call(self, coroutine):
         async with asyncio.timeout(self._timeout_s):
@@ -152,9 +151,7 @@ class LeaderElection:
                 if task.exception() is not None:  # e.g. the watch broke: etcd restarted
                     log.warning("leader_hold_failed", error=repr(task.exception()))
         finally:
-            for task in (keepalive, deleted):
-                task.cancel()
-            await asyncio.gather(keepalive, deleted, return_exceptions=True)
+            await cancel_and_wait(keepalive, deleted)
 
     async def _keep_alive(self, lease) -> None:
         while self.is_leader:

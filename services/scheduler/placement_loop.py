@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from services.common import etcd
 from services.common.logs import get_logger
 from services.common.runtime import ServiceContext
+from services.common.tasks import cancel_and_wait
 from services.registry.catalog import ModelCatalog
 from services.registry.store import parse_models_key
 from services.scheduler.autoscale import Autoscaler, ScalePolicy, TokenRates
@@ -386,7 +387,7 @@ async def start_placement(
         publisher = asyncio.create_task(_publish_demand(
             demand_lease, etcd.Keys.scheduler_demand(ctx.settings.instance_id), meter, settings,
             timeout_s), name="demand publisher")
-        starting.push_async_callback(_stop, publisher)
+        starting.push_async_callback(cancel_and_wait, publisher)
         if settings.enabled:
             changed = asyncio.Event()
             caches = [
@@ -406,12 +407,7 @@ async def start_placement(
             placer = Placer(ctx.etcd, election, settings, *caches, timeout_s=timeout_s)
             leading = asyncio.create_task(_lead(placer, election, changed, settings),
                                           name="placement leader")
-            starting.push_async_callback(_stop, leading)
+            starting.push_async_callback(cancel_and_wait, leading)
         running = starting.pop_all()
     return running.aclose
 
-
-async def _stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
