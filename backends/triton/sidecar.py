@@ -398,6 +398,7 @@ class Sidecar:
                 continue
             if not await self._declares_probe(model, version):
                 continue
+            ENGINE_RESTARTS.labels(model)  # exported at 0 from the start: alerts can use it
             try:
                 failure = await probe_engine(self._triton, model, settings.engine_probe_timeout_s)
                 answered = True

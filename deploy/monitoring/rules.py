@@ -238,6 +238,15 @@ def mesh_rule_groups(config: SloConfig) -> list[Group]:
                "infermesh_scheduler_desired_replicas says how many are wanted: add replicas (or "
                "let the autoscaler), free GPU memory, or read the sidecars' placement_errors "
                "for a model that fails to load (the leader retries it with a back-off)."),
+        _alert("InfermeshEngineRestarted", "ticket", "0m",
+               "sum by (instance, model) "
+               "(increase(infermesh_sidecar_engine_restarts_total[30m])) > 0",
+               "{{ $labels.model }}'s engine process died on {{ $labels.instance }}; its sidecar "
+               "restarted it.",
+               "Triton's log on that replica holds the crashed stub's Python stacks "
+               "(faulthandler) and dmesg the signal; after INFERMESH_ENGINE_MAX_RESTARTS in the "
+               "window the sidecar leaves the model unloaded and reports it in "
+               "placement_errors."),
         _alert("InfermeshTargetDown", "ticket", "5m", "up == 0",
                "{{ $labels.job }} ({{ $labels.instance }}) does not answer Prometheus' scrapes.",
                "Check that process's log; a service that is up but unscraped hides its SLIs."),
