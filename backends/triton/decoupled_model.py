@@ -19,11 +19,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 __all__ = ["FINAL", "PROBE_INPUT", "EngineMetrics", "Inbox", "Pending", "enqueue",
-           "model_parameters", "stopped",
-           "report_crashes",
-           "parse_text_request", "response", "scalar", "send", "send_error", "strings"]
+           "model_parameters", "parse_text_request", "report_crashes", "response", "scalar",
+           "send", "send_error", "stopped", "strings"]
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+REQUEST_TYPES = ("active", "max", "waiting", "scheduled", "context")
+KV_CACHE_TYPES = ("max", "free", "used", "tokens_per", "reused", "fraction")
 # A request with this input true is a liveness probe (the sidecar's): `execute()` answers it at
 # once with an empty final response, without the engine. Mirrored in backends/triton/adapter.py.
 PROBE_INPUT = "infermesh_probe"
@@ -35,8 +36,6 @@ ENGINE_STOPPED = "engine stopped"
 
 def stopped(engine: str) -> str:
     return f"{ENGINE_STOPPED} ({engine})"
-REQUEST_TYPES = ("active", "max", "waiting", "scheduled", "context")
-KV_CACHE_TYPES = ("max", "free", "used", "tokens_per", "reused", "fraction")
 
 
 @dataclass
