@@ -3,17 +3,15 @@ operator asking "where is this model served, and why is that replica getting no 
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
 
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from meshctl.config import service_endpoint
+from meshctl.rpc import TIMEOUT_S, call
 
-TIMEOUT_S = 10.0
 BREAKER = {scheduler_pb2.BREAKER_STATE_UNSPECIFIED: "?",
            scheduler_pb2.BREAKER_STATE_CLOSED: "closed",
            scheduler_pb2.BREAKER_STATE_OPEN: "open",
@@ -51,18 +49,12 @@ def replicas(
     """Every replica the scheduler knows: zone, whether it is routable (and if not, why), its
     breaker, the requests it holds, and each model's KV cache and queue. Ask one scheduler:
     reservations and breakers are that instance's own."""
-    endpoint = service_endpoint("scheduler", scheduler)
 
-    async def fetch() -> scheduler_pb2.ListReplicasResponse:
-        async with grpc.aio.insecure_channel(endpoint) as channel:
-            return await scheduler_pb2_grpc.SchedulerStub(channel).ListReplicas(
-                scheduler_pb2.ListReplicasRequest(), timeout=TIMEOUT_S)
+    async def list_replicas(channel, metadata) -> scheduler_pb2.ListReplicasResponse:
+        return await scheduler_pb2_grpc.SchedulerStub(channel).ListReplicas(
+            scheduler_pb2.ListReplicasRequest(), metadata=metadata, timeout=TIMEOUT_S)
 
-    try:
-        reply = asyncio.run(fetch())
-    except grpc.aio.AioRpcError as exc:
-        typer.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
-        raise typer.Exit(1) from None
+    reply = call(service_endpoint("scheduler", scheduler), (), list_replicas)
     if as_json:
         typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
         return

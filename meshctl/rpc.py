@@ -1,4 +1,4 @@
-"""Calling the gateway's admin APIs from meshctl: one authenticated channel, one error format."""
+"""Calling the mesh from meshctl: one channel per command, one error format."""
 
 from __future__ import annotations
 
@@ -15,13 +15,22 @@ T = TypeVar("T")
 TIMEOUT_S = 10.0
 
 
+Metadata = tuple[tuple[str, str], ...]
+
+
 def call_gateway(
     gateway: str | None, api_key: str | None,
-    operation: Callable[[grpc.aio.Channel, tuple[tuple[str, str], ...]], Awaitable[T]],
+    operation: Callable[[grpc.aio.Channel, Metadata], Awaitable[T]],
 ) -> T:
-    """Runs `operation(channel, metadata)`; on a gRPC error prints `CODE: message`, exits 1."""
+    """Runs `operation(channel, metadata)` against the gateway, with the API key."""
     endpoint, key = gateway_and_key(gateway, api_key)
-    metadata = (("authorization", f"Bearer {key}"),)
+    return call(endpoint, (("authorization", f"Bearer {key}"),), operation)
+
+
+def call(endpoint: str, metadata: Metadata,
+         operation: Callable[[grpc.aio.Channel, Metadata], Awaitable[T]]) -> T:
+    """Runs `operation(channel, metadata)` on a channel to `endpoint`; on a gRPC error prints
+    `CODE: message` and exits 1."""
 
     async def run() -> T:
         async with grpc.aio.insecure_channel(endpoint) as channel:
