@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import pid_alive
 
-__all__ = ["DEFAULT_MODEL_REPOSITORY", "TritonPorts", "TritonServer", "TritonStartError", "main"]
+__all__ = ["DEFAULT_MODEL_REPOSITORY", "TritonPorts", "TritonServer", "TritonStartError", "main",
+           "stub_pids"]
 
 DEFAULT_MODEL_REPOSITORY = pathlib.Path(__file__).parent / "model_repository"
 
@@ -68,15 +69,25 @@ class TritonPorts:
         return cls(grpc=free_port(), http=free_port(), metrics=free_port())
 
 
-def _pids_running(binary: pathlib.Path) -> list[int]:
-    """Processes executing `binary`: a server's stubs, even once re-parented to init."""
+def stub_pids(workdir: pathlib.Path, model: str | None = None) -> list[int]:
+    """The Python-backend stub processes of the server working in `workdir` (each server runs its
+    own copy of the stub binary, which is how they are told apart from other servers', even once
+    re-parented to init); only `model`'s when given (its model.py is on the stub's argv)."""
+    binary = str(_stub_binary(workdir.resolve()))
     pids = []
     for entry in pathlib.Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                if os.readlink(entry / "exe") == str(binary):
+                if os.readlink(entry / "exe") != binary:
+                    continue
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                if model is None or any(a.endswith(f"/{model}/1/model.py") for a in argv):
                     pids.append(int(entry.name))
     return pids
+
+
+def _stub_binary(workdir: pathlib.Path) -> pathlib.Path:
+    return workdir / "backends" / "python" / _PYTHON_BACKEND_FILES[-1].name
 
 
 def _kill_and_wait(pids: Sequence[int], timeout_s: float = 5.0) -> None:
@@ -158,10 +169,6 @@ class TritonServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    @property
-    def _stub_binary(self) -> pathlib.Path:
-        return self.workdir / "backends" / "python" / _PYTHON_BACKEND_FILES[-1].name
-
     def argv(self) -> list[str]:
         return [
             str(_TRITON_BINARY),
@@ -196,9 +203,9 @@ class TritonServer:
         """Launches tritonserver; returns at once (see `wait_ready`)."""
         if self._process is not None:
             raise RuntimeError("this TritonServer was already started")
-        self._stub_binary.parent.mkdir(parents=True, exist_ok=True)
+        _stub_binary(self.workdir).parent.mkdir(parents=True, exist_ok=True)
         for source in _PYTHON_BACKEND_FILES:
-            shutil.copy2(source, self._stub_binary.parent / source.name)
+            shutil.copy2(source, _stub_binary(self.workdir).parent / source.name)
         self._shm_before = _shm_regions()
         with contextlib.ExitStack() as stack:  # the child keeps its own copy of the log's fd
             log = stack.enter_context(open(self.log_path, "ab")) if self.log_path else None
@@ -253,9 +260,8 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
-        # Stubs outlive a killed or crashed server; each server runs its own copy of the stub
-        # binary (under its workdir), which is how they are told apart from other servers'.
-        _kill_and_wait(_pids_running(self._stub_binary))
+        # Stubs outlive a killed or crashed server.
+        _kill_and_wait(stub_pids(self.workdir))
         for name in _shm_regions() - self._shm_before - _shm_regions_in_use():
             with contextlib.suppress(FileNotFoundError):
                 (_SHM_DIR / name).unlink()

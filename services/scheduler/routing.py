@@ -88,16 +88,19 @@ class Router:
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count()
 
+    def _context(self, query: RouteQuery, loads: Mapping[str, LoadReport],
+                 now: float) -> RoutingContext:
+        return RoutingContext(
+            query=query, now=now, loads=loads, breakers=self.breakers, prefix=self.prefix,
+            load_stale_after_s=self.config.load_stale_after_s, queue_scale=self.config.queue_scale,
+        )
+
     def unroutable(
         self, replicas: Iterable[ReplicaInfo], loads: Mapping[str, LoadReport], now: float,
     ) -> dict[str, str]:
         """For each replica no request may be routed to now, the name of the first filter it
         fails (the filters that depend on the request — model, retries — aside)."""
-        ctx = RoutingContext(
-            query=RouteQuery(model="", hold_s=0.0), now=now, loads=loads, breakers=self.breakers,
-            prefix=self.prefix, load_stale_after_s=self.config.load_stale_after_s,
-            queue_scale=self.config.queue_scale,
-        )
+        ctx = self._context(RouteQuery(model="", hold_s=0.0), loads, now)
         candidates = [Candidate(r, loads.get(r.replica_id), None) for r in replicas]
         reasons: dict[str, str] = {}
         for rule in REPLICA_FILTERS:
@@ -115,10 +118,7 @@ class Router:
         """Reserves the best candidate for `query`; Unavailable (naming the filter that left
         none) when no replica may take it."""
         self._expire(now)
-        ctx = RoutingContext(
-            query=query, now=now, loads=loads, breakers=self.breakers, prefix=self.prefix,
-            load_stale_after_s=self.config.load_stale_after_s, queue_scale=self.config.queue_scale,
-        )
+        ctx = self._context(query, loads, now)
         model = query.model
         candidates = []
         for replica in replicas:

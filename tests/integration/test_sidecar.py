@@ -5,10 +5,8 @@ and placements, replica-1 for the drain on SIGTERM, replica-2 for a lost node.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import pathlib
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +19,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 
 from backends.triton.calibration import EngineProfile
+from backends.triton.launcher import stub_pids
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.replicas import ReplicaSet, reference_repository
 from services.common import etcd
@@ -192,29 +191,18 @@ async def test_placement_loads_and_unloads_and_reports_a_bad_model(
         await client.delete(placement.encode())
 
 
-def stub_pid(triton_pid: int, model: str) -> int:
-    """The Python-backend stub process serving `model` under that Triton server."""
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes().decode(errors="replace")
-            if ppid == triton_pid and f"/{model}/1/model.py" in cmdline:
-                return int(stat.parent.name)
-    raise AssertionError(f"no stub process for {model} under Triton {triton_pid}")
-
-
 async def test_a_crashed_engine_process_is_restarted(client: aetcd.Client,
                                                      replicas: ReplicaSet) -> None:
     """A stub that dies leaves Triton calling the model READY while failing every request: the
     sidecar's probe finds it and restarts the model, which serves again."""
     replica = replicas[f"{PREFIX}-0"]
-    crashed = stub_pid(replica.triton.pid, "alpha")
+    [crashed] = stub_pids(replica.triton.workdir, "alpha")
     os.kill(crashed, signal.SIGSEGV)
     deadline = time.monotonic() + 30
     while True:
         try:
             assert await generate(replica.grpc_endpoint, "alpha", 3) == 3
-            if stub_pid(replica.triton.pid, "alpha") != crashed:
+            if stub_pids(replica.triton.workdir, "alpha") != [crashed]:
                 break
         except Exception as exc:  # failing (the stub is gone) or unloaded while it restarts
             assert time.monotonic() < deadline, f"alpha never served again: {exc!r}"

@@ -19,7 +19,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferResult
 from tritonclient.utils import InferenceServerException
 
-from backends.triton.launcher import TritonPorts, TritonServer
+from backends.triton.launcher import TritonPorts, TritonServer, stub_pids
 from backends.triton.reference_engine import GenerationRequest, complete, count_tokens
 from deploy.local.replicas import reference_repository
 
@@ -28,20 +28,6 @@ pytestmark = pytest.mark.integration
 MODEL = "reference"
 PROMPT = "Describe a quiet morning by the sea."
 SHM = pathlib.Path("/dev/shm")
-
-
-def stub_pids(workdir: pathlib.Path) -> list[int]:
-    """Live processes running the stub binary copied into this server's workdir."""
-    binary = str(workdir.resolve() / "backends" / "python" / "triton_python_backend_stub")
-    pids = []
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.readlink(entry / "exe") == binary:
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
 
 
 def stub_regions(workdir: pathlib.Path) -> set[str]:
