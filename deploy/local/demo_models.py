@@ -36,10 +36,9 @@ def reference_manifest() -> registry_pb2.ModelManifest:
     return registry_pb2.ModelManifest(
         name=REFERENCE_MODEL,
         description="The reference engine: deterministic text with simulated serving costs.",
-        triton_model_name="reference",
         tokenizer="whitespace",
-        engine=registry_pb2.EngineConfig(context_window=4096, max_output_tokens=1024,
-                                         max_batch_size=8),
+        engine=registry_pb2.EngineConfig(kind="reference", context_window=4096,
+                                         max_output_tokens=1024, max_batch_size=8),
         sampling=registry_pb2.SamplingDefaults(max_tokens=64, temperature=0.7, top_p=0.95),
         cost_per_1k_input_tokens=0.0001,
         cost_per_1k_output_tokens=0.0002,
@@ -56,10 +55,9 @@ def torch_manifest(files: ModelFiles) -> registry_pb2.ModelManifest:
     return registry_pb2.ModelManifest(
         name=DEMO_MODEL,
         description="SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) on the torch engine.",
-        triton_model_name=TORCH_TRITON_MODEL,
         tokenizer="huggingface",
         engine=registry_pb2.EngineConfig(
-            context_window=2048, max_output_tokens=512, max_batch_size=8,
+            kind="torch", context_window=2048, max_output_tokens=512, max_batch_size=8,
             num_blocks=128, page_size=32, max_batch_tokens=256, dtype="float32",
         ),
         sampling=registry_pb2.SamplingDefaults(max_tokens=128, temperature=0.0, top_p=1.0),

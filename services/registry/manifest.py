@@ -20,10 +20,11 @@ from services.common import errors
 from services.registry.blobs import DIGEST
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-TRITON_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 VERSION_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TOKENIZERS = ("whitespace", "huggingface")
+ENGINE_KINDS = ("torch", "reference")
+SHORT_ID_HEX = 12  # hex digits of the version id in its Triton model's name
 DTYPES = ("", "float32", "bfloat16", "float16", "fp8", "int8", "int4")  # "" = the engine's default
 ALIASES = ("production", "canary", "shadow", "previous")
 FILE_GROUPS = ("weights", "tokenizer_files")
@@ -59,7 +60,12 @@ class ModelVersion:
 
     @property
     def triton_model_name(self) -> str:
-        return self.manifest["triton_model_name"]
+        """The Triton model serving exactly this version (see `served_model_name`)."""
+        return served_model_name(self.name, self.version_id)
+
+    @property
+    def engine_kind(self) -> str:
+        return self.manifest["engine"].get("kind", "")
 
     @property
     def tokenizer(self) -> str:
@@ -101,6 +107,13 @@ class ModelVersion:
     @property
     def cost_per_1k_output_tokens(self) -> float:
         return float(self.manifest.get("cost_per_1k_output_tokens", 0.0))
+
+
+def served_model_name(name: str, version_id: str) -> str:
+    """`<name>-<first 12 hex digits of the version id>`: each version is its own Triton model,
+    so two versions of one model load side by side and a route can only reach the bytes its
+    version pins. 48 bits of the digest: a clash among one model's versions is negligible."""
+    return f"{name}-{version_id.removeprefix('sha256:')[:SHORT_ID_HEX]}"
 
 
 def _is_default(value: Any) -> bool:
@@ -170,10 +183,6 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
         raise errors.InvalidArgument(
             "manifest.description", f"must be at most {MAX_DESCRIPTION_CHARS} characters"
         )
-    if not TRITON_MODEL_NAME.match(manifest.get("triton_model_name", "")):
-        raise errors.InvalidArgument(
-            "manifest.triton_model_name", "is required: 1-128 characters of A-Z a-z 0-9 _ . -"
-        )
     tokenizer = manifest.get("tokenizer", "")
     if tokenizer not in TOKENIZERS:
         raise errors.InvalidArgument("manifest.tokenizer", f"must be one of {TOKENIZERS}")
@@ -185,6 +194,11 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
             raise errors.InvalidArgument(f"manifest.{field}", f"must be 0..{MAX_COST_PER_1K:g}")
     for group in FILE_GROUPS:
         _validate_files(group, manifest.get(group, []))
+    kind = manifest["engine"]["kind"]
+    if kind == "torch" and not manifest.get("weights"):
+        raise errors.InvalidArgument("manifest.weights", "the torch engine needs its weights")
+    if kind == "reference" and manifest.get("weights"):
+        raise errors.InvalidArgument("manifest.weights", "the reference engine loads no weights")
     if tokenizer == "huggingface" and "tokenizer.json" not in {
         f["name"] for f in manifest.get("tokenizer_files", [])
     }:
@@ -226,6 +240,8 @@ def _validate_engine(engine: dict[str, Any]) -> None:
             f"num_blocks × page_size ({cache_tokens} tokens) must hold one full "
             f"context_window ({context_window})",
         )
+    if engine.get("kind", "") not in ENGINE_KINDS:
+        raise errors.InvalidArgument("manifest.engine.kind", f"must be one of {ENGINE_KINDS}")
     if engine.get("dtype", "") not in DTYPES:
         raise errors.InvalidArgument("manifest.engine.dtype", f"must be one of {DTYPES}")
 

@@ -55,6 +55,7 @@ def encode_version(version: ModelVersion) -> registry_pb2.VersionInfo:
     return registry_pb2.VersionInfo(
         version_id=version.version_id, manifest=manifest_from_dict(version.manifest),
         registered_at=_timestamp(version.registered_at), registered_by=version.registered_by,
+        triton_model_name=version.triton_model_name,
     )
 
 
@@ -159,7 +160,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             self._principal(context, admin=False)
             blob = await self._uploads.status(request.digest)
         except errors.MeshError as exc:
-            await status.abort_stream(context, exc, request_iterator)
+            await status.abort(context, exc)
         return registry_pb2.BlobStatus(
             digest=blob.digest, complete=blob.complete, uploaded_bytes=blob.uploaded_bytes
         )
