@@ -25,8 +25,8 @@ from services.registry.blobs import CHUNK, file_digest
 from services.registry.manifest import FILE_GROUPS
 
 MANIFEST_FILE = "manifest.json"
-UPLOAD_MIN_TIMEOUT_S = 60.0
-UPLOAD_MIN_BYTES_PER_S = 4 << 20  # an upload slower than this over its whole length times out
+TRANSFER_MIN_TIMEOUT_S = 60.0
+TRANSFER_MIN_BYTES_PER_S = 4 << 20  # a blob moving slower than this over its length times out
 
 Progress = Callable[[int], None]  # called with the bytes just sent (or skipped as present)
 
@@ -99,21 +99,41 @@ def load_push_source(source: str) -> PushSource:
     return PushSource(manifest, list(unique.values()))
 
 
+def _transfer_timeout_s(size: int) -> float:
+    return max(TRANSFER_MIN_TIMEOUT_S, size / TRANSFER_MIN_BYTES_PER_S)
+
+
 class RegistryClient:
     """One channel to a registry, every call authenticated with `api_key` and bounded by
-    `timeout_s` (uploads: by their size). Errors come back as `errors.MeshError`."""
+    `timeout_s` (blob transfers: by their size). Errors come back as `errors.MeshError`."""
 
     def __init__(self, endpoint: str, api_key: str, timeout_s: float = 10.0):
-        self._channel = grpc.aio.insecure_channel(endpoint)
-        self._stub = registry_pb2_grpc.RegistryStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._attach(grpc.aio.insecure_channel(endpoint), api_key, timeout_s, owned=True)
+
+    @classmethod
+    def over(
+        cls, channel: grpc.aio.Channel, api_key: str = "", timeout_s: float = 10.0
+    ) -> RegistryClient:
+        """A client on a channel its owner closes, e.g. `ServiceDirectory.channel("registry")`,
+        whose interceptors add the mesh token: inside the mesh no API key is needed."""
+        client = cls.__new__(cls)
+        client._attach(channel, api_key, timeout_s, owned=False)
+        return client
+
+    def _attach(self, channel: grpc.aio.Channel, api_key: str, timeout_s: float,
+                owned: bool) -> None:
+        self._channel = channel
+        self._owns_channel = owned
+        self._stub = registry_pb2_grpc.RegistryStub(channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._timeout_s = timeout_s
 
     async def __aenter__(self) -> RegistryClient:
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        await self._channel.close()
+        if self._owns_channel:
+            await self._channel.close()
 
     async def _call(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
         try:
@@ -141,8 +161,29 @@ class RegistryClient:
                     yield registry_pb2.UploadBlobRequest(chunk=chunk)
                     progress(len(chunk))
 
-        timeout_s = max(UPLOAD_MIN_TIMEOUT_S, local.size / UPLOAD_MIN_BYTES_PER_S)
-        return await self._call(self._stub.UploadBlob, messages(), timeout_s)
+        return await self._call(self._stub.UploadBlob, messages(), _transfer_timeout_s(local.size))
+
+    async def download(self, digest: str, offset: int = 0) -> AsyncIterator[bytes]:
+        """A complete blob's bytes from `offset` on, in chunks as they arrive. The registry
+        checks its own copy as it reads (the stream ends with Internal if it is corrupt) but
+        cannot vouch for the bytes the caller already holds: the caller verifies the whole blob
+        before using it. The deadline is proportional to the bytes left, from the size
+        GetBlobStatus reports first; NotFound when the registry has no complete blob `digest`."""
+        blob = await self._call(self._stub.GetBlobStatus,
+                                registry_pb2.GetBlobStatusRequest(digest=digest))
+        if not blob.complete:
+            raise errors.NotFound(f"the registry has no complete blob {digest}")
+        call = self._stub.DownloadBlob(
+            registry_pb2.DownloadBlobRequest(digest=digest, offset=offset),
+            metadata=self._metadata, timeout=_transfer_timeout_s(blob.uploaded_bytes - offset))
+        try:
+            async for response in call:
+                if response.chunk:
+                    yield response.chunk
+        except grpc.aio.AioRpcError as exc:
+            raise status.from_rpc_error(exc) from None
+        finally:
+            call.cancel()  # the caller stopped early: end the stream (a no-op once it ended)
 
     async def push(
         self, source: PushSource, progress: Progress = lambda _: None

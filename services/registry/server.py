@@ -1,29 +1,33 @@
 """The Registry gRPC servicer: authenticates, decodes, calls one domain object, encodes.
 
-Reads need any valid API key; every write (blob uploads, registrations, routing changes) needs
-an admin key, whose identity (`tenant/key id`) is the actor in history and in the audit log.
+Reads need any valid API key; versions, routing and blob status also take the mesh token
+(sidecars and gateways fetch what they serve with it). Every write (blob uploads, registrations,
+routing changes) needs an admin key, whose identity (`tenant/key id`) is the actor in history and
+in the audit log. Blob bytes are model weights: only the mesh token or an admin key reads them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
+from prometheus_client import Counter
 
 from infermesh.v1 import registry_pb2, registry_pb2_grpc
 from services.common import errors, etcd, status
 from services.common.auth import Authenticator, Principal
-from services.common.discovery import ServiceDirectory
+from services.common.discovery import ServiceDirectory, mesh_token_matches
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.slo import load_slo_config
 from services.common.tenancy import parse_key, parse_tenant
 from services.registry import rollout
 from services.registry.admin_audit import AdminAuditShipper
 from services.registry.auto_rollback import AutoRollback
-from services.registry.blobs import LocalBlobStore
+from services.registry.blobs import BlobStore, LocalBlobStore
 from services.registry.catalog import ModelCatalog
 from services.registry.manifest import ModelVersion, parse_ref
 from services.registry.settings import RegistrySettings
@@ -32,6 +36,8 @@ from services.registry.uploads import BlobUploads
 
 UPLOAD_IDLE_TIMEOUT_S = 60.0
 DEFAULT_GC_GRACE_S = 86400.0
+BYTES_SENT = Counter("infermesh_registry_blob_bytes_sent_total",
+                     "Blob bytes sent over DownloadBlob.")
 
 
 def manifest_to_dict(manifest: registry_pb2.ModelManifest) -> dict[str, Any]:
@@ -118,21 +124,61 @@ async def upload_chunks(
         yield message.chunk
 
 
+async def _next_chunk(reader: Iterator[bytes]) -> bytes | None:
+    """One chunk from a worker thread, finished even if the call is cancelled meanwhile, so the
+    reader is never closed while a thread is inside it."""
+    step = asyncio.ensure_future(asyncio.to_thread(next, reader, None))
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await asyncio.wait([step])
+        raise
+
+
+async def blob_chunks(blobs: BlobStore, digest: str, offset: int) -> AsyncIterator[bytes]:
+    """A complete blob's bytes from `offset` on, read in worker threads. The store verifies the
+    whole blob as it reads (Internal at the end on a mismatch), so a resume re-reads the prefix
+    it skips: the registry's disk is faster than the network, and a blob corrupt on disk is
+    refused however it is asked for."""
+    reader = blobs.read(digest)
+    skip = offset
+    try:
+        while (chunk := await _next_chunk(reader)) is not None:
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            yield chunk[skip:]
+            skip = 0
+    finally:
+        reader.close()
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def __init__(
         self, auth: Authenticator, store: RegistryStore, catalog: ModelCatalog,
-        uploads: BlobUploads,
+        uploads: BlobUploads, blobs: BlobStore, mesh_token: str,
     ):
         self._auth = auth
         self._store = store
         self._catalog = catalog
         self._uploads = uploads
+        self._blobs = blobs
+        self._mesh_token = mesh_token
 
     def _principal(self, context: grpc.aio.ServicerContext, admin: bool) -> Principal:
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
         if admin:
             return self._auth.authenticate_admin(authorization)
         return self._auth.authenticate(authorization)
+
+    def _authorize(self, context: grpc.aio.ServicerContext, admin: bool) -> None:
+        """Lets the mesh's own services in by their token, anyone else by an API key (an admin
+        key when `admin`). A mesh without a token has nothing that proves a call internal, so
+        there every call needs a key."""
+        if self._mesh_token and mesh_token_matches(context.invocation_metadata(),
+                                                   self._mesh_token):
+            return
+        self._principal(context, admin)
 
     async def UploadBlob(self, request_iterator, context):
         try:
@@ -157,13 +203,36 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def GetBlobStatus(self, request, context):
         try:
-            self._principal(context, admin=False)
+            self._authorize(context, admin=False)
             blob = await self._uploads.status(request.digest)
         except errors.MeshError as exc:
             await status.abort(context, exc)
         return registry_pb2.BlobStatus(
             digest=blob.digest, complete=blob.complete, uploaded_bytes=blob.uploaded_bytes
         )
+
+    async def DownloadBlob(self, request, context):
+        try:
+            self._authorize(context, admin=True)
+            blob = await self._uploads.status(request.digest)
+            if not blob.complete:
+                raise errors.NotFound(f"blob {request.digest} is not in the store")
+            if not 0 <= request.offset <= blob.uploaded_bytes:
+                raise errors.InvalidArgument(
+                    "offset", f"must be 0..size ({blob.uploaded_bytes}), not {request.offset}")
+            first = True
+            async with contextlib.aclosing(
+                blob_chunks(self._blobs, request.digest, request.offset)
+            ) as chunks:
+                async for chunk in chunks:
+                    BYTES_SENT.inc(len(chunk))
+                    yield registry_pb2.DownloadBlobResponse(
+                        size=blob.uploaded_bytes if first else 0, chunk=chunk)
+                    first = False
+            if first:  # nothing after `offset`: the size alone
+                yield registry_pb2.DownloadBlobResponse(size=blob.uploaded_bytes)
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
 
     async def RegisterVersion(self, request, context):
         try:
@@ -178,7 +247,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def GetVersion(self, request, context):
         """Read from etcd, not the watch cache: an admin sees what they just wrote."""
         try:
-            self._principal(context, admin=False)
+            self._authorize(context, admin=False)
             ref = parse_ref(request.ref, "ref")
             version_id = ref.version_id or (await self._store.routing(ref.name)).target(ref.alias)
             version = await self._store.version(ref.name, version_id) if version_id else None
@@ -190,7 +259,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def ListVersions(self, request, context):
         try:
-            self._principal(context, admin=False)
+            self._authorize(context, admin=False)
             versions = await self._store.versions(request.model)
         except errors.MeshError as exc:
             await status.abort(context, exc)
@@ -198,7 +267,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def ListModels(self, request, context):
         try:
-            self._principal(context, admin=False)
+            self._authorize(context, admin=False)
         except errors.MeshError as exc:
             await status.abort(context, exc)
         return registry_pb2.ListRegisteredModelsResponse(
@@ -213,7 +282,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def GetRouting(self, request, context):
         try:
-            self._principal(context, admin=False)
+            self._authorize(context, admin=False)
             routing = await self._store.routing(request.model)
         except errors.MeshError as exc:
             await status.abort(context, exc)
@@ -286,7 +355,8 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         await auto_rollback.start()
     registry_pb2_grpc.add_RegistryServicer_to_server(
         RegistryServicer(Authenticator(keys, tenants), store, catalog,
-                         BlobUploads(blobs, settings.max_blob_bytes)),
+                         BlobUploads(blobs, settings.max_blob_bytes), blobs,
+                         settings.mesh_token.get_secret_value()),
         ctx.server,
     )
 
