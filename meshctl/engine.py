@@ -140,7 +140,7 @@ def calibrate(
     async def measure() -> EngineProfile:
         async with RegistryClient(registry_endpoint, key) as client:
             version = await client.version(model)
-        triton_model = version.manifest.triton_model_name
+        triton_model = version.triton_model_name
         adapter = TritonAdapter()
         try:
             found = await _measure(_Replica(adapter, triton_endpoint, triton_model),

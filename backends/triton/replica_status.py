@@ -16,16 +16,16 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.common.records import PlacementRecord
+
 __all__ = [
     "SCHEMA",
     "ModelLoad",
     "PlacementPlan",
-    "PlacementTarget",
     "ReplicaIdentity",
     "is_idle",
     "load_report",
     "parse_engine_metrics",
-    "parse_placement",
     "plan_placement",
     "probe_verdict",
     "replica_record",
@@ -128,12 +128,14 @@ def replica_record(
     draining: bool,
     placement_errors: Mapping[str, str],
     capacity: Mapping[str, tuple[float, float]] | None = None,
+    version_ids: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """`replicas/<id>`. `versions`: the models Triton has READY that the replica serves (a model
     being unloaded is already left out), with their Triton version. `ready`: Triton answers
     (placement may fill an empty replica); `healthy` also needs a model to route to; `kv` has the
     models whose engines report their cache; `capacity` (model → prefill, decode tokens/s of
-    one replica, from the engine's calibrated profile) is published for served models only."""
+    one replica, from the engine's calibrated profile) is published for served models only;
+    `version_ids`: the registered version each served model was rendered from."""
     kv = {name: blocks for name in sorted(versions)
           if name in loads and (blocks := loads[name].kv_capacity()) is not None}
     return {
@@ -146,6 +148,8 @@ def replica_record(
         "gpu_memory_mib": identity.gpu_memory_mib,
         "models": sorted(versions),
         "versions": dict(sorted(versions.items())),
+        "version_ids": {name: vid for name, vid in sorted((version_ids or {}).items())
+                        if name in versions},
         "kv": kv,
         "capacity": {
             name: {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode}
@@ -159,34 +163,13 @@ def replica_record(
 
 
 @dataclass(frozen=True)
-class PlacementTarget:
-    """`placements/<id>` as written by the scheduler's leader."""
-
-    models: frozenset[str]
-    generation: int
-
-
-def parse_placement(raw: Mapping[str, Any]) -> PlacementTarget:
-    """Validates a placement value; ValueError names the field that is wrong."""
-    if raw.get("schema") != SCHEMA:
-        raise ValueError(f"placement schema must be {SCHEMA}, got {raw.get('schema')!r}")
-    models = raw.get("models")
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        raise ValueError("placement models must be a list of non-empty model names")
-    generation = raw.get("generation")
-    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
-        raise ValueError(f"placement generation must be an integer >= 0, got {generation!r}")
-    return PlacementTarget(frozenset(models), generation)
-
-
-@dataclass(frozen=True)
 class PlacementPlan:
     load: frozenset[str] = field(default_factory=frozenset)
     unload: frozenset[str] = field(default_factory=frozenset)
 
 
 def plan_placement(
-    target: PlacementTarget,
+    target: PlacementRecord,
     ready: Iterable[str],
     busy: Iterable[str],
     failed: Iterable[str],

@@ -12,6 +12,13 @@ calling the model READY while failing every request, so the sidecar restarts (un
 that model. The decisions and the values live in
 `replica_status.py`; this module only does the I/O, each call under a deadline.
 
+A placement names, for each model it places, the registered version it serves. Before loading
+such a model the sidecar fetches the version from the registry (its manifest, checked against
+the version id, and every file it pins, into the replica's blob cache: verified, resumable,
+bounded in bytes), renders its Triton model into `model_repository`, and only then asks Triton to
+load it; the record lists the version ids served. Nothing is shared with the registry but its
+API.
+
 On SIGTERM the record is republished with `draining: true` (no new work is routed here), the
 sidecar waits until the engines report no request running or waiting (or `drain_timeout_s`
 passes), and only then revokes the lease, so both keys disappear at once.
@@ -22,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+import shutil
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+from google.protobuf import json_format
 from pydantic import Field, model_validator
 from tritonclient.grpc import aio as triton_aio
 
@@ -35,21 +44,26 @@ from backends.triton.adapter import PROBE_INPUT, engine_process_gone, probe_engi
 from backends.triton.calibration import EngineProfile
 from backends.triton.replica_status import (
     ModelLoad,
-    PlacementTarget,
     ReplicaIdentity,
     is_idle,
     load_report,
     parse_engine_metrics,
-    parse_placement,
     plan_placement,
     probe_verdict,
     replica_record,
     restarts_within_budget,
 )
-from services.common import etcd
+from backends.triton.repository import render_version
+from backends.triton.weights import cache_root
+from services.common import errors, etcd
+from services.common.discovery import ServiceDirectory
 from services.common.logs import get_logger
+from services.common.records import PlacementRecord
 from services.common.runtime import ServiceContext, ServiceParts, main
-from services.common.settings import ServiceSettings
+from services.common.settings import BlobCacheSettings, ServiceSettings
+from services.registry.blob_cache import BlobCache
+from services.registry.client import RegistryClient, mesh_download
+from services.registry.manifest import served_model_name, version_id
 
 log = get_logger(__name__)
 READY = Gauge("infermesh_sidecar_triton_ready", "1 when Triton answers ready.", ["replica"])
@@ -68,9 +82,17 @@ ENGINE_RESTARTS = Counter("infermesh_sidecar_engine_restarts_total",
 PLACEMENT_SECONDS = Histogram("infermesh_sidecar_placement_action_seconds",
                               "How long a model load or unload took.", ["action"],
                               buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+COLD_STARTS = Histogram("infermesh_sidecar_version_cold_start_seconds",
+                        "From a placed version's load starting to its model READY: manifest and "
+                        "files fetched from the registry (or found in the blob cache), verified, "
+                        "rendered, loaded.", buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900))
 
 
-class SidecarSettings(ServiceSettings):
+class SidecarSettings(ServiceSettings, BlobCacheSettings):
+    model_repository: pathlib.Path | None = Field(
+        None, description="Triton's model repository (shared with the Triton beside this "
+        "sidecar): each registered version placed here is rendered into it. Unset: placed "
+        "models are only loaded, as the repository already has them.")
     triton_grpc_endpoint: str = Field("127.0.0.1:8001", description="Triton's gRPC host:port.")
     triton_metrics_endpoint: str = Field(
         "127.0.0.1:8002", description="Triton's metrics host:port."
@@ -159,7 +181,10 @@ def _fetch_text(url: str, timeout_s: float) -> str:
 class Sidecar:
     """One replica's sidecar. `run()` returns once the lease is revoked after a drain."""
 
-    def __init__(self, ctx: ServiceContext, settings: SidecarSettings):
+    def __init__(self, ctx: ServiceContext, settings: SidecarSettings,
+                 directory: ServiceDirectory, blobs: BlobCache):
+        """`directory` finds the registry (its channels carry the mesh token); `blobs` is this
+        replica's cache of the files the versions it serves pin."""
         self._ctx = ctx
         self._settings = settings
         self._identity = ReplicaIdentity(
@@ -173,11 +198,14 @@ class Sidecar:
         self._capacity = engine_capacity(settings.engine_profiles)
         self._triton = triton_aio.InferenceServerClient(settings.triton_grpc_endpoint)
         self._lease = etcd.LeaseKeeper(ctx.etcd, settings.replica_lease_ttl_s)
-        self._placements: etcd.WatchCache[PlacementTarget] = etcd.WatchCache(
+        self._placements: etcd.WatchCache[PlacementRecord] = etcd.WatchCache(
             ctx.etcd, etcd.Keys.placement(settings.replica_id),
-            lambda _suffix, raw: parse_placement(etcd.decode(raw)),
+            lambda _suffix, raw: PlacementRecord.decode(etcd.decode(raw)),
             on_change=self._placement_changed,
         )
+        self._directory = directory
+        self._blobs = blobs
+        self._version_ids: dict[str, str] = {}  # model → the registered version it serves
         # What Triton and its engines said last.
         self._ready = False
         self._probed = asyncio.Event()  # set after the first successful model listing
@@ -186,7 +214,7 @@ class Sidecar:
         self._scraped = asyncio.Condition()  # notified after every scrape, ok or not
         self._scrape_ok = False
         # Placement state.
-        self._target: PlacementTarget | None = None
+        self._target: PlacementRecord | None = None
         self._actions: dict[str, asyncio.Task[None]] = {}  # model → its load or unload under way
         self._unloading: set[str] = set()  # already left out of `models`: no new routes
         self._actions_done = 0  # placement actions finished (each ends with its own probe)
@@ -212,6 +240,7 @@ class Sidecar:
         try:
             if not await self._start_lease():
                 return
+            await self._directory.start()
             loops = [
                 asyncio.create_task(self._every(settings.health_interval_s, self._check_health),
                                     name="sidecar health"),
@@ -231,6 +260,7 @@ class Sidecar:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._placements.stop()
+            await self._directory.close()
             await self._lease.close()  # revokes: the record and the load report vanish together
             await self._triton.close()
             DRAINING.labels(settings.replica_id).set(0)
@@ -333,7 +363,8 @@ class Sidecar:
         async with self._record_lock:
             served = {m: v for m, v in self._versions.items() if m not in self._unloading}
             record = replica_record(self._identity, self._ready, served, self._loads,
-                                    self._draining, self._errors, self._capacity)
+                                    self._draining, self._errors, self._capacity,
+                                    self._version_ids)
             MODELS.labels(self._settings.replica_id).set(len(record["models"]))
             if record == self._published_record:
                 return True
@@ -490,6 +521,9 @@ class Sidecar:
             self._errors = {m: e for m, e in self._errors.items() if m in target.models}
             log.info("placement_received", models=sorted(target.models),
                      generation=target.generation)
+        for model, ref in target.versions.items():  # served already (a restarted sidecar)
+            if model in self._versions and model not in self._actions:
+                self._version_ids.setdefault(model, ref.partition("@")[2])
         plan = plan_placement(target, self._versions, self._actions, self._failed,
                               self._unloading)
         if plan.unload:
@@ -533,15 +567,49 @@ class Sidecar:
         self._actions[model] = asyncio.create_task(act(), name=f"{action} {model}")
 
     async def _load(self, model: str) -> None:
+        """Loads `model`; a registered version is fetched and rendered first."""
+        ref = self._target.versions.get(model) if self._target is not None else None
+        started = time.monotonic()
+        if ref is not None:
+            await self._prepare_version(model, ref)
         timeout_s = self._settings.model_control_timeout_s
         async with asyncio.timeout(timeout_s):
             await self._triton.load_model(model, client_timeout=timeout_s)
+        if ref is not None:
+            self._version_ids[model] = ref.partition("@")[2]
+            COLD_STARTS.observe(time.monotonic() - started)
+
+    async def _prepare_version(self, model: str, ref: str) -> None:
+        """The version's manifest from the registry, proven to be the version placed (its
+        digest is the version id); its files in the blob cache, verified and pinned while it is
+        loaded; its Triton model rendered from the manifest."""
+        repository = self._settings.model_repository
+        if repository is None:
+            raise errors.FailedPrecondition(
+                f"placed version {ref} cannot be rendered: INFERMESH_MODEL_REPOSITORY is not set")
+        timeout_s = self._settings.model_control_timeout_s
+        async with asyncio.timeout(timeout_s):
+            info = await RegistryClient.over(self._directory.channel("registry")).version(ref)
+        manifest = json_format.MessageToDict(info.manifest, preserving_proto_field_name=True)
+        wanted = ref.partition("@")[2]
+        if info.version_id != wanted or version_id(manifest) != wanted \
+                or served_model_name(manifest["name"], wanted) != model:
+            raise errors.Internal(f"the registry's manifest for {ref} does not hash to it")
+        files = [*manifest.get("weights", []), *manifest.get("tokenizer_files", [])]
+        await self._blobs.ensure(files, pin=model)
+        await asyncio.to_thread(render_version, repository, model, manifest,
+                                self._blobs.store.root, cache_root())
 
     async def _unload(self, model: str) -> None:
         # Triton lets the model's in-flight requests finish before it goes.
         timeout_s = self._settings.model_control_timeout_s
         async with asyncio.timeout(timeout_s):
             await self._triton.unload_model(model, client_timeout=timeout_s)
+        if self._version_ids.pop(model, None) is not None:
+            self._blobs.unpin(model)  # its blobs may now be evicted, least recently used first
+            if self._settings.model_repository is not None:  # a restarted Triton won't load it
+                await asyncio.to_thread(shutil.rmtree, self._settings.model_repository / model,
+                                        True)
 
 
 def _order(version: str) -> tuple[int, str]:
@@ -562,7 +630,11 @@ def _describe(exc: BaseException) -> str:
 async def setup(ctx: ServiceContext) -> ServiceParts:
     settings = ctx.settings
     assert isinstance(settings, SidecarSettings)
-    task = asyncio.create_task(Sidecar(ctx, settings).run(), name="sidecar")
+    directory = ServiceDirectory(ctx.etcd, settings.mesh_token.get_secret_value())
+    blobs = await asyncio.to_thread(
+        BlobCache, settings.blob_cache_dir, settings.blob_cache_max_bytes,
+        mesh_download(directory, settings.peer_timeout_s), settings.model_control_timeout_s)
+    task = asyncio.create_task(Sidecar(ctx, settings, directory, blobs).run(), name="sidecar")
 
     async def cleanup() -> None:
         # The runtime calls this after setting `draining`: the drain happens inside `task`.

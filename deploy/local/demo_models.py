@@ -2,8 +2,8 @@
 
 - `demo-chat`: SmolLM2-135M-Instruct on the torch engine, a real model. Its manifest pins the
   weights (the GGUF file) and the tokenizer files by digest; `prepare` puts them into the stack's
-  blob store (converting the GGUF once per machine) and renders the torch engine's Triton model
-  from the manifest.
+  blob store (converting the GGUF once per machine). The replica's sidecar fetches them from the
+  registry and renders the version's Triton model when placement gives it the version.
 - `demo-reference`: the reference engine, whose text is made up but whose serving costs are
   modelled; the routing and overload benchmarks and the walking-skeleton tests use it.
 """
@@ -11,25 +11,18 @@
 from __future__ import annotations
 
 import pathlib
-from dataclasses import dataclass
 
 from google.protobuf import json_format
 
-from backends.triton.torch_engine_repository import link_model, render_torch_model
 from backends.triton.weights import ModelFiles, cache_root, publish_default_model
 from infermesh.v1 import registry_pb2
 from services.registry.blobs import LocalBlobStore
 
-__all__ = ["DEMO_MODEL", "REFERENCE_MODEL", "TORCH_TRITON_MODEL", "DemoModels", "manifest_dict",
-           "prepare", "reference_manifest", "torch_manifest"]
+__all__ = ["DEMO_MODEL", "REFERENCE_MODEL", "manifest_dict", "prepare", "reference_manifest",
+           "torch_manifest"]
 
 DEMO_MODEL = "demo-chat"
 REFERENCE_MODEL = "demo-reference"
-TORCH_TRITON_MODEL = "smollm2"  # the torch engine's model name in Triton
-_REFERENCE_SOURCE = (
-    pathlib.Path(__file__).resolve().parents[2] / "backends" / "triton" / "model_repository"
-    / "reference"
-)
 
 
 def reference_manifest() -> registry_pb2.ModelManifest:
@@ -68,22 +61,12 @@ def torch_manifest(files: ModelFiles) -> registry_pb2.ModelManifest:
     )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class DemoModels:
-    manifests: list[registry_pb2.ModelManifest]  # what the stack registers, real model first
-    repository: pathlib.Path  # the Triton model repository serving them
-
-
 def manifest_dict(manifest: registry_pb2.ModelManifest) -> dict:
     return json_format.MessageToDict(manifest, preserving_proto_field_name=True)
 
 
-def prepare(state_dir: pathlib.Path, blob_dir: pathlib.Path) -> DemoModels:
-    """Blobs in, repository rendered. Blocking (file I/O, a first-time GGUF conversion)."""
-    cache = cache_root()
-    files = publish_default_model(LocalBlobStore(blob_dir), cache)
-    manifests = [torch_manifest(files), reference_manifest()]
-    repository = state_dir / "models"
-    render_torch_model(repository, manifest_dict(manifests[0]), blob_dir, cache)
-    link_model(repository, _REFERENCE_SOURCE)
-    return DemoModels(manifests, repository)
+def prepare(blob_dir: pathlib.Path) -> list[registry_pb2.ModelManifest]:
+    """Puts the demo model's files into the stack registry's blob store; returns the manifests
+    to register, the real model first. Blocking (file I/O, a first-time GGUF conversion)."""
+    files = publish_default_model(LocalBlobStore(blob_dir), cache_root())
+    return [torch_manifest(files), reference_manifest()]

@@ -25,7 +25,7 @@ class ExtraGateway:
             "INFERMESH_ETCD_ENDPOINT": stack.etcd,
             "INFERMESH_METRICS_PORT": str(self.metrics_port),
             "INFERMESH_INSTANCE_ID": f"{name}-{uuid.uuid4().hex[:6]}",
-            "INFERMESH_BLOB_DIR": str(state_dir / "data" / "blobs"),
+            "INFERMESH_BLOB_CACHE_DIR": str(state_dir / "data" / f"{name}-blobs"),
             "INFERMESH_AUDIT_SPOOL_DIR": str(state_dir / "data" / f"{name}-audit-spool"),
             "INFERMESH_MESH_TOKEN": stack.mesh_token,
             **(settings or {}),

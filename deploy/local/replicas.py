@@ -15,8 +15,6 @@ import concurrent.futures
 import contextlib
 import os
 import pathlib
-import re
-import shutil
 import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +23,7 @@ from dataclasses import dataclass
 import aetcd
 
 from backends.triton.launcher import DEFAULT_MODEL_REPOSITORY, TritonPorts, TritonServer
+from backends.triton.repository import REFERENCE_MODEL_DIR, render_reference_model
 from deploy.local.stack import service_process, wait_serving
 from services.common import etcd
 from services.common.net import LOOPBACK, free_port
@@ -32,35 +31,14 @@ from services.common.processes import ChildProcess
 
 __all__ = ["REFERENCE_MODEL_DIR", "Replica", "ReplicaSet", "reference_repository"]
 
-REFERENCE_MODEL_DIR = DEFAULT_MODEL_REPOSITORY / "reference"
-
-
 def reference_repository(
     root: pathlib.Path, names: Iterable[str], parameters: Mapping[str, str] | None = None
 ) -> pathlib.Path:
     """A model repository at `root` holding the reference engine once per name in `names`, each
-    a separate Triton model, with the config.pbtxt `parameters` given (e.g. calibrated physics:
-    `prefill_us_per_token`, `decode_step_ms`, ...) replacing the shipped values."""
+    a separate Triton model, with the config.pbtxt `parameters` given."""
     root.mkdir(parents=True, exist_ok=True)
-    config = (REFERENCE_MODEL_DIR / "config.pbtxt").read_text()
-    for key, value in (parameters or {}).items():
-        block = f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
-        pattern = re.compile(
-            rf'parameters: \{{\n  key: "{re.escape(key)}"\n  value: \{{ string_value: "[^"]*" \}}\n\}}\n'
-        )
-        config, found = pattern.subn(block.replace("\\", "\\\\"), config)
-        if not found:
-            config += block
     for name in names:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise ValueError(f"model name {name!r} must be letters, digits, '_', '.' or '-'")
-        model_dir = root / name
-        shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.copytree(REFERENCE_MODEL_DIR / "1", model_dir / "1",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        named, count = re.subn(r'^name: "[^"]*"$', f'name: "{name}"', config, flags=re.M)
-        assert count == 1, "the reference config.pbtxt names its model once"
-        (model_dir / "config.pbtxt").write_text(named)
+        render_reference_model(root, name, parameters)
     return root
 
 
@@ -90,14 +68,17 @@ class ReplicaSet:
         root: pathlib.Path,
         etcd_endpoint: str,
         count: int,
-        model_repository: pathlib.Path = DEFAULT_MODEL_REPOSITORY,
+        model_repository: pathlib.Path | None = DEFAULT_MODEL_REPOSITORY,
         models: Sequence[str] | None = None,
         zones: Sequence[str] = ("zone-a", "zone-b", "zone-c"),
         id_prefix: str = "replica",
         sidecar_env: Mapping[str, str] | None = None,
     ):
         """`models` None loads every model in the repository at start; [] none (placements
-        load them later). `sidecar_env`: extra INFERMESH_* settings for every sidecar."""
+        load them later). `model_repository` None gives each replica an empty repository of its
+        own, into which its sidecar renders the registered versions placed on it (fetched from
+        the registry: `sidecar_env` then carries the mesh token). `sidecar_env`: extra
+        INFERMESH_* settings for every sidecar."""
         if count < 1:
             raise ValueError(f"count must be at least 1, got {count}")
         if not zones:
@@ -108,7 +89,9 @@ class ReplicaSet:
         for index in range(count):
             replica_id = f"{id_prefix}-{index}"
             workdir = root / replica_id
-            triton = TritonServer(workdir / "triton", TritonPorts.free(), model_repository,
+            repository = model_repository or workdir / "models"
+            repository.mkdir(parents=True, exist_ok=True)
+            triton = TritonServer(workdir / "triton", TritonPorts.free(), repository,
                                   models=models)
             port, metrics_port = free_port(), free_port()
             zone = zones[index % len(zones)]
@@ -119,6 +102,9 @@ class ReplicaSet:
                 "INFERMESH_ZONE": zone,
                 "INFERMESH_TRITON_GRPC_ENDPOINT": triton.grpc_address,
                 "INFERMESH_TRITON_METRICS_ENDPOINT": f"{LOOPBACK}:{triton.ports.metrics}",
+                **({} if model_repository else {
+                    "INFERMESH_MODEL_REPOSITORY": str(repository),
+                    "INFERMESH_BLOB_CACHE_DIR": str(workdir / "blobs")}),
                 **(sidecar_env or {}),
             }
             sidecar = service_process(f"sidecar-{replica_id}", "backends.triton.sidecar",

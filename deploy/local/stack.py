@@ -14,6 +14,7 @@ import asyncio
 import os
 import pathlib
 import secrets
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from services.common.net import LOOPBACK, free_port
 from services.common.processes import ChildProcess, pid_alive, stop_pid
 from services.common.tenancy import Tenant, TenantPlan, TenantStore
 from services.registry.client import RegistryClient
+from services.registry.manifest import served_model_name
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEMO_TENANT = "demo"
@@ -60,9 +62,14 @@ class Stack:
     def up(self, timeout_s: float = 90.0) -> StackInfo:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         blob_dir = self.state_dir / "data" / "blobs"
-        # Blobs in, Triton's repository rendered; the first time on a machine this converts the
-        # GGUF (~15-30 s), so it comes before the start-up deadline.
-        models = prepare(self.state_dir, blob_dir)
+        # Blobs into the registry's store; the first time on a machine this converts the GGUF
+        # (~15-30 s), so it comes before the start-up deadline. Triton starts with an empty
+        # repository: the sidecar renders there each version placed on the replica, from the
+        # files it fetches from the registry.
+        manifests = prepare(blob_dir)
+        repository = self.state_dir / "models"
+        shutil.rmtree(repository, ignore_errors=True)
+        repository.mkdir(parents=True)
         deadline = time.monotonic() + timeout_s
         try:
             etcd_server = EtcdServer(self.state_dir / "data" / "etcd", self.logs / "etcd.log")
@@ -77,7 +84,7 @@ class Stack:
                 [sys.executable, "-m", "backends.triton.launcher",
                  "--grpc-port", str(triton["grpc"]), "--http-port", str(triton["http"]),
                  "--metrics-port", str(triton["metrics"]),
-                 "--model-repository", str(models.repository),
+                 "--model-repository", str(repository),
                  "--workdir", str(self.state_dir / "triton")],
                 {},
             )
@@ -89,7 +96,8 @@ class Stack:
                 if name == "auditor":
                     extra["INFERMESH_AUDITOR_DATA_DIR"] = str(self.state_dir / "data" / "auditor")
                 if name == "gateway":
-                    extra["INFERMESH_BLOB_DIR"] = str(blob_dir)
+                    extra["INFERMESH_BLOB_CACHE_DIR"] = str(
+                        self.state_dir / "data" / "gateway" / "blobs")
                     extra["INFERMESH_HTTP_PORT"] = str(openai_port)
                     extra["INFERMESH_AUDIT_SPOOL_DIR"] = str(
                         self.state_dir / "data" / "gateway" / "audit-spool")
@@ -103,6 +111,8 @@ class Stack:
                  "INFERMESH_TRITON_GRPC_ENDPOINT": f"{LOOPBACK}:{triton['grpc']}",
                  "INFERMESH_TRITON_METRICS_ENDPOINT": f"{LOOPBACK}:{triton['metrics']}",
                  "INFERMESH_REPLICA_ID": "replica-0",
+                 "INFERMESH_MODEL_REPOSITORY": str(repository),
+                 "INFERMESH_BLOB_CACHE_DIR": str(self.state_dir / "data" / "replica-0" / "blobs"),
                  "INFERMESH_ZONE": "local",
                  # Within `down()`'s 15 s per child; the gateway is stopped first, so a drain
                  # here only waits for generations that outlived it.
@@ -110,8 +120,8 @@ class Stack:
             )
             for name in (*SERVICES, "sidecar"):
                 wait_serving(self.children[name], f"{LOOPBACK}:{ports[name]}", deadline)
-            api_key = asyncio.run(
-                self._bootstrap(etcd_server.endpoint, ports, models.manifests, deadline)
+            api_key, triton_models = asyncio.run(
+                self._bootstrap(etcd_server.endpoint, ports, manifests, deadline)
             )
             endpoints = {name: f"{LOOPBACK}:{port}" for name, port in ports.items()}
             endpoints["triton"] = f"{LOOPBACK}:{triton['grpc']}"
@@ -129,6 +139,7 @@ class Stack:
                 etcd=etcd_server.endpoint, endpoints=endpoints, metrics=metric_endpoints,
                 pids={name: child.pid for name, child in self.children.items()},
                 openai_base_url=f"http://{LOOPBACK}:{openai_port}/v1", mesh_token=mesh_token,
+                triton_models=triton_models,
             )
             write_state(self.state_dir, self.info)
             return self.info
@@ -177,20 +188,23 @@ class Stack:
     async def _bootstrap(
         self, etcd_endpoint: str, ports: dict[str, int],
         manifests: list[registry_pb2.ModelManifest], deadline: float,
-    ) -> str:
-        """Demo tenant, admin key and models; returns once the gateway can serve every model."""
+    ) -> tuple[str, dict[str, str]]:
+        """Demo tenant, admin key and models; returns once the gateway can serve every model,
+        with the key and each model's Triton model."""
         client = etcd.connect(etcd_endpoint, 5.0)
         async with client:
             tenants = TenantStore(client)
             await tenants.put_tenant(Tenant(DEMO_TENANT, "Demo tenant", self.options.demo_plan))
             api_key, _ = await tenants.issue_key(DEMO_TENANT, role="admin")
+        triton_models = {}
         for manifest in manifests:
-            await register_demo_model(f"{LOOPBACK}:{ports['registry']}", api_key, manifest,
-                                      deadline)
+            version = await register_demo_model(f"{LOOPBACK}:{ports['registry']}", api_key,
+                                                manifest, deadline)
+            triton_models[manifest.name] = served_model_name(manifest.name, version)
         for manifest in manifests:
             await self._wait_routable(f"{LOOPBACK}:{ports['gateway']}", api_key, manifest.name,
                                       deadline)
-        return api_key
+        return api_key, triton_models
 
     async def _wait_routable(
         self, gateway: str, api_key: str, model: str, deadline: float
@@ -215,9 +229,10 @@ class Stack:
 
 async def register_demo_model(
     registry: str, api_key: str, manifest: registry_pb2.ModelManifest, deadline: float
-) -> None:
+) -> str:
     """Registers a demo manifest through the Registry API and makes it production (unless it
-    already is). Retries while the registry has not yet seen the freshly issued key."""
+    already is); returns its version id. Retries while the registry has not yet seen the
+    freshly issued key."""
     async with RegistryClient(registry, api_key, timeout_s=5.0) as client:
         while True:
             try:
@@ -231,6 +246,7 @@ async def register_demo_model(
         if routing.production != reply.version_id:
             await client.change(manifest.name, "the embedded stack's demo model", routing.revision,
                                 promote=registry_pb2.Promote(version_id=reply.version_id))
+        return reply.version_id
 
 
 def service_process(name: str, module: str, log_path: pathlib.Path, port: int,

@@ -8,7 +8,7 @@ import json
 import os
 import pathlib
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -25,6 +25,8 @@ class StackInfo:
     pids: dict[str, int]
     openai_base_url: str = ""  # the gateway's OpenAI-compatible HTTP API
     mesh_token: str = ""  # what the stack's services present to each other (a fresh one per up)
+    # Model → the Triton model serving the version the stack registered (each version is its own).
+    triton_models: dict[str, str] = field(default_factory=dict)
 
     def env_lines(self) -> str:
         values = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
 
 from pydantic import Field, SecretStr
@@ -35,3 +36,18 @@ class ServiceSettings(BaseSettings):
         "others (x-infermesh-mesh-token); services that take internal writes (the auditor's "
         "Append) refuse calls without it. Empty: internal calls are not authenticated "
         "(development only; the auditor logs a warning).")
+
+
+class BlobCacheSettings(BaseSettings):
+    """Where a process that fetches model files from the registry (a replica's sidecar, a
+    gateway's tokenizers) keeps them, verified, and how many bytes it may keep."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_", extra="ignore")
+
+    blob_cache_dir: pathlib.Path = Field(
+        pathlib.Path(".infermesh/data/blob-cache"),
+        description="This process's cache of registry blobs (content-addressed, verified).")
+    blob_cache_max_bytes: int = Field(
+        20 << 30, gt=0, description="Bytes the blob cache may hold; least recently used blobs "
+        "that no loaded version pins are evicted to make room, and a version that cannot fit "
+        "is refused (a placement error naming this setting).")

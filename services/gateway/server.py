@@ -40,6 +40,8 @@ from services.gateway.pipeline import (
 from services.gateway.requests import ChatTurn, GenerationRequest, Principal, SamplingRequest
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokenizers import TokenizerStore
+from services.registry.blob_cache import BlobCache
+from services.registry.client import mesh_download
 from services.gateway.shadow import ShadowTraffic
 from services.gateway.tenant_admin import TenantAdminServicer
 from services.gateway.validation import Limits, validate_request_id
@@ -366,7 +368,11 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     keys = etcd.WatchCache(ctx.etcd, etcd.Keys.apikeys, parse_key)
     tenants = etcd.WatchCache(ctx.etcd, etcd.Keys.tenants, parse_tenant)
     catalog = ModelCatalog()
-    tokenizers = TokenizerStore(settings.blob_dir, cache_root())
+    directory = ServiceDirectory(ctx.etcd, ctx.settings.mesh_token.get_secret_value())
+    tokenizers = TokenizerStore(
+        await asyncio.to_thread(BlobCache, settings.blob_cache_dir, settings.blob_cache_max_bytes,
+                                mesh_download(directory, settings.peer_timeout_s)),
+        cache_root())
 
     def models_changed() -> None:
         catalog.rebuild(models.items)
@@ -375,8 +381,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     models: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
         ctx.etcd, etcd.Keys.models, parse_models_key, on_change=models_changed
     )
-    directory = ServiceDirectory(ctx.etcd, ctx.settings.mesh_token.get_secret_value())
-    for cache in (keys, tenants, models, directory):
+    for cache in (directory, keys, tenants, models):
         await cache.start()
     audit = await AuditEmitter.open(directory, AuditSpoolSettings(), settings.instance_id,
                                     settings.peer_timeout_s)

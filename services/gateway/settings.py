@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import pathlib
-
 from pydantic import Field
 
-from services.common.settings import ServiceSettings
+from services.common.settings import BlobCacheSettings, ServiceSettings
 
 
-class GatewaySettings(ServiceSettings):
-    blob_dir: pathlib.Path = Field(
-        pathlib.Path(".infermesh/data/blobs"),
-        description="The blob store the models' tokenizer files are read from (verified).",
-    )
+class GatewaySettings(ServiceSettings, BlobCacheSettings):
+    """The models' tokenizer files come from the registry by digest, kept in the blob cache."""
+
     http_port: int = Field(
         0, ge=0, le=65535,
         description="Port of the OpenAI-compatible HTTP API, on `host` (0: the OS picks).",

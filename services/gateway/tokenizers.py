@@ -2,15 +2,17 @@
 
 A version's manifest names its tokenizer: `whitespace` (the reference engine) or `huggingface`,
 whose files (tokenizer.json, tokenizer_config.json, chat_template.jinja) it pins by digest. The
-gateway reads those files from the blob store (verified), counts tokens with the `tokenizers`
+gateway fetches those files from the registry by digest into its blob cache (verified), counts
+tokens with the `tokenizers`
 library (the Rust tokenizer transformers wraps, without importing torch) and renders `messages`
 with the model's chat template in a sandboxed Jinja environment set up as transformers sets up
 its own, so the engine receives exactly the prompt the model was trained on and the count the
 gateway checks limits with is the count the engine reports.
 
-Loading is file I/O and parsing: `TokenizerStore.refresh()` does it off the event loop whenever
-the catalog changes; `get()` only looks up what is loaded and answers UNAVAILABLE (retry soon)
-for a version whose tokenizer is still loading.
+Loading is a download, file I/O and parsing: `TokenizerStore.refresh()` does it off the event
+loop whenever the catalog changes, retrying while the registry cannot be reached; `get()` only
+looks up what is loaded and answers UNAVAILABLE (retry soon) for a version whose tokenizer is
+still loading.
 """
 
 from __future__ import annotations
@@ -31,15 +33,16 @@ from backends.triton.weights import materialize_files
 from services.common import errors
 from services.common.logs import get_logger
 from services.gateway.requests import ChatTurn
-from services.registry.blobs import LocalBlobStore
+from services.registry.blob_cache import BlobCache
 from services.registry.manifest import ModelVersion
 
 __all__ = ["HuggingFaceTokenizer", "PromptTokenizer", "TokenizerStore", "WhitespaceTokenizer"]
 
 log = get_logger(__name__)
 LOADS = Counter("infermesh_gateway_tokenizer_loads_total",
-                "Tokenizers loaded from the blob store, by outcome.", ["outcome"])
+                "Tokenizers loaded from the registry's blobs, by outcome.", ["outcome"])
 RETRY_AFTER_S = 0.5
+FETCH_RETRY_S = (0.5, 10.0)  # first and longest delay between tries to fetch a tokenizer's files
 
 
 class PromptTokenizer(Protocol):
@@ -114,8 +117,8 @@ def _files_key(version: ModelVersion) -> str:
 class TokenizerStore:
     """Every known version's tokenizer, loaded in the background and shared by equal files."""
 
-    def __init__(self, blob_dir: pathlib.Path, cache_dir: pathlib.Path):
-        self._blob_dir = blob_dir
+    def __init__(self, blobs: BlobCache, cache_dir: pathlib.Path):
+        self._blobs = blobs
         self._cache_dir = cache_dir
         self._whitespace = WhitespaceTokenizer()
         self._loaded: dict[str, HuggingFaceTokenizer] = {}  # by the tokenizer files' digests
@@ -154,8 +157,23 @@ class TokenizerStore:
             )
             self._loading[key] = task
 
+    async def _fetch(self, key: str, version: ModelVersion) -> None:
+        """The tokenizer files into the blob cache; retried while the registry cannot serve
+        them (not up yet, restarting), so a gateway that started first still gets them."""
+        delay_s = FETCH_RETRY_S[0]
+        while True:
+            try:
+                await self._blobs.ensure(version.tokenizer_files, pin=f"tokenizer {key}")
+                return
+            except (errors.Unavailable, errors.DeadlineExceeded) as exc:
+                log.warning("tokenizer_fetch_retry", version=version.version_id, error=str(exc),
+                            retry_in_s=delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, FETCH_RETRY_S[1])
+
     async def _load(self, key: str, version: ModelVersion) -> None:
         try:
+            await self._fetch(key, version)
             self._loaded[key] = await asyncio.to_thread(self._read, version)
             LOADS.labels("ok").inc()
             log.info("tokenizer_loaded", version=version.version_id)
@@ -167,9 +185,8 @@ class TokenizerStore:
             self._loading.pop(key, None)
 
     def _read(self, version: ModelVersion) -> HuggingFaceTokenizer:
-        blobs = LocalBlobStore(self._blob_dir)
-        files = version.manifest.get("tokenizer_files", [])
-        return HuggingFaceTokenizer(materialize_files(blobs, files, self._cache_dir))
+        return HuggingFaceTokenizer(
+            materialize_files(self._blobs.store, version.tokenizer_files, self._cache_dir))
 
     async def close(self) -> None:
         tasks = list(self._loading.values())

@@ -194,11 +194,8 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
             raise errors.InvalidArgument(f"manifest.{field}", f"must be 0..{MAX_COST_PER_1K:g}")
     for group in FILE_GROUPS:
         _validate_files(group, manifest.get(group, []))
-    kind = manifest["engine"]["kind"]
-    if kind == "torch" and not manifest.get("weights"):
+    if manifest["engine"]["kind"] == "torch" and not manifest.get("weights"):
         raise errors.InvalidArgument("manifest.weights", "the torch engine needs its weights")
-    if kind == "reference" and manifest.get("weights"):
-        raise errors.InvalidArgument("manifest.weights", "the reference engine loads no weights")
     if tokenizer == "huggingface" and "tokenizer.json" not in {
         f["name"] for f in manifest.get("tokenizer_files", [])
     }:

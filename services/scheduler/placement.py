@@ -28,7 +28,9 @@ from typing import Any
 
 from services.registry.catalog import ModelEntry
 
-ROLES = ("production", "previous", "canary", "shadow")  # placement priority, first is highest
+# Placement priority, first is highest. "pinned": a version in no role that clients asked for
+# by its id (`model@sha256:…`) within the demand window; loaded once, on demand.
+ROLES = ("production", "previous", "canary", "shadow", "pinned")
 
 
 @dataclass(frozen=True)
@@ -103,29 +105,44 @@ def model_memory(entries: Iterable[ModelEntry]) -> dict[str, int]:
     return memory
 
 
+def version_refs(entries: Iterable[ModelEntry]) -> dict[str, str]:
+    """Triton model → the registered version it serves (`name@sha256:<hex>`), for every version
+    of every model: what a placement tells a replica to fetch and render."""
+    return {version.triton_model_name: f"{entry.name}@{version.version_id}"
+            for entry in entries for version in entry.versions.values()}
+
+
 def wanted_models(
     entries: Iterable[ModelEntry], desired: Mapping[str, int], min_copies: int
 ) -> list[WantedModel]:
     """What the routing wants served: every production version at least `min_copies` times (or
-    as many as `desired` asks, by Triton model), previous, canary and shadow at least once."""
+    as many as `desired` asks, by Triton model), previous, canary and shadow at least once, and
+    any other version clients asked for (it has demand: `desired` names it) once."""
     entries = list(entries)
     memory = model_memory(entries)
     wanted: dict[str, WantedModel] = {}
     for entry in entries:
         for role in ROLES:
-            version = entry.versions.get(entry.routing.target(role))
-            if version is None:
-                continue
-            name = version.triton_model_name
-            floor = min_copies if role == "production" else 1
-            copies = max(floor, desired.get(name, 0)) if role in ("production", "canary") \
-                else floor
-            have = wanted.get(name)
-            if have is not None:
-                copies = max(copies, have.copies)
-                role = ROLES[min(have.priority, ROLES.index(role))]
-            wanted[name] = WantedModel(name, memory.get(name, 0), copies, role)
+            if role == "pinned":
+                versions = [v for v in entry.versions.values() if v.triton_model_name in desired]
+            else:
+                target = entry.versions.get(entry.routing.target(role))
+                versions = [target] if target is not None else []
+            for version in versions:
+                _want(wanted, version.triton_model_name, role, memory, desired, min_copies)
     return list(wanted.values())
+
+
+def _want(wanted: dict[str, WantedModel], name: str, role: str, memory: Mapping[str, int],
+          desired: Mapping[str, int], min_copies: int) -> None:
+    """Adds `name` in `role`, or raises what it already has to the higher role and copies."""
+    floor = min_copies if role == "production" else 1
+    copies = max(floor, desired.get(name, 0)) if role in ("production", "canary") else floor
+    have = wanted.get(name)
+    if have is not None:
+        copies = max(copies, have.copies)
+        role = ROLES[min(have.priority, ROLES.index(role))]
+    wanted[name] = WantedModel(name, memory.get(name, 0), copies, role)
 
 
 def place(

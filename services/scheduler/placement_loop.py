@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common import etcd
 from services.common.logs import get_logger
+from services.common.records import PlacementRecord
 from services.common.runtime import ServiceContext
 from services.common.tasks import cancel_and_wait
 from services.registry.catalog import ModelCatalog
@@ -41,6 +42,7 @@ from services.scheduler.placement import (
     ReplicaState,
     model_memory,
     place,
+    version_refs,
     wanted_models,
 )
 
@@ -190,7 +192,7 @@ class Placer:
 
     def __init__(self, client: aetcd.Client, election: LeaderElection, settings: PlacementSettings,
                  replicas: etcd.WatchCache[ReplicaState], models: etcd.WatchCache[Any],
-                 placements: etcd.WatchCache[Any], demand: etcd.WatchCache[Any],
+                 placements: etcd.WatchCache[PlacementRecord], demand: etcd.WatchCache[Any],
                  timeout_s: float, clock: Callable[[], float] = time.monotonic):
         self._etcd = client
         self._timeout_s = timeout_s
@@ -201,7 +203,7 @@ class Placer:
         self._placements = placements
         self._demand = demand
         self._clock = clock
-        self._written: dict[str, dict[str, Any]] = {}  # ours, until the watch shows them
+        self._written: dict[str, PlacementRecord] = {}  # ours, until the watch shows them
         self._absent_since: dict[str, float] = {}  # placed replicas with no record, since when
         self._exported: dict[Gauge, set[tuple[str, ...]]] = {}
         self._backoff = LoadBackoff(settings.load_retry_s, settings.load_retry_max_s)
@@ -209,11 +211,11 @@ class Placer:
             ScalePolicy(headroom=settings.headroom, zones=1, min_copies=settings.min_copies,
                         scale_in_cooldown_s=settings.scale_in_cooldown_s), clock)
 
-    def current(self) -> dict[str, dict[str, Any]]:
+    def current(self) -> dict[str, PlacementRecord]:
         """Replica id → the placement record in force (ours when the watch lags behind)."""
         view = dict(self._placements.items)
         for rid, record in self._written.items():
-            if record["generation"] >= view.get(rid, {}).get("generation", 0):
+            if rid not in view or record.generation >= view[rid].generation:
                 view[rid] = record
         return view
 
@@ -262,10 +264,11 @@ class Placer:
         self._export(DESIRED, {(w.triton_model,): max(w.copies, desired.get(w.triton_model, 0))
                                for w in wanted})
         current = self.current()
-        told = {rid: record.get("models", []) for rid, record in current.items()}
+        told = {rid: record.models for rid, record in current.items()}
         for rid, model in self._backoff.observe(replicas, told, now):
             LOAD_FAILURES.labels(model).inc()
             log.warning("placement_load_failed", replica=rid, model=model)
+        refs = version_refs(entries)
         decision = place(replicas, wanted, pending=told, blocked=self._backoff.blocked(now),
                          memory=model_memory(entries))
         self._export(SHORTFALL, {(m,): n for m, n in decision.shortfalls.items()})
@@ -277,17 +280,18 @@ class Placer:
             previous = current.get(rid)
             if previous is None and models == loaded[rid]:
                 continue  # no key means "keep what you have": nothing to say yet
-            if previous is not None and set(previous.get("models", [])) == models:
+            versions = {m: refs[m] for m in models if m in refs}
+            if previous is not None and (previous.models, previous.versions) == (models, versions):
                 continue
-            record = {"schema": SCHEMA, "models": sorted(models),
-                      "generation": (previous or {}).get("generation", 0) + 1}
+            record = PlacementRecord(frozenset(models), (previous.generation if previous else 0) + 1,
+                                     versions)
             if not await self._write(rid, record):
                 break
             written += 1
         await self._forget_gone(current, {r.replica_id for r in replicas}, now)
         return written
 
-    async def _forget_gone(self, current: dict[str, Any], present: set[str], now: float) -> None:
+    async def _forget_gone(self, current: dict[str, PlacementRecord], present: set[str], now: float) -> None:
         """Deletes the placements of replicas gone for `forget_gone_after_s` (pods of a fleet
         that scaled in never come back; a restarting replica is back well before)."""
         for rid in list(self._absent_since):
@@ -304,14 +308,14 @@ class Placer:
             self._absent_since.pop(rid, None)
             log.info("placement_forgotten", replica=rid, absent_s=round(now - since, 1))
 
-    async def _write(self, replica_id: str, record: dict[str, Any]) -> bool:
+    async def _write(self, replica_id: str, record: PlacementRecord) -> bool:
         """Writes one placement if we still lead (fenced); False when leadership is gone."""
         won = await self._fenced(self._etcd.transactions.put(
-            etcd.Keys.placement(replica_id).encode(), etcd.encode(record)))
+            etcd.Keys.placement(replica_id).encode(), etcd.encode(record.encode())))
         if won:
             self._written[replica_id] = record
-            log.info("placement_written", replica=replica_id, models=record["models"],
-                     generation=record["generation"])
+            log.info("placement_written", replica=replica_id, models=sorted(record.models),
+                     generation=record.generation)
         return won
 
     async def _fenced(self, tx_op: Any) -> bool:
@@ -394,7 +398,8 @@ async def start_placement(
                 etcd.WatchCache(ctx.etcd, etcd.Keys.replicas, _replica, on_change=changed.set),
                 etcd.WatchCache(ctx.etcd, etcd.Keys.models, parse_models_key,
                                 on_change=changed.set),
-                etcd.WatchCache(ctx.etcd, etcd.Keys.placements, _decode),
+                etcd.WatchCache(ctx.etcd, etcd.Keys.placements,
+                                lambda _suffix, raw: PlacementRecord.decode(etcd.decode(raw))),
                 etcd.WatchCache(ctx.etcd, etcd.Keys.scheduler_demand_prefix, _decode),
             ]
             for cache in caches:

@@ -37,6 +37,7 @@ RELEASES = Counter(
 )
 REPLICAS = Gauge("infermesh_scheduler_replicas", "Replicas known, by health.", ["healthy"])
 MAX_EXCLUDED = 64
+MAX_MODEL_CHARS = 128  # a Triton model name's limit
 MAX_ZONE_CHARS = 64
 MAX_PROMPT_TOKENS = 10_000_000
 MAX_COMPLETION_TOKENS = 10_000_000
@@ -81,6 +82,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 time.perf_counter() - started)
         except errors.MeshError as exc:
             ROUTES.labels(model[:64], exc.code).inc()
+            if isinstance(exc, errors.Unavailable) and self._on_release is not None and not any(
+                    model in replica.models for replica in self._replicas.items.values()):
+                # Demand without tokens: placement loads a version that clients ask for by its
+                # id and that no replica serves yet (the client retries after the delay).
+                self._on_release(model, 0, 0)
             await status.abort(context, exc)
         ROUTES.labels(model, "OK").inc()
         return scheduler_pb2.RouteResponse(
@@ -91,8 +97,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     def _query(self, request: scheduler_pb2.RouteRequest) -> RouteQuery:
         hold_s = request.hold.ToTimedelta().total_seconds()
-        if not request.triton_model_name:
-            raise errors.InvalidArgument("triton_model_name", "is required")
+        if not 0 < len(request.triton_model_name) <= MAX_MODEL_CHARS:
+            raise errors.InvalidArgument("triton_model_name",
+                                         f"is required, at most {MAX_MODEL_CHARS} characters")
         if not 0 < hold_s <= self._max_hold_s:
             raise errors.InvalidArgument("hold", f"must be in (0, {self._max_hold_s:.0f}] seconds")
         if len(request.prefix_hashes) > MAX_BLOCKS:

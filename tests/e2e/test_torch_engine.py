@@ -18,15 +18,13 @@ import pytest
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from backends.triton.torch_engine_repository import render_torch_model
+from backends.triton.repository import render_torch_model
 from backends.triton.weights import DEFAULT_MODEL, cache_root
-from deploy.local.demo_models import TORCH_TRITON_MODEL
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
-TRITON_MODEL = TORCH_TRITON_MODEL
 QUESTION = "What is the capital of France?"
 
 
@@ -42,7 +40,7 @@ def engine_metric(stack: StackInfo, name: str, **labels: str) -> float:
     """The sum of `name`'s samples for the torch model whose labels include `labels`."""
     with urllib.request.urlopen(f"http://{stack.metrics['triton']}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    wanted = [f'{k}="{v}"' for k, v in {"model": TRITON_MODEL, **labels}.items()]
+    wanted = [f'{k}="{v}"' for k, v in {"model": stack.triton_models[stack.model], **labels}.items()]
     return sum(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
         if line.startswith(name + "{") and all(w in line for w in wanted)
@@ -196,19 +194,19 @@ async def test_a_tampered_weights_blob_is_refused_not_served(
         handle.seek(-1, 1)
         handle.write(bytes([byte[0] ^ 0xFF]))
     manifest = {
-        "triton_model_name": "smollm2-tampered",
         "weights": [{"name": DEFAULT_MODEL.file_name, "digest": DEFAULT_MODEL.digest}],
         "tokenizer_files": [],
         "engine": {"num_blocks": 8, "page_size": 32, "max_batch_tokens": 64},
     }
-    folder = render_torch_model(stack_dir / "models", manifest, tmp_path / "blobs", cache_root())
+    folder = render_torch_model(stack_dir / "models", "smollm2-tampered", manifest,
+                                tmp_path / "blobs", cache_root())
     try:
         async with triton_aio.InferenceServerClient(stack.endpoints["triton"]) as client:
             with pytest.raises(InferenceServerException) as raised:
                 await client.load_model("smollm2-tampered")
             assert "corrupt" in str(raised.value), raised.value
             assert not await client.is_model_ready("smollm2-tampered")
-            assert await client.is_model_ready(TRITON_MODEL)  # the good one is untouched
+            assert await client.is_model_ready(stack.triton_models[stack.model])  # the good one is untouched
             # A refused model must not leave the server unready (strict readiness), or the
             # sidecar would take the whole replica out of routing.
             await client.unload_model("smollm2-tampered")
@@ -247,7 +245,7 @@ def test_calibrate_writes_a_profile_the_reference_engine_can_run_with(
         "--batches", "1,3", "--decode-tokens", "6", "--repeats", "1"])
     assert result.exit_code == 0, result.output
     profile = json.loads(out.read_text())
-    assert profile["model"] == stack.model and profile["triton_model_name"] == TRITON_MODEL
+    assert profile["model"] == stack.model and profile["triton_model_name"] == stack.triton_models[stack.model]
     assert profile["decode_step_ms"] + profile["decode_step_ms_per_request"] > 0
     assert profile["kv_tokens_per_block"] == 32 and profile["kv_blocks_per_request"] >= 1
     assert profile["max_active_requests"] >= 1

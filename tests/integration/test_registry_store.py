@@ -28,9 +28,8 @@ pytestmark = pytest.mark.integration
 
 def manifest(name: str, description: str = "v1") -> dict:
     return {
-        "name": name, "description": description, "triton_model_name": "reference",
-        "tokenizer": "whitespace",
-        "engine": {"context_window": 4096, "max_output_tokens": 1024, "max_batch_size": 8},
+        "name": name, "description": description, "tokenizer": "whitespace",
+        "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 1024, "max_batch_size": 8},
         "sampling": {"max_tokens": 64, "temperature": 0.7, "top_p": 0.95, "top_k": 0},
         "cost_per_1k_input_tokens": 0.1, "cost_per_1k_output_tokens": 0.2,
     }

@@ -14,9 +14,11 @@ from prometheus_client import REGISTRY
 
 from deploy.local.etcd_server import EtcdServer
 from services.common import etcd
+from services.common.records import PlacementRecord
 from services.common.runtime import ServiceContext
 from services.common.settings import ServiceSettings
 from services.scheduler.leader import LeaderElection
+from services.registry.manifest import served_model_name
 from services.registry.store import parse_models_key
 from services.scheduler import placement_loop
 from services.scheduler.placement_loop import PlacementSettings, start_placement
@@ -88,9 +90,9 @@ async def test_a_closed_leader_is_replaced_at_once(etcd_server: EtcdServer):
             await second.close()
 
 
-def version_record(name: str, vid: str, triton: str, memory_mib: int) -> dict:
-    manifest = {"name": name, "triton_model_name": triton,
-                "engine": {"context_window": 4096, "max_output_tokens": 64,
+def version_record(name: str, vid: str, memory_mib: int) -> dict:
+    manifest = {"name": name,
+                "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 64,
                            "gpu_memory_mib": memory_mib}}
     return {"schema": 1, "version_id": vid, "manifest": manifest, "registered_at": 1.0}
 
@@ -106,15 +108,17 @@ async def test_the_leader_places_models_on_replicas_and_moves_a_failed_load(
     etcd_server: EtcdServer,
 ):
     tag = uuid.uuid4().hex[:8]
-    name, big, small = f"m-{tag}", f"big-{tag}", f"small-{tag}"
+    name = f"m-{tag}"
+    v1, v2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    big, small = served_model_name(name, v2), served_model_name(name, v1)  # each its own model
     r1, r2, r3 = f"r1-{tag}", f"r2-{tag}", f"r3-{tag}"
     async with etcd.connect(etcd_server.endpoint, TIMEOUT_S) as client:
-        await client.put(etcd.Keys.model_version(name, "v1").encode(),
-                         etcd.encode(version_record(name, "v1", small, 10_000)))
-        await client.put(etcd.Keys.model_version(name, "v2").encode(),
-                         etcd.encode(version_record(name, "v2", big, 30_000)))
+        await client.put(etcd.Keys.model_version(name, v1).encode(),
+                         etcd.encode(version_record(name, v1, 10_000)))
+        await client.put(etcd.Keys.model_version(name, v2).encode(),
+                         etcd.encode(version_record(name, v2, 30_000)))
         await client.put(etcd.Keys.model_routing(name).encode(), etcd.encode(
-            {"schema": 2, "revision": 2, "production": "v2", "previous": "v1"}))
+            {"schema": 2, "revision": 2, "production": v2, "previous": v1}))
         for rid, zone in ((r1, "a"), (r2, "b")):
             await client.put(etcd.Keys.replica(rid).encode(),
                              etcd.encode(replica_record(rid, zone)))
@@ -147,6 +151,10 @@ async def test_the_leader_places_models_on_replicas_and_moves_a_failed_load(
 
             await until(placed, 10, "both copies of production and one of previous")
             first = await placements()
+            holder_of_big = next(rid for rid in (r1, r2) if big in first[rid])
+            record = PlacementRecord.decode(etcd.decode(
+                (await client.get(etcd.Keys.placement(holder_of_big).encode())).value))
+            assert record.versions[big] == f"{name}@{v2}"  # what the replica fetches
             assert await client.get(etcd.Keys.placement(r3).encode()) is None
             holder = next(rid for rid in (r1, r2) if small in first[rid])
             other = r2 if holder == r1 else r1
@@ -203,10 +211,11 @@ async def test_the_placement_of_a_replica_gone_for_good_is_deleted(etcd_server: 
     async with etcd.connect(etcd_server.endpoint, TIMEOUT_S) as client:
         for rid in (gone, restarting):
             await client.put(etcd.Keys.placement(rid).encode(),
-                             etcd.encode({"schema": 1, "models": ["m"], "generation": 1}))
+                             etcd.encode(PlacementRecord(frozenset({"m"}), 1).encode()))
         caches = [etcd.WatchCache(client, etcd.Keys.replicas, placement_loop._replica),
                   etcd.WatchCache(client, etcd.Keys.models, parse_models_key),
-                  etcd.WatchCache(client, etcd.Keys.placements, placement_loop._decode),
+                  etcd.WatchCache(client, etcd.Keys.placements,
+                                  lambda _s, raw: PlacementRecord.decode(etcd.decode(raw))),
                   etcd.WatchCache(client, etcd.Keys.scheduler_demand_prefix,
                                   placement_loop._decode)]
         for cache in caches:

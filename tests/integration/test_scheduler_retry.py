@@ -7,7 +7,6 @@ completes, the failed attempt is released as such; soon after, replica-0 is not 
 from __future__ import annotations
 
 import asyncio
-import pathlib
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -27,23 +26,22 @@ from services.gateway.peers import Grant, SchedulerClient
 from services.gateway.pipeline import GenerationPipeline, TokenText
 from services.gateway.requests import GenerationRequest, Principal, SamplingRequest
 from services.gateway.shadow import ShadowTraffic
-from services.gateway.tokenizers import TokenizerStore
 from services.gateway.validation import Limits
 from services.registry.catalog import ModelCatalog
-from services.registry.manifest import version_id
+from services.registry.manifest import served_model_name, version_id
 from services.registry.rollout import Routing
 from services.scheduler.outcome import Outcome
+from tests.fakes import whitespace_tokenizers
 
 pytestmark = pytest.mark.integration
-MODEL = "retry-engine"
 PREFIX = "retry-test"
 MANIFEST = {
-    "name": "retry-demo", "description": "retry", "triton_model_name": MODEL,
-    "tokenizer": "whitespace",
-    "engine": {"context_window": 4096, "max_output_tokens": 64, "max_batch_size": 8},
+    "name": "retry-demo", "description": "retry", "tokenizer": "whitespace",
+    "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 64, "max_batch_size": 8},
     "sampling": {"max_tokens": 4, "temperature": 0.7, "top_p": 0.95, "top_k": 0},
     "cost_per_1k_input_tokens": 0.1, "cost_per_1k_output_tokens": 0.2,
 }
+MODEL = served_model_name(MANIFEST["name"], version_id(MANIFEST))  # the version's own engine
 
 
 class Admission:
@@ -127,7 +125,7 @@ async def gateway_parts(etcd_server, replicas, scheduler) -> AsyncIterator[tuple
             catalog, Admission(), routing, adapter, NoAudit(), Limits(),
             FairAdmission(AdmissionLimits()),
             shadow=ShadowTraffic(routing, adapter, max_in_flight=1, timeout_s=5.0),
-            tokenizers=TokenizerStore(pathlib.Path("."), pathlib.Path(".")),
+            tokenizers=whitespace_tokenizers(),
             source="gateway/retry-test",
         )
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import pathlib
 
 from prometheus_client import REGISTRY
 
@@ -16,20 +15,21 @@ from services.gateway.peers import Grant, Route
 from services.gateway.pipeline import Accepted, Finished, GenerationPipeline, TokenText
 from services.gateway.requests import GenerationRequest, Principal, SamplingRequest
 from services.gateway.shadow import ShadowTraffic
-from services.gateway.tokenizers import TokenizerStore
 from services.gateway.validation import Limits
 from services.registry.catalog import ModelCatalog
-from services.registry.manifest import version_id
+from services.registry.manifest import served_model_name, version_id
 from services.registry.rollout import Routing
+from tests.fakes import whitespace_tokenizers
 
 MANIFEST = {
-    "name": "demo", "description": "production", "triton_model_name": "prod-engine",
-    "tokenizer": "whitespace",
-    "engine": {"context_window": 4096, "max_output_tokens": 1024, "max_batch_size": 8},
+    "name": "demo", "description": "production", "tokenizer": "whitespace",
+    "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 1024, "max_batch_size": 8},
     "sampling": {"max_tokens": 8, "temperature": 0.7, "top_p": 0.95, "top_k": 0},
     "cost_per_1k_input_tokens": 0.1, "cost_per_1k_output_tokens": 0.2,
 }
-SHADOW = dict(copy.deepcopy(MANIFEST), description="shadow", triton_model_name="shadow-engine")
+SHADOW = dict(copy.deepcopy(MANIFEST), description="shadow")
+PROD_ENGINE = served_model_name("demo", version_id(MANIFEST))
+SHADOW_ENGINE = served_model_name("demo", version_id(SHADOW))
 PRINCIPAL = Principal("acme", "k1", "user", TenantPlan())
 
 
@@ -102,7 +102,7 @@ def build(routing: Routing, shadow_in_flight: int = 4, manifest: dict = MANIFEST
     shadow = ShadowTraffic(router, engine, max_in_flight=shadow_in_flight, timeout_s=5.0)
     pipeline = GenerationPipeline(
         catalog, admission, router, engine, audit, Limits(), FairAdmission(AdmissionLimits()),
-        shadow=shadow, tokenizers=TokenizerStore(pathlib.Path("."), pathlib.Path(".")),
+        shadow=shadow, tokenizers=whitespace_tokenizers(),
         source="gateway/test",
     )
     return pipeline, admission, router, engine, audit, shadow
@@ -130,12 +130,12 @@ async def test_shadow_copy_never_reaches_the_client_and_is_not_billed():
         while shadow_count(shadow_id, "ok") == before:
             await asyncio.sleep(0.01)
     text = "".join(e.text for e in events if isinstance(e, TokenText))
-    assert text == "prod-engine-1 prod-engine-2 prod-engine-3 "
+    assert text == f"{PROD_ENGINE}-1 {PROD_ENGINE}-2 {PROD_ENGINE}-3 "
     assert [e.model_version for e in events if isinstance(e, Accepted | Finished)] == \
         [production, production]
     assert finished.finish_reason == "length"
     # The shadow engine ran the same prompt, under its own request id, after the user's Final.
-    assert [r.triton_model_name for r in engine.requests] == ["prod-engine", "shadow-engine"]
+    assert [r.triton_model_name for r in engine.requests] == [PROD_ENGINE, SHADOW_ENGINE]
     assert engine.requests[1].request_id == "r1.shadow"
     assert engine.requests[1].prompt == engine.requests[0].prompt
     # Only the user's generation took quota and was audited.
@@ -155,7 +155,7 @@ async def test_shadow_is_dropped_when_busy_and_skipped_for_pins_and_failures():
     await run(pipeline, f"demo@{production}", "r3")  # a pinned request is never copied
     await run(pipeline, "demo@production", "r4")
     assert shadow_count(shadow_id, "dropped_busy") == dropped + 1
-    assert [r.triton_model_name for r in engine.requests] == ["prod-engine"] * 3
+    assert [r.triton_model_name for r in engine.requests] == [PROD_ENGINE] * 3
     await shadow.close()
 
 
@@ -178,11 +178,12 @@ async def test_canary_answers_its_callers_and_pins_are_honoured():
 
 
 async def test_a_blocked_phrase_ends_the_generation_unsent():
-    guarded = dict(copy.deepcopy(MANIFEST), safety={"blocked_phrases": ["ENGINE-2"]})
+    guarded = dict(copy.deepcopy(MANIFEST), safety={"blocked_phrases": ["-2"]})
+    engine_name = served_model_name("demo", version_id(guarded))
     pipeline, _, _, engine, audit, shadow = build(
         Routing(revision=1, production=version_id(guarded)), manifest=guarded)
     events, finished = await run(pipeline, "demo", "r-safety")
-    assert "".join(e.text for e in events if isinstance(e, TokenText)) == "prod-engine-1 prod-"
+    assert "".join(e.text for e in events if isinstance(e, TokenText)) == f"{engine_name}-1 {engine_name}"
     assert finished.finish_reason == "content_filter" and finished.error is None
     assert engine.unfinished == 1  # the engine request was cancelled, not read to its end
     assert audit.events[0].generation.finish_reason == "content_filter"

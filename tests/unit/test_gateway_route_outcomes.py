@@ -5,7 +5,6 @@ with how it went (what the scheduler's breakers and demand meter read)."""
 from __future__ import annotations
 
 import asyncio
-import pathlib
 
 from backends.triton.adapter import EngineChunk
 from services.common import errors
@@ -16,17 +15,16 @@ from services.gateway.peers import Grant, Route
 from services.gateway.pipeline import GenerationPipeline, TokenText
 from services.gateway.requests import GenerationRequest, Principal, SamplingRequest
 from services.gateway.shadow import ShadowTraffic
-from services.gateway.tokenizers import TokenizerStore
 from services.gateway.validation import Limits
 from services.registry.catalog import ModelCatalog
 from services.registry.manifest import version_id
 from services.registry.rollout import Routing
 from services.scheduler.outcome import Outcome
+from tests.fakes import whitespace_tokenizers
 
 MANIFEST = {
-    "name": "demo", "description": "production", "triton_model_name": "engine",
-    "tokenizer": "whitespace",
-    "engine": {"context_window": 4096, "max_output_tokens": 1024, "max_batch_size": 8},
+    "name": "demo", "description": "production", "tokenizer": "whitespace",
+    "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 1024, "max_batch_size": 8},
     "sampling": {"max_tokens": 3, "temperature": 0.7, "top_p": 0.95, "top_k": 0},
     "cost_per_1k_input_tokens": 0.1, "cost_per_1k_output_tokens": 0.2,
 }
@@ -96,7 +94,7 @@ def pipeline(routing: ReplicaRouting, engine: Engine | None = None) -> Generatio
         catalog, Admission(), routing, engine, _NoAudit(), Limits(),
         FairAdmission(AdmissionLimits()),
         shadow=ShadowTraffic(routing, engine, max_in_flight=1, timeout_s=5.0),
-        tokenizers=TokenizerStore(pathlib.Path("."), pathlib.Path(".")), source="gateway/test",
+        tokenizers=whitespace_tokenizers(), source="gateway/test",
     )
 
 

@@ -8,8 +8,8 @@ from services.gateway.validation import Limits, validate, validate_request_id
 from services.registry.manifest import ModelVersion
 
 VERSION = ModelVersion("sha256:" + "0" * 64, {
-    "name": "demo", "triton_model_name": "reference", "tokenizer": "whitespace",
-    "engine": {"context_window": 100, "max_output_tokens": 50},
+    "name": "demo", "tokenizer": "whitespace",
+    "engine": {"kind": "reference", "context_window": 100, "max_output_tokens": 50},
     "sampling": {"max_tokens": 16, "temperature": 0.7, "top_p": 0.9, "top_k": 0},
 })
 PRINCIPAL = Principal("t", "k", "user", TenantPlan(max_output_tokens=40, max_context_tokens=90))
@@ -28,7 +28,7 @@ def check(req):
 def test_defaults_come_from_the_version():
     engine = check(request()).engine
     assert engine.max_tokens == 16 and engine.temperature == 0.7 and engine.top_p == 0.9
-    assert engine.top_k is None and engine.triton_model_name == "reference"
+    assert engine.top_k is None and engine.triton_model_name == "demo-000000000000"  # the version's own model
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ from services.registry.blobs import file_digest
 from services.registry.client import load_push_source
 
 MANIFEST = {
-    "name": "m", "triton_model_name": "reference", "tokenizer": "whitespace",
-    "engine": {"context_window": 64, "max_output_tokens": 8},
+    "name": "m", "tokenizer": "whitespace",
+    "engine": {"kind": "reference", "context_window": 64, "max_output_tokens": 8},
     "sampling": {"max_tokens": 8, "top_p": 1.0},
 }
 

@@ -10,9 +10,8 @@ from services.registry.rollout import Routing
 MANIFEST = {
     "name": "demo",
     "description": "d",
-    "triton_model_name": "reference",
     "tokenizer": "whitespace",
-    "engine": {"context_window": 4096, "max_output_tokens": 1024, "max_batch_size": 8},
+    "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 1024, "max_batch_size": 8},
     "sampling": {"max_tokens": 64, "temperature": 0.7, "top_p": 0.95, "top_k": 0},
     "cost_per_1k_input_tokens": 0.1,
     "cost_per_1k_output_tokens": 0.2,
@@ -112,7 +111,10 @@ def test_engine_and_safety_limits_name_the_field():
          "manifest.engine.tensor_parallelism"),
         (lambda m: m.update(safety={"blocked_phrases": [" "]}),
          "manifest.safety.blocked_phrases[0]"),
-        (lambda m: m.update(triton_model_name=""), "manifest.triton_model_name"),
+        (lambda m: m["engine"].update(kind="tensorrt"), "manifest.engine.kind"),
+        (lambda m: m["engine"].pop("kind"), "manifest.engine.kind"),
+        (lambda m: m["engine"].update(kind="torch", num_blocks=64, page_size=64,
+                                      max_batch_tokens=64), "manifest.weights"),
         (lambda m: m.update(cost_per_1k_output_tokens=float("inf")),
          "manifest.cost_per_1k_output_tokens"),
     ]:

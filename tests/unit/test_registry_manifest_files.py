@@ -11,9 +11,8 @@ DIGEST = "sha256:" + "ab" * 32
 MANIFEST = {
     "name": "smol",
     "description": "",
-    "triton_model_name": "torch",
     "tokenizer": "huggingface",
-    "engine": {"context_window": 2048, "max_output_tokens": 512, "max_batch_size": 8,
+    "engine": {"kind": "torch", "context_window": 2048, "max_output_tokens": 512, "max_batch_size": 8,
                "num_blocks": 64, "page_size": 32, "max_batch_tokens": 256, "dtype": "float32"},
     "sampling": {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0},
     "cost_per_1k_input_tokens": 0.0,

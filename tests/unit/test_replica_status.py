@@ -7,17 +7,16 @@ import pytest
 from backends.triton.replica_status import (
     ModelLoad,
     PlacementPlan,
-    PlacementTarget,
     ReplicaIdentity,
     is_idle,
     load_report,
     parse_engine_metrics,
-    parse_placement,
     plan_placement,
     probe_verdict,
     replica_record,
     restarts_within_budget,
 )
+from services.common.records import PlacementRecord
 
 # Shaped like Triton's page: its own families, then the engines' (labels as the engines set them).
 METRICS_PAGE = """\
@@ -85,12 +84,14 @@ def test_record_carries_identity_models_versions_kv_and_errors() -> None:
     loads = parse_engine_metrics(METRICS_PAGE)
     record = replica_record(IDENTITY, True, {"reference": "1", "chat": "3"}, loads,
                             draining=False, placement_errors={"broken": "load failed: boom"},
-                            capacity={"chat": (9000.0, 400.0), "not-loaded": (1.0, 1.0)})
+                            capacity={"chat": (9000.0, 400.0), "not-loaded": (1.0, 1.0)},
+                            version_ids={"chat": "sha256:" + "c" * 64, "gone": "sha256:x"})
     assert record == {
         "schema": 1, "replica_id": "r1", "grpc_endpoint": "10.0.0.1:8001",
         "metrics_endpoint": "10.0.0.1:8002", "zone": "zone-a", "gpu_type": "cpu",
         "gpu_memory_mib": 8192, "models": ["chat", "reference"],
         "versions": {"chat": "3", "reference": "1"},
+        "version_ids": {"chat": "sha256:" + "c" * 64},
         "kv": {"chat": {"max_blocks": 256, "tokens_per_block": 32}},
         "capacity": {"chat": {"prefill_tokens_per_s": 9000.0, "decode_tokens_per_s": 400.0}},
         "ready": True, "healthy": True, "draining": False,
@@ -106,21 +107,26 @@ def test_record_is_unhealthy_when_triton_is_not_ready_or_serves_nothing() -> Non
 
 
 def test_placement_values_are_validated_naming_the_field() -> None:
-    assert parse_placement({"schema": 1, "models": ["a", "b"], "generation": 4}) == (
-        PlacementTarget(frozenset({"a", "b"}), 4))
+    ref = "chat@sha256:" + "a" * 64
+    record = PlacementRecord(frozenset({"a", "b"}), 4, {"a": ref})
+    assert PlacementRecord.decode(record.encode()) == record  # one codec, both ways
+    assert record.encode() == {"schema": 2, "models": ["a", "b"], "generation": 4,
+                               "versions": {"a": ref}}
     for raw, field in [
-        ({"schema": 2, "models": [], "generation": 1}, "schema"),
-        ({"schema": 1, "models": "a", "generation": 1}, "models"),
-        ({"schema": 1, "models": [""], "generation": 1}, "models"),
-        ({"schema": 1, "models": [], "generation": -1}, "generation"),
-        ({"schema": 1, "models": [], "generation": True}, "generation"),
+        ({"schema": 1, "models": [], "generation": 1}, "schema"),
+        ({"schema": 2, "models": "a", "generation": 1}, "models"),
+        ({"schema": 2, "models": [""], "generation": 1}, "models"),
+        ({"schema": 2, "models": [], "generation": -1}, "generation"),
+        ({"schema": 2, "models": [], "generation": True}, "generation"),
+        ({"schema": 2, "models": ["a"], "generation": 1, "versions": {"b": ref}}, "versions"),
+        ({"schema": 2, "models": ["a"], "generation": 1, "versions": {"a": "a@v1"}}, "versions"),
     ]:
         with pytest.raises(ValueError, match=field):
-            parse_placement(raw)
+            PlacementRecord.decode(raw)
 
 
 def test_plan_unloads_extras_first_then_loads_what_is_missing() -> None:
-    target = PlacementTarget(frozenset({"a", "b"}), 1)
+    target = PlacementRecord(frozenset({"a", "b"}), 1)
     # Memory is freed before more is taken: the load waits for the unload to end.
     assert plan_placement(target, ready=["b", "c"], busy=[], failed=[]) == PlacementPlan(
         unload=frozenset({"c"}))
@@ -132,7 +138,7 @@ def test_plan_unloads_extras_first_then_loads_what_is_missing() -> None:
 
 
 def test_plan_leaves_busy_models_alone_so_nothing_is_unloaded_mid_load() -> None:
-    target = PlacementTarget(frozenset({"b"}), 2)
+    target = PlacementRecord(frozenset({"b"}), 2)
     # "a" is mid-load (asked by an older target): neither unloaded nor loaded again until done.
     assert plan_placement(target, ready=["b"], busy=["a"], failed=[]) == PlacementPlan()
     assert plan_placement(target, ready=["a", "b"], busy=[], failed=[]) == PlacementPlan(
@@ -140,7 +146,7 @@ def test_plan_leaves_busy_models_alone_so_nothing_is_unloaded_mid_load() -> None
 
 
 def test_plan_does_not_retry_what_failed_for_this_target() -> None:
-    target = PlacementTarget(frozenset({"a", "broken"}), 3)
+    target = PlacementRecord(frozenset({"a", "broken"}), 3)
     assert plan_placement(target, ready=["a", "stuck"], busy=[], failed=["broken", "stuck"]) == (
         PlacementPlan())
 

@@ -10,6 +10,7 @@ from services.scheduler.placement import (
     WantedModel,
     model_memory,
     place,
+    version_refs,
     wanted_models,
 )
 
@@ -22,9 +23,9 @@ def want(model: str, memory: int, copies: int = 1, role: str = "production") -> 
     return WantedModel(model, memory, copies, role)
 
 
-def version(name: str, vid: str, triton: str, memory: int) -> ModelVersion:
-    return ModelVersion(vid, {"name": name, "triton_model_name": triton,
-                              "engine": {"gpu_memory_mib": memory}})
+def version(name: str, vid: str, memory: int) -> ModelVersion:
+    """A version whose Triton model is `<name>-<vid>` (vid stands for the digest's hex)."""
+    return ModelVersion(vid, {"name": name, "engine": {"gpu_memory_mib": memory}})
 
 
 def entry(name: str, routing: Routing, *versions: ModelVersion) -> ModelEntry:
@@ -65,28 +66,30 @@ def test_min_copies_previous_canary_and_shadow_from_the_routing():
     chat = entry(
         "chat",
         Routing(revision=3, production="v2", previous="v1", canary="v3", shadow="v4"),
-        version("chat", "v1", "chat-1", 10), version("chat", "v2", "chat-2", 10),
-        version("chat", "v3", "chat-3", 10), version("chat", "v4", "chat-4", 10),
-        version("chat", "v5", "chat-5", 10),  # registered but routed nowhere: not placed
+        version("chat", "v1", 10), version("chat", "v2", 10), version("chat", "v3", 10),
+        version("chat", "v4", 10),
+        version("chat", "v5", 10),  # registered but routed nowhere: not placed
     )
-    wanted = {w.triton_model: w for w in wanted_models([chat], {"chat-2": 3}, min_copies=2)}
+    wanted = {w.triton_model: w for w in wanted_models([chat], {"chat-v2": 3}, min_copies=2)}
     assert {n: (w.copies, w.role) for n, w in wanted.items()} == {
-        "chat-2": (3, "production"), "chat-1": (1, "previous"), "chat-3": (1, "canary"),
-        "chat-4": (1, "shadow"),
+        "chat-v2": (3, "production"), "chat-v1": (1, "previous"), "chat-v3": (1, "canary"),
+        "chat-v4": (1, "shadow"),
     }
     replicas = [replica(f"r{i}", memory=100) for i in range(4)]
     decision = place(replicas, wanted.values())
     copies = {m: sum(m in models for models in decision.models.values()) for m in wanted}
-    assert copies == {"chat-2": 3, "chat-1": 1, "chat-3": 1, "chat-4": 1}
+    assert copies == {"chat-v2": 3, "chat-v1": 1, "chat-v3": 1, "chat-v4": 1}
+    assert version_refs([chat])["chat-v4"] == "chat@v4"  # what the replica is told to fetch
 
 
-def test_versions_sharing_a_triton_model_are_one_model_with_the_highest_role_and_memory():
-    a = entry("a", Routing(production="va"), version("a", "va", "reference", 0))
-    b = entry("b", Routing(production="vb", previous="vc"), version("b", "vb", "other", 5),
-              version("b", "vc", "reference", 7))
+def test_each_version_is_its_own_model_and_one_in_two_roles_takes_the_highest():
+    a = entry("a", Routing(production="va", shadow="va"), version("a", "va", 3))
+    b = entry("b", Routing(production="vb", previous="vc"), version("b", "vb", 5),
+              version("b", "vc", 7))
     wanted = {w.triton_model: w for w in wanted_models([a, b], {}, min_copies=2)}
-    assert wanted["reference"] == WantedModel("reference", 7, 2, "production")
-    assert model_memory([a, b]) == {"reference": 7, "other": 5}
+    assert wanted["a-va"] == WantedModel("a-va", 3, 2, "production")
+    assert wanted["b-vc"] == WantedModel("b-vc", 7, 1, "previous")
+    assert model_memory([a, b]) == {"a-va": 3, "b-vb": 5, "b-vc": 7}
 
 
 def test_production_is_placed_before_shadow_when_memory_is_short():

@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 from backends.triton.torch_engine import IncrementalDetokenizer, noise_key
-from backends.triton.torch_engine_repository import render_torch_model
+from backends.triton.repository import render_torch_model, render_version
 
 # A byte-level vocabulary, as GPT-2-style BPE has: a token may hold part of a UTF-8 character.
 VOCAB = {1: b"Hel", 2: b"lo", 3: b" caf", 4: b"\xc3", 5: b"\xa9", 6: b" ST", 7: b"OP", 8: b"!"}
@@ -52,10 +52,11 @@ def test_noise_keys_are_stable_nonzero_and_differ_by_step():
 
 def test_the_rendered_config_carries_the_manifest_escaped(tmp_path: pathlib.Path):
     weights = [{"name": "m.gguf", "digest": "sha256:" + "a" * 64}]
-    manifest = {"triton_model_name": "smol", "weights": weights, "tokenizer_files": [],
+    manifest = {"weights": weights, "tokenizer_files": [],
                 "engine": {"num_blocks": 16, "page_size": 32, "max_batch_tokens": 64,
                            "max_batch_size": 4}}
-    folder = render_torch_model(tmp_path / "repo", manifest, tmp_path / 'b"lobs', tmp_path)
+    folder = render_torch_model(tmp_path / "repo", "smol", manifest, tmp_path / 'b"lobs',
+                                tmp_path)
     config = (folder / "config.pbtxt").read_text()
     assert 'name: "smol"' in config and "max_batch_size: 4" in config
     assert 'string_value: "16"' in config and 'b\\"lobs' in config
@@ -65,7 +66,18 @@ def test_the_rendered_config_carries_the_manifest_escaped(tmp_path: pathlib.Path
 
 
 def test_an_unsized_kv_cache_is_refused(tmp_path: pathlib.Path):
-    manifest = {"triton_model_name": "smol", "engine": {"num_blocks": 0, "page_size": 32,
-                                                        "max_batch_tokens": 64}}
+    manifest = {"engine": {"num_blocks": 0, "page_size": 32, "max_batch_tokens": 64}}
     with pytest.raises(ValueError, match="num_blocks"):
-        render_torch_model(tmp_path, manifest, tmp_path, tmp_path)
+        render_torch_model(tmp_path, "smol", manifest, tmp_path, tmp_path)
+
+
+def test_each_engine_kind_renders_its_own_model_under_the_version_name(tmp_path: pathlib.Path):
+    reference = render_version(tmp_path, "demo-0123456789ab", {"engine": {"kind": "reference"}},
+                               tmp_path, tmp_path)
+    assert 'name: "demo-0123456789ab"' in (reference / "config.pbtxt").read_text()
+    assert (reference / "1" / "model.py").is_file()
+    with pytest.raises(ValueError, match="kind"):
+        render_version(tmp_path, "x", {"engine": {"kind": "tensorrt"}}, tmp_path, tmp_path)
+    with pytest.raises(ValueError, match="model name"):
+        render_version(tmp_path, "../escape", {"engine": {"kind": "reference"}}, tmp_path,
+                       tmp_path)
