@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import typer
 from google.protobuf import json_format
+from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                            TransferSpeedColumn)
 
@@ -100,20 +101,29 @@ def print_routing(routing: registry_pb2.Routing) -> None:
 
 @registry_app.command("push")
 def push(
-    source: str = typer.Argument(..., help="A model directory (with manifest.json), a manifest "
-                                 "file, or - for stdin"),
+    source: str = typer.Argument(..., help="A Hugging Face model directory, a .gguf file, a "
+                                 "model directory with manifest.json, a manifest file, or - for "
+                                 "stdin"),
+    name: str = typer.Option(None, "--name", help="The model's name when its manifest is "
+                             "derived (default: the directory's or file's name, lowercased)."),
     registry: str = REGISTRY, api_key: str = API_KEY,
 ) -> None:
-    """Upload the files a manifest pins (what the registry lacks, resuming) and register it."""
+    """Upload the files a manifest pins (what the registry lacks, resuming) and register it.
+
+    Without a manifest.json, the manifest is derived from the model's own files and printed
+    (JSON, on stdout) before it is registered; a model the torch engine could not serve is
+    refused before anything is uploaded. Progress goes to stderr."""
     try:
-        prepared = load_push_source(source)
+        prepared = load_push_source(source, name)
     except errors.MeshError as exc:
         typer.echo(f"error: {exc.code}: {exc.message}", err=True)
         raise typer.Exit(1) from None
+    if prepared.derived:
+        typer.echo(json.dumps(manifest_dict(prepared.manifest), indent=2, sort_keys=True))
 
     async def operation(client: RegistryClient) -> registry_pb2.RegisterVersionResponse:
         columns = (TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-        with Progress(*columns, transient=True) as bar:
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("upload", total=prepared.total_bytes)
             return await client.push(prepared, lambda sent: bar.advance(task, sent))
 

@@ -275,8 +275,9 @@ class TorchEngine:
     def __init__(
         self, model_dir: pathlib.Path, tokenizer_dir: pathlib.Path, config: TorchEngineConfig
     ):
-        """Loads the model (a converted copy: transformers' format) and its tokenizer; the
-        generation thread starts with `start()`."""
+        """Loads the model (transformers' format: a GGUF's converted copy, or a Hugging Face
+        model's own files) in `config.dtype`, and its tokenizer; the generation thread starts
+        with `start()`."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.config = config
         if config.threads and config.resolved_device == "cpu":

@@ -8,10 +8,12 @@ Three steps, each done once per machine and cached by content:
    pinned here. Nothing is downloaded at run time.
 2. **Register** (`publish_default_model`): the GGUF goes into the blob store, and so do the
    tokenizer files extracted from it, so a manifest can pin every file by digest.
-3. **Materialize** (`materialize_weights`, on the replica): the weights blob is verified against
-   its digest before use, then loaded from a converted copy (safetensors, ~1.5 s to load instead
-   of 10-15 s of GGUF parsing) kept under `<cache>/converted/<hex>`, keyed by that digest and
-   written atomically, so a half-written copy is never used and a second start is fast.
+3. **Materialize** (`materialize_weights`, on the replica): every weights blob is verified against
+   its digest before use. A GGUF file is loaded from a converted copy (safetensors, ~1.5 s to load
+   instead of 10-15 s of GGUF parsing) kept under `<cache>/converted/<hex>`; a Hugging Face model
+   (config.json and safetensors, pushed as people have it) needs no conversion, so its files are
+   laid out as they are under `<cache>/files/<key>`. Both are keyed by content and written
+   atomically, so a half-written copy is never used and a second start is fast.
 
 The cache root is `$INFERMESH_CACHE_DIR` or `~/.cache/infermesh`: outside the repository, shared
 by every stack and test run on the machine. torch and transformers are imported only where a
@@ -40,15 +42,19 @@ from typing import Any
 from services.common import errors
 from services.common.logs import get_logger
 from services.registry.blobs import LocalBlobStore, file_digest, parse_digest
+from services.registry.manifest import FILE_NAME
 
 __all__ = [
     "DEFAULT_MODEL",
     "TOKENIZER_FILE_NAMES",
     "DefaultModel",
+    "HF_MODEL_CONFIG_FILES",
     "ModelFiles",
+    "SAFETENSORS_INDEX",
     "cache_root",
     "converted_copy",
     "fetch_default_weights",
+    "hf_weight_shards",
     "materialize_files",
     "materialize_weights",
     "publish_default_model",
@@ -57,6 +63,10 @@ __all__ = [
 log = get_logger(__name__)
 # What a Hugging Face tokenizer needs, chat template included (transformers 5 saves it apart).
 TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+# A Hugging Face model's weights besides its safetensors: what `from_pretrained` reads, no more
+# (no custom code, no pickled `.bin`: the engine only loads what it can load safely).
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+HF_MODEL_CONFIG_FILES = ("config.json", "generation_config.json", SAFETENSORS_INDEX)
 _COMPLETE = "converted.json"  # written last, inside the copy: its presence means "complete"
 
 
@@ -177,16 +187,59 @@ def _convert(gguf_path: pathlib.Path, out: pathlib.Path) -> None:
 def materialize_weights(
     blobs: LocalBlobStore, weights: Sequence[dict[str, Any]], root: pathlib.Path
 ) -> pathlib.Path:
-    """The converted copy of a version's one GGUF weights file, after verifying the blob.
+    """The directory `from_pretrained` loads a version's weights from, every blob verified.
 
-    Raises `errors.Internal` when the blob's bytes do not match its digest (a tampered or corrupt
-    file is refused, never loaded) and `errors.InvalidArgument` for weights this engine cannot
-    load.
+    One `.gguf` file: its converted copy. A Hugging Face model (config.json, `model.safetensors`
+    or the shards its `model.safetensors.index.json` lists, optionally generation_config.json):
+    those files as they are. Raises `errors.Internal` when a blob's bytes do not match its digest
+    (a tampered or corrupt file is refused, never loaded) and `errors.InvalidArgument`, naming
+    the file, for weights this engine cannot load.
     """
-    if len(weights) != 1 or not weights[0]["name"].endswith(".gguf"):
-        raise errors.InvalidArgument("weights", "the torch engine loads exactly one .gguf file")
-    digest = weights[0]["digest"]
-    return converted_copy(blobs.verified_path(digest), digest, root)
+    if len(weights) == 1 and weights[0]["name"].endswith(".gguf"):
+        digest = weights[0]["digest"]
+        return converted_copy(blobs.verified_path(digest), digest, root)
+    names = {ref["name"] for ref in weights}
+    for name in sorted(names):
+        if name not in HF_MODEL_CONFIG_FILES and not name.endswith(".safetensors"):
+            raise errors.InvalidArgument(
+                f"weights[{name}]", "the torch engine loads one .gguf file, or a Hugging Face "
+                f"model: {', '.join(HF_MODEL_CONFIG_FILES)} and .safetensors files"
+            )
+    if "config.json" not in names:
+        raise errors.InvalidArgument("weights", "a Hugging Face model needs its config.json")
+    if SAFETENSORS_INDEX not in names and "model.safetensors" not in names:
+        raise errors.InvalidArgument(
+            "weights", f"a Hugging Face model needs model.safetensors or {SAFETENSORS_INDEX}"
+        )
+    directory = materialize_files(blobs, weights, root)
+    if SAFETENSORS_INDEX in names:
+        shards = hf_weight_shards(directory / SAFETENSORS_INDEX, f"weights[{SAFETENSORS_INDEX}]")
+        missing = sorted(shards - names)
+        if missing:
+            raise errors.InvalidArgument(
+                f"weights[{SAFETENSORS_INDEX}]",
+                f"lists {', '.join(missing)}, which the weights do not pin",
+            )
+    return directory
+
+
+def hf_weight_shards(index_path: pathlib.Path, field: str) -> set[str]:
+    """The safetensors files a `model.safetensors.index.json` maps tensors to.
+
+    Raises `errors.InvalidArgument` naming `field` when the file is not such an index."""
+    try:
+        index = json.loads(index_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.InvalidArgument(field, f"{index_path} is not JSON: {exc}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise errors.InvalidArgument(field, f"{index_path} has no weight_map (tensor → file)")
+    shards = set(weight_map.values())
+    if not all(isinstance(s, str) and FILE_NAME.match(s) and s.endswith(".safetensors")
+               for s in shards):
+        raise errors.InvalidArgument(field, f"{index_path} maps tensors to files that are not "
+                                     "plain .safetensors file names")
+    return shards
 
 
 def materialize_files(

@@ -3,7 +3,8 @@ benchmarks call. Pushing a model uploads what the registry lacks (resumably), th
 
 `load_push_source` reads a model directory (its `manifest.json` beside the files) or a manifest
 file: a file the manifest names that exists beside it is hashed and uploaded; one that does not
-must carry its digest and size, and the registry must already hold it.
+must carry its digest and size, and the registry must already hold it. A Hugging Face model
+directory without manifest.json, or one `.gguf` file, gets its manifest derived (`hf_source`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from google.protobuf import json_format
 
 from infermesh.v1 import registry_pb2, registry_pb2_grpc
 from services.common import errors, status
+from services.registry import hf_source
 from services.registry.blobs import CHUNK, file_digest
-from services.registry.manifest import FILE_GROUPS
+from services.registry.manifest import FILE_GROUPS, validate_manifest
 
 MANIFEST_FILE = "manifest.json"
 TRANSFER_MIN_TIMEOUT_S = 60.0
@@ -42,17 +44,76 @@ class LocalFile:
 class PushSource:
     manifest: registry_pb2.ModelManifest
     files: list[LocalFile]  # the pinned files found beside the manifest
+    derived: bool = False  # the manifest was derived from the model's files, not read
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
 
-def load_push_source(source: str) -> PushSource:
-    """Reads `DIR` (DIR/manifest.json), a manifest file, or `-` (stdin). Blocking file I/O.
+def load_push_source(source: str, name: str | None = None) -> PushSource:
+    """Reads `DIR` (DIR/manifest.json), a manifest file, `-` (stdin), or a model as people have
+    it: a Hugging Face model directory without manifest.json, or one `.gguf` file, whose
+    manifest is derived from its own files (`hf_source`, named `name` or after the directory or
+    file) and validated before anything is uploaded. Blocking file I/O (and, for a GGUF file,
+    its first conversion).
 
-    Raises InvalidArgument naming the field when the manifest does not parse or a local file
-    does not match the digest or size the manifest states."""
+    Raises InvalidArgument naming the field (or the model's file) when the manifest does not
+    parse, a local file does not match the digest or size the manifest states, or a model
+    cannot be served."""
+    path = pathlib.Path(source)
+    derived = None
+    if source != "-" and path.is_dir() and not (path / MANIFEST_FILE).exists():
+        derived = hf_source.from_hf_directory(path, name)
+    elif source != "-" and path.suffix == ".gguf" and path.is_file():
+        derived = hf_source.from_gguf(path, name)
+    elif name is not None:
+        raise errors.InvalidArgument(
+            "--name", "names a derived manifest only (a model directory without manifest.json, "
+            "or a .gguf file); a manifest names its model itself"
+        )
+    if derived is not None:
+        raw, locate = derived.manifest, derived.paths.__getitem__
+    else:
+        raw, base = _read_manifest(source)
+        locate = base.joinpath
+    local: list[LocalFile] = []
+    for group in FILE_GROUPS:
+        for index, ref in enumerate(raw.get(group) or []):
+            field = f"manifest.{group}[{index}]"
+            file_name = ref.get("name", "") if isinstance(ref, dict) else ""
+            candidate = locate(file_name) if file_name and "/" not in file_name else None
+            if candidate is None or not candidate.is_file():
+                if not ref.get("digest") or "size_bytes" not in ref:
+                    raise errors.InvalidArgument(
+                        field, f"{candidate or repr(file_name)} is not here, so the manifest must "
+                        "give its digest and size_bytes (and the registry must hold it)"
+                    )
+                continue
+            digest, size = file_digest(candidate)
+            if ref.get("digest", digest) != digest:
+                raise errors.InvalidArgument(
+                    f"{field}.digest", f"{candidate} hashes to {digest}, not {ref['digest']}"
+                )
+            if int(ref.get("size_bytes", size)) != size:
+                raise errors.InvalidArgument(
+                    f"{field}.size_bytes", f"{candidate} has {size} bytes, not {ref['size_bytes']}"
+                )
+            ref["digest"], ref["size_bytes"] = digest, size
+            local.append(LocalFile(candidate, digest, size))
+    if derived is not None:
+        validate_manifest(raw)  # a derived manifest the registry would refuse is a bug here
+    try:
+        manifest = json_format.ParseDict(raw, registry_pb2.ModelManifest())
+    except json_format.ParseError as exc:
+        raise errors.InvalidArgument("manifest", str(exc)) from None
+    unique = {f.digest: f for f in local}  # the same bytes under two names upload once
+    return PushSource(manifest, list(unique.values()), derived=derived is not None)
+
+
+def _read_manifest(source: str) -> tuple[dict[str, Any], pathlib.Path]:
+    """A manifest file's JSON object (`DIR/manifest.json`, a file, or `-`: stdin) and the
+    directory its files are looked up in."""
     if source == "-":
         text, base = sys.stdin.read(), pathlib.Path.cwd()
     else:
@@ -67,36 +128,7 @@ def load_push_source(source: str) -> PushSource:
         raise errors.InvalidArgument("manifest", f"is not JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise errors.InvalidArgument("manifest", "must be a JSON object")
-    local: list[LocalFile] = []
-    for group in FILE_GROUPS:
-        for index, ref in enumerate(raw.get(group) or []):
-            field = f"manifest.{group}[{index}]"
-            name = ref.get("name", "") if isinstance(ref, dict) else ""
-            candidate = base / name
-            if not name or "/" in name or not candidate.is_file():
-                if not ref.get("digest") or "size_bytes" not in ref:
-                    raise errors.InvalidArgument(
-                        field, f"{candidate} is not here, so the manifest must give its digest "
-                        "and size_bytes (and the registry must hold it)"
-                    )
-                continue
-            digest, size = file_digest(candidate)
-            if ref.get("digest", digest) != digest:
-                raise errors.InvalidArgument(
-                    f"{field}.digest", f"{candidate} hashes to {digest}, not {ref['digest']}"
-                )
-            if int(ref.get("size_bytes", size)) != size:
-                raise errors.InvalidArgument(
-                    f"{field}.size_bytes", f"{candidate} has {size} bytes, not {ref['size_bytes']}"
-                )
-            ref["digest"], ref["size_bytes"] = digest, size
-            local.append(LocalFile(candidate, digest, size))
-    try:
-        manifest = json_format.ParseDict(raw, registry_pb2.ModelManifest())
-    except json_format.ParseError as exc:
-        raise errors.InvalidArgument("manifest", str(exc)) from None
-    unique = {f.digest: f for f in local}  # the same bytes under two names upload once
-    return PushSource(manifest, list(unique.values()))
+    return raw, base
 
 
 def _transfer_timeout_s(size: int) -> float:

@@ -1,8 +1,8 @@
 """Triton Python backend: the torch engine behind TensorRT-LLM's `ensemble` tensor interface.
 
-`initialize()` materializes what the config names (the weights blob, verified against its digest,
-then its converted copy; the tokenizer files, verified) and starts the engine's continuous
-batching. Decoupled like TensorRT-LLM's inflight batcher: `execute()` only parses and enqueues;
+`initialize()` materializes what the config names (the weights blobs, verified against their
+digests: a GGUF's converted copy or a Hugging Face model's files; the tokenizer files, verified)
+and starts the engine's continuous batching. Decoupled like TensorRT-LLM's inflight batcher: `execute()` only parses and enqueues;
 one dispatcher thread owns the engine and the tokenizer, submits new requests, reads decoded
 tokens, checks for cancelled requests and sends each request its text (every delta when
 `stream` is true, else the whole text once). A request's last response carries the final flag;
@@ -72,7 +72,8 @@ class TritonPythonModel:
         parameters = model_parameters(args)
         blobs = LocalBlobStore(pathlib.Path(parameters["blob_dir"]))
         cache = pathlib.Path(parameters["cache_dir"])
-        # Verified before use: a tampered or corrupt weights blob fails the load here.
+        # Verified before use: a tampered or corrupt weights blob fails the load here. The
+        # tokenizer always comes from its own pinned files, whatever form the weights take.
         model_dir = materialize_weights(blobs, json.loads(parameters["weights"]), cache)
         tokenizer_dir = materialize_files(blobs, json.loads(parameters["tokenizer_files"]), cache)
         self._engine = TorchEngine(model_dir, tokenizer_dir, _engine_config(parameters))
