@@ -210,9 +210,11 @@ def mesh_rule_groups(config: SloConfig) -> list[Group]:
                "The auditor is slow or away: check its infermesh_auditor_commit_seconds and "
                "disk; restore it before the queue overflows again."),
         _alert("InfermeshAuditEventsRefused", "ticket", "5m",
-               "increase(infermesh_gateway_audit_refused_total[15m]) > 0",
-               "The auditor refuses the gateway's audit batches.",
-               "Read the auditor's log for the refusal reason (schema, duplicate ids, disk)."),
+               "increase(infermesh_gateway_audit_dead_lettered_total[15m]) > 0",
+               "The gateway set audit events aside (dead-letter.spool): the auditor refused "
+               "them, or they were oversized or corrupt on disk.",
+               "Read the gateway's audit_event_refused / audit_spool_frame_set_aside logs and "
+               "dead-letter.spool in its spool directory (schema, disk)."),
         _alert("InfermeshQuotaServiceFailing", "page", "2m",
                ('up{job="ratelimit"} == 0 or sum(rate(infermesh_grpc_server_handled_total'
                 '{job="ratelimit",code=~"UNAVAILABLE|INTERNAL|UNKNOWN|DEADLINE_EXCEEDED"}[5m])) '

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,12 @@ from services.auditor.records import MAX_EVENT_ID_LENGTH
 from services.common import errors
 
 MAX_ID_LENGTH = 256  # request_id and source
+# What an emitter keeps of each string field of an event (`bound_event`); every other string
+# field is held to MAX_ID_LENGTH. Sized so that a bounded event stays far under the auditor's
+# `max_event_bytes` (64 KiB by default) and many fit in one Append message.
+EVENT_FIELD_LIMITS = {"admin.before_json": 16_384, "admin.after_json": 16_384,
+                      "admin.reason": 4_096}
+_DIGEST_MARK = "...sha256:"
 _WELL_KNOWN = frozenset({"google.protobuf.Timestamp", "google.protobuf.Duration"})
 _INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64,
                           FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED64,
@@ -74,6 +81,35 @@ def _json_double(value: float) -> float | str:
     if math.isnan(value):
         return "NaN"
     return "Infinity" if value > 0 else "-Infinity"
+
+
+def bound_event(event: auditor_pb2.AuditEvent) -> auditor_pb2.AuditEvent:
+    """Cuts, in place, every string field over its limit to a prefix and the sha256 of the whole
+    value (so the original can still be matched), and lists the field in `event.truncated`.
+    Emitters call it before an event is kept anywhere: a client's oversized value must cost the
+    audit trail a bounded number of bytes, never a batch the auditor cannot take."""
+    for path, message, field in _string_fields(event):
+        value = getattr(message, field.name)
+        limit = EVENT_FIELD_LIMITS.get(path, MAX_ID_LENGTH)
+        if len(value) > limit:
+            digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+            setattr(message, field.name,
+                    value[:limit - len(_DIGEST_MARK) - len(digest)] + _DIGEST_MARK + digest)
+            event.truncated.append(path)
+    return event
+
+
+def _string_fields(event: auditor_pb2.AuditEvent) -> list[tuple[str, Message, FieldDescriptor]]:
+    """(path, message, field) of the event's set string fields and its body's."""
+    found: list[tuple[str, Message, FieldDescriptor]] = []
+    for field, value in event.ListFields():
+        if field.type == FieldDescriptor.TYPE_STRING and not field.is_repeated:
+            found.append((field.name, event, field))
+        elif field.message_type is not None and field.containing_oneof is not None:
+            found.extend((f"{field.name}.{inner.name}", value, inner)
+                         for inner, _ in value.ListFields()
+                         if inner.type == FieldDescriptor.TYPE_STRING and not inner.is_repeated)
+    return found
 
 
 def check_batch(

@@ -1,12 +1,18 @@
 """Audit events from the gateway: spooled on local disk, shipped to the auditor in order.
 
-`emit` never blocks and never fails a generation: it serializes the event into memory and
-returns. A writer task appends what accumulated to the spool (length + CRC framed, fdatasync)
-every few milliseconds; a shipper task sends the spool's oldest events to the auditor, one
-batch at a time, and moves the spool's cursor past a batch only once the auditor acknowledged
-it (after its fsync). While the auditor is slow or down the spool grows; when it returns the
-backlog is replayed in order. A crash replays at most the unacknowledged batch again, which
-the auditor stores once (it deduplicates by event id).
+`emit` never blocks and never fails a generation: it bounds the event's fields
+(`events.bound_event`), serializes it into memory and returns. A writer task appends what
+accumulated to the spool (framed, fdatasync) every few milliseconds; a shipper task sends the
+spool's oldest events to the auditor, one batch at a time (at most `batch_events` events and
+`batch_bytes` bytes), and moves the spool's cursor past a batch only once the auditor
+acknowledged it (after its fsync). While the auditor is slow or down the spool grows; when it
+returns the backlog is replayed in order. A crash replays at most the unacknowledged batch
+again, which the auditor stores once (it deduplicates by event id).
+
+A frame is `MAGIC, payload length, payload CRC-32, header CRC-32` and the payload: a reader
+that meets bytes it cannot trust (disk corruption) finds the next frame by its magic and a
+header that checks, so one bad region never costs the frames after it. Frames of the older
+format (`length, CRC-32`, no magic) are still read, so a spool written before the upgrade drains.
 
 The spool is bounded (`max_bytes`, memory and disk together). What happens when it is full
 is configured by `on_full`:
@@ -14,11 +20,14 @@ is configured by `on_full`:
   (`infermesh_gateway_audit_dropped_total{reason="spool_full"}`, plus an error log);
 - `refuse`: new generations are refused with UNAVAILABLE (retry on another gateway) until the
   spool drains, and the events of generations already running are still kept.
-Nothing is dropped silently: a disk error keeps events in memory (and counts a drop only past
-the bound), and an event the auditor refuses as invalid goes to `rejected.spool`, counted.
+Nothing is dropped silently, and nothing is retried for ever: a disk error keeps events in
+memory (and counts a drop only past the bound); what cannot be shipped — an event the auditor
+refuses as invalid, a frame over `batch_bytes`, an unreadable region — is set aside in
+`dead-letter.spool` and counted (`infermesh_gateway_audit_dead_lettered_total{reason}`), and
+the events behind it ship.
 
 Files in the spool directory: `<n>.spool` (frames, rotated at `file_bytes`), `cursor` (the
-first unacknowledged frame), `LOCK` (one gateway per directory), `rejected.spool`.
+first unacknowledged frame), `LOCK` (one gateway per directory), `dead-letter.spool` (frames).
 
 Instance ids are new on every start, so with the default layout (`<root>/<instance id>/
 audit-spool`) a gateway that died leaves its spool behind under an id nobody will use again.
@@ -49,6 +58,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infermesh.v1 import auditor_pb2
 from services.auditor import client as auditor_client
+from services.auditor.events import bound_event
 from services.auditor.files import append_durably, fsync_directory
 from services.common import errors
 from services.common.discovery import ServiceDirectory
@@ -56,10 +66,12 @@ from services.common.logs import get_logger
 
 log = get_logger(__name__)
 DROPPED = Counter("infermesh_gateway_audit_dropped_total",
-                  "Audit events not kept, by reason: spool_full (one per event), corrupt (one "
-                  "per unreadable spool region skipped, disk corruption).", ["reason"])
-REJECTED = Counter("infermesh_gateway_audit_refused_total",
-                   "Audit events the auditor refused as invalid (kept in rejected.spool).")
+                  "Audit events not kept, by reason: spool_full (one per event).", ["reason"])
+DEAD_LETTERED = Counter(
+    "infermesh_gateway_audit_dead_lettered_total",
+    "Spool frames set aside in dead-letter.spool instead of shipped, by reason: refused (the "
+    "auditor called the event invalid), oversized (over batch_bytes), corrupt (an unreadable "
+    "region, disk corruption).", ["reason"])
 SHIPPED = Counter("infermesh_gateway_audit_shipped_total", "Audit events acknowledged.")
 SHIP_FAILURES = Counter("infermesh_gateway_audit_ship_failures_total",
                         "Failed attempts to ship a batch (retried with backoff).")
@@ -70,12 +82,15 @@ ORPHANS = Counter("infermesh_gateway_audit_orphans_adopted_total",
 SPOOL_BYTES = Gauge("infermesh_gateway_audit_spool_bytes",
                     "Audit bytes not yet acknowledged by the auditor (memory and disk).")
 
-FRAME = struct.Struct(">II")  # payload length, CRC-32 of the payload
+MAGIC = b"IMf2"
+FRAME = struct.Struct(">4sIII")  # MAGIC, payload length, payload CRC-32, CRC-32 of the first 12
+LEGACY_FRAME = struct.Struct(">II")  # before the magic: payload length, payload CRC-32
 SPOOL_SUFFIX = ".spool"
 CURSOR_FILE = "cursor"
-REJECTED_FILE = "rejected.spool"
-MAX_FRAME_BYTES = 1 << 20
+DEAD_LETTER_FILE = "dead-letter.spool"
 SPOOL_DIR_NAME = "audit-spool"
+RESYNC_CHUNK = 64 << 10
+BATCH_BYTES = 1 << 20
 
 
 class AuditSpoolSettings(BaseSettings):
@@ -98,6 +113,10 @@ class AuditSpoolSettings(BaseSettings):
     flush_interval_s: float = Field(0.01, gt=0, le=1.0,
                                     description="How long events gather before one fdatasync.")
     batch_events: int = Field(512, ge=1, le=4096, description="Most events per Append batch.")
+    batch_bytes: int = Field(
+        BATCH_BYTES, ge=64 << 10, le=3 << 20,
+        description="Most event bytes per Append batch: well under gRPC's 4 MiB message limit. "
+        "A single event larger than this is set aside (dead-letter.spool), never sent.")
     retry_max_s: float = Field(2.0, gt=0, description="Longest backoff between ship attempts.")
     flush_timeout_s: float = Field(5.0, ge=0,
                                    description="On shutdown, how long to keep shipping.")
@@ -122,11 +141,71 @@ class Position:
 
 
 @dataclasses.dataclass(frozen=True)
+class Frame:
+    """One frame, or one region that cannot be shipped (`reason` set: oversized or corrupt)."""
+
+    offset: int
+    size: int  # bytes on disk, header included
+    payload: bytes  # the event; for a region set aside, its bytes as found
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Batch:
     payloads: list[bytes]  # serialized AuditEvents, oldest first
     end: Position  # just past the last frame read
     size: int  # spool bytes the batch spans (what committing it frees)
-    corrupt_bytes: int = 0  # unreadable bytes skipped (disk corruption), counted as dropped
+    set_aside: Frame | None = None  # alone in its batch: a region to dead-letter, not ship
+
+
+def encode_frames(payloads: list[bytes]) -> bytes:
+    out = []
+    for payload in payloads:
+        head = struct.pack(">4sII", MAGIC, len(payload), zlib.crc32(payload))
+        out.append(head + struct.pack(">I", zlib.crc32(head)) + payload)
+    return b"".join(out)
+
+
+def read_frame(fd: int, offset: int, file_size: int, max_payload: int) -> Frame | None:
+    """The frame at `offset` (None at the end of the file). A payload over `max_payload` comes
+    back set aside as `oversized`; bytes that are no whole, checksummed frame come back as one
+    `corrupt` region reaching to the next frame whose header checks (or to the file's end)."""
+    if offset >= file_size:
+        return None
+    header = os.pread(fd, FRAME.size, offset)
+    if len(header) == FRAME.size and header[:4] == MAGIC:
+        _, length, crc, header_crc = FRAME.unpack(header)
+        end = offset + FRAME.size + length
+        if zlib.crc32(header[:12]) == header_crc and end <= file_size:
+            payload = os.pread(fd, length, offset + FRAME.size)
+            if zlib.crc32(payload) != crc:  # the length is trusted: its header checked
+                return Frame(offset, end - offset, payload, "corrupt")
+            return Frame(offset, end - offset, payload,
+                         "oversized" if length > max_payload else "")
+    elif len(header) >= LEGACY_FRAME.size:
+        length, crc = LEGACY_FRAME.unpack(header[:LEGACY_FRAME.size])
+        end = offset + LEGACY_FRAME.size + length
+        if 0 < length and end <= file_size:  # no header CRC: only a payload that checks counts
+            payload = os.pread(fd, length, offset + LEGACY_FRAME.size)
+            if zlib.crc32(payload) == crc:
+                return Frame(offset, end - offset, payload,
+                             "oversized" if length > max_payload else "")
+    end = _next_magic(fd, offset + 1, file_size)
+    return Frame(offset, end - offset, os.pread(fd, end - offset, offset), "corrupt")
+
+
+def _next_magic(fd: int, offset: int, file_size: int) -> int:
+    """The offset of the next frame header that checks, at or after `offset`; else the end."""
+    while offset < file_size:
+        chunk = os.pread(fd, RESYNC_CHUNK + FRAME.size, offset)
+        at = chunk.find(MAGIC)
+        while at >= 0:
+            header = os.pread(fd, FRAME.size, offset + at)
+            if len(header) == FRAME.size and zlib.crc32(header[:12]) == FRAME.unpack(header)[3]:
+                return offset + at
+            at = chunk.find(MAGIC, at + 1)
+        offset += RESYNC_CHUNK
+    return file_size
 
 
 class Spool:
@@ -186,7 +265,7 @@ class Spool:
         fd = os.open(self._path(last), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         fsync_directory(self._dir)  # the file's name must outlive a power loss, like its bytes
         start = cursor.offset if last == cursor.file else 0
-        end = _frames_end(fd, start)
+        end = _frames_end(fd, start)  # past the last frame that checks: later bytes are torn
         size = os.fstat(fd).st_size
         if end < size:
             log.warning("audit_spool_torn_tail_cut", file=last, offset=end, bytes=size - end)
@@ -199,7 +278,7 @@ class Spool:
 
     def write(self, payloads: list[bytes]) -> None:
         """Appends the events and fdatasyncs; raises OSError with nothing half-counted."""
-        data = b"".join(FRAME.pack(len(p), zlib.crc32(p)) + p for p in payloads)
+        data = encode_frames(payloads)
         end = self._end
         append_durably(self._write_fd, data, end.offset)
         with self._lock:
@@ -219,46 +298,44 @@ class Spool:
             self._end = Position(number, 0)
         os.close(old)
 
-    def read(self, max_events: int) -> Batch:
-        """Up to `max_events` of the oldest unacknowledged events (not yet committed)."""
+    def read(self, max_events: int, max_bytes: int = BATCH_BYTES) -> Batch:
+        """The oldest unacknowledged events (not yet committed): at most `max_events`, and at
+        most `max_bytes` of payload unless the first alone is larger. A region that cannot be
+        shipped (a payload over `max_bytes`, corrupt bytes) comes alone, as `set_aside`."""
         with self._lock:
             position, end = self._cursor, self._end
         payloads: list[bytes] = []
-        size = corrupt = 0
+        size = used = 0
         while len(payloads) < max_events and position < end:
-            limit = end.offset if position.file == end.file else None
             try:
-                file = open(self._path(position.file), "rb")
+                fd = os.open(self._path(position.file), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:  # removed by hand: nothing to read there
                 log.error("audit_spool_file_missing", file=position.file)
                 position = Position(position.file + 1, 0)
                 continue
-            with file:
-                file.seek(position.offset)
+            try:
+                limit = end.offset if position.file == end.file else os.fstat(fd).st_size
                 offset = position.offset
-                while len(payloads) < max_events and (limit is None or offset < limit):
-                    header = file.read(FRAME.size)
-                    if not header:
+                frame: Frame | None = None
+                while len(payloads) < max_events:
+                    frame = read_frame(fd, offset, limit, max_bytes)
+                    if frame is None:
                         break
-                    length, crc = FRAME.unpack(header) if len(header) == FRAME.size else (0, 0)
-                    payload = file.read(length) if 0 < length <= MAX_FRAME_BYTES else b""
-                    if len(payload) != length or not length or zlib.crc32(payload) != crc:
-                        # Only disk corruption gets here (torn tails are cut at open): skip
-                        # the rest of this file, counted.
-                        rest = os.fstat(file.fileno()).st_size - offset
-                        corrupt += rest
-                        size += rest
-                        log.error("audit_spool_corrupt", file=position.file, offset=offset,
-                                  bytes=rest)
-                        offset += rest
-                        break
-                    payloads.append(payload)
-                    offset += FRAME.size + length
-                    size += FRAME.size + length
+                    if frame.reason or used + len(frame.payload) > max_bytes:
+                        if payloads:
+                            return Batch(payloads, Position(position.file, offset), size)
+                        return Batch([], Position(position.file, offset + frame.size),
+                                     frame.size, set_aside=frame)
+                    payloads.append(frame.payload)
+                    used += len(frame.payload)
+                    size += frame.size
+                    offset += frame.size
+            finally:
+                os.close(fd)
             position = Position(position.file, offset)
-            if position.file < end.file and len(payloads) < max_events:
+            if position.file < end.file and frame is None:
                 position = Position(position.file + 1, 0)  # that file is read to its end
-        return Batch(payloads, position, size, corrupt)
+        return Batch(payloads, position, size)
 
     def commit(self, batch: Batch) -> None:
         """Moves the cursor past `batch` (atomically, durably) and deletes finished files."""
@@ -276,10 +353,10 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 self._path(number).unlink()
 
-    def reject(self, payloads: list[bytes]) -> None:
-        """Keeps events the auditor refused, for an operator to look at."""
-        with open(self._dir / REJECTED_FILE, "ab") as file:
-            file.write(b"".join(FRAME.pack(len(p), zlib.crc32(p)) + p for p in payloads))
+    def dead_letter(self, payloads: list[bytes]) -> None:
+        """Keeps what cannot be shipped, durably, for an operator to look at."""
+        with open(self._dir / DEAD_LETTER_FILE, "ab") as file:
+            file.write(encode_frames(payloads))
             file.flush()
             os.fsync(file.fileno())
 
@@ -290,19 +367,15 @@ class Spool:
 
 
 def _frames_end(fd: int, start: int) -> int:
-    """The end of the last whole, checksummed frame at or after `start`."""
-    offset = start
-    while True:
-        header = os.pread(fd, FRAME.size, offset)
-        if len(header) < FRAME.size:
-            return offset
-        length, crc = FRAME.unpack(header)
-        if not 0 < length <= MAX_FRAME_BYTES:
-            return offset
-        payload = os.pread(fd, length, offset + FRAME.size)
-        if len(payload) < length or zlib.crc32(payload) != crc:
-            return offset
-        offset += FRAME.size + length
+    """The end of the last whole, checksummed frame at or after `start` (of any size: what is
+    too large to ship is the reader's business, not a torn tail)."""
+    size = os.fstat(fd).st_size
+    offset = end = start
+    while (frame := read_frame(fd, offset, size, size)) is not None:
+        offset += frame.size
+        if not frame.reason:
+            end = offset
+    return end
 
 
 class AuditEmitter:
@@ -349,7 +422,7 @@ class AuditEmitter:
 
     def emit(self, event: auditor_pb2.AuditEvent) -> None:
         """Never blocks, never raises: the event is kept, or (drop policy, spool full) counted."""
-        payload = event.SerializeToString()
+        payload = bound_event(event).SerializeToString()
         if self._settings.on_full == "drop" and self.full:
             DROPPED.labels("spool_full").inc()
             self._log_drop()
@@ -448,7 +521,8 @@ class AuditEmitter:
         backoff = 0.1
         while not self._closing or spool.unacked_bytes > 0:
             try:
-                batch = await asyncio.to_thread(spool.read, self._settings.batch_events)
+                batch = await asyncio.to_thread(spool.read, self._settings.batch_events,
+                                                self._settings.batch_bytes)
                 if not batch.payloads and not batch.size:
                     if orphan:
                         return True
@@ -459,7 +533,10 @@ class AuditEmitter:
                         async with asyncio.timeout(1.0):
                             await self._written.wait()
                     continue
-                await self._ship(spool, batch)
+                if batch.set_aside is not None:
+                    await self._set_aside(spool, batch.set_aside)
+                else:
+                    await self._ship(spool, batch)
                 await asyncio.to_thread(spool.commit, batch)
             except (grpc.aio.AioRpcError, errors.MeshError, OSError) as exc:
                 SHIP_FAILURES.inc()
@@ -470,14 +547,21 @@ class AuditEmitter:
                 backoff = min(backoff * 2, self._settings.retry_max_s)
                 continue
             backoff = 0.1
-            if batch.corrupt_bytes:
-                DROPPED.labels("corrupt").inc()
             SHIPPED.inc(len(batch.payloads))
             SPOOL_BYTES.set(self.usage_bytes)
         return False
 
+    @staticmethod
+    async def _set_aside(spool: Spool, frame: Frame) -> None:
+        """Dead-letters a region the reader could not ship (a crash before the commit that
+        follows keeps it twice in `dead-letter.spool`, never ships it)."""
+        await asyncio.to_thread(spool.dead_letter, [frame.payload])
+        DEAD_LETTERED.labels(frame.reason).inc()
+        log.error("audit_spool_frame_set_aside", reason=frame.reason, bytes=frame.size,
+                  offset=frame.offset)
+
     async def _ship(self, spool: Spool, batch: Batch) -> None:
-        """Sends one batch; an event the auditor calls invalid goes to `rejected.spool`."""
+        """Sends one batch; an event the auditor calls invalid goes to `dead-letter.spool`."""
         if not batch.payloads:
             return
         events = [auditor_pb2.AuditEvent.FromString(p) for p in batch.payloads]
@@ -496,17 +580,19 @@ class AuditEmitter:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                     raise
-                await asyncio.to_thread(spool.reject, [payload])
-                REJECTED.inc()
-                log.error("audit_event_rejected", event_id=event.event_id, error=exc.details())
+                await asyncio.to_thread(spool.dead_letter, [payload])
+                DEAD_LETTERED.labels("refused").inc()
+                log.error("audit_event_refused", event_id=event.event_id, error=exc.details())
 
 
 def _remove_spool_directory(path: pathlib.Path) -> None:
-    """Removes an emptied spool (events the auditor refused stay, in `rejected.spool`), and its
-    instance directory when nothing else is left there."""
-    if (path / REJECTED_FILE).exists():
+    """Removes an emptied spool, and its instance directory when nothing else is left there;
+    what an operator must look at (`dead-letter.spool`, or an older version's
+    `rejected.spool`) stays."""
+    kept = [p for p in path.iterdir() if p.name.endswith(SPOOL_SUFFIX) and not p.stem.isdigit()]
+    if kept:
         for leftover in path.iterdir():
-            if leftover.name != REJECTED_FILE:
+            if leftover not in kept:
                 leftover.unlink()
         return
     shutil.rmtree(path)

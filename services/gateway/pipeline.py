@@ -214,7 +214,8 @@ class GenerationPipeline:
         self, principal: Principal, request: GenerationRequest, send: Send, client_address: str = ""
     ) -> Finished:
         """Runs one generation, reporting through `send`; returns the `Finished` it sent."""
-        progress = _Progress(arrived=self._clock(), model=request.model)
+        # `model` is the resolved name: a client's unknown name never becomes a metric label.
+        progress = _Progress(arrived=self._clock())
         finished: Finished | None = None
         shadow: ModelVersion | None = None
         try:
@@ -417,19 +418,19 @@ class GenerationPipeline:
     ) -> None:
         code = finished.error.code if finished.error else "OK"
         version = progress.version_id or "unresolved"
-        GENERATIONS.labels(principal.tenant_id, progress.model if progress.version_id else "unknown",
-                           version, finished.finish_reason, code, self._zone).inc()
+        model = progress.model or "unknown"
+        GENERATIONS.labels(principal.tenant_id, model, version, finished.finish_reason, code,
+                           self._zone).inc()
         if progress.first_token_sent:
             TTFT.labels(progress.model, version, self._zone).observe(progress.ttft_s)
         if progress.first_token_sent and progress.completion_tokens > 1:
             ITL.labels(progress.model, version, self._zone).observe(
                 (finished.total_s - progress.ttft_s) / (progress.completion_tokens - 1))
-        TOKENS.labels(principal.tenant_id, progress.model, version, "prompt").inc(
-            progress.prompt_tokens)
-        TOKENS.labels(principal.tenant_id, progress.model, version, "completion").inc(
+        TOKENS.labels(principal.tenant_id, model, version, "prompt").inc(progress.prompt_tokens)
+        TOKENS.labels(principal.tenant_id, model, version, "completion").inc(
             progress.completion_tokens)
         price_in, price_out = progress.prices_per_1k
-        SPEND.labels(principal.tenant_id, progress.model, version).inc(
+        SPEND.labels(principal.tenant_id, model, version).inc(
             (progress.prompt_tokens * price_in + progress.completion_tokens * price_out) / 1000)
         hashes = progress.text_hashes
         self._audit.emit(

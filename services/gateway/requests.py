@@ -1,12 +1,46 @@
-"""The gateway's own view of a generation request and of who sent it (no protobuf here)."""
+"""The gateway's own view of a generation request and of who sent it (no protobuf here).
+
+Every client-supplied string and repeated field is bounded when a `GenerationRequest` is built
+(`FIELD_LIMITS`), so no front can hand an unbounded value to what comes after it: the
+idempotency cache, logs, metrics, audit events, shadow copies. What depends on the tenant's
+plan or the model version (tokens, sampling ranges) is checked later, in `validation.py`.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from services.common.auth import Principal
+from services.common.errors import InvalidArgument
 
-__all__ = ["ChatTurn", "GenerationRequest", "Principal", "SamplingRequest"]
+__all__ = ["FIELD_LIMITS", "REQUEST_ID", "ChatTurn", "GenerationRequest", "Principal",
+           "SamplingRequest"]
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class FieldLimit:
+    """At most `chars` characters per value; for a repeated field also at most `entries`."""
+
+    chars: int
+    entries: int | None = None
+
+
+# The documented limits (docs/decisions.md "Client-supplied fields are bounded at the edge").
+# Field names are the gRPC ones; the HTTP front maps them to its own (`openai_param`).
+FIELD_LIMITS: dict[str, FieldLimit] = {
+    "request_id": FieldLimit(128),  # and only A-Z a-z 0-9 . _ : -
+    "model": FieldLimit(256),  # a name, alias or pinned version: "name@sha256:<64 hex>"
+    "idempotency_key": FieldLimit(128),
+    "user": FieldLimit(256),
+    "prompt": FieldLimit(200_000),
+    "messages": FieldLimit(200_000, entries=256),  # chars: all contents together
+    "messages.role": FieldLimit(32),
+    "params.stop": FieldLimit(128, entries=4),
+    "params.bad_words": FieldLimit(128, entries=16),
+}
 
 
 @dataclass(frozen=True)
@@ -34,6 +68,9 @@ class SamplingRequest:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """Raises InvalidArgument (naming the field and its limit) when built with a field over
+    `FIELD_LIMITS`: the check costs a few `len` calls and comes before anything keeps a value."""
+
     request_id: str
     model: str
     prompt: str | None = None
@@ -43,3 +80,43 @@ class GenerationRequest:
     priority: int = 0
     user: str = ""
     timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        check_field_limits(self)
+
+
+def check_field_limits(request: GenerationRequest) -> None:
+    """InvalidArgument for the first field over its limit (`FIELD_LIMITS`)."""
+    for name, value in (("request_id", request.request_id), ("model", request.model),
+                        ("idempotency_key", request.idempotency_key), ("user", request.user),
+                        ("prompt", request.prompt or "")):
+        _check_chars(name, value)
+    if request.request_id and not REQUEST_ID.match(request.request_id):
+        raise InvalidArgument("request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+    if request.messages is not None:
+        limit = FIELD_LIMITS["messages"]
+        assert limit.entries is not None
+        if not 1 <= len(request.messages) <= limit.entries:
+            raise InvalidArgument("messages", f"must hold 1..{limit.entries} messages")
+        for index, turn in enumerate(request.messages):
+            _check_chars("messages.role", turn.role, f"messages[{index}].role")
+        total = sum(len(turn.content) for turn in request.messages)
+        if total > limit.chars:
+            raise InvalidArgument(
+                "messages", f"must hold at most {limit.chars} characters of content in all, "
+                f"got {total}")
+    for name, words in (("params.stop", request.sampling.stop),
+                        ("params.bad_words", request.sampling.bad_words)):
+        limit = FIELD_LIMITS[name]
+        if limit.entries is not None and len(words) > limit.entries:
+            raise InvalidArgument(name, f"at most {limit.entries} entries, got {len(words)}")
+        for index, word in enumerate(words):
+            if not 1 <= len(word) <= limit.chars:
+                raise InvalidArgument(f"{name}[{index}]", f"must be 1..{limit.chars} characters")
+
+
+def _check_chars(name: str, value: str, field_name: str | None = None) -> None:
+    limit = FIELD_LIMITS[name].chars
+    if len(value) > limit:
+        raise InvalidArgument(field_name or name,
+                              f"must be at most {limit} characters, got {len(value)}")

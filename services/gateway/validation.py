@@ -2,21 +2,21 @@
 
 A bad request is refused here with `InvalidArgument` naming the field and the limit, before it
 costs quota or reaches a backend. The result is the exact `EngineRequest` that will be sent.
+Sizes that do not depend on the plan or the model (strings, lists) were checked when the request
+was built (`requests.FIELD_LIMITS`).
 """
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 
 from backends.triton.adapter import EngineRequest
 from services.common.errors import InvalidArgument
-from services.gateway.requests import GenerationRequest, Principal
+from services.gateway.requests import FIELD_LIMITS, REQUEST_ID, GenerationRequest, Principal
 from services.gateway.tokenizers import PromptTokenizer
 from services.registry.manifest import ModelVersion
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ROLES = ("system", "user", "assistant")
 PRIORITIES = range(0, 4)
 UINT64_MAX = 2**64 - 1
@@ -26,13 +26,7 @@ UINT64_MAX = 2**64 - 1
 class Limits:
     """Gateway-wide limits that hold whatever the plan or model allows."""
 
-    max_prompt_chars: int = 200_000
-    max_messages: int = 256
-    max_stop_sequences: int = 4
-    max_stop_chars: int = 128
-    max_bad_words: int = 16
-    max_idempotency_key_chars: int = 128
-    max_user_chars: int = 256
+    max_prompt_chars: int = FIELD_LIMITS["prompt"].chars  # as rendered by the chat template
     default_timeout_s: float = 120.0
     max_timeout_s: float = 600.0
 
@@ -91,14 +85,6 @@ def validate(
     _check_range("params.presence_penalty", sampling.presence_penalty, -2.0, 2.0)
     _check_range("params.frequency_penalty", sampling.frequency_penalty, -2.0, 2.0)
     _check_range("params.min_tokens", sampling.min_tokens, 0, max_tokens)
-    _check_words("params.stop", sampling.stop, limits.max_stop_sequences, limits.max_stop_chars)
-    _check_words("params.bad_words", sampling.bad_words, limits.max_bad_words, limits.max_stop_chars)
-    if len(request.idempotency_key) > limits.max_idempotency_key_chars:
-        raise InvalidArgument(
-            "idempotency_key", f"must be at most {limits.max_idempotency_key_chars} characters"
-        )
-    if len(request.user) > limits.max_user_chars:
-        raise InvalidArgument("user", f"must be at most {limits.max_user_chars} characters")
     if request.priority not in PRIORITIES:
         raise InvalidArgument("priority", f"unknown priority {request.priority}")
     timeout_s = limits.default_timeout_s if request.timeout_s is None else request.timeout_s
@@ -131,8 +117,6 @@ def _prompt(
     if request.prompt is not None and request.messages is not None:
         raise InvalidArgument("input", "set either prompt or messages, not both")
     if request.messages is not None:
-        if not 1 <= len(request.messages) <= limits.max_messages:
-            raise InvalidArgument("messages", f"must hold 1..{limits.max_messages} messages")
         for index, turn in enumerate(request.messages):
             if turn.role not in ROLES:
                 raise InvalidArgument(f"messages[{index}].role", f"must be one of {ROLES}")
@@ -154,10 +138,3 @@ def _check_range(field: str, value: float | int | None, low: float, high: float)
     if value is not None and not low <= value <= high:
         raise InvalidArgument(field, f"must be in [{low:g}, {high:g}], got {value}")
 
-
-def _check_words(field: str, words: tuple[str, ...], most: int, max_chars: int) -> None:
-    if len(words) > most:
-        raise InvalidArgument(field, f"at most {most} entries, got {len(words)}")
-    for index, word in enumerate(words):
-        if not 1 <= len(word) <= max_chars:
-            raise InvalidArgument(f"{field}[{index}]", f"must be 1..{max_chars} characters")

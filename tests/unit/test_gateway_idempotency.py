@@ -95,3 +95,55 @@ async def test_requests_without_a_key_always_run():
     await collect(cache, "t", request("r1", key=""), engine)
     await collect(cache, "t", request("r2", key=""), engine)
     assert engine.runs == 2
+
+
+async def test_a_refusal_before_any_text_is_not_kept():
+    cache, engine = IdempotencyCache(), Engine()
+
+    async def refuse(send):
+        engine.runs += 1
+        finished = Finished("r", "error", error=errors.InvalidArgument("params.top_k", "bad"))
+        await send(finished)
+        return finished
+
+    for rid in ("r1", "r2"):
+        await cache.run("t", request(rid), collect_nothing, refuse)
+    assert engine.runs == 2 and cache.bytes == 0 and cache.entries("t") == 0
+
+
+async def collect_nothing(event):
+    pass
+
+
+async def test_one_tenant_filling_its_share_never_evicts_another_tenant_s_keys():
+    cache, engine = IdempotencyCache(max_entries_per_tenant=10), Engine()
+    engine.gate.set()
+    await collect(cache, "victim", request("v1", key="keep-me"), engine)
+    for n in range(500):
+        await collect(cache, "noisy", request(f"n{n}", key=f"k{n}"), engine)
+    assert cache.entries("noisy") == 10 and cache.entries("victim") == 1
+    await collect(cache, "victim", request("v2", key="keep-me"), engine)
+    assert engine.runs == 501  # replayed: the victim's key survived
+
+
+async def test_bytes_are_bounded_per_tenant_and_in_all():
+    cache = IdempotencyCache(max_tenant_bytes=20_000, max_bytes=50_000)
+
+    def long_output(rid):
+        async def run(send):
+            for _ in range(10):
+                await send(TokenText(rid, "x" * 1000))
+            finished = Finished(rid, "stop")
+            await send(finished)
+            return finished
+        return run
+
+    for tenant in ("a", "b"):
+        await cache.run(tenant, request(f"{tenant}0", key="first"), collect_nothing,
+                        long_output(f"{tenant}0"))
+    for n in range(50):  # "c" keeps adding entries of ~12 KB
+        await cache.run("c", request(f"c{n}", key=f"k{n}"), collect_nothing,
+                        long_output(f"c{n}"))
+    assert cache.bytes <= 50_000
+    assert cache.entries("a") == 1 and cache.entries("b") == 1  # under their share: kept
+    assert cache.entries("c") == 1  # its own share (20 KB) holds one such entry
