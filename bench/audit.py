@@ -5,10 +5,12 @@ sends a batch and waits for its acknowledgement, which the auditor sends only af
 fsynced (group commit merges the batches of all writers into one fsync). The latency of an
 acknowledgement is timed from handing the batch to gRPC to reading its ack. The load runs
 against the embedded stack's own auditor (its default settings, its data directory on this
-machine's disk) from a separate client process, once the streaming benchmarks are done.
+machine's disk) from a separate client process, once the streaming benchmarks are done. Only
+mesh services may append, so the client presents the stack's mesh token the way they do (the
+interceptors of `services/common/discovery.py`).
 
-`python -m bench.audit` runs it alone: its own etcd and auditor (default settings) in a
-temporary directory, and prints the same figures as one JSON line.
+`python -m bench.audit` runs it alone: its own etcd and auditor (default settings, a fresh mesh
+token) in a temporary directory, and prints the same figures as one JSON line.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import concurrent.futures
 import json
 import pathlib
+import secrets
 import tempfile
 import time
 import uuid
@@ -28,6 +31,7 @@ from bench.streaming import percentile
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.stack import service_process, wait_serving
 from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
+from services.common.discovery import mesh_token_interceptors
 from services.common.net import LOOPBACK, free_port
 
 BATCH_EVENTS = 64
@@ -61,10 +65,12 @@ async def _writer(stub: auditor_pb2_grpc.AuditorStub, name: str, until: float,
     return appended
 
 
-async def _level(endpoint: str, writers: int, duration_s: float) -> tuple[int, float, list[float]]:
+async def _level(endpoint: str, mesh_token: str, writers: int, duration_s: float
+                 ) -> tuple[int, float, list[float]]:
     latencies: list[float] = []
     run = uuid.uuid4().hex[:8]
-    async with grpc.aio.insecure_channel(endpoint) as channel:
+    interceptors = mesh_token_interceptors(mesh_token) if mesh_token else None
+    async with grpc.aio.insecure_channel(endpoint, interceptors=interceptors) as channel:
         stub = auditor_pb2_grpc.AuditorStub(channel)
         started = time.perf_counter()
         counts = await asyncio.gather(*(
@@ -74,19 +80,22 @@ async def _level(endpoint: str, writers: int, duration_s: float) -> tuple[int, f
     return sum(counts), elapsed, latencies
 
 
-def client_process(endpoint: str, writers: int, duration_s: float) -> tuple[int, float, list[float]]:
+def client_process(endpoint: str, mesh_token: str, writers: int, duration_s: float
+                   ) -> tuple[int, float, list[float]]:
     """Runs in a pool process, so the client's CPU is not the auditor's event loop."""
-    return asyncio.run(_level(endpoint, writers, duration_s))
+    return asyncio.run(_level(endpoint, mesh_token, writers, duration_s))
 
 
-def run(endpoint: str, levels: tuple[int, ...] = LEVELS, duration_s: float = 5.0
-        ) -> dict[str, float]:
+def run(endpoint: str, mesh_token: str, levels: tuple[int, ...] = LEVELS,
+        duration_s: float = 5.0, warmup_s: float = 0.5) -> dict[str, float]:
+    """`mesh_token`: what the auditor's mesh presents ("" for an auditor without one)."""
     figures: dict[str, float] = {}
     with concurrent.futures.ProcessPoolExecutor(1) as pool:
-        pool.submit(client_process, endpoint, 1, 0.5).result()  # warm up: connect, first fsyncs
+        # Warm up: connect, first fsyncs.
+        pool.submit(client_process, endpoint, mesh_token, 1, warmup_s).result()
         for writers in levels:
             events, elapsed, latencies = pool.submit(
-                client_process, endpoint, writers, duration_s).result()
+                client_process, endpoint, mesh_token, writers, duration_s).result()
             rate = events / elapsed
             figures[f"audit_durable_events_per_s_c{writers}"] = round(rate)
             figures[f"audit_ack_p50_ms_c{writers}"] = round(percentile(latencies, 50) * 1000, 2)
@@ -109,14 +118,16 @@ def main() -> None:
         etcd_server = EtcdServer(root / "etcd", root / "etcd.log")
         etcd_server.start()
         port = free_port()
+        mesh_token = secrets.token_urlsafe(32)
         auditor = service_process(
             "auditor", "services.auditor", root / "auditor.log", port,
             {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint,
-             "INFERMESH_AUDITOR_DATA_DIR": str(root / "auditor")})
+             "INFERMESH_AUDITOR_DATA_DIR": str(root / "auditor"),
+             "INFERMESH_MESH_TOKEN": mesh_token})
         try:
             auditor.start()
             wait_serving(auditor, f"{LOOPBACK}:{port}", time.monotonic() + 60)
-            figures = run(f"{LOOPBACK}:{port}", duration_s=args.duration_s)
+            figures = run(f"{LOOPBACK}:{port}", mesh_token, duration_s=args.duration_s)
         finally:
             auditor.stop()
             etcd_server.stop()

@@ -8,8 +8,9 @@ The two clients differ (aiperf runs its own worker processes; ours is one asynci
 with two workers' worth of streams), which `docs/benchmarks.md` discusses.
 
 `aiperf` pulls 1.2 GB of its own pins (ENVIRONMENT.md), so it lives in its own virtual
-environment, `.venv-aiperf`, made on first use from `AIPERF`; when that cannot be made the
-figures are left out and the reason printed, and the rest of `make bench` still runs.
+environment, `.venv-aiperf`, made on first use from `AIPERF` (the smoke run never installs it);
+when it cannot be had the HTTP figures are left out and the reason printed, and the gRPC half
+and the rest of `make bench` still run.
 """
 
 from __future__ import annotations
@@ -52,11 +53,14 @@ def prompts() -> list[str]:
             for i in range(PROMPTS)]
 
 
-def ensure_aiperf() -> pathlib.Path | str:
-    """The aiperf executable, installing it into its own venv the first time; else why not."""
+def ensure_aiperf(install: bool = True) -> pathlib.Path | str:
+    """The aiperf executable, installing it into its own venv the first time (when `install`);
+    else why not."""
     executable = AIPERF_VENV / "bin" / "aiperf"
     if executable.exists():
         return executable
+    if not install:
+        return f"{AIPERF} is not installed in {AIPERF_VENV} (this run does not install it)"
     print(f"installing {AIPERF} into {AIPERF_VENV} (once; ~1.2 GB)", flush=True)
     try:
         subprocess.run(["/usr/bin/python3", "-m", "venv", str(AIPERF_VENV)], check=True,
@@ -77,7 +81,7 @@ def tokenizer_dir(state_dir: pathlib.Path) -> pathlib.Path:
 
 
 def run_aiperf(executable: pathlib.Path, stack: StackInfo, state_dir: pathlib.Path,
-               texts: list[str]) -> dict[str, float]:
+               texts: list[str], requests: int, warmup_requests: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="aiperf-") as scratch:
         scratch_dir = pathlib.Path(scratch)
         dataset = scratch_dir / "prompts.jsonl"
@@ -88,11 +92,11 @@ def run_aiperf(executable: pathlib.Path, stack: StackInfo, state_dir: pathlib.Pa
             "--tokenizer", str(tokenizer_dir(state_dir)),
             "--url", stack.openai_base_url.removesuffix("/v1"), "--api-key", stack.api_key,
             "--endpoint-type", "completions", "--streaming",
-            "--concurrency", str(CONCURRENCY), "--request-count", str(REQUESTS),
+            "--concurrency", str(CONCURRENCY), "--request-count", str(requests),
             # A rate far above what 16 streams reach keeps the concurrency and stops aiperf's
             # timer from busy-spinning a core (ENVIRONMENT.md).
             "--request-rate", "1000", "--arrival-pattern", "constant",
-            "--warmup-request-count", str(WARMUP_REQUESTS),
+            "--warmup-request-count", str(warmup_requests),
             "--custom-dataset-type", "single_turn", "--input-file", str(dataset),
             "--extra-inputs", f"max_tokens:{OUTPUT_TOKENS}", f"min_tokens:{OUTPUT_TOKENS}",
             "--use-server-token-count", "--random-seed", "42",
@@ -116,7 +120,8 @@ def run_aiperf(executable: pathlib.Path, stack: StackInfo, state_dir: pathlib.Pa
     }
 
 
-async def run_grpc(stack: StackInfo, texts: list[str]) -> dict[str, float]:
+async def run_grpc(stack: StackInfo, texts: list[str], requests: int, warmup_requests: int
+                   ) -> dict[str, float]:
     """The same prompts and output length through `GenerateStream`, at the same concurrency."""
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
@@ -126,9 +131,9 @@ async def run_grpc(stack: StackInfo, texts: list[str]) -> dict[str, float]:
         async def one(index: int) -> Sample:
             return await clients[index % len(clients)](index)
 
-        await drive(one, CONCURRENCY, range(WARMUP_REQUESTS), RUN_TIMEOUT_S)
+        await drive(one, CONCURRENCY, range(warmup_requests), RUN_TIMEOUT_S)
         started = time.perf_counter()
-        samples, _ = await drive(one, CONCURRENCY, range(REQUESTS), RUN_TIMEOUT_S)
+        samples, _ = await drive(one, CONCURRENCY, range(requests), RUN_TIMEOUT_S)
         elapsed = time.perf_counter() - started
     good = [s for s in samples if s.ok]
     ttfts = [s.ttft_s * 1000 for s in good]
@@ -140,29 +145,39 @@ async def run_grpc(stack: StackInfo, texts: list[str]) -> dict[str, float]:
     }
 
 
-def run(stack: StackInfo, state_dir: pathlib.Path) -> dict[str, float]:
-    executable = ensure_aiperf()
-    if isinstance(executable, str):
-        print(f"openai load: skipped: {executable}", file=sys.stderr, flush=True)
-        return {}
+def run(stack: StackInfo, state_dir: pathlib.Path, requests: int = REQUESTS,
+        warmup_requests: int = WARMUP_REQUESTS, install: bool = True) -> dict[str, float]:
+    """aiperf over HTTP (when it can be had; `install`: may install it), then gRPC."""
     texts = prompts()
-    http = run_aiperf(executable, stack, state_dir, texts)
-    rpc = asyncio.run(run_grpc(stack, texts))
-    print(f"c{CONCURRENCY}: aiperf over HTTP {http['tokens_per_s']:8.1f} tok/s ttft p50 "
-          f"{http['ttft_p50_ms']:7.1f} p99 {http['ttft_p99_ms']:7.1f} ms ({http['errors']:.0f} "
-          f"err) | gRPC {rpc['tokens_per_s']:8.1f} tok/s ttft p50 {rpc['ttft_p50_ms']:7.1f} p99 "
-          f"{rpc['ttft_p99_ms']:7.1f} ms ({rpc['errors']:.0f} err)", flush=True)
+    executable = ensure_aiperf(install)
+    http = None
+    if isinstance(executable, str):
+        print(f"openai load: aiperf skipped: {executable}", file=sys.stderr, flush=True)
+    else:
+        http = run_aiperf(executable, stack, state_dir, texts, requests, warmup_requests)
+    rpc = asyncio.run(run_grpc(stack, texts, requests, warmup_requests))
+    print(f"c{CONCURRENCY}: gRPC {rpc['tokens_per_s']:8.1f} tok/s ttft p50 "
+          f"{rpc['ttft_p50_ms']:7.1f} p99 {rpc['ttft_p99_ms']:7.1f} ms ({rpc['errors']:.0f} err)"
+          + ("" if http is None else
+             f" | aiperf over HTTP {http['tokens_per_s']:8.1f} tok/s ttft p50 "
+             f"{http['ttft_p50_ms']:7.1f} p99 {http['ttft_p99_ms']:7.1f} ms "
+             f"({http['errors']:.0f} err)"), flush=True)
     c = f"c{CONCURRENCY}"
-    return {
-        f"http_tokens_per_s_{c}": round(http["tokens_per_s"], 1),
+    figures = {
         f"grpc_tokens_per_s_{c}": round(rpc["tokens_per_s"], 1),
-        f"http_over_grpc_tokens_per_s_{c}": round(http["tokens_per_s"] / rpc["tokens_per_s"], 3),
-        f"http_ttft_p50_ms_{c}": round(http["ttft_p50_ms"], 2),
         f"grpc_ttft_p50_ms_{c}": round(rpc["ttft_p50_ms"], 2),
-        f"http_added_ttft_p50_ms_{c}": round(http["ttft_p50_ms"] - rpc["ttft_p50_ms"], 2),
-        f"http_errors_{c}": http["errors"],
         f"grpc_errors_{c}": rpc["errors"],
     }
+    if http is not None:
+        figures.update({
+            f"http_tokens_per_s_{c}": round(http["tokens_per_s"], 1),
+            f"http_over_grpc_tokens_per_s_{c}":
+                round(http["tokens_per_s"] / rpc["tokens_per_s"], 3),
+            f"http_ttft_p50_ms_{c}": round(http["ttft_p50_ms"], 2),
+            f"http_added_ttft_p50_ms_{c}": round(http["ttft_p50_ms"] - rpc["ttft_p50_ms"], 2),
+            f"http_errors_{c}": http["errors"],
+        })
+    return figures
 
 
 if __name__ == "__main__":

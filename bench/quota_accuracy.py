@@ -45,7 +45,8 @@ async def _worker(endpoint: str, key: str, model: str, stop_at: float,
                 await asyncio.sleep(0.05)  # refused: try again shortly, as a greedy client would
 
 
-async def _measure(stack: StackInfo, endpoints: list[str]) -> dict[str, float]:
+async def _measure(stack: StackInfo, endpoints: list[str], workers: int, warmup_s: float,
+                   window_s: float) -> dict[str, float]:
     admin_md = (("authorization", f"Bearer {stack.api_key}"),)
     tenant_id = f"metered-{uuid.uuid4().hex[:6]}"
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
@@ -59,13 +60,13 @@ async def _measure(stack: StackInfo, endpoints: list[str]) -> dict[str, float]:
     await asyncio.sleep(0.5)  # every gateway's key cache follows etcd
     admitted: list[tuple[float, int]] = []
     started = time.monotonic()
-    stop_at = started + WARMUP_S + WINDOW_S
+    stop_at = started + warmup_s + window_s
     await asyncio.gather(*(
         _worker(endpoint, key, stack.reference_model, stop_at, admitted)
-        for endpoint in endpoints for _ in range(WORKERS_PER_GATEWAY)))
-    window_start = started + WARMUP_S
+        for endpoint in endpoints for _ in range(workers)))
+    window_start = started + warmup_s
     served = sum(tokens for at, tokens in admitted if window_start <= at < stop_at)
-    allowed = OUTPUT_TPM * WINDOW_S / 60.0
+    allowed = OUTPUT_TPM * window_s / 60.0
     return {
         "quota_global_error_pct": round((served / allowed - 1.0) * 100.0, 2),
         "quota_window_tokens_served": served,
@@ -73,16 +74,21 @@ async def _measure(stack: StackInfo, endpoints: list[str]) -> dict[str, float]:
     }
 
 
-def run(stack: StackInfo, state_dir: pathlib.Path) -> dict[str, float]:
-    extra = [ExtraGateway(stack, state_dir, name=f"gateway-q{i}") for i in (2, 3)]
+def run(stack: StackInfo, state_dir: pathlib.Path, gateways: int = 3,
+        workers: int = WORKERS_PER_GATEWAY, warmup_s: float = WARMUP_S,
+        window_s: float = WINDOW_S) -> dict[str, float]:
+    """The stack's gateway and `gateways` - 1 more, `workers` clients each."""
+    extra = [ExtraGateway(stack, state_dir, name=f"gateway-q{i}") for i in range(2, gateways + 1)]
     for gateway in extra:
         gateway.start()
     try:
-        figures = asyncio.run(_measure(stack, [stack.gateway] + [g.endpoint for g in extra]))
+        figures = asyncio.run(_measure(stack, [stack.gateway] + [g.endpoint for g in extra],
+                                       workers, warmup_s, window_s))
     finally:
         for gateway in extra:
             gateway.stop()
-    print(f"quota accuracy over 3 gateways: served {figures['quota_window_tokens_served']} output "
-          f"tokens in {WINDOW_S:.0f} s against {figures['quota_window_tokens_allowed']} allowed "
+    print(f"quota accuracy over {gateways} gateways: served "
+          f"{figures['quota_window_tokens_served']} output tokens in {window_s:.0f} s against "
+          f"{figures['quota_window_tokens_allowed']} allowed "
           f"({figures['quota_global_error_pct']:+.2f} %)", flush=True)
     return figures

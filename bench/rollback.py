@@ -46,10 +46,9 @@ ROUND_TIMEOUT_S = 30.0
 
 def _manifest(description: str) -> registry_pb2.ModelManifest:
     return registry_pb2.ModelManifest(
-        name=MODEL, description=description, triton_model_name="reference",
-        tokenizer="whitespace",
-        engine=registry_pb2.EngineConfig(context_window=4096, max_output_tokens=256,
-                                         max_batch_size=8),
+        name=MODEL, description=description, tokenizer="whitespace",
+        engine=registry_pb2.EngineConfig(kind="reference", context_window=4096,
+                                         max_output_tokens=256, max_batch_size=8),
         sampling=registry_pb2.SamplingDefaults(max_tokens=1, temperature=0.7, top_p=0.95),
     )
 

@@ -15,7 +15,7 @@ It also reports, with `bench/route_decision.py`, the routing decision in process
 Router and scorers over 100 synthetic replicas) and the Route RPC round trip to a scheduler
 process, the two costs behind a Route call per request vs a routing table streamed to gateways.
 
-    python -m bench.routing [--rate 6] [--duration-s 20]
+    python -m bench.routing [--rate 6] [--duration-s 20] [--replicas 4]
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ class Schedulers:
 
 
 async def _measure(replicas: ReplicaSet, schedulers: Schedulers, etcd_endpoint: str,
-                   rate_per_s: float, duration_s: float) -> dict[str, float]:
+                   rate_per_s: float, duration_s: float, warmup_s: float) -> dict[str, float]:
     host, port = etcd_endpoint.rsplit(":", 1)
     async with aetcd.Client(host, int(port), timeout=5) as client:
         await replicas.wait_registered(client, timeout_s=60, models=[MODEL])
@@ -268,7 +268,7 @@ async def _measure(replicas: ReplicaSet, schedulers: Schedulers, etcd_endpoint: 
             async with grpc.aio.insecure_channel(schedulers.endpoints[policy]) as channel:
                 client = Client(scheduler_pb2_grpc.SchedulerStub(channel), adapter)
                 # Warm the processes and channels on prompts no measured session shares.
-                warm = workload(seed=1000 + round_index, rate_per_s=8.0, duration_s=1.0)
+                warm = workload(seed=1000 + round_index, rate_per_s=8.0, duration_s=warmup_s)
                 await play(client, [Session(0.0, s.opening[:200], s.turns[:1]) for s in warm])
                 sessions = workload(seed=round_index, rate_per_s=rate_per_s,
                                     duration_s=duration_s)
@@ -301,15 +301,19 @@ async def _measure(replicas: ReplicaSet, schedulers: Schedulers, etcd_endpoint: 
     return figures
 
 
-def run(rate_per_s: float = 6.0, duration_s: float = 20.0) -> dict[str, float]:
-    """The whole routing benchmark; `rate_per_s`: session arrivals per policy phase."""
+def run(rate_per_s: float = 6.0, duration_s: float = 20.0, replica_count: int = REPLICAS,
+        warmup_s: float = 1.0, decision_samples: int = 5000, rpc_samples: int = 2000
+        ) -> dict[str, float]:
+    """The whole routing benchmark; `rate_per_s`: session arrivals per policy phase, for
+    `duration_s` (after `warmup_s` of warm-up sessions); `decision_samples` and `rpc_samples`:
+    routing decisions timed in process and over gRPC."""
     with tempfile.TemporaryDirectory(prefix="infermesh-bench-routing-") as state:
         root = pathlib.Path(state)
         etcd_server = EtcdServer(root / "etcd", root / "etcd.log")
         etcd_server.start()
         try:
             repository = reference_repository(root / "models", [MODEL], ENGINE)
-            replicas = ReplicaSet(root / "replicas", etcd_server.endpoint, REPLICAS,
+            replicas = ReplicaSet(root / "replicas", etcd_server.endpoint, replica_count,
                                   model_repository=repository, models=[MODEL])
             schedulers = Schedulers(root, etcd_server.endpoint)
             replicas.start()
@@ -317,22 +321,22 @@ def run(rate_per_s: float = 6.0, duration_s: float = 20.0) -> dict[str, float]:
                 schedulers.start()
                 try:
                     figures = asyncio.run(_measure(replicas, schedulers, etcd_server.endpoint,
-                                                   rate_per_s, duration_s))
+                                                   rate_per_s, duration_s, warmup_s))
                 finally:
                     schedulers.stop()
             finally:
                 replicas.stop()
         finally:
             etcd_server.stop()
-    figures.update(decision_costs())
+    figures.update(decision_costs(decision_samples, rpc_samples))
     return figures
 
 
-def decision_costs() -> dict[str, float]:
+def decision_costs(decision_samples: int = 5000, rpc_samples: int = 2000) -> dict[str, float]:
     """The in-process decision and the Route RPC round trip, as `bench/route_decision.py`
     measures them (100 replicas), under this benchmark's names."""
-    in_process = route_decision.decision_time_us(100, 5000, Policy.KV_AWARE)
-    rpc = route_decision.rpc_round_trip_us(100, 2000)
+    in_process = route_decision.decision_time_us(100, decision_samples, Policy.KV_AWARE)
+    rpc = route_decision.rpc_round_trip_us(100, rpc_samples)
     one, many = rpc["concurrency_1"], rpc["concurrency_16"]
     figures = {
         "route_decision_us_p50_100_replicas": in_process["cpu"]["p50"],
@@ -359,8 +363,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=6.0, help="Session arrivals per second.")
     parser.add_argument("--duration-s", type=float, default=20.0,
                         help="Sessions start during this long, per policy.")
+    parser.add_argument("--replicas", type=int, default=REPLICAS)
     args = parser.parse_args()
-    print(json.dumps(run(args.rate, args.duration_s), sort_keys=True))
+    print(json.dumps(run(args.rate, args.duration_s, args.replicas), sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Streamed generation through the mesh vs directly to Triton, at several concurrencies.
 
-Both paths use the same reference engine in the same run; the direct path uses the gateway's own
+Both paths use the same reference engine in the same run (the Triton model serving the reference
+model's production version, `served_triton_model`); the direct path uses the gateway's own
 Triton adapter, so the difference is what the mesh adds (auth, validation, admission, routing,
 the extra gRPC hop, audit). The load comes from `CLIENT_PROCESSES` processes on both paths, so
 that the client's GIL is not what the direct baseline measures at high concurrency.
@@ -22,6 +23,7 @@ from google.protobuf import duration_pb2
 from backends.triton.adapter import EngineRequest, TritonAdapter
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from services.registry.client import RegistryClient
 
 CLIENT_PROCESSES = 2
 MIN_REQUESTS_PER_LEVEL = 32  # so that c1's percentiles rest on more than a handful of samples
@@ -53,8 +55,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+def served_triton_model(stack: StackInfo, model: str) -> str:
+    """The Triton model serving `model`'s production version in the stack (what the mesh
+    routes to, so the direct path calls the same engine)."""
+
+    async def lookup() -> str:
+        async with RegistryClient(stack.endpoints["registry"], stack.api_key) as registry:
+            return (await registry.version(model)).triton_model_name
+
+    return asyncio.run(lookup())
+
+
 def direct_client(
-    adapter: TritonAdapter, stack: StackInfo, max_tokens: int, triton_model: str = "reference",
+    adapter: TritonAdapter, stack: StackInfo, max_tokens: int, triton_model: str,
     prompt: str = PROMPT, **sampling,
 ):
     """Request `index` straight to Triton, seeded by its index; `sampling`: more EngineRequest
@@ -129,14 +142,14 @@ async def drive(
 
 
 async def _client(
-    path: str, stack: StackInfo, concurrency: int, requests: range, max_tokens: int,
-    budget_s: float,
+    path: str, stack: StackInfo, triton_model: str, concurrency: int, requests: range,
+    max_tokens: int, budget_s: float,
 ) -> tuple[list[Sample], float]:
     if path == "direct":
         adapter = TritonAdapter()
         try:
-            return await drive(direct_client(adapter, stack, max_tokens), concurrency, requests,
-                                budget_s)
+            return await drive(direct_client(adapter, stack, max_tokens, triton_model),
+                               concurrency, requests, budget_s)
         finally:
             await adapter.close()
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
@@ -150,16 +163,18 @@ def client_process(*args) -> tuple[list[Sample], float]:
 
 
 def run_level(
-    pool: concurrent.futures.ProcessPoolExecutor, path: str, stack: StackInfo, concurrency: int,
-    requests: int, max_tokens: int, budget_s: float,
+    pool: concurrent.futures.ProcessPoolExecutor, path: str, stack: StackInfo,
+    triton_model: str, concurrency: int, requests: int, max_tokens: int, budget_s: float,
 ) -> LevelResult:
+    """`triton_model`: what the direct path calls."""
     shares = [s for s in (
         (concurrency // CLIENT_PROCESSES + (1 if i < concurrency % CLIENT_PROCESSES else 0), i)
         for i in range(CLIENT_PROCESSES)) if s[0] > 0]
     futures = []
     for share, i in shares:
         mine = range(i, requests, len(shares))
-        futures.append(pool.submit(client_process, path, stack, share, mine, max_tokens, budget_s))
+        futures.append(pool.submit(client_process, path, stack, triton_model, share, mine,
+                                   max_tokens, budget_s))
     samples: list[Sample] = []
     elapsed = 0.0
     for future in futures:
@@ -180,17 +195,21 @@ def run_level(
 
 def compare(
     stack: StackInfo, levels: tuple[int, ...], max_tokens: int, requests_per_stream: int,
-    budget_s: float,
+    budget_s: float, min_requests: int = MIN_REQUESTS_PER_LEVEL, warmup_requests: int = 8,
 ) -> dict[str, float]:
     figures: dict[str, float] = {}
+    triton_model = served_triton_model(stack, stack.reference_model)
     with concurrent.futures.ProcessPoolExecutor(CLIENT_PROCESSES) as pool:
         # Warm both paths (processes, channels, the engine's first steps) before measuring.
         for path in ("direct", "mesh"):
-            run_level(pool, path, stack, 4, 8, 4, budget_s)
+            run_level(pool, path, stack, triton_model, min(4, warmup_requests), warmup_requests,
+                      4, budget_s)
         for concurrency in levels:
-            requests = max(MIN_REQUESTS_PER_LEVEL, concurrency * requests_per_stream)
-            base = run_level(pool, "direct", stack, concurrency, requests, max_tokens, budget_s)
-            through = run_level(pool, "mesh", stack, concurrency, requests, max_tokens, budget_s)
+            requests = max(min_requests, concurrency * requests_per_stream)
+            base = run_level(pool, "direct", stack, triton_model, concurrency, requests,
+                             max_tokens, budget_s)
+            through = run_level(pool, "mesh", stack, triton_model, concurrency, requests,
+                                max_tokens, budget_s)
             c = f"c{concurrency}"
             print(
                 f"{c:>4}: direct {base.tokens_per_s:8.1f} tok/s ttft p50 {base.ttft_p50_ms:7.1f} "

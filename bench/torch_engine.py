@@ -25,8 +25,10 @@ from backends.triton.weights import (
     materialize_weights,
     publish_default_model,
 )
-from bench.streaming import LevelResult, Sample, direct_client, drive, mesh_client, percentile
-from deploy.local.demo_models import TORCH_TRITON_MODEL, manifest_dict, torch_manifest
+from bench.streaming import (
+    LevelResult, Sample, direct_client, drive, mesh_client, percentile, served_triton_model,
+)
+from deploy.local.demo_models import manifest_dict, torch_manifest
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2_grpc
 from services.registry.blobs import LocalBlobStore
@@ -113,18 +115,19 @@ def _load_engine(stack_blob_dir: pathlib.Path) -> TorchEngine:
 
 
 def compare(stack: StackInfo, stack_blob_dir: pathlib.Path, levels: tuple[int, ...] = (1, 8),
-            max_tokens: int = 64, requests_per_stream: int = 2,
-            budget_s: float = 120.0) -> dict[str, float]:
-    """Figures named `torch_<path>_…_c<N>` plus the two ratios the issue asks for."""
-    triton_model = TORCH_TRITON_MODEL
+            max_tokens: int = 64, requests_per_stream: int = 2, budget_s: float = 120.0,
+            min_requests: int = 4, warmup_tokens: int = 8) -> dict[str, float]:
+    """Figures named `torch_<path>_…_c<N>` plus the two ratios the issue asks for; every path
+    is first warmed with two requests of `warmup_tokens` tokens."""
+    triton_model = served_triton_model(stack, stack.model)
     results: dict[tuple[str, int], LevelResult] = {}
     engine = _load_engine(stack_blob_dir)  # idle while the Triton paths run
     try:
-        asyncio.run(_over_grpc("direct", stack, triton_model, 2, 2, 8, budget_s))  # warm
-        asyncio.run(_over_grpc("mesh", stack, triton_model, 2, 2, 8, budget_s))
-        _in_process(engine, 2, 2, 8)
+        for path in ("direct", "mesh"):  # warm
+            asyncio.run(_over_grpc(path, stack, triton_model, 2, 2, warmup_tokens, budget_s))
+        _in_process(engine, 2, 2, warmup_tokens)
         for concurrency in levels:  # the three paths back to back, so load drifts alike
-            requests = max(4, concurrency * requests_per_stream)
+            requests = max(min_requests, concurrency * requests_per_stream)
             for path in ("direct", "mesh"):
                 results[path, concurrency] = asyncio.run(_over_grpc(
                     path, stack, triton_model, concurrency, requests, max_tokens, budget_s))
