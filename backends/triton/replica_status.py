@@ -16,10 +16,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.records import PlacementRecord
+from services.common.records import KvGeometry, PlacementRecord, ReplicaRecord
 
 __all__ = [
-    "SCHEMA",
     "ModelLoad",
     "PlacementPlan",
     "ReplicaIdentity",
@@ -32,7 +31,7 @@ __all__ = [
     "restarts_within_budget",
 ]
 
-SCHEMA = 1
+LOAD_SCHEMA = 1
 KV_FAMILY = "nv_trt_llm_kv_cache_block_metrics"
 REQUEST_FAMILY = "nv_trt_llm_request_metrics"
 # Metric label value → load report field, for each family.
@@ -101,7 +100,7 @@ def load_report(replica_id: str, at: float, loads: Mapping[str, ModelLoad],
     (unix seconds) so readers can tell a stale report from a quiet replica."""
     served = set(models)
     return {
-        "schema": SCHEMA,
+        "schema": LOAD_SCHEMA,
         "replica_id": replica_id,
         "at": at,
         "models": {name: load.report() for name, load in sorted(loads.items()) if name in served},
@@ -136,30 +135,25 @@ def replica_record(
     models whose engines report their cache; `capacity` (model → prefill, decode tokens/s of
     one replica, from the engine's calibrated profile) is published for served models only;
     `version_ids`: the registered version each served model was rendered from."""
-    kv = {name: blocks for name in sorted(versions)
-          if name in loads and (blocks := loads[name].kv_capacity()) is not None}
-    return {
-        "schema": SCHEMA,
-        "replica_id": identity.replica_id,
-        "grpc_endpoint": identity.grpc_endpoint,
-        "metrics_endpoint": identity.metrics_endpoint,
-        "zone": identity.zone,
-        "gpu_type": identity.gpu_type,
-        "gpu_memory_mib": identity.gpu_memory_mib,
-        "models": sorted(versions),
-        "versions": dict(sorted(versions.items())),
-        "version_ids": {name: vid for name, vid in sorted((version_ids or {}).items())
-                        if name in versions},
-        "kv": kv,
-        "capacity": {
-            name: {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode}
-            for name, (prefill, decode) in sorted((capacity or {}).items()) if name in versions
-        },
-        "ready": ready,
-        "healthy": ready and bool(versions),
-        "draining": draining,
-        "placement_errors": dict(sorted(placement_errors.items())),
-    }
+    record = ReplicaRecord(
+        replica_id=identity.replica_id,
+        grpc_endpoint=identity.grpc_endpoint,
+        metrics_endpoint=identity.metrics_endpoint,
+        zone=identity.zone,
+        gpu_type=identity.gpu_type,
+        gpu_memory_mib=identity.gpu_memory_mib,
+        models=frozenset(versions),
+        versions=dict(versions),
+        version_ids={name: vid for name, vid in (version_ids or {}).items() if name in versions},
+        kv={name: KvGeometry(**capacity_of) for name in versions if name in loads
+            and (capacity_of := loads[name].kv_capacity()) is not None},
+        capacity={name: rates for name, rates in (capacity or {}).items() if name in versions},
+        ready=ready,
+        healthy=ready and bool(versions),
+        draining=draining,
+        placement_errors=dict(placement_errors),
+    )
+    return record.encode()
 
 
 @dataclass(frozen=True)

@@ -193,9 +193,13 @@ class GenerationPipeline:
         source: str,
         zone: str = "",
         max_attempts: int = 2,
+        serving: Callable[[str], bool] = lambda _model: True,
         clock: Callable[[], float] = time.monotonic,
     ):
+        """`serving(triton_model)`: whether some replica serves it now (the rollout sends
+        traffic only to loaded versions; see `ModelCatalog.route`)."""
         self._catalog = catalog
+        self._serving = serving
         self._admission = admission
         self._routing = routing
         self._engine = engine
@@ -221,7 +225,8 @@ class GenerationPipeline:
         try:
             # A bare name follows the rollout: the sticky canary split, the shadow sample.
             resolution = self._catalog.route(
-                request.model, principal.tenant_id, request.user, request.request_id
+                request.model, principal.tenant_id, request.user, request.request_id,
+                self._serving,
             )
             version, shadow = resolution.version, resolution.shadow
             progress.model = version.name

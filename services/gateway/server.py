@@ -39,6 +39,7 @@ from services.gateway.pipeline import (
 )
 from services.gateway.requests import ChatTurn, GenerationRequest, Principal, SamplingRequest
 from services.gateway.settings import GatewaySettings
+from services.gateway.serving import ServedModels
 from services.gateway.tokenizers import TokenizerStore
 from services.registry.blob_cache import BlobCache
 from services.registry.client import mesh_download
@@ -381,7 +382,8 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     models: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
         ctx.etcd, etcd.Keys.models, parse_models_key, on_change=models_changed
     )
-    for cache in (directory, keys, tenants, models):
+    served = ServedModels(ctx.etcd)
+    for cache in (directory, keys, tenants, models, served):
         await cache.start()
     audit = await AuditEmitter.open(directory, AuditSpoolSettings(), settings.instance_id,
                                     settings.peer_timeout_s)
@@ -407,6 +409,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         source=f"gateway/{settings.instance_id}",
         zone=settings.zone,
         max_attempts=settings.max_attempts,
+        serving=served.served,
     )
     authenticator = Authenticator(keys, tenants)
     generations = Generations(pipeline, IdempotencyCache(settings.idempotency_ttl_s))
@@ -437,7 +440,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         await audit.close()
         await adapter.close()
         await directory.close()
-        for cache in (keys, tenants, models):
+        for cache in (keys, tenants, models, served):
             await cache.stop()
 
     return ServiceParts(

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aetcd
@@ -21,6 +21,7 @@ from prometheus_client import Counter
 
 from services.common import errors, etcd
 from services.common.logs import get_logger
+from services.common.records import ReplicaRecord
 from services.common.slo import SloConfig
 from services.registry.canary import (
     CanaryPolicy,
@@ -52,6 +53,17 @@ def _fetch(url: str, timeout_s: float) -> str:
         return response.read().decode()
 
 
+def unloadable(model: str, replicas: Iterable[ReplicaRecord]) -> str | None:
+    """Why a canary that no replica serves can never take traffic: a replica reports that
+    loading it failed (the rollout sends canary traffic only to loaded versions, so such a
+    canary would otherwise linger unjudged)."""
+    for replica in sorted(replicas, key=lambda r: r.replica_id):
+        if model in replica.placement_errors:
+            return f"its engine failed to load on {replica.replica_id}: " \
+                f"{replica.placement_errors[model][:500]}"
+    return None
+
+
 def prices(version: ModelVersion) -> Prices:
     return Prices(version.cost_per_1k_input_tokens, version.cost_per_1k_output_tokens)
 
@@ -72,10 +84,13 @@ class AutoRollback:
         self._window = SlidingWindow(policy.window_s)
         self._gateways: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
             client, etcd.Keys.services + "gateway/", _parse_service)
+        self._replicas: etcd.WatchCache[ReplicaRecord] = etcd.WatchCache(
+            client, etcd.Keys.replicas, lambda _suffix, raw: ReplicaRecord.decode(etcd.decode(raw)))
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self._gateways.start()
+        await self._replicas.start()
         self._task = asyncio.create_task(self._judge_forever(), name="canary auto-rollback")
 
     async def close(self) -> None:
@@ -84,6 +99,7 @@ class AutoRollback:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._gateways.stop()
+        await self._replicas.stop()
 
     async def _judge_forever(self) -> None:
         while True:
@@ -111,11 +127,15 @@ class AutoRollback:
             if canary is None or production is None:
                 continue
             objective = self._slo.tiers[self._slo.tier_of(entry.name)].availability
-            reason = judge(
-                self._window.delta((entry.name, canary.version_id)),
-                self._window.delta((entry.name, production.version_id)),
-                self._policy, objective, prices(canary), prices(production),
-            )
+            replicas = list(self._replicas.items.values())
+            if any(canary.triton_model_name in replica.models for replica in replicas):
+                reason = judge(
+                    self._window.delta((entry.name, canary.version_id)),
+                    self._window.delta((entry.name, production.version_id)),
+                    self._policy, objective, prices(canary), prices(production),
+                )
+            else:  # loading (judged once it serves), or unable to load
+                reason = unloadable(canary.triton_model_name, replicas)
             if reason is None:
                 continue
             try:

@@ -7,6 +7,7 @@ rollback is served as soon as the watch delivers it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,9 @@ class Resolution:
     """Where one request goes: the version that answers it and, when sampled, a shadow copy."""
 
     version: ModelVersion
-    arm: str  # production | canary | pinned (an explicit @alias or @sha256 reference)
+    # production | canary | previous (production still loading) | pinned (an explicit @alias or
+    # @sha256 reference)
+    arm: str
     shadow: ModelVersion | None = None
 
 
@@ -71,19 +74,31 @@ class ModelCatalog:
             raise errors.NotFound(f"model {parsed.name!r} has no {parsed.alias!r} version")
         return self._version(entry, version_id)
 
-    def route(self, ref: str, tenant: str, user: str, request_id: str) -> Resolution:
+    def route(self, ref: str, tenant: str, user: str, request_id: str,
+              serving: Callable[[str], bool] = lambda _model: True) -> Resolution:
         """Where a client's request goes. A bare name follows the rollout (the sticky canary
         split and the shadow sample); an explicit `@alias` or `@sha256:` is served as named and
-        is never copied to the shadow."""
+        is never copied to the shadow.
+
+        `serving(triton_model)` says whether any replica serves a version now. The rollout
+        moves traffic only to versions that are loaded: a canary still loading leaves its
+        users on production, and a just-promoted version still loading leaves the traffic on
+        the previous one (arm `previous`), so a rollout never turns into errors while a version
+        is fetched and loaded. A pinned version is served as named, or UNAVAILABLE."""
         parsed = parse_ref(ref)
         if parsed.explicit:
             return Resolution(self.resolve(parsed), "pinned")
         entry = self.entry(parsed.name)
         routing = entry.routing
+        version, arm = self.resolve(parsed), "production"
         if in_canary(routing, assignment_bucket(parsed.name, tenant, user)):
-            version, arm = self._version(entry, routing.canary), "canary"
-        else:
-            version, arm = self.resolve(parsed), "production"
+            canary = self._version(entry, routing.canary)
+            if serving(canary.triton_model_name):
+                version, arm = canary, "canary"
+        if arm == "production" and routing.previous and not serving(version.triton_model_name):
+            previous = self._version(entry, routing.previous)
+            if serving(previous.triton_model_name):
+                version, arm = previous, "previous"
         shadow = None
         if shadow_sampled(routing, request_id):
             shadow = self._version(entry, routing.shadow)

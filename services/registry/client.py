@@ -10,6 +10,7 @@ directory without manifest.json, or one `.gguf` file, gets its manifest derived 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import pathlib
 import sys
@@ -22,6 +23,7 @@ from google.protobuf import json_format
 
 from infermesh.v1 import registry_pb2, registry_pb2_grpc
 from services.common import errors, status
+from services.common.discovery import ServiceDirectory
 from services.registry import hf_source
 from services.registry.blobs import CHUNK, file_digest
 from services.registry.manifest import FILE_GROUPS, validate_manifest
@@ -271,3 +273,18 @@ class RegistryClient:
         """One page of the model's changes, oldest first (`next_before_revision` for older)."""
         return await self._call(self._stub.ListHistory, registry_pb2.ListHistoryRequest(
             model=model, limit=limit, before_revision=before_revision))
+
+
+def mesh_download(
+    directory: ServiceDirectory, timeout_s: float
+) -> Callable[[str, int], AsyncIterator[bytes]]:
+    """Blob downloads from a live registry instance over the mesh's own channels (the mesh
+    token, no API key): how a replica's sidecar and a gateway fetch a version's files."""
+
+    async def download(digest: str, offset: int) -> AsyncIterator[bytes]:
+        client = RegistryClient.over(directory.channel("registry"), timeout_s=timeout_s)
+        async with contextlib.aclosing(client.download(digest, offset)) as chunks:
+            async for chunk in chunks:  # closed early, the gRPC stream is cancelled at once
+                yield chunk
+
+    return download

@@ -1,5 +1,5 @@
-"""What the scheduler knows of each replica: its record and its latest load report, parsed
-tolerantly from the sidecars' etcd values (a missing field is "unknown", never an error).
+"""What the scheduler knows of each replica: its record (decoded by the record's own codec) and
+its latest load report, parsed tolerantly (a missing field is "unknown", never an error).
 
 Freshness is judged by when a report *arrived* on the scheduler's own clock, not by the
 sidecar's `at` stamp, so clock skew between machines cannot keep a dead replica routable.
@@ -7,28 +7,16 @@ sidecar's `at` stamp, so clock skew between machines cannot keep a dead replica 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def _int(value: Any) -> int | None:
-    """A count from a record; None when absent, not a number, or negative (not a count)."""
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
-        return None
-    return int(value)
-
-
-@dataclass(frozen=True)
-class ModelKv:
-    """A model's KV-cache geometry on a replica, as the sidecar registered it."""
-
-    max_blocks: int | None = None
-    tokens_per_block: int | None = None
+from services.common.records import KvGeometry, ReplicaRecord, count
 
 
 @dataclass(frozen=True)
 class ReplicaInfo:
-    """A replica as its sidecar registered it under a lease."""
+    """A replica as its sidecar registered it under a lease: what routing needs of its record."""
 
     replica_id: str
     grpc_endpoint: str
@@ -39,25 +27,17 @@ class ReplicaInfo:
     draining: bool = False
     gpu_type: str = ""
     gpu_memory_mib: int | None = None
-    kv: dict[str, ModelKv] = field(default_factory=dict)
+    kv: Mapping[str, KvGeometry] = field(default_factory=dict)
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> ReplicaInfo:
-        kv = record.get("kv")
+    def from_record(cls, raw: dict[str, Any]) -> ReplicaInfo:
+        """Through the record's one codec (`services.common.records.ReplicaRecord`)."""
+        record = ReplicaRecord.decode(raw)
         return cls(
-            replica_id=str(record["replica_id"]),
-            grpc_endpoint=str(record["grpc_endpoint"]),
-            metrics_endpoint=str(record.get("metrics_endpoint", "")),
-            zone=str(record.get("zone", "")),
-            models=frozenset(str(m) for m in record.get("models", ())),
-            healthy=record.get("healthy") is True,
-            draining=record.get("draining") is True,
-            gpu_type=str(record.get("gpu_type", "")),
-            gpu_memory_mib=_int(record.get("gpu_memory_mib")),
-            kv={
-                str(model): ModelKv(_int(v.get("max_blocks")), _int(v.get("tokens_per_block")))
-                for model, v in kv.items() if isinstance(v, dict)
-            } if isinstance(kv, dict) else {},
+            replica_id=record.replica_id, grpc_endpoint=record.grpc_endpoint,
+            metrics_endpoint=record.metrics_endpoint, zone=record.zone, models=record.models,
+            healthy=record.healthy, draining=record.draining, gpu_type=record.gpu_type,
+            gpu_memory_mib=record.gpu_memory_mib or None, kv=record.kv,
         )
 
 
@@ -87,13 +67,13 @@ class ModelLoad:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelLoad:
         return cls(
-            kv_max_blocks=_int(raw.get("kv_max_blocks")),
-            kv_free_blocks=_int(raw.get("kv_free_blocks")),
-            kv_used_blocks=_int(raw.get("kv_used_blocks")),
-            kv_reused_blocks=_int(raw.get("kv_reused_blocks")),
-            active=_int(raw.get("active")),
-            waiting=_int(raw.get("waiting")),
-            max=_int(raw.get("max")),
+            kv_max_blocks=count(raw.get("kv_max_blocks")),
+            kv_free_blocks=count(raw.get("kv_free_blocks")),
+            kv_used_blocks=count(raw.get("kv_used_blocks")),
+            kv_reused_blocks=count(raw.get("kv_reused_blocks")),
+            active=count(raw.get("active")),
+            waiting=count(raw.get("waiting")),
+            max=count(raw.get("max")),
         )
 
 

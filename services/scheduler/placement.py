@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common.records import ReplicaRecord
 from services.registry.catalog import ModelEntry
 
 # Placement priority, first is highest. "pinned": a version in no role that clients asked for
@@ -53,23 +54,21 @@ class ReplicaState:
         return self.healthy and not self.draining
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> ReplicaState:
-        capacity = {
-            model: (float(c["prefill_tokens_per_s"]), float(c["decode_tokens_per_s"]))
-            for model, c in (record.get("capacity") or {}).items()
-        }
+    def from_record(cls, raw: dict[str, Any]) -> ReplicaState:
+        """Through the record's one codec (`services.common.records.ReplicaRecord`)."""
+        record = ReplicaRecord.decode(raw)
         return cls(
-            replica_id=record["replica_id"],
-            zone=record.get("zone", ""),
-            gpu_memory_mib=int(record.get("gpu_memory_mib", 0)),
-            loaded=frozenset(record.get("models", ())),
-            failed=frozenset(record.get("placement_errors") or {}),
-            draining=bool(record.get("draining", False)),
+            replica_id=record.replica_id,
+            zone=record.zone,
+            gpu_memory_mib=record.gpu_memory_mib,
+            loaded=record.models,
+            failed=frozenset(record.placement_errors),
+            draining=record.draining,
             # "healthy" needs a model loaded; "ready" (Triton up, maybe empty) lets a fresh
             # replica be filled.
-            healthy=bool(record.get("healthy", False)) or bool(record.get("ready", False)),
-            gpu_type=record.get("gpu_type", ""),
-            capacity=capacity,
+            healthy=record.healthy or record.ready,
+            gpu_type=record.gpu_type,
+            capacity=record.capacity,
         )
 
 

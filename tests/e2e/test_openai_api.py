@@ -16,7 +16,7 @@ import pytest
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 from tests.e2e.test_tenants_and_quotas import new_tenant
-from tests.e2e.test_walking_skeleton import REFERENCE, auth, engine_metrics, metric
+from tests.e2e.test_walking_skeleton import auth, engine_metrics, metric, reference
 
 pytestmark = pytest.mark.integration
 
@@ -171,7 +171,7 @@ async def wait_engine_cancellations(stack: StackInfo, count: float) -> str:
     while True:
         text = engine_metrics(stack)
         if metric(text, "infermesh_engine_requests_total", outcome="cancelled",
-                  **REFERENCE) == count:
+                  **reference(stack)) == count:
             return text
         assert time.monotonic() < deadline, "the engine never recorded the cancellation"
         await asyncio.sleep(0.1)
@@ -179,19 +179,19 @@ async def wait_engine_cancellations(stack: StackInfo, count: float) -> str:
 
 async def test_a_unary_client_that_gives_up_cancels_on_the_engine(stack: StackInfo):
     cancelled_before = metric(engine_metrics(stack), "infermesh_engine_requests_total",
-                              outcome="cancelled", **REFERENCE)
+                              outcome="cancelled", **reference(stack))
     impatient = openai.AsyncOpenAI(base_url=stack.openai_base_url, api_key=stack.api_key,
                                    max_retries=0, timeout=1.0)
     with pytest.raises(openai.APITimeoutError):
         await impatient.completions.create(model=stack.reference_model, prompt="a long story",
                                            max_tokens=1000, extra_body={"min_tokens": 1000})
     text = await wait_engine_cancellations(stack, cancelled_before + 1)
-    assert metric(text, "nv_trt_llm_request_metrics", request_type="active", **REFERENCE) == 0
+    assert metric(text, "nv_trt_llm_request_metrics", request_type="active", **reference(stack)) == 0
 
 
 async def test_closing_a_stream_early_cancels_on_the_engine(stack: StackInfo):
     cancelled_before = metric(engine_metrics(stack), "infermesh_engine_requests_total",
-                              outcome="cancelled", **REFERENCE)
+                              outcome="cancelled", **reference(stack))
     api = client(stack)
     stream = await api.chat.completions.create(
         model=stack.reference_model, messages=[{"role": "user", "content": "a long story"}],
@@ -203,7 +203,7 @@ async def test_closing_a_stream_early_cancels_on_the_engine(stack: StackInfo):
             break
     await stream.close()
     text = await wait_engine_cancellations(stack, cancelled_before + 1)
-    assert metric(text, "nv_trt_llm_request_metrics", request_type="active", **REFERENCE) == 0
+    assert metric(text, "nv_trt_llm_request_metrics", request_type="active", **reference(stack)) == 0
     gateway = f"http://{stack.metrics['gateway']}/metrics"
     with urllib.request.urlopen(gateway, timeout=5) as response:
         assert metric(response.read().decode(), "infermesh_gateway_http_disconnects_total",

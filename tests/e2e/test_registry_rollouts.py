@@ -25,7 +25,9 @@ from deploy.local.gateways import ExtraGateway
 from deploy.local.stack import REPO_ROOT, StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 from services.common import etcd
+from services.common.records import ReplicaRecord
 from services.common.tenancy import Tenant, TenantStore
+from services.registry.manifest import served_model_name
 
 pytestmark = pytest.mark.integration
 MESHCTL = pathlib.Path(sys.executable).parent / "meshctl"
@@ -83,6 +85,18 @@ async def wait_serving(gateway: str, key: str, model: str, version: str,
             pass
         assert time.monotonic() < deadline, f"{gateway} does not serve {version}"
         await asyncio.sleep(0.02)
+
+
+async def wait_loaded(stack: StackInfo, name: str, version: str, within_s: float = 60.0) -> None:
+    """Until a replica serves `version` (as `meshctl replicas` shows): placement loads a new
+    canary first; the rollout sends it traffic only then."""
+    model = served_model_name(name, version)
+    deadline = time.monotonic() + within_s
+    async with etcd.connect(stack.etcd, 5.0) as client:
+        while not any(model in ReplicaRecord.decode(etcd.decode(kv.value)).models
+                      for kv in await client.get_prefix(etcd.Keys.replicas.encode())):
+            assert time.monotonic() < deadline, f"no replica loaded {version}"
+            await asyncio.sleep(0.1)
 
 
 def metric(endpoint: str, name: str, labels: dict[str, str]) -> float:
@@ -164,6 +178,7 @@ async def test_canary_is_sticky_and_pins_are_served(stack, models, user_key):
     name, v1, v2 = models["name"], models["v1"], models["v2"]
     ok(await asyncio.to_thread(meshctl, stack, "canary", name, v2, "--weight", "50",
                                "--reason", "try v2"))
+    await wait_loaded(stack, name, v2)
     await wait_serving(stack.gateway, user_key, f"{name}@canary", v2)
     served: dict[str, str] = {}
     for index in range(12):
@@ -242,6 +257,7 @@ async def test_a_healthy_canary_is_left_alone(stack, models, user_key):
     name, v2 = models["name"], models["v2"]
     ok(await asyncio.to_thread(meshctl, stack, "canary", name, v2, "--weight", "50",
                                "--reason", "healthy canary"))
+    await wait_loaded(stack, name, v2)
     await wait_serving(stack.gateway, user_key, f"{name}@canary", v2)
     await canary_traffic(stack, user_key, name, 60)
     await asyncio.sleep(2 * JUDGE_INTERVAL_S)
@@ -250,24 +266,31 @@ async def test_a_healthy_canary_is_left_alone(stack, models, user_key):
     ok(await asyncio.to_thread(meshctl, stack, "canary", "clear", name, "--reason", "done"))
 
 
-async def test_a_failing_canary_is_rolled_back_automatically(stack, models, user_key, tmp_path):
-    """An injected error rate: the canary's engine is served by no replica, so every request
-    it gets fails; the registry's judge clears it and says why."""
+async def test_a_canary_that_cannot_load_is_rolled_back_automatically(stack, models, user_key,
+                                                                       tmp_path):
+    """A canary whose engine fails to load (its weights are not a model): the rollout keeps its
+    users on production meanwhile (no request fails), and the registry's judge clears it, saying
+    why."""
     name = models["name"]
-    broken = manifest(name, f"{name} broken engine") | {"triton_model_name": "missing-engine"}
+    broken = manifest(name, f"{name} broken engine")
+    broken["engine"] |= {"kind": "torch", "num_blocks": 8, "page_size": 32,
+                         "max_batch_tokens": 64}
     (tmp_path / "engine.plan").write_bytes(os.urandom(1000))
     (tmp_path / "manifest.json").write_text(json.dumps(broken))
     v3 = pushed_version(ok(await asyncio.to_thread(meshctl, stack, "push", str(tmp_path))))
     ok(await asyncio.to_thread(meshctl, stack, "canary", name, v3, "--weight", "50",
                                "--reason", "try the new engine"))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while True:
-        await canary_traffic(stack, user_key, name, 20)
+        for index in range(4):  # every request is answered, by production
+            reply = await generate(stack.gateway, user_key, name, f"user-{index}")
+            assert reply.model_version == models["v1"]
         history = ok(await asyncio.to_thread(meshctl, stack, "history", name, "--limit", "1"))
         if "clear_canary" in history:
             break
         assert time.monotonic() < deadline, history
-    assert "registry/auto-rollback" in history and "error ratio" in history
+        await asyncio.sleep(0.5)
+    assert "registry/auto-rollback" in history and "failed to load" in history
     with pytest.raises(grpc.aio.AioRpcError):  # no canary is left to pin
         await generate(stack.gateway, user_key, f"{name}@canary")
 
@@ -279,12 +302,20 @@ async def test_a_versions_safety_policy_ends_the_stream(stack, models, user_key,
     (tmp_path / "engine.plan").write_bytes(os.urandom(1000))
     (tmp_path / "manifest.json").write_text(json.dumps(guarded))
     version = pushed_version(ok(await asyncio.to_thread(meshctl, stack, "push", str(tmp_path))))
+    deadline = time.monotonic() + 60
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
-        reply = await inference_pb2_grpc.InferenceStub(channel).Generate(
-            inference_pb2.GenerateRequest(
-                model=f"{name}@{version}", prompt="tell me a story",
-                params=inference_pb2.SamplingParams(max_tokens=64, seed=3)),
-            metadata=(("authorization", f"Bearer {user_key}"),), timeout=10)
+        while True:  # pinned by id, it is loaded on demand: UNAVAILABLE (retry) until then
+            try:
+                reply = await inference_pb2_grpc.InferenceStub(channel).Generate(
+                    inference_pb2.GenerateRequest(
+                        model=f"{name}@{version}", prompt="tell me a story",
+                        params=inference_pb2.SamplingParams(max_tokens=64, seed=3)),
+                    metadata=(("authorization", f"Bearer {user_key}"),), timeout=10)
+                break
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                assert time.monotonic() < deadline, "the pinned version was never loaded"
+                await asyncio.sleep(0.5)
     assert reply.finish_reason == inference_pb2.CONTENT_FILTER
     assert "the " not in reply.text.lower() and reply.model_version == version
 

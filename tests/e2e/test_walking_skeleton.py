@@ -134,7 +134,9 @@ def engine_metrics(stack: StackInfo) -> str:
 
 
 # The engine's metrics are per Triton model; the torch engine shares the server.
-REFERENCE = {"model": "reference"}
+def reference(stack: StackInfo) -> dict[str, str]:
+    """The labels of the reference engine's version in Triton's metrics."""
+    return {"model": stack.triton_models[stack.reference_model]}
 
 
 def metric(text: str, name: str, **labels) -> float:
@@ -150,7 +152,7 @@ def metric(text: str, name: str, **labels) -> float:
 async def test_cancel_mid_stream_stops_the_engine(stack: StackInfo):
     before = engine_metrics(stack)
     cancelled_before = metric(before, "infermesh_engine_requests_total", outcome="cancelled",
-                              **REFERENCE)
+                              **reference(stack))
     conv = Conversation(stack)
     seen = 0
 
@@ -172,16 +174,16 @@ async def test_cancel_mid_stream_stops_the_engine(stack: StackInfo):
     while True:
         text = engine_metrics(stack)
         cancelled = metric(text, "infermesh_engine_requests_total", outcome="cancelled",
-                           **REFERENCE)
+                           **reference(stack))
         if cancelled == cancelled_before + 1:
             break
         assert time.monotonic() < deadline, "the engine never recorded the cancellation"
         await asyncio.sleep(0.1)
-    assert metric(text, "nv_trt_llm_request_metrics", request_type="active", **REFERENCE) == 0
-    generated = metric(text, "infermesh_engine_generated_tokens_total", **REFERENCE)
+    assert metric(text, "nv_trt_llm_request_metrics", request_type="active", **reference(stack)) == 0
+    generated = metric(text, "infermesh_engine_generated_tokens_total", **reference(stack))
     await asyncio.sleep(0.5)
     assert metric(engine_metrics(stack), "infermesh_engine_generated_tokens_total",
-                  **REFERENCE) == generated
+                  **reference(stack)) == generated
 
 
 @pytest.mark.parametrize("key", [None, "imk_not-a-real-key", ""])

@@ -119,3 +119,17 @@ def test_fires_on_a_ttft_regression_and_on_cost():
     pricier = judge(counts(ok=50, bad=0), counts(ok=50, bad=0), POLICY, OBJECTIVE,
                     Prices(0.2, 0.4), PRICES)
     assert pricier is not None
+
+
+def test_a_canary_that_failed_to_load_and_is_served_nowhere_is_unloadable():
+    from services.common.records import ReplicaRecord
+    from services.registry.auto_rollback import unloadable
+
+    def replica(rid: str, models=(), errors=None) -> ReplicaRecord:
+        return ReplicaRecord(rid, f"{rid}:1", models=frozenset(models),
+                             placement_errors=errors or {})
+
+    failed = replica("r2", errors={"m-canary": "load failed: bad weights"})
+    assert unloadable("m-canary", [replica("r1"), failed]) == (
+        "its engine failed to load on r2: load failed: bad weights")
+    assert unloadable("m-canary", [replica("r1")]) is None  # still loading: not judged yet

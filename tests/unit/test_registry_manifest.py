@@ -4,7 +4,13 @@ import pytest
 
 from services.common import errors
 from services.registry.catalog import ModelCatalog
-from services.registry.manifest import diff_manifests, parse_ref, validate_manifest, version_id
+from services.registry.manifest import (
+    diff_manifests,
+    parse_ref,
+    served_model_name,
+    validate_manifest,
+    version_id,
+)
 from services.registry.rollout import Routing
 
 MANIFEST = {
@@ -150,3 +156,27 @@ def test_catalog_routes_the_rollout_and_serves_pins_as_named():
         catalog.resolve("demo@previous")
     with pytest.raises(errors.InvalidArgument):
         catalog.route("demo@beta", "acme", "u1", "r1")
+
+
+def test_the_rollout_moves_traffic_only_to_loaded_versions():
+    new, old, canary = (dict(MANIFEST, description=d) for d in ("new", "old", "canary"))
+    ids = [version_id(m) for m in (new, old, canary)]
+    catalog = ModelCatalog()
+    catalog.rebuild({
+        **{f"demo/versions/{vid}": {"version_id": vid, "manifest": m}
+           for vid, m in zip(ids, (new, old, canary), strict=True)},
+        "demo/routing": Routing(revision=4, production=ids[0], previous=ids[1], canary=ids[2],
+                                canary_weight_percent=100).to_record(),
+    })
+    names = {vid: served_model_name("demo", vid) for vid in ids}
+
+    def route(*loaded: str, ref: str = "demo"):
+        served = {names[vid] for vid in loaded}
+        routed = catalog.route(ref, "acme", "u1", "r1", lambda model: model in served)
+        return routed.arm, routed.version.version_id
+
+    assert route(*ids) == ("canary", ids[2])
+    assert route(ids[0], ids[1]) == ("production", ids[0])  # the canary is still loading
+    assert route(ids[1]) == ("previous", ids[1])  # just promoted, still loading: the old one
+    assert route() == ("production", ids[0])  # nothing loaded: production's UNAVAILABLE
+    assert route(ids[1], ref=f"demo@{ids[2]}") == ("pinned", ids[2])  # a pin is as named

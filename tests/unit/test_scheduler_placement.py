@@ -158,7 +158,7 @@ def test_a_blocked_pair_is_skipped_and_the_model_goes_elsewhere():
 
 def test_record_fields_from_the_sidecar():
     state = ReplicaState.from_record({
-        "replica_id": "r1", "zone": "z", "gpu_memory_mib": 81_920, "gpu_type": "H100",
+        "schema": 1, "replica_id": "r1", "zone": "z", "gpu_memory_mib": 81_920, "gpu_type": "H100",
         "models": ["a"], "draining": True, "healthy": True, "placement_errors": {"b": "boom"},
         "capacity": {"a": {"prefill_tokens_per_s": 1000, "decode_tokens_per_s": 100}},
         "grpc_endpoint": "x:1",
