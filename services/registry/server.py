@@ -30,6 +30,7 @@ from services.registry.auto_rollback import AutoRollback
 from services.registry.blobs import BlobStore, LocalBlobStore
 from services.registry.catalog import ModelCatalog
 from services.registry.manifest import ModelVersion, parse_ref
+from services.registry.s3_blobs import S3BlobStore
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore, parse_models_key
 from services.registry.uploads import BlobUploads
@@ -343,7 +344,11 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         await cache.start()
     shipper = AdminAuditShipper(ctx.etcd, directory, settings.peer_timeout_s)
     await shipper.start()
-    blobs = await asyncio.to_thread(LocalBlobStore, settings.blob_dir)
+    blobs: BlobStore
+    if settings.blob_store == "s3":  # shared by every registry pod (docs/decisions.md)
+        blobs = await asyncio.to_thread(S3BlobStore, settings.s3_location(), settings.blob_dir)
+    else:
+        blobs = await asyncio.to_thread(LocalBlobStore, settings.blob_dir)
     store = RegistryStore(ctx.etcd, blobs, source=f"registry/{settings.instance_id}")
     auto_rollback = None
     if settings.auto_rollback:

@@ -7,13 +7,15 @@ whole embedded stack without a registry setting leaking into another service.
 from __future__ import annotations
 
 import pathlib
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
 from services.common.slo import DEFAULT_SLO_CONFIG
 from services.registry.canary import CanaryPolicy
+from services.registry.s3_blobs import S3Location
 
 
 class RegistrySettings(ServiceSettings):
@@ -22,10 +24,38 @@ class RegistrySettings(ServiceSettings):
     # populate_by_name: tests may write RegistrySettings(blob_dir=...).
     model_config = SettingsConfigDict(populate_by_name=True)
 
+    blob_store: Literal["local", "s3"] = Field(
+        "local", validation_alias="INFERMESH_REGISTRY_BLOB_STORE",
+        description="Where blobs live: `local` (blob_dir; one registry process) or `s3` (an "
+        "S3-compatible bucket every registry pod shares; see docs/decisions.md).",
+    )
     blob_dir: pathlib.Path = Field(
         pathlib.Path(".infermesh/data/blobs"),
         validation_alias="INFERMESH_REGISTRY_BLOB_DIR",
-        description="Root of the local content-addressed blob store; created if missing.",
+        description="Root of the local content-addressed blob store; created if missing. With "
+        "the s3 store, where this process stages uploads in progress until they verify.",
+    )
+    s3_bucket: str = Field(
+        "", validation_alias="INFERMESH_REGISTRY_S3_BUCKET",
+        description="The s3 store's bucket (required with blob_store=s3; it must exist). "
+        "Credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_WEB_IDENTITY_TOKEN_FILE …).",
+    )
+    s3_prefix: str = Field(
+        "", validation_alias="INFERMESH_REGISTRY_S3_PREFIX",
+        description="Key prefix of the blobs in the bucket (e.g. `infermesh/prod/`).",
+    )
+    s3_endpoint_url: str = Field(
+        "", validation_alias="INFERMESH_REGISTRY_S3_ENDPOINT_URL",
+        description="The S3 API's URL for MinIO, Ceph RGW and the like; empty: AWS S3.",
+    )
+    s3_region: str = Field(
+        "", validation_alias="INFERMESH_REGISTRY_S3_REGION",
+        description="The bucket's region; empty: AWS_REGION / AWS_DEFAULT_REGION.",
+    )
+    s3_timeout_s: float = Field(
+        10.0, gt=0, validation_alias="INFERMESH_REGISTRY_S3_TIMEOUT_S",
+        description="Connect and read deadline of one S3 call (botocore retries it).",
     )
     max_blob_bytes: int = Field(
         1 << 40, validation_alias="INFERMESH_REGISTRY_MAX_BLOB_BYTES",
@@ -75,6 +105,17 @@ class RegistrySettings(ServiceSettings):
         2.0, gt=0, validation_alias="INFERMESH_REGISTRY_CANARY_SCRAPE_TIMEOUT_S",
         description="Deadline of one gateway /metrics scrape.",
     )
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> RegistrySettings:
+        if self.blob_store == "s3" and not self.s3_bucket:
+            raise ValueError("INFERMESH_REGISTRY_S3_BUCKET is required with blob_store=s3")
+        return self
+
+    def s3_location(self) -> S3Location:
+        return S3Location(bucket=self.s3_bucket, prefix=self.s3_prefix,
+                          endpoint_url=self.s3_endpoint_url, region=self.s3_region,
+                          timeout_s=self.s3_timeout_s)
 
     def canary_policy(self) -> CanaryPolicy:
         return CanaryPolicy(

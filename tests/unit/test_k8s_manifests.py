@@ -177,3 +177,109 @@ def test_prometheus_names_jobs_as_the_embedded_stack_does() -> None:
     assert job("replica", "metrics") == "sidecar"
     assert job("replica", "triton-metrics") == "triton"
     assert job("gateway", "grpc") is None and job("etcd", "peer") is None
+
+
+def _workload(rendered: list[dict], name: str) -> dict:
+    return next(d for d in rendered if d["kind"] in WORKLOADS and d["metadata"]["name"] == name)
+
+
+def _env(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+def _mounts(container: dict) -> dict[str, dict]:
+    """mountPath → the mount."""
+    return {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+def _cache_fits_its_volume(pod: dict, container: dict, where: str) -> None:
+    """The blob cache is an emptyDir mounted at INFERMESH_BLOB_CACHE_DIR whose sizeLimit holds
+    INFERMESH_BLOB_CACHE_MAX_BYTES with at most a quarter to spare."""
+    env = _env(container)
+    mount = _mounts(container)[env["INFERMESH_BLOB_CACHE_DIR"]]
+    assert not mount.get("readOnly"), where
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    limit = _bytes(volume["emptyDir"]["sizeLimit"])
+    assert 0.75 * limit <= int(env["INFERMESH_BLOB_CACHE_MAX_BYTES"]) <= limit, where
+
+
+def test_replicas_fetch_from_the_registry_and_share_nothing_but_their_pod(
+    rendered: list[dict],
+) -> None:
+    """Triton starts empty in explicit mode on a `models` volume only its sidecar writes; the
+    engines read the sidecar's verified blobs (same path, read-only) and write converted copies
+    to their own cache; no replica volume outlives or leaves the pod."""
+    pod = _workload(rendered, "replica")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    triton, sidecar = containers["triton"], containers["sidecar"]
+    args = triton.get("command", []) + triton["args"]
+    assert not [a for a in args if a.startswith("--load-model")]
+    # tritonserver is told; the launcher (cpu-dev) always starts it in explicit mode.
+    assert "--model-control-mode=explicit" in args or "backends.triton.launcher" in args
+    repository = next(a.split("=", 1)[1] for a in args if a.startswith("--model-repository="))
+    env = _env(sidecar)
+    assert env["INFERMESH_MODEL_REPOSITORY"] == repository
+    models = _mounts(sidecar)[repository]["name"]
+    assert _mounts(triton)[repository] == {"name": models, "mountPath": repository,
+                                           "readOnly": True}
+    blobs = env["INFERMESH_BLOB_CACHE_DIR"]
+    assert _mounts(triton)[blobs]["readOnly"] is True
+    assert _mounts(triton)[blobs]["name"] == _mounts(sidecar)[blobs]["name"]
+    _cache_fits_its_volume(pod, sidecar, "replica/sidecar")
+    cache_dir = _env(triton)["INFERMESH_CACHE_DIR"]
+    assert env["INFERMESH_CACHE_DIR"] == cache_dir  # the sidecar renders it into each config
+    assert not _mounts(triton)[cache_dir].get("readOnly")
+    assert {"secretRef": {"name": "infermesh-mesh-token"}} in sidecar["envFrom"]
+    # emptyDirs only: nothing shared with the registry or another replica (no claim, no host path).
+    assert all(set(v) == {"name", "emptyDir"} for v in pod["volumes"]), pod["volumes"]
+
+
+def test_gateways_keep_tokenizers_in_their_own_blob_cache(rendered: list[dict]) -> None:
+    pod = _workload(rendered, "gateway")["spec"]["template"]["spec"]
+    gateway = pod["containers"][0]
+    assert "INFERMESH_BLOB_DIR" not in _env(gateway)
+    _cache_fits_its_volume(pod, gateway, "gateway")
+
+
+def test_registries_share_a_bucket_or_are_alone_with_a_volume(rendered: list[dict]) -> None:
+    """More than one registry pod: the S3 store, the bucket named in a ConfigMap, credentials
+    from a Secret; one pod: the local store on a PersistentVolumeClaim (gone with the pod, an
+    emptyDir would lose blobs that registered versions pin)."""
+    registry = _workload(rendered, "registry")
+    pod = registry["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    maps = {d["metadata"]["name"]: d["data"] for d in rendered if d["kind"] == "ConfigMap"}
+    config: dict[str, str] = {}
+    for source in container["envFrom"]:
+        if "configMapRef" in source:
+            config |= maps[source["configMapRef"]["name"]]
+    config |= _env(container)
+    store = {v["name"]: v for v in pod["volumes"]}[
+        _mounts(container)[config["INFERMESH_REGISTRY_BLOB_DIR"]]["name"]]
+    if registry["spec"]["replicas"] > 1:
+        assert config["INFERMESH_REGISTRY_BLOB_STORE"] == "s3"
+        assert config["INFERMESH_REGISTRY_S3_BUCKET"]
+        assert {"secretRef": {"name": "infermesh-registry-s3", "optional": True}} in (
+            container["envFrom"])
+    else:
+        assert config["INFERMESH_REGISTRY_BLOB_STORE"] == "local"
+        assert "persistentVolumeClaim" in store
+        assert registry["spec"]["strategy"] == {"type": "Recreate"}  # ReadWriteOnce
+
+
+def test_every_mesh_container_runs_as_a_user(rendered: list[dict]) -> None:
+    """Every pod running the mesh's images is non-root (etcd's upstream image is left as it
+    ships)."""
+    for doc in (d for d in rendered if d["kind"] in WORKLOADS):
+        if doc["metadata"]["name"] == "etcd":
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            context = pod.get("securityContext", {}) | container.get("securityContext", {})
+            assert context.get("runAsNonRoot") is True, (
+                f"{doc['metadata']['name']}/{container['name']}")
