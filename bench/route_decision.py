@@ -29,6 +29,7 @@ from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import etcd, status
 from services.common.net import free_port
 from services.common.prefix import prompt_block_hashes
+from services.common.records import ReplicaRecord
 from services.scheduler.candidates import RouteQuery
 from services.scheduler.inventory import LoadReport, ModelLoad, ReplicaInfo
 from services.scheduler.outcome import Outcome
@@ -99,9 +100,10 @@ async def _write_fleet(endpoint: str, replicas: int) -> None:
     infos, loads = fleet(replicas, time.time())
     async with etcd.connect(endpoint, 5.0) as client:
         for info in infos:
-            await client.put(etcd.Keys.replica(info.replica_id).encode(), etcd.encode({
-                "replica_id": info.replica_id, "grpc_endpoint": info.grpc_endpoint,
-                "zone": info.zone, "models": [MODEL], "healthy": True}))
+            record = ReplicaRecord(info.replica_id, info.grpc_endpoint, zone=info.zone,
+                                   models=frozenset({MODEL}), ready=True, healthy=True)
+            await client.put(etcd.Keys.replica(info.replica_id).encode(),
+                             etcd.encode(record.encode()))
 
 
 async def _round_trips(port: int, chains: list[list[int]], concurrency: int) -> dict[str, float]:

@@ -72,7 +72,8 @@ TOKENS = Counter(  # by version too: the canary judge compares cost per 1k token
 )
 RESOLUTIONS = Counter(
     "infermesh_gateway_model_resolutions_total",
-    "Requests by the rollout arm that answered them: production, canary, or pinned.",
+    "Requests by the rollout arm that answered them: production, canary, previous (production "
+    "still loading) or pinned.",
     ["model", "arm"],
 )
 

@@ -273,7 +273,7 @@ async def test_a_canary_that_cannot_load_is_rolled_back_automatically(stack, mod
     why."""
     name = models["name"]
     broken = manifest(name, f"{name} broken engine")
-    broken["engine"] |= {"kind": "torch", "num_blocks": 8, "page_size": 32,
+    broken["engine"] |= {"kind": "torch", "num_blocks": 128, "page_size": 32,
                          "max_batch_tokens": 64}
     (tmp_path / "engine.plan").write_bytes(os.urandom(1000))
     (tmp_path / "manifest.json").write_text(json.dumps(broken))

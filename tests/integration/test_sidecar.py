@@ -23,6 +23,7 @@ from backends.triton.launcher import stub_pids
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.replicas import ReplicaSet, reference_repository
 from services.common import etcd
+from services.common.records import PlacementRecord
 
 pytestmark = pytest.mark.integration
 
@@ -127,6 +128,7 @@ async def test_record_and_load_report_carry_the_contract_fields(
         "schema": 1, "replica_id": replica.replica_id, "grpc_endpoint": replica.grpc_endpoint,
         "metrics_endpoint": replica.metrics_endpoint, "zone": "zone-a", "gpu_type": "cpu",
         "gpu_memory_mib": 8192, "models": ["alpha"], "versions": {"alpha": "1"},
+        "version_ids": {},  # loaded as the repository has it, not from the registry
         "kv": record["kv"],
         "capacity": {"alpha": {"prefill_tokens_per_s": 20_000.0,
                                "decode_tokens_per_s": pytest.approx(32 * 1e3 / 16.4)}},
@@ -168,7 +170,7 @@ async def test_placement_loads_and_unloads_and_reports_a_bad_model(
     placement = etcd.Keys.placement(replica_id)
     try:
         await client.put(placement.encode(), etcd.encode(
-            {"schema": 1, "models": ["alpha", "beta", "no-such-model"], "generation": 1}))
+            PlacementRecord(frozenset(["alpha", "beta", "no-such-model"]), 1).encode()))
         record = await eventually(client, key, lambda v: v["models"] == ["alpha", "beta"]
                                   and "no-such-model" in v["placement_errors"])
         assert record["healthy"] and record["versions"] == {"alpha": "1", "beta": "1"}
@@ -178,7 +180,7 @@ async def test_placement_loads_and_unloads_and_reports_a_bad_model(
         assert await generate(replicas[replica_id].grpc_endpoint, "beta", 3) == 3
 
         await client.put(placement.encode(), etcd.encode(
-            {"schema": 1, "models": ["beta"], "generation": 2}))
+            PlacementRecord(frozenset(["beta"]), 2).encode()))
         record = await eventually(client, key, lambda v: v["models"] == ["beta"])
         assert record["placement_errors"] == {}  # the bad model is no longer asked for
         load = await eventually(client, etcd.Keys.load(replica_id),
@@ -186,7 +188,7 @@ async def test_placement_loads_and_unloads_and_reports_a_bad_model(
         assert set(load["models"]) == {"beta"}
     finally:  # back to what the other tests expect
         await client.put(placement.encode(), etcd.encode(
-            {"schema": 1, "models": ["alpha"], "generation": 3}))
+            PlacementRecord(frozenset(["alpha"]), 3).encode()))
         await eventually(client, key, lambda v: v["models"] == ["alpha"])
         await client.delete(placement.encode())
 
