@@ -175,6 +175,7 @@ def show(
         return
     typer.echo(f"{version.manifest.name}@{version.version_id}")
     typer.echo(f"registered {_when(version.registered_at)} by {version.registered_by or '-'}")
+    typer.echo(f"served as the Triton model {version.triton_model_name}")
     for field, value in flatten(manifest).items():
         typer.echo(f"  {field} = {json.dumps(value)}")
 

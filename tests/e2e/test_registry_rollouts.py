@@ -158,6 +158,7 @@ def test_push_show_diff_list_and_history(stack, models, tmp_path):
     assert pushed_version(round_trip) == v1 and "already registered" in round_trip
     shown = ok(meshctl(stack, "show", f"{name}@{v1[7:19]}"))  # a unique prefix does
     assert v1 in shown and "weights[engine.plan].digest" in shown
+    assert f"served as the Triton model {served_model_name(name, v1)}" in shown
     diff = ok(meshctl(stack, "diff", f"{name}@{v1}", v2))
     assert f'description: "{name} v1" → "{name} v2"' in diff
     assert "weights[engine.plan].digest" in diff
