@@ -17,6 +17,9 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A peer that died and came back (restarted by its supervisor, on the same port) is dialled
+    # again within 2 s, not after gRPC's default backoff of up to 120 s.
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 )
 
 

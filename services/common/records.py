@@ -34,8 +34,8 @@ def _mapping(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
         raise ValueError(f"replica {name} must be an object")
     return value
 
-__all__ = ["PLACEMENT_SCHEMA", "REPLICA_SCHEMA", "KvGeometry", "PlacementRecord", "ReplicaRecord",
-           "count"]
+__all__ = ["PLACEMENT_SCHEMA", "REPLICA_SCHEMA", "KvGeometry", "LoadReport", "ModelLoad",
+           "PlacementRecord", "ReplicaRecord", "count"]
 
 PLACEMENT_SCHEMA = 2  # 2: `versions` (which registered version each placed model serves)
 REPLICA_SCHEMA = 1
@@ -169,4 +169,64 @@ class ReplicaRecord:
             draining=raw.get("draining") is True,
             placement_errors={str(k): str(v)
                               for k, v in _mapping(raw, "placement_errors").items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoad:
+    """One model's figures from a load report; None where the engine did not say."""
+
+    kv_max_blocks: int | None = None
+    kv_free_blocks: int | None = None
+    kv_used_blocks: int | None = None
+    kv_reused_blocks: int | None = None
+    active: int | None = None
+    waiting: int | None = None
+    max: int | None = None
+    # Derived once here, read on every route: the free share of KV blocks, and the requests the
+    # engine holds (running + waiting); None when the report lacks what they need.
+    kv_free_fraction: float | None = field(init=False, default=None)
+    queue: int | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.kv_max_blocks and self.kv_free_blocks is not None:
+            object.__setattr__(self, "kv_free_fraction",
+                               min(1.0, max(0.0, self.kv_free_blocks / self.kv_max_blocks)))
+        if self.active is not None or self.waiting is not None:
+            object.__setattr__(self, "queue", (self.active or 0) + (self.waiting or 0))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelLoad:
+        return cls(
+            kv_max_blocks=count(raw.get("kv_max_blocks")),
+            kv_free_blocks=count(raw.get("kv_free_blocks")),
+            kv_used_blocks=count(raw.get("kv_used_blocks")),
+            kv_reused_blocks=count(raw.get("kv_reused_blocks")),
+            active=count(raw.get("active")),
+            waiting=count(raw.get("waiting")),
+            max=count(raw.get("max")),
+        )
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """`load/<id>`: a replica's latest load report, written by its sidecar every few hundred ms
+    and read by the schedulers (and by gateways routing on their own). Freshness is judged by
+    when the report *arrived* on the reader's own clock, not by the sidecar's `at` stamp, so
+    clock skew between machines cannot keep a dead replica routable."""
+
+    replica_id: str
+    received_at: float  # the reader's monotonic clock when the report arrived
+    models: dict[str, ModelLoad] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, replica_id: str, record: dict[str, Any], received_at: float) -> LoadReport:
+        models = record.get("models")
+        return cls(
+            replica_id=replica_id,
+            received_at=received_at,
+            models={
+                str(name): ModelLoad.from_dict(figures)
+                for name, figures in models.items() if isinstance(figures, dict)
+            } if isinstance(models, dict) else {},
         )

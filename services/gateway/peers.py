@@ -13,7 +13,7 @@ from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import errors, status
 from services.common.discovery import ServiceDirectory, rendezvous_order
 from services.common.logs import get_logger
-from services.scheduler.outcome import Outcome
+from services.common.outcome import Outcome
 
 log = get_logger(__name__)
 SCHEDULER_FAILOVERS = Counter(
@@ -27,6 +27,11 @@ OUTCOMES = {
     Outcome.FAILED_AFTER_FIRST_TOKEN: scheduler_pb2.ROUTE_OUTCOME_FAILED_AFTER_FIRST_TOKEN,
     Outcome.CANCELLED: scheduler_pb2.ROUTE_OUTCOME_CANCELLED,
 }
+
+
+class SchedulersAway(errors.Unavailable):
+    """No scheduler instance answered (none registered, or each one tried was down or did not
+    answer in time): not a refusal a scheduler sent. The gateway then routes by itself."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class SchedulerClient:
         """The owner of this prefix first, then the one to fail over to."""
         endpoints = self._directory.endpoints("scheduler")
         if not endpoints:
-            raise errors.Unavailable("no scheduler service is registered", retry_after_s=1.0)
+            raise SchedulersAway("no scheduler service is registered", retry_after_s=1.0)
         key = f"{triton_model_name}/{prefix_hashes[0]}" if prefix_hashes else request_id
         return rendezvous_order(key, endpoints)[:2]
 
@@ -91,6 +96,9 @@ class SchedulerClient:
                                 code=exc.code().name)
             return await self._route_at(last, request)
         except grpc.aio.AioRpcError as exc:
+            if _scheduler_away(exc):
+                raise SchedulersAway(f"no scheduler answered ({exc.code().name})",
+                                     retry_after_s=1.0) from exc
             raise status.from_rpc_error(exc) from exc
 
     async def _route_at(self, endpoint: str, request: scheduler_pb2.RouteRequest) -> Route:

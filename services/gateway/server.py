@@ -25,6 +25,7 @@ from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import TenantStore, parse_key, parse_tenant
 from services.gateway.admission import AdmissionLimits, FairAdmission
 from services.gateway.audit import AuditEmitter, AuditSpoolSettings
+from services.gateway.fallback import FallbackConfig, FallbackRouter, LoadReports, ResilientRouting
 from services.gateway.peers import SchedulerClient
 from services.gateway.quota import QuotaLeases
 from services.gateway.idempotency import IdempotencyCache
@@ -383,7 +384,8 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         ctx.etcd, etcd.Keys.models, parse_models_key, on_change=models_changed
     )
     served = ServedModels(ctx.etcd)
-    for cache in (directory, keys, tenants, models, served):
+    loads = LoadReports(ctx.etcd)  # for routing on its own when no scheduler answers
+    for cache in (directory, keys, tenants, models, served, loads):
         await cache.start()
     audit = await AuditEmitter.open(directory, AuditSpoolSettings(), settings.instance_id,
                                     settings.peer_timeout_s)
@@ -396,7 +398,12 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     pipeline = GenerationPipeline(
         catalog,
         audit.guard(quota),
-        SchedulerClient(directory, settings.peer_timeout_s, settings.zone),
+        ResilientRouting(
+            SchedulerClient(directory, min(settings.peer_timeout_s,
+                                           settings.scheduler_budget_s / 2), settings.zone),
+            FallbackRouter(FallbackConfig(budget_s=settings.scheduler_budget_s,
+                                          retry_s=settings.fallback_retry_s), settings.zone),
+            served.records, lambda: loads.items),
         adapter,
         audit,
         Limits(default_timeout_s=settings.default_timeout_s, max_timeout_s=settings.max_timeout_s),
@@ -440,7 +447,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         await audit.close()
         await adapter.close()
         await directory.close()
-        for cache in (keys, tenants, models, served):
+        for cache in (keys, tenants, models, served, loads):
             await cache.stop()
 
     return ServiceParts(

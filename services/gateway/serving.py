@@ -1,5 +1,6 @@
 """Which Triton models some replica serves now, from the replica records in etcd: what lets the
-rollout send traffic only to versions that are loaded (`ModelCatalog.route`)."""
+rollout send traffic only to versions that are loaded (`ModelCatalog.route`), and the replicas
+the gateway routes to by itself when no scheduler answers (`fallback.py`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ class ServedModels:
 
     def served(self, model: str) -> bool:
         return model in self._served
+
+    def records(self) -> list[ReplicaRecord]:
+        """Every replica record as last seen (healthy or not)."""
+        return list(self._records.items.values())
 
     async def start(self) -> None:
         await self._records.start()

@@ -45,6 +45,12 @@ class GatewaySettings(ServiceSettings, BlobCacheSettings):
         4, description="Shadow copies this gateway runs at once; more are dropped, not queued."
     )
     shadow_timeout_s: float = Field(30.0, description="Deadline of one shadow copy.")
+    scheduler_budget_s: float = Field(
+        1.0, gt=0, description="How long the schedulers get to answer a route (each instance "
+        "half of it) before this gateway routes by itself from its own view of the replicas.")
+    fallback_retry_s: float = Field(
+        0.5, gt=0, description="While routing by itself, how often a route asks the schedulers "
+        "again (the first that answers ends the fallback).")
     quota_fail_open: bool = Field(
         True, description="With no ratelimit replica reachable: admit (counted) or refuse."
     )
