@@ -30,7 +30,8 @@ def plan_update(
     priority: str | None, rpm: int | None, input_tpm: int | None, output_tpm: int | None,
     max_concurrency: int | None, max_context: int | None, max_output: int | None,
     monthly_tokens: int | None, degraded_max_tokens: int | None,
-    audit_text_hashes: bool | None = None,
+    audit_text_hashes: bool | None = None, models: str | None = None,
+    version_grants: str | None = None,
 ) -> tenants_pb2.PlanUpdate:
     values = {
         "priority": priority, "requests_per_minute": rpm, "input_tokens_per_minute": input_tpm,
@@ -39,7 +40,11 @@ def plan_update(
         "monthly_token_budget": monthly_tokens, "degraded_max_tokens": degraded_max_tokens,
         "audit_text_hashes": audit_text_hashes,
     }
-    return tenants_pb2.PlanUpdate(**{k: v for k, v in values.items() if v is not None})
+    update = tenants_pb2.PlanUpdate(**{k: v for k, v in values.items() if v is not None})
+    for name, text in (("models", models), ("version_grants", version_grants)):
+        if text is not None:  # "" sets an empty list
+            getattr(update, name).values.extend(v.strip() for v in text.split(",") if v.strip())
+    return update
 
 
 def show(message) -> None:
@@ -77,6 +82,12 @@ DEGRADED = typer.Option(None, "--degraded-max-tokens",
                         help="under pressure, cap max_tokens to this before refusing; 0 = off")
 TEXT_HASHES = typer.Option(None, "--audit-text-hashes/--no-audit-text-hashes",
                            help="audit events carry sha256 of the prompt and completion")
+MODELS = typer.Option(None, "--models",
+                      help="comma-separated model names the tenant may use; '' = every model")
+VERSION_GRANTS = typer.Option(
+    None, "--version-grants",
+    help="comma-separated version ids (sha256:…) it may pin though no production, canary or "
+    "previous alias names them; '' = none")
 
 
 @tenant_app.command("create")
@@ -86,13 +97,15 @@ def tenant_create(
     output_tpm: int = OUTPUT_TPM, max_concurrency: int = MAX_CONCURRENCY,
     max_context: int = MAX_CONTEXT, max_output: int = MAX_OUTPUT, monthly_tokens: int = MONTHLY,
     degraded_max_tokens: int = DEGRADED, audit_text_hashes: bool = TEXT_HASHES,
+    models: str = MODELS, version_grants: str = VERSION_GRANTS,
     gateway: str = GATEWAY, api_key: str = API_KEY,
 ) -> None:
     """Create a tenant; unset plan fields take the defaults."""
     request = tenants_pb2.CreateTenantRequest(
         tenant_id=tenant_id, name=name or "",
         plan=plan_update(priority, rpm, input_tpm, output_tpm, max_concurrency, max_context,
-                         max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes))
+                         max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes,
+                         models, version_grants))
     show(call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
                       .CreateTenant(request, metadata=md, timeout=TIMEOUT_S)))
 
@@ -104,6 +117,7 @@ def tenant_update(
     output_tpm: int = OUTPUT_TPM, max_concurrency: int = MAX_CONCURRENCY,
     max_context: int = MAX_CONTEXT, max_output: int = MAX_OUTPUT, monthly_tokens: int = MONTHLY,
     degraded_max_tokens: int = DEGRADED, audit_text_hashes: bool = TEXT_HASHES,
+    models: str = MODELS, version_grants: str = VERSION_GRANTS,
     expected_revision: int = typer.Option(0, "--expected-revision",
                                           help="refuse if the tenant changed since (from show)"),
     gateway: str = GATEWAY, api_key: str = API_KEY,
@@ -112,7 +126,8 @@ def tenant_update(
     request = tenants_pb2.UpdateTenantRequest(
         tenant_id=tenant_id, expected_revision=expected_revision,
         plan=plan_update(priority, rpm, input_tpm, output_tpm, max_concurrency, max_context,
-                         max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes))
+                         max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes,
+                         models, version_grants))
     if name is not None:
         request.name = name
     show(call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)

@@ -42,15 +42,29 @@ class TenantPlan:
     monthly_token_budget: int = 0  # input + output tokens per calendar month (UTC); 0 = none
     degraded_max_tokens: int = 0  # under pressure, cap max_tokens to this before refusing; 0 = off
     audit_text_hashes: bool = False  # audit events carry sha256 of the prompt and completion
+    # Model names the tenant may use (bare, or pinned to production/canary/previous); empty:
+    # every model. See services/gateway/model_access.py.
+    models: tuple[str, ...] = ()
+    # Version ids the tenant may pin although no open alias names them (a withdrawn version,
+    # one never promoted); admin keys need no grant.
+    version_grants: tuple[str, ...] = ()
 
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> TenantPlan:
         """Tolerates fields it does not know (a newer writer) and fills missing ones."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in value.items() if k in known})
+        fields = {k: v for k, v in value.items() if k in known}
+        for name in LIST_FIELDS:
+            if name in fields:
+                fields[name] = tuple(fields[name])
+        return cls(**fields)
 
 
 ZERO_MEANS_NONE = ("monthly_token_budget", "degraded_max_tokens")
+LIST_FIELDS = ("models", "version_grants")
+MAX_LIST_ENTRIES = 256
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # as services/registry/manifest.py
+VERSION_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -101,8 +115,17 @@ def validate_tenant(tenant: Tenant) -> None:
         raise errors.InvalidArgument("plan.priority", f"must be one of {', '.join(PRIORITY_CLASSES)}")
     if not isinstance(plan.audit_text_hashes, bool):
         raise errors.InvalidArgument("plan.audit_text_hashes", "must be true or false")
+    for name, pattern in (("models", MODEL_NAME), ("version_grants", VERSION_ID)):
+        values = getattr(plan, name)
+        if not isinstance(values, (list, tuple)) or len(values) > MAX_LIST_ENTRIES:
+            raise errors.InvalidArgument(f"plan.{name}", f"at most {MAX_LIST_ENTRIES} entries")
+        for index, value in enumerate(values):
+            if not isinstance(value, str) or not pattern.match(value):
+                raise errors.InvalidArgument(
+                    f"plan.{name}[{index}]", "must be a model name" if name == "models"
+                    else "must be a version id, sha256:<64 hex digits>")
     for name, value in asdict(plan).items():
-        if name in ("priority", "audit_text_hashes"):
+        if name in ("priority", "audit_text_hashes", *LIST_FIELDS):
             continue
         low = 0 if name in ZERO_MEANS_NONE else 1
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 10**12:

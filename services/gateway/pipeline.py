@@ -14,6 +14,7 @@ The deadline does the same and reports `deadline`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -36,7 +37,17 @@ from services.gateway.requests import GenerationRequest, Principal
 from services.gateway.safety import StreamFilter
 from services.gateway.shadow import ShadowTraffic
 from services.gateway.tokenizers import TokenizerStore
-from services.gateway.validation import Limits, validate
+from services.gateway.model_access import check_access
+from services.gateway.validation import (
+    OFFLOAD_MIN_CHARS,
+    Limits,
+    ValidatedGeneration,
+    check_parameters,
+    finish_validation,
+    input_chars,
+    prepare_prompt,
+    validate,
+)
 from services.registry.catalog import ModelCatalog
 from services.registry.manifest import ModelVersion
 from services.scheduler.outcome import Outcome
@@ -196,6 +207,7 @@ class GenerationPipeline:
         max_attempts: int = 2,
         serving: Callable[[str], bool] = lambda _model: True,
         clock: Callable[[], float] = time.monotonic,
+        prompt_workers: int = 4,
     ):
         """`serving(triton_model)`: whether some replica serves it now (the rollout sends
         traffic only to loaded versions; see `ModelCatalog.route`)."""
@@ -214,6 +226,10 @@ class GenerationPipeline:
         self._max_attempts = max_attempts
         self._clock = clock
         self._background: set[asyncio.Task[None]] = set()
+        # Renders and tokenizes long inputs; its own threads, so audit and etcd I/O in the
+        # default executor never wait behind a burst of long prompts.
+        self._prompt_executor = concurrent.futures.ThreadPoolExecutor(
+            prompt_workers, thread_name_prefix="gateway-prompt")
 
     async def run(
         self, principal: Principal, request: GenerationRequest, send: Send, client_address: str = ""
@@ -235,9 +251,9 @@ class GenerationPipeline:
             progress.blocked_phrases = version.blocked_phrases
             progress.prices_per_1k = (version.cost_per_1k_input_tokens,
                                       version.cost_per_1k_output_tokens)
+            check_access(principal, resolution, self._catalog.entry(version.name).routing)
             RESOLUTIONS.labels(version.name, resolution.arm).inc()
-            validated = validate(request, principal, version, self._limits,
-                                 self._tokenizers.get(version))
+            validated = await self._validate(request, principal, version)
             if principal.plan.audit_text_hashes:
                 progress.text_hashes = TextHashes(validated.engine.prompt)
             async with asyncio.timeout(validated.timeout_s):
@@ -269,6 +285,21 @@ class GenerationPipeline:
         if shadow is not None and finished.finish_reason in ("stop", "length"):
             self._copy_to_shadow(principal, request, shadow)
         return finished
+
+    async def _validate(
+        self, request: GenerationRequest, principal: Principal, version: ModelVersion
+    ) -> ValidatedGeneration:
+        """The cheap checks first, then rendering and counting: inline for a short input (a
+        thread hop costs more than the work), in the bounded prompt executor for a long one so
+        a 200 000-character chat never stalls the event loop (docs/decisions.md)."""
+        checked = check_parameters(request, principal, version, self._limits)
+        tokenizer = self._tokenizers.get(version)
+        if input_chars(request) < OFFLOAD_MIN_CHARS:
+            prompt = prepare_prompt(request, self._limits, tokenizer)
+        else:
+            prompt = await asyncio.get_running_loop().run_in_executor(
+                self._prompt_executor, prepare_prompt, request, self._limits, tokenizer)
+        return finish_validation(request, version, checked, prompt)
 
     def _copy_to_shadow(
         self, principal: Principal, request: GenerationRequest, shadow: ModelVersion
@@ -467,3 +498,4 @@ class GenerationPipeline:
     async def drain_background(self) -> None:
         if self._background:
             await asyncio.wait(self._background, timeout=5.0)
+        self._prompt_executor.shutdown(wait=False, cancel_futures=True)

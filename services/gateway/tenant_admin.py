@@ -24,7 +24,7 @@ from services.auditor.client import new_event
 from services.common import errors, status
 from services.common.auth import Authenticator
 from services.common.discovery import ServiceDirectory
-from services.common.tenancy import ApiKey, Tenant, TenantPlan, TenantStore
+from services.common.tenancy import LIST_FIELDS, ApiKey, Tenant, TenantPlan, TenantStore
 from services.gateway.pipeline import AuditSink
 
 PLAN_FIELDS = [f.name for f in dataclasses.fields(TenantPlan)]
@@ -32,6 +32,9 @@ PLAN_FIELDS = [f.name for f in dataclasses.fields(TenantPlan)]
 
 def apply_plan_update(plan: TenantPlan, update: tenants_pb2.PlanUpdate) -> TenantPlan:
     changes = {name: getattr(update, name) for name in PLAN_FIELDS if update.HasField(name)}
+    for name in LIST_FIELDS:  # a StringList: set replaces the plan's list, even with none
+        if name in changes:
+            changes[name] = tuple(changes[name].values)
     return dataclasses.replace(plan, **changes)
 
 

@@ -1,7 +1,9 @@
 """Validation of every public field, against the tenant's plan and the model version.
 
 A bad request is refused here with `InvalidArgument` naming the field and the limit, before it
-costs quota or reaches a backend. The result is the exact `EngineRequest` that will be sent.
+costs quota or reaches a backend: first every check that needs no tokenizer
+(`check_parameters`, which includes what the version's engine can do), then rendering and
+counting (`prepare_prompt`), then the context window (`finish_validation`). The result is the exact `EngineRequest` that will be sent.
 Sizes that do not depend on the plan or the model (strings, lists) were checked when the request
 was built (`requests.FIELD_LIMITS`).
 """
@@ -15,6 +17,7 @@ from backends.triton.adapter import EngineRequest
 from services.common.errors import InvalidArgument
 from services.gateway.requests import FIELD_LIMITS, REQUEST_ID, GenerationRequest, Principal
 from services.gateway.tokenizers import PromptTokenizer
+from services.registry.engine_capabilities import first_unsupported
 from services.registry.manifest import ModelVersion
 
 ROLES = ("system", "user", "assistant")
@@ -50,13 +53,33 @@ def validate_request_id(request_id: str) -> str:
     return request_id
 
 
-def validate(
+# Below this many characters of input, rendering and counting run inline: measured on the
+# SmolLM2 tokenizer, a 100-character chat costs ~180 us inline and ~200 us through a thread,
+# a 4 000-character one 2.8 ms of event-loop time inline (docs/decisions.md).
+OFFLOAD_MIN_CHARS = 1024
+
+
+def input_chars(request: GenerationRequest) -> int:
+    if request.messages is not None:
+        return sum(len(turn.content) for turn in request.messages)
+    return len(request.prompt or "")
+
+
+@dataclass(frozen=True)
+class CheckedParameters:
+    """What `check_parameters` settled without the tokenizer (the cheap part)."""
+
+    max_tokens: int
+    context_limit: int
+    timeout_s: float
+
+
+def check_parameters(
     request: GenerationRequest, principal: Principal, version: ModelVersion, limits: Limits,
-    tokenizer: PromptTokenizer,
-) -> ValidatedGeneration:
-    """`tokenizer` is the version's own (`TokenizerStore.get`): it renders `messages` with the
-    model's chat template and counts the prompt's tokens exactly, as the engine will."""
-    prompt, prompt_field = _prompt(request, limits, tokenizer)
+) -> CheckedParameters:
+    """Every check that needs no tokenizer: sampling ranges, what the version's engine can do,
+    priority, deadline and the chat's roles. Runs before rendering and tokenizing, so a request
+    that is wrong anyway never costs them."""
     plan = principal.plan
     sampling = request.sampling
     max_output = min(version.max_output_tokens, plan.max_output_tokens)
@@ -65,14 +88,6 @@ def validate(
         max_tokens = min(version.sampling["max_tokens"], max_output)
     elif not 1 <= max_tokens <= max_output:
         raise InvalidArgument("params.max_tokens", f"must be 1..{max_output}, got {max_tokens}")
-    context_limit = min(version.context_window, plan.max_context_tokens)
-    prompt_tokens = tokenizer.count(prompt)
-    if prompt_tokens + max_tokens > context_limit:
-        raise InvalidArgument(
-            prompt_field,
-            f"{prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed the context window "
-            f"of {context_limit} tokens",
-        )
     _check_range("params.temperature", sampling.temperature, 0.0, 2.0)
     if sampling.top_p is not None and not 0.0 < sampling.top_p <= 1.0:
         raise InvalidArgument("params.top_p", f"must be in (0, 1], got {sampling.top_p}")
@@ -85,17 +100,76 @@ def validate(
     _check_range("params.presence_penalty", sampling.presence_penalty, -2.0, 2.0)
     _check_range("params.frequency_penalty", sampling.frequency_penalty, -2.0, 2.0)
     _check_range("params.min_tokens", sampling.min_tokens, 0, max_tokens)
+    unsupported = first_unsupported(version.engine_kind, {
+        "repetition_penalty": sampling.repetition_penalty,
+        "presence_penalty": sampling.presence_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
+        "bad_words": sampling.bad_words,
+    })
+    if unsupported is not None:
+        raise InvalidArgument(
+            f"params.{unsupported}",
+            f"{version.name}@{version.version_id[:19]} runs on the {version.engine_kind!r} "
+            f"engine, which does not support it (leave it unset)")
     if request.priority not in PRIORITIES:
         raise InvalidArgument("priority", f"unknown priority {request.priority}")
     timeout_s = limits.default_timeout_s if request.timeout_s is None else request.timeout_s
     if not 0.0 < timeout_s <= limits.max_timeout_s:
         raise InvalidArgument("timeout", f"must be in (0, {limits.max_timeout_s:g}] seconds")
+    if request.prompt is not None and request.messages is not None:
+        raise InvalidArgument("input", "set either prompt or messages, not both")
+    if request.messages is not None:
+        for index, turn in enumerate(request.messages):
+            if turn.role not in ROLES:
+                raise InvalidArgument(f"messages[{index}].role", f"must be one of {ROLES}")
+            if not turn.content.strip():
+                raise InvalidArgument(f"messages[{index}].content", "must not be empty")
+    elif not (request.prompt or "").strip():
+        raise InvalidArgument("prompt", "is required (or messages)")
+    context_limit = min(version.context_window, plan.max_context_tokens)
+    return CheckedParameters(max_tokens, context_limit, timeout_s)
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    text: str  # what the engine gets: the prompt, or the chat rendered by its template
+    field: str  # the request field it came from (prompt | messages)
+    tokens: int  # counted with the version's own tokenizer
+
+
+def prepare_prompt(
+    request: GenerationRequest, limits: Limits, tokenizer: PromptTokenizer
+) -> PreparedPrompt:
+    """Renders and counts: the expensive part (a chat template, a tokenizer pass over up to
+    200 000 characters), run after `check_parameters` and, for long inputs, off the event loop
+    (`GenerationPipeline`). Plain CPU work, safe in any thread."""
+    if request.messages is not None:
+        prompt, field = tokenizer.render(request.messages), "messages"
+    else:
+        prompt, field = request.prompt or "", "prompt"
+    if len(prompt) > limits.max_prompt_chars:
+        raise InvalidArgument(field, f"must be at most {limits.max_prompt_chars} characters")
+    return PreparedPrompt(prompt, field, tokenizer.count(prompt))
+
+
+def finish_validation(
+    request: GenerationRequest, version: ModelVersion, checked: CheckedParameters,
+    prompt: PreparedPrompt,
+) -> ValidatedGeneration:
+    """The context-window check, then the exact `EngineRequest`."""
+    if prompt.tokens + checked.max_tokens > checked.context_limit:
+        raise InvalidArgument(
+            prompt.field,
+            f"{prompt.tokens} prompt tokens + max_tokens {checked.max_tokens} exceed the "
+            f"context window of {checked.context_limit} tokens",
+        )
+    sampling = request.sampling
     defaults = version.sampling
     engine = EngineRequest(
         triton_model_name=version.triton_model_name,
         request_id=request.request_id,
-        prompt=prompt,
-        max_tokens=max_tokens,
+        prompt=prompt.text,
+        max_tokens=checked.max_tokens,
         temperature=defaults["temperature"] if sampling.temperature is None else sampling.temperature,
         top_p=defaults["top_p"] if sampling.top_p is None else sampling.top_p,
         top_k=sampling.top_k if sampling.top_k is not None else (defaults.get("top_k") or None),
@@ -107,31 +181,19 @@ def validate(
         stop=sampling.stop,
         bad_words=sampling.bad_words,
     )
-    return ValidatedGeneration(engine, prompt_tokens, timeout_s)
+    return ValidatedGeneration(engine, prompt.tokens, checked.timeout_s)
 
 
-def _prompt(
-    request: GenerationRequest, limits: Limits, tokenizer: PromptTokenizer
-) -> tuple[str, str]:
-    """The prompt the engine gets, and the request field it came from."""
-    if request.prompt is not None and request.messages is not None:
-        raise InvalidArgument("input", "set either prompt or messages, not both")
-    if request.messages is not None:
-        for index, turn in enumerate(request.messages):
-            if turn.role not in ROLES:
-                raise InvalidArgument(f"messages[{index}].role", f"must be one of {ROLES}")
-            if not turn.content.strip():
-                raise InvalidArgument(f"messages[{index}].content", "must not be empty")
-        prompt = tokenizer.render(request.messages)
-        field = "messages"
-    else:
-        prompt = request.prompt or ""
-        field = "prompt"
-        if not prompt.strip():
-            raise InvalidArgument("prompt", "is required (or messages)")
-    if len(prompt) > limits.max_prompt_chars:
-        raise InvalidArgument(field, f"must be at most {limits.max_prompt_chars} characters")
-    return prompt, field
+def validate(
+    request: GenerationRequest, principal: Principal, version: ModelVersion, limits: Limits,
+    tokenizer: PromptTokenizer,
+) -> ValidatedGeneration:
+    """All three steps inline. `tokenizer` is the version's own (`TokenizerStore.get`): it
+    renders `messages` with the model's chat template and counts the prompt's tokens exactly,
+    as the engine will."""
+    checked = check_parameters(request, principal, version, limits)
+    return finish_validation(request, version, checked,
+                             prepare_prompt(request, limits, tokenizer))
 
 
 def _check_range(field: str, value: float | int | None, low: float, high: float) -> None:
