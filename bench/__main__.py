@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bench import (
-    audit, noisy_neighbor, openai_load, quota_accuracy, rollback, routing, torch_engine,
+    audit, noisy_neighbor, openai_load, quota_accuracy, rollback, routing, torch_engine, versions,
 )
 from bench.streaming import compare
 from deploy.local.stack import Stack, StackOptions
@@ -49,6 +49,8 @@ SMOKE: Mapping[str, Mapping[str, Any]] = {
     "rollback": {"rounds": 1, "cli_rounds": 1},
     "audit": {"levels": (1, 8), "duration_s": 0.3, "warmup_s": 0.2},
     "openai_load": {"requests": 16, "warmup_requests": 0, "install": False},
+    # A few MB on the reference engine instead of the real model's ~540 MB (bench/versions.py).
+    "versions": {"engine": "reference", "rounds": 1},
 }
 
 # What every run's last line must hold, smoke or full: each benchmark's headline figures.
@@ -62,6 +64,7 @@ HEADLINE = (
     "rollback_propagation_ms_max", "rollback_first_generation_from_command_ms_p50",
     "audit_durable_events_per_s", "audit_ack_p99_ms_c1",
     "grpc_tokens_per_s_c16",
+    "version_cold_start_s", "cold_start_fetch_over_local", "rollback_first_token_ms",
 )
 
 
@@ -89,6 +92,8 @@ def run_all(shape: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             figures.update(audit.run(info.endpoints["auditor"], info.mesh_token,
                                      **shape.get("audit", {})))
             figures.update(openai_load.run(info, state_dir, **shape.get("openai_load", {})))
+            # Last: it leaves its versions of the demo model registered and loaded.
+            figures.update(versions.run(info, state_dir, **shape.get("versions", {})))
         finally:
             stack.down()
     figures.update(routing_figures)

@@ -51,13 +51,17 @@ __all__ = [
     "HF_MODEL_CONFIG_FILES",
     "ModelFiles",
     "SAFETENSORS_INDEX",
+    "VARIANT_CHANGED_TENSOR",
     "cache_root",
     "converted_copy",
+    "default_model_dir",
     "fetch_default_weights",
     "hf_weight_shards",
     "materialize_files",
     "materialize_weights",
+    "materialized_dir",
     "publish_default_model",
+    "write_variant",
 ]
 
 log = get_logger(__name__)
@@ -68,6 +72,10 @@ TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "chat_templat
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 HF_MODEL_CONFIG_FILES = ("config.json", "generation_config.json", SAFETENSORS_INDEX)
 _COMPLETE = "converted.json"  # written last, inside the copy: its presence means "complete"
+# The default model's second set of weights (`write_variant`) has this tensor negated.
+VARIANT_CHANGED_TENSOR = "model.layers.10.mlp.down_proj.weight"
+# What a Hugging Face model directory holds besides its safetensors.
+_HF_DIRECTORY_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -249,8 +257,7 @@ def materialize_files(
 
     Keyed by the files' digests under `<root>/files/`, written atomically; reused when present.
     """
-    key = _files_key(files)
-    target = root / "files" / key
+    target = materialized_dir(files, root)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +272,12 @@ def materialize_files(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def materialized_dir(files: Sequence[dict[str, Any]], root: pathlib.Path) -> pathlib.Path:
+    """Where `materialize_files` keeps `files` under `root` (present or not): to find or
+    remove a copy nothing needs any more."""
+    return root / "files" / _files_key(files)
 
 
 def _files_key(files: Sequence[dict[str, Any]]) -> str:
@@ -304,6 +317,33 @@ def publish_default_model(
     converted = materialize_weights(blobs, [weights], root)
     tokenizer = [_file_ref(blobs, converted / name, name) for name in TOKENIZER_FILE_NAMES]
     return ModelFiles([weights], tokenizer)
+
+
+def default_model_dir(root: pathlib.Path, model: DefaultModel = DEFAULT_MODEL) -> pathlib.Path:
+    """The default model as a Hugging Face directory: its GGUF's converted copy (made once per
+    machine from the file `make install` fetched and verified)."""
+    return converted_copy(default_weights_path(root, model), model.digest, root)
+
+
+def write_variant(target_dir: pathlib.Path, root: pathlib.Path, salt: str = "") -> pathlib.Path:
+    """A second set of the default model's weights, as a Hugging Face directory to push as a
+    new version (tests, benchmarks); returns `target_dir` (created).
+
+    Config, generation config and tokenizer files are the default model's; `model.safetensors`
+    has `VARIANT_CHANGED_TENSOR` negated, so greedy answers differ and only the weights tell
+    the two apart. A `salt` goes into the safetensors metadata: the same weights in bytes no
+    cache has seen (a new digest). ~3 s, ~540 MB."""
+    from safetensors.torch import load_file, save_file
+
+    source = default_model_dir(root)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for name in _HF_DIRECTORY_FILES:
+        shutil.copyfile(source / name, target_dir / name)
+    tensors = load_file(source / "model.safetensors")
+    tensors[VARIANT_CHANGED_TENSOR] = -tensors[VARIANT_CHANGED_TENSOR]
+    metadata = {"format": "pt", **({"infermesh_variant_salt": salt} if salt else {})}
+    save_file(tensors, target_dir / "model.safetensors", metadata=metadata)
+    return target_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:

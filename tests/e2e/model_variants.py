@@ -2,51 +2,38 @@
 in this process: so a test can push two versions as people have them (Hugging Face directories)
 and check that the mesh serves each one's own bytes.
 
-The variant is the demo model's converted copy with one layer changed deterministically (layer
-10's MLP output projection negated): its greedy answer to "What is the capital of France?"
-differs from the original's ("The capital of France is Paris."), and it keeps the same tokenizer
-files, so only the weights tell the two apart.
+The variant is `backends.triton.weights.write_variant` (the benchmarks push it too): the demo
+model's converted copy with one layer changed deterministically (layer 10's MLP output
+projection negated): its greedy answer to "What is the capital of France?" differs from the
+original's ("The capital of France is Paris."), and it keeps the same tokenizer files, so only
+the weights tell the two apart.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import time
 
+from backends.triton import weights
 from backends.triton.torch_engine import Generation, TorchEngine, TorchEngineConfig
-from backends.triton.weights import DEFAULT_MODEL, cache_root, converted_copy
 
 __all__ = ["CHANGED_TENSOR", "QUESTION", "demo_model_dir", "greedy_answer", "write_variant"]
 
 QUESTION = "What is the capital of France?"
-CHANGED_TENSOR = "model.layers.10.mlp.down_proj.weight"
-# What a pushed Hugging Face directory holds besides its weights.
-_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json",
-                "tokenizer_config.json", "chat_template.jinja")
+CHANGED_TENSOR = weights.VARIANT_CHANGED_TENSOR
 
 
 def demo_model_dir() -> pathlib.Path:
     """The demo model as a Hugging Face directory: its GGUF's converted copy (made once per
     machine; `make install` fetched the GGUF)."""
-    root = cache_root()
-    return converted_copy(root / "models" / DEFAULT_MODEL.file_name, DEFAULT_MODEL.digest, root)
+    return weights.default_model_dir(weights.cache_root())
 
 
 def write_variant(target_dir: pathlib.Path) -> pathlib.Path:
     """Writes the variant into `target_dir` (created): config, generation config, tokenizer files
     as the demo model's, and `model.safetensors` with `CHANGED_TENSOR` negated. ~3 s, ~540 MB."""
-    from safetensors.torch import load_file, save_file
-
-    source = demo_model_dir()
-    target_dir.mkdir(parents=True, exist_ok=True)
-    for name in _MODEL_FILES:
-        shutil.copyfile(source / name, target_dir / name)
-    tensors = load_file(source / "model.safetensors")
-    tensors[CHANGED_TENSOR] = -tensors[CHANGED_TENSOR]
-    save_file(tensors, target_dir / "model.safetensors", metadata={"format": "pt"})
-    return target_dir
+    return weights.write_variant(target_dir, weights.cache_root())
 
 
 def greedy_answer(model_dir: pathlib.Path, prompt: str = QUESTION, max_tokens: int = 32,
