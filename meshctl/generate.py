@@ -1,16 +1,13 @@
-"""`meshctl generate`: one generation through the gateway, printed as it arrives."""
+"""`meshctl generate`: one generation through the gateway, printed as it arrives — a thin layer
+over the Python SDK (`infermesh_client`) that hands `meshctl` the protobuf shapes it prints."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import grpc
-
-from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from infermesh.v1 import inference_pb2
+from infermesh_client import NO_RETRIES, AsyncClient, Generation, InfermeshError, Message
 
 
 @dataclass
@@ -36,9 +33,43 @@ def generation_input(text: str, chat: bool) -> dict:
     """The request's input: `text` as a raw prompt, or as one user message of a chat (which the
     gateway renders with the model's chat template)."""
     if chat:
-        return {"messages": inference_pb2.Messages(
-            messages=[inference_pb2.ChatMessage(role="user", content=text)])}
+        return {"messages": [Message(role="user", content=text)]}
     return {"prompt": text}
+
+
+def _sampling_arguments(params: inference_pb2.SamplingParams) -> dict:
+    return {name: getattr(params, name) for name in ("max_tokens", "temperature", "seed")
+            if params.HasField(name)}
+
+
+def _client(gateway: str, api_key: str) -> AsyncClient:
+    # The CLI reports a refusal as it comes (no waiting on the server's retry delay).
+    return AsyncClient(gateway, api_key, retry=NO_RETRIES)
+
+
+def _timings(generation: Generation) -> inference_pb2.Timings:
+    timings = inference_pb2.Timings()
+    for name, seconds in (("queue", generation.timings.queue),
+                          ("time_to_first_token", generation.timings.time_to_first_token),
+                          ("total", generation.timings.total)):
+        getattr(timings, name).FromNanoseconds(round(seconds * 1e9))
+    return timings
+
+
+def _final(generation: Generation, error: InfermeshError | None = None) -> inference_pb2.Final:
+    final = inference_pb2.Final(
+        request_id=generation.request_id,
+        finish_reason=inference_pb2.FinishReason.Value(generation.finish_reason.upper()),
+        usage=inference_pb2.Usage(prompt_tokens=generation.usage.prompt_tokens,
+                                  completion_tokens=generation.usage.completion_tokens),
+        timings=_timings(generation), model_version=generation.model_version)
+    if error is not None:
+        final.error.code = error.code
+        final.error.message = error.message
+        final.error.field = error.field
+        if error.retry_after is not None:
+            final.error.retry_after.FromNanoseconds(round(error.retry_after * 1e9))
+    return final
 
 
 async def stream_generation(
@@ -47,38 +78,24 @@ async def stream_generation(
 ) -> GenerationResult:
     """Streams over `GenerateStream`, writing text to `out`; sends Cancel after `cancel_after`
     Tokens frames."""
-    request_id = uuid.uuid4().hex
-    send_queue: asyncio.Queue[inference_pb2.ClientFrame | None] = asyncio.Queue()
-    await send_queue.put(inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
-        request_id=request_id, model=model, params=params, **generation_input(prompt, chat))))
-
-    async def frames() -> AsyncIterator[inference_pb2.ClientFrame]:
-        while (frame := await send_queue.get()) is not None:
-            yield frame
-
     pieces: list[str] = []
-    tokens_seen = 0
-    async with grpc.aio.insecure_channel(gateway) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        call = stub.GenerateStream(frames(), metadata=(("authorization", f"Bearer {api_key}"),))
+    async with _client(gateway, api_key) as client:
+        stream = client.stream(model, **generation_input(prompt, chat),
+                               **_sampling_arguments(params))
         try:
-            async for frame in call:
-                kind = frame.WhichOneof("frame")
-                if kind == "tokens":
-                    pieces.append(frame.tokens.text)
-                    out.write(frame.tokens.text)
+            async with stream:
+                async for delta in stream:
+                    if delta.result is not None:
+                        return GenerationResult("".join(pieces), _final(delta.result))
+                    pieces.append(delta.text)
+                    out.write(delta.text)
                     out.flush()
-                    tokens_seen += 1
-                    if cancel_after is not None and tokens_seen == cancel_after:
-                        await send_queue.put(inference_pb2.ClientFrame(
-                            cancel=inference_pb2.Cancel(request_id=request_id)))
-                elif kind == "final":
-                    await send_queue.put(None)
-                    return GenerationResult("".join(pieces), frame.final)
-        except grpc.aio.AioRpcError as exc:
-            return GenerationResult("".join(pieces), None, exc.code().name, exc.details() or "")
-        finally:
-            await send_queue.put(None)
+                    if cancel_after is not None and len(pieces) == cancel_after:
+                        await stream.cancel()
+        except InfermeshError as exc:
+            if exc.generation is not None:  # the generation's own Final, with its error
+                return GenerationResult("".join(pieces), _final(exc.generation, exc))
+            return GenerationResult("".join(pieces), None, exc.code, exc.message)
     return GenerationResult("".join(pieces), None, "UNAVAILABLE", "the stream ended without Final")
 
 
@@ -86,14 +103,13 @@ async def unary_generation(
     gateway: str, api_key: str, model: str, prompt: str, params: inference_pb2.SamplingParams,
     chat: bool = False,
 ) -> tuple[inference_pb2.GenerateResponse | None, str, str]:
-    async with grpc.aio.insecure_channel(gateway) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
+    async with _client(gateway, api_key) as client:
         try:
-            reply = await stub.Generate(
-                inference_pb2.GenerateRequest(model=model, params=params,
-                                              **generation_input(prompt, chat)),
-                metadata=(("authorization", f"Bearer {api_key}"),),
-            )
-            return reply, "", ""
-        except grpc.aio.AioRpcError as exc:
-            return None, exc.code().name, exc.details() or ""
+            generation = await client.generate(model, **generation_input(prompt, chat),
+                                               **_sampling_arguments(params))
+        except InfermeshError as exc:
+            return None, exc.code, exc.message
+    final = _final(generation)
+    return inference_pb2.GenerateResponse(
+        request_id=final.request_id, model_version=final.model_version, text=generation.text,
+        finish_reason=final.finish_reason, usage=final.usage, timings=final.timings), "", ""

@@ -1,0 +1,84 @@
+"""Where the client finds the gateway and its key, in the same order as `meshctl`: arguments,
+then `INFERMESH_*` variables, then the local stack's env file.
+
+    target      Client(target=…) → INFERMESH_GATEWAY → the env file's INFERMESH_GATEWAY
+    api_key     Client(api_key=…) → INFERMESH_API_KEY → the env file's INFERMESH_API_KEY
+    TLS         Client(tls=…) → INFERMESH_TLS (1/true) → an "https://" target → plaintext
+    env file    INFERMESH_ENV_FILE, else $INFERMESH_STATE_DIR/env, else ./.infermesh/env
+                (what `meshctl stack up` writes: `export NAME=value` lines)
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional
+
+
+class ConfigurationError(ValueError):
+    """No gateway could be found; the message names the argument and the variable."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    target: str  # host:port
+    api_key: Optional[str]
+    tls: bool
+
+
+def env_file_path(environ: Mapping[str, str]) -> pathlib.Path:
+    if environ.get("INFERMESH_ENV_FILE"):
+        return pathlib.Path(environ["INFERMESH_ENV_FILE"])
+    return pathlib.Path(environ.get("INFERMESH_STATE_DIR", ".infermesh")) / "env"
+
+
+def read_env_file(path: pathlib.Path) -> dict[str, str]:
+    """`export NAME=value` (or `NAME=value`) lines, shell-quoted; {} when there is no file."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["export"]:
+            words = words[1:]
+        for word in words:
+            name, sep, value = word.partition("=")
+            if sep:
+                values[name] = value
+    return values
+
+
+def resolve(
+    target: Optional[str], api_key: Optional[str], tls: Optional[bool],
+    environ: Optional[Mapping[str, str]] = None,
+) -> Endpoint:
+    environ = os.environ if environ is None else environ
+    from_file: Optional[dict[str, str]] = None
+
+    def setting(explicit: Optional[str], name: str) -> Optional[str]:
+        nonlocal from_file
+        if explicit:
+            return explicit
+        if environ.get(name):
+            return environ[name]
+        if from_file is None:
+            from_file = read_env_file(env_file_path(environ))
+        return from_file.get(name) or None
+
+    target = setting(target, "INFERMESH_GATEWAY")
+    if not target:
+        raise ConfigurationError(
+            "no gateway: pass target='host:port', set INFERMESH_GATEWAY, or point "
+            f"INFERMESH_ENV_FILE at a stack's env file (looked in {env_file_path(environ)})")
+    api_key = setting(api_key, "INFERMESH_API_KEY")
+    if target.startswith(("https://", "http://")):
+        scheme, _, target = target.partition("://")
+        tls = (scheme == "https") if tls is None else tls
+    if tls is None:
+        tls = environ.get("INFERMESH_TLS", "").lower() in ("1", "true", "yes")
+    return Endpoint(target.rstrip("/"), api_key, tls)
