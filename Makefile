@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/infermesh/v1/*.proto)
 GENERATED := infermesh/v1/.generated
+SDK_INSTALLED := $(VENV)/.sdk-installed
 
 .PHONY: install prometheus monitoring proto run stop test test-unit test-integration bench lint clean
 
@@ -13,7 +14,7 @@ GENERATED := infermesh/v1/.generated
 MODEL_CACHE := $(or $(INFERMESH_CACHE_DIR),$(HOME)/.cache/infermesh)
 DEFAULT_WEIGHTS := $(MODEL_CACHE)/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-install: $(INSTALLED) $(GENERATED) prometheus $(DEFAULT_WEIGHTS)
+install: $(INSTALLED) $(GENERATED) $(SDK_INSTALLED) prometheus $(DEFAULT_WEIGHTS)
 
 $(DEFAULT_WEIGHTS): | $(INSTALLED)
 	$(PY) -m backends.triton.weights fetch
@@ -28,6 +29,12 @@ prometheus:
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
+	touch $@
+
+# The Python SDK (sdk/python), editable: its build compiles the protos into the package, so it is
+# installed again when they change. Its grpcio and protobuf are the pins above (`pip check`).
+$(SDK_INSTALLED): $(PROTOS) sdk/python/pyproject.toml sdk/python/setup.py $(wildcard sdk/python/protos/*/*.proto) $(INSTALLED)
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e sdk/python
 	touch $@
 
 proto: $(GENERATED)
