@@ -76,7 +76,11 @@ async def run_service(kind: str, settings: ServiceSettings, setup: Setup) -> Non
     metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host)
     metrics_port = metrics_server.server_port
     client = etcd.connect(settings.etcd_endpoint, settings.etcd_timeout_s)
-    server = grpc.aio.server(interceptors=[ObservabilityInterceptor()], options=SERVER_OPTIONS)
+    server = grpc.aio.server(interceptors=[ObservabilityInterceptor()], options=(
+        *SERVER_OPTIONS,
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+    ))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")

@@ -31,6 +31,12 @@ class ServiceSettings(BaseSettings):
     reflection: bool = Field(True, description="Serve gRPC reflection (grpcurl, evans).")
     log_level: str = Field("info", description="debug | info | warning | error")
     peer_timeout_s: float = Field(2.0, description="Deadline for a call to another mesh service.")
+    max_connection_age_s: float = Field(
+        3600.0, gt=0, description="A client connection's longest life: past it the server sends "
+        "GOAWAY (clients reconnect for new calls, which also spreads them over new replicas).")
+    max_connection_age_grace_s: float = Field(
+        660.0, ge=0, description="How long calls open at GOAWAY may still run before the "
+        "connection is closed (the longest generation deadline plus a margin).")
     mesh_token: SecretStr = Field(
         SecretStr(""), description="Shared secret every mesh service sends on its calls to the "
         "others (x-infermesh-mesh-token); services that take internal writes (the auditor's "

@@ -40,8 +40,9 @@ from services.gateway.openai_protocol import (
     request_timeout,
     to_generation,
 )
+from services.gateway.model_access import model_allowed
 from services.gateway.pipeline import Accepted, Event, Finished, TokenText
-from services.gateway.requests import Principal
+from services.gateway.requests import FIELD_LIMITS, Principal
 from services.gateway.validation import validate_request_id
 from services.registry.catalog import ModelCatalog
 
@@ -86,10 +87,15 @@ def error_payload(error: errors.MeshError, body: Any = None) -> dict[str, Any]:
     }}
 
 
+TOO_LARGE = "request_too_large"  # the reason of a body over `max_body_bytes`: HTTP 413
+
+
 def error_response(
     error: errors.MeshError, request_id: str, body: Any = None
 ) -> JSONResponse:
     status, _ = STATUSES[error.code]
+    if error.reason == TOO_LARGE:
+        status = 413
     headers = {"x-request-id": request_id} if request_id else {}
     if error.retry_after_s is not None:
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after_s)))
@@ -179,7 +185,9 @@ class OpenAIFront:
     """The routes, over the gateway's own authenticator, catalog and `Generations`."""
 
     def __init__(self, authenticator: Authenticator, catalog: ModelCatalog, generations: Any,
-                 draining: asyncio.Event, heartbeat_interval_s: float, buffer_events: int):
+                 draining: asyncio.Event, heartbeat_interval_s: float, buffer_events: int,
+                 max_body_bytes: int = 4 << 20):
+        self._max_body_bytes = max_body_bytes
         self._auth = authenticator
         self._catalog = catalog
         self.generations = generations
@@ -212,10 +220,7 @@ class OpenAIFront:
             principal = self._auth.authenticate(request.headers.get("authorization"))
             if self._draining.is_set():
                 raise errors.Unavailable("the gateway is shutting down", retry_after_s=1.0)
-            try:
-                raw = await request.json()
-            except ValueError:
-                raise errors.InvalidArgument("body", "must be a JSON object") from None
+            raw = _parse_json(await read_body(request, self._max_body_bytes))
             body = parse_body(body_type, raw)
             generation = to_generation(body, request_id,
                                        request.headers.get("idempotency-key", ""),
@@ -268,17 +273,24 @@ class OpenAIFront:
 
     async def list_models(self, request: Request) -> Response:
         try:
-            self._auth.authenticate(request.headers.get("authorization"))
+            principal = self._auth.authenticate(request.headers.get("authorization"))
         except errors.MeshError as exc:
             return self._count("models", error_response(exc, ""))
-        data = [self._model(entry.name) for entry in self._catalog.models()]
+        data = [self._model(entry.name) for entry in self._catalog.models()
+                if model_allowed(principal, entry.name)]
         return self._count("models", JSONResponse({"object": "list", "data": data}))
 
     async def get_model(self, request: Request) -> Response:
         try:
-            self._auth.authenticate(request.headers.get("authorization"))
+            principal = self._auth.authenticate(request.headers.get("authorization"))
             model_id = request.path_params["model_id"]
+            if len(model_id) > FIELD_LIMITS["model"].chars:
+                raise errors.InvalidArgument(
+                    "model", f"must be at most {FIELD_LIMITS['model'].chars} characters")
             name = model_id.partition("@")[0]
+            if not model_allowed(principal, name):
+                raise errors.PermissionDenied(
+                    f"tenant {principal.tenant_id!r} may not use model {name!r}", field="model")
             version = self._catalog.resolve(model_id)  # NotFound for unknown names and aliases
             payload = self._model(name)
             payload.update(id=model_id, version=version.version_id)
@@ -302,6 +314,39 @@ class OpenAIFront:
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or InvalidArgument with reason `request_too_large` (HTTP 413) as soon as it is
+    known to exceed `limit`: from Content-Length before reading anything, else while reading,
+    so an oversized body is never held whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise errors.InvalidArgument("Content-Length", "must be a number of bytes")
+        if int(declared) > limit:
+            raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> errors.InvalidArgument:
+    error = errors.InvalidArgument("body", f"must be at most {limit} bytes")
+    error.reason = TOO_LARGE
+    return error
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep to parse
+        raise errors.InvalidArgument("body", "must be a JSON object") from None
 
 
 def _safe_id(request_id: str) -> str:

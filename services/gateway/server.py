@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from infermesh.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2, tenants
 from services.common import errors, etcd, status
 from services.common.auth import Authenticator
 from services.common.discovery import ServiceDirectory
+from services.common.frames import MalformedFrame, add_servicer
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import TenantStore, parse_key, parse_tenant
 from services.gateway.admission import AdmissionLimits, FairAdmission
@@ -29,6 +31,7 @@ from services.gateway.fallback import FallbackConfig, FallbackRouter, LoadReport
 from services.gateway.peers import SchedulerClient
 from services.gateway.quota import QuotaLeases
 from services.gateway.idempotency import IdempotencyCache
+from services.gateway.model_access import model_allowed
 from services.gateway.openai_http import HttpServer, OpenAIFront
 from services.gateway.pipeline import (
     Accepted,
@@ -50,6 +53,7 @@ from services.gateway.validation import Limits, validate_request_id
 from services.registry.catalog import ModelCatalog
 from services.registry.store import parse_models_key
 
+STREAM_REFUSAL_DRAIN_S = 0.2
 FINISH_REASONS = {
     "stop": inference_pb2.STOP,
     "length": inference_pb2.LENGTH,
@@ -88,9 +92,16 @@ def decode_request(message: inference_pb2.GenerateRequest) -> GenerationRequest:
         idempotency_key=message.idempotency_key,
         priority=int(message.priority),
         user=message.user,
-        timeout_s=message.timeout.ToTimedelta().total_seconds()
-        if message.HasField("timeout") else None,
+        timeout_s=_timeout_seconds(message.timeout) if message.HasField("timeout") else None,
     )
+
+
+def _timeout_seconds(timeout: duration_pb2.Duration) -> float:
+    """The Duration as seconds, never raising: any int64 fits a float, and the range is checked
+    with the other limits (`validation.check_parameters`)."""
+    if not -999_999_999 <= timeout.nanos <= 999_999_999:
+        raise errors.InvalidArgument("timeout", "nanos must be within ±999 999 999")
+    return timeout.seconds + timeout.nanos / 1e9
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -182,6 +193,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request, context):
         principal = await self._principal(context)
+        if isinstance(request, MalformedFrame):
+            await status.abort(context, request.error())
         try:
             decoded = decode_request(request)
         except errors.MeshError as exc:
@@ -210,32 +223,56 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
 
     async def GenerateStream(self, request_iterator, context):
+        authorization = _metadata(context, "authorization")
         try:
-            principal = self._auth.authenticate(_metadata(context, "authorization"))
+            principal = self._auth.authenticate(authorization)
         except errors.MeshError as exc:
             await status.abort_stream(context, exc, request_iterator)
         session = _StreamSession(
-            self._generations, principal, context.peer(), self._settings, self._draining
+            self._generations, _Credential(self._auth, authorization, principal), context.peer(),
+            self._settings, self._draining,
         )
         reader = asyncio.create_task(session.read(request_iterator), name="stream reader")
+        watcher = asyncio.create_task(session.watch_credential(), name="stream key watch")
         try:
             async for frame in session.frames():
                 yield frame
+            if session.failure is not None:  # a malformed frame, or the key stopped being valid
+                await session.cancel_all()
+                # Let the reader drain what the client is still writing (briefly: the key's
+                # end must reach the client within a second), so the status reaches it as
+                # sent rather than as "Internal error from Core".
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                    async with asyncio.timeout(STREAM_REFUSAL_DRAIN_S):
+                        await asyncio.shield(reader)
+                await status.abort(context, session.failure)
         finally:
             reader.cancel()
+            watcher.cancel()
             await session.cancel_all()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
 
     async def ListModels(self, request, context):
-        await self._principal(context)
+        principal = await self._principal(context)
+        if isinstance(request, MalformedFrame):
+            await status.abort(context, request.error())
         return inference_pb2.ListModelsResponse(
-            models=[self._model_info(entry.name) for entry in self._catalog.models()]
+            models=[self._model_info(entry.name) for entry in self._catalog.models()
+                    if model_allowed(principal, entry.name)]
         )
 
     async def GetModel(self, request, context):
-        await self._principal(context)
+        principal = await self._principal(context)
         try:
+            if isinstance(request, MalformedFrame):
+                raise request.error()
+            if not model_allowed(principal, request.name):
+                raise errors.PermissionDenied(
+                    f"tenant {principal.tenant_id!r} may not use model {request.name[:64]!r}",
+                    field="name")
             return self._model_info(request.name)
         except errors.MeshError as exc:
             await status.abort(context, exc)
@@ -257,16 +294,40 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return info
 
 
+class _Credential:
+    """A stream's bearer key, checked again on every Start and every `reauth_interval_s`."""
+
+    def __init__(self, authenticator: Authenticator, authorization: str | None,
+                 principal: Principal):
+        self._auth = authenticator
+        self._authorization = authorization
+        self.principal = principal
+
+    def check(self) -> Principal:
+        """The principal now (a changed plan included); Unauthenticated once the key was
+        revoked or expired or its tenant deleted."""
+        self.principal = self._auth.authenticate(self._authorization)
+        return self.principal
+
+
 class _StreamSession:
-    """The state of one GenerateStream: its generations by request id and its frame queue."""
+    """The state of one GenerateStream: its generations by request id and its frame queue.
+
+    The key is checked again on every Start and every `reauth_interval_s`: once it is revoked or
+    expired (or its tenant deleted) the stream ends with UNAUTHENTICATED within that interval,
+    cancelling the generations in flight; a changed plan applies to the next Start, those in
+    flight keep what they were admitted with. Past `max_stream_age_s` new Starts are refused and
+    the stream ends when those in flight finish (docs/decisions.md)."""
 
     def __init__(
-        self, generations: Generations, principal: Principal, peer: str,
+        self, generations: Generations, credential: _Credential, peer: str,
         settings: GatewaySettings, draining: asyncio.Event,
     ):
         self._generations = generations
-        self._principal = principal
+        self._credential = credential
         self._peer = peer
+        self._opened = time.monotonic()
+        self.failure: errors.MeshError | None = None  # ends the stream with this status
         self._settings = settings
         self._draining = draining
         self._frames: asyncio.Queue[inference_pb2.ServerFrame] = asyncio.Queue(
@@ -279,9 +340,36 @@ class _StreamSession:
     async def send(self, event: Event) -> None:
         await self._frames.put(encode_event(event))
 
+    def _too_old(self) -> bool:
+        return time.monotonic() - self._opened >= self._settings.max_stream_age_s
+
+    async def watch_credential(self) -> None:
+        """Ends the stream once its key is no longer valid; wakes it once it is too old."""
+        while self.failure is None:
+            await asyncio.sleep(self._settings.reauth_interval_s)
+            try:
+                self._credential.check()
+            except errors.MeshError as exc:
+                self._fail(exc)
+                return
+            if self._too_old():
+                self._wakeup.set()
+
+    def _fail(self, error: errors.MeshError) -> None:
+        if self.failure is None:
+            self.failure = error
+        self._wakeup.set()
+
     async def read(self, request_iterator) -> None:
+        index = 0
         try:
             async for frame in request_iterator:
+                if self.failure is not None:
+                    continue  # draining what the client still sends before the status
+                if isinstance(frame, MalformedFrame):
+                    self._fail(frame.error(f"frame[{index}]"))
+                    continue
+                index += 1
                 kind = frame.WhichOneof("frame")
                 if kind == "start":
                     await self._start(frame.start)
@@ -294,8 +382,17 @@ class _StreamSession:
             self._wakeup.set()
 
     async def _start(self, message: inference_pb2.GenerateRequest) -> None:
-        request_id = message.request_id
+        request_id = message.request_id if len(message.request_id) <= 128 else ""
         try:
+            principal = self._credential.check()
+        except errors.MeshError as exc:
+            self._fail(exc)
+            return
+        try:
+            if self._too_old():
+                raise errors.Unavailable(
+                    f"this stream is older than {self._settings.max_stream_age_s:g}s; open a "
+                    "new one", retry_after_s=0.0, reason="stream_max_age")
             request = decode_request(message)
             request_id = request.request_id
             if request_id in self._tasks:
@@ -312,12 +409,13 @@ class _StreamSession:
         except errors.MeshError as exc:
             await self.send(Finished(request_id=request_id, finish_reason="error", error=exc))
             return
-        task = asyncio.create_task(self._generate(request), name=f"generation {request_id}")
+        task = asyncio.create_task(self._generate(request, principal),
+                                   name=f"generation {request_id}")
         self._tasks[request_id] = task
 
-    async def _generate(self, request: GenerationRequest) -> None:
+    async def _generate(self, request: GenerationRequest, principal: Principal) -> None:
         try:
-            await self._generations.run(self._principal, request, self.send, self._peer)
+            await self._generations.run(principal, request, self.send, self._peer)
         except asyncio.CancelledError:
             if request.request_id not in self._tasks:
                 raise  # the stream is being torn down
@@ -333,11 +431,13 @@ class _StreamSession:
         """Frames for the client until input is done and every generation has finished."""
         interval = self._settings.heartbeat_interval_s
         while True:
+            if self.failure is not None:
+                return
             if not self._frames.empty():  # the common case while tokens flow: no waiting
                 yield self._frames.get_nowait()
                 continue
             if not self._tasks and (
-                self._input_done.is_set() or self._draining.is_set()
+                self._input_done.is_set() or self._draining.is_set() or self._too_old()
             ):
                 return
             getter = asyncio.ensure_future(self._frames.get())
@@ -417,17 +517,19 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         zone=settings.zone,
         max_attempts=settings.max_attempts,
         serving=served.served,
+        prompt_workers=settings.prompt_workers,
     )
     authenticator = Authenticator(keys, tenants)
     generations = Generations(pipeline, IdempotencyCache(settings.idempotency_ttl_s))
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(authenticator, catalog, generations, settings, ctx.draining),
-        ctx.server,
+    add_servicer(  # as add_InferenceServicer_to_server, a malformed frame → INVALID_ARGUMENT
+        ctx.server, InferenceServicer(authenticator, catalog, generations, settings, ctx.draining),
+        inference_pb2.DESCRIPTOR.services_by_name["Inference"],
     )
     # The OpenAI-compatible front: the same generations, served over HTTP in this loop.
     http = HttpServer(
         OpenAIFront(authenticator, catalog, generations, ctx.draining,
-                    settings.heartbeat_interval_s, settings.stream_buffer_frames).app(),
+                    settings.heartbeat_interval_s, settings.stream_buffer_frames,
+                    settings.max_body_bytes).app(),
         settings.host, settings.http_port,
     )
     tenants_pb2_grpc.add_TenantAdminServicer_to_server(

@@ -25,6 +25,19 @@ class GatewaySettings(ServiceSettings, BlobCacheSettings):
     stream_buffer_frames: int = Field(
         256, description="Frames queued for a slow client before generations wait for it."
     )
+    reauth_interval_s: float = Field(
+        0.5, gt=0, description="How often an open GenerateStream checks its key again: a "
+        "revoked or expired key ends it (UNAUTHENTICATED) within this, a changed plan applies "
+        "to its next generation.")
+    max_stream_age_s: float = Field(
+        3600.0, gt=0, description="A GenerateStream's longest life: past it new generations are "
+        "refused (UNAVAILABLE, reason stream_max_age: open a new stream) and the stream ends "
+        "once those in flight finish.")
+    max_body_bytes: int = Field(
+        4 << 20, gt=0, description="Largest OpenAI HTTP request body; larger ones get 413 "
+        "before they are read whole (the field limits fit well inside the default).")
+    prompt_workers: int = Field(
+        4, ge=1, description="Threads that render and tokenize long inputs, off the event loop.")
     max_attempts: int = Field(2, description="Tries per generation (retries before first token).")
     zone: str = Field(
         "", max_length=64,
