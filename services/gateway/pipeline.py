@@ -81,6 +81,10 @@ QUEUE = Histogram(
 TOKENS = Counter(  # by version too: the canary judge compares cost per 1k tokens per version
     "infermesh_gateway_tokens_total", "Tokens served.", ["tenant", "model", "version", "kind"]
 )
+COLD_REFUSALS = Counter(
+    "infermesh_gateway_cold_version_refusals_total",
+    "Requests refused UNAVAILABLE (retry) because no replica served their version yet: it was "
+    "being loaded. Not counted as generations.", ["tenant", "model", "version"])
 RESOLUTIONS = Counter(
     "infermesh_gateway_model_resolutions_total",
     "Requests by the rollout arm that answered them: production, canary, previous (production "
@@ -186,6 +190,7 @@ class _Progress:
     blocked_phrases: tuple[str, ...] = ()  # the version's safety policy
     prices_per_1k: tuple[float, float] = (0.0, 0.0)  # the version's input and output prices
     text_hashes: TextHashes | None = None  # only when the tenant's plan asks for them
+    cold: bool = False  # its version was served by no replica when the request arrived
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -248,6 +253,7 @@ class GenerationPipeline:
             version, shadow = resolution.version, resolution.shadow
             progress.model = version.name
             progress.version_id = version.version_id
+            progress.cold = not self._serving(version.triton_model_name)
             progress.blocked_phrases = version.blocked_phrases
             progress.prices_per_1k = (version.cost_per_1k_input_tokens,
                                       version.cost_per_1k_output_tokens)
@@ -456,8 +462,14 @@ class GenerationPipeline:
         code = finished.error.code if finished.error else "OK"
         version = progress.version_id or "unresolved"
         model = progress.model or "unknown"
-        GENERATIONS.labels(principal.tenant_id, model, version, finished.finish_reason, code,
-                           self._zone).inc()
+        if progress.cold and code == "UNAVAILABLE" and not progress.first_token_sent:
+            # Asked for a version while it is being loaded (a pin placed on demand): not a
+            # generation that failed — the version's availability and its canary judgement
+            # start when it serves. Counted apart; the cold start itself is the sidecar's metric.
+            COLD_REFUSALS.labels(principal.tenant_id, model, version).inc()
+        else:
+            GENERATIONS.labels(principal.tenant_id, model, version, finished.finish_reason,
+                               code, self._zone).inc()
         if progress.first_token_sent:
             TTFT.labels(progress.model, version, self._zone).observe(progress.ttft_s)
         if progress.first_token_sent and progress.completion_tokens > 1:

@@ -43,6 +43,9 @@ class DemandMeter:
         self._started = clock()
         self._max_models = max_models
         self._models: OrderedDict[str, _Buckets] = OrderedDict()
+        # Called when a model starts to have demand (e.g. a version asked for by id that no
+        # replica serves): the publisher tells the placement leader at once, not next period.
+        self.on_new_model: Callable[[], None] = lambda: None
 
     def on_release(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         """Counts one finished request's tokens against `model` (its Triton model name)."""
@@ -56,6 +59,7 @@ class DemandMeter:
             if len(self._models) >= self._max_models:
                 self._models.popitem(last=False)  # the model released least recently
             buckets = self._models[model] = _Buckets()
+            self.on_new_model()
         else:
             self._models.move_to_end(model)
         counts = buckets.by_second.get(second)

@@ -338,8 +338,12 @@ class Placer:
 
 async def _publish_demand(lease: etcd.LeaseKeeper, key: str, meter: DemandMeter,
                           settings: PlacementSettings, timeout_s: float) -> None:
+    """Every `demand_publish_s`, and at once when a model starts to have demand."""
     published = None
+    new_model = asyncio.Event()
+    meter.on_new_model = new_model.set
     while True:
+        new_model.clear()
         record = demand_record(meter, settings)
         if record != published:
             try:
@@ -348,7 +352,9 @@ async def _publish_demand(lease: etcd.LeaseKeeper, key: str, meter: DemandMeter,
                 published = record
             except Exception as exc:  # etcd away or slow: publish when it is back
                 log.warning("demand_publish_failed", error=repr(exc))
-        await asyncio.sleep(settings.demand_publish_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.demand_publish_s):
+                await new_model.wait()
 
 
 async def _lead(placer: Placer, election: LeaderElection, changed: asyncio.Event,
@@ -400,7 +406,8 @@ async def start_placement(
                                 on_change=changed.set),
                 etcd.WatchCache(ctx.etcd, etcd.Keys.placements,
                                 lambda _suffix, raw: PlacementRecord.decode(etcd.decode(raw))),
-                etcd.WatchCache(ctx.etcd, etcd.Keys.scheduler_demand_prefix, _decode),
+                etcd.WatchCache(ctx.etcd, etcd.Keys.scheduler_demand_prefix, _decode,
+                                on_change=changed.set),
             ]
             for cache in caches:
                 starting.push_async_callback(cache.stop)
