@@ -20,6 +20,7 @@ import random
 import time
 
 import grpc
+import httpx
 import pytest
 from google.protobuf import duration_pb2
 
@@ -33,6 +34,7 @@ from services.common.tenancy import ApiKey, Tenant, TenantPlan, hash_key
 from services.gateway.admission import AdmissionLimits, FairAdmission
 from services.gateway.idempotency import IdempotencyCache
 from services.gateway.peers import Grant, Route
+from services.gateway.openai_http import OpenAIFront
 from services.gateway.pipeline import GenerationPipeline
 from services.gateway.server import Generations, InferenceServicer
 from services.gateway.settings import GatewaySettings
@@ -123,6 +125,7 @@ class Gateway:
     tenants: Table
     engine: StrictEngine
     withdrawn: str
+    http: OpenAIFront
 
 
 @contextlib.asynccontextmanager
@@ -149,9 +152,12 @@ async def gateway(delay_s: float = 0.0, **settings):
         shadow=ShadowTraffic(routes, engine, max_in_flight=0, timeout_s=1.0),
         tokenizers=whitespace_tokenizers(), source="gateway/test")
     authenticator = Authenticator(keys, tenants)  # type: ignore[arg-type]
+    generations = Generations(pipeline, IdempotencyCache())
+    http = OpenAIFront(authenticator, catalog, generations, asyncio.Event(), 15.0, 64,
+                       max_body_bytes=64 << 10)
     server = grpc.aio.server(interceptors=[ObservabilityInterceptor()])  # as the gateway's
     add_servicer(server, InferenceServicer(
-        authenticator, catalog, Generations(pipeline, IdempotencyCache()),
+        authenticator, catalog, generations,
         GatewaySettings(**settings), asyncio.Event()),
         inference_pb2.DESCRIPTOR.services_by_name["Inference"])
     port = server.add_insecure_port("127.0.0.1:0")
@@ -159,7 +165,7 @@ async def gateway(delay_s: float = 0.0, **settings):
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield Gateway(inference_pb2_grpc.InferenceStub(channel), channel, keys, tenants,
-                          engine, withdrawn)
+                          engine, withdrawn, http)
     finally:
         await server.stop(0)
         await pipeline.drain_background()
@@ -439,3 +445,34 @@ async def test_a_lowered_plan_applies_to_the_next_start_and_old_streams_stop_tak
             ("long", "", "")]
         assert "open a new one" in finals[1].error.message
         await outbox.put(None)
+
+
+# -- class 3 and 8 over HTTP -------------------------------------------------------------------
+
+async def test_http_body_over_the_limit_is_413_and_unsupported_parameters_are_400():
+    async with gateway() as gw:
+        transport = httpx.ASGITransport(app=gw.http.app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            headers = {"authorization": f"Bearer {USER_KEY}"}
+            body = {"model": "demo", "prompt": "x" * (65 << 10)}
+            declared = await client.post("/v1/completions", json=body, headers=headers)
+            assert declared.status_code == 413
+            assert declared.json()["error"]["code"] == "request_too_large"
+
+            async def chunks():  # no Content-Length: refused while reading, not after
+                for _ in range(1000):
+                    yield b" " * 4096
+
+            streamed = await client.post("/v1/completions", content=chunks(), headers=headers)
+            assert streamed.status_code == 413
+            nested = await client.post("/v1/completions", content=b"[" * 60_000,
+                                       headers=headers)
+            assert nested.status_code == 400
+            refused = await client.post("/v1/chat/completions", headers=headers, json={
+                "model": "tiny", "presence_penalty": 0.5,
+                "messages": [{"role": "user", "content": "hi"}]})
+            assert refused.status_code == 400
+            assert refused.json()["error"]["param"] == "presence_penalty"
+            served = await client.post("/v1/completions", headers=headers, json={
+                "model": "demo", "prompt": "hi", "max_tokens": 1, "presence_penalty": 0.5})
+            assert served.status_code == 200, served.text
