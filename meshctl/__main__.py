@@ -21,8 +21,9 @@ from meshctl.replicas import replicas as replicas_command
 from meshctl.slo import slo as slo_command
 from meshctl.tenants import key_app, tenant_app
 
+# An unexpected traceback never prints locals: they hold API keys and the mesh token.
 app = typer.Typer(help="Operate infermesh: the local stack, generations, the audit log.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
 stack_app = typer.Typer(help="Start and stop the embedded stack.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(engine_app, name="engine")

@@ -60,13 +60,16 @@ def audit_verify(
 @audit_app.command("prove")
 def audit_prove(
     request_id: str = typer.Argument(..., help="The request whose (newest) record to prove."),
+    tenant: str = typer.Option(
+        "", "--tenant", help="Whose request: ids are chosen by clients and may collide across "
+        "tenants ('' = the newest record of any tenant)."),
     data_dir: pathlib.Path = DATA_DIR, public_key: str = PUBLIC_KEY,
 ) -> None:
     """Print an inclusion proof (JSON) of a request's record in the newest signed tree."""
     view = _view(data_dir)
 
     def prove() -> reader.InclusionProof:
-        sequence = reader.find_sequence(view, request_id)
+        sequence = reader.find_sequence(view, request_id, tenant)
         if view.checkpoint is None or view.checkpoint.size < sequence:
             raise errors.NotFound(f"record {sequence} is not in a signed checkpoint yet; the "
                                   "auditor signs one every second, try again")

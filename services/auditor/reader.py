@@ -157,10 +157,12 @@ def _matches(event: dict[str, Any], where: QueryFilter) -> bool:
     return not where.request_id or event.get("request_id") == where.request_id
 
 
-def find_sequence(view: LogView, request_id: str) -> int:
-    """The sequence of the newest record of `request_id`; NotFound when there is none."""
+def find_sequence(view: LogView, request_id: str, tenant: str = "") -> int:
+    """The sequence of the newest record of `request_id` (of `tenant`'s generations when set:
+    clients choose request ids, so tenants' ids may collide); NotFound when there is none."""
     match = 0
-    for record, _line in query(view, QueryFilter(request_id=request_id, limit=2**62)):
+    for record, _line in query(view, QueryFilter(tenant=tenant, request_id=request_id,
+                                                 limit=2**62)):
         match = record.seq
     if not match:
         raise errors.NotFound(f"no audit record for request {request_id!r}")

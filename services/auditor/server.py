@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -230,7 +232,33 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         self._committer = committer
         self._auth = authenticator
         self._settings = settings
+        # Reads scan files: in their own threads, never queued with group commit's writes.
+        self._reads = concurrent.futures.ThreadPoolExecutor(
+            settings.read_workers, thread_name_prefix="audit-read")
+        self._reads_by_key: collections.Counter[str] = collections.Counter()
         LAST_SEQUENCE.set(audit_log.head.sequence)
+
+    async def _in_reads(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._reads, function, *args)
+
+    @contextlib.contextmanager
+    def _read_slot(self, principal: Principal):
+        """One of the key's `max_reads_per_key` concurrent reads, or RESOURCE_EXHAUSTED."""
+        key = principal.key_id
+        if self._reads_by_key[key] >= self._settings.max_reads_per_key:
+            raise errors.ResourceExhausted(
+                f"key {key} already runs {self._settings.max_reads_per_key} audit reads; wait "
+                "for one to finish", retry_after_s=1.0, reason="audit_reads")
+        self._reads_by_key[key] += 1
+        try:
+            yield
+        finally:
+            self._reads_by_key[key] -= 1
+            if not self._reads_by_key[key]:
+                del self._reads_by_key[key]
+
+    def close_reads(self) -> None:
+        self._reads.shutdown(wait=False, cancel_futures=True)
 
     async def Append(
         self, request_iterator: AsyncIterator[auditor_pb2.AppendRequest],
@@ -300,10 +328,10 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         """Re-walks the log up to the durable head, and checks it still ends there."""
         async def run(principal: Principal) -> auditor_pb2.VerifyResponse:
             _require_admin(principal)
-            view = await asyncio.to_thread(self._log.view)
-            result = await asyncio.to_thread(
+            view = await self._in_reads(self._log.view)
+            result = await self._in_reads(functools.partial(
                 verify.verify, self._log.data_dir, keys=self.keys, view=view,
-                up_to=view.head.sequence)
+                up_to=view.head.sequence))
             if result.ok and result.last_sequence != view.head.sequence:
                 result = dataclasses.replace(
                     result, ok=False, first_bad_sequence=result.last_sequence + 1,
@@ -326,12 +354,13 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         try:
             principal = self._authenticate(context)
             where = self._query_filter(request, principal)
-            view = await asyncio.to_thread(self._log.view)
-            matches = reader.query(view, where)
-            async with asyncio.timeout(self._settings.query_timeout_s):
-                while chunk := await asyncio.to_thread(_take, matches, 256):
-                    for record, line in chunk:
-                        yield _record_message(record, line)
+            with self._read_slot(principal):
+                view = await self._in_reads(self._log.view)
+                matches = reader.query(view, where)
+                async with asyncio.timeout(self._settings.query_timeout_s):
+                    while chunk := await self._in_reads(_take, matches, 256):
+                        for record, line in chunk:
+                            yield _record_message(record, line)
         except TimeoutError:
             READS.labels("Query", "DEADLINE_EXCEEDED").inc()
             await status.abort(context, errors.DeadlineExceeded(
@@ -355,14 +384,25 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         self, request: auditor_pb2.ProveInclusionRequest, context: grpc.aio.ServicerContext
     ) -> auditor_pb2.InclusionProof:
         async def run(principal: Principal) -> auditor_pb2.InclusionProof:
+            tenant = request.tenant
+            if len(tenant) > 63:
+                raise errors.InvalidArgument("tenant", "must be at most 63 characters")
+            if not principal.is_admin:
+                if tenant and tenant != principal.tenant_id:
+                    raise errors.PermissionDenied(
+                        f"key {principal.key_id} may prove only tenant "
+                        f"{principal.tenant_id!r}'s records")
+                tenant = principal.tenant_id
             checkpoint = await self._fresh_checkpoint()
-            view = await asyncio.to_thread(self._log.view)  # holds all the checkpoint covers
+            view = await self._in_reads(self._log.view)  # holds all the checkpoint covers
             which = request.WhichOneof("record")
             if which == "request_id":
                 if not request.request_id or len(request.request_id) > 256:
                     raise errors.InvalidArgument("request_id", "must be 1 to 256 characters")
-                sequence = await asyncio.to_thread(reader.find_sequence, view,
-                                                   request.request_id)
+                # Scoped by tenant: another tenant's newer record with the same client-chosen
+                # id is not this one (and is not revealed).
+                sequence = await self._in_reads(reader.find_sequence, view,
+                                                request.request_id, tenant)
             elif which == "sequence":
                 sequence = request.sequence
                 if not view.segments[0].first <= sequence <= view.head.sequence:
@@ -373,8 +413,8 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
                 raise errors.InvalidArgument("record", "set request_id or sequence")
             if sequence > checkpoint.size:
                 checkpoint = await self._fresh_checkpoint()
-                view = await asyncio.to_thread(self._log.view)
-            proof = await asyncio.to_thread(reader.inclusion_proof, view, sequence, checkpoint)
+                view = await self._in_reads(self._log.view)
+            proof = await self._in_reads(reader.inclusion_proof, view, sequence, checkpoint)
             record_tenant = (json.loads(proof.leaf)["event"].get("generation") or {}).get(
                 "tenant")
             if not principal.is_admin and record_tenant != principal.tenant_id:
@@ -395,14 +435,14 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
                 if getattr(request, name) < 0:
                     raise errors.InvalidArgument(name, "must not be negative")
             latest = await self._fresh_checkpoint()
-            view = await asyncio.to_thread(self._log.view)  # holds all the checkpoint covers
+            view = await self._in_reads(self._log.view)  # holds all the checkpoint covers
             new = (latest if not request.new_size else
-                   await asyncio.to_thread(reader.checkpoint_of_size, view, request.new_size))
+                   await self._in_reads(reader.checkpoint_of_size, view, request.new_size))
             if request.old_size > new.size:
                 raise errors.InvalidArgument(
                     "old_size", f"is {request.old_size}, more than the new size {new.size}")
-            old = await asyncio.to_thread(reader.checkpoint_of_size, view, request.old_size)
-            proof = await asyncio.to_thread(reader.consistency_proof, view, old, new)
+            old = await self._in_reads(reader.checkpoint_of_size, view, request.old_size)
+            proof = await self._in_reads(reader.consistency_proof, view, old, new)
             return auditor_pb2.ConsistencyProof(
                 old=checkpoint_message(old), new=checkpoint_message(new), path=list(proof.path))
 
@@ -415,8 +455,9 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         """Authenticates, runs a read under the query deadline, maps errors, counts."""
         try:
             principal = self._authenticate(context)
-            async with asyncio.timeout(self._settings.query_timeout_s):
-                reply = await run(principal)
+            with self._read_slot(principal):
+                async with asyncio.timeout(self._settings.query_timeout_s):
+                    reply = await run(principal)
         except TimeoutError:
             READS.labels(method, "DEADLINE_EXCEEDED").inc()
             await status.abort(context, errors.DeadlineExceeded(
@@ -540,10 +581,9 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
                          "port can append events")
     committer = GroupCommitter(audit_log, settings.group_max_events, settings.write_timeout_s)
     committer.start()
-    auditor_pb2_grpc.add_AuditorServicer_to_server(
-        AuditorServicer(audit_log, committer, Authenticator(keys, tenants),
-                        {signer.key_id: signer.public_key}, settings),
-        ctx.server)
+    servicer = AuditorServicer(audit_log, committer, Authenticator(keys, tenants),
+                               {signer.key_id: signer.public_key}, settings)
+    auditor_pb2_grpc.add_AuditorServicer_to_server(servicer, ctx.server)
 
     async def checkpoint() -> None:
         if await asyncio.to_thread(audit_log.checkpoint) is not None:
@@ -581,6 +621,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await committer.close()
+        servicer.close_reads()
         for cache in (keys, tenants):
             await cache.stop()
         await asyncio.to_thread(audit_log.close)

@@ -89,6 +89,15 @@ class AuditorSettings(ServiceSettings):
         100_000, ge=1, validation_alias="INFERMESH_AUDITOR_QUERY_MAX_RECORDS",
         description="The largest `limit` a Query may ask for.",
     )
+    read_workers: int = Field(
+        4, ge=1, validation_alias="INFERMESH_AUDITOR_READ_WORKERS",
+        description="Threads that scan the log for reads (Query, Verify, proofs): their own, "
+        "so a burst of reads never delays group commit, which writes in the default pool.",
+    )
+    max_reads_per_key: int = Field(
+        2, ge=1, validation_alias="INFERMESH_AUDITOR_MAX_READS_PER_KEY",
+        description="Reads one API key may run at once; more are refused (RESOURCE_EXHAUSTED).",
+    )
     query_timeout_s: float = Field(
         60.0, gt=0, validation_alias="INFERMESH_AUDITOR_QUERY_TIMEOUT_S",
         description="Longest a Query, Verify or proof may scan the log.",

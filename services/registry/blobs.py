@@ -72,6 +72,15 @@ class BlobStore(Protocol):
     def read(self, digest: str) -> Iterator[bytes]: ...
 
 
+def fsync_directory(directory: pathlib.Path) -> None:
+    """Makes the entries of `directory` (a rename into it) durable, as fsync does for a file."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 class LocalBlobStore:
     """Blobs in a local directory. Blocking file I/O: call it from a worker thread."""
 
@@ -157,7 +166,9 @@ class LocalBlobStore:
             partial.unlink(missing_ok=True)
             raise errors.InvalidArgument("digest", f"the bytes hash to {actual}, not {digest}")
         partial.chmod(0o444)
-        os.replace(partial, self._final(digest))
+        final = self._final(digest)
+        os.replace(partial, final)
+        fsync_directory(final.parent)  # the rename itself survives a crash, not only the bytes
 
     def put_file(self, path: pathlib.Path) -> str:
         """Stores a local file; returns its digest."""

@@ -305,3 +305,37 @@ async def test_append_needs_the_mesh_token_when_the_mesh_has_one(
     stored = [json.loads(line)["event"]["event_id"]
               for _seq, line in reader.lines(reader.view_of(tmp_path / "audit"))]
     assert stored == ["ev-000002"]  # nothing refused was stored
+
+
+async def test_two_tenants_colliding_request_ids_each_prove_their_own(
+    etcd_server: EtcdServer, tmp_path
+) -> None:
+    """Request ids are chosen by clients: an intruder reusing a victim's id must neither hide
+    the victim's record from its proof nor see it (issue 15, class 9)."""
+    acme, zeta = f"acme-{uuid.uuid4().hex[:6]}", f"zeta-{uuid.uuid4().hex[:6]}"
+    client = etcd.connect(etcd_server.endpoint, 2.0)
+    keys = await keys_for(client, acme, zeta)
+    auditor = Auditor(etcd_server.endpoint, tmp_path / "audit", tmp_path / "auditor.log")
+    try:
+        await auditor.start()
+        async with grpc.aio.insecure_channel(auditor.endpoint) as channel:
+            await append(channel, [audit_event(1, tenant=acme, request_id="shared"),
+                                   audit_event(2, tenant=zeta, request_id="shared")], 10)
+            stub = auditor_pb2_grpc.AuditorStub(channel)
+
+            async def prove(key: str, tenant: str = "") -> int:
+                proof = await stub.ProveInclusion(auditor_pb2.ProveInclusionRequest(
+                    request_id="shared", tenant=tenant), metadata=bearer(key),
+                    timeout=RPC_TIMEOUT_S)
+                return proof.sequence
+
+            assert await prove(keys[acme]) == 1  # not zeta's newer record, not NOT_FOUND
+            assert await prove(keys[zeta]) == 2
+            assert await prove(keys["admin"], acme) == 1
+            assert await prove(keys["admin"]) == 2  # an admin without a tenant: the newest
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await prove(keys[acme], zeta)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await client.close()
+        assert await auditor.stop() == 0, auditor.process.log_tail()
