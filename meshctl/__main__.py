@@ -19,6 +19,7 @@ from meshctl.generate import sampling, stream_generation, unary_generation
 from meshctl.registry import registry_app
 from meshctl.replicas import replicas as replicas_command
 from meshctl.slo import slo as slo_command
+from meshctl.stack_status import stack_status
 from meshctl.tenants import key_app, tenant_app
 
 # An unexpected traceback never prints locals: they hold API keys and the mesh token.
@@ -26,6 +27,7 @@ app = typer.Typer(help="Operate infermesh: the local stack, generations, the aud
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 stack_app = typer.Typer(help="Start and stop the embedded stack.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+stack_app.command("status")(stack_status)
 app.add_typer(engine_app, name="engine")
 app.add_typer(audit_app, name="audit")
 app.add_typer(tenant_app, name="tenant")
@@ -113,6 +115,9 @@ def stack_up(
         typer.echo(f"a stack is already recorded in {state_dir}/stack.json; "
                    "run `meshctl stack down` first", err=True)
         raise typer.Exit(1)
+    if detach:  # this same command in the foreground, in the background: it supervises
+        _up_in_background(state_dir, demo)
+        return
     stack = Stack(StackOptions(state_dir=state_dir))
     started = time.monotonic()
     typer.echo("starting etcd, Triton (torch and reference engines), sidecar and services ...",
@@ -129,9 +134,8 @@ def stack_up(
             chat=True))
         if result.final is not None:
             print_final(result.final)
-    if detach:
-        return
-    typer.echo("\nserving; Ctrl-C stops every process.", err=True)
+    typer.echo("\nserving; a process that dies is restarted (`meshctl stack status`); "
+               "Ctrl-C stops every process.", err=True)
     stopping = False
 
     def request_stop(*_):
@@ -142,16 +146,38 @@ def stack_up(
     signal.signal(signal.SIGTERM, request_stop)
     try:
         while not stopping:
-            failed = stack.failed_children()
-            if failed:
-                typer.echo(f"stopping: {', '.join(failed)} exited (see {state_dir}/logs)",
-                           err=True)
-                break
             time.sleep(0.5)
     finally:
         typer.echo("stopping ...", err=True)
         stack.down()
         typer.echo("stopped.", err=True)
+
+
+def _up_in_background(state_dir: pathlib.Path, demo: bool) -> None:
+    """Starts `meshctl stack up` as a detached process (its output in logs/stack.log) and
+    returns once its stack.json is written, or fails with the log's tail if it exits first."""
+    import subprocess
+
+    from deploy.local.state import load_state
+
+    log_path = state_dir / "logs" / "stack.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "meshctl", "stack", "up", "--state-dir", str(state_dir)]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([*argv, *(["--demo"] if demo else [])], stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    deadline = time.monotonic() + 300.0
+    while load_state(state_dir) is None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+            typer.echo(f"the stack did not come up:\n{tail}", err=True)
+            raise typer.Exit(1)
+        time.sleep(0.5)
+    info = load_state(state_dir)
+    assert info is not None
+    typer.echo(f"stack up (supervised by pid {process.pid}); gateway {info.gateway}; env in "
+               f"{state_dir / 'env'}; logs in {state_dir / 'logs'}", err=True)
 
 
 @stack_app.command("down")

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import pid_alive
 
-__all__ = ["DEFAULT_MODEL_REPOSITORY", "TritonPorts", "TritonServer", "TritonStartError", "main",
-           "stub_pids"]
+__all__ = ["DEFAULT_MODEL_REPOSITORY", "TritonPorts", "TritonServer", "TritonStartError",
+           "kill_leftovers", "main", "stub_pids"]
 
 DEFAULT_MODEL_REPOSITORY = pathlib.Path(__file__).parent / "model_repository"
 
@@ -84,6 +84,23 @@ def stub_pids(workdir: pathlib.Path, model: str | None = None) -> list[int]:
                 if model is None or any(a.endswith(f"/{model}/1/model.py") for a in argv):
                     pids.append(int(entry.name))
     return pids
+
+
+def kill_leftovers(workdir: pathlib.Path) -> list[int]:
+    """SIGKILLs what a server working in `workdir` left running when its launcher was killed
+    (the tritonserver, which holds the ports, and its stubs); returns the pids killed. For a
+    supervisor about to start a launcher again on the same ports and work directory. Their
+    shared-memory regions (1 MiB each) stay: which ones were theirs is not known here, and
+    another server's may be seconds old with no stub naming it yet."""
+    marker = f"--backend-directory={workdir.resolve() / 'backends'}".encode()
+    pids = set(stub_pids(workdir))
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "cmdline").read_bytes().split(b"\0"):
+                    pids.add(int(entry.name))
+    _kill_and_wait(sorted(pids))
+    return sorted(pids)
 
 
 def _stub_binary(workdir: pathlib.Path) -> pathlib.Path:

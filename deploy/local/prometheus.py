@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 import time
 import urllib.error
@@ -33,7 +34,11 @@ def prometheus_binary() -> str:
 
 
 def scrape_config(targets: Mapping[str, str], rule_files: list[pathlib.Path]) -> dict:
-    """One static job per process (`targets`: job → host:port of its /metrics)."""
+    """One static job per kind of process (`targets`: process → host:port of its /metrics);
+    a second instance (`scheduler-2`) is one more target of its kind's job."""
+    jobs: dict[str, list[str]] = {}
+    for name, endpoint in sorted(targets.items()):
+        jobs.setdefault(re.sub(r"-\d+$", "", name), []).append(endpoint)
     return {
         "global": {
             "scrape_interval": f"{SCRAPE_INTERVAL_S}s",
@@ -42,8 +47,8 @@ def scrape_config(targets: Mapping[str, str], rule_files: list[pathlib.Path]) ->
         },
         "rule_files": [str(path) for path in rule_files],
         "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": [endpoint]}]}
-            for job, endpoint in sorted(targets.items())
+            {"job_name": job, "static_configs": [{"targets": endpoints}]}
+            for job, endpoints in sorted(jobs.items())
         ],
     }
 

@@ -3,7 +3,9 @@ services, each a child process on loopback ports, plus a demo tenant, admin key 
 (`demo_models.py`: a real one, `demo-chat`, and the reference engine, `demo-reference`).
 
 `Stack.up()` returns only when every service answers SERVING and a generation can be routed;
-`Stack.down()` stops everything it started, in reverse order. The state of a detached stack
+`Stack.down()` stops everything it started, in reverse order. In between, a supervisor
+(`supervisor.py`) restarts any process that dies, with backoff; two scheduler instances run, as
+in the Kubernetes base, so a scheduler's death (or restart) routes through the other. The state of a detached stack
 (process ids, endpoints) is kept in `<state dir>/stack.json`, so `meshctl stack down` can stop it
 from another process.
 """
@@ -22,9 +24,11 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from backends.triton.launcher import kill_leftovers
 from deploy.local.demo_models import DEMO_MODEL, REFERENCE_MODEL, prepare
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.prometheus import PrometheusServer
+from deploy.local.supervisor import Supervisor
 from deploy.local.state import StackInfo, forget_state, load_state, write_state
 from infermesh.v1 import inference_pb2, inference_pb2_grpc, registry_pb2
 from services.common import errors, etcd
@@ -36,9 +40,11 @@ from services.registry.manifest import served_model_name
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEMO_TENANT = "demo"
-SERVICES = ("registry", "ratelimit", "scheduler", "auditor", "gateway")
-STOP_ORDER = ("prometheus", "gateway", "sidecar", "scheduler", "ratelimit", "registry", "auditor",
-              "triton", "etcd")
+SERVICES = ("registry", "ratelimit", "scheduler", "scheduler-2", "auditor", "gateway")
+MODULES = {name: f"services.{name.split('-')[0]}" for name in SERVICES}  # scheduler-2: a second
+# supervisor: whoever runs the stack (stops it first, or it would restart what is being stopped)
+STOP_ORDER = ("supervisor", "prometheus", "gateway", "sidecar", "scheduler", "scheduler-2",
+              "ratelimit", "registry", "auditor", "triton", "etcd")
 
 
 @dataclass
@@ -47,6 +53,7 @@ class StackOptions:
     demo_plan: TenantPlan = field(default_factory=TenantPlan)
     gateway_env: dict[str, str] = field(default_factory=dict)  # extra INFERMESH_* for the gateway
     triton_log_verbose: bool = False
+    supervise: bool = True  # restart any process that dies (with backoff)
 
 
 class Stack:
@@ -56,6 +63,7 @@ class Stack:
         self.logs = self.state_dir / "logs"
         self.children: dict[str, ChildProcess] = {}
         self.info: StackInfo | None = None
+        self.supervisor: Supervisor | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -104,7 +112,7 @@ class Stack:
                     extra.update(self.options.gateway_env)
                 if name == "registry":
                     extra["INFERMESH_REGISTRY_BLOB_DIR"] = str(blob_dir)
-                self._start_service(name, f"services.{name}", ports[name], metrics[name], extra)
+                self._start_service(name, MODULES[name], ports[name], metrics[name], extra)
             self._start_service(
                 "sidecar", "backends.triton.sidecar", ports["sidecar"], metrics["sidecar"],
                 {**base,
@@ -137,11 +145,13 @@ class Stack:
                 gateway=endpoints["gateway"], api_key=api_key, model=DEMO_MODEL,
                 reference_model=REFERENCE_MODEL,
                 etcd=etcd_server.endpoint, endpoints=endpoints, metrics=metric_endpoints,
-                pids={name: child.pid for name, child in self.children.items()},
+                pids=self._pids(),
                 openai_base_url=f"http://{LOOPBACK}:{openai_port}/v1", mesh_token=mesh_token,
                 triton_models=triton_models,
             )
             write_state(self.state_dir, self.info)
+            if self.options.supervise:
+                self._supervise(self.state_dir / "triton")
             return self.info
         except BaseException:
             self.down()
@@ -149,6 +159,9 @@ class Stack:
 
     def down(self) -> None:
         """Stops every child, in STOP_ORDER and then any other, even if one stop fails."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         order = [n for n in STOP_ORDER if n in self.children]
         order += [n for n in self.children if n not in STOP_ORDER]
         try:
@@ -166,6 +179,25 @@ class Stack:
 
     def failed_children(self) -> list[str]:
         return [name for name, child in self.children.items() if not child.alive()]
+
+    def _pids(self) -> dict[str, int]:
+        pids = {name: child.pid for name, child in self.children.items()}
+        if self.options.supervise:
+            pids["supervisor"] = os.getpid()
+        return pids
+
+    def _supervise(self, triton_workdir: pathlib.Path) -> None:
+        def pids_changed() -> None:
+            if self.info is not None:
+                self.info.pids = self._pids()
+                write_state(self.state_dir, self.info)
+
+        self.supervisor = Supervisor(self.state_dir, on_restart=pids_changed)
+        for name, child in self.children.items():
+            # A killed launcher leaves its tritonserver (holding the ports) and stubs behind.
+            self.supervisor.watch(
+                child, (lambda: kill_leftovers(triton_workdir)) if name == "triton" else None)
+        self.supervisor.start()
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -286,8 +318,9 @@ def stop_detached(state_dir: pathlib.Path) -> list[str]:
     stopped = []
     for name in STOP_ORDER:
         pid = info.pids.get(name)
-        if pid is not None and pid_alive(pid):
-            stop_pid(pid, grace_s=15.0)
+        if pid is not None and pid != os.getpid() and pid_alive(pid):
+            # The supervisor stops the whole stack itself on SIGTERM; give it the time to.
+            stop_pid(pid, grace_s=180.0 if name == "supervisor" else 15.0)
             stopped.append(name)
     forget_state(state_dir)
     return stopped
