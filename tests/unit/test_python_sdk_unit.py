@@ -1,0 +1,73 @@
+"""The Python SDK's pure parts: exported names, errors from status details, the retry policy,
+endpoint resolution. No network."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+import infermesh_client
+from infermesh_client import InvalidArgument, RateLimited, RetryPolicy, ServerError, Unavailable
+from infermesh_client._config import ConfigurationError, resolve
+from infermesh_client._errors import details_from_status, error_for
+
+
+def test_exported_members_match_all():
+    public = {name for name in dir(infermesh_client) if not name.startswith("_")}
+    public -= {"annotations"}
+    assert set(infermesh_client.__all__) - {"__version__"} == public
+
+
+def _status(*details) -> bytes:
+    packed = []
+    for detail in details:
+        any_message = any_pb2.Any()
+        any_message.Pack(detail)
+        packed.append(any_message)
+    return status_pb2.Status(code=8, message="m", details=packed).SerializeToString()
+
+
+def test_details_come_from_error_info_and_retry_info():
+    info = error_details_pb2.ErrorInfo(reason="RESOURCE_EXHAUSTED", domain="infermesh.dev")
+    info.metadata["reason"] = "rpm"
+    info.metadata["field"] = "model"
+    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1, nanos=5 * 10**8))
+    details = details_from_status(_status(info, retry))
+    assert details == {"reason": "rpm", "field": "model", "retry_after": 1.5}
+    error = error_for("RESOURCE_EXHAUSTED", "rpm: over", **details)
+    assert isinstance(error, RateLimited) and error.retry_after == 1.5 and error.reason == "rpm"
+    bad = error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field="params.top_p", description="1.5")])
+    assert details_from_status(_status(bad)) == {"field": "params.top_p"}
+    assert isinstance(error_for("INVALID_ARGUMENT", "x", field="f"), InvalidArgument)
+    unknown = error_for("DATA_LOSS", "gone")
+    assert isinstance(unknown, ServerError) and unknown.code == "DATA_LOSS"
+
+
+def test_retry_policy_waits_only_for_server_delays_within_budget():
+    policy = RetryPolicy(max_attempts=3, max_wait=5.0, max_delay=4.0)
+    limited = RateLimited("rpm", retry_after=1.0)
+    assert policy.delay(limited, attempt=1, waited=0.0, remaining=None) == 1.0
+    assert policy.delay(limited, attempt=3, waited=0.0, remaining=None) is None  # attempts
+    assert policy.delay(limited, attempt=1, waited=4.5, remaining=None) is None  # budget
+    assert policy.delay(limited, attempt=1, waited=0.0, remaining=0.5) is None  # deadline
+    assert policy.delay(RateLimited("x", retry_after=4.5), 1, 0.0, None) is None  # too long
+    assert policy.delay(RateLimited("no delay"), 1, 0.0, None) is None
+    assert policy.delay(Unavailable("loading", retry_after=0.2), 1, 0.0, None) == 0.2
+    assert policy.delay(InvalidArgument("bad", retry_after=0.2), 1, 0.0, None) is None
+
+
+def test_endpoint_resolution_order(tmp_path: pathlib.Path):
+    env_file = tmp_path / "env"
+    env_file.write_text("export INFERMESH_GATEWAY=file:1\nexport INFERMESH_API_KEY='k f'\n")
+    environ = {"INFERMESH_ENV_FILE": str(env_file)}
+    assert resolve(None, None, None, environ) == resolve("file:1", "k f", False, {})
+    environ["INFERMESH_GATEWAY"] = "env:2"
+    assert resolve(None, None, None, environ).target == "env:2"
+    assert resolve("arg:3", "key", None, environ).target == "arg:3"
+    assert resolve("https://tls:4", None, None, environ).tls is True
+    with pytest.raises(ConfigurationError, match="INFERMESH_GATEWAY"):
+        resolve(None, None, None, {"INFERMESH_STATE_DIR": str(tmp_path / "none")})
