@@ -22,7 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from bench import (
-    audit, noisy_neighbor, openai_load, quota_accuracy, rollback, routing, torch_engine, versions,
+    audit, failover, noisy_neighbor, openai_load, quota_accuracy, rollback, routing, torch_engine,
+    versions,
 )
 from bench.streaming import compare
 from deploy.local.stack import Stack, StackOptions
@@ -49,6 +50,7 @@ SMOKE: Mapping[str, Mapping[str, Any]] = {
     "rollback": {"rounds": 1, "cli_rounds": 1},
     "audit": {"levels": (1, 8), "duration_s": 0.3, "warmup_s": 0.2},
     "openai_load": {"requests": 16, "warmup_requests": 0, "install": False},
+    "failover": {"requests": 5, "window_s": 3.0, "concurrency": 2},
     # A few MB on the reference engine instead of the real model's ~540 MB (bench/versions.py).
     "versions": {"engine": "reference", "rounds": 1},
 }
@@ -65,6 +67,7 @@ HEADLINE = (
     "audit_durable_events_per_s", "audit_ack_p99_ms_c1",
     "grpc_tokens_per_s_c16",
     "version_cold_start_s", "cold_start_fetch_over_local", "rollback_first_token_ms",
+    "fallback_routing_added_ttft_p50_ms", "scheduler_kill_failed_fraction",
 )
 
 
@@ -92,6 +95,7 @@ def run_all(shape: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             figures.update(audit.run(info.endpoints["auditor"], info.mesh_token,
                                      **shape.get("audit", {})))
             figures.update(openai_load.run(info, state_dir, **shape.get("openai_load", {})))
+            figures.update(failover.run(stack, **shape.get("failover", {})))
             # Last: it leaves its versions of the demo model registered and loaded.
             figures.update(versions.run(info, state_dir, **shape.get("versions", {})))
         finally:
