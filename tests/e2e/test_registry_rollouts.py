@@ -305,13 +305,20 @@ async def test_a_versions_safety_policy_ends_the_stream(stack, models, user_key,
     version = pushed_version(ok(await asyncio.to_thread(meshctl, stack, "push", str(tmp_path))))
     deadline = time.monotonic() + 60
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        # Never promoted: a tenant may not pin it (nor make the mesh load it) without a grant.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await inference_pb2_grpc.InferenceStub(channel).Generate(
+                inference_pb2.GenerateRequest(model=f"{name}@{version}", prompt="hi"),
+                metadata=(("authorization", f"Bearer {user_key}"),), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
         while True:  # pinned by id, it is loaded on demand: UNAVAILABLE (retry) until then
             try:
                 reply = await inference_pb2_grpc.InferenceStub(channel).Generate(
                     inference_pb2.GenerateRequest(
                         model=f"{name}@{version}", prompt="tell me a story",
                         params=inference_pb2.SamplingParams(max_tokens=64, seed=3)),
-                    metadata=(("authorization", f"Bearer {user_key}"),), timeout=10)
+                    metadata=(("authorization", f"Bearer {stack.api_key}"),),  # an admin key
+                    timeout=10)
                 break
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
