@@ -206,6 +206,7 @@ class Sidecar:
         self._directory = directory
         self._blobs = blobs
         self._version_ids: dict[str, str] = {}  # model → the registered version it serves
+        self._adopt_tried: set[str] = set()  # served models found loaded, adopted once a target
         # What Triton and its engines said last.
         self._ready = False
         self._probed = asyncio.Event()  # set after the first successful model listing
@@ -482,7 +483,7 @@ class Sidecar:
         allowed, self._restarts[model] = restarts_within_budget(
             self._restarts.get(model, ()), time.monotonic(), settings.engine_restart_window_s,
             settings.engine_max_restarts)
-        await self._unload(model)
+        await self._unload(model, forget=not allowed)  # a restart keeps its files and render
         if not allowed:
             raise RuntimeError(
                 f"its engine died {settings.engine_max_restarts} times within "
@@ -518,12 +519,15 @@ class Sidecar:
         if target != self._target:
             self._target = target
             self._failed.clear()  # a new target retries what failed before
+            self._adopt_tried.clear()
             self._errors = {m: e for m, e in self._errors.items() if m in target.models}
             log.info("placement_received", models=sorted(target.models),
                      generation=target.generation)
-        for model, ref in target.versions.items():  # served already (a restarted sidecar)
-            if model in self._versions and model not in self._actions:
-                self._version_ids.setdefault(model, ref.partition("@")[2])
+        for model in target.versions:  # served already, not by us: a restarted sidecar
+            if model in self._versions and model not in self._actions \
+                    and model not in self._version_ids and model not in self._adopt_tried:
+                self._adopt_tried.add(model)
+                self._start_action(model, "adopt", self._adopt)
         plan = plan_placement(target, self._versions, self._actions, self._failed,
                               self._unloading)
         if plan.unload:
@@ -567,17 +571,38 @@ class Sidecar:
         self._actions[model] = asyncio.create_task(act(), name=f"{action} {model}")
 
     async def _load(self, model: str) -> None:
-        """Loads `model`; a registered version is fetched and rendered first."""
+        """Loads `model`. A registered version not prepared yet is fetched, verified and
+        rendered first; if it then fails to load, its pins and render go (nothing leaks)."""
         ref = self._target.versions.get(model) if self._target is not None else None
+        fresh = ref is not None and model not in self._version_ids
         started = time.monotonic()
-        if ref is not None:
-            await self._prepare_version(model, ref)
         timeout_s = self._settings.model_control_timeout_s
-        async with asyncio.timeout(timeout_s):
-            await self._triton.load_model(model, client_timeout=timeout_s)
-        if ref is not None:
+        try:
+            if fresh:
+                await self._prepare_version(model, ref)
+            async with asyncio.timeout(timeout_s):
+                await self._triton.load_model(model, client_timeout=timeout_s)
+        except BaseException:
+            if fresh:
+                await self._discard(model)
+            raise
+        if fresh:
             self._version_ids[model] = ref.partition("@")[2]
             COLD_STARTS.observe(time.monotonic() - started)
+
+    async def _adopt(self, model: str) -> None:
+        """A version Triton already serves (this sidecar restarted): its files verified and
+        pinned again, its render current, so an engine restart or a cache eviction later finds
+        them."""
+        ref = self._target.versions.get(model) if self._target is not None else None
+        if ref is None:
+            return
+        try:
+            await self._prepare_version(model, ref)
+        except Exception as exc:  # it still serves: no placement error; retried on a new target
+            log.warning("version_adopt_failed", model=model, error=_describe(exc))
+            return
+        self._version_ids[model] = ref.partition("@")[2]
 
     async def _prepare_version(self, model: str, ref: str) -> None:
         """The version's manifest from the registry, proven to be the version placed (its
@@ -600,16 +625,25 @@ class Sidecar:
         await asyncio.to_thread(render_version, repository, model, manifest,
                                 self._blobs.store.root, cache_root())
 
-    async def _unload(self, model: str) -> None:
-        # Triton lets the model's in-flight requests finish before it goes.
+    async def _unload(self, model: str, forget: bool = True) -> None:
+        """Unloads `model` (Triton lets its in-flight requests finish first); `forget` also
+        lets its blobs go and removes its render, even if the unload timed out (an engine that
+        is still there keeps its weights in memory)."""
         timeout_s = self._settings.model_control_timeout_s
-        async with asyncio.timeout(timeout_s):
-            await self._triton.unload_model(model, client_timeout=timeout_s)
-        if self._version_ids.pop(model, None) is not None:
-            self._blobs.unpin(model)  # its blobs may now be evicted, least recently used first
-            if self._settings.model_repository is not None:  # a restarted Triton won't load it
-                await asyncio.to_thread(shutil.rmtree, self._settings.model_repository / model,
-                                        True)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._triton.unload_model(model, client_timeout=timeout_s)
+        finally:
+            if forget and self._version_ids.pop(model, None) is not None:
+                await self._discard(model)
+
+    async def _discard(self, model: str) -> None:
+        """A registered version's local state goes: its blobs may now be evicted (least
+        recently used first), and its render leaves the repository (a restarted Triton will not
+        load it)."""
+        self._blobs.unpin(model)
+        if self._settings.model_repository is not None:
+            await asyncio.to_thread(shutil.rmtree, self._settings.model_repository / model, True)
 
 
 def _order(version: str) -> tuple[int, str]:

@@ -253,21 +253,23 @@ def hf_weight_shards(index_path: pathlib.Path, field: str) -> set[str]:
 def materialize_files(
     blobs: LocalBlobStore, files: Sequence[dict[str, Any]], root: pathlib.Path
 ) -> pathlib.Path:
-    """A directory holding `files` under their names, each read from a verified blob.
+    """A directory holding `files` under their names: symbolic links to the blobs, each verified
+    when it is linked, so a model's weights are never stored twice.
 
-    Keyed by the files' digests under `<root>/files/`, written atomically; reused when present.
+    Keyed by the files' digests under `<root>/files/`, made atomically; reused while every link
+    still resolves (the blobs are content-addressed and read-only; a replica's blob cache
+    verifies them again before each load and evicts only blobs no loaded version pins).
     """
     target = materialized_dir(files, root)
-    if target.exists():
+    if target.is_dir() and all((target / ref["name"]).exists() for ref in files):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=".files-"))
     try:
-        for ref in files:
-            with open(scratch / ref["name"], "wb") as sink:
-                for chunk in blobs.read(ref["digest"]):  # raises at the end if it does not verify
-                    sink.write(chunk)
-        with contextlib.suppress(OSError):  # a concurrent writer got there first: same bytes
+        for ref in files:  # verified_path raises when the blob's bytes do not match its digest
+            os.symlink(blobs.verified_path(ref["digest"]).resolve(), scratch / ref["name"])
+        shutil.rmtree(target, ignore_errors=True)  # one whose blobs were evicted
+        with contextlib.suppress(OSError):  # a concurrent writer got there first: same links
             os.replace(scratch, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

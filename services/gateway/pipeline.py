@@ -190,7 +190,7 @@ class _Progress:
     blocked_phrases: tuple[str, ...] = ()  # the version's safety policy
     prices_per_1k: tuple[float, float] = (0.0, 0.0)  # the version's input and output prices
     text_hashes: TextHashes | None = None  # only when the tenant's plan asks for them
-    cold: bool = False  # its version was served by no replica when the request arrived
+    cold: bool = False  # pinned to a version in no serving role that no replica serves yet
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -253,7 +253,12 @@ class GenerationPipeline:
             version, shadow = resolution.version, resolution.shadow
             progress.model = version.name
             progress.version_id = version.version_id
-            progress.cold = not self._serving(version.triton_model_name)
+            routing = self._catalog.entry(version.name).routing
+            # Pinned to a version that is loaded on demand, or still loading as a canary — not
+            # production or previous, whose absence is an outage.
+            progress.cold = (resolution.arm == "pinned"
+                             and version.version_id not in (routing.production, routing.previous)
+                             and not self._serving(version.triton_model_name))
             progress.blocked_phrases = version.blocked_phrases
             progress.prices_per_1k = (version.cost_per_1k_input_tokens,
                                       version.cost_per_1k_output_tokens)
@@ -463,7 +468,7 @@ class GenerationPipeline:
         version = progress.version_id or "unresolved"
         model = progress.model or "unknown"
         if progress.cold and code == "UNAVAILABLE" and not progress.first_token_sent:
-            # Asked for a version while it is being loaded (a pin placed on demand): not a
+            # Pinned to a version while it is being loaded (on demand, or a new canary): not a
             # generation that failed — the version's availability and its canary judgement
             # start when it serves. Counted apart; the cold start itself is the sidecar's metric.
             COLD_REFUSALS.labels(principal.tenant_id, model, version).inc()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -43,6 +44,7 @@ LOADS = Counter("infermesh_gateway_tokenizer_loads_total",
                 "Tokenizers loaded from the registry's blobs, by outcome.", ["outcome"])
 RETRY_AFTER_S = 0.5
 FETCH_RETRY_S = (0.5, 10.0)  # first and longest delay between tries to fetch a tokenizer's files
+FAILED_RETRY_S = 60.0  # a tokenizer that could not be loaded is tried again after this
 
 
 class PromptTokenizer(Protocol):
@@ -122,7 +124,7 @@ class TokenizerStore:
         self._cache_dir = cache_dir
         self._whitespace = WhitespaceTokenizer()
         self._loaded: dict[str, HuggingFaceTokenizer] = {}  # by the tokenizer files' digests
-        self._failed: dict[str, str] = {}  # why a tokenizer could not be loaded
+        self._failed: dict[str, tuple[str, float]] = {}  # why it could not be loaded, and when
         self._loading: dict[str, asyncio.Task[None]] = {}
 
     def get(self, version: ModelVersion) -> PromptTokenizer:
@@ -135,9 +137,13 @@ class TokenizerStore:
         tokenizer = self._loaded.get(key)
         if tokenizer is not None:
             return tokenizer
-        if key in self._failed:
-            raise errors.Internal(f"the tokenizer of {version.version_id} cannot be loaded: "
-                                  f"{self._failed[key]}")
+        failed = self._failed.get(key)
+        if failed is not None:
+            if time.monotonic() - failed[1] < FAILED_RETRY_S:
+                raise errors.Internal(f"the tokenizer of {version.version_id} cannot be loaded: "
+                                      f"{failed[0]}")
+            del self._failed[key]  # a disk or cache that was full may have room now: retry
+            self.refresh([version])
         raise errors.Unavailable(f"the tokenizer of {version.version_id} is loading",
                                  retry_after_s=RETRY_AFTER_S)
 
@@ -178,10 +184,11 @@ class TokenizerStore:
             LOADS.labels("ok").inc()
             log.info("tokenizer_loaded", version=version.version_id)
         except Exception as exc:  # a missing or corrupt blob, a bad template: the version fails
-            self._failed[key] = str(exc)
+            self._failed[key] = (str(exc), time.monotonic())
             LOADS.labels("failed").inc()
             log.error("tokenizer_load_failed", version=version.version_id, error=repr(exc))
         finally:
+            self._blobs.unpin(f"tokenizer {key}")  # loaded, it lives in memory
             self._loading.pop(key, None)
 
     def _read(self, version: ModelVersion) -> HuggingFaceTokenizer:
