@@ -49,7 +49,11 @@ def manifest_to_dict(manifest: registry_pb2.ModelManifest) -> dict[str, Any]:
 
 
 def manifest_from_dict(manifest: dict[str, Any]) -> registry_pb2.ModelManifest:
-    return json_format.ParseDict(manifest, registry_pb2.ModelManifest())
+    """A stored manifest as the API returns it. Fields the schema no longer has (e.g.
+    `triton_model_name`, retired in issue 14) are left out, so an old version stays readable;
+    its id no longer hashes from what is returned, so replicas refuse to serve it (re-push)."""
+    return json_format.ParseDict(manifest, registry_pb2.ModelManifest(),
+                                 ignore_unknown_fields=True)
 
 
 def _timestamp(unix_s: float) -> timestamp_pb2.Timestamp:
@@ -137,19 +141,15 @@ async def _next_chunk(reader: Iterator[bytes]) -> bytes | None:
 
 
 async def blob_chunks(blobs: BlobStore, digest: str, offset: int) -> AsyncIterator[bytes]:
-    """A complete blob's bytes from `offset` on, read in worker threads. The store verifies the
-    whole blob as it reads (Internal at the end on a mismatch), so a resume re-reads the prefix
-    it skips: the registry's disk is faster than the network, and a blob corrupt on disk is
-    refused however it is asked for."""
-    reader = blobs.read(digest)
-    skip = offset
+    """A complete blob's bytes from `offset` on, read in worker threads; only those bytes are
+    read (a seek, or a ranged GET), so a resume near the end of a large blob starts at once and
+    fits the deadline its caller sized to the bytes left. From 0 the store verifies the blob as
+    it reads (Internal at the end on a mismatch), so a blob corrupt on the registry's disk is
+    never served whole; a resume is verified by its reader, which holds the prefix."""
+    reader = blobs.read(digest, offset)
     try:
         while (chunk := await _next_chunk(reader)) is not None:
-            if skip >= len(chunk):
-                skip -= len(chunk)
-                continue
-            yield chunk[skip:]
-            skip = 0
+            yield chunk
     finally:
         reader.close()
 
