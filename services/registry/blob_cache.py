@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge
 
 from services.common import errors
 from services.common.logs import get_logger
-from services.registry.blobs import DIGEST, LocalBlobStore, parse_digest
+from services.registry.blobs import DIGEST, LocalBlobStore, parse_digest, transfer_timeout_s
 
 Download = Callable[[str, int], AsyncIterator[bytes]]  # (digest, offset) -> the bytes from offset
 BUDGET_SETTING = "INFERMESH_BLOB_CACHE_MAX_BYTES"
@@ -47,8 +47,11 @@ class _Mismatch(Exception):
 
 class BlobCache:
     """Verified registry blobs under `root`, at most `max_bytes` of them (downloads in progress
-    count at their full size). Construction is blocking (it creates the directories and reads
-    what an earlier process left): build it with `asyncio.to_thread`."""
+    count at their full size). Each download of a blob gets `transfer_timeout_s` of the bytes
+    it has left, with `timeout_s` as the floor: a small blob has `timeout_s`, a large one as
+    long as it needs at the least transfer rate the registry client allows. Construction is
+    blocking (it creates the directories and reads what an earlier process left): build it with
+    `asyncio.to_thread`."""
 
     def __init__(self, root: pathlib.Path, max_bytes: int, download: Download,
                  timeout_s: float = 600.0):
@@ -85,8 +88,9 @@ class BlobCache:
 
         Raises ResourceExhausted, before downloading anything, when the files cannot fit beside
         what is pinned or being downloaded, and the download's MeshError (DeadlineExceeded past
-        `timeout_s` per blob) otherwise. A failed ensure pins nothing `pin` did not hold before
-        and leaves only verified blobs and partial files to resume from."""
+        a download's deadline, which scales with the bytes it has left) otherwise. A failed
+        ensure pins nothing `pin` did not hold before and leaves only verified blobs and partial
+        files to resume from."""
         sizes = _sizes(files)
         mine = self._pins.setdefault(pin, collections.Counter())
         mine.update(sizes.keys())
@@ -156,18 +160,12 @@ class BlobCache:
         self._publish()
 
     async def _fetch(self, digest: str, size: int) -> None:
-        """Downloads one blob into a reserved room, within `timeout_s`. Called under the
-        digest's lock."""
+        """Downloads one blob into a reserved room. Called under the digest's lock."""
         await self._reserve(digest, size)
         done = False
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._download_into(digest, size)
+            await self._download_into(digest, size)
             done = True
-        except TimeoutError:
-            raise errors.DeadlineExceeded(
-                f"downloading blob {digest} ({size} bytes) took over {self._timeout_s:g}s; "
-                "the next ensure resumes it") from None
         finally:
             del self._reserved[digest]
             have = self._progress.pop(digest, 0)
@@ -244,7 +242,19 @@ class BlobCache:
 
     async def _append(self, digest: str, size: int, offset: int) -> None:
         """Appends the registry's bytes from `offset` to the partial file, in batches; the last
-        one verifies the blob and renames it into place."""
+        one verifies the blob and renames it into place. Bounded by the deadline of the bytes
+        left (`transfer_timeout_s`, at least `timeout_s`): a large blob is not cut off by a
+        deadline sized for a small one."""
+        deadline_s = transfer_timeout_s(size - offset, floor_s=self._timeout_s)
+        try:
+            async with asyncio.timeout(deadline_s):
+                await self._receive(digest, size, offset)
+        except TimeoutError:
+            raise errors.DeadlineExceeded(
+                f"downloading blob {digest} ({size - offset} of its {size} bytes left) took over "
+                f"{deadline_s:g}s; the next ensure resumes it") from None
+
+    async def _receive(self, digest: str, size: int, offset: int) -> None:
         have, batched = offset, 0
         batch: list[bytes] = []
         self._progress[digest] = have

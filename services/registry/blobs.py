@@ -1,8 +1,10 @@
 """The content-addressed blob store: engine and tokenizer files, addressed by sha256.
 
 A blob becomes visible only after its bytes were verified against the digest it was announced
-with (writes go to `incoming/` and are renamed into place), and every read is verified again, so
-a file changed on disk is refused rather than served. `BlobStore` is the interface; the local
+with (writes go to `incoming/` and are renamed into place), and every read from byte 0 is
+verified again, so a file changed on disk is refused rather than served whole. A read from a
+later offset (a resumed download) reads only the bytes after it and cannot verify them: the
+reader, which holds the prefix, verifies the whole blob. `BlobStore` is the interface; the local
 directory is the default implementation, an S3-compatible bucket the production one.
 
     <root>/sha256/<hex>              verified blobs (read-only once in place)
@@ -29,6 +31,15 @@ from services.common import errors
 
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 CHUNK = 1 << 20
+TRANSFER_MIN_TIMEOUT_S = 60.0
+TRANSFER_MIN_BYTES_PER_S = 4 << 20  # a blob moving slower than this over its length times out
+
+
+def transfer_timeout_s(size: int, floor_s: float = TRANSFER_MIN_TIMEOUT_S) -> float:
+    """The deadline for moving `size` bytes of a blob (an upload, a download, the rest of a
+    resumed one): at least `floor_s`, and long enough at TRANSFER_MIN_BYTES_PER_S. The one rule
+    for the client's RPC deadlines and the blob cache's per-blob deadline."""
+    return max(floor_s, size / TRANSFER_MIN_BYTES_PER_S)
 
 
 def parse_digest(digest: str, field: str = "digest") -> str:
@@ -69,7 +80,17 @@ class BlobStore(Protocol):
                 dry_run: bool) -> Collected: ...
     def uploaded_size(self, digest: str) -> int: ...
     def write(self, digest: str, size: int, chunks: Iterable[bytes], offset: int = 0) -> None: ...
-    def read(self, digest: str) -> Iterator[bytes]: ...
+    def read(self, digest: str, offset: int = 0) -> Iterator[bytes]:
+        """The blob's bytes from `offset` (0 <= offset; at or past the end, none); NotFound when
+        it is not in the store. Only a read from 0 is verified (Internal at the end on a
+        mismatch); from a later offset only the rest is read, and the caller verifies."""
+        ...
+
+
+def check_offset(offset: int) -> None:
+    """InvalidArgument unless `offset` can start a read."""
+    if offset < 0:
+        raise errors.InvalidArgument("offset", f"must be 0 or more, not {offset}")
 
 
 def fsync_directory(directory: pathlib.Path) -> None:
@@ -179,17 +200,21 @@ class LocalBlobStore:
                 self.write(digest, size, iter(lambda: handle.read(CHUNK), b""))
         return digest
 
-    def read(self, digest: str) -> Iterator[bytes]:
-        """The blob's bytes; raises DataLoss-like Internal at the end if they do not verify."""
+    def read(self, digest: str, offset: int = 0) -> Iterator[bytes]:
+        """The blob's bytes from `offset`, by seeking there. From 0 they are verified as they
+        are read: Internal at the end if they do not hash to the digest."""
+        check_offset(offset)
         final = self._final(digest)
         if not final.exists():
             raise errors.NotFound(f"blob {digest} is not in the store")
-        hasher = hashlib.sha256()
+        hasher = hashlib.sha256() if offset == 0 else None
         with open(final, "rb") as handle:
+            handle.seek(offset)
             while chunk := handle.read(CHUNK):
-                hasher.update(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
                 yield chunk
-        if f"sha256:{hasher.hexdigest()}" != digest:
+        if hasher is not None and f"sha256:{hasher.hexdigest()}" != digest:
             raise errors.Internal(f"blob {digest} is corrupt on disk; refusing it")
 
     def verified_path(self, digest: str) -> pathlib.Path:

@@ -25,12 +25,10 @@ from infermesh.v1 import registry_pb2, registry_pb2_grpc
 from services.common import errors, status
 from services.common.discovery import ServiceDirectory
 from services.registry import hf_source
-from services.registry.blobs import CHUNK, file_digest
+from services.registry.blobs import CHUNK, file_digest, transfer_timeout_s
 from services.registry.manifest import FILE_GROUPS, validate_manifest
 
 MANIFEST_FILE = "manifest.json"
-TRANSFER_MIN_TIMEOUT_S = 60.0
-TRANSFER_MIN_BYTES_PER_S = 4 << 20  # a blob moving slower than this over its length times out
 
 Progress = Callable[[int], None]  # called with the bytes just sent (or skipped as present)
 
@@ -133,10 +131,6 @@ def _read_manifest(source: str) -> tuple[dict[str, Any], pathlib.Path]:
     return raw, base
 
 
-def _transfer_timeout_s(size: int) -> float:
-    return max(TRANSFER_MIN_TIMEOUT_S, size / TRANSFER_MIN_BYTES_PER_S)
-
-
 class RegistryClient:
     """One channel to a registry, every call authenticated with `api_key` and bounded by
     `timeout_s` (blob transfers: by their size). Errors come back as `errors.MeshError`."""
@@ -195,21 +189,22 @@ class RegistryClient:
                     yield registry_pb2.UploadBlobRequest(chunk=chunk)
                     progress(len(chunk))
 
-        return await self._call(self._stub.UploadBlob, messages(), _transfer_timeout_s(local.size))
+        return await self._call(self._stub.UploadBlob, messages(), transfer_timeout_s(local.size))
 
     async def download(self, digest: str, offset: int = 0) -> AsyncIterator[bytes]:
-        """A complete blob's bytes from `offset` on, in chunks as they arrive. The registry
-        checks its own copy as it reads (the stream ends with Internal if it is corrupt) but
-        cannot vouch for the bytes the caller already holds: the caller verifies the whole blob
-        before using it. The deadline is proportional to the bytes left, from the size
-        GetBlobStatus reports first; NotFound when the registry has no complete blob `digest`."""
+        """A complete blob's bytes from `offset` on, in chunks as they arrive. From 0 the
+        registry checks its own copy as it reads (the stream ends with Internal if it is
+        corrupt); from a later offset it reads only the rest and cannot vouch for the bytes the
+        caller already holds: the caller verifies the whole blob before using it. The deadline
+        is proportional to the bytes left, from the size GetBlobStatus reports first; NotFound
+        when the registry has no complete blob `digest`."""
         blob = await self._call(self._stub.GetBlobStatus,
                                 registry_pb2.GetBlobStatusRequest(digest=digest))
         if not blob.complete:
             raise errors.NotFound(f"the registry has no complete blob {digest}")
         call = self._stub.DownloadBlob(
             registry_pb2.DownloadBlobRequest(digest=digest, offset=offset),
-            metadata=self._metadata, timeout=_transfer_timeout_s(blob.uploaded_bytes - offset))
+            metadata=self._metadata, timeout=transfer_timeout_s(blob.uploaded_bytes - offset))
         try:
             async for response in call:
                 if response.chunk:

@@ -1,17 +1,21 @@
 """The registry's blob store in an S3-compatible bucket, which every registry pod shares.
 
 The same contract as `LocalBlobStore` (see `blobs.py`): a blob is visible only once its bytes
-verified against its digest, every read verifies them again, and garbage collection deletes
-unpinned blobs last modified before the grace period. In the bucket:
+verified against its digest, every read from byte 0 verifies them again (a read from a later
+offset is a ranged GET of only the rest), and garbage collection deletes unpinned blobs last
+used before the grace period. In the bucket:
 
-    <prefix>sha256/<hex>     verified blobs; an object's LastModified is the blob's age
+    <prefix>sha256/<hex>     verified blobs
+    <prefix>touched/<hex>    an empty marker `touch` writes; a blob's age is the newer of the
+                             two objects' LastModified
 
 An upload in progress is staged in this pod's own directory (a `LocalBlobStore`: resumable from
 its current size, verified when complete) and put into the bucket whole only after it verified,
 so nothing unverified is ever in the bucket and a half-done upload is never visible to the other
-pods. `touch` copies the object onto itself with fresh metadata, which renews its LastModified:
-registration and collection keep exactly the local store's semantics. Blocking network calls:
-call every method from a worker thread (the registry does).
+pods. `touch` writes the blob's marker, one small PUT whatever the blob's size (a copy of the
+blob onto itself would renew its own LastModified, but copies every byte of a multi-GB blob
+inside registration's deadline): registration and collection keep the local store's semantics.
+Blocking network calls: call every method from a worker thread (the registry does).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import contextlib
 import dataclasses
 import hashlib
 import pathlib
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -31,12 +34,14 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from services.common import errors
-from services.registry.blobs import CHUNK, DIGEST, Collected, LocalBlobStore, parse_digest
+from services.registry.blobs import (
+    CHUNK, DIGEST, Collected, LocalBlobStore, check_offset, parse_digest,
+)
 
 MISSING = {"404", "NoSuchKey", "NotFound"}
-# Parts of the managed transfers (upload of a verified blob, copy-in-place of a large one): S3
-# allows 10,000 parts, so 64 MiB parts reach 640 GiB; the registry's own limit is larger only on
-# paper (max_blob_bytes), and a single object can be 5 TiB.
+# Parts of the managed upload of a verified blob: S3 allows 10,000 parts, so 64 MiB parts reach
+# 640 GiB; the registry's own limit is larger only on paper (max_blob_bytes), and a single object
+# can be 5 TiB.
 TRANSFER = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20,
                           max_concurrency=4)
 
@@ -78,8 +83,13 @@ class S3BlobStore:
     def _key(self, digest: str) -> str:
         return f"{self.location.prefix}sha256/{parse_digest(digest)}"
 
+    def _marker(self, digest: str) -> str:
+        return f"{self.location.prefix}touched/{parse_digest(digest)}"
+
     def _head(self, digest: str) -> dict[str, Any] | None:
-        key = self._key(digest)
+        return self._head_key(self._key(digest))
+
+    def _head_key(self, key: str) -> dict[str, Any] | None:
         with self._translated(f"HEAD {key}"):
             try:
                 return self._client.head_object(Bucket=self.location.bucket, Key=key)
@@ -92,20 +102,17 @@ class S3BlobStore:
         return self._head(digest) is not None
 
     def touch(self, digest: str) -> bool:
-        """Renews the object's LastModified by copying it onto itself (server-side; a multipart
-        copy above 64 MiB), so garbage collection spares it for a grace period; False when it
-        is not in the bucket."""
-        key = self._key(digest)
-        source = {"Bucket": self.location.bucket, "Key": key}
-        with self._translated(f"copy {key} onto itself"):
-            try:
-                self._client.copy(source, self.location.bucket, key, Config=TRANSFER, ExtraArgs={
-                    "MetadataDirective": "REPLACE",
-                    "Metadata": {"infermesh-touched": f"{time.time():.3f}"}})
-            except botocore.exceptions.ClientError as exc:
-                if _code(exc) in MISSING:
-                    return False
-                raise
+        """Writes the blob's (empty) marker, so garbage collection spares the blob for a grace
+        period; False when the blob is not in the bucket. The marker goes first and the blob is
+        looked up after it: a collection that deletes the blob after this check re-read the
+        marker before it was written, the same window the local store has between its re-stat
+        and its unlink. The blob itself is never rewritten, so this costs the same at any size."""
+        marker = self._marker(digest)
+        with self._translated(f"PUT {marker}"):
+            self._client.put_object(Bucket=self.location.bucket, Key=marker, Body=b"")
+        if self._head(digest) is None:
+            self._delete_key(marker)
+            return False
         return True
 
     def collect(self, pinned: Callable[[str], bool], older_than: float,
@@ -115,35 +122,56 @@ class S3BlobStore:
         unfinished uploads are theirs (and go with their pods' staging volumes)."""
         deleted: list[str] = []
         freed = kept = 0
-        prefix = f"{self.location.prefix}sha256/"
+        # Markers are listed before the blobs: one written after this listing is seen by the
+        # re-read before the delete.
+        touched = {name: listed["LastModified"].timestamp()
+                   for name, listed in self._listed("touched/")}
+        for name, listed in self._listed("sha256/"):
+            digest = f"sha256:{name}"
+            age = max(listed["LastModified"].timestamp(), touched.pop(name, 0.0))
+            if not DIGEST.match(digest) or pinned(digest) or age >= older_than:
+                kept += 1
+                continue
+            if not dry_run and not self._delete_if_older(digest, older_than):
+                kept += 1  # touched (registered) since it was listed
+                continue
+            deleted.append(digest)
+            freed += int(listed["Size"])
+        if not dry_run:  # markers whose blob was gone when listed (deleted with it normally)
+            for name, when in touched.items():
+                marker = f"{self.location.prefix}touched/{name}"
+                if when < older_than and _age(self._head_key(marker)) < older_than:
+                    self._delete_key(marker)
+        staged = self._staging.collect(lambda _: False, older_than, dry_run)
+        return Collected(deleted, freed + staged.freed_bytes,
+                         staged.abandoned_uploads + len(staged.deleted), kept)
+
+    def _listed(self, folder: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(name after `<prefix><folder>`, the listing's entry) of every object there."""
+        prefix = f"{self.location.prefix}{folder}"
         with self._translated(f"list {prefix}"):
             pages = self._client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.location.bucket, Prefix=prefix)
             for page in pages:
                 for listed in page.get("Contents", []):
-                    digest = f"sha256:{listed['Key'][len(prefix):]}"
-                    if (not DIGEST.match(digest) or pinned(digest)
-                            or listed["LastModified"].timestamp() >= older_than):
-                        kept += 1
-                        continue
-                    if not dry_run and not self._delete_if_older(digest, older_than):
-                        kept += 1  # touched (registered) since it was listed
-                        continue
-                    deleted.append(digest)
-                    freed += int(listed["Size"])
-        staged = self._staging.collect(lambda _: False, older_than, dry_run)
-        return Collected(deleted, freed + staged.freed_bytes,
-                         staged.abandoned_uploads + len(staged.deleted), kept)
+                    yield listed["Key"][len(prefix):], listed
 
     def _delete_if_older(self, digest: str, older_than: float) -> bool:
-        """Deletes the object if it is still older than `older_than`, re-read right before."""
+        """Deletes the blob, then its marker, if the newer of the two is still older than
+        `older_than`, both re-read right before."""
         head = self._head(digest)
-        if head is None or head["LastModified"].timestamp() >= older_than:
+        if head is None:
             return False
-        key = self._key(digest)
+        marker = self._marker(digest)
+        if max(_age(head), _age(self._head_key(marker))) >= older_than:
+            return False
+        self._delete_key(self._key(digest))
+        self._delete_key(marker)
+        return True
+
+    def _delete_key(self, key: str) -> None:
         with self._translated(f"DELETE {key}"):
             self._client.delete_object(Bucket=self.location.bucket, Key=key)
-        return True
 
     def uploaded_size(self, digest: str) -> int:
         """The blob's size when it is in the bucket; otherwise how many bytes of an interrupted
@@ -170,25 +198,33 @@ class S3BlobStore:
             self._client.upload_file(str(path), self.location.bucket, key, Config=TRANSFER)
         path.unlink(missing_ok=True)
 
-    def read(self, digest: str) -> Iterator[bytes]:
-        """The blob's bytes; raises Internal at the end if they do not verify."""
+    def read(self, digest: str, offset: int = 0) -> Iterator[bytes]:
+        """The blob's bytes from `offset`: a ranged GET of only those (none at or past the
+        end). From 0 they are verified as they are read: Internal at the end if they do not
+        hash to the digest."""
+        check_offset(offset)
         key = self._key(digest)
+        ranged = {"Range": f"bytes={offset}-"} if offset else {}
         with self._translated(f"GET {key}"):
             try:
-                body = self._client.get_object(Bucket=self.location.bucket, Key=key)["Body"]
+                body = self._client.get_object(
+                    Bucket=self.location.bucket, Key=key, **ranged)["Body"]
             except botocore.exceptions.ClientError as exc:
                 if _code(exc) in MISSING:
                     raise errors.NotFound(f"blob {digest} is not in the store") from exc
+                if _code(exc) in {"416", "InvalidRange"}:
+                    return  # the offset is at (or past) the end: nothing left
                 raise
-        hasher = hashlib.sha256()
+        hasher = hashlib.sha256() if offset == 0 else None
         try:
             with self._translated(f"GET {key}"):
                 for chunk in body.iter_chunks(CHUNK):
-                    hasher.update(chunk)
+                    if hasher is not None:
+                        hasher.update(chunk)
                     yield chunk
         finally:
             body.close()
-        if f"sha256:{hasher.hexdigest()}" != digest:
+        if hasher is not None and f"sha256:{hasher.hexdigest()}" != digest:
             raise errors.Internal(f"blob {digest} is corrupt in the bucket; refusing it")
 
     @contextlib.contextmanager
@@ -214,3 +250,8 @@ class S3BlobStore:
 
 def _code(exc: botocore.exceptions.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _age(head: dict[str, Any] | None) -> float:
+    """An object's LastModified in unix seconds; 0 (older than anything) when it is absent."""
+    return head["LastModified"].timestamp() if head is not None else 0.0

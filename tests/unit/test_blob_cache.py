@@ -14,8 +14,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common import errors
+from services.registry import blob_cache
 from services.registry.blob_cache import BlobCache
-from services.registry.blobs import LocalBlobStore
+from services.registry.blobs import LocalBlobStore, transfer_timeout_s
 
 
 def ref(data: bytes, name: str = "f.bin") -> dict:
@@ -41,6 +42,7 @@ class FakeRegistry:
         self.calls: list[tuple[str, int]] = []
         self.break_after: int | None = None  # bytes sent before the stream fails
         self.gate: asyncio.Event | None = None
+        self.delay_s = 0.0  # before each chunk: a slow link
 
     async def download(self, digest: str, offset: int) -> AsyncIterator[bytes]:
         self.calls.append((digest, offset))
@@ -50,7 +52,7 @@ class FakeRegistry:
         for start in range(offset, len(data), self.chunk):
             if self.break_after is not None and start - offset >= self.break_after:
                 raise errors.Unavailable("the registry went away")
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.delay_s)
             yield data[start:start + self.chunk]
 
 
@@ -207,6 +209,31 @@ async def test_a_stalled_download_times_out_and_resumes_later(tmp_path):
     registry.gate.set()
     await blobs.ensure([ref(data)], pin="v1")
     assert (tmp_path / "sha256" / hexof(data)).read_bytes() == data
+
+
+async def test_a_large_blobs_deadline_scales_with_the_bytes_left(tmp_path, monkeypatch):
+    """`timeout_s` is only the floor: a blob that needs longer at the least transfer rate gets
+    it (the rule the registry client's RPC deadline uses), and a resume gets the deadline of the
+    bytes it still has to fetch."""
+    data = os.urandom(6 << 20)
+    registry = FakeRegistry(data, chunk=1 << 20)
+    registry.delay_s = 0.05  # ~0.3 s in all: past the 0.1 s floor, well within 1.5 s
+    deadlines: list[tuple[int, float]] = []
+
+    def recorded(size: int, floor_s: float) -> float:
+        deadlines.append((size, floor_s))
+        return transfer_timeout_s(size, floor_s)
+
+    monkeypatch.setattr(blob_cache, "transfer_timeout_s", recorded)
+    await cache(tmp_path / "full", registry, 16 << 20, timeout_s=0.1).ensure([ref(data)], "v1")
+    assert (tmp_path / "full" / "sha256" / hexof(data)).read_bytes() == data
+    assert deadlines == [(6 << 20, 0.1)] and transfer_timeout_s(6 << 20, 0.1) == 1.5
+    resumed = cache(tmp_path / "resumed", registry, 16 << 20, timeout_s=0.1)
+    (tmp_path / "resumed" / "incoming" / f"{hexof(data)}.partial").write_bytes(data[:4 << 20])
+    await resumed.ensure([ref(data)], "v1")
+    assert registry.calls[-1] == (ref(data)["digest"], 4 << 20)
+    assert deadlines[-1] == (2 << 20, 0.1)
+    assert transfer_timeout_s(10, 300.0) == 300.0 and transfer_timeout_s(10) == 60.0
 
 
 async def test_a_stream_that_ends_early_is_retryable(tmp_path):

@@ -150,8 +150,8 @@ def test_s3_a_blob_one_pod_stored_is_every_pods_and_uploads_stay_in_their_pod(
     tmp_path: pathlib.Path, s3_server,  # noqa: F811
 ):
     """Two registry pods share the bucket, not their staging: a finished blob (large enough for
-    multipart transfers, the copy-in-place of `touch` included) is visible through both; an
-    upload interrupted on one pod starts again from 0 on the other."""
+    a multipart upload) is visible through both; an upload interrupted on one pod starts again
+    from 0 on the other."""
     location = S3Location(bucket=s3_server.new_bucket())
     one = S3BlobStore(location, tmp_path / "one", client=s3_server.client())
     other = S3BlobStore(location, tmp_path / "other", client=s3_server.client())
@@ -167,6 +167,78 @@ def test_s3_a_blob_one_pod_stored_is_every_pods_and_uploads_stay_in_their_pod(
     assert (one.uploaded_size(partial_digest), other.uploaded_size(partial_digest)) == (300, 0)
     other.write(partial_digest, len(partial), [partial])
     assert one.exists(partial_digest)
+
+
+def test_a_read_from_an_offset_reads_only_the_rest(case: StoreCase):
+    """A resumed download seeks (or GETs a range): the prefix is not read, so it is not verified
+    either (the reader holds it and verifies the whole blob); from 0 a corrupt blob is refused."""
+    data = os.urandom(3_000_000)
+    digest = put(case.store, data)
+    for offset in (1, 1 << 20, 2_999_999, len(data), len(data) + 5):
+        assert b"".join(case.store.read(digest, offset)) == data[offset:]
+    tampered = bytes([data[0] ^ 1]) + data[1:]
+    case.tamper(digest, tampered)
+    with pytest.raises(errors.Internal):
+        b"".join(case.store.read(digest))
+    assert b"".join(case.store.read(digest, 1)) == data[1:]  # the changed byte is not read
+    with pytest.raises(errors.InvalidArgument) as negative:
+        b"".join(case.store.read(digest, -1))
+    assert negative.value.field == "offset"
+    with pytest.raises(errors.NotFound):
+        b"".join(case.store.read("sha256:" + "0" * 64, 10))
+
+
+@pytest.mark.integration
+def test_s3_a_resume_is_a_ranged_get_of_the_rest(tmp_path: pathlib.Path, s3_server):  # noqa: F811
+    """The bucket sends only the bytes after the offset (no re-download of the prefix)."""
+    client = s3_server.client()
+    store = S3BlobStore(S3Location(bucket=s3_server.new_bucket()), tmp_path, client=client)
+    data = os.urandom(3_000_000)
+    digest = put(store, data)
+    sent: list[int] = []
+    client.meta.events.register(
+        "after-call.s3.GetObject",
+        lambda parsed, **_: sent.append(parsed.get("ContentLength", -1)))
+    assert b"".join(store.read(digest, 2_500_000)) == data[2_500_000:]
+    assert b"".join(store.read(digest, len(data))) == b""
+    assert b"".join(store.read(digest)) == data
+    assert sent == [500_000, -1, len(data)]  # the read at the end: refused range, no body
+
+
+@pytest.mark.integration
+def test_s3_touch_writes_a_marker_and_leaves_the_blob_alone(
+    tmp_path: pathlib.Path, s3_server,  # noqa: F811
+):
+    """Touching costs one small PUT whatever the blob's size: the blob is not rewritten (ETag
+    and LastModified unchanged), its marker is; collection ages a blob by the newer of the two,
+    so a touched blob outlives a grace that would delete it untouched, and the marker goes with
+    the blob."""
+    client = s3_server.client()
+    location = S3Location(bucket=s3_server.new_bucket(), prefix="mesh/")
+    store = S3BlobStore(location, tmp_path, client=client)
+    case = StoreCase(store, tmp_path, lambda *_: None, 1.0)
+    digest = put(store, os.urandom(2_000_000))
+    blob_key, marker_key = f"mesh/sha256/{digest[7:]}", f"mesh/touched/{digest[7:]}"
+    before = client.head_object(Bucket=location.bucket, Key=blob_key)
+    cutoff = boundary(case)
+    assert store.touch(digest)
+    after = client.head_object(Bucket=location.bucket, Key=blob_key)
+    assert (after["ETag"], after["LastModified"]) == (before["ETag"], before["LastModified"])
+    assert client.head_object(Bucket=location.bucket, Key=marker_key)["ContentLength"] == 0
+    unpinned = set().__contains__
+    assert store.collect(unpinned, cutoff, dry_run=True).deleted == []
+    spared = store.collect(unpinned, cutoff, dry_run=False)
+    assert (spared.deleted, spared.kept) == ([], 1) and store.exists(digest)
+    later = boundary(case)
+    done = store.collect(unpinned, later, dry_run=False)
+    assert done.deleted == [digest] and not store.exists(digest)
+    listed = client.list_objects_v2(Bucket=location.bucket, Prefix="mesh/")
+    assert listed.get("Contents", []) == []  # the marker went with the blob
+    assert not store.touch(digest)  # gone: registration fails clearly, and leaves no marker
+    assert client.list_objects_v2(Bucket=location.bucket, Prefix="mesh/").get("Contents", []) == []
+    client.put_object(Bucket=location.bucket, Key=marker_key, Body=b"")  # a touch's leftover
+    store.collect(unpinned, boundary(case), dry_run=False)
+    assert client.list_objects_v2(Bucket=location.bucket, Prefix="mesh/").get("Contents", []) == []
 
 
 def test_s3_failures_are_mesh_errors(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):
