@@ -22,7 +22,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from bench import (
-    audit, failover, noisy_neighbor, openai_load, quota_accuracy, rollback, routing, torch_engine,
+    audit,
+    failover,
+    noisy_neighbor,
+    openai_load,
+    quota_accuracy,
+    rollback,
+    routing,
+    torch_engine,
     versions,
 )
 from bench.streaming import compare

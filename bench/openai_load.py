@@ -181,8 +181,8 @@ def run(stack: StackInfo, state_dir: pathlib.Path, requests: int = REQUESTS,
 
 
 if __name__ == "__main__":
-    from deploy.local.stack import Stack, StackOptions
     from bench.__main__ import BENCH_PLAN
+    from deploy.local.stack import Stack, StackOptions
 
     with tempfile.TemporaryDirectory(prefix="infermesh-bench-") as state:
         running = Stack(StackOptions(state_dir=pathlib.Path(state), demo_plan=BENCH_PLAN))

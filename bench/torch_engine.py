@@ -26,7 +26,13 @@ from backends.triton.weights import (
     publish_default_model,
 )
 from bench.streaming import (
-    LevelResult, Sample, direct_client, drive, mesh_client, percentile, served_triton_model,
+    LevelResult,
+    Sample,
+    direct_client,
+    drive,
+    mesh_client,
+    percentile,
+    served_triton_model,
 )
 from deploy.local.demo_models import manifest_dict, torch_manifest
 from deploy.local.stack import StackInfo

@@ -33,7 +33,7 @@ def engine_process_gone(message: str) -> bool:
     """Whether a Triton error says the model's engine no longer runs — the Python backend's stub
     crashed, or our engine's dispatcher ended: every request to that model fails until it is
     reloaded, so it is the replica's failure, not the request's."""
-    return (message.startswith("Stub process") and "is not healthy" in message
+    return ((message.startswith("Stub process") and "is not healthy" in message)
             or message.startswith(ENGINE_STOPPED))
 
 

@@ -27,15 +27,15 @@ __all__ = [
     "EngineConfig",
     "EngineStats",
     "FinishReason",
-    "KvBlockPool",
     "GenerationRequest",
+    "KvBlockPool",
     "ReferenceEngine",
     "StepResult",
     "StepTiming",
     "TokenOutput",
+    "block_hashes",
     "complete",
     "count_tokens",
-    "block_hashes",
 ]
 
 # A small corpus of plain sentences; every sentence ends with its only period, which is how the

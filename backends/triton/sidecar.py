@@ -35,8 +35,8 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
 from google.protobuf import json_format
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field, model_validator
 from tritonclient.grpc import aio as triton_aio
 

@@ -46,12 +46,12 @@ from services.registry.manifest import FILE_NAME
 
 __all__ = [
     "DEFAULT_MODEL",
-    "TOKENIZER_FILE_NAMES",
-    "DefaultModel",
     "HF_MODEL_CONFIG_FILES",
-    "ModelFiles",
     "SAFETENSORS_INDEX",
+    "TOKENIZER_FILE_NAMES",
     "VARIANT_CHANGED_TENSOR",
+    "DefaultModel",
+    "ModelFiles",
     "cache_root",
     "converted_copy",
     "default_model_dir",

@@ -28,8 +28,8 @@ from backends.triton.launcher import kill_leftovers
 from deploy.local.demo_models import DEMO_MODEL, REFERENCE_MODEL, prepare
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.prometheus import PrometheusServer
-from deploy.local.supervisor import Supervisor
 from deploy.local.state import StackInfo, forget_state, load_state, write_state
+from deploy.local.supervisor import Supervisor
 from infermesh.v1 import inference_pb2, inference_pb2_grpc, registry_pb2
 from services.common import errors, etcd
 from services.common.net import LOOPBACK, free_port

@@ -55,5 +55,5 @@ def inclusion_from_message(message: auditor_pb2.InclusionProof) -> InclusionProo
 
 def consistency_from_message(message: auditor_pb2.ConsistencyProof) -> ConsistencyProof:
     return ConsistencyProof(checkpoint_from_message(message.old),
-                            checkpoint_from_message(getattr(message, "new")),
+                            checkpoint_from_message(message.new),
                             tuple(message.path))

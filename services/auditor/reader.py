@@ -20,9 +20,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from services.auditor import index, merkle
 from services.auditor.checkpoints import BadCheckpoint, Checkpoint, parse_public_record
-from services.auditor.records import Record, canonical_json, parse_line, MalformedRecord
+from services.auditor.records import MalformedRecord, Record, canonical_json, parse_line
 from services.auditor.store import (
-    GENESIS_HASH, PUBLIC_KEY_FILE, Head, LogView, Segment, list_segments,
+    GENESIS_HASH,
+    PUBLIC_KEY_FILE,
+    Head,
+    LogView,
+    Segment,
+    list_segments,
 )
 from services.common import errors
 

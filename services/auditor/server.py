@@ -33,7 +33,10 @@ from prometheus_client import Counter, Gauge, Histogram
 from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
 from services.auditor import index, reader, verify
 from services.auditor.checkpoints import (
-    CHECKPOINT_KEY, PUBLIC_KEYS_PREFIX, Checkpoint, Signer,
+    CHECKPOINT_KEY,
+    PUBLIC_KEYS_PREFIX,
+    Checkpoint,
+    Signer,
 )
 from services.auditor.events import check_batch, event_to_dict
 from services.auditor.records import Record

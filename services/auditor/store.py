@@ -40,7 +40,13 @@ from services.auditor import merkle
 from services.auditor.checkpoints import BadCheckpoint, Checkpoint, Signer
 from services.auditor.files import append_durably, fsync_directory, write_all
 from services.auditor.records import (
-    GENESIS_HASH, EVENT_ID_FIELD, MalformedRecord, Record, check_event, check_record, parse_line,
+    EVENT_ID_FIELD,
+    GENESIS_HASH,
+    MalformedRecord,
+    Record,
+    check_event,
+    check_record,
+    parse_line,
 )
 from services.common import errors
 from services.common.logs import get_logger

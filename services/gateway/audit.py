@@ -185,7 +185,7 @@ def read_frame(fd: int, offset: int, file_size: int, max_payload: int) -> Frame 
     elif len(header) >= LEGACY_FRAME.size:
         length, crc = LEGACY_FRAME.unpack(header[:LEGACY_FRAME.size])
         end = offset + LEGACY_FRAME.size + length
-        if 0 < length and end <= file_size:  # no header CRC: only a payload that checks counts
+        if length > 0 and end <= file_size:  # no header CRC: only a payload that checks counts
             payload = os.pread(fd, length, offset + LEGACY_FRAME.size)
             if zlib.crc32(payload) == crc:
                 return Frame(offset, end - offset, payload,

@@ -32,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 from services.common import errors
 from services.common.auth import Authenticator
 from services.common.logs import get_logger
+from services.gateway.model_access import model_allowed
 from services.gateway.openai_protocol import (
     ChatCompletionBody,
     CompletionBody,
@@ -40,7 +41,6 @@ from services.gateway.openai_protocol import (
     request_timeout,
     to_generation,
 )
-from services.gateway.model_access import model_allowed
 from services.gateway.pipeline import Accepted, Event, Finished, TokenText
 from services.gateway.requests import FIELD_LIMITS, Principal
 from services.gateway.validation import validate_request_id

@@ -29,15 +29,15 @@ from backends.triton.adapter import EngineChunk, EngineRequest
 from infermesh.v1 import auditor_pb2
 from services.auditor.client import new_event
 from services.common import errors
-from services.common.prefix import prompt_block_hashes
 from services.common.logs import get_logger
+from services.common.prefix import prompt_block_hashes
 from services.gateway.admission import FairAdmission, priority_index
+from services.gateway.model_access import check_access
 from services.gateway.peers import Grant, Route
 from services.gateway.requests import GenerationRequest, Principal
 from services.gateway.safety import StreamFilter
 from services.gateway.shadow import ShadowTraffic
 from services.gateway.tokenizers import TokenizerStore
-from services.gateway.model_access import check_access
 from services.gateway.validation import (
     OFFLOAD_MIN_CHARS,
     Limits,

@@ -28,11 +28,10 @@ from services.common.tenancy import TenantStore, parse_key, parse_tenant
 from services.gateway.admission import AdmissionLimits, FairAdmission
 from services.gateway.audit import AuditEmitter, AuditSpoolSettings
 from services.gateway.fallback import FallbackConfig, FallbackRouter, LoadReports, ResilientRouting
-from services.gateway.peers import SchedulerClient
-from services.gateway.quota import QuotaLeases
 from services.gateway.idempotency import IdempotencyCache
 from services.gateway.model_access import model_allowed
 from services.gateway.openai_http import HttpServer, OpenAIFront
+from services.gateway.peers import SchedulerClient
 from services.gateway.pipeline import (
     Accepted,
     Event,
@@ -41,16 +40,17 @@ from services.gateway.pipeline import (
     Send,
     TokenText,
 )
+from services.gateway.quota import QuotaLeases
 from services.gateway.requests import ChatTurn, GenerationRequest, Principal, SamplingRequest
-from services.gateway.settings import GatewaySettings
 from services.gateway.serving import ServedModels
-from services.gateway.tokenizers import TokenizerStore
-from services.registry.blob_cache import BlobCache
-from services.registry.client import mesh_download
+from services.gateway.settings import GatewaySettings
 from services.gateway.shadow import ShadowTraffic
 from services.gateway.tenant_admin import TenantAdminServicer
+from services.gateway.tokenizers import TokenizerStore
 from services.gateway.validation import Limits, validate_request_id
+from services.registry.blob_cache import BlobCache
 from services.registry.catalog import ModelCatalog
+from services.registry.client import mesh_download
 from services.registry.store import parse_models_key
 
 STREAM_REFUSAL_DRAIN_S = 0.2

@@ -21,7 +21,7 @@ from services.registry.engine_capabilities import first_unsupported
 from services.registry.manifest import ModelVersion
 
 ROLES = ("system", "user", "assistant")
-PRIORITIES = range(0, 4)
+PRIORITIES = range(4)
 UINT64_MAX = 2**64 - 1
 
 

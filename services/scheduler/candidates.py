@@ -26,7 +26,7 @@ class RouteQuery:
 class Candidate:
     """A replica considered for one request (slots: a hundred are built per decision)."""
 
-    __slots__ = ("replica", "replica_id", "report", "load", "pending")
+    __slots__ = ("load", "pending", "replica", "replica_id", "report")
 
     def __init__(self, replica: ReplicaInfo, report: LoadReport | None, load: ModelLoad | None):
         self.replica = replica

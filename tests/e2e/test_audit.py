@@ -19,7 +19,6 @@ import uuid
 
 import grpc
 import pytest
-
 from typer.testing import CliRunner
 
 from deploy.local.stack import StackInfo

@@ -9,14 +9,14 @@ import os
 # LiteLLM fetches a price list from GitHub on import unless told to use its bundled copy.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-import litellm  # noqa: E402
-import pytest  # noqa: E402
-from langchain_core.messages import HumanMessage, SystemMessage  # noqa: E402
-from langchain_openai import ChatOpenAI  # noqa: E402
+import litellm
+import pytest
+from langchain_core.messages import HumanMessage, SystemMessage
+from langchain_openai import ChatOpenAI
 
-from deploy.local.stack import StackInfo  # noqa: E402
-from infermesh.v1 import inference_pb2  # noqa: E402
-from tests.e2e.test_openai_api import grpc_text  # noqa: E402
+from deploy.local.stack import StackInfo
+from infermesh.v1 import inference_pb2
+from tests.e2e.test_openai_api import grpc_text
 
 pytestmark = pytest.mark.integration
 

@@ -16,9 +16,6 @@ import time
 
 import grpc
 import pytest
-from typer.testing import CliRunner
-
-from deploy.local.stack import StackInfo
 from infermesh_client import (
     NO_RETRIES,
     AsyncClient,
@@ -32,6 +29,9 @@ from infermesh_client import (
     Unauthenticated,
     Unavailable,
 )
+from typer.testing import CliRunner
+
+from deploy.local.stack import StackInfo
 from meshctl.__main__ import app
 from services.common.tenancy import TenantPlan
 from tests.e2e.test_tenants_and_quotas import new_tenant, wait_tokens_used

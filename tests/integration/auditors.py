@@ -16,6 +16,7 @@ from infermesh.v1 import auditor_pb2
 from services.common import etcd
 from services.common.net import LOOPBACK, free_port
 
+
 class Auditor:
     """One `python -m services.auditor` child on free loopback ports."""
 

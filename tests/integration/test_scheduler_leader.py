@@ -17,10 +17,10 @@ from services.common import etcd
 from services.common.records import PlacementRecord
 from services.common.runtime import ServiceContext
 from services.common.settings import ServiceSettings
-from services.scheduler.leader import LeaderElection
 from services.registry.manifest import served_model_name
 from services.registry.store import parse_models_key
 from services.scheduler import placement_loop
+from services.scheduler.leader import LeaderElection
 from services.scheduler.placement_loop import PlacementSettings, start_placement
 
 pytestmark = pytest.mark.integration

@@ -167,9 +167,8 @@ def test_the_writer_refuses_to_chain_onto_an_edited_record(data_dir, signer) -> 
 
 
 def test_a_second_writer_is_refused(data_dir, signer) -> None:
-    with open_log(data_dir, signer):
-        with pytest.raises(store.LogBusy):
-            open_log(data_dir, signer)
+    with open_log(data_dir, signer), pytest.raises(store.LogBusy):
+        open_log(data_dir, signer)
 
 
 def test_events_without_an_id_are_refused_before_anything_is_written(data_dir, signer) -> None:

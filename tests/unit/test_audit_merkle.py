@@ -32,10 +32,10 @@ def frontier_of(leaves: list[bytes]) -> merkle.Frontier:
 def test_hashes_are_domain_separated() -> None:
     assert merkle.leaf_hash(b"x") == hashlib.sha256(b"\x00x").digest()
     assert merkle.node_hash(b"a", b"b") == hashlib.sha256(b"\x01ab").digest()
-    assert merkle.EMPTY_ROOT == mth([])
+    assert mth([]) == merkle.EMPTY_ROOT
 
 
-@pytest.mark.parametrize("size", range(0, len(LEAVES) + 1))
+@pytest.mark.parametrize("size", range(len(LEAVES) + 1))
 def test_the_frontier_gives_the_tree_hash(size: int) -> None:
     frontier = frontier_of(LEAVES[:size])
     assert frontier.root() == mth(LEAVES[:size])
@@ -70,7 +70,7 @@ def test_inclusion_proofs_for_every_leaf(size: int) -> None:
 @pytest.mark.parametrize("new_size", range(1, len(LEAVES) + 1))
 def test_consistency_proofs_for_every_pair(new_size: int) -> None:
     new_root = mth(LEAVES[:new_size])
-    for old_size in range(0, new_size + 1):
+    for old_size in range(new_size + 1):
         old_root = mth(LEAVES[:old_size])
         ranges = merkle.consistency_ranges(old_size, new_size)
         path = [mth(LEAVES[lo:hi]) for lo, hi in ranges]

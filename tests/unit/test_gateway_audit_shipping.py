@@ -17,7 +17,11 @@ from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
 from services.auditor.events import bound_event
 from services.common.net import LOOPBACK, free_port
 from services.gateway.audit import (
-    DEAD_LETTER_FILE, AuditEmitter, AuditSpoolSettings, Spool, encode_frames,
+    DEAD_LETTER_FILE,
+    AuditEmitter,
+    AuditSpoolSettings,
+    Spool,
+    encode_frames,
 )
 
 

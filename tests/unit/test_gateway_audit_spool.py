@@ -12,7 +12,10 @@ from prometheus_client import REGISTRY
 from infermesh.v1 import auditor_pb2
 from services.common import errors
 from services.gateway.audit import (
-    AuditEmitter, AuditSpoolSettings, Spool, encode_frames,
+    AuditEmitter,
+    AuditSpoolSettings,
+    Spool,
+    encode_frames,
 )
 
 

@@ -124,7 +124,7 @@ class Clock:
 def routing(schedulers: FakeSchedulers, clock: Clock, budget_s: float = 1.0):
     router = FallbackRouter(FallbackConfig(budget_s=budget_s, retry_s=0.5))
     replicas = [replica("a"), replica("b")]
-    return ResilientRouting(schedulers, router, lambda: replicas, lambda: {}, clock), router
+    return ResilientRouting(schedulers, router, lambda: replicas, dict, clock), router
 
 
 async def test_falls_back_when_no_scheduler_answers_and_returns_when_one_does():

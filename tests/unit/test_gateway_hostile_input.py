@@ -33,8 +33,8 @@ from services.common.interceptors import ObservabilityInterceptor
 from services.common.tenancy import ApiKey, Tenant, TenantPlan, hash_key
 from services.gateway.admission import AdmissionLimits, FairAdmission
 from services.gateway.idempotency import IdempotencyCache
-from services.gateway.peers import Grant, Route
 from services.gateway.openai_http import OpenAIFront
+from services.gateway.peers import Grant, Route
 from services.gateway.pipeline import GenerationPipeline
 from services.gateway.server import Generations, InferenceServicer
 from services.gateway.settings import GatewaySettings

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pathlib
 
+import infermesh_client
 import pytest
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
-
-import infermesh_client
 from infermesh_client import InvalidArgument, RateLimited, RetryPolicy, ServerError, Unavailable
 from infermesh_client._config import ConfigurationError, resolve
 from infermesh_client._errors import details_from_status, error_for

@@ -10,7 +10,10 @@ from prometheus_client import REGISTRY
 
 from services.common import etcd
 from services.registry.admin_audit import (
-    DEAD_LETTER_PREFIX, AdminAuditShipper, cut_batches, to_event,
+    DEAD_LETTER_PREFIX,
+    AdminAuditShipper,
+    cut_batches,
+    to_event,
 )
 from tests.unit.test_gateway_audit_shipping import auditor  # noqa: F401 (a fixture)
 

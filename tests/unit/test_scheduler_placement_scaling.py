@@ -13,6 +13,7 @@ from services.scheduler.autoscale import (
     survive_zone_loss,
 )
 from services.scheduler.demand import DemandMeter
+from services.scheduler.placement import ReplicaState
 from services.scheduler.placement_loop import (
     Capacity,
     PlacementSettings,
@@ -20,7 +21,6 @@ from services.scheduler.placement_loop import (
     replica_capacity,
     total_demand,
 )
-from services.scheduler.placement import ReplicaState
 
 CAPACITY = TokenRates(prefill_tokens_per_s=10_000, decode_tokens_per_s=1_000)
 

@@ -35,7 +35,7 @@ class Context:
     async def abort(self, code, details, trailing_metadata=()):
         self.code = code
         self.details = details
-        raise Aborted()
+        raise Aborted
 
 
 def servicer(on_release=None, now=1.0):

@@ -8,8 +8,8 @@ import pathlib
 
 import pytest
 
-from backends.triton.torch_engine import IncrementalDetokenizer, noise_key
 from backends.triton.repository import render_torch_model, render_version
+from backends.triton.torch_engine import IncrementalDetokenizer, noise_key
 
 # A byte-level vocabulary, as GPT-2-style BPE has: a token may hold part of a UTF-8 character.
 VOCAB = {1: b"Hel", 2: b"lo", 3: b" caf", 4: b"\xc3", 5: b"\xa9", 6: b" ST", 7: b"OP", 8: b"!"}

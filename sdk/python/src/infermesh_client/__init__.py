@@ -33,6 +33,7 @@ from infermesh_client._sync_client import Client, GenerationStream
 from infermesh_client._types import Delta, Generation, Message, ModelInfo, Timings, Usage
 
 __all__ = [
+    "NO_RETRIES",
     "AsyncClient",
     "AsyncGenerationStream",
     "Cancelled",
@@ -47,7 +48,6 @@ __all__ = [
     "InvalidArgument",
     "Message",
     "ModelInfo",
-    "NO_RETRIES",
     "NotFound",
     "PermissionDenied",
     "RateLimited",

@@ -25,8 +25,10 @@ from infermesh_client._errors import (
     Cancelled,
     DeadlineExceeded,
     InfermeshError,
-    from_final as error_from_final,
     from_rpc_error,
+)
+from infermesh_client._errors import (
+    from_final as error_from_final,
 )
 from infermesh_client._multiplex import StreamMultiplexer
 from infermesh_client._retry import RetryPolicy
