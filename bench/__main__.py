@@ -120,7 +120,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=60.0,
                         help="Per level and path: no new requests after this.")
     parser.add_argument("--smoke", action="store_true", default=os.environ.get(SMOKE_ENV) == "1",
-                        help=f"Every benchmark once, tiny counts, no figure judged ({SMOKE_ENV}=1).")
+                        help=f"Every benchmark once, tiny counts, no figure judged "
+                             f"({SMOKE_ENV}=1).")
     args = parser.parse_args()
     figures = run_all(SMOKE if args.smoke else {"streaming": {
         "levels": tuple(int(x) for x in args.levels.split(",")), "max_tokens": args.max_tokens,

@@ -136,7 +136,8 @@ async def run(stack: StackInfo, phase_s: float = PHASE_S, decisions: int = 2000
     print(f"noisy neighbour: quiet TTFT p95 {figures['noisy_neighbor_quiet_ttft_p95_ms_alone']} ms "
           f"alone, {figures['noisy_neighbor_quiet_ttft_p95_ms_with_noisy']} ms beside a tenant at "
           f"10x quota (ratio {figures['noisy_neighbor_p95_ttft_ratio']}); noisy admitted "
-          f"{figures['noisy_neighbor_noisy_admitted']}, shed {figures['noisy_neighbor_noisy_shed']} "
+          f"{figures['noisy_neighbor_noisy_admitted']}, "
+          f"shed {figures['noisy_neighbor_noisy_shed']} "
           f"(shed p99 {figures['shed_p99_ms']} ms); quota decision p99 "
           f"{figures['quota_decision_us_p99']} us", flush=True)
     return figures

@@ -97,7 +97,7 @@ def decision_time_us(replicas: int = 100, samples: int = 5000,
 
 
 async def _write_fleet(endpoint: str, replicas: int) -> None:
-    infos, loads = fleet(replicas, time.time())
+    infos, _loads = fleet(replicas, time.time())
     async with etcd.connect(endpoint, 5.0) as client:
         for info in infos:
             record = ReplicaRecord(info.replica_id, info.grpc_endpoint, zone=info.zone,

@@ -75,7 +75,14 @@ QUESTION_WORDS = 20
 OUTPUT_TOKENS = 24  # every answer exactly this long (min_tokens = max_tokens)
 THINK_S = 0.2  # between an answer and the next turn's question
 HOLD_S = 60.0
-VOCABULARY = ["the", "customer", "account", "order", "invoice", "policy", "shipping", "refund", "support", "product", "warranty", "please", "always", "never", "answer", "question", "carefully", "politely", "briefly", "detail", "explain", "assistant", "should", "must", "may", "include", "exclude", "price", "discount", "delivery", "return", "service", "contract", "team", "data", "privacy", "secure", "record", "update", "status", "request", "ticket", "priority", "escalate", "manager", "hours"]
+VOCABULARY = [
+    "the", "customer", "account", "order", "invoice", "policy", "shipping", "refund", "support",
+    "product", "warranty", "please", "always", "never", "answer", "question", "carefully",
+    "politely", "briefly", "detail", "explain", "assistant", "should", "must", "may", "include",
+    "exclude", "price", "discount", "delivery", "return", "service", "contract", "team", "data",
+    "privacy", "secure", "record", "update", "status", "request", "ticket", "priority", "escalate",
+    "manager", "hours",
+]
 
 
 @dataclass(frozen=True)

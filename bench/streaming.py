@@ -115,7 +115,8 @@ def mesh_client(
                     ttft = time.perf_counter() - started
                 elif kind == "final":
                     error = reply.final.error
-                    failed = f"{error.code}: {error.message}" if reply.final.HasField("error") else ""
+                    failed = (f"{error.code}: {error.message}"
+                              if reply.final.HasField("error") else "")
                     return Sample(ttft, reply.final.usage.completion_tokens, not failed, failed)
         except grpc.aio.AioRpcError as exc:
             return Sample(0.0, 0, False, f"{exc.code().name}: {exc.details()}")

@@ -113,9 +113,8 @@ def _text(result: triton_aio.InferResult) -> str:
     value = result.as_numpy("text_output")
     if value is None or not value.size:
         return ""
-    return b"".join(v if isinstance(v, bytes) else str(v).encode() for v in value.reshape(-1)).decode(
-        "utf-8", errors="replace"
-    )
+    raw = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in value.reshape(-1))
+    return raw.decode("utf-8", errors="replace")
 
 
 def _is_final(result: triton_aio.InferResult) -> bool:

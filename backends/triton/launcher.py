@@ -307,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
-    parser.add_argument("--address", default=LOOPBACK, help="where Triton listens (all three ports)")
+    parser.add_argument("--address", default=LOOPBACK,
+                        help="where Triton listens (all three ports)")
     parser.add_argument("--model-repository", type=pathlib.Path, default=DEFAULT_MODEL_REPOSITORY)
     parser.add_argument("--workdir", type=pathlib.Path, help="default: a new temporary directory")
     parser.add_argument(

@@ -93,7 +93,8 @@ def render_reference_model(
     for key, value in (parameters or {}).items():
         block = f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
         pattern = re.compile(
-            rf'parameters: \{{\n  key: "{re.escape(key)}"\n  value: \{{ string_value: "[^"]*" \}}\n\}}\n'
+            rf'parameters: \{{\n  key: "{re.escape(key)}"\n'
+            rf'  value: \{{ string_value: "[^"]*" \}}\n\}}\n'
         )
         config, found = pattern.subn(block.replace("\\", "\\\\"), config)
         if not found:

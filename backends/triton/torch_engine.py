@@ -27,6 +27,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -217,7 +218,7 @@ class _SeededChoice(ContinuousBatchingLogitsProcessor):
     the only finite logit, so transformers' own multinomial draw can only return it.
     """
 
-    supported_kwargs: dict[str, type] = {"choice_seed": int, "min_tokens": int}
+    supported_kwargs: ClassVar[dict[str, type]] = {"choice_seed": int, "min_tokens": int}
     ignored_kwargs: tuple[str, ...] = ()
 
     def __init__(self, eos_token_ids: Sequence[int]):

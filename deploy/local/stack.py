@@ -5,9 +5,9 @@ services, each a child process on loopback ports, plus a demo tenant, admin key 
 `Stack.up()` returns only when every service answers SERVING and a generation can be routed;
 `Stack.down()` stops everything it started, in reverse order. In between, a supervisor
 (`supervisor.py`) restarts any process that dies, with backoff; two scheduler instances run, as
-in the Kubernetes base, so a scheduler's death (or restart) routes through the other. The state of a detached stack
-(process ids, endpoints) is kept in `<state dir>/stack.json`, so `meshctl stack down` can stop it
-from another process.
+in the Kubernetes base, so a scheduler's death (or restart) routes through the other. The state of
+a detached stack (process ids, endpoints) is kept in `<state dir>/stack.json`, so
+`meshctl stack down` can stop it from another process.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from edited bytes does not match its signed checkpoint, which `proof.check()` re
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import json
 import pathlib
@@ -41,10 +42,8 @@ def view_of(data_dir: pathlib.Path) -> LogView:
     segments = tuple(list_segments(data_dir))
     if not segments:
         raise FileNotFoundError(f"no audit log in {data_dir}")
-    checkpoint = None
-    for checkpoint in segment_checkpoints(segments[-1]):
-        pass
-    return LogView(segments, None, Head(0, GENESIS_HASH, 0), checkpoint)
+    last = collections.deque(segment_checkpoints(segments[-1]), maxlen=1)
+    return LogView(segments, None, Head(0, GENESIS_HASH, 0), last[0] if last else None)
 
 
 def local_keys(data_dir: pathlib.Path) -> dict[str, Ed25519PublicKey]:
@@ -77,10 +76,10 @@ def lines(view: LogView, start: int = 1) -> Iterator[tuple[int, bytes]]:
     `start` are skipped without being read.
     """
     segments = view.segments
-    for index, segment in enumerate(segments):
-        if index + 1 < len(segments) and segments[index + 1].first <= start:
+    for position, segment in enumerate(segments):
+        if position + 1 < len(segments) and segments[position + 1].first <= start:
             continue
-        limit = view.end if index == len(segments) - 1 else None
+        limit = view.end if position == len(segments) - 1 else None
         try:
             file = open(segment.log_path, "rb", buffering=_READ_SIZE)
         except FileNotFoundError:

@@ -77,7 +77,8 @@ class _Walk:
         if self.up_to is not None and checkpoint.size > self.up_to:
             return  # signed after the view was taken
         if not checkpoint.signed_by(self.keys):
-            raise _Broken(self.frontier.size + 1, f"the checkpoint of {checkpoint.size} records in {where} is not "
+            raise _Broken(self.frontier.size + 1,
+                          f"the checkpoint of {checkpoint.size} records in {where} is not "
                           f"signed by a trusted key (key {checkpoint.key_id or 'none'})")
         if self.latest is None or checkpoint.at >= self.latest.at:
             self.latest = checkpoint

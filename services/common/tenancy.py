@@ -112,7 +112,8 @@ def validate_tenant(tenant: Tenant) -> None:
         raise errors.InvalidArgument("name", "must be 1-200 characters")
     plan = tenant.plan
     if plan.priority not in PRIORITY_CLASSES:
-        raise errors.InvalidArgument("plan.priority", f"must be one of {', '.join(PRIORITY_CLASSES)}")
+        raise errors.InvalidArgument("plan.priority",
+                                     f"must be one of {', '.join(PRIORITY_CLASSES)}")
     if not isinstance(plan.audit_text_hashes, bool):
         raise errors.InvalidArgument("plan.audit_text_hashes", "must be true or false")
     for name, pattern in (("models", MODEL_NAME), ("version_grants", VERSION_ID)):
@@ -131,11 +132,13 @@ def validate_tenant(tenant: Tenant) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 10**12:
             raise errors.InvalidArgument(f"plan.{name}", f"must be an integer in [{low}, 1e12]")
     if plan.max_output_tokens > plan.max_context_tokens:
-        raise errors.InvalidArgument("plan.max_output_tokens",
-                                     f"must not exceed max_context_tokens ({plan.max_context_tokens})")
+        raise errors.InvalidArgument(
+            "plan.max_output_tokens",
+            f"must not exceed max_context_tokens ({plan.max_context_tokens})")
     if plan.degraded_max_tokens > plan.max_output_tokens:
-        raise errors.InvalidArgument("plan.degraded_max_tokens",
-                                     f"must not exceed max_output_tokens ({plan.max_output_tokens})")
+        raise errors.InvalidArgument(
+            "plan.degraded_max_tokens",
+            f"must not exceed max_output_tokens ({plan.max_output_tokens})")
 
 
 class TenantStore:

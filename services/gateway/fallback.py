@@ -182,7 +182,8 @@ class ResilientRouting:
 
     def __init__(
         self, schedulers: SchedulerClient, router: FallbackRouter,
-        replicas: Callable[[], Iterable[ReplicaRecord]], loads: Callable[[], Mapping[str, LoadReport]],
+        replicas: Callable[[], Iterable[ReplicaRecord]],
+        loads: Callable[[], Mapping[str, LoadReport]],
         clock: Callable[[], float] = time.monotonic,
     ):
         self._schedulers = schedulers

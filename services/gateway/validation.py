@@ -3,7 +3,8 @@
 A bad request is refused here with `InvalidArgument` naming the field and the limit, before it
 costs quota or reaches a backend: first every check that needs no tokenizer
 (`check_parameters`, which includes what the version's engine can do), then rendering and
-counting (`prepare_prompt`), then the context window (`finish_validation`). The result is the exact `EngineRequest` that will be sent.
+counting (`prepare_prompt`), then the context window (`finish_validation`). The result is the
+exact `EngineRequest` that will be sent.
 Sizes that do not depend on the plan or the model (strings, lists) were checked when the request
 was built (`requests.FIELD_LIMITS`).
 """
@@ -170,7 +171,8 @@ def finish_validation(
         request_id=request.request_id,
         prompt=prompt.text,
         max_tokens=checked.max_tokens,
-        temperature=defaults["temperature"] if sampling.temperature is None else sampling.temperature,
+        temperature=(defaults["temperature"] if sampling.temperature is None
+                     else sampling.temperature),
         top_p=defaults["top_p"] if sampling.top_p is None else sampling.top_p,
         top_k=sampling.top_k if sampling.top_k is not None else (defaults.get("top_k") or None),
         seed=sampling.seed,

@@ -117,7 +117,8 @@ async def keep_budgets(store: BudgetStore, ledger: Ledger, directory: ServiceDir
             await store.flush(month, {t: ledger.budget_used(t) for t in ledger.tenants()})
             replicas = directory.endpoints("ratelimit")
             for tenant in ledger.tenants():
-                if replicas and endpoint in replicas and rendezvous_owner(tenant, replicas) != endpoint:
+                if (replicas and endpoint in replicas
+                        and rendezvous_owner(tenant, replicas) != endpoint):
                     ledger.forget(tenant)
             if current_month() != month:
                 month = current_month()

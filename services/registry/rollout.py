@@ -118,7 +118,8 @@ class HistoryEntry:
         return cls(
             revision=record["revision"], action=record["action"], actor=record["actor"],
             reason=record["reason"], at=record["at"],
-            before=Routing.from_record(record["before"]), after=Routing.from_record(record["after"]),
+            before=Routing.from_record(record["before"]),
+            after=Routing.from_record(record["after"]),
         )
 
 
@@ -188,7 +189,8 @@ def apply_change(
 
 def _need_production(routing: Routing, model: str, what: str) -> None:
     if not routing.production:
-        raise errors.FailedPrecondition(f"{model} has no production version; promote one before {what}")
+        raise errors.FailedPrecondition(
+            f"{model} has no production version; promote one before {what}")
 
 
 def _unit_hash(*parts: str) -> int:

@@ -283,15 +283,16 @@ class Placer:
             versions = {m: refs[m] for m in models if m in refs}
             if previous is not None and (previous.models, previous.versions) == (models, versions):
                 continue
-            record = PlacementRecord(frozenset(models), (previous.generation if previous else 0) + 1,
-                                     versions)
+            generation = (previous.generation if previous else 0) + 1
+            record = PlacementRecord(frozenset(models), generation, versions)
             if not await self._write(rid, record):
                 break
             written += 1
         await self._forget_gone(current, {r.replica_id for r in replicas}, now)
         return written
 
-    async def _forget_gone(self, current: dict[str, PlacementRecord], present: set[str], now: float) -> None:
+    async def _forget_gone(self, current: dict[str, PlacementRecord], present: set[str],
+                           now: float) -> None:
         """Deletes the placements of replicas gone for `forget_gone_after_s` (pods of a fleet
         that scaled in never come back; a restarting replica is back well before)."""
         for rid in list(self._absent_since):

@@ -4,6 +4,7 @@ multiplexed `GenerateStream` for every streamed generation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -216,10 +217,8 @@ def _forget(mux_ref: weakref.ReferenceType[StreamMultiplexer], loop: asyncio.Abs
     """A stream dropped without closing: cancel it on the server from the loop's thread."""
     mux = mux_ref()
     if mux is not None and not loop.is_closed():
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(mux.cancel, request_id, forget=True)
-        except RuntimeError:  # the loop closed meanwhile
-            pass
 
 
 class AsyncGenerationStream:

@@ -8,6 +8,7 @@ generation on it gets the error, and the next `start()` opens a new call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Callable, Optional, Union
 
@@ -98,7 +99,5 @@ class StreamMultiplexer:
             return
         current.outbox.put_nowait(None)
         current.call.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await current.reader
-        except (asyncio.CancelledError, Exception):
-            pass

@@ -4,6 +4,7 @@ both behave the same (one channel, one shared `GenerateStream`, the same retries
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from typing import Any, Optional, TypeVar, Union
@@ -60,10 +61,8 @@ class Client:
 
     def close(self) -> None:
         """Cancels every running streamed generation and closes the channel."""
-        try:
+        with contextlib.suppress(RuntimeError):  # closed already
             self._loop.run(self._async.close())
-        except RuntimeError:
-            pass  # closed already
         self._loop.close()
 
     def __enter__(self) -> Client:
@@ -148,10 +147,9 @@ class GenerationStream:
         self._loop.run(self._stream.cancel())
 
     def close(self) -> None:
-        try:
+        # RuntimeError: the client is closed; its stream, and this generation, are gone.
+        with contextlib.suppress(RuntimeError):
             self._loop.run(self._stream.aclose())
-        except RuntimeError:
-            pass  # the client is closed: its stream, and this generation, are gone
 
     def until_done(self) -> Generation:
         return self._loop.run(self._stream.until_done())

@@ -2,12 +2,12 @@
 
 `initialize()` materializes what the config names (the weights blobs, verified against their
 digests: a GGUF's converted copy or a Hugging Face model's files; the tokenizer files, verified)
-and starts the engine's continuous batching. Decoupled like TensorRT-LLM's inflight batcher: `execute()` only parses and enqueues;
-one dispatcher thread owns the engine and the tokenizer, submits new requests, reads decoded
-tokens, checks for cancelled requests and sends each request its text (every delta when
-`stream` is true, else the whole text once). A request's last response carries the final flag;
-after it the request and its sender are never touched again, because doing so crashes the whole
-server (ENVIRONMENT.md, Trap 3).
+and starts the engine's continuous batching. Decoupled like TensorRT-LLM's inflight batcher:
+`execute()` only parses and enqueues; one dispatcher thread owns the engine and the tokenizer,
+submits new requests, reads decoded tokens, checks for cancelled requests and sends each request
+its text (every delta when `stream` is true, else the whole text once). A request's last
+response carries the final flag; after it the request and its sender are never touched again,
+because doing so crashes the whole server (ENVIRONMENT.md, Trap 3).
 """
 
 from __future__ import annotations
@@ -211,9 +211,9 @@ class TritonPythonModel:
                 self._metrics.outcomes["completed" if sent else "error"].increment(1)
             elif not pending.stream:
                 pending.pieces.append(delta.text)
-            elif delta.text:  # empty while a character or a possible stop string is incomplete
-                if not self._send(delta.request_id, pending, delta.text, final=False):
-                    self._metrics.outcomes["error"].increment(1)
+            # delta.text is empty while a character or a possible stop string is incomplete
+            elif delta.text and not self._send(delta.request_id, pending, delta.text, final=False):
+                self._metrics.outcomes["error"].increment(1)
         if generated:
             self._metrics.generated_tokens.increment(generated)
 
