@@ -67,8 +67,8 @@ async def test_generations_succeed_and_no_event_is_lost_while_the_auditor_is_dow
         async with grpc.aio.insecure_channel(stack.gateway) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             until = time.monotonic() + OUTAGE_S
-            await asyncio.wait_for(
-                asyncio.gather(*(client(stub, n, until) for n in range(CLIENTS))), OUTAGE_S + 60)
+            async with asyncio.timeout(OUTAGE_S + 60):
+                await asyncio.gather(*(client(stub, n, until) for n in range(CLIENTS)))
     finally:
         os.kill(auditor_pid, signal.SIGCONT)
     assert not failed, failed[:5]

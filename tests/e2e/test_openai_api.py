@@ -186,7 +186,8 @@ async def test_a_unary_client_that_gives_up_cancels_on_the_engine(stack: StackIn
         await impatient.completions.create(model=stack.reference_model, prompt="a long story",
                                            max_tokens=1000, extra_body={"min_tokens": 1000})
     text = await wait_engine_cancellations(stack, cancelled_before + 1)
-    assert metric(text, "nv_trt_llm_request_metrics", request_type="active", **reference(stack)) == 0
+    assert metric(text, "nv_trt_llm_request_metrics", request_type="active",
+                  **reference(stack)) == 0
 
 
 async def test_closing_a_stream_early_cancels_on_the_engine(stack: StackInfo):
@@ -197,13 +198,14 @@ async def test_closing_a_stream_early_cancels_on_the_engine(stack: StackInfo):
         model=stack.reference_model, messages=[{"role": "user", "content": "a long story"}],
         max_tokens=1000, seed=5, stream=True)
     seen = 0
-    async for chunk in stream:
+    async for _chunk in stream:
         seen += 1
         if seen == 3:
             break
     await stream.close()
     text = await wait_engine_cancellations(stack, cancelled_before + 1)
-    assert metric(text, "nv_trt_llm_request_metrics", request_type="active", **reference(stack)) == 0
+    assert metric(text, "nv_trt_llm_request_metrics", request_type="active",
+                  **reference(stack)) == 0
     gateway = f"http://{stack.metrics['gateway']}/metrics"
     with urllib.request.urlopen(gateway, timeout=5) as response:
         assert metric(response.read().decode(), "infermesh_gateway_http_disconnects_total",

@@ -61,5 +61,5 @@ async def test_litellm_completes_streams_and_maps_errors(stack: StackInfo):
         await litellm.acompletion(model="openai/no-such-model", max_tokens=2, **common)
     with pytest.raises(litellm.AuthenticationError):
         await litellm.acompletion(model=model, max_tokens=2, **{**common, "api_key": "imk_nope"})
-    with pytest.raises(litellm.BadRequestError, match="max_completion_tokens|max_tokens"):
+    with pytest.raises(litellm.BadRequestError, match=r"max_completion_tokens|max_tokens"):
         await litellm.acompletion(model=model, max_tokens=10**9, **common)

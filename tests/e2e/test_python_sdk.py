@@ -112,7 +112,8 @@ def test_unary_and_streamed_generation(stack: StackInfo):
 
 async def test_32_concurrent_streams_share_one_generate_stream(stack: StackInfo):
     counter = CallCounter()
-    async with AsyncClient(stack.gateway, stack.api_key, interceptors=counter.interceptors) as client:
+    async with AsyncClient(stack.gateway, stack.api_key,
+                           interceptors=counter.interceptors) as client:
 
         async def one(seed: int):
             async with client.stream(stack.reference_model, f"story {seed}", max_tokens=16,
@@ -230,12 +231,14 @@ async def test_typed_errors_from_real_refusals(stack: StackInfo):
             await client.generate(model, "hi", timeout=5)
     # RESOURCE_EXHAUSTED for concurrency, while another generation holds the only slot.
     key = await tenant_key(stack, TenantPlan(max_concurrency=1))
-    async with AsyncClient(stack.gateway, key, retry=NO_RETRIES) as client:
-        async with client.stream(model, "go on", max_tokens=1000) as long:
-            await long.__anext__()
-            with pytest.raises(RateLimited) as limited:
-                await client.generate(model, "hi")
-            assert limited.value.reason == "concurrency" and limited.value.retry_after is not None
+    async with (
+        AsyncClient(stack.gateway, key, retry=NO_RETRIES) as client,
+        client.stream(model, "go on", max_tokens=1000) as long,
+    ):
+        await long.__anext__()
+        with pytest.raises(RateLimited) as limited:
+            await client.generate(model, "hi")
+        assert limited.value.reason == "concurrency" and limited.value.retry_after is not None
     if "models" not in {f.name for f in dataclasses.fields(TenantPlan)}:
         pytest.skip("tenant plans have no model list in this tree")
     key = await tenant_key(stack, TenantPlan(models=("some-other-model",)))

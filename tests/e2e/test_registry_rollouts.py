@@ -38,7 +38,8 @@ JUDGE_INTERVAL_S = 2.0  # the registry's default canary_check_interval_s
 def manifest(name: str, description: str) -> dict:
     return {
         "name": name, "description": description, "tokenizer": "whitespace",
-        "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 256, "max_batch_size": 8},
+        "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 256,
+                   "max_batch_size": 8},
         "sampling": {"max_tokens": 8, "temperature": 0.7, "top_p": 0.95},
         "cost_per_1k_input_tokens": 0.0001, "cost_per_1k_output_tokens": 0.0002,
         "weights": [{"name": "engine.plan"}],

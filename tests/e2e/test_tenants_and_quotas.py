@@ -258,11 +258,13 @@ async def test_a_saturated_gateway_serves_premium_before_batch(stack: StackInfo,
                                      grpc.StatusCode.OK)
             busy_started = asyncio.Event()
             busy = asyncio.create_task(run("busy", busy_key, 300, busy_started))
-            await asyncio.wait_for(busy_started.wait(), 10)
+            async with asyncio.timeout(10):
+                await busy_started.wait()
             batch = asyncio.create_task(run("batch", batch_key, 5))
             await asyncio.sleep(0.2)  # the batch request is queued first
             premium = asyncio.create_task(run("premium", premium_key, 5))
-            await asyncio.wait_for(asyncio.gather(busy, batch, premium), 60)
+            async with asyncio.timeout(60):
+                await asyncio.gather(busy, batch, premium)
     finally:
         await asyncio.to_thread(narrow.stop)
     assert started == ["busy", "premium", "batch"]

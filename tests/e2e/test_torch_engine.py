@@ -40,7 +40,8 @@ def engine_metric(stack: StackInfo, name: str, **labels: str) -> float:
     """The sum of `name`'s samples for the torch model whose labels include `labels`."""
     with urllib.request.urlopen(f"http://{stack.metrics['triton']}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    wanted = [f'{k}="{v}"' for k, v in {"model": stack.triton_models[stack.model], **labels}.items()]
+    wanted = [f'{k}="{v}"'
+              for k, v in {"model": stack.triton_models[stack.model], **labels}.items()]
     return sum(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
         if line.startswith(name + "{") and all(w in line for w in wanted)
@@ -206,7 +207,8 @@ async def test_a_tampered_weights_blob_is_refused_not_served(
                 await client.load_model("smollm2-tampered")
             assert "corrupt" in str(raised.value), raised.value
             assert not await client.is_model_ready("smollm2-tampered")
-            assert await client.is_model_ready(stack.triton_models[stack.model])  # the good one is untouched
+            # The good one is untouched.
+            assert await client.is_model_ready(stack.triton_models[stack.model])
             # A refused model must not leave the server unready (strict readiness), or the
             # sidecar would take the whole replica out of routing.
             await client.unload_model("smollm2-tampered")
@@ -245,7 +247,8 @@ def test_calibrate_writes_a_profile_the_reference_engine_can_run_with(
         "--batches", "1,3", "--decode-tokens", "6", "--repeats", "1"])
     assert result.exit_code == 0, result.output
     profile = json.loads(out.read_text())
-    assert profile["model"] == stack.model and profile["triton_model_name"] == stack.triton_models[stack.model]
+    assert profile["model"] == stack.model
+    assert profile["triton_model_name"] == stack.triton_models[stack.model]
     assert profile["decode_step_ms"] + profile["decode_step_ms_per_request"] > 0
     assert profile["kv_tokens_per_block"] == 32 and profile["kv_blocks_per_request"] >= 1
     assert profile["max_active_requests"] >= 1

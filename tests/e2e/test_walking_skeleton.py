@@ -84,7 +84,8 @@ class Conversation:
 
 async def test_streamed_generation(stack: StackInfo):
     conv = Conversation(stack)
-    await conv.send(start("s1", stack.reference_model, "Tell me about streams", max_tokens=12, seed=3))
+    await conv.send(start("s1", stack.reference_model, "Tell me about streams",
+                          max_tokens=12, seed=3))
     finals = await conv.read_until_final({"s1"})
     await conv.close()
     final = finals["s1"]
@@ -104,9 +105,11 @@ async def test_unary_generation_matches_stream_for_same_seed(stack: StackInfo):
         stub = inference_pb2_grpc.InferenceStub(channel)
         reply = await stub.Generate(inference_pb2.GenerateRequest(
             model=stack.reference_model, prompt="Tell me about streams",
-            params=inference_pb2.SamplingParams(max_tokens=12, seed=3)), metadata=auth(stack.api_key))
+            params=inference_pb2.SamplingParams(max_tokens=12, seed=3)),
+        metadata=auth(stack.api_key))
     conv = Conversation(stack)
-    await conv.send(start("u1", stack.reference_model, "Tell me about streams", max_tokens=12, seed=3))
+    await conv.send(start("u1", stack.reference_model, "Tell me about streams",
+                          max_tokens=12, seed=3))
     await conv.read_until_final({"u1"})
     await conv.close()
     assert reply.text == conv.text("u1") and reply.text.strip()
@@ -160,9 +163,11 @@ async def test_cancel_mid_stream_stops_the_engine(stack: StackInfo):
         if frame.WhichOneof("frame") == "tokens":
             seen += 1
             if seen == 3:
-                await conv.send(inference_pb2.ClientFrame(cancel=inference_pb2.Cancel(request_id="c1")))
+                await conv.send(inference_pb2.ClientFrame(
+                    cancel=inference_pb2.Cancel(request_id="c1")))
 
-    await conv.send(start("c1", stack.reference_model, "a long story please", max_tokens=1000, seed=5))
+    await conv.send(start("c1", stack.reference_model, "a long story please",
+                          max_tokens=1000, seed=5))
     finals = await conv.read_until_final({"c1"}, on_frame=cancel_after_three)
     await conv.close()
     final = finals["c1"]
@@ -178,7 +183,8 @@ async def test_cancel_mid_stream_stops_the_engine(stack: StackInfo):
             break
         assert time.monotonic() < deadline, "the engine never recorded the cancellation"
         await asyncio.sleep(0.1)
-    assert metric(text, "nv_trt_llm_request_metrics", request_type="active", **reference(stack)) == 0
+    assert metric(text, "nv_trt_llm_request_metrics", request_type="active",
+                  **reference(stack)) == 0
     generated = metric(text, "infermesh_engine_generated_tokens_total", **reference(stack))
     await asyncio.sleep(0.5)
     assert metric(engine_metrics(stack), "infermesh_engine_generated_tokens_total",
@@ -191,10 +197,12 @@ async def test_missing_or_wrong_key_is_unauthenticated(stack: StackInfo, key):
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.Generate(inference_pb2.GenerateRequest(model=stack.reference_model, prompt="hi"),
-                                metadata=metadata)
+            await stub.Generate(
+                inference_pb2.GenerateRequest(model=stack.reference_model, prompt="hi"),
+                metadata=metadata)
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        call = stub.GenerateStream(iter([start("x", stack.reference_model, "hi")]), metadata=metadata)
+        call = stub.GenerateStream(iter([start("x", stack.reference_model, "hi")]),
+                                   metadata=metadata)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             async for _ in call:
                 pass
@@ -216,7 +224,8 @@ async def test_bad_parameters_name_the_field(stack: StackInfo, params, field):
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.Generate(inference_pb2.GenerateRequest(
-                model=stack.reference_model, prompt="hi", params=inference_pb2.SamplingParams(**params)),
+                model=stack.reference_model, prompt="hi",
+                params=inference_pb2.SamplingParams(**params)),
                 metadata=auth(stack.api_key))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith(field + ":")
@@ -232,7 +241,8 @@ async def test_bad_parameters_name_the_field(stack: StackInfo, params, field):
 async def test_unknown_model_is_not_found(stack: StackInfo):
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
-        for model in ("no-such-model", f"{stack.reference_model}@canary", f"{stack.reference_model}@sha256:{'f' * 64}"):
+        for model in ("no-such-model", f"{stack.reference_model}@canary",
+                      f"{stack.reference_model}@sha256:{'f' * 64}"):
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await stub.Generate(inference_pb2.GenerateRequest(model=model, prompt="hi"),
                                     metadata=auth(stack.api_key))
@@ -270,16 +280,19 @@ async def test_over_concurrency_limit_is_resource_exhausted(stack: StackInfo):
             first_token.set()
 
     reader = asyncio.create_task(conv.read_until_final({"long"}, on_frame=watch))
-    await asyncio.wait_for(first_token.wait(), 10)
+    async with asyncio.timeout(10):
+        await first_token.wait()
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.Generate(inference_pb2.GenerateRequest(model=stack.reference_model, prompt="hi"),
-                                metadata=auth(key))
+            await stub.Generate(
+                inference_pb2.GenerateRequest(model=stack.reference_model, prompt="hi"),
+                metadata=auth(key))
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_concurrency=1" in raised.value.details()
     await conv.send(inference_pb2.ClientFrame(cancel=inference_pb2.Cancel(request_id="long")))
-    finals = await asyncio.wait_for(reader, 10)
+    async with asyncio.timeout(10):
+        finals = await reader
     await conv.close()
     assert finals["long"].finish_reason == inference_pb2.CANCELLED
 

@@ -243,7 +243,8 @@ async def test_sigkill_under_heavy_load_loses_nothing_acknowledged(
                 await asyncio.sleep(0.05)
             before_kill = await published(client, next(iter(reader.local_keys(data_dir))))
             await auditor.kill()
-            await asyncio.wait_for(asyncio.gather(*writers), 20)
+            async with asyncio.timeout(20):
+                await asyncio.gather(*writers)
         assert len(acknowledged) >= 1000, auditor.process.log_tail()
         assert sent > len(acknowledged)  # the kill really was mid-stream
         assert before_kill is not None  # (it may cover records whose acks were still in flight)

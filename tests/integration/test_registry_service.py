@@ -32,7 +32,8 @@ pytestmark = pytest.mark.integration
 def manifest_json(name: str, description: str) -> dict:
     return {
         "name": name, "description": description, "tokenizer": "huggingface",
-        "engine": {"kind": "reference", "context_window": 2048, "max_output_tokens": 512, "max_batch_size": 8,
+        "engine": {"kind": "reference", "context_window": 2048, "max_output_tokens": 512,
+                   "max_batch_size": 8,
                    "num_blocks": 64, "page_size": 32, "max_batch_tokens": 256,
                    "dtype": "float32", "gpu_memory_mib": 0},
         "sampling": {"max_tokens": 32, "temperature": 0.0, "top_p": 1.0},

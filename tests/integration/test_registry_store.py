@@ -5,6 +5,7 @@ the middle of promotes leaving a consistent state."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import pathlib
 import uuid
 
@@ -29,7 +30,8 @@ pytestmark = pytest.mark.integration
 def manifest(name: str, description: str = "v1") -> dict:
     return {
         "name": name, "description": description, "tokenizer": "whitespace",
-        "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 1024, "max_batch_size": 8},
+        "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 1024,
+                   "max_batch_size": 8},
         "sampling": {"max_tokens": 64, "temperature": 0.7, "top_p": 0.95, "top_k": 0},
         "cost_per_1k_input_tokens": 0.1, "cost_per_1k_output_tokens": 0.2,
     }
@@ -191,7 +193,7 @@ async def test_etcd_restart_during_promotes_leaves_a_consistent_state(tmp_path, 
             # routing is the last entry's result: nothing half-written.
             assert [e.revision for e in history] == list(range(1, routing.revision + 1))
             assert history[-1].after == routing
-            for earlier, later in zip(history, history[1:], strict=False):
+            for earlier, later in itertools.pairwise(history):
                 assert later.before == earlier.after
             outbox = await client.get_prefix(etcd.Keys.registry_audit_outbox.encode())
             revisions = sorted(int(kv.key.decode().rsplit(":", 1)[1]) for kv in outbox

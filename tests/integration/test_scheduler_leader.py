@@ -49,7 +49,7 @@ async def test_one_leader_of_two_and_takeover_when_its_lease_is_revoked(etcd_ser
             await asyncio.sleep(TTL_S)  # long enough for a second one to sneak in, if it could
             leaders = [e for e in electors if e.is_leader]
             assert len(leaders) == 1
-            old, other = leaders[0], next(e for e in electors if e is not leaders[0])
+            old, _other = leaders[0], next(e for e in electors if e is not leaders[0])
             stale_fence = old.fence()
             held = await client.get(key.encode())
             await client.revoke_lease(held.lease)  # the leader's lease is lost

@@ -37,7 +37,8 @@ pytestmark = pytest.mark.integration
 PREFIX = "retry-test"
 MANIFEST = {
     "name": "retry-demo", "description": "retry", "tokenizer": "whitespace",
-    "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 64, "max_batch_size": 8},
+    "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 64,
+               "max_batch_size": 8},
     "sampling": {"max_tokens": 4, "temperature": 0.7, "top_p": 0.95, "top_k": 0},
     "cost_per_1k_input_tokens": 0.1, "cost_per_1k_output_tokens": 0.2,
 }

@@ -156,7 +156,8 @@ async def test_vanished_or_silent_replicas_stop_receiving_routes(scheduler, side
     sidecars.reporting.discard(b)  # alive in etcd, but its load reports stop
     silent_since = time.monotonic()
     await wait_routed_only(scheduler, model, {a},
-                           within_s=ROUTED_AWAY_WITHIN_S + SLACK_S - (time.monotonic() - silent_since))
+                           within_s=ROUTED_AWAY_WITHIN_S + SLACK_S
+                           - (time.monotonic() - silent_since))
     listing = await scheduler.ListReplicas(scheduler_pb2.ListReplicasRequest(), timeout=2)
     mine = {r.replica_id: r for r in listing.replicas if r.replica_id.startswith(model)}
     assert set(mine) == {a, b}

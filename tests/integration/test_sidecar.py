@@ -241,7 +241,8 @@ async def test_sigterm_drains_in_flight_generations_before_the_lease_goes(
         # No started generation is lost: it runs to the end while the replica drains.
         assert await generation == 300
         finished = (await client.put(f"{PREFIX}/marker".encode(), b"done")).header.revision
-        await asyncio.wait_for(follower, 30)
+        async with asyncio.timeout(30):
+            await follower
     finally:
         await watch.cancel()
     assert await read(client, record_key) is None and await read(client, load_key) is None

@@ -3,6 +3,7 @@ and `verify` naming the first record that was edited, removed, reordered or trun
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 
@@ -380,7 +381,7 @@ def test_queries_read_only_the_sealed_segments_their_index_allows(
     assert found == list(range(31, 51))
     firsts = [s.first for s in view.segments]
     # Sealed segments with a record from 31 on and a llama record (all after 50 are mistral).
-    wanted = [f for f, after in zip(firsts, firsts[1:]) if after - 1 >= 31 and f <= 50]
+    wanted = [f for f, after in itertools.pairwise(firsts) if after - 1 >= 31 and f <= 50]
     assert segments_read == [*wanted, newest] and len(wanted) < len(sealed)
     # An index that no longer matches its segment's file is rebuilt, never trusted.
     first_index = json.loads(sealed[0].index_path.read_text())

@@ -158,4 +158,5 @@ async def test_drop_policy_leaves_admission_alone(tmp_path) -> None:
     emitter = await AuditEmitter.open(NoAuditor(), settings(tmp_path, "drop"), "gw", 1.0)
     admission = Admission()
     assert emitter.guard(admission) is admission
-    await asyncio.wait_for(emitter.close(), 10)
+    async with asyncio.timeout(10):
+        await emitter.close()

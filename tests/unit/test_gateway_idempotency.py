@@ -51,7 +51,7 @@ async def test_repeat_joins_a_running_request_and_replays_a_finished_one():
     joined = asyncio.ensure_future(collect(cache, "t", request("r2"), engine))
     await asyncio.sleep(0.01)
     engine.gate.set()
-    (f1, e1), (f2, e2) = await first, await joined
+    (_f1, _e1), (f2, e2) = await first, await joined
     assert engine.runs == 1
     assert [e.text for e in e2 if isinstance(e, TokenText)] == ["a", "b"]
     assert {e.request_id for e in e2} == {"r2"} and f2.request_id == "r2"

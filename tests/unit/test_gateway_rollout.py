@@ -23,7 +23,8 @@ from tests.fakes import whitespace_tokenizers
 
 MANIFEST = {
     "name": "demo", "description": "production", "tokenizer": "whitespace",
-    "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 1024, "max_batch_size": 8},
+    "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 1024,
+               "max_batch_size": 8},
     "sampling": {"max_tokens": 8, "temperature": 0.7, "top_p": 0.95, "top_k": 0},
     "cost_per_1k_input_tokens": 0.1, "cost_per_1k_output_tokens": 0.2,
 }
@@ -122,7 +123,7 @@ async def run(pipeline: GenerationPipeline, model: str, request_id: str, user: s
 
 async def test_shadow_copy_never_reaches_the_client_and_is_not_billed():
     production, shadow_id = version_id(MANIFEST), version_id(SHADOW)
-    pipeline, admission, router, engine, audit, shadow = build(
+    pipeline, admission, _router, engine, audit, shadow = build(
         Routing(revision=2, production=production, shadow=shadow_id, shadow_rate=1.0))
     before = shadow_count(shadow_id, "ok")
     events, finished = await run(pipeline, "demo", "r1")
@@ -146,7 +147,7 @@ async def test_shadow_copy_never_reaches_the_client_and_is_not_billed():
 
 async def test_shadow_is_dropped_when_busy_and_skipped_for_pins_and_failures():
     production, shadow_id = version_id(MANIFEST), version_id(SHADOW)
-    pipeline, _, router, engine, _, shadow = build(
+    pipeline, _, _router, engine, _, shadow = build(
         Routing(revision=2, production=production, shadow=shadow_id, shadow_rate=1.0),
         shadow_in_flight=0)
     dropped = shadow_count(shadow_id, "dropped_busy")
@@ -183,7 +184,8 @@ async def test_a_blocked_phrase_ends_the_generation_unsent():
     pipeline, _, _, engine, audit, shadow = build(
         Routing(revision=1, production=version_id(guarded)), manifest=guarded)
     events, finished = await run(pipeline, "demo", "r-safety")
-    assert "".join(e.text for e in events if isinstance(e, TokenText)) == f"{engine_name}-1 {engine_name}"
+    text = "".join(e.text for e in events if isinstance(e, TokenText))
+    assert text == f"{engine_name}-1 {engine_name}"
     assert finished.finish_reason == "content_filter" and finished.error is None
     assert engine.unfinished == 1  # the engine request was cancelled, not read to its end
     assert audit.events[0].generation.finish_reason == "content_filter"

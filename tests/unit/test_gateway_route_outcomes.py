@@ -24,7 +24,8 @@ from tests.fakes import whitespace_tokenizers
 
 MANIFEST = {
     "name": "demo", "description": "production", "tokenizer": "whitespace",
-    "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 1024, "max_batch_size": 8},
+    "engine": {"kind": "reference", "context_window": 4096, "max_output_tokens": 1024,
+               "max_batch_size": 8},
     "sampling": {"max_tokens": 3, "temperature": 0.7, "top_p": 0.95, "top_k": 0},
     "cost_per_1k_input_tokens": 0.1, "cost_per_1k_output_tokens": 0.2,
 }
@@ -141,7 +142,8 @@ async def test_a_failed_attempt_is_released_before_the_retry_ends():
     assert routing.releases == [("res-down", Outcome.FAILED_BEFORE_FIRST_TOKEN, 0)]
     assert not task.done()  # the retry is still streaming
     engine.gate.set()
-    _, finished = await asyncio.wait_for(task, 5)
+    async with asyncio.timeout(5):
+        _, finished = await task
     assert finished.error is None
     assert routing.releases[1:] == [("res-gated", Outcome.OK, 3)]
 

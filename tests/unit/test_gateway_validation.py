@@ -28,7 +28,8 @@ def check(req):
 def test_defaults_come_from_the_version():
     engine = check(request()).engine
     assert engine.max_tokens == 16 and engine.temperature == 0.7 and engine.top_p == 0.9
-    assert engine.top_k is None and engine.triton_model_name == "demo-000000000000"  # the version's own model
+    # The version's own model.
+    assert engine.top_k is None and engine.triton_model_name == "demo-000000000000"
 
 
 @pytest.mark.parametrize(

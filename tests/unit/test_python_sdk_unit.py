@@ -33,7 +33,8 @@ def test_details_come_from_error_info_and_retry_info():
     info = error_details_pb2.ErrorInfo(reason="RESOURCE_EXHAUSTED", domain="infermesh.dev")
     info.metadata["reason"] = "rpm"
     info.metadata["field"] = "model"
-    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1, nanos=5 * 10**8))
+    retry = error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=1, nanos=5 * 10**8))
     details = details_from_status(_status(info, retry))
     assert details == {"reason": "rpm", "field": "model", "retry_after": 1.5}
     error = error_for("RESOURCE_EXHAUSTED", "rpm: over", **details)

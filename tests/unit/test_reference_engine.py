@@ -329,7 +329,7 @@ def test_a_preempted_request_is_prefilled_again_from_what_stayed_cached() -> Non
 
 def test_a_prompt_that_can_never_fit_is_refused_and_max_tokens_is_clipped_to_the_pool() -> None:
     engine = ReferenceEngine(EngineConfig(kv_cache_blocks=2, kv_block_tokens=4))
-    with pytest.raises(ValueError, match="needs 3 KV blocks .* kv_cache_blocks=2"):
+    with pytest.raises(ValueError, match=r"needs 3 KV blocks .* kv_cache_blocks=2"):
         engine.add_request(request(0, prompt=words(8)))
     engine.add_request(request(1, prompt=words(2)))
     deltas = run_to_completion(engine)[1]

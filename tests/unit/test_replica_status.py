@@ -1,4 +1,4 @@
-"""The sidecar's pure part: Triton's metrics page → load figures, the etcd values, placement plans."""
+"""The sidecar's pure part: Triton's metrics page → load figures, etcd values, placement plans."""
 
 from __future__ import annotations
 

@@ -57,7 +57,8 @@ def test_fresh_load_falls_back_when_the_whole_feed_is_stale():
 
 def test_breaker_filter_skips_open_replicas_and_zones():
     breakers = Breakers(BreakerSettings(consecutive_failures=1))
-    breakers.record("a", "", Outcome.FAILED_BEFORE_FIRST_TOKEN, breakers.routed("a", "", 10), 10, [])
+    breakers.record("a", "", Outcome.FAILED_BEFORE_FIRST_TOKEN, breakers.routed("a", "", 10), 10,
+                    [])
     breakers.zone("z2").trip(10)
     cs = [candidate("a"), candidate("b", zone="z1"), candidate("c", zone="z2")]
     assert ids(filters.BreakerClosed().filter(context(breakers=breakers), cs)) == ["b"]
