@@ -11,11 +11,15 @@ import time
 import typer
 
 from infermesh.v1 import inference_pb2
+from meshctl import config
 from meshctl.audit import audit_app
 from meshctl.capacity import capacity_app
 from meshctl.config import DEFAULT_STATE_DIR, gateway_and_key
+from meshctl.contexts import config_app
 from meshctl.engine import engine_app
+from meshctl.exits import ExitCode, describe, exit_code
 from meshctl.generate import sampling, stream_generation, unary_generation
+from meshctl.progress import spinner
 from meshctl.registry import registry_app
 from meshctl.replicas import replicas as replicas_command
 from meshctl.slo import slo as slo_command
@@ -23,7 +27,12 @@ from meshctl.stack_status import stack_status
 from meshctl.tenants import key_app, tenant_app
 
 # An unexpected traceback never prints locals: they hold API keys and the mesh token.
-app = typer.Typer(help="Operate infermesh: the local stack, generations, the audit log.",
+app = typer.Typer(help="Operate infermesh: the local stack, generations, the audit log.\n\n"
+                  "Endpoints and the API key come from flags, then INFERMESH_* variables, then "
+                  "the current context (`meshctl config`), then the embedded stack in "
+                  "./.infermesh. Reads take -o table|wide|json|yaml. Exit codes: 0 ok, 1 error, "
+                  "2 usage, 3 invalid, 4 auth, 5 not found, 6 conflict, 7 refused, "
+                  "8 unavailable.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 stack_app = typer.Typer(help="Start and stop the embedded stack.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
@@ -36,6 +45,29 @@ app.command("slo")(slo_command)
 app.command("replicas")(replicas_command)
 app.add_typer(registry_app, name="registry")
 app.add_typer(capacity_app, name="capacity")
+app.add_typer(config_app, name="config")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"meshctl {version('infermesh')}")
+        except PackageNotFoundError:
+            typer.echo("meshctl (not installed)")
+        raise typer.Exit
+
+
+@app.callback()
+def _global(
+    context: str = typer.Option(None, "--context", envvar="INFERMESH_CONTEXT",
+                                help="Use this context of the config file for this command."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print meshctl's version and exit."),
+) -> None:
+    """Global options: the context, the version."""
+    config.selected_context = context
 
 FINISH = {v: k.lower() for k, v in inference_pb2.FinishReason.items()}
 
@@ -72,7 +104,8 @@ def generate(
     gateway: str = typer.Option(None, "--gateway", help="host:port [env INFERMESH_GATEWAY]"),
     api_key: str = typer.Option(None, "--api-key", help="[env INFERMESH_API_KEY]"),
 ) -> None:
-    """Generate text; on an error print the gRPC status name and message and exit 1."""
+    """Generate text; on an error print `error: CODE: message` (and when to retry, if the mesh
+    said) and exit with the code's exit status (4 auth, 7 refused …)."""
     gateway, api_key = gateway_and_key(gateway, api_key)
     params = sampling(max_tokens, temperature, seed)
     if stream or cancel_after is not None:
@@ -80,20 +113,24 @@ def generate(
             stream_generation(gateway, api_key, model, prompt, params, cancel_after, chat=chat)
         )
         if result.error_code:
-            typer.echo(f"\nerror: {result.error_code}: {result.error_message}", err=True)
-            raise typer.Exit(1)
+            error = describe(result.error_code, result.error_message, result.retry_after_s)
+            typer.echo(f"\nerror: {error}", err=True)
+            raise typer.Exit(exit_code(result.error_code))
         assert result.final is not None
         print_final(result.final)
         if result.final.HasField("error"):
-            typer.echo(f"error: {result.final.error.code}: {result.final.error.message}", err=True)
-            raise typer.Exit(1)
+            error = result.final.error
+            retry = (error.retry_after.ToTimedelta().total_seconds()
+                     if error.HasField("retry_after") else None)
+            typer.echo(f"error: {describe(error.code, error.message, retry)}", err=True)
+            raise typer.Exit(exit_code(error.code))
         return
-    reply, code, message = asyncio.run(
+    reply, code, message, retry_after_s = asyncio.run(
         unary_generation(gateway, api_key, model, prompt, params, chat=chat)
     )
     if reply is None:
-        typer.echo(f"error: {code}: {message}", err=True)
-        raise typer.Exit(1)
+        typer.echo(f"error: {describe(code, message, retry_after_s)}", err=True)
+        raise typer.Exit(exit_code(code))
     typer.echo(reply.text, nl=False)
     print_final(inference_pb2.Final(
         finish_reason=reply.finish_reason, usage=reply.usage, timings=reply.timings,
@@ -114,17 +151,17 @@ def stack_up(
     if load_state(state_dir) is not None:
         typer.echo(f"a stack is already recorded in {state_dir}/stack.json; "
                    "run `meshctl stack down` first", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.CONFLICT)
     if detach:  # this same command in the foreground, in the background: it supervises
         _up_in_background(state_dir, demo)
         return
     stack = Stack(StackOptions(state_dir=state_dir))
     started = time.monotonic()
-    typer.echo("starting etcd, Triton (torch and reference engines), sidecar and services ...",
-               err=True)
-    info = stack.up()
+    with spinner("starting etcd, Triton (torch and reference engines), sidecar and services"):
+        info = stack.up()
     typer.echo(f"stack up in {time.monotonic() - started:.1f}s; gateway {info.gateway}; "
                f"env in {state_dir / 'env'}; logs in {state_dir / 'logs'}", err=True)
+    _how_to_use(state_dir)
     if demo:
         question = "What is the capital of France? Answer in two sentences."
         typer.echo(f"\n$ meshctl generate --stream --chat --model {info.model} '{question}'\n",
@@ -168,16 +205,25 @@ def _up_in_background(state_dir: pathlib.Path, demo: bool) -> None:
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
     deadline = time.monotonic() + 300.0
-    while load_state(state_dir) is None:
-        if process.poll() is not None or time.monotonic() > deadline:
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-            typer.echo(f"the stack did not come up:\n{tail}", err=True)
-            raise typer.Exit(1)
-        time.sleep(0.5)
+    with spinner("starting the stack in the background"):
+        while load_state(state_dir) is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+                typer.echo(f"the stack did not come up:\n{tail}", err=True)
+                raise typer.Exit(1)
+            time.sleep(0.5)
     info = load_state(state_dir)
     assert info is not None
     typer.echo(f"stack up (supervised by pid {process.pid}); gateway {info.gateway}; env in "
                f"{state_dir / 'env'}; logs in {state_dir / 'logs'}", err=True)
+    _how_to_use(state_dir)
+
+
+def _how_to_use(state_dir: pathlib.Path) -> None:
+    absolute = state_dir.resolve()
+    typer.echo(f"use it from this directory as is, from a shell with `. {absolute / 'env'}`, "
+               f"or from anywhere with `meshctl config set-context local --state-dir "
+               f"{absolute} --use`", err=True)
 
 
 @stack_app.command("down")

@@ -5,12 +5,10 @@ query it (through the auditor, with an API key: admin keys see every tenant, oth
 from __future__ import annotations
 
 import asyncio
-import datetime
+import contextlib
 import json
 import os
 import pathlib
-import re
-import sys
 from collections.abc import Callable, Mapping
 
 import grpc
@@ -18,11 +16,18 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
-from meshctl.config import DEFAULT_STATE_DIR
+from meshctl.config import DEFAULT_STATE_DIR, service_endpoint
+from meshctl.output import Column, OutputFormat, emit
 from meshctl.rpc import call_gateway
+from meshctl.times import format_time, parse_time
 from services.auditor import reader
 from services.auditor.checkpoints import (
-    CHECKPOINT_KEY, PUBLIC_KEYS_PREFIX, Checkpoint, key_id, keyring, public_key_from_hex,
+    CHECKPOINT_KEY,
+    PUBLIC_KEYS_PREFIX,
+    Checkpoint,
+    key_id,
+    keyring,
+    public_key_from_hex,
 )
 from services.auditor.verify import format_result, verify
 from services.common import errors, etcd
@@ -36,8 +41,6 @@ PUBLIC_KEY = typer.Option(None, "--public-key",
                           "beside the log.")
 ETCD = typer.Option(None, "--etcd", envvar="INFERMESH_ETCD",
                     help="host:port: trust the keys and checkpoints the auditor published there.")
-AGO = re.compile(r"^(\d+)([smhdw])$")
-UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @audit_app.command("verify")
@@ -113,6 +116,42 @@ def audit_check_proof(
         raise typer.Exit(1)
 
 
+QUERY_FORMATS = ("jsonl", "table", "wide", "json", "yaml")
+
+
+def _query_format(value: str) -> str:
+    """`-o` picks a format; it once named the output file, so a path gets a usage error that
+    says what to write instead."""
+    if value.lower() in QUERY_FORMATS:
+        return value.lower()
+    raise typer.BadParameter(
+        f"{value!r} is not an output format ({', '.join(QUERY_FORMATS)}): -o/--output no "
+        f"longer names a file; write the records to one with --file {value}")
+
+
+def _event(record: dict) -> dict:
+    return record.get("event") or {}
+
+
+def _body(record: dict) -> dict:
+    event = _event(record)
+    return event.get("generation") or event.get("admin") or {}
+
+
+QUERY_COLUMNS = [
+    Column("SEQ", lambda r: r.get("seq"), right=True),
+    Column("AT", lambda r: format_time(r["at"] / 1000) if r.get("at") else None),
+    Column("KIND", lambda r: "generation" if "generation" in _event(r)
+           else "admin" if "admin" in _event(r) else "-"),
+    Column("TENANT", lambda r: _body(r).get("tenant")),
+    Column("REQUEST-ID", lambda r: _event(r).get("request_id")),
+    Column("MODEL", lambda r: _body(r).get("model")),
+    Column("EVENT-ID", lambda r: _event(r).get("event_id"), wide=True),
+    Column("SOURCE", lambda r: _event(r).get("source"), wide=True),
+    Column("HASH", lambda r: r.get("hash"), wide=True),
+]
+
+
 @audit_app.command("query")
 def audit_query(
     tenant: str = typer.Option("", "--tenant", help="Only this tenant (admin keys: any)."),
@@ -121,59 +160,41 @@ def audit_query(
     model: str = typer.Option("", "--model", help="Model name or version id."),
     request_id: str = typer.Option("", "--request-id"),
     limit: int = typer.Option(1000, "--limit", help="Most records."),
-    output: pathlib.Path = typer.Option(None, "--output", "-o",
-                                        help="Write JSON lines here (default stdout)."),
-    auditor: str = typer.Option(None, "--auditor", envvar="INFERMESH_AUDITOR",
-                                help="host:port (default: the local stack's auditor)"),
+    output: str = typer.Option(
+        "jsonl", "--output", "-o", callback=_query_format, metavar="[jsonl|table|wide|json|yaml]",
+        help="jsonl (default): each record exactly as stored, one a line; table/wide: a line "
+        "per record; json/yaml: one list of the records."),
+    file: pathlib.Path = typer.Option(None, "--file", "-f",
+                                      help="Write to this file instead of stdout."),
+    auditor: str = typer.Option(None, "--auditor", help="host:port [env INFERMESH_AUDITOR]"),
     api_key: str = typer.Option(None, "--api-key", help="[env INFERMESH_API_KEY]"),
 ) -> None:
-    """Export matching records as JSON lines, exactly as stored (each verifiable on its own:
-    its hash, and its Merkle leaf for `prove`)."""
+    """Export matching records, by default as JSON lines exactly as stored (each verifiable on
+    its own: its hash, and its Merkle leaf for `prove`)."""
     request = auditor_pb2.QueryRequest(tenant=tenant, model=model, request_id=request_id,
                                        limit=limit)
     if since:
-        request.since.FromDatetime(_when(since))
+        request.since.FromDatetime(parse_time(since))
     if until:
-        request.until.FromDatetime(_when(until))
+        request.until.FromDatetime(parse_time(until))
+    lines: list[str] = []
 
-    async def run(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> int:
+    async def run(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
         stub = auditor_pb2_grpc.AuditorStub(channel)
-        sink = open(output, "w") if output else sys.stdout
-        count = 0
-        try:
-            async for record in stub.Query(request, metadata=metadata, timeout=120):
-                sink.write(record.line + "\n")
-                count += 1
-        finally:
-            if output:
-                sink.close()
-        return count
+        async for record in stub.Query(request, metadata=metadata, timeout=120):
+            lines.append(record.line)
 
-    count = call_gateway(_auditor_endpoint(auditor), api_key, run)
-    typer.echo(f"{count} records", err=True)
-
-
-def _when(text: str) -> datetime.datetime:
-    match = AGO.match(text)
-    now = datetime.datetime.now(datetime.UTC)
-    if match:
-        return now - datetime.timedelta(seconds=int(match.group(1)) * UNIT_S[match.group(2)])
-    try:
-        when = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r}: use an ISO time or a duration like 2h") from None
-    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
-
-
-def _auditor_endpoint(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    from deploy.local.state import load_state
-
-    state = load_state(DEFAULT_STATE_DIR)
-    if state is None or "auditor" not in state.endpoints:
-        raise typer.BadParameter("no auditor: pass --auditor or set INFERMESH_AUDITOR")
-    return state.endpoints["auditor"]
+    call_gateway(service_endpoint("auditor", auditor), api_key, run)
+    with contextlib.ExitStack() as stack:
+        if file is not None:
+            sink = stack.enter_context(open(file, "w"))
+            stack.enter_context(contextlib.redirect_stdout(sink))
+        if output == "jsonl":
+            for line in lines:
+                typer.echo(line)
+        else:
+            emit(OutputFormat(output), [json.loads(line) for line in lines], QUERY_COLUMNS)
+    typer.echo(f"{len(lines)} records" + (f" written to {file}" if file else ""), err=True)
 
 
 def _view(data_dir: pathlib.Path) -> reader.LogView:

@@ -1,42 +1,153 @@
-"""Where meshctl finds a service (the gateway, the registry) and its key: flags, then INFERMESH_* variables, then the
-local stack's `.infermesh/stack.json`."""
+"""Where meshctl finds a service (the gateway, the registry …) and its API key, first found wins:
+
+1. the flag (`--gateway`, `--api-key` …);
+2. the environment (`INFERMESH_GATEWAY`, `INFERMESH_API_KEY` …);
+3. the current context of the config file (`meshctl config use-context NAME`; `--context NAME`
+   or `INFERMESH_CONTEXT` for one command): its endpoints, its `api-key-file`, and, for what it
+   does not name, the embedded stack in its `state-dir`;
+4. the embedded stack in `INFERMESH_STATE_DIR` (default `./.infermesh`, what `make run` writes).
+
+The config file is YAML, kubectl-style, at `INFERMESH_CONFIG` or `<user config dir>/infermesh/
+config.yaml`; it holds key *file* paths, never keys.
+"""
 
 from __future__ import annotations
 
 import os
 import pathlib
+from dataclasses import dataclass, field
+from typing import Any
 
 import typer
 
-from deploy.local.state import load_state
+from deploy.local.state import StackInfo, load_state
 
 DEFAULT_STATE_DIR = pathlib.Path(os.environ.get("INFERMESH_STATE_DIR", ".infermesh"))
+# What a context may name; `state-dir` and `api-key-file` besides these endpoints.
+SERVICES = ("gateway", "registry", "scheduler", "auditor", "prometheus", "etcd", "triton",
+            "triton-metrics")
+CONTEXT_FIELDS = (*SERVICES, "api-key-file", "state-dir")
+
+selected_context: str | None = None  # `meshctl --context NAME …`, set by the app's callback
 
 
-def endpoint_and_key(
-    service: str, endpoint: str | None, api_key: str | None
-) -> tuple[str, str]:
-    """`service`'s host:port (`--<service>`, `INFERMESH_<SERVICE>`, the local stack) and the
-    API key (`--api-key`, `INFERMESH_API_KEY`, the local stack's admin key)."""
-    state = load_state(DEFAULT_STATE_DIR)
-    endpoint = service_endpoint(service, endpoint)
-    api_key = api_key or os.environ.get("INFERMESH_API_KEY") or (state.api_key if state else None)
-    if not api_key:
-        raise typer.BadParameter("no API key: pass --api-key or set INFERMESH_API_KEY")
-    return endpoint, api_key
+def config_path() -> pathlib.Path:
+    explicit = os.environ.get("INFERMESH_CONFIG")
+    if explicit:
+        return pathlib.Path(explicit)
+    return pathlib.Path(typer.get_app_dir("infermesh")) / "config.yaml"
+
+
+@dataclass
+class MeshConfig:
+    """The config file: named contexts (each a mapping of CONTEXT_FIELDS) and the current one."""
+
+    current_context: str = ""
+    contexts: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: pathlib.Path | None = None) -> MeshConfig:
+        import yaml
+
+        path = path or config_path()
+        if not path.exists():
+            return cls()
+        try:
+            raw: Any = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise typer.BadParameter(f"{path} is not valid YAML: {exc}") from None
+        contexts = {str(name): {str(k): str(v) for k, v in (values or {}).items()}
+                    for name, values in (raw.get("contexts") or {}).items()}
+        return cls(str(raw.get("current-context") or ""), contexts)
+
+    def save(self, path: pathlib.Path | None = None) -> pathlib.Path:
+        import yaml
+
+        path = path or config_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({"current-context": self.current_context,
+                                        "contexts": self.contexts}, sort_keys=True))
+        return path
+
+    def active(self) -> tuple[str, dict[str, str]] | None:
+        """The context in force: `--context`, `INFERMESH_CONTEXT`, then `current-context`."""
+        name = selected_context or os.environ.get("INFERMESH_CONTEXT") or self.current_context
+        if not name:
+            return None
+        if name not in self.contexts:
+            raise typer.BadParameter(
+                f"no context {name!r} in {config_path()} (meshctl config get-contexts)")
+        return name, self.contexts[name]
+
+
+def _state_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("INFERMESH_STATE_DIR", ".infermesh"))
+
+
+def _stack_value(state: StackInfo | None, service: str) -> str | None:
+    if state is None:
+        return None
+    if service == "gateway":
+        return state.gateway
+    if service == "etcd":
+        return state.etcd
+    if service == "triton-metrics":
+        return state.metrics.get("triton")
+    return state.endpoints.get(service)
+
+
+def resolve(service: str, explicit: str | None = None) -> str | None:
+    """`service`'s value (an endpoint, or `api-key`) by the order in the module docstring."""
+    if explicit:
+        return explicit
+    variable = "INFERMESH_" + service.upper().replace("-", "_")
+    if os.environ.get(variable):
+        return os.environ[variable]
+    active = MeshConfig.load().active()
+    if active is not None:
+        _, context = active
+        if service == "api-key" and context.get("api-key-file"):
+            key_file = pathlib.Path(context["api-key-file"]).expanduser()
+            try:
+                return key_file.read_text().strip()
+            except OSError as exc:
+                raise typer.BadParameter(f"cannot read api-key-file {key_file}: {exc}") from None
+        if context.get(service):
+            return context[service]
+        if context.get("state-dir"):
+            state = load_state(pathlib.Path(context["state-dir"]).expanduser())
+            found = state.api_key if service == "api-key" and state else _stack_value(state,
+                                                                                      service)
+            if found:
+                return found
+    state = load_state(_state_dir())
+    if service == "api-key":
+        return state.api_key if state else None
+    return _stack_value(state, service)
 
 
 def service_endpoint(service: str, endpoint: str | None) -> str:
-    """`service`'s host:port: `--<service>`, `INFERMESH_<SERVICE>`, or the local stack's."""
-    variable = f"INFERMESH_{service.upper()}"
-    endpoint = endpoint or os.environ.get(variable)
-    if not endpoint:
-        state = load_state(DEFAULT_STATE_DIR)
-        endpoint = state.endpoints.get(service) if state else None
-    if not endpoint:
-        raise typer.BadParameter(f"no {service}: pass --{service} or set {variable}")
-    return endpoint
+    """`service`'s host:port; a usage error (exit 2) naming the ways to give it if none."""
+    found = resolve(service, endpoint)
+    if not found:
+        variable = "INFERMESH_" + service.upper().replace("-", "_")
+        raise typer.BadParameter(f"no {service}: pass --{service}, set {variable}, or use a "
+                                 "context (meshctl config set-context)")
+    return found
 
 
-def gateway_and_key(gateway: str | None, api_key: str | None) -> tuple[str, str]:
-    return endpoint_and_key("gateway", gateway, api_key)
+def api_key(explicit: str | None) -> str:
+    found = resolve("api-key", explicit)
+    if not found:
+        raise typer.BadParameter("no API key: pass --api-key, set INFERMESH_API_KEY, or use a "
+                                 "context with --api-key-file")
+    return found
+
+
+def endpoint_and_key(service: str, endpoint: str | None, key: str | None) -> tuple[str, str]:
+    """`service`'s host:port and the API key, each by the order in the module docstring."""
+    return service_endpoint(service, endpoint), api_key(key)
+
+
+def gateway_and_key(gateway: str | None, key: str | None) -> tuple[str, str]:
+    return endpoint_and_key("gateway", gateway, key)

@@ -15,7 +15,6 @@ to the measurements, its config.pbtxt parameters, and the raw samples.
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
 import statistics
 import time
@@ -26,8 +25,9 @@ import typer
 
 from backends.triton.adapter import EngineRequest, TritonAdapter
 from backends.triton.calibration import EngineProfile, fit_profile
-from deploy.local.state import load_state
-from meshctl.config import DEFAULT_STATE_DIR, endpoint_and_key
+from meshctl.config import endpoint_and_key, service_endpoint
+from meshctl.exits import fail_error
+from meshctl.progress import spinner
 from services.common import errors
 from services.registry.client import RegistryClient
 
@@ -129,13 +129,8 @@ def calibrate(
     """Measure a replica of MODEL's version and write its engine profile."""
     lengths, sizes = _ints(prompt_lengths, "--prompt-lengths"), _ints(batches, "--batches")
     registry_endpoint, key = endpoint_and_key("registry", registry, api_key)
-    triton_endpoint, _ = endpoint_and_key("triton", triton, key)
-    metrics_endpoint = triton_metrics or os.environ.get("INFERMESH_TRITON_METRICS")
-    if not metrics_endpoint:
-        state = load_state(DEFAULT_STATE_DIR)
-        metrics_endpoint = state.metrics.get("triton") if state else None
-    if not metrics_endpoint:
-        raise typer.BadParameter("no Triton metrics endpoint: pass --triton-metrics")
+    triton_endpoint = service_endpoint("triton", triton)
+    metrics_endpoint = service_endpoint("triton-metrics", triton_metrics)
 
     async def measure() -> EngineProfile:
         async with RegistryClient(registry_endpoint, key) as client:
@@ -161,10 +156,11 @@ def calibrate(
         )  # fmt: skip
 
     try:
-        profile = asyncio.run(measure())
+        with spinner(f"measuring {model}: prefill at {len(lengths)} prompt lengths, decode at "
+                     f"{len(sizes)} batch sizes"):
+            profile = asyncio.run(measure())
     except errors.MeshError as exc:
-        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
-        raise typer.Exit(1) from None
+        fail_error(exc)
     out.write_text(profile.to_json() + "\n")
     typer.echo(
         f"{profile.model} ({profile.version_id[:19]}): prefill {profile.prefill_us_per_token:.0f}"

@@ -6,8 +6,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from infermesh.v1 import inference_pb2
 from infermesh_client import NO_RETRIES, AsyncClient, Generation, InfermeshError, Message
+
+from infermesh.v1 import inference_pb2
 
 
 @dataclass
@@ -16,6 +17,7 @@ class GenerationResult:
     final: inference_pb2.Final | None
     error_code: str = ""
     error_message: str = ""
+    retry_after_s: float | None = None  # the refusal's RetryInfo delay, when it had one
 
 
 def sampling(max_tokens: int | None, temperature: float | None, seed: int | None):
@@ -95,21 +97,23 @@ async def stream_generation(
         except InfermeshError as exc:
             if exc.generation is not None:  # the generation's own Final, with its error
                 return GenerationResult("".join(pieces), _final(exc.generation, exc))
-            return GenerationResult("".join(pieces), None, exc.code, exc.message)
+            return GenerationResult("".join(pieces), None, exc.code, exc.message,
+                                    exc.retry_after)
     return GenerationResult("".join(pieces), None, "UNAVAILABLE", "the stream ended without Final")
 
 
 async def unary_generation(
     gateway: str, api_key: str, model: str, prompt: str, params: inference_pb2.SamplingParams,
     chat: bool = False,
-) -> tuple[inference_pb2.GenerateResponse | None, str, str]:
+) -> tuple[inference_pb2.GenerateResponse | None, str, str, float | None]:
+    """The reply, or None with the error's code, message and retry delay (None: not given)."""
     async with _client(gateway, api_key) as client:
         try:
             generation = await client.generate(model, **generation_input(prompt, chat),
                                                **_sampling_arguments(params))
         except InfermeshError as exc:
-            return None, exc.code, exc.message
+            return None, exc.code, exc.message, exc.retry_after
     final = _final(generation)
     return inference_pb2.GenerateResponse(
         request_id=final.request_id, model_version=final.model_version, text=generation.text,
-        finish_reason=final.finish_reason, usage=final.usage, timings=final.timings), "", ""
+        finish_reason=final.finish_reason, usage=final.usage, timings=final.timings), "", "", None

@@ -3,25 +3,26 @@
 Every command talks to the registry service (`--registry`, `INFERMESH_REGISTRY`, or the local
 stack's `stack.json`) with an API key; changes need an admin key. A routing change is a
 compare-and-swap on the revision read just before it (or on `--expect-revision`, the one you
-saw), so two admins racing cannot both win: the loser gets FAILED_PRECONDITION.
+saw), so two admins racing cannot both win: the loser gets FAILED_PRECONDITION (exit 6).
+Reads take `-o table|wide|json|yaml`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import typer
-from google.protobuf import json_format
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from infermesh.v1 import registry_pb2
 from meshctl.config import endpoint_and_key
+from meshctl.exits import fail_error
+from meshctl.output import OUTPUT, Column, OutputFormat, emit, is_structured, message_dict
+from meshctl.times import format_time
 from services.common import errors
 from services.registry.client import RegistryClient, load_push_source
 from services.registry.manifest import ALIASES, VERSION_ID, diff_manifests, flatten
@@ -31,13 +32,15 @@ registry_app = typer.Typer(help="Model versions and their rollouts.", no_args_is
 REGISTRY = typer.Option(None, "--registry", help="host:port [env INFERMESH_REGISTRY]")
 API_KEY = typer.Option(None, "--api-key", help="[env INFERMESH_API_KEY]")
 REASON = typer.Option(..., "--reason", "-m", help="Why; kept in the history and the audit log.")
-EXPECT = typer.Option(None, "--expect-revision",
-                      help="Fail unless the routing is still at this revision (what you saw).")
+EXPECT = typer.Option(None, "--expected-revision", "--expect-revision",
+                      help="Fail (exit 6) unless the routing is still at this revision (what "
+                      "you saw).")
 
 
 def run(registry: str | None, api_key: str | None,
         operation: Callable[[RegistryClient], Awaitable[T]]) -> T:
-    """Runs `operation` with a client; on an error prints `CODE: message` and exits 1."""
+    """Runs `operation` with a client; on an error prints `CODE: message` and exits with its
+    code (`meshctl.exits`)."""
     endpoint, key = endpoint_and_key("registry", registry, api_key)
 
     async def call() -> T:
@@ -47,14 +50,7 @@ def run(registry: str | None, api_key: str | None,
     try:
         return asyncio.run(call())
     except errors.MeshError as exc:
-        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
-        raise typer.Exit(1) from None
-
-
-def _when(stamp) -> str:
-    if not stamp.seconds and not stamp.nanos:
-        return "-"
-    return stamp.ToDatetime(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        fail_error(exc)
 
 
 def short(version_id: str) -> str:
@@ -62,8 +58,7 @@ def short(version_id: str) -> str:
 
 
 def manifest_dict(manifest: registry_pb2.ModelManifest) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        manifest, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return message_dict(manifest)
 
 
 async def resolve_version(client: RegistryClient, model: str, text: str) -> str:
@@ -90,7 +85,7 @@ async def resolve_ref(client: RegistryClient, ref: str) -> registry_pb2.VersionI
 
 def print_routing(routing: registry_pb2.Routing) -> None:
     typer.echo(f"{routing.model}  revision {routing.revision}  "
-               f"(updated {_when(routing.updated_at)} by {routing.updated_by or '-'})")
+               f"(updated {format_time(routing.updated_at)} by {routing.updated_by or '-'})")
     typer.echo(f"  production  {routing.production or '-'}")
     if routing.canary:
         typer.echo(f"  canary      {routing.canary}  {routing.canary_weight_percent:g}%")
@@ -116,8 +111,7 @@ def push(
     try:
         prepared = load_push_source(source, name)
     except errors.MeshError as exc:
-        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
-        raise typer.Exit(1) from None
+        fail_error(exc)
     if prepared.derived:
         typer.echo(json.dumps(manifest_dict(prepared.manifest), indent=2, sort_keys=True))
 
@@ -135,16 +129,31 @@ def push(
 @registry_app.command("list")
 def list_models(
     model: str = typer.Argument(None, help="Show this model's versions instead."),
-    registry: str = REGISTRY, api_key: str = API_KEY,
+    output: OutputFormat = OUTPUT, registry: str = REGISTRY, api_key: str = API_KEY,
 ) -> None:
     """Models and what serves them, or one model's versions (oldest first)."""
     if model is None:
-        for entry in run(registry, api_key, lambda client: client.models()):
-            r = entry.routing
-            canary = f"{short(r.canary)}@{r.canary_weight_percent:g}%" if r.canary else "-"
-            shadow = f"{short(r.shadow)}@{r.shadow_rate:g}" if r.shadow else "-"
-            typer.echo(f"{entry.name:24} rev {r.revision:<4} production {short(r.production):12} "
-                       f"canary {canary:18} shadow {shadow:18} versions {entry.version_count}")
+        models = [message_dict(entry)
+                  for entry in run(registry, api_key, lambda client: client.models())]
+
+        def canary(m: dict) -> str:
+            r = m["routing"]
+            return f"{short(r['canary'])}@{r['canary_weight_percent']:g}%" if r["canary"] else ""
+
+        def shadow(m: dict) -> str:
+            r = m["routing"]
+            return f"{short(r['shadow'])}@{r['shadow_rate']:g}" if r["shadow"] else ""
+
+        emit(output, models, [
+            Column("MODEL", lambda m: m["name"]),
+            Column("REVISION", lambda m: m["routing"]["revision"], right=True),
+            Column("PRODUCTION", lambda m: short(m["routing"]["production"])),
+            Column("CANARY", canary), Column("SHADOW", shadow),
+            Column("VERSIONS", lambda m: m["version_count"], right=True),
+            Column("PREVIOUS", lambda m: short(m["routing"]["previous"]), wide=True),
+            Column("UPDATED", lambda m: format_time(m["routing"].get("updated_at")), wide=True),
+            Column("UPDATED-BY", lambda m: m["routing"]["updated_by"], wide=True),
+        ])
         return
 
     async def operation(client: RegistryClient):
@@ -153,28 +162,39 @@ def list_models(
     routing, versions = run(registry, api_key, operation)
     roles = {routing.production: "production", routing.canary: "canary",
              routing.shadow: "shadow", routing.previous: "previous"}
-    for version in versions:
-        description = version.manifest.description.splitlines()[0][:60] \
-            if version.manifest.description else ""
-        typer.echo(f"{version.version_id}  {_when(version.registered_at)}  "
-                   f"{roles.get(version.version_id, ''):10}  {description}")
+    rows = [{**message_dict(v), "role": roles.get(v.version_id, "")} for v in versions]
+    emit(output, rows, [
+        Column("VERSION", lambda v: v["version_id"]),
+        Column("REGISTERED", lambda v: format_time(v.get("registered_at"))),
+        Column("ROLE", lambda v: v["role"]),
+        Column("DESCRIPTION",
+               lambda v: (v["manifest"]["description"].splitlines() or [""])[0][:60]),
+        Column("REGISTERED-BY", lambda v: v["registered_by"], wide=True),
+        Column("TRITON-MODEL", lambda v: v["triton_model_name"], wide=True),
+    ])
 
 
 @registry_app.command("show")
 def show(
     ref: str = typer.Argument(..., help="model, model@alias, model@sha256:… or a unique prefix"),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest exactly as `push` "
-                                 "takes it."),
-    registry: str = REGISTRY, api_key: str = API_KEY,
+    manifest_only: bool = typer.Option(False, "--manifest", "--json",
+                                       help="Print the manifest exactly as `push` takes it "
+                                       "(JSON; --json is the older name)."),
+    output: OutputFormat = OUTPUT, registry: str = REGISTRY, api_key: str = API_KEY,
 ) -> None:
-    """One version: its manifest, id and who registered it when."""
+    """One version: its manifest, id and who registered it when (table: a header line, then
+    every manifest field)."""
     version = run(registry, api_key, lambda client: resolve_ref(client, ref))
     manifest = manifest_dict(version.manifest)
-    if as_json:
+    if manifest_only:
         typer.echo(json.dumps(manifest, indent=2, sort_keys=True))
         return
+    if is_structured(output):
+        emit(output, message_dict(version), [])
+        return
     typer.echo(f"{version.manifest.name}@{version.version_id}")
-    typer.echo(f"registered {_when(version.registered_at)} by {version.registered_by or '-'}")
+    typer.echo(f"registered {format_time(version.registered_at)} by "
+               f"{version.registered_by or '-'}")
     typer.echo(f"served as the Triton model {version.triton_model_name}")
     for field, value in flatten(manifest).items():
         typer.echo(f"  {field} = {json.dumps(value)}")
@@ -184,7 +204,7 @@ def show(
 def diff(
     before: str = typer.Argument(..., help="model@version (or alias, or prefix)"),
     after: str = typer.Argument(..., help="model@version, or a version of the same model"),
-    registry: str = REGISTRY, api_key: str = API_KEY,
+    output: OutputFormat = OUTPUT, registry: str = REGISTRY, api_key: str = API_KEY,
 ) -> None:
     """Field-by-field differences between two versions; exit 0 either way."""
     if "@" not in after:
@@ -194,9 +214,15 @@ def diff(
         return await resolve_ref(client, before), await resolve_ref(client, after)
 
     old, new = run(registry, api_key, operation)
+    changes = diff_manifests(manifest_dict(old.manifest), manifest_dict(new.manifest))
+    if is_structured(output):
+        emit(output, {"before": f"{old.manifest.name}@{old.version_id}",
+                      "after": f"{new.manifest.name}@{new.version_id}",
+                      "changes": [{"field": f, "before": was, "after": now}
+                                  for f, was, now in changes]}, [])
+        return
     typer.echo(f"--- {old.manifest.name}@{old.version_id}")
     typer.echo(f"+++ {new.manifest.name}@{new.version_id}")
-    changes = diff_manifests(manifest_dict(old.manifest), manifest_dict(new.manifest))
     for field, was, now in changes:
         typer.echo(f"  {field}: {json.dumps(was)} → {json.dumps(now)}")
     if not changes:
@@ -281,29 +307,41 @@ def rollback(
     change(registry, api_key, model, reason, expect, rollback=registry_pb2.Rollback())
 
 
+def _detail(entry: dict[str, Any]) -> str:
+    """What a routing change pointed at, from a history entry's dict."""
+    before, after = entry.get("before") or {}, entry.get("after") or {}
+    was, now = (lambda field: short(before.get(field, ""))), (lambda f: short(after.get(f, "")))
+    return {
+        "promote": f"production {now('production')} (was {was('production')})",
+        "rollback": f"production {now('production')} (was {was('production')})",
+        "canary": f"canary {now('canary')} at {after.get('canary_weight_percent', 0):g}%",
+        "clear_canary": f"canary cleared (was {was('canary')})",
+        "shadow": f"shadow {now('shadow')} at rate {after.get('shadow_rate', 0):g}",
+        "clear_shadow": f"shadow cleared (was {was('shadow')})",
+    }.get(entry["action"], "")
+
+
 @registry_app.command("history")
 def history(
     model: str, limit: int = typer.Option(20, "--limit", help="Newest this many."),
     before: int = typer.Option(0, "--before", help="Only changes older than this revision."),
-    registry: str = REGISTRY, api_key: str = API_KEY,
+    output: OutputFormat = OUTPUT, registry: str = REGISTRY, api_key: str = API_KEY,
 ) -> None:
     """Every routing change: revision, time, actor, action, what it pointed at, and why."""
     page = run(registry, api_key, lambda client: client.history(model, limit, before))
-    for entry in page.entries:
-        after = entry.after
-        detail = {
-            "promote": f"production {short(after.production)} (was {short(entry.before.production)})",
-            "rollback": f"production {short(after.production)} (was {short(entry.before.production)})",
-            "canary": f"canary {short(after.canary)} at {after.canary_weight_percent:g}%",
-            "clear_canary": f"canary cleared (was {short(entry.before.canary)})",
-            "shadow": f"shadow {short(after.shadow)} at rate {after.shadow_rate:g}",
-            "clear_shadow": f"shadow cleared (was {short(entry.before.shadow)})",
-        }.get(entry.action, "")
-        typer.echo(f"{entry.revision:>4}  {_when(entry.at)}  {entry.actor:28} {entry.action:13} "
-                   f"{detail}  — {entry.reason}")
-    if page.next_before_revision:
-        typer.echo(f"(older: meshctl registry history {model} --before "
-                   f"{page.next_before_revision})")
+    older = (f"(older: meshctl registry history {model} --before {page.next_before_revision})"
+             if page.next_before_revision else "")
+    if is_structured(output):
+        emit(output, message_dict(page), [])
+        return
+    emit(output, [message_dict(entry) for entry in page.entries], [
+        Column("REVISION", lambda e: e["revision"], right=True),
+        Column("AT", lambda e: format_time(e.get("at"))),
+        Column("ACTOR", lambda e: e["actor"]),
+        Column("ACTION", lambda e: e["action"]),
+        Column("DETAIL", _detail),
+        Column("REASON", lambda e: e["reason"]),
+    ], after=older)
 
 
 @registry_app.command("gc")

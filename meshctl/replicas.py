@@ -3,48 +3,70 @@ operator asking "where is this model served, and why is that replica getting no 
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 import typer
-from google.protobuf.json_format import MessageToDict
 
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from meshctl.config import service_endpoint
+from meshctl.output import OUTPUT, Column, OutputFormat, emit, is_structured, message_dict
 from meshctl.rpc import TIMEOUT_S, call
+from meshctl.times import format_duration
 
-BREAKER = {scheduler_pb2.BREAKER_STATE_UNSPECIFIED: "?",
-           scheduler_pb2.BREAKER_STATE_CLOSED: "closed",
-           scheduler_pb2.BREAKER_STATE_OPEN: "open",
-           scheduler_pb2.BREAKER_STATE_HALF_OPEN: "half-open"}
+BREAKER = {"BREAKER_STATE_UNSPECIFIED": "?", "BREAKER_STATE_CLOSED": "closed",
+           "BREAKER_STATE_OPEN": "open", "BREAKER_STATE_HALF_OPEN": "half-open"}
 
 
-def routable(replica: scheduler_pb2.Replica) -> str:
-    if not replica.unroutable_because:
+def routable(replica: dict[str, Any]) -> str:
+    if not replica["unroutable_because"]:
         return "yes"
-    return f"no: fails {replica.unroutable_because!r}"
+    return f"no: fails {replica['unroutable_because']!r}"
 
 
-def lines(replicas: list[scheduler_pb2.Replica]) -> list[str]:
-    """A header and one line per replica; each model's KV cache and queue on its own line."""
-    out = [f"{'REPLICA':20} {'ZONE':10} {'ROUTABLE':38} {'BREAKER':9} {'IN-FLIGHT':>9}  "
-           f"{'MODEL':28} {'KV FREE/MAX':>13} {'ACTIVE':>6} {'WAITING':>7}"]
-    for r in replicas:
-        head = (f"{r.replica_id:20} {r.zone:10} {routable(r):38} {BREAKER[r.breaker]:9} "
-                f"{r.in_flight:>9}  ")
-        loads = {load.triton_model: load for load in r.loads}
-        models = sorted(set(r.models) | set(loads)) or ["-"]
+def rows(replicas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A row per replica and model (each model's KV cache and queue on its own line); the
+    replica's own cells only on its first line."""
+    out = []
+    for replica in replicas:
+        loads = {load["triton_model"]: load for load in replica.get("loads", [])}
+        models = sorted(set(replica["models"]) | set(loads)) or [""]
         for i, model in enumerate(models):
-            load = loads.get(model)
-            figures = (f"{f'{load.kv_free_blocks}/{load.kv_max_blocks}':>13} {load.active:>6} "
-                       f"{load.waiting:>7}" if load else f"{'-':>13} {'-':>6} {'-':>7}")
-            prefix = head if i == 0 else " " * len(head)
-            out.append(f"{prefix}{model:28} {figures}".rstrip())
+            out.append({"replica": replica if i == 0 else None, "model": model,
+                        "load": loads.get(model), "zone": replica["zone"]})
     return out
+
+
+def _replica(field: Any) -> Any:
+    return lambda row: field(row["replica"]) if row["replica"] is not None else " "
+
+
+def _load(field: str) -> Any:
+    return lambda row: row["load"][field] if row["load"] else "-"
+
+
+COLUMNS = [
+    Column("REPLICA", _replica(lambda r: r["replica_id"])),
+    Column("ZONE", _replica(lambda r: r["zone"])),
+    Column("ROUTABLE", _replica(routable)),
+    Column("BREAKER", _replica(lambda r: BREAKER.get(r["breaker"], r["breaker"]))),
+    Column("IN-FLIGHT", _replica(lambda r: r["in_flight"]), right=True),
+    Column("MODEL", lambda row: row["model"]),
+    Column("KV FREE/MAX", lambda row: f"{row['load']['kv_free_blocks']}/"
+           f"{row['load']['kv_max_blocks']}" if row["load"] else "-", right=True),
+    Column("ACTIVE", _load("active"), right=True),
+    Column("WAITING", _load("waiting"), right=True),
+    Column("MAX", _load("max"), right=True, wide=True),
+    Column("ENDPOINT", _replica(lambda r: r["grpc_endpoint"]), wide=True),
+    Column("GPU", _replica(lambda r: r["gpu_type"]), wide=True),
+    Column("DRAINING", _replica(lambda r: r["draining"]), wide=True),
+    Column("LOAD-AGE", _replica(lambda r: format_duration(r["load_age_s"])), wide=True),
+]
 
 
 def replicas(
     scheduler: str = typer.Option(None, "--scheduler", help="host:port [env INFERMESH_SCHEDULER]"),
-    as_json: bool = typer.Option(False, "--json", help="Print the scheduler's reply as JSON."),
+    output: OutputFormat = OUTPUT,
+    as_json: bool = typer.Option(False, "--json", hidden=True, help="The same as -o json."),
 ) -> None:
     """Every replica the scheduler knows: zone, whether it is routable (and if not, why), its
     breaker, the requests it holds, and each model's KV cache and queue. Ask one scheduler:
@@ -55,8 +77,10 @@ def replicas(
             scheduler_pb2.ListReplicasRequest(), metadata=metadata, timeout=TIMEOUT_S)
 
     reply = call(service_endpoint("scheduler", scheduler), (), list_replicas)
+    data = message_dict(reply)
     if as_json:
-        typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        output = OutputFormat.json
+    if is_structured(output):
+        emit(output, data, [])
         return
-    for line in lines(list(reply.replicas)):
-        typer.echo(line)
+    emit(output, data, COLUMNS, rows=rows(data["replicas"]))

@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
-import typer
 
 from meshctl.config import gateway_and_key
+from meshctl.exits import fail_error
 
 T = TypeVar("T")
 TIMEOUT_S = 10.0
@@ -30,7 +30,7 @@ def call_gateway(
 def call(endpoint: str, metadata: Metadata,
          operation: Callable[[grpc.aio.Channel, Metadata], Awaitable[T]]) -> T:
     """Runs `operation(channel, metadata)` on a channel to `endpoint`; on a gRPC error prints
-    `CODE: message` and exits 1."""
+    `CODE: message` (with the RetryInfo delay, if any) and exits with its code (`exits`)."""
 
     async def run() -> T:
         async with grpc.aio.insecure_channel(endpoint) as channel:
@@ -39,5 +39,4 @@ def call(endpoint: str, metadata: Metadata,
     try:
         return asyncio.run(run())
     except grpc.aio.AioRpcError as exc:
-        typer.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
-        raise typer.Exit(1) from None
+        fail_error(exc)

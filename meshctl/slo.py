@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import typer
 
-from deploy.local.state import load_state
 from deploy.monitoring.rules import BUDGET_REMAINING, OBJECTIVE, RATIO
-from meshctl.config import DEFAULT_STATE_DIR
+from meshctl.config import service_endpoint
+from meshctl.exits import fail
+from meshctl.output import OUTPUT, Column, OutputFormat, emit, is_structured, render_table
 from services.common.slo import SLO_NAMES, burn_rate
 
 QUERY_TIMEOUT_S = 5.0
@@ -98,51 +98,58 @@ def mesh_alerts(prometheus: str) -> list[str]:
     )
 
 
-def format_table(statuses: list[SloStatus]) -> str:
-    def percent(value: float | None, digits: int) -> str:
-        return "-" if value is None else f"{value * 100:.{digits}f}%"
+def _percent(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value * 100:.{digits}f}%"
 
-    header = ("MODEL", "SLO", "TIER", "OBJECTIVE", f"SLI {SLI_WINDOW}", f"BURN {SLI_WINDOW}",
-              "BUDGET LEFT", "FIRING")
-    lines = [header]
-    for s in statuses:
-        lines.append((
-            s.model, s.slo, s.tier, percent(s.objective, 2),
-            percent(None if s.error_ratio is None else 1 - s.error_ratio, 3),
-            "-" if s.burn is None else f"{s.burn:.2f}x",
-            percent(s.budget_remaining, 1),
-            ", ".join(s.alerts) or "-",
-        ))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
-                     for line in lines)
+
+def status_dict(status: SloStatus) -> dict:
+    """One row's output data: the dataclass's fields, plus the SLI and burn rate it implies."""
+    return {**asdict(status),
+            "sli": None if status.error_ratio is None else 1 - status.error_ratio,
+            "burn_rate": status.burn, "window": SLI_WINDOW}
+
+
+COLUMNS = [
+    Column("MODEL", lambda r: r["model"]), Column("SLO", lambda r: r["slo"]),
+    Column("TIER", lambda r: r["tier"]),
+    Column("OBJECTIVE", lambda r: _percent(r["objective"], 2)),
+    Column(f"SLI {SLI_WINDOW}", lambda r: _percent(r["sli"], 3)),
+    Column(f"BURN {SLI_WINDOW}",
+           lambda r: "-" if r["burn_rate"] is None else f"{r['burn_rate']:.2f}x"),
+    Column("BUDGET LEFT", lambda r: _percent(r["budget_remaining"], 1)),
+    Column("FIRING", lambda r: ", ".join(r["alerts"]) or "-"),
+    Column("ERROR RATIO", lambda r: "-" if r["error_ratio"] is None
+           else f"{r['error_ratio']:.6f}", wide=True),
+]
+
+
+def format_table(statuses: list[SloStatus]) -> str:
+    return render_table(COLUMNS, [status_dict(s) for s in statuses], wide=False)
 
 
 def prometheus_endpoint(flag: str | None) -> str:
-    if flag:
-        return flag
-    if os.environ.get("INFERMESH_PROMETHEUS"):
-        return os.environ["INFERMESH_PROMETHEUS"]
-    state = load_state(DEFAULT_STATE_DIR)
-    if state is not None and "prometheus" in state.endpoints:
-        return state.endpoints["prometheus"]
-    raise typer.BadParameter("no Prometheus: pass --prometheus or set INFERMESH_PROMETHEUS")
+    return service_endpoint("prometheus", flag)
 
 
 def slo(
     prometheus: str = typer.Option(None, "--prometheus",
                                    help="host:port [env INFERMESH_PROMETHEUS]"),
+    output: OutputFormat = OUTPUT,
 ) -> None:
-    """Print each model's SLIs, burn rate, error budget left and firing alerts."""
+    """Print each model's SLIs, burn rate, error budget left and firing alerts; exit 8 when
+    Prometheus cannot be reached."""
     endpoint = prometheus_endpoint(prometheus)
     try:
         statuses = slo_statuses(endpoint)
         others = mesh_alerts(endpoint)
     except PrometheusError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        fail("UNAVAILABLE", str(exc))
+    rows = [status_dict(s) for s in statuses]
+    if is_structured(output):
+        emit(output, {"slos": rows, "other_alerts": others}, [])
+        return
     if not statuses:
         typer.echo("no SLO data yet: no generation has been recorded", err=True)
     else:
-        typer.echo(format_table(statuses))
+        emit(output, rows, COLUMNS)
     typer.echo(f"\nother firing alerts: {', '.join(others) if others else 'none'}")

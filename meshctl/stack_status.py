@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pathlib
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import grpc
 import typer
@@ -14,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from deploy.local.state import StackInfo, load_state
 from deploy.local.supervisor import load_status
 from meshctl.config import DEFAULT_STATE_DIR
+from meshctl.exits import ExitCode, fail_local
+from meshctl.output import OUTPUT, Column, OutputFormat, emit
 from services.common.processes import pid_alive
 
 GRPC_HEALTH = ("gateway", "registry", "ratelimit", "scheduler", "scheduler-2", "auditor",
@@ -99,22 +101,30 @@ def gateway_routing(info: StackInfo) -> str:
            f"{int(values.get('infermesh_gateway_fallback_routes_total', 0))}"
 
 
+COLUMNS = [
+    Column("PROCESS", lambda p: p["name"]), Column("PID", lambda p: p["pid"], right=True),
+    Column("ALIVE", lambda p: "yes" if p["alive"] else "NO"),
+    Column("HEALTH", lambda p: p["health"]),
+    Column("RESTARTS", lambda p: p["restarts"], right=True),
+    Column("LAST EXIT", lambda p: "" if p["last_exit"] is None else p["last_exit"]),
+]
+
+
 def stack_status(
     state_dir: pathlib.Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir"),
+    output: OutputFormat = OUTPUT,
 ) -> None:
-    """Each process of the stack: pid, alive, health, restarts by the supervisor; gateway routing."""
+    """Each process of the stack: pid, alive, health, restarts by the supervisor; gateway
+    routing. Exit 5 when no stack is recorded, 1 when a process is down."""
     found = process_statuses(state_dir)
     if found is None:
-        typer.echo(f"no stack is recorded in {state_dir}", err=True)
-        raise typer.Exit(1)
+        fail_local(f"no stack is recorded in {state_dir}", ExitCode.NOT_FOUND)
     info, statuses = found
-    typer.echo(f"{'PROCESS':<12} {'PID':>8} {'ALIVE':<6} {'HEALTH':<12} {'RESTARTS':>8}  LAST EXIT")
-    for s in statuses:
-        restarts = "-" if s.restarts is None else str(s.restarts)
-        last_exit = "" if s.last_exit is None else str(s.last_exit)
-        typer.echo(f"{s.name:<12} {s.pid or '-':>8} {'yes' if s.alive else 'NO':<6} "
-                   f"{s.health:<12} {restarts:>8}  {last_exit}")
-    typer.echo(f"gateway routing: {gateway_routing(info)}")
+    processes = [asdict(s) for s in statuses]
+    routing = gateway_routing(info)
+    emit(output, {"processes": processes, "gateway_routing": routing,
+                  "gateway": info.gateway, "state_dir": str(state_dir)},
+         COLUMNS, rows=processes, after=f"gateway routing: {routing}")
     down = [s.name for s in statuses if not s.alive]
     if down:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.ERROR)

@@ -1,18 +1,21 @@
-"""`meshctl tenant …` and `meshctl key …`: tenants, plans and API keys (admin key required)."""
+"""`meshctl tenant …` and `meshctl key …`: tenants, plans and API keys (admin key required).
+Reads (`tenant show|list`, `key list`) take `-o table|wide|json|yaml`; changes print the tenant
+as JSON."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import json
-import re
+import enum
+from typing import Any
 
 import typer
-from google.protobuf import json_format
 
 from infermesh.v1 import tenants_pb2, tenants_pb2_grpc
+from meshctl.exits import fail_error
+from meshctl.output import OUTPUT, Column, OutputFormat, emit, message_dict, to_json
 from meshctl.rpc import TIMEOUT_S, call_gateway
+from meshctl.times import format_time, parse_time
 from services.common import errors, etcd
 from services.common.tenancy import ApiKey, Tenant, TenantStore
 
@@ -22,19 +25,30 @@ key_app = typer.Typer(help="API keys (shown once when issued; only a hash is sto
 
 GATEWAY = typer.Option(None, "--gateway", help="host:port [env INFERMESH_GATEWAY]")
 API_KEY = typer.Option(None, "--api-key", help="an admin key [env INFERMESH_API_KEY]")
-DURATION = re.compile(r"^(\d+)([smhdw])$")
-UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class Priority(enum.StrEnum):
+    premium = "premium"
+    standard = "standard"
+    free = "free"
+    batch = "batch"
+
+
+class Role(enum.StrEnum):
+    user = "user"
+    admin = "admin"
 
 
 def plan_update(
-    priority: str | None, rpm: int | None, input_tpm: int | None, output_tpm: int | None,
+    priority: Priority | str | None, rpm: int | None, input_tpm: int | None, output_tpm: int | None,
     max_concurrency: int | None, max_context: int | None, max_output: int | None,
     monthly_tokens: int | None, degraded_max_tokens: int | None,
     audit_text_hashes: bool | None = None, models: str | None = None,
     version_grants: str | None = None,
 ) -> tenants_pb2.PlanUpdate:
     values = {
-        "priority": priority, "requests_per_minute": rpm, "input_tokens_per_minute": input_tpm,
+        "priority": priority.value if isinstance(priority, Priority) else priority,
+        "requests_per_minute": rpm, "input_tokens_per_minute": input_tpm,
         "output_tokens_per_minute": output_tpm, "max_concurrency": max_concurrency,
         "max_context_tokens": max_context, "max_output_tokens": max_output,
         "monthly_token_budget": monthly_tokens, "degraded_max_tokens": degraded_max_tokens,
@@ -48,29 +62,41 @@ def plan_update(
 
 
 def show(message) -> None:
-    typer.echo(json.dumps(json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
-        indent=2))
+    """What a change left, as JSON (the tenant as `tenant show -o json` prints it)."""
+    typer.echo(to_json(message_dict(message)))
 
 
 def parse_expiry(text: str | None) -> float:
-    """`30d`, `12h`, … from now, or an ISO-8601 date/time (UTC unless it says otherwise)."""
+    """Unix seconds: `30d`, `12h`, … from now, or an ISO-8601 time (UTC unless it says so)."""
     if not text:
         return 0.0
-    match = DURATION.match(text)
-    now = datetime.datetime.now(datetime.UTC)
-    if match:
-        return now.timestamp() + int(match.group(1)) * UNIT_S[match.group(2)]
-    try:
-        when = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise typer.BadParameter("use a duration like 30d/12h or an ISO date") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return when.timestamp()
+    return parse_time(text, future=True).timestamp()
 
 
-PRIORITY = typer.Option(None, "--priority", help="premium | standard | free | batch")
+def _plan(field: str) -> Any:
+    return lambda tenant: tenant["plan"].get(field)
+
+
+TENANT_COLUMNS = [
+    Column("TENANT", lambda t: t["tenant_id"]),
+    Column("PRIORITY", _plan("priority")),
+    Column("RPM", _plan("requests_per_minute"), right=True),
+    Column("INPUT-TPM", _plan("input_tokens_per_minute"), right=True),
+    Column("OUTPUT-TPM", _plan("output_tokens_per_minute"), right=True),
+    Column("CONCURRENCY", _plan("max_concurrency"), right=True),
+    Column("BUDGET", _plan("monthly_token_budget"), right=True),
+    Column("USED", lambda t: t["tokens_used"], right=True),
+    Column("REVISION", lambda t: t["revision"], right=True),
+    Column("NAME", lambda t: t["name"], wide=True),
+    Column("MAX-CONTEXT", _plan("max_context_tokens"), wide=True, right=True),
+    Column("MAX-OUTPUT", _plan("max_output_tokens"), wide=True, right=True),
+    Column("DEGRADED-MAX", _plan("degraded_max_tokens"), wide=True, right=True),
+    Column("MODELS", lambda t: ",".join(t["plan"].get("models", [])) or "*", wide=True),
+    Column("MONTH", lambda t: t["month"], wide=True),
+]
+
+
+PRIORITY = typer.Option(None, "--priority", case_sensitive=False)
 RPM = typer.Option(None, "--rpm", help="requests per minute")
 INPUT_TPM = typer.Option(None, "--input-tpm", help="input tokens per minute")
 OUTPUT_TPM = typer.Option(None, "--output-tpm", help="output tokens per minute")
@@ -93,7 +119,7 @@ VERSION_GRANTS = typer.Option(
 @tenant_app.command("create")
 def tenant_create(
     tenant_id: str, name: str = typer.Option(None, "--name"),
-    priority: str = PRIORITY, rpm: int = RPM, input_tpm: int = INPUT_TPM,
+    priority: Priority = PRIORITY, rpm: int = RPM, input_tpm: int = INPUT_TPM,
     output_tpm: int = OUTPUT_TPM, max_concurrency: int = MAX_CONCURRENCY,
     max_context: int = MAX_CONTEXT, max_output: int = MAX_OUTPUT, monthly_tokens: int = MONTHLY,
     degraded_max_tokens: int = DEGRADED, audit_text_hashes: bool = TEXT_HASHES,
@@ -113,7 +139,7 @@ def tenant_create(
 @tenant_app.command("update")
 def tenant_update(
     tenant_id: str, name: str = typer.Option(None, "--name"),
-    priority: str = PRIORITY, rpm: int = RPM, input_tpm: int = INPUT_TPM,
+    priority: Priority = PRIORITY, rpm: int = RPM, input_tpm: int = INPUT_TPM,
     output_tpm: int = OUTPUT_TPM, max_concurrency: int = MAX_CONCURRENCY,
     max_context: int = MAX_CONTEXT, max_output: int = MAX_OUTPUT, monthly_tokens: int = MONTHLY,
     degraded_max_tokens: int = DEGRADED, audit_text_hashes: bool = TEXT_HASHES,
@@ -135,41 +161,42 @@ def tenant_update(
 
 
 @tenant_app.command("show")
-def tenant_show(tenant_id: str, gateway: str = GATEWAY, api_key: str = API_KEY) -> None:
+def tenant_show(tenant_id: str, output: OutputFormat = OUTPUT, gateway: str = GATEWAY,
+                api_key: str = API_KEY) -> None:
     """The plan, its revision and this month's usage."""
     request = tenants_pb2.GetTenantRequest(tenant_id=tenant_id)
-    show(call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
-                      .GetTenant(request, metadata=md, timeout=TIMEOUT_S)))
+    tenant = call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
+                          .GetTenant(request, metadata=md, timeout=TIMEOUT_S))
+    data = message_dict(tenant)
+    emit(output, data, TENANT_COLUMNS, rows=[data])
 
 
 @tenant_app.command("list")
-def tenant_list(gateway: str = GATEWAY, api_key: str = API_KEY) -> None:
+def tenant_list(output: OutputFormat = OUTPUT, gateway: str = GATEWAY,
+                api_key: str = API_KEY) -> None:
+    """Every tenant: its plan, this month's usage and revision."""
     reply = call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
                          .ListTenants(tenants_pb2.ListTenantsRequest(), metadata=md,
                                       timeout=TIMEOUT_S))
-    for tenant in reply.tenants:
-        plan = tenant.plan
-        typer.echo(f"{tenant.tenant_id:24} {plan.priority:9} rpm={plan.requests_per_minute} "
-                   f"input_tpm={plan.input_tokens_per_minute} "
-                   f"output_tpm={plan.output_tokens_per_minute} "
-                   f"concurrency={plan.max_concurrency} budget={plan.monthly_token_budget}")
+    emit(output, [message_dict(tenant) for tenant in reply.tenants], TENANT_COLUMNS)
 
 
 @key_app.command("issue")
 def key_issue(
-    tenant_id: str, role: str = typer.Option("user", "--role", help="user | admin"),
-    expires: str = typer.Option(None, "--expires", help="e.g. 30d, 12h, or 2027-01-31"),
+    tenant_id: str, role: Role = typer.Option(Role.user, "--role", case_sensitive=False),
+    expires: str = typer.Option(None, "--expires",
+                                help="A duration from now (30d, 12h) or an ISO time."),
     gateway: str = GATEWAY, api_key: str = API_KEY,
 ) -> None:
     """Print a new key once (only its hash is stored)."""
-    request = tenants_pb2.IssueKeyRequest(tenant_id=tenant_id, role=role,
+    request = tenants_pb2.IssueKeyRequest(tenant_id=tenant_id, role=role.value,
                                           expires_at=parse_expiry(expires))
     reply = call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
                          .IssueKey(request, metadata=md, timeout=TIMEOUT_S))
     typer.echo(reply.api_key)
     typer.echo(f"key_id={reply.key.key_id} tenant={reply.key.tenant_id} role={reply.key.role}"
-               + (f" expires_at={reply.key.expires_at:.0f}" if reply.key.expires_at else ""),
-               err=True)
+               + (f" expires_at={format_time(reply.key.expires_at)}"
+                  if reply.key.expires_at else ""), err=True)
 
 
 @key_app.command("revoke")
@@ -181,14 +208,19 @@ def key_revoke(key_id: str, gateway: str = GATEWAY, api_key: str = API_KEY) -> N
 
 
 @key_app.command("list")
-def key_list(tenant_id: str = typer.Argument(""), gateway: str = GATEWAY,
+def key_list(tenant_id: str = typer.Argument("", help="Only this tenant's keys."),
+             output: OutputFormat = OUTPUT, gateway: str = GATEWAY,
              api_key: str = API_KEY) -> None:
+    """Keys (never the keys themselves): id, tenant, role, when issued and when they expire."""
     request = tenants_pb2.ListKeysRequest(tenant_id=tenant_id)
     reply = call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
                          .ListKeys(request, metadata=md, timeout=TIMEOUT_S))
-    for key in reply.keys:
-        expires = f" expires_at={key.expires_at:.0f}" if key.expires_at else ""
-        typer.echo(f"{key.key_id} {key.tenant_id} {key.role}{expires}")
+    emit(output, [message_dict(key) for key in reply.keys], [
+        Column("KEY-ID", lambda k: k["key_id"]), Column("TENANT", lambda k: k["tenant_id"]),
+        Column("ROLE", lambda k: k["role"]),
+        Column("EXPIRES", lambda k: format_time(k["expires_at"]) if k["expires_at"] else "never"),
+        Column("CREATED", lambda k: format_time(k["created_at"]), wide=True),
+    ])
 
 
 @key_app.command("bootstrap")
@@ -210,7 +242,6 @@ def key_bootstrap(
     try:
         clear, key = asyncio.run(bootstrap())
     except errors.MeshError as exc:
-        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
-        raise typer.Exit(1) from None
+        fail_error(exc)
     typer.echo(clear)
     typer.echo(f"key_id={key.key_id} tenant={key.tenant_id} role=admin", err=True)
