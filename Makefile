@@ -52,7 +52,13 @@ run: install
 stop: install
 	$(VENV)/bin/meshctl stack down
 
-test: install
+# ruff (rules in pyproject.toml; no formatter) and the import contracts (docs/decisions.md: the lint
+# gate). `make test` runs it first, so a finding fails CI before any test starts.
+lint: install
+	$(VENV)/bin/ruff check --quiet .
+	$(VENV)/bin/lint-imports --no-cache
+
+test: install lint
 	$(PY) -m pip check
 	$(PY) -m pytest -q -ra
 

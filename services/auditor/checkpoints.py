@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from services.auditor import merkle
-from services.auditor.files import fsync_directory
 from services.common import etcd
+from services.common.files import fsync_directory
 
 NOTE_HEADER = "infermesh-audit-checkpoint/v1"
 CHECKPOINT_KEY = etcd.ROOT + "audit/checkpoint"

@@ -38,7 +38,6 @@ from typing import Any
 
 from services.auditor import merkle
 from services.auditor.checkpoints import BadCheckpoint, Checkpoint, Signer
-from services.auditor.files import append_durably, fsync_directory, write_all
 from services.auditor.records import (
     EVENT_ID_FIELD,
     GENESIS_HASH,
@@ -49,6 +48,7 @@ from services.auditor.records import (
     parse_line,
 )
 from services.common import errors
+from services.common.files import append_durably, fsync_directory, write_all
 from services.common.logs import get_logger
 
 log = get_logger(__name__)

@@ -113,6 +113,14 @@ def decode(raw: bytes) -> Any:
     return json.loads(raw)
 
 
+def parse_models_key(suffix: str, raw: bytes) -> dict[str, Any]:
+    """A `Keys.models` entry for a watch cache: versions and routing are kept; history stays in
+    etcd (read on demand), so it parses to an empty dict."""
+    if "/history/" in suffix:
+        return {}
+    return decode(raw)
+
+
 class WatchCache(Generic[T]):
     """A local, always-readable copy of one etcd prefix.
 

@@ -60,6 +60,17 @@ class TenantPlan:
         return cls(**fields)
 
 
+# Seconds of a per-minute rate one bucket holds: the ratelimit's buckets and the gateways' local
+# lease sizes both follow from it (services/ratelimit/limits.py says how far over a rate it lets
+# a tenant get).
+BURST_S = 10.0
+
+
+def bucket_capacity(per_minute: float) -> float:
+    """The size of the bucket that refills at `per_minute`."""
+    return max(1.0, per_minute * BURST_S / 60.0)
+
+
 ZERO_MEANS_NONE = ("monthly_token_budget", "degraded_max_tokens")
 LIST_FIELDS = ("models", "version_grants")
 MAX_LIST_ENTRIES = 256

@@ -59,9 +59,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from infermesh.v1 import auditor_pb2
 from services.auditor import client as auditor_client
 from services.auditor.events import bound_event
-from services.auditor.files import append_durably, fsync_directory
 from services.common import errors
 from services.common.discovery import ServiceDirectory
+from services.common.files import append_durably, fsync_directory
 from services.common.logs import get_logger
 
 log = get_logger(__name__)

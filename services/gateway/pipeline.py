@@ -30,6 +30,7 @@ from infermesh.v1 import auditor_pb2
 from services.auditor.client import new_event
 from services.common import errors
 from services.common.logs import get_logger
+from services.common.outcome import Outcome
 from services.common.prefix import prompt_block_hashes
 from services.gateway.admission import FairAdmission, priority_index
 from services.gateway.model_access import check_access
@@ -50,7 +51,6 @@ from services.gateway.validation import (
 )
 from services.registry.catalog import ModelCatalog
 from services.registry.manifest import ModelVersion
-from services.scheduler.outcome import Outcome
 
 log = get_logger(__name__)
 CANCEL_REPORT_TIMEOUT_S = 1.0

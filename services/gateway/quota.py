@@ -30,10 +30,9 @@ from services.common import errors, status
 from services.common.discovery import ServiceDirectory, rendezvous_owner
 from services.common.etcd import WatchCache
 from services.common.logs import get_logger
-from services.common.tenancy import Tenant, TenantPlan
+from services.common.tenancy import Tenant, TenantPlan, bucket_capacity
 from services.gateway.admission import SHED
 from services.gateway.peers import Grant
-from services.ratelimit.limits import bucket_capacity
 
 log = get_logger(__name__)
 DECISION_SECONDS = Histogram(

@@ -51,7 +51,6 @@ from services.gateway.validation import Limits, validate_request_id
 from services.registry.blob_cache import BlobCache
 from services.registry.catalog import ModelCatalog
 from services.registry.client import mesh_download
-from services.registry.store import parse_models_key
 
 STREAM_REFUSAL_DRAIN_S = 0.2
 FINISH_REASONS = {
@@ -481,7 +480,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         tokenizers.refresh(v for entry in catalog.models() for v in entry.versions.values())
 
     models: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
-        ctx.etcd, etcd.Keys.models, parse_models_key, on_change=models_changed
+        ctx.etcd, etcd.Keys.models, etcd.parse_models_key, on_change=models_changed
     )
     served = ServedModels(ctx.etcd)
     loads = LoadReports(ctx.etcd)  # for routing on its own when no scheduler answers

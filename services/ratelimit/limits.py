@@ -5,9 +5,10 @@ Gateways admit requests against the chunks they hold (no network call per reques
 here to top up, give back what they did not use, and report what was used. Pure logic with an
 injected clock: no network here.
 
-How far over its rate a tenant can get: a bucket holds BURST_S seconds of the per-minute rate, so
-any 60 s window admits at most (60 + BURST_S)/60 of the rate from the buckets, plus what gateways
-hold unused at the window's edges (each asks for `LEASE_FRACTION` of a burst at a time).
+How far over its rate a tenant can get: a bucket holds `tenancy.BURST_S` seconds of the
+per-minute rate, so any 60 s window admits at most (60 + BURST_S)/60 of the rate from the
+buckets, plus what gateways hold unused at the window's edges (each asks for `LEASE_FRACTION`
+of a burst at a time).
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from services.common.tenancy import TenantPlan
+from services.common.tenancy import TenantPlan, bucket_capacity
 
 REASONS = ("concurrency", "rpm", "input_tpm", "output_tpm", "budget", "too_large")
-BURST_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,6 @@ class TokenBucket:
         if capacity != self.capacity:
             self.tokens = self.tokens / self.capacity * capacity
             self.capacity, self.rate_per_s = capacity, per_minute / 60.0
-
-
-def bucket_capacity(per_minute: float) -> float:
-    return max(1.0, per_minute * BURST_S / 60.0)
 
 
 def _bucket(per_minute: int, now: float) -> TokenBucket:

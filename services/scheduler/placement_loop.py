@@ -33,7 +33,6 @@ from services.common.records import PlacementRecord
 from services.common.runtime import ServiceContext
 from services.common.tasks import cancel_and_wait
 from services.registry.catalog import ModelCatalog
-from services.registry.store import parse_models_key
 from services.scheduler.autoscale import Autoscaler, ScalePolicy, TokenRates
 from services.scheduler.demand import DemandMeter
 from services.scheduler.leader import LeaderElection
@@ -403,7 +402,7 @@ async def start_placement(
             changed = asyncio.Event()
             caches = [
                 etcd.WatchCache(ctx.etcd, etcd.Keys.replicas, _replica, on_change=changed.set),
-                etcd.WatchCache(ctx.etcd, etcd.Keys.models, parse_models_key,
+                etcd.WatchCache(ctx.etcd, etcd.Keys.models, etcd.parse_models_key,
                                 on_change=changed.set),
                 etcd.WatchCache(ctx.etcd, etcd.Keys.placements,
                                 lambda _suffix, raw: PlacementRecord.decode(etcd.decode(raw))),

@@ -18,7 +18,6 @@ from services.common.records import PlacementRecord
 from services.common.runtime import ServiceContext
 from services.common.settings import ServiceSettings
 from services.registry.manifest import served_model_name
-from services.registry.store import parse_models_key
 from services.scheduler import placement_loop
 from services.scheduler.leader import LeaderElection
 from services.scheduler.placement_loop import PlacementSettings, start_placement
@@ -213,7 +212,7 @@ async def test_the_placement_of_a_replica_gone_for_good_is_deleted(etcd_server: 
             await client.put(etcd.Keys.placement(rid).encode(),
                              etcd.encode(PlacementRecord(frozenset({"m"}), 1).encode()))
         caches = [etcd.WatchCache(client, etcd.Keys.replicas, placement_loop._replica),
-                  etcd.WatchCache(client, etcd.Keys.models, parse_models_key),
+                  etcd.WatchCache(client, etcd.Keys.models, etcd.parse_models_key),
                   etcd.WatchCache(client, etcd.Keys.placements,
                                   lambda _s, raw: PlacementRecord.decode(etcd.decode(raw))),
                   etcd.WatchCache(client, etcd.Keys.scheduler_demand_prefix,
