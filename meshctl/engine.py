@@ -15,6 +15,7 @@ to the measurements, its config.pbtxt parameters, and the raw samples.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import pathlib
 import statistics
 import time
@@ -102,7 +103,7 @@ async def _measure(
             await asyncio.sleep(0.05)
         results = [t.result() for t in tasks]
         # Inter-token gaps after the first token: each is one decode step at this batch size.
-        gaps = [b - a for _, _, times in results for a, b in zip(times, times[1:], strict=False)]
+        gaps = [b - a for _, _, times in results for a, b in itertools.pairwise(times)]
         decode.append((batch, statistics.median(gaps)))
     prompt_tokens = results[0][0]
     return {"prefill": prefill, "decode": decode, "most_used": most_used,

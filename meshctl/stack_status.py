@@ -40,8 +40,8 @@ def _grpc_health(endpoint: str) -> str:
                                                               timeout=TIMEOUT_S)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.RpcError as exc:
-        return "unreachable" if exc.code() in (grpc.StatusCode.UNAVAILABLE,
-                                               grpc.StatusCode.DEADLINE_EXCEEDED) else exc.code().name
+        unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return "unreachable" if exc.code() in unreachable else exc.code().name
 
 
 def _http_ok(url: str) -> str:
