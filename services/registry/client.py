@@ -183,7 +183,8 @@ class RegistryClient:
         async def messages() -> AsyncIterator[registry_pb2.UploadBlobRequest]:
             yield registry_pb2.UploadBlobRequest(header=registry_pb2.BlobHeader(
                 digest=local.digest, size=local.size, offset=offset))
-            with open(local.path, "rb") as handle:
+            handle = await asyncio.to_thread(open, local.path, "rb")
+            with handle:
                 handle.seek(offset)
                 while chunk := await asyncio.to_thread(handle.read, CHUNK):
                     yield registry_pb2.UploadBlobRequest(chunk=chunk)

@@ -35,7 +35,12 @@ from boto3.s3.transfer import TransferConfig
 
 from services.common import errors
 from services.registry.blobs import (
-    CHUNK, DIGEST, Collected, LocalBlobStore, check_offset, parse_digest,
+    CHUNK,
+    DIGEST,
+    Collected,
+    LocalBlobStore,
+    check_offset,
+    parse_digest,
 )
 
 MISSING = {"404", "NoSuchKey", "NotFound"}

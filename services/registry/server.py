@@ -32,7 +32,7 @@ from services.registry.catalog import ModelCatalog
 from services.registry.manifest import ModelVersion, parse_ref
 from services.registry.s3_blobs import S3BlobStore
 from services.registry.settings import RegistrySettings
-from services.registry.store import RegistryStore, parse_models_key
+from services.registry.store import RegistryStore
 from services.registry.uploads import BlobUploads
 
 UPLOAD_IDLE_TIMEOUT_S = 60.0
@@ -335,7 +335,8 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     assert isinstance(settings, RegistrySettings)
     catalog = ModelCatalog()
     models: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
-        ctx.etcd, etcd.Keys.models, parse_models_key, on_change=lambda: catalog.rebuild(models.items)
+        ctx.etcd, etcd.Keys.models, etcd.parse_models_key,
+        on_change=lambda: catalog.rebuild(models.items),
     )
     keys = etcd.WatchCache(ctx.etcd, etcd.Keys.apikeys, parse_key)
     tenants = etcd.WatchCache(ctx.etcd, etcd.Keys.tenants, parse_tenant)

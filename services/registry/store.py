@@ -49,13 +49,6 @@ AUDITED_DIGESTS = 100  # an audit event names at most this many deleted blobs (a
 log = get_logger(__name__)
 
 
-def parse_models_key(suffix: str, raw: bytes) -> dict[str, Any]:
-    """The watch caches keep versions and routing; history stays in etcd (read on demand)."""
-    if "/history/" in suffix:
-        return {}
-    return etcd.decode(raw)
-
-
 @contextlib.asynccontextmanager
 async def etcd_unavailable_as_error() -> AsyncIterator[None]:
     """etcd away or too slow → Unavailable (safe to retry: the writes are transactions)."""
