@@ -200,5 +200,5 @@ async def test_meshctl_slo_reports_the_demo_model(stack: StackInfo) -> None:
 
 def test_meshctl_slo_names_an_unreachable_prometheus() -> None:
     result = CliRunner().invoke(app, ["slo", "--prometheus", "127.0.0.1:1"])
-    assert result.exit_code == 1
+    assert result.exit_code == 8  # UNAVAILABLE (meshctl.exits)
     assert "127.0.0.1:1" in result.output

@@ -266,7 +266,7 @@ def test_meshctl_generate_over_the_sdk(stack: StackInfo):
     assert len(unary.stdout.split()) == 6  # the stream writes to the real stdout
     assert LAST_LINE.fullmatch(streamed.stderr.strip()).group(1, 2) == ("length", "6")
     assert LAST_LINE.fullmatch(cancelled.stderr.strip()).group(1, 2) == ("cancelled", "3")
-    assert refused.exit_code == 1
+    assert refused.exit_code == 3  # INVALID_ARGUMENT (meshctl.exits)
     assert refused.stderr.strip().splitlines()[-1] == (
         "error: INVALID_ARGUMENT: params.max_tokens: must be 1..1024, got 0")
 

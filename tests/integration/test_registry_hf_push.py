@@ -128,7 +128,7 @@ async def test_a_missing_shard_is_refused_before_anything_is_uploaded_or_registe
     index = {"weight_map": {"a": SHARDS[0], "b": SHARDS[1]}}
     directory = hf_dir(tmp_path / "model", weights=SHARDS[:1], index=index)
     code, out, err = await registry.meshctl(str(directory), "--name", name)
-    assert code == 1 and out == ""
+    assert code == 3 and out == ""  # INVALID_ARGUMENT (meshctl.exits)
     assert f"INVALID_ARGUMENT: {SHARDS[1]}: model.safetensors.index.json lists {SHARDS[1]}" in err
     assert registry.counter.calls == {}  # not one call: nothing uploaded, nothing registered
     assert blobs_in(registry.blob_dir) == []
@@ -142,6 +142,6 @@ async def test_an_unknown_architecture_is_refused_before_anything_is_uploaded(
         "architectures": ["FancyNetForCausalLM"], "model_type": "fancynet",
         "max_position_embeddings": 2048})
     code, out, err = await registry.meshctl(str(directory))
-    assert code == 1 and out == ""
+    assert code == 3 and out == ""  # INVALID_ARGUMENT (meshctl.exits)
     assert "INVALID_ARGUMENT: config.json:" in err and "FancyNetForCausalLM" in err
     assert registry.counter.calls == {} and blobs_in(registry.blob_dir) == []
