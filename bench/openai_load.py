@@ -96,7 +96,8 @@ def run_aiperf(executable: pathlib.Path, stack: StackInfo, state_dir: pathlib.Pa
             # A rate far above what 16 streams reach keeps the concurrency and stops aiperf's
             # timer from busy-spinning a core (ENVIRONMENT.md).
             "--request-rate", "1000", "--arrival-pattern", "constant",
-            "--warmup-request-count", str(warmup_requests),
+            # aiperf refuses a warm-up of 0 requests (the smoke's): then none is asked for.
+            *(["--warmup-request-count", str(warmup_requests)] if warmup_requests else []),
             "--custom-dataset-type", "single_turn", "--input-file", str(dataset),
             "--extra-inputs", f"max_tokens:{OUTPUT_TOKENS}", f"min_tokens:{OUTPUT_TOKENS}",
             "--use-server-token-count", "--random-seed", "42",
