@@ -195,6 +195,7 @@ class ResilientRouting:
         self.degraded_since: float | None = None
         self._fallback_routes = 0  # in this degraded spell
         self._next_try = 0.0
+        self._late_releases: set[asyncio.Future[None]] = set()
         FALLBACK_ACTIVE.set(0)
 
     @property
@@ -209,19 +210,42 @@ class ResilientRouting:
         if not self.degraded or now >= self._next_try:
             if self.degraded:
                 self._next_try = now + self._router.config.retry_s  # one route tries at a time
+            asked = asyncio.ensure_future(self._schedulers.route(
+                triton_model_name, version_id, request_id, hold_s, exclude,
+                prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens))
             try:
-                async with asyncio.timeout(self._router.config.budget_s):
-                    route = await self._schedulers.route(
-                        triton_model_name, version_id, request_id, hold_s, exclude,
-                        prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens)
-            except (SchedulersAway, TimeoutError) as exc:
-                self._start_fallback(exc)
+                done, _ = await asyncio.wait({asked}, timeout=self._router.config.budget_s)
+            except asyncio.CancelledError:
+                asked.add_done_callback(self._release_late)
+                asked.cancel()
+                raise
+            route = None
+            if not done:  # a grant arriving after the budget would hold a place: released
+                asked.add_done_callback(self._release_late)
+                self._start_fallback(TimeoutError(f"no scheduler within "
+                                                  f"{self._router.config.budget_s:g}s"))
             else:
+                try:
+                    route = asked.result()
+                except SchedulersAway as exc:
+                    self._start_fallback(exc)
+            if route is not None:
                 self._end_fallback()
                 self._held[route.reservation_id] = self._router.routed(
                     route.replica_id, self._clock(), chosen_here=False)
                 return route
         return self._route_alone(triton_model_name, exclude)
+
+    def _release_late(self, asked: asyncio.Future[Route]) -> None:
+        """A scheduler's grant that came after the route gave up on it: freed at once, so a
+        slow scheduler is not filled with reservations nobody uses."""
+        if asked.cancelled() or asked.exception() is not None:
+            return
+        release = asyncio.ensure_future(
+            self._schedulers.release_route(asked.result().reservation_id))
+        self._late_releases.add(release)
+        release.add_done_callback(self._late_releases.discard)
+        release.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     def _route_alone(self, triton_model_name: str, exclude: list[str]) -> Route:
         now = self._clock()

@@ -96,6 +96,7 @@ class FakeSchedulers:
     def __init__(self):
         self.answer: Exception | None = None
         self.hang = False
+        self.delay_s = 0.0
         self.calls = 0
         self.released: list[str] = []
 
@@ -104,6 +105,7 @@ class FakeSchedulers:
         self.calls += 1
         if self.hang:
             await asyncio.sleep(60)
+        await asyncio.sleep(self.delay_s)
         if self.answer is not None:
             raise self.answer
         return Route("a", "a:8001", f"sched-{self.calls}")
@@ -159,6 +161,17 @@ async def test_a_scheduler_that_does_not_answer_in_the_budget_is_away():
     schedulers.hang = True
     route = await resilient.route(MODEL, "v", "r1", 10.0, [])
     assert route.reservation_id.startswith(FALLBACK_PREFIX) and resilient.degraded
+
+
+async def test_a_grant_that_comes_after_the_budget_is_released_not_leaked():
+    schedulers, clock = FakeSchedulers(), Clock()
+    resilient, _ = routing(schedulers, clock, budget_s=0.05)
+    schedulers.delay_s = 0.2  # the scheduler is slow, not away: it grants after the budget
+    route = await resilient.route(MODEL, "v", "r1", 10.0, [])
+    assert route.reservation_id.startswith(FALLBACK_PREFIX)
+    async with asyncio.timeout(5):
+        while schedulers.released != ["sched-1"]:
+            await asyncio.sleep(0.01)
 
 
 async def test_a_schedulers_refusal_is_not_overridden():
