@@ -5,7 +5,13 @@
 3. the current context of the config file (`meshctl config use-context NAME`; `--context NAME`
    or `INFERMESH_CONTEXT` for one command): its endpoints, its `api-key-file`, and, for what it
    does not name, the embedded stack in its `state-dir`;
-4. the embedded stack in `INFERMESH_STATE_DIR` (default `./.infermesh`, what `make run` writes).
+4. the embedded stack in `INFERMESH_STATE_DIR` (default `./.infermesh`, what `make run` writes)
+   — only when no context is in use: a context never falls back to whatever stack the current
+   directory holds.
+
+A stored key (a context's key file, a stack's key) is used only with an endpoint from the same
+place: a key is never sent to an endpoint it was not stored with (a flag or the environment
+must then give the key too).
 
 The config file is YAML, kubectl-style, at `INFERMESH_CONFIG` or `<user config dir>/infermesh/
 config.yaml`; it holds key *file* paths, never keys.
@@ -98,32 +104,43 @@ def _stack_value(state: StackInfo | None, service: str) -> str | None:
 
 def resolve(service: str, explicit: str | None = None) -> str | None:
     """`service`'s value (an endpoint, or `api-key`) by the order in the module docstring."""
+    return _resolve(service, explicit)[0]
+
+
+def _resolve(service: str, explicit: str | None,
+             stored: tuple[str, ...] = ("context", "local")) -> tuple[str | None, str]:
+    """(value, where it came from: explicit | env | context | local | none). `stored`: which
+    stored places may answer (a key may come only from where its endpoint came from)."""
     if explicit:
-        return explicit
+        return explicit, "explicit"
     variable = "INFERMESH_" + service.upper().replace("-", "_")
     if os.environ.get(variable):
-        return os.environ[variable]
+        return os.environ[variable], "env"
     active = MeshConfig.load().active()
     if active is not None:
+        if "context" not in stored:
+            return None, "none"  # a chosen context never falls back to the local stack
         _, context = active
         if service == "api-key" and context.get("api-key-file"):
             key_file = pathlib.Path(context["api-key-file"]).expanduser()
             try:
-                return key_file.read_text().strip()
+                return key_file.read_text().strip(), "context"
             except OSError as exc:
                 raise typer.BadParameter(f"cannot read api-key-file {key_file}: {exc}") from None
         if context.get(service):
-            return context[service]
+            return context[service], "context"
         if context.get("state-dir"):
             state = load_state(pathlib.Path(context["state-dir"]).expanduser())
             found = state.api_key if service == "api-key" and state else _stack_value(state,
                                                                                       service)
-            if found:
-                return found
+            return found or None, "context"
+        return None, "none"  # a context that names no such value: never the local stack's
+    if "local" not in stored:
+        return None, "none"
     state = load_state(_state_dir())
     if service == "api-key":
-        return state.api_key if state else None
-    return _stack_value(state, service)
+        return (state.api_key if state else None), "local"
+    return _stack_value(state, service), "local"
 
 
 def service_endpoint(service: str, endpoint: str | None) -> str:
@@ -136,8 +153,8 @@ def service_endpoint(service: str, endpoint: str | None) -> str:
     return found
 
 
-def api_key(explicit: str | None) -> str:
-    found = resolve("api-key", explicit)
+def api_key(explicit: str | None, stored: tuple[str, ...] = ("context", "local")) -> str:
+    found, _ = _resolve("api-key", explicit, stored)
     if not found:
         raise typer.BadParameter("no API key: pass --api-key, set INFERMESH_API_KEY, or use a "
                                  "context with --api-key-file")
@@ -145,8 +162,14 @@ def api_key(explicit: str | None) -> str:
 
 
 def endpoint_and_key(service: str, endpoint: str | None, key: str | None) -> tuple[str, str]:
-    """`service`'s host:port and the API key, each by the order in the module docstring."""
-    return service_endpoint(service, endpoint), api_key(key)
+    """`service`'s host:port and the API key, each by the order in the module docstring — but
+    a stored key (a context's, the local stack's) only with an endpoint from the same place, so
+    a key is never sent to an endpoint it was not stored with."""
+    found, source = _resolve(service, endpoint)
+    if not found:
+        service_endpoint(service, None)  # raises the usage error naming the ways to give it
+    stored = (source,) if source in ("context", "local") else ()
+    return found, api_key(key, stored)
 
 
 def gateway_and_key(gateway: str | None, key: str | None) -> tuple[str, str]:

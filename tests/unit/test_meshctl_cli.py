@@ -62,12 +62,16 @@ def test_contexts_select_the_endpoints(home: pathlib.Path, monkeypatch) -> None:
     assert "k-prod" not in (home / "config.yaml").read_text()
     assert config.gateway_and_key(None, None) == ("prod:1", "k-prod")
     assert config.service_endpoint("registry", None) == "prodreg:1"
-    assert config.service_endpoint("scheduler", None) == "s:1"  # not named: the cwd stack
+    with pytest.raises(typer.BadParameter):  # not named: never the cwd stack's
+        config.service_endpoint("scheduler", None)
     assert runner.invoke(app, ["config", "use-context", "local"]).exit_code == 0
     assert config.gateway_and_key(None, None) == ("other:1", "k-other")
     assert config.service_endpoint("registry", None) == "other:1-registry"
-    monkeypatch.setenv("INFERMESH_GATEWAY", "env:1")  # the environment beats the context
-    assert config.gateway_and_key(None, None) == ("env:1", "k-other")
+    monkeypatch.setenv("INFERMESH_GATEWAY", "env:1")  # the environment beats the context...
+    with pytest.raises(typer.BadParameter):  # ...but the context's key is not sent to it
+        config.gateway_and_key(None, None)
+    monkeypatch.setenv("INFERMESH_API_KEY", "k-env")
+    assert config.gateway_and_key(None, None) == ("env:1", "k-env")
     assert config.gateway_and_key("flag:1", "k-flag") == ("flag:1", "k-flag")  # flags beat all
     current = runner.invoke(app, ["--context", "prod", "config", "current-context"])
     assert current.stdout.strip() == "prod"

@@ -71,3 +71,16 @@ def test_endpoint_resolution_order(tmp_path: pathlib.Path):
     assert resolve("https://tls:4", None, None, environ).tls is True
     with pytest.raises(ConfigurationError, match="INFERMESH_GATEWAY"):
         resolve(None, None, None, {"INFERMESH_STATE_DIR": str(tmp_path / "none")})
+
+
+def test_a_key_is_only_sent_to_the_gateway_it_came_with(tmp_path: pathlib.Path):
+    """A local stack's env file (maybe planted) and the user's own key never mix."""
+    env_file = tmp_path / "env"
+    env_file.write_text("export INFERMESH_GATEWAY=local:1\nexport INFERMESH_API_KEY=local-key\n")
+    environ = {"INFERMESH_ENV_FILE": str(env_file)}
+    assert resolve("prod:443", None, None, environ).api_key is None  # not the file's key
+    mine = dict(environ, INFERMESH_API_KEY="my-key")
+    assert resolve(None, None, None, mine) == resolve("local:1", "local-key", False, {})
+    assert resolve("prod:443", None, None, mine).api_key == "my-key"
+    assert resolve(None, None, None, dict(mine, INFERMESH_GATEWAY="prod:443")).api_key == \
+        "my-key"

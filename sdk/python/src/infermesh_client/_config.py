@@ -58,24 +58,20 @@ def resolve(
     environ: Optional[Mapping[str, str]] = None,
 ) -> Endpoint:
     environ = os.environ if environ is None else environ
-    from_file: Optional[dict[str, str]] = None
-
-    def setting(explicit: Optional[str], name: str) -> Optional[str]:
-        nonlocal from_file
-        if explicit:
-            return explicit
-        if environ.get(name):
-            return environ[name]
-        if from_file is None:
-            from_file = read_env_file(env_file_path(environ))
-        return from_file.get(name) or None
-
-    target = setting(target, "INFERMESH_GATEWAY")
-    if not target:
-        raise ConfigurationError(
-            "no gateway: pass target='host:port', set INFERMESH_GATEWAY, or point "
-            f"INFERMESH_ENV_FILE at a stack's env file (looked in {env_file_path(environ)})")
-    api_key = setting(api_key, "INFERMESH_API_KEY")
+    # The gateway and its key come from one source, so a key is never sent to a gateway it was
+    # not given with: an explicit or environment gateway never takes the env file's key, and
+    # the env file's gateway (a local stack's) never takes a key from the environment.
+    if target or environ.get("INFERMESH_GATEWAY"):
+        target = target or environ["INFERMESH_GATEWAY"]
+        api_key = api_key or environ.get("INFERMESH_API_KEY") or None
+    else:
+        from_file = read_env_file(env_file_path(environ))
+        target = from_file.get("INFERMESH_GATEWAY") or None
+        if not target:
+            raise ConfigurationError(
+                "no gateway: pass target='host:port', set INFERMESH_GATEWAY, or point "
+                f"INFERMESH_ENV_FILE at a stack's env file (looked in {env_file_path(environ)})")
+        api_key = api_key or from_file.get("INFERMESH_API_KEY") or None
     if target.startswith(("https://", "http://")):
         scheme, _, target = target.partition("://")
         tls = (scheme == "https") if tls is None else tls
