@@ -17,6 +17,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -225,6 +226,39 @@ class CheckpointWitness:
         PUBLISHED_SIZE.set(checkpoint.size)
 
 
+class _ReadSlot:
+    """A read's place among its tenant's: given back once the read has returned *and* every
+    scan it started in a read thread has ended."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, release: Callable[[], None]):
+        self._loop = loop
+        self._release = release
+        self._running = 0
+        self._closed = False
+        self._released = False
+
+    def track(self, work: concurrent.futures.Future[Any]) -> None:
+        self._running += 1
+        work.add_done_callback(lambda _work: self._loop.call_soon_threadsafe(self._ended))
+
+    def _ended(self) -> None:
+        self._running -= 1
+        self._maybe_release()
+
+    def close(self) -> None:
+        self._closed = True
+        self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        if self._closed and not self._running and not self._released:
+            self._released = True
+            self._release()
+
+
+_current_slot: contextvars.ContextVar[_ReadSlot | None] = contextvars.ContextVar(
+    "audit_read_slot", default=None)
+
+
 class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
     def __init__(
         self, audit_log: AuditLog, committer: GroupCommitter, authenticator: Authenticator,
@@ -238,27 +272,40 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         # Reads scan files: in their own threads, never queued with group commit's writes.
         self._reads = concurrent.futures.ThreadPoolExecutor(
             settings.read_workers, thread_name_prefix="audit-read")
-        self._reads_by_key: collections.Counter[str] = collections.Counter()
+        self._reads_by_tenant: collections.Counter[str] = collections.Counter()
         LAST_SEQUENCE.set(audit_log.head.sequence)
 
     async def _in_reads(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._reads, function, *args)
+        """`function` in a read thread. Inside a read slot, the slot is held until the thread
+        is done, even when the call gave up on it (a deadline cannot stop a running scan)."""
+        work = self._reads.submit(function, *args)
+        slot = _current_slot.get()
+        if slot is not None:
+            slot.track(work)
+        return await asyncio.wrap_future(work)
 
     @contextlib.contextmanager
     def _read_slot(self, principal: Principal):
-        """One of the key's `max_reads_per_key` concurrent reads, or RESOURCE_EXHAUSTED."""
-        key = principal.key_id
-        if self._reads_by_key[key] >= self._settings.max_reads_per_key:
+        """One of the tenant's `max_reads_per_tenant` concurrent reads, or RESOURCE_EXHAUSTED:
+        all of a tenant's keys share them, and a read counts until its scan has ended."""
+        tenant = principal.tenant_id
+        if self._reads_by_tenant[tenant] >= self._settings.max_reads_per_tenant:
             raise errors.ResourceExhausted(
-                f"key {key} already runs {self._settings.max_reads_per_key} audit reads; wait "
-                "for one to finish", retry_after_s=1.0, reason="audit_reads")
-        self._reads_by_key[key] += 1
+                f"tenant {tenant} already runs {self._settings.max_reads_per_tenant} audit "
+                "reads; wait for one to finish", retry_after_s=1.0, reason="audit_reads")
+        self._reads_by_tenant[tenant] += 1
+        slot = _ReadSlot(asyncio.get_running_loop(), lambda: self._release_read(tenant))
+        token = _current_slot.set(slot)
         try:
             yield
         finally:
-            self._reads_by_key[key] -= 1
-            if not self._reads_by_key[key]:
-                del self._reads_by_key[key]
+            _current_slot.reset(token)
+            slot.close()
+
+    def _release_read(self, tenant: str) -> None:
+        self._reads_by_tenant[tenant] -= 1
+        if not self._reads_by_tenant[tenant]:
+            del self._reads_by_tenant[tenant]
 
     def close_reads(self) -> None:
         self._reads.shutdown(wait=False, cancel_futures=True)

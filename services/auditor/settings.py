@@ -94,9 +94,11 @@ class AuditorSettings(ServiceSettings):
         description="Threads that scan the log for reads (Query, Verify, proofs): their own, "
         "so a burst of reads never delays group commit, which writes in the default pool.",
     )
-    max_reads_per_key: int = Field(
-        2, ge=1, validation_alias="INFERMESH_AUDITOR_MAX_READS_PER_KEY",
-        description="Reads one API key may run at once; more are refused (RESOURCE_EXHAUSTED).",
+    max_reads_per_tenant: int = Field(
+        2, ge=1, validation_alias="INFERMESH_AUDITOR_MAX_READS_PER_TENANT",
+        description="Reads one tenant's keys may run at once, counted until their scans end; "
+        "more are refused (RESOURCE_EXHAUSTED). Keep it below read_workers, so one tenant never "
+        "holds every read thread.",
     )
     query_timeout_s: float = Field(
         60.0, gt=0, validation_alias="INFERMESH_AUDITOR_QUERY_TIMEOUT_S",
