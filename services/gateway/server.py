@@ -125,6 +125,7 @@ def encode_final(finished: Finished) -> inference_pb2.Final:
         final.error.code = finished.error.code
         final.error.message = finished.error.message
         final.error.field = finished.error.field
+        final.error.reason = finished.error.reason
         if finished.error.retry_after_s is not None:
             final.error.retry_after.CopyFrom(_duration(finished.error.retry_after_s))
     return final

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.common.settings import BlobCacheSettings, ServiceSettings
 
@@ -33,6 +33,11 @@ class GatewaySettings(ServiceSettings, BlobCacheSettings):
         3600.0, gt=0, description="A GenerateStream's longest life: past it new generations are "
         "refused (UNAVAILABLE, reason stream_max_age: open a new stream) and the stream ends "
         "once those in flight finish.")
+    max_connection_age_grace_s: float = Field(
+        4260.0, ge=0, description="How long calls open at a connection's GOAWAY may still run: "
+        "at least max_stream_age_s + max_timeout_s, so a GenerateStream opened just before its "
+        "connection's age ran out retires on its own (its last generation ends) and is never "
+        "cut mid-generation.")
     max_body_bytes: int = Field(
         4 << 20, gt=0, description="Largest OpenAI HTTP request body; larger ones get 413 "
         "before they are read whole (the field limits fit well inside the default).")
@@ -67,3 +72,13 @@ class GatewaySettings(ServiceSettings, BlobCacheSettings):
     quota_fail_open: bool = Field(
         True, description="With no ratelimit replica reachable: admit (counted) or refuse."
     )
+
+    @model_validator(mode="after")
+    def _streams_fit_their_connections(self) -> GatewaySettings:
+        least = self.max_stream_age_s + self.max_timeout_s
+        if self.max_connection_age_grace_s < least:
+            raise ValueError(
+                f"max_connection_age_grace_s ({self.max_connection_age_grace_s:g}) must be >= "
+                f"max_stream_age_s + max_timeout_s ({least:g}): a stream would be cut "
+                "mid-generation")
+        return self

@@ -3,6 +3,7 @@ endpoint resolution. No network."""
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 
 import infermesh_client
@@ -84,3 +85,54 @@ def test_a_key_is_only_sent_to_the_gateway_it_came_with(tmp_path: pathlib.Path):
     assert resolve("prod:443", None, None, mine).api_key == "my-key"
     assert resolve(None, None, None, dict(mine, INFERMESH_GATEWAY="prod:443")).api_key == \
         "my-key"
+
+
+async def test_a_retired_call_keeps_its_generations_and_new_ones_start_on_a_new_call():
+    """Past the gateway's stream age a call takes no more Starts: the next start opens a new
+    call, the old one is half-closed once its last generation has finished."""
+    from infermesh_client import _proto
+    from infermesh_client._multiplex import StreamMultiplexer
+
+    class FakeCall:
+        def __init__(self, outgoing):
+            self.sent, self.half_closed = [], asyncio.Event()
+            self.incoming: asyncio.Queue = asyncio.Queue()
+            self.pump = asyncio.ensure_future(self._pump(outgoing))
+
+        async def _pump(self, outgoing):
+            async for frame in outgoing:
+                self.sent.append(frame)
+            self.half_closed.set()
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            frame = await self.incoming.get()
+            if frame is None:
+                raise StopAsyncIteration
+            return frame
+
+        def cancel(self):
+            self.incoming.put_nowait(None)
+
+    calls: list[FakeCall] = []
+
+    def open_call(outgoing):
+        calls.append(FakeCall(outgoing))
+        return calls[-1]
+
+    streams = StreamMultiplexer(open_call)
+    first = streams.start(_proto.GenerateRequest(request_id="old"))
+    streams.retire()
+    streams.start(_proto.GenerateRequest(request_id="new"))
+    assert len(calls) == 2 and not calls[0].half_closed.is_set()
+    final = _proto.ServerFrame()
+    final.final.request_id = "old"
+    calls[0].incoming.put_nowait(final)
+    assert (await first.get()).final.request_id == "old"  # the old call still serves its own
+    streams.finished("old")
+    async with asyncio.timeout(5):
+        await calls[0].half_closed.wait()  # ...and ends once it has none left
+    assert [f.start.request_id for f in calls[1].sent] == ["new"]
+    await streams.close()

@@ -39,6 +39,7 @@ _METHOD = f"/{_proto.INFERENCE_SERVICE}/"
 # How long past a streamed generation's deadline the client waits for the gateway's own Final
 # (finish_reason deadline) before it cancels the generation and raises by itself.
 DEADLINE_GRACE_S = 1.0
+STREAM_MAX_AGE = "stream_max_age"  # the gateway's reason for refusing a Start on an old call
 # Short admin reads (models) when the caller gives no timeout.
 DEFAULT_READ_TIMEOUT_S = 10.0
 
@@ -290,6 +291,8 @@ class AsyncGenerationStream:
             self.result = generation
             return Delta("", generation)
         error = error_from_final(final, generation)
+        if error.reason == STREAM_MAX_AGE:  # this call takes no more Starts: a new one will
+            self._client._multiplexer().retire()
         if not self._pieces:  # nothing was sent yet: a refusal, maybe worth retrying
             delay = self._retry.delay(error, self._attempt, self._waited,
                                       self._deadline.remaining())

@@ -151,7 +151,7 @@ def from_final(final: Any, generation: Generation) -> InfermeshError:
     code = error.code or ("DEADLINE_EXCEEDED" if generation.finish_reason == "deadline"
                           else "UNKNOWN")
     return error_for(code, error.message, request_id=final.request_id, field=error.field,
-                     retry_after=retry_after, generation=generation)
+                     reason=error.reason, retry_after=retry_after, generation=generation)
 
 
 def duration_seconds(duration: Any) -> float:

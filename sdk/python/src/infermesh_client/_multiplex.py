@@ -2,7 +2,9 @@
 
 Start and Cancel frames go out on the one call; frames coming back are routed by request id to
 each generation's queue. When the call ends (the gateway restarts, the key is refused) every
-generation on it gets the error, and the next `start()` opens a new call.
+generation on it gets the error, and the next `start()` opens a new call. A call the gateway
+retires (past its maximum age it takes no more Starts) keeps serving the generations it has,
+new ones start on a new call, and it is closed once its last generation has finished.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class StreamMultiplexer:
     def __init__(self, open_call: OpenCall):
         self._open_call = open_call
         self._current: Optional[_Call] = None
+        self._retiring: list[_Call] = []  # retired calls still running generations
         self.calls_opened = 0  # GenerateStream calls made so far (one while nothing breaks)
 
     def start(self, request: Any) -> asyncio.Queue[Routed]:
@@ -77,11 +80,30 @@ class StreamMultiplexer:
         current.outbox.put_nowait(_proto.ClientFrame(start=request))
         return queue
 
+    def retire(self) -> None:
+        """The gateway takes no more Starts on the current call (its maximum age): the next
+        `start()` opens a new one; this one ends once its generations have finished."""
+        if self._current is not None:
+            self._retiring.append(self._current)
+            self._current = None
+            self._close_idle()
+
+    def _close_idle(self) -> None:
+        for call in [c for c in self._retiring if not c.routes or c.reader.done()]:
+            self._retiring.remove(call)
+            call.outbox.put_nowait(None)  # half-close: the gateway ends the call
+
+    def _call_of(self, request_id: str) -> Optional[_Call]:
+        for call in (self._current, *self._retiring):
+            if call is not None and request_id in call.routes:
+                return call
+        return None
+
     def cancel(self, request_id: str, *, forget: bool) -> None:
         """Sends Cancel for a running generation. `forget`: stop routing its frames (the
         caller is gone); otherwise its Final (finish_reason cancelled) still arrives."""
-        current = self._current
-        if current is None or request_id not in current.routes or current.reader.done():
+        current = self._call_of(request_id)
+        if current is None or current.reader.done():
             return
         if forget:
             del current.routes[request_id]
@@ -89,15 +111,17 @@ class StreamMultiplexer:
 
     def finished(self, request_id: str) -> None:
         """The generation's Final arrived: stop routing its id."""
-        if self._current is not None:
-            self._current.routes.pop(request_id, None)
+        call = self._call_of(request_id)
+        if call is not None:
+            call.routes.pop(request_id, None)
+            self._close_idle()
 
     async def close(self) -> None:
-        """Ends the call: running generations are cancelled by the gateway (a disconnect)."""
-        current, self._current = self._current, None
-        if current is None:
-            return
-        current.outbox.put_nowait(None)
-        current.call.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await current.reader
+        """Ends the calls: running generations are cancelled by the gateway (a disconnect)."""
+        calls = [c for c in (self._current, *self._retiring) if c is not None]
+        self._current, self._retiring = None, []
+        for call in calls:
+            call.outbox.put_nowait(None)
+            call.call.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await call.reader
