@@ -56,7 +56,7 @@ SMOKE: Mapping[str, Mapping[str, Any]] = {
     "quota_accuracy": {"gateways": 2, "workers": 2, "warmup_s": 0.5, "window_s": 1.0},
     "rollback": {"rounds": 1, "cli_rounds": 1},
     "audit": {"levels": (1, 8), "duration_s": 0.3, "warmup_s": 0.2},
-    "openai_load": {"requests": 16, "warmup_requests": 0, "install": False},
+    "openai_load": {"requests": 16, "warmup_requests": 0, "aiperf": False},
     "failover": {"requests": 5, "window_s": 3.0, "concurrency": 2},
     # A few MB on the reference engine instead of the real model's ~540 MB (bench/versions.py).
     "versions": {"engine": "reference", "rounds": 1},

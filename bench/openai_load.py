@@ -8,7 +8,7 @@ The two clients differ (aiperf runs its own worker processes; ours is one asynci
 with two workers' worth of streams), which `docs/benchmarks.md` discusses.
 
 `aiperf` pulls 1.2 GB of its own pins (ENVIRONMENT.md), so it lives in its own virtual
-environment, `.venv-aiperf`, made on first use from `AIPERF` (the smoke run never installs it);
+environment, `.venv-aiperf`, made on first use from `AIPERF` (the smoke run never uses it);
 when it cannot be had the HTTP figures are left out and the reason printed, and the gRPC half
 and the rest of `make bench` still run.
 """
@@ -53,14 +53,11 @@ def prompts() -> list[str]:
             for i in range(PROMPTS)]
 
 
-def ensure_aiperf(install: bool = True) -> pathlib.Path | str:
-    """The aiperf executable, installing it into its own venv the first time (when `install`);
-    else why not."""
+def ensure_aiperf() -> pathlib.Path | str:
+    """The aiperf executable, installing it into its own venv the first time; else why not."""
     executable = AIPERF_VENV / "bin" / "aiperf"
     if executable.exists():
         return executable
-    if not install:
-        return f"{AIPERF} is not installed in {AIPERF_VENV} (this run does not install it)"
     print(f"installing {AIPERF} into {AIPERF_VENV} (once; ~1.2 GB)", flush=True)
     try:
         subprocess.run(["/usr/bin/python3", "-m", "venv", str(AIPERF_VENV)], check=True,
@@ -147,10 +144,11 @@ async def run_grpc(stack: StackInfo, texts: list[str], requests: int, warmup_req
 
 
 def run(stack: StackInfo, state_dir: pathlib.Path, requests: int = REQUESTS,
-        warmup_requests: int = WARMUP_REQUESTS, install: bool = True) -> dict[str, float]:
-    """aiperf over HTTP (when it can be had; `install`: may install it), then gRPC."""
+        warmup_requests: int = WARMUP_REQUESTS, aiperf: bool = True) -> dict[str, float]:
+    """aiperf over HTTP (when `aiperf` and it can be had), then gRPC. The smoke runs without
+    it: it checks our code, and aiperf is a 1.2 GB tool of its own."""
     texts = prompts()
-    executable = ensure_aiperf(install)
+    executable = ensure_aiperf() if aiperf else "this run does not use aiperf"
     http = None
     if isinstance(executable, str):
         print(f"openai load: aiperf skipped: {executable}", file=sys.stderr, flush=True)
