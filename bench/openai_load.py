@@ -101,7 +101,10 @@ def run_aiperf(executable: pathlib.Path, stack: StackInfo, state_dir: pathlib.Pa
             "--ui", "none", "--no-gpu-telemetry", "--no-server-metrics",
             "--artifact-dir", str(artifacts),
         ]
-        env = {**os.environ, "TMPDIR": scratch}
+        # Not HF_HUB_OFFLINE (the torch engine's bench sets it in this process): offline,
+        # aiperf takes a tokenizer *path* for a Hub repo id and refuses it.
+        env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"},
+               "TMPDIR": scratch}
         result = subprocess.run(command, capture_output=True, text=True, env=env,
                                 timeout=RUN_TIMEOUT_S, check=False)
         summary_path = artifacts / "profile_export_aiperf.json"
