@@ -85,7 +85,11 @@ class AutoRollback:
         self._gateways: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
             client, etcd.Keys.services + "gateway/", _parse_service)
         self._replicas: etcd.WatchCache[ReplicaRecord] = etcd.WatchCache(
-            client, etcd.Keys.replicas, lambda _suffix, raw: ReplicaRecord.decode(etcd.decode(raw)))
+            client, etcd.Keys.replicas, lambda _suffix, raw: ReplicaRecord.decode(etcd.decode(raw)),
+            on_change=self._note_load_failures)
+        # Triton model → why it last failed to load: a replica reports a failed load only until
+        # placement moves the model away (seconds), so it is remembered between judgements.
+        self._load_failures: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -115,6 +119,10 @@ class AutoRollback:
         """One round: scrape, judge every canary, clear the ones that breach. Returns the
         models whose canary this round cleared."""
         canaries = [e for e in self._catalog.models() if e.routing.canary]
+        canary_models = {e.versions[e.routing.canary].triton_model_name for e in canaries
+                         if e.routing.canary in e.versions}
+        self._load_failures = {m: why for m, why in self._load_failures.items()
+                               if m in canary_models}
         if not canaries:
             self._window = SlidingWindow(self._policy.window_s)  # the next canary starts afresh
             return []
@@ -135,7 +143,7 @@ class AutoRollback:
                     self._policy, objective, prices(canary), prices(production),
                 )
             else:  # loading (judged once it serves), or unable to load
-                reason = unloadable(canary.triton_model_name, replicas)
+                reason = self._load_failures.get(canary.triton_model_name)
             if reason is None:
                 continue
             try:
@@ -150,6 +158,15 @@ class AutoRollback:
                         reason=reason)
             cleared.append(entry.name)
         return cleared
+
+    def _note_load_failures(self) -> None:
+        records = list(self._replicas.items.values())
+        for record in records:
+            for model in record.placement_errors:
+                if not any(model in other.models for other in records):
+                    self._load_failures[model] = unloadable(model, records) or ""
+            for model in record.models:  # it loads somewhere now: judged by its traffic
+                self._load_failures.pop(model, None)
 
     async def _scrape(self) -> None:
         targets = {suffix: record["metrics"] for suffix, record in self._gateways.items.items()

@@ -165,15 +165,19 @@ async def test_over_quota_is_a_rate_limit_error_with_retry_after(stack: StackInf
     assert int(limited.value.response.headers["retry-after"]) >= 1
 
 
-async def wait_engine_cancellations(stack: StackInfo, count: float) -> str:
-    """The engine's metrics once it has recorded `count` cancelled requests."""
+async def wait_engine_cancellations(stack: StackInfo, count: float) -> None:
+    """Until the engine has recorded `count` cancelled requests and runs none (the counter and
+    the gauge are published apart: both are waited for)."""
     deadline = time.monotonic() + 10
     while True:
         text = engine_metrics(stack)
         if metric(text, "infermesh_engine_requests_total", outcome="cancelled",
-                  **reference(stack)) == count:
-            return text
-        assert time.monotonic() < deadline, "the engine never recorded the cancellation"
+                  **reference(stack)) == count and metric(
+                text, "nv_trt_llm_request_metrics", request_type="active",
+                **reference(stack)) == 0:
+            return
+        assert time.monotonic() < deadline, f"the engine never recorded the cancellation " \
+            f"and went idle:\n{text}"
         await asyncio.sleep(0.1)
 
 
@@ -185,9 +189,7 @@ async def test_a_unary_client_that_gives_up_cancels_on_the_engine(stack: StackIn
     with pytest.raises(openai.APITimeoutError):
         await impatient.completions.create(model=stack.reference_model, prompt="a long story",
                                            max_tokens=1000, extra_body={"min_tokens": 1000})
-    text = await wait_engine_cancellations(stack, cancelled_before + 1)
-    assert metric(text, "nv_trt_llm_request_metrics", request_type="active",
-                  **reference(stack)) == 0
+    await wait_engine_cancellations(stack, cancelled_before + 1)  # and the engine is idle
 
 
 async def test_closing_a_stream_early_cancels_on_the_engine(stack: StackInfo):
@@ -203,9 +205,7 @@ async def test_closing_a_stream_early_cancels_on_the_engine(stack: StackInfo):
         if seen == 3:
             break
     await stream.close()
-    text = await wait_engine_cancellations(stack, cancelled_before + 1)
-    assert metric(text, "nv_trt_llm_request_metrics", request_type="active",
-                  **reference(stack)) == 0
+    await wait_engine_cancellations(stack, cancelled_before + 1)  # and the engine is idle
     gateway = f"http://{stack.metrics['gateway']}/metrics"
     with urllib.request.urlopen(gateway, timeout=5) as response:
         assert metric(response.read().decode(), "infermesh_gateway_http_disconnects_total",
