@@ -7,22 +7,17 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import uuid
 
 import grpc
 import pytest
-from grpc_health.v1._async import HealthServicer
 from pydantic import SecretStr
 
 from infermesh.v1 import registry_pb2, registry_pb2_grpc
-from services.common import errors, etcd
+from services.common import errors
 from services.common.discovery import mesh_token_interceptors
-from services.common.runtime import ServiceContext
-from services.common.tenancy import Tenant, TenantStore
 from services.registry.blob_cache import BlobCache
 from services.registry.client import LocalFile, RegistryClient
-from services.registry.server import setup
-from services.registry.settings import RegistrySettings
+from tests.integration.registries import in_process_registry
 
 pytestmark = pytest.mark.integration
 
@@ -51,34 +46,17 @@ class Registry:
 @pytest.fixture
 async def registry(etcd_server, tmp_path: pathlib.Path):
     """A registry with a mesh token, holding DATA (uploaded with an admin key)."""
-    client = etcd.connect(etcd_server.endpoint, 5.0)
-    tenant = f"t-{uuid.uuid4().hex[:8]}"
-    tenants = TenantStore(client)
-    await tenants.put_tenant(Tenant(tenant, "blob download test"))
-    admin_key, _ = await tenants.issue_key(tenant, role="admin")
-    user_key, _ = await tenants.issue_key(tenant, role="user")
-    server = grpc.aio.server()
-    settings = RegistrySettings(etcd_endpoint=etcd_server.endpoint, blob_dir=tmp_path / "blobs",
-                                instance_id="registry-download-test",
-                                mesh_token=SecretStr(MESH_TOKEN))
-    parts = await setup(ServiceContext(settings, server, client, HealthServicer()))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     source = tmp_path / "model.gguf"
     source.write_bytes(DATA)
-    try:
-        endpoint = f"127.0.0.1:{port}"
-        async with RegistryClient(endpoint, admin_key) as admin:
+    async with in_process_registry(etcd_server.endpoint, tmp_path / "blobs",
+                                   mesh_token=SecretStr(MESH_TOKEN)) as served:
+        async with RegistryClient(served.endpoint, served.admin_key) as admin:
             assert (await admin.upload(LocalFile(source, DIGEST, len(DATA)),
                                        lambda _: None)).complete
-        running = Registry(endpoint, admin_key, user_key, tmp_path / "blobs")
+        running = Registry(served.endpoint, served.admin_key, served.user_key, tmp_path / "blobs")
         yield running
         for channel in running.channels:
             await channel.close()
-    finally:
-        await server.stop(1)
-        await parts.cleanup()
-        await client.close()
 
 
 async def read(client: RegistryClient, digest: str = DIGEST, offset: int = 0) -> bytes:

@@ -15,16 +15,12 @@ import uuid
 import grpc
 import pytest
 from google.protobuf import json_format
-from grpc_health.v1._async import HealthServicer
 
 from infermesh.v1 import registry_pb2, registry_pb2_grpc
-from services.common import errors, etcd
-from services.common.runtime import ServiceContext
-from services.common.tenancy import Tenant, TenantStore
+from services.common import errors
 from services.registry.blobs import LocalBlobStore, file_digest
 from services.registry.client import LocalFile, RegistryClient, load_push_source
-from services.registry.server import setup
-from services.registry.settings import RegistrySettings
+from tests.integration.registries import in_process_registry
 
 pytestmark = pytest.mark.integration
 
@@ -56,24 +52,8 @@ class Registry:
 
 @pytest.fixture
 async def registry(etcd_server, tmp_path: pathlib.Path):
-    client = etcd.connect(etcd_server.endpoint, 5.0)
-    tenant = f"t-{uuid.uuid4().hex[:8]}"
-    tenants = TenantStore(client)
-    await tenants.put_tenant(Tenant(tenant, "registry test"))
-    admin_key, _ = await tenants.issue_key(tenant, role="admin")
-    user_key, _ = await tenants.issue_key(tenant, role="user")
-    server = grpc.aio.server()
-    settings = RegistrySettings(etcd_endpoint=etcd_server.endpoint, blob_dir=tmp_path / "blobs",
-                                instance_id="registry-test")
-    parts = await setup(ServiceContext(settings, server, client, HealthServicer()))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield Registry(f"127.0.0.1:{port}", admin_key, user_key)
-    finally:
-        await server.stop(1)
-        await parts.cleanup()
-        await client.close()
+    async with in_process_registry(etcd_server.endpoint, tmp_path / "blobs") as running:
+        yield Registry(running.endpoint, running.admin_key, running.user_key)
 
 
 def write_model(directory: pathlib.Path, name: str, description: str) -> dict:
