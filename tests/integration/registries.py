@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import pathlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +28,10 @@ class RunningRegistry:
 
 
 @contextlib.asynccontextmanager
-async def in_process_registry(etcd_endpoint: str, blob_dir: pathlib.Path,
-                              **settings: Any) -> AsyncIterator[RunningRegistry]:
+async def in_process_registry(
+    etcd_endpoint: str, blob_dir: pathlib.Path,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (), **settings: Any,
+) -> AsyncIterator[RunningRegistry]:
     """`settings`: more RegistrySettings fields (e.g. a mesh token)."""
     client = etcd.connect(etcd_endpoint, 5.0)
     tenants = TenantStore(client)
@@ -37,7 +39,7 @@ async def in_process_registry(etcd_endpoint: str, blob_dir: pathlib.Path,
     await tenants.put_tenant(Tenant(tenant, "registry test"))
     admin_key, _ = await tenants.issue_key(tenant, role="admin")
     user_key, _ = await tenants.issue_key(tenant, role="user")
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=list(interceptors))
     parts = await setup(ServiceContext(
         RegistrySettings(etcd_endpoint=etcd_endpoint, blob_dir=blob_dir,
                          instance_id=f"registry-test-{tenant}", **settings),

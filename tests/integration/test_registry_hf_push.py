@@ -15,14 +15,9 @@ import uuid
 
 import grpc
 import pytest
-from grpc_health.v1._async import HealthServicer
 
-from services.common import etcd
-from services.common.runtime import ServiceContext
-from services.common.tenancy import Tenant, TenantStore
 from services.registry.client import RegistryClient, load_push_source
-from services.registry.server import setup
-from services.registry.settings import RegistrySettings
+from tests.integration.registries import in_process_registry
 from tests.unit.test_registry_hf_source import hf_dir
 
 pytestmark = pytest.mark.integration
@@ -64,25 +59,10 @@ class Registry:
 
 @pytest.fixture
 async def registry(etcd_server, tmp_path: pathlib.Path):
-    client = etcd.connect(etcd_server.endpoint, 5.0)
-    tenants = TenantStore(client)
-    tenant = f"t-{uuid.uuid4().hex[:8]}"
-    await tenants.put_tenant(Tenant(tenant, "hf push test"))
-    admin_key, _ = await tenants.issue_key(tenant, role="admin")
     counter = CallCounter()
-    server = grpc.aio.server(interceptors=[counter])
-    blob_dir = tmp_path / "blobs"
-    settings = RegistrySettings(etcd_endpoint=etcd_server.endpoint, blob_dir=blob_dir,
-                                instance_id="registry-hf-test")
-    parts = await setup(ServiceContext(settings, server, client, HealthServicer()))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield Registry(f"127.0.0.1:{port}", admin_key, counter, blob_dir)
-    finally:
-        await server.stop(1)
-        await parts.cleanup()
-        await client.close()
+    async with in_process_registry(etcd_server.endpoint, tmp_path / "blobs",
+                                   interceptors=[counter]) as running:
+        yield Registry(running.endpoint, running.admin_key, counter, tmp_path / "blobs")
 
 
 def blobs_in(directory: pathlib.Path) -> list[pathlib.Path]:
