@@ -56,6 +56,7 @@ __all__ = [
     "converted_copy",
     "default_model_dir",
     "fetch_default_weights",
+    "files_key",
     "hf_weight_shards",
     "materialize_files",
     "materialize_weights",
@@ -282,10 +283,10 @@ def materialize_files(
 def materialized_dir(files: Sequence[dict[str, Any]], root: pathlib.Path) -> pathlib.Path:
     """Where `materialize_files` keeps `files` under `root` (present or not): to find or
     remove a copy nothing needs any more."""
-    return root / "files" / _files_key(files)
+    return root / "files" / files_key(files)
 
 
-def _files_key(files: Sequence[dict[str, Any]]) -> str:
+def files_key(files: Sequence[dict[str, Any]]) -> str:
     """A stable key for a set of pinned files: their names and digests, hashed."""
     listing = "\n".join(sorted(f"{ref['name']} {ref['digest']}" for ref in files))
     return hashlib.sha256(listing.encode()).hexdigest()

@@ -30,7 +30,7 @@ import jinja2.sandbox
 from prometheus_client import Counter
 from tokenizers import Tokenizer
 
-from backends.triton.weights import materialize_files
+from backends.triton.weights import files_key, materialize_files
 from services.common import errors
 from services.common.logs import get_logger
 from services.gateway.requests import ChatTurn
@@ -111,11 +111,6 @@ class HuggingFaceTokenizer:
             raise errors.InvalidArgument("messages", str(exc)) from exc
 
 
-def _files_key(version: ModelVersion) -> str:
-    return "\n".join(sorted(f"{f['name']} {f['digest']}"
-                            for f in version.manifest.get("tokenizer_files", [])))
-
-
 class TokenizerStore:
     """Every known version's tokenizer, loaded in the background and shared by equal files."""
 
@@ -133,7 +128,7 @@ class TokenizerStore:
             return self._whitespace
         if version.tokenizer != "huggingface":
             raise errors.Internal(f"the model's tokenizer {version.tokenizer!r} is unknown")
-        key = _files_key(version)
+        key = files_key(version.tokenizer_files)
         tokenizer = self._loaded.get(key)
         if tokenizer is not None:
             return tokenizer
@@ -155,7 +150,7 @@ class TokenizerStore:
         for version in versions:
             if version.tokenizer != "huggingface":
                 continue
-            key = _files_key(version)
+            key = files_key(version.tokenizer_files)
             if key in self._loaded or key in self._failed or key in self._loading:
                 continue
             task = asyncio.get_running_loop().create_task(
