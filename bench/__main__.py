@@ -24,6 +24,7 @@ from typing import Any
 from bench import (
     audit,
     failover,
+    gateway_throughput,
     noisy_neighbor,
     openai_load,
     quota_accuracy,
@@ -48,10 +49,11 @@ SMOKE_ENV = "INFERMESH_BENCH_SMOKE"
 SMOKE: Mapping[str, Mapping[str, Any]] = {
     "routing": {"rate_per_s": 4.0, "duration_s": 1.0, "replica_count": 2, "warmup_s": 0.0,
                 "decision_samples": 200, "rpc_samples": 50},
-    "streaming": {"levels": (1, 2), "max_tokens": 4, "requests_per_stream": 1,
+    "streaming": {"levels": (1, 16), "max_tokens": 4, "requests_per_stream": 1,
                   "budget_s": 30.0, "min_requests": 2, "warmup_requests": 2},
     "torch_engine": {"levels": (1,), "max_tokens": 4, "requests_per_stream": 1,
                      "min_requests": 1, "warmup_tokens": 2},
+    "gateway_throughput": {"concurrency": 4, "duration_s": 1.0, "warmup_s": 0.5},
     "noisy_neighbor": {"phase_s": 1.5, "decisions": 50},
     "quota_accuracy": {"gateways": 2, "workers": 2, "warmup_s": 0.5, "window_s": 1.0},
     "rollback": {"rounds": 1, "cli_rounds": 1},
@@ -67,6 +69,9 @@ HEADLINE = (
     "kv_routing_p90_ttft_speedup_vs_rr", "routing_kv_aware_prefix_hit_rate",
     "route_decision_us_p99_100_replicas", "route_rpc_routes_per_s_16_callers",
     "added_ttft_p50_ms_c1", "mesh_over_direct_tokens_per_s_c1",
+    "added_ttft_p50_ms_c16", "added_ttft_p99_ms_c16", "mesh_over_direct_tokens_per_s_c16",
+    "gateway_generations_per_s_one_process", "gateway_cpu_us_per_generation",
+    "gateway_cpu_us_per_streamed_token_c16",
     "torch_mesh_over_direct_tokens_per_s_c1", "torch_direct_over_inprocess_tokens_per_s_c1",
     "noisy_neighbor_p95_ttft_ratio", "quota_decision_us_p99",
     "quota_global_error_pct",
@@ -93,6 +98,7 @@ def run_all(shape: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         info = stack.up()
         try:
             figures = compare(info, **shape["streaming"])
+            figures.update(gateway_throughput.run(info, **shape.get("gateway_throughput", {})))
             figures.update(torch_engine.compare(info, state_dir / "data" / "blobs",
                                                 **shape.get("torch_engine", {})))
             figures.update(asyncio.run(noisy_neighbor.run(info,

@@ -21,6 +21,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from backends.triton.adapter import EngineRequest, TritonAdapter
+from bench.gateway_throughput import process_cpu_s
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 from services.registry.client import RegistryClient
@@ -46,6 +47,7 @@ class LevelResult:
     tokens_per_s: float
     ttft_p50_ms: float
     ttft_p99_ms: float
+    tokens: int = 0  # streamed by the requests that succeeded
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -188,6 +190,7 @@ def run_level(
         concurrency=concurrency,
         requests=len(samples),
         errors=len(samples) - len(good),
+        tokens=sum(s.tokens for s in good),
         tokens_per_s=sum(s.tokens for s in good) / elapsed,
         ttft_p50_ms=statistics.median(ttfts) if ttfts else float("nan"),
         ttft_p99_ms=percentile(ttfts, 99),
@@ -209,8 +212,10 @@ def compare(
             requests = max(min_requests, concurrency * requests_per_stream)
             base = run_level(pool, "direct", stack, triton_model, concurrency, requests,
                              max_tokens, budget_s)
+            cpu_before = process_cpu_s(stack.pids["gateway"])
             through = run_level(pool, "mesh", stack, triton_model, concurrency, requests,
                                 max_tokens, budget_s)
+            gateway_cpu_s = process_cpu_s(stack.pids["gateway"]) - cpu_before
             c = f"c{concurrency}"
             print(
                 f"{c:>4}: direct {base.tokens_per_s:8.1f} tok/s ttft p50 {base.ttft_p50_ms:7.1f} "
@@ -232,5 +237,8 @@ def compare(
                 f"added_ttft_p50_ms_{c}": round(through.ttft_p50_ms - base.ttft_p50_ms, 2),
                 f"added_ttft_p99_ms_{c}": round(through.ttft_p99_ms - base.ttft_p99_ms, 2),
                 f"errors_{c}": base.errors + through.errors,
+                # Per-generation work included, spread over its tokens.
+                f"gateway_cpu_us_per_streamed_token_{c}":
+                    round(gateway_cpu_s / max(1, through.tokens) * 1e6, 1),
             })
     return figures
