@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 import secrets
 import time
@@ -114,11 +115,16 @@ def parse_key(_suffix: str, raw: bytes) -> ApiKey:
                   value.get("created_at", 0.0), value.get("expires_at", 0.0))
 
 
-def validate_tenant(tenant: Tenant) -> None:
-    if not TENANT_ID.match(tenant.tenant_id):
+def validate_tenant_id(tenant_id: str) -> None:
+    """Before an id is looked up or echoed in an error: a client may send any string."""
+    if not TENANT_ID.match(tenant_id):
         raise errors.InvalidArgument(
             "tenant_id", "must be 1-63 characters of a-z, 0-9 and '-', starting alphanumeric"
         )
+
+
+def validate_tenant(tenant: Tenant) -> None:
+    validate_tenant_id(tenant.tenant_id)
     if not 1 <= len(tenant.name) <= 200:
         raise errors.InvalidArgument("name", "must be 1-200 characters")
     plan = tenant.plan
@@ -176,6 +182,7 @@ class TenantStore:
 
     async def get_tenant(self, tenant_id: str) -> tuple[Tenant, int]:
         """(tenant, mod revision) — the revision is what `update_tenant` compares against."""
+        validate_tenant_id(tenant_id)
         got = await self._client.get(etcd.Keys.tenant(tenant_id).encode())
         if got is None:
             raise errors.NotFound(f"tenant {tenant_id!r} does not exist")
@@ -205,9 +212,10 @@ class TenantStore:
         """Creates a key and returns (clear key, stored record); the clear key is not kept."""
         if role not in ROLES:
             raise errors.InvalidArgument("role", f"must be one of {', '.join(ROLES)}")
+        validate_tenant_id(tenant_id)
         now = time.time()
-        if expires_at and expires_at <= now:
-            raise errors.InvalidArgument("expires_at", "must be in the future")
+        if not math.isfinite(expires_at) or (expires_at and expires_at <= now):
+            raise errors.InvalidArgument("expires_at", "must be 0 (never) or a future time")
         if await self._client.get(etcd.Keys.tenant(tenant_id).encode()) is None:
             raise errors.NotFound(f"tenant {tenant_id!r} does not exist")
         clear = KEY_PREFIX + secrets.token_urlsafe(32)

@@ -18,7 +18,7 @@ from google.protobuf import duration_pb2
 
 from backends.triton.adapter import TritonAdapter
 from backends.triton.weights import cache_root
-from infermesh.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2, tenants_pb2_grpc
+from infermesh.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2
 from services.common import errors, etcd, status
 from services.common.auth import Authenticator
 from services.common.discovery import ServiceDirectory
@@ -532,10 +532,11 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
                     settings.max_body_bytes).app(),
         settings.host, settings.http_port,
     )
-    tenants_pb2_grpc.add_TenantAdminServicer_to_server(
+    add_servicer(  # as add_TenantAdminServicer_to_server, a malformed frame → INVALID_ARGUMENT
+        ctx.server,
         TenantAdminServicer(authenticator, TenantStore(ctx.etcd), directory,
                             settings.peer_timeout_s, audit, f"gateway/{settings.instance_id}"),
-        ctx.server,
+        tenants_pb2.DESCRIPTOR.services_by_name["TenantAdmin"],
     )
 
     await http.start()

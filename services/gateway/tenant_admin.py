@@ -1,7 +1,9 @@
 """The TenantAdmin servicer: tenants, plans and API keys, for admin keys only.
 
 Thin: decodes, checks the caller is an admin, calls `TenantStore`, encodes. Usage figures come
-from the ratelimit service, which owns the month-to-date counts.
+from the ratelimit service, which owns the month-to-date counts. Registered with
+`add_servicer`, so a frame that does not parse is INVALID_ARGUMENT (after the key is checked),
+never UNKNOWN.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from services.auditor.client import new_event
 from services.common import errors, status
 from services.common.auth import Authenticator
 from services.common.discovery import ServiceDirectory
+from services.common.frames import MalformedFrame
 from services.common.tenancy import LIST_FIELDS, ApiKey, Tenant, TenantPlan, TenantStore
 from services.gateway.pipeline import AuditSink
 
@@ -57,11 +60,14 @@ class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
         self._audit = audit
         self._source = source
 
-    async def _call(self, context: grpc.aio.ServicerContext, operation):
-        """Runs `operation` for an admin caller; every MeshError becomes its status."""
+    async def _call(self, request: Any, context: grpc.aio.ServicerContext, operation):
+        """Runs `operation` for an admin caller and a request that parsed; every MeshError
+        becomes its status."""
         try:
             authorization = dict(context.invocation_metadata() or ()).get("authorization")
             principal = self._auth.authenticate_admin(authorization)
+            if isinstance(request, MalformedFrame):
+                raise request.error()
             return await operation(f"key:{principal.key_id}@{principal.tenant_id}")
         except errors.MeshError as exc:
             await status.abort(context, exc)
@@ -103,7 +109,7 @@ class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
             _, revision = await self._store.get_tenant(tenant.tenant_id)
             return await self._info(tenant, revision)
 
-        return await self._call(context, create)
+        return await self._call(request, context, create)
 
     async def UpdateTenant(self, request, context):
         async def update(actor: str):
@@ -120,14 +126,14 @@ class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
             _, revision = await self._store.get_tenant(tenant.tenant_id)
             return await self._info(tenant, revision)
 
-        return await self._call(context, update)
+        return await self._call(request, context, update)
 
     async def GetTenant(self, request, context):
         async def get(actor: str):
             tenant, revision = await self._store.get_tenant(request.tenant_id)
             return await self._info(tenant, revision)
 
-        return await self._call(context, get)
+        return await self._call(request, context, get)
 
     async def ListTenants(self, request, context):
         async def list_all(actor: str):
@@ -138,7 +144,7 @@ class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
                 for t in tenants
             ])
 
-        return await self._call(context, list_all)
+        return await self._call(request, context, list_all)
 
     async def IssueKey(self, request, context):
         async def issue(actor: str):
@@ -147,7 +153,7 @@ class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
             self._record(actor, "keys.issue", key.key_id, None, dataclasses.asdict(key))
             return tenants_pb2.IssuedKey(api_key=clear, key=encode_key(key))
 
-        return await self._call(context, issue)
+        return await self._call(request, context, issue)
 
     async def RevokeKey(self, request, context):
         async def revoke(actor: str):
@@ -155,11 +161,11 @@ class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
             self._record(actor, "keys.revoke", key.key_id, dataclasses.asdict(key), None)
             return encode_key(key)
 
-        return await self._call(context, revoke)
+        return await self._call(request, context, revoke)
 
     async def ListKeys(self, request, context):
         async def list_keys(actor: str):
             keys = await self._store.list_keys(request.tenant_id or None)
             return tenants_pb2.ListKeysResponse(keys=[encode_key(k) for _, k in keys])
 
-        return await self._call(context, list_keys)
+        return await self._call(request, context, list_keys)

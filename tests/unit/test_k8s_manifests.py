@@ -99,18 +99,8 @@ def test_etcd_is_three_members_and_the_auditor_keeps_a_volume(rendered: list[dic
     assert sets["auditor"]["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "audit"
 
 
-def test_only_the_gateway_is_open_and_etcd_only_to_the_mesh(rendered: list[dict]) -> None:
-    policies = {d["metadata"]["name"]: d["spec"] for d in rendered
-                if d["kind"] == "NetworkPolicy"}
-    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
-    open_to_all = [name for name, spec in policies.items()
-                   if any("from" not in rule for rule in spec.get("ingress", []))]
-    assert open_to_all == ["gateway-public"]
-    assert policies["gateway-public"]["podSelector"]["matchLabels"] == {
-        "app.kubernetes.io/name": "gateway"}
-    etcd_sources = [rule["from"] for rule in policies["etcd-from-mesh"]["ingress"]]
-    assert all("namespaceSelector" not in source for sources in etcd_sources
-               for source in sources)
+def test_only_the_gateway_is_exposed(rendered: list[dict]) -> None:
+    """Who may reach what inside the cluster: tests/unit/test_k8s_network_policies.py."""
     exposed = [d["metadata"]["name"] for d in rendered
                if d["kind"] == "Service" and d["spec"].get("type") in {"LoadBalancer", "NodePort"}]
     assert exposed == ["gateway"]
@@ -173,10 +163,11 @@ def test_prometheus_names_jobs_as_the_embedded_stack_does() -> None:
         return labels["job"]
 
     assert job("gateway", "metrics") == "gateway"
-    assert job("etcd", "client") == "etcd"
+    assert job("etcd", "metrics") == "etcd"
     assert job("replica", "metrics") == "sidecar"
     assert job("replica", "triton-metrics") == "triton"
     assert job("gateway", "grpc") is None and job("etcd", "peer") is None
+    assert job("etcd", "client") is None
 
 
 def _workload(rendered: list[dict], name: str) -> dict:
@@ -270,16 +261,3 @@ def test_registries_share_a_bucket_or_are_alone_with_a_volume(rendered: list[dic
         assert config["INFERMESH_REGISTRY_BLOB_STORE"] == "local"
         assert "persistentVolumeClaim" in store
         assert registry["spec"]["strategy"] == {"type": "Recreate"}  # ReadWriteOnce
-
-
-def test_every_mesh_container_runs_as_a_user(rendered: list[dict]) -> None:
-    """Every pod running the mesh's images is non-root (etcd's upstream image is left as it
-    ships)."""
-    for doc in (d for d in rendered if d["kind"] in WORKLOADS):
-        if doc["metadata"]["name"] == "etcd":
-            continue
-        pod = doc["spec"]["template"]["spec"]
-        for container in pod["containers"]:
-            context = pod.get("securityContext", {}) | container.get("securityContext", {})
-            assert context.get("runAsNonRoot") is True, (
-                f"{doc['metadata']['name']}/{container['name']}")
