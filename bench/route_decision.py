@@ -1,12 +1,13 @@
 """What one routing decision costs: in process (the scheduler's `Router.route` over 100 replicas
-with fresh load reports, a shared-prefix workload and reservations in flight) and as a `Route` +
-`Release` round trip to a real scheduler process over loopback gRPC.
+with fresh load reports, a shared-prefix workload and reservations in flight), as a unary `Route`
++ `Release` round trip to a real scheduler process over loopback gRPC, and as the same over one
+`RouteStream` (what gateways use: many decisions per message).
 
     python -m bench.route_decision [--replicas 100] [--samples 5000]
 
 The in-process figure is the issue's `route_decision_us_p99_100_replicas`; the benchmark calls
-`decision_time_us()`. The round trip is what a gateway pays per request if it calls `Route`
-(docs/decisions.md, "Route RPC per request").
+`decision_time_us()`. The stream's round trip is what a gateway pays per request, its rate with many
+callers what one scheduler process sustains (docs/decisions.md, "Routing on a stream").
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from services.common.net import free_port
 from services.common.prefix import prompt_block_hashes
 from services.common.records import ReplicaRecord
 from services.scheduler.candidates import RouteQuery
+from services.scheduler.client import RouteStream
 from services.scheduler.inventory import LoadReport, ModelLoad, ReplicaInfo
 from services.scheduler.outcome import Outcome
 from services.scheduler.routing import Policy, Router, RoutingConfig
@@ -135,11 +137,49 @@ async def _round_trips(port: int, chains: list[list[int]], concurrency: int) -> 
     return figures
 
 
+async def _stream_round_trips(port: int, chains: list[list[int]],
+                              concurrency: int) -> dict[str, float]:
+    """As `_round_trips`, over one `RouteStream` (the gateway's client): Release queued after
+    each route, as a gateway does."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stream = RouteStream(channel, write_timeout_s=5.0)
+        timings: list[float] = []
+        queue = list(chains)
+
+        async def caller() -> None:
+            while queue:
+                chain = queue.pop()
+                started = time.perf_counter()
+                reply = await stream.route(scheduler_pb2.RouteRequest(
+                    triton_model_name=MODEL, hold=status.seconds_to_duration(60),
+                    prefix_hashes=chain, prompt_tokens=500, zone="zone-1"), 5.0)
+                timings.append(time.perf_counter() - started)
+                stream.release(scheduler_pb2.ReleaseRouteRequest(
+                    reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK,
+                    completion_tokens=50))
+
+        queue = queue[: max(1, len(queue) // 10)]
+        await caller()  # warm the stream
+        timings.clear()
+        queue = list(chains)
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        await stream.close()
+    figures = _percentiles(timings)
+    figures["routes_per_s"] = round(len(chains) / elapsed, 1)
+    return figures
+
+
 def rpc_round_trip_us(replicas: int = 100, samples: int = 2000,
-                      concurrency: tuple[int, ...] = (1, 16)) -> dict[str, dict[str, float]]:
+                      concurrency: tuple[int, ...] = (1, 16), stream_samples: int = 20000,
+                      stream_concurrency: tuple[int, ...] = (1, 16, 64),
+                      ) -> dict[str, dict[str, float]]:
     """Route latency over loopback gRPC to a real scheduler process (Release after each, as a
-    gateway does), sequential and with concurrent callers."""
+    gateway does), sequential and with concurrent callers: unary `Route` + `Release`, then the
+    same over one `RouteStream`."""
     chains = workload(samples)
+    stream_chains = workload(stream_samples, seed=8)
     with tempfile.TemporaryDirectory(prefix="infermesh-route-bench-") as tmp:
         root = pathlib.Path(tmp)
         server = EtcdServer(root / "etcd", root / "etcd.log")
@@ -152,8 +192,14 @@ def rpc_round_trip_us(replicas: int = 100, samples: int = 2000,
             asyncio.run(_write_fleet(server.endpoint, replicas))
             scheduler.start()
             wait_serving(scheduler, f"127.0.0.1:{port}", time.monotonic() + 30)
-            return {f"concurrency_{c}": asyncio.run(_round_trips(port, chains, c))
-                    for c in concurrency}
+            figures = {f"concurrency_{c}": asyncio.run(_round_trips(port, chains, c))
+                       for c in concurrency}
+            figures.update(
+                (f"stream_concurrency_{c}",
+                 asyncio.run(_stream_round_trips(  # one at a time: as many as the unary run
+                     port, stream_chains if c > 1 else stream_chains[:samples], c)))
+                for c in stream_concurrency)
+            return figures
         finally:
             scheduler.stop()
             server.stop()

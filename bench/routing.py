@@ -304,11 +304,11 @@ async def _measure(replicas: ReplicaSet, schedulers: Schedulers, etcd_endpoint: 
 
 
 def run(rate_per_s: float = 6.0, duration_s: float = 20.0, replica_count: int = REPLICAS,
-        warmup_s: float = 1.0, decision_samples: int = 5000, rpc_samples: int = 2000
-        ) -> dict[str, float]:
+        warmup_s: float = 1.0, decision_samples: int = 5000, rpc_samples: int = 2000,
+        stream_samples: int = 20000) -> dict[str, float]:
     """The whole routing benchmark; `rate_per_s`: session arrivals per policy phase, for
-    `duration_s` (after `warmup_s` of warm-up sessions); `decision_samples` and `rpc_samples`:
-    routing decisions timed in process and over gRPC."""
+    `duration_s` (after `warmup_s` of warm-up sessions); `decision_samples`, `rpc_samples` and
+    `stream_samples`: routing decisions timed in process, over unary gRPC and over a stream."""
     with tempfile.TemporaryDirectory(prefix="infermesh-bench-routing-") as state:
         root = pathlib.Path(state)
         etcd_server = EtcdServer(root / "etcd", root / "etcd.log")
@@ -330,16 +330,20 @@ def run(rate_per_s: float = 6.0, duration_s: float = 20.0, replica_count: int = 
                 replicas.stop()
         finally:
             etcd_server.stop()
-    figures.update(decision_costs(decision_samples, rpc_samples))
+    figures.update(decision_costs(decision_samples, rpc_samples, stream_samples))
     return figures
 
 
-def decision_costs(decision_samples: int = 5000, rpc_samples: int = 2000) -> dict[str, float]:
-    """The in-process decision and the Route RPC round trip, as `bench/route_decision.py`
-    measures them (100 replicas), under this benchmark's names."""
+def decision_costs(decision_samples: int = 5000, rpc_samples: int = 2000,
+                   stream_samples: int = 20000) -> dict[str, float]:
+    """The in-process decision, the unary Route RPC round trip and the same over the gateway's
+    `RouteStream`, as `bench/route_decision.py` measures them (100 replicas), under this
+    benchmark's names. The in-process rate is what routing in the gateway from a table streamed
+    by the scheduler would sustain (no per-request RPC); the stream's is what the mesh does."""
     in_process = route_decision.decision_time_us(100, decision_samples, Policy.KV_AWARE)
-    rpc = route_decision.rpc_round_trip_us(100, rpc_samples)
+    rpc = route_decision.rpc_round_trip_us(100, rpc_samples, stream_samples=stream_samples)
     one, many = rpc["concurrency_1"], rpc["concurrency_16"]
+    stream_one, stream_many = rpc["stream_concurrency_1"], rpc["stream_concurrency_16"]
     figures = {
         "route_decision_us_p50_100_replicas": in_process["cpu"]["p50"],
         "route_decision_us_p99_100_replicas": in_process["cpu"]["p99"],
@@ -349,6 +353,14 @@ def decision_costs(decision_samples: int = 5000, rpc_samples: int = 2000) -> dic
         "route_rpc_us_p50_16_callers": many["p50"],
         "route_rpc_routes_per_s_16_callers": many["routes_per_s"],
         "route_rpc_over_decision_p50": round(one["p50"] / in_process["cpu"]["p50"], 1),
+        "route_decisions_per_s_in_process": round(1e6 / in_process["cpu"]["p50"]),
+        "route_stream_us_p50_100_replicas": stream_one["p50"],
+        "route_stream_us_p99_100_replicas": stream_one["p99"],
+        "route_stream_us_p50_16_callers": stream_many["p50"],
+        "route_stream_routes_per_s_16_callers": stream_many["routes_per_s"],
+        "route_decisions_per_s_one_process": rpc["stream_concurrency_64"]["routes_per_s"],
+        "route_stream_over_rpc_routes_per_s_16_callers": round(
+            stream_many["routes_per_s"] / many["routes_per_s"], 2),
     }
     print(f"routing decision in process (100 replicas, kv_aware, CPU time): p50 "
           f"{figures['route_decision_us_p50_100_replicas']} / p99 "
@@ -356,7 +368,11 @@ def decision_costs(decision_samples: int = 5000, rpc_samples: int = 2000) -> dic
           f"{figures['route_rpc_us_p50_100_replicas']} / p99 "
           f"{figures['route_rpc_us_p99_100_replicas']} µs "
           f"({figures['route_rpc_over_decision_p50']}x the decision at p50), "
-          f"{figures['route_rpc_routes_per_s_16_callers']} routes/s with 16 callers", flush=True)
+          f"{figures['route_rpc_routes_per_s_16_callers']} routes/s with 16 callers; "
+          f"RouteStream: p50 {figures['route_stream_us_p50_100_replicas']} µs, "
+          f"{figures['route_stream_routes_per_s_16_callers']} routes/s with 16 callers "
+          f"({figures['route_stream_over_rpc_routes_per_s_16_callers']}x unary), "
+          f"{figures['route_decisions_per_s_one_process']} with 64", flush=True)
     return figures
 
 

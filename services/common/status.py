@@ -15,6 +15,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from infermesh.v1 import inference_pb2
 from services.common import errors
 
 DOMAIN = "infermesh.dev"
@@ -92,6 +93,26 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.MeshError:
         return errors.InvalidArgument.relayed(field or "request", message)
     cls = errors.BY_CODE.get(code, errors.Internal)
     return cls(message, field=field, retry_after_s=retry_after_s, reason=reason)
+
+
+def to_error(error: errors.MeshError) -> inference_pb2.Error:
+    """The error as a message inside a stream (one call's verdict, not the stream's status)."""
+    message = inference_pb2.Error(code=error.code, message=error.message, field=error.field,
+                                  reason=error.reason)
+    if error.retry_after_s is not None:
+        message.retry_after.CopyFrom(seconds_to_duration(error.retry_after_s))
+    return message
+
+
+def from_error(message: inference_pb2.Error) -> errors.MeshError:
+    """`to_error`'s inverse: the exception a peer's in-stream error stands for."""
+    if message.code == "INVALID_ARGUMENT":
+        return errors.InvalidArgument.relayed(message.field or "request", message.message)
+    cls = errors.BY_CODE.get(message.code, errors.Internal)
+    retry_after_s = (message.retry_after.ToTimedelta().total_seconds()
+                     if message.HasField("retry_after") else None)
+    return cls(message.message, field=message.field, retry_after_s=retry_after_s,
+               reason=message.reason)
 
 
 def seconds_to_duration(seconds: float) -> duration_pb2.Duration:

@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import grpc
 from prometheus_client import Counter
 
-from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+from infermesh.v1 import scheduler_pb2
 from services.common import errors, status
 from services.common.discovery import ServiceDirectory, rendezvous_order
 from services.common.logs import get_logger
 from services.common.outcome import Outcome
+from services.scheduler.client import RouteStream, SchedulerGone
 
 log = get_logger(__name__)
 SCHEDULER_FAILOVERS = Counter(
@@ -54,15 +54,17 @@ class SchedulerClient:
 
     Reservations, breakers and the prefix index live in each scheduler instance, so a request
     goes to the instance its prompt's first block hashes to (rendezvous: the same prefix, the
-    same instance, whichever gateway asks), and its Release to the instance that routed it. An
-    instance that does not answer is skipped for the next one in rendezvous order (where its
-    prefixes move when its registration expires), so a lost scheduler fails no request.
+    same instance, whichever gateway asks), and its Release to the instance that routed it, both
+    on this gateway's one `RouteStream` to that instance. An instance that does not answer is
+    skipped for the next one in rendezvous order (where its prefixes move when its registration
+    expires), so a lost scheduler fails no request.
     """
 
     def __init__(self, directory: ServiceDirectory, timeout_s: float, zone: str = ""):
         self._directory = directory
         self._timeout_s = timeout_s
         self._zone = zone
+        self._streams: dict[str, RouteStream] = {}  # scheduler endpoint → its route stream
         self._routed_by: dict[str, str] = {}  # reservation id → scheduler endpoint, until released
 
     def _schedulers(self, triton_model_name: str, request_id: str,
@@ -74,6 +76,13 @@ class SchedulerClient:
         key = f"{triton_model_name}/{prefix_hashes[0]}" if prefix_hashes else request_id
         return rendezvous_order(key, endpoints)[:2]
 
+    def _stream(self, endpoint: str) -> RouteStream:
+        stream = self._streams.get(endpoint)
+        if stream is None:
+            stream = self._streams[endpoint] = RouteStream(
+                self._directory.channel_to(endpoint), self._timeout_s)
+        return stream
+
     async def route(
         self, triton_model_name: str, version_id: str, request_id: str, hold_s: float,
         exclude: list[str], *, prefix_hashes: Sequence[int] = (), prompt_tokens: int = 0,
@@ -84,26 +93,21 @@ class SchedulerClient:
             prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens, zone=self._zone,
         )
         *first, last = self._schedulers(triton_model_name, request_id, prefix_hashes)
+        for endpoint in first:
+            try:
+                return await self._route_at(endpoint, request)
+            except (SchedulerGone, TimeoutError) as exc:
+                SCHEDULER_FAILOVERS.inc()
+                log.warning("scheduler_unreachable_failing_over", scheduler=endpoint,
+                            error=str(exc) or "no answer in time")
         try:
-            for endpoint in first:
-                try:
-                    return await self._route_at(endpoint, request)
-                except grpc.aio.AioRpcError as exc:
-                    if not _scheduler_away(exc):
-                        raise
-                    SCHEDULER_FAILOVERS.inc()
-                    log.warning("scheduler_unreachable_failing_over", scheduler=endpoint,
-                                code=exc.code().name)
             return await self._route_at(last, request)
-        except grpc.aio.AioRpcError as exc:
-            if _scheduler_away(exc):
-                raise SchedulersAway(f"no scheduler answered ({exc.code().name})",
-                                     retry_after_s=1.0) from exc
-            raise status.from_rpc_error(exc) from exc
+        except (SchedulerGone, TimeoutError) as exc:
+            raise SchedulersAway(f"no scheduler answered ({str(exc) or 'in time'})",
+                                 retry_after_s=1.0) from exc
 
     async def _route_at(self, endpoint: str, request: scheduler_pb2.RouteRequest) -> Route:
-        stub = scheduler_pb2_grpc.SchedulerStub(self._directory.channel_to(endpoint))
-        reply = await stub.Route(request, timeout=self._timeout_s)
+        reply = await self._stream(endpoint).route(request, self._timeout_s)
         self._routed_by[reply.reservation_id] = endpoint
         return Route(reply.replica_id, reply.grpc_endpoint, reply.reservation_id)
 
@@ -115,21 +119,6 @@ class SchedulerClient:
         endpoint = self._routed_by.pop(reservation_id, None)
         if endpoint is None:
             return  # not routed by this client, or already released
-        stub = scheduler_pb2_grpc.SchedulerStub(self._directory.channel_to(endpoint))
-        await stub.Release(
-            scheduler_pb2.ReleaseRouteRequest(
-                reservation_id=reservation_id, outcome=OUTCOMES[outcome],
-                completion_tokens=completion_tokens,
-            ),
-            timeout=self._timeout_s,
-        )
-
-
-def _scheduler_away(error: grpc.aio.AioRpcError) -> bool:
-    """The scheduler did not answer (down, or registered but gone): not a status it sent, such
-    as "no healthy replica" (UNAVAILABLE with details), which another instance would repeat."""
-    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return True
-    sent_details = any(key == status.DETAILS_KEY
-                       for key, _ in (error.trailing_metadata() or ()))
-    return error.code() == grpc.StatusCode.UNAVAILABLE and not sent_details
+        self._stream(endpoint).release(scheduler_pb2.ReleaseRouteRequest(
+            reservation_id=reservation_id, outcome=OUTCOMES[outcome],
+            completion_tokens=completion_tokens))

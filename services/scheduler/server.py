@@ -41,6 +41,7 @@ MAX_MODEL_CHARS = 128  # a Triton model name's limit
 MAX_ZONE_CHARS = 64
 MAX_PROMPT_TOKENS = 10_000_000
 MAX_COMPLETION_TOKENS = 10_000_000
+MAX_STREAM_CALLS = 4096  # routes, and releases, in one RouteStream message
 
 OUTCOMES = {
     scheduler_pb2.ROUTE_OUTCOME_UNSPECIFIED: Outcome.UNREPORTED,
@@ -72,6 +73,43 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self._clock = clock
 
     async def Route(self, request, context):
+        try:
+            return self._route(request)
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
+
+    async def Release(self, request, context):
+        try:
+            return scheduler_pb2.ReleaseRouteResponse(released=self._release(request))
+        except errors.MeshError as exc:
+            await status.abort(context, exc)
+
+    async def RouteStream(self, request_iterator, context):
+        """Each message's releases (first: they free places), then its routes, answered by one
+        message; a malformed message ends the stream with INVALID_ARGUMENT naming the field."""
+        async for message in request_iterator:
+            try:
+                if len(message.routes) > MAX_STREAM_CALLS:
+                    raise errors.InvalidArgument("routes", f"at most {MAX_STREAM_CALLS} a message")
+                if len(message.releases) > MAX_STREAM_CALLS:
+                    raise errors.InvalidArgument("releases",
+                                                 f"at most {MAX_STREAM_CALLS} a message")
+                for index, release in enumerate(message.releases):
+                    self._release(release, field=f"releases[{index}].")
+            except errors.MeshError as exc:
+                await status.abort_stream(context, exc, request_iterator)
+            if message.routes:
+                yield scheduler_pb2.RouteStreamResponse(
+                    results=[self._stream_result(call) for call in message.routes])
+
+    def _stream_result(self, call: scheduler_pb2.RouteCall) -> scheduler_pb2.RouteResult:
+        try:
+            return scheduler_pb2.RouteResult(call_id=call.call_id, route=self._route(call.route))
+        except errors.MeshError as exc:
+            return scheduler_pb2.RouteResult(call_id=call.call_id, error=status.to_error(exc))
+
+    def _route(self, request: scheduler_pb2.RouteRequest) -> scheduler_pb2.RouteResponse:
+        """One decision and its reservation; a refusal is raised (and counted)."""
         model = request.triton_model_name
         try:
             query = self._query(request)
@@ -87,7 +125,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 # Demand without tokens: placement loads a version that clients ask for by its
                 # id and that no replica serves yet (the client retries after the delay).
                 self._on_release(model, 0, 0)
-            await status.abort(context, exc)
+            raise
         ROUTES.labels(model, "OK").inc()
         return scheduler_pb2.RouteResponse(
             replica_id=reservation.replica.replica_id,
@@ -116,18 +154,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             exclude=frozenset(request.exclude_replicas),
         )
 
-    async def Release(self, request, context):
+    def _release(self, request: scheduler_pb2.ReleaseRouteRequest, field: str = "") -> bool:
+        """Frees the reservation and feeds its outcome to the breakers and the demand meter;
+        False when it is unknown or already expired. `field`: where the request sits in the
+        caller's message, for the errors' field names."""
         outcome = OUTCOMES.get(request.outcome)
         if outcome is None:
-            await status.abort(context, errors.InvalidArgument(
-                "outcome", f"unknown value {request.outcome}"))
+            raise errors.InvalidArgument(f"{field}outcome", f"unknown value {request.outcome}")
         if request.completion_tokens > MAX_COMPLETION_TOKENS:  # it drives the demand signal
-            await status.abort(context, errors.InvalidArgument(
-                "completion_tokens", f"must be at most {MAX_COMPLETION_TOKENS}"))
+            raise errors.InvalidArgument(f"{field}completion_tokens",
+                                         f"must be at most {MAX_COMPLETION_TOKENS}")
         reservation = self._router.release(
             request.reservation_id, outcome, self._clock(), self._replicas.items.values())
         if reservation is None:
-            return scheduler_pb2.ReleaseRouteResponse(released=False)
+            return False
         RELEASES.labels(reservation.model, outcome.value).inc()
         # A request that failed before its first token is retried elsewhere: count it once.
         if self._on_release is not None and outcome is not Outcome.FAILED_BEFORE_FIRST_TOKEN:
@@ -136,7 +176,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                  request.completion_tokens)
             except Exception as exc:  # demand is advisory: never fail a release for it
                 log.error("on_release_failed", model=reservation.model, error=repr(exc))
-        return scheduler_pb2.ReleaseRouteResponse(released=True)
+        return True
 
     async def ListReplicas(self, request, context):
         now = self._clock()

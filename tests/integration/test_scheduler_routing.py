@@ -17,12 +17,13 @@ from prometheus_client import REGISTRY
 
 from deploy.local.stack import service_process, wait_serving
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
-from services.common import etcd, status
+from services.common import errors, etcd, status
 from services.common.discovery import ServiceDirectory
 from services.common.net import free_port
 from services.common.prefix import prompt_block_hashes
 from services.common.processes import ChildProcess
 from services.gateway.peers import SchedulerClient
+from services.scheduler.client import RouteStream, SchedulerGone
 from services.scheduler.outcome import Outcome
 
 pytestmark = pytest.mark.integration
@@ -235,7 +236,7 @@ async def test_each_release_reaches_the_scheduler_instance_that_routed(etcd_serv
                 assert sum(held) == 24 and all(held)
                 for route_ in routes:
                     await scheduler.release_route(route_.reservation_id, Outcome.OK, 5)
-                assert await in_flight(ports, model) == [0, 0]
+                await wait_in_flight(ports, model, [0, 0])  # releases leave with the next message
                 # One instance dies; its registration outlives it for the lease TTL. Routes
                 # whose prefixes it owned go to the next instance in rendezvous order.
                 failovers = REGISTRY.get_sample_value(
@@ -257,6 +258,13 @@ async def test_each_release_reaches_the_scheduler_instance_that_routed(etcd_serv
         assert processes[1].stop() == 0, processes[1].log_tail()
 
 
+async def wait_in_flight(ports: list[int], model: str, expected: list[int],
+                         within_s: float = 2.0) -> None:
+    async with asyncio.timeout(within_s):
+        while await in_flight(ports, model) != expected:
+            await asyncio.sleep(0.02)
+
+
 async def in_flight(ports: list[int], model: str) -> list[int]:
     """Reservations each scheduler instance holds on this test's replicas."""
     counts = []
@@ -266,3 +274,54 @@ async def in_flight(ports: list[int], model: str) -> list[int]:
                 scheduler_pb2.ListReplicasRequest(), timeout=2)
         counts.append(sum(r.in_flight for r in listing.replicas if r.replica_id.startswith(model)))
     return counts
+
+
+async def test_route_stream_carries_routes_refusals_and_late_releases(etcd_server, sidecars,
+                                                                      tmp_path):
+    """A gateway's RouteStream to a real scheduler: a burst of concurrent routes is answered
+    (each its own result), a refusal is the scheduler's verdict (not "gone"), a route given up
+    on is released when its result comes, and a killed scheduler fails what is waiting as gone."""
+    model = sidecars.model
+    for rid in (f"{model}-a", f"{model}-b"):
+        await sidecars.add(rid)
+    sidecars.start()
+    port = free_port()
+    process = scheduler_process(etcd_server.endpoint, port, tmp_path / "scheduler.log")
+    process.start()
+    try:
+        await asyncio.to_thread(wait_serving, process, f"127.0.0.1:{port}", time.monotonic() + 20)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = RouteStream(channel, write_timeout_s=2.0)
+            request = scheduler_pb2.RouteRequest(triton_model_name=model,
+                                                 hold=status.seconds_to_duration(30))
+            replies = await asyncio.gather(*(stream.route(request, 5.0) for _ in range(200)))
+            assert len({r.reservation_id for r in replies}) == 200
+            assert await in_flight([port], model) == [200]
+            for reply in replies:
+                stream.release(scheduler_pb2.ReleaseRouteRequest(
+                    reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK))
+            await wait_in_flight([port], model, [0])
+            with pytest.raises(errors.Unavailable) as refused:
+                await stream.route(scheduler_pb2.RouteRequest(
+                    triton_model_name="no-such-model", hold=status.seconds_to_duration(30)), 5.0)
+            assert not isinstance(refused.value, SchedulerGone)
+            assert "serves the model" in refused.value.message
+            with pytest.raises(errors.InvalidArgument) as invalid:
+                await stream.route(scheduler_pb2.RouteRequest(
+                    triton_model_name=model, hold=status.seconds_to_duration(30),
+                    prefix_hashes=range(300)), 5.0)
+            assert invalid.value.field == "prefix_hashes"
+            given_up = [asyncio.ensure_future(stream.route(request, 5.0)) for _ in range(20)]
+            await asyncio.sleep(0)  # queued, then abandoned before any result
+            for route_ in given_up:
+                route_.cancel()
+            # Answered after those 20 (one stream, in order): they were reserved by then, and
+            # are released as their results come, leaving this one.
+            await stream.route(request, 5.0)
+            await wait_in_flight([port], model, [1])
+            os.kill(process.pid, signal.SIGKILL)
+            with pytest.raises(SchedulerGone):
+                await stream.route(request, 5.0)
+            await stream.close()
+    finally:
+        process.stop()

@@ -135,3 +135,50 @@ async def test_release_refuses_an_impossible_token_count_and_keeps_the_reservati
     released = await s.Release(scheduler_pb2.ReleaseRouteRequest(
         reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK), Context())
     assert released.released  # the refused call changed nothing
+
+
+async def stream_of(*messages):
+    for message in messages:
+        yield message
+
+
+async def test_route_stream_answers_each_route_in_order_and_releases_first():
+    """One message's routes get one reply with a result per call id (a refusal is that call's
+    error, the others are routed); the next message's releases free places before its routes."""
+    demand: list[tuple] = []
+    s = servicer(on_release=lambda *args: demand.append(args))
+    first = scheduler_pb2.RouteStreamRequest(routes=[
+        scheduler_pb2.RouteCall(call_id=7, route=route_request(prompt_tokens=3)),
+        scheduler_pb2.RouteCall(call_id=8, route=route_request(prefix_hashes=range(257))),
+        scheduler_pb2.RouteCall(call_id=9, route=route_request()),
+    ])
+    replies = [r async for r in s.RouteStream(stream_of(first), Context())]
+    assert len(replies) == 1
+    results = replies[0].results
+    assert [r.call_id for r in results] == [7, 8, 9]
+    assert [r.WhichOneof("result") for r in results] == ["route", "error", "route"]
+    assert (results[1].error.code, results[1].error.field) == ("INVALID_ARGUMENT",
+                                                              "prefix_hashes")
+    listing = await s.ListReplicas(None, Context())
+    assert sum(r.in_flight for r in listing.replicas) == 2
+    second = scheduler_pb2.RouteStreamRequest(
+        releases=[scheduler_pb2.ReleaseRouteRequest(
+            reservation_id=r.route.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK,
+            completion_tokens=5) for r in (results[0], results[2])])
+    assert [r async for r in s.RouteStream(stream_of(second), Context())] == []  # no routes
+    listing = await s.ListReplicas(None, Context())
+    assert all(r.in_flight == 0 for r in listing.replicas)
+    assert demand == [("m", 3, 5), ("m", 0, 5)]
+
+
+async def test_route_stream_ends_with_the_field_of_a_malformed_release():
+    s = servicer()
+    context = Context()
+    message = scheduler_pb2.RouteStreamRequest(releases=[
+        scheduler_pb2.ReleaseRouteRequest(reservation_id="x"),
+        scheduler_pb2.ReleaseRouteRequest(reservation_id="y", outcome=99)])
+    with pytest.raises(Aborted):
+        async for _ in s.RouteStream(stream_of(message), context):
+            pass
+    assert context.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "releases[1].outcome" in context.details
