@@ -472,7 +472,8 @@ def openapi_document() -> dict[str, Any]:
             "parameters": headers,
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{name}"}}}},
-            "responses": {"200": {"description": "JSON, or SSE with stream=true"}, **responses},
+            "responses": {"200": {"description": "JSON, or SSE with stream=true"}, **responses,
+                          "413": {**error, "description": "a body over max_body_bytes"}},
             "security": [{"bearer": []}],
         }}
 
