@@ -33,6 +33,7 @@ class StackInfo:
             "INFERMESH_GATEWAY": self.gateway,
             "INFERMESH_REGISTRY": self.endpoints["registry"],
             "INFERMESH_SCHEDULER": self.endpoints["scheduler"],
+            "INFERMESH_AUDITOR": self.endpoints["auditor"],
             "INFERMESH_API_KEY": self.api_key,
             "INFERMESH_MODEL": self.model,
             "INFERMESH_REFERENCE_MODEL": self.reference_model,

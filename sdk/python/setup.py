@@ -1,4 +1,4 @@
-"""Build hook for infermesh-client: compiles the public API's .proto files at build time.
+"""Build hook for infermesh-client: compiles the API's .proto files at build time.
 
 protoc (from grpcio-tools, a build requirement only) writes descriptor sets into
 `infermesh_client/_proto/`; the client loads them into a private descriptor pool at import
@@ -19,9 +19,14 @@ HERE = pathlib.Path(__file__).resolve().parent
 REPO_PROTOS = HERE.parent.parent / "protos"  # a checkout of the repository
 OWN_PROTOS = HERE / "protos"  # the client's own protos, and the API's copy inside an sdist
 PUBLIC_API = ("infermesh/v1/inference.proto",)
+# What an admin uses (TenantAdmin on the gateway, the registry, the auditor's queries).
+ADMIN_API = ("infermesh/v1/tenants.proto", "infermesh/v1/registry.proto",
+             "infermesh/v1/auditor.proto")
+API_FILES = PUBLIC_API + ADMIN_API
 # descriptor set → the files compiled into it (with their imports)
 DESCRIPTOR_SETS = {
     "inference.binpb": PUBLIC_API,
+    "admin.binpb": ADMIN_API,
     "rpc_status.binpb": ("infermesh_client/rpc_status.proto",),
 }
 PROTO_PACKAGE = pathlib.PurePosixPath("infermesh_client/_proto")
@@ -29,7 +34,7 @@ PROTO_PACKAGE = pathlib.PurePosixPath("infermesh_client/_proto")
 
 def api_root() -> pathlib.Path:
     for root in (REPO_PROTOS, OWN_PROTOS):
-        if all((root / name).is_file() for name in PUBLIC_API):
+        if all((root / name).is_file() for name in API_FILES):
             return root
     raise SystemExit(f"infermesh-client: {PUBLIC_API[0]} is in neither {REPO_PROTOS} nor "
                      f"{OWN_PROTOS}; build from the repository or from an sdist")
@@ -62,12 +67,12 @@ class BuildPyWithProtos(build_py):
 
 
 class SdistWithProtos(sdist):
-    """Carries the public API's .proto files, so a wheel builds from the sdist alone."""
+    """Carries the API's .proto files, so a wheel builds from the sdist alone."""
 
     def make_release_tree(self, base_dir: str, files: list[str]) -> None:
         super().make_release_tree(base_dir, files)
         root = api_root()
-        for name in PUBLIC_API:
+        for name in API_FILES:
             target = pathlib.Path(base_dir) / "protos" / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / name, target)

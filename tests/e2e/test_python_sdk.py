@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 
 import grpc
 import pytest
@@ -61,7 +62,12 @@ class CallCounter:
                 counter.count(details)
                 return await continuation(details, request_iterator)
 
-        self.interceptors = [Unary(), Streams()]
+        class ServerStreams(grpc.aio.UnaryStreamClientInterceptor):
+            async def intercept_unary_stream(self, continuation, details, request):
+                counter.count(details)
+                return await continuation(details, request)
+
+        self.interceptors = [Unary(), Streams(), ServerStreams()]
 
     def count(self, details) -> None:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
@@ -288,9 +294,22 @@ def test_the_package_installs_into_a_clean_venv_and_runs_an_example(
     assert names - {"pip", "setuptools", "wheel", "typing_extensions", "typing-extensions"} == {
         "infermesh-client", "grpcio", "protobuf"}
     env = {"PATH": os.environ["PATH"], "INFERMESH_GATEWAY": stack.gateway,
-           "INFERMESH_API_KEY": stack.api_key, "INFERMESH_MODEL": stack.reference_model}
-    shutil.copy(ROOT / "examples" / "batch_prompts.py", tmp_path)
-    ran = subprocess.run([str(python), str(tmp_path / "batch_prompts.py"), "--concurrency", "3"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert ran.returncode == 0, ran.stderr
-    assert len(ran.stdout.splitlines()) == 6 and "0 failed" in ran.stderr
+           "INFERMESH_API_KEY": stack.api_key, "INFERMESH_MODEL": stack.reference_model,
+           "INFERMESH_REGISTRY": stack.endpoints["registry"],
+           "INFERMESH_AUDITOR": stack.endpoints["auditor"]}
+
+    def example(name: str, *args: str) -> subprocess.CompletedProcess:
+        shutil.copy(ROOT / "examples" / name, tmp_path)
+        ran = subprocess.run([str(python), str(tmp_path / name), *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0, ran.stderr
+        return ran
+
+    batch = example("batch_prompts.py", "--concurrency", "3")
+    assert len(batch.stdout.splitlines()) == 6 and "0 failed" in batch.stderr
+    tenant = f"venv-{uuid.uuid4().hex[:8]}"
+    onboarded = example("admin_tasks.py", "onboard", tenant, "--rpm", "30").stdout
+    assert onboarded.startswith(f"tenant {tenant}: standard, 30 rpm") and "imk_" in onboarded
+    rollout = example("admin_tasks.py", "rollout", stack.reference_model).stdout
+    production = rollout.splitlines()[0]
+    assert " production " in production

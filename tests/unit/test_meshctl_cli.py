@@ -33,7 +33,7 @@ def stack_in(directory: pathlib.Path, gateway: str, key: str) -> pathlib.Path:
     write_state(directory, StackInfo(
         gateway=gateway, api_key=key, model="m", reference_model="r", etcd="e:1",
         endpoints={"registry": f"{gateway}-registry", "scheduler": "s:1", "triton": "t:1",
-                   "prometheus": "p:1"}, metrics={"triton": "tm:1"}, pids={}))
+                   "prometheus": "p:1", "auditor": "a:1"}, metrics={"triton": "tm:1"}, pids={}))
     return directory
 
 

@@ -87,6 +87,19 @@ def test_a_key_is_only_sent_to_the_gateway_it_came_with(tmp_path: pathlib.Path):
         "my-key"
 
 
+
+def test_the_registry_and_the_auditor_take_the_key_of_their_own_source(tmp_path: pathlib.Path):
+    env_file = tmp_path / "env"
+    env_file.write_text("export INFERMESH_REGISTRY=local:2\nexport INFERMESH_API_KEY=local-key\n")
+    environ = {"INFERMESH_ENV_FILE": str(env_file), "INFERMESH_API_KEY": "my-key",
+               "INFERMESH_AUDITOR": "prod:3"}
+    assert resolve(None, None, None, environ, service="registry") == resolve(
+        "local:2", "local-key", False, {})
+    assert resolve(None, None, None, environ, service="auditor") == resolve(
+        "prod:3", "my-key", False, {})
+    with pytest.raises(ConfigurationError, match=r"registry_target=.*INFERMESH_REGISTRY"):
+        resolve(None, None, None, {"INFERMESH_ENV_FILE": str(tmp_path / "none")},
+                service="registry")
 async def test_a_retired_call_keeps_its_generations_and_new_ones_start_on_a_new_call():
     """Past the gateway's stream age a call takes no more Starts: the next start opens a new
     call, the old one is half-closed once its last generation has finished."""

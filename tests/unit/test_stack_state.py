@@ -13,7 +13,8 @@ def test_state_round_trips_owner_only_and_is_forgotten(tmp_path: pathlib.Path) -
         gateway="127.0.0.1:1", api_key="imk_secret", model="demo-chat",
         reference_model="demo-reference", etcd="127.0.0.1:2",
         endpoints={"registry": "127.0.0.1:3", "triton": "127.0.0.1:4",
-                   "prometheus": "127.0.0.1:5", "scheduler": "127.0.0.1:8"},
+                   "prometheus": "127.0.0.1:5", "scheduler": "127.0.0.1:8",
+                   "auditor": "127.0.0.1:9"},
         metrics={"triton": "127.0.0.1:6"}, pids={"etcd": 7}, mesh_token="token")
     (tmp_path / "env").write_text("stale")
     (tmp_path / "env").chmod(0o644)  # left by an older run
@@ -24,5 +25,6 @@ def test_state_round_trips_owner_only_and_is_forgotten(tmp_path: pathlib.Path) -
     env = (tmp_path / "env").read_text()
     assert "export INFERMESH_API_KEY=imk_secret" in env
     assert "export INFERMESH_SCHEDULER=127.0.0.1:8" in env
+    assert "export INFERMESH_AUDITOR=127.0.0.1:9" in env
     forget_state(tmp_path)
     assert load_state(tmp_path) is None and not (tmp_path / "env").exists()

@@ -7,12 +7,29 @@
         with client.stream("demo-chat", messages=[{"role": "user", "content": "Hi"}]) as s:
             for delta in s:
                 print(delta.text, end="", flush=True)
+        client.registry.rollback("demo-chat", reason="worse answers")  # an admin key
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from infermesh_client._admin_types import (
+    AdminRecord,
+    AuditRecord,
+    GenerationRecord,
+    HistoryEntry,
+    HistoryPage,
+    IssuedKey,
+    KeyInfo,
+    Plan,
+    PlanChange,
+    RegisteredModel,
+    Routing,
+    RoutingChange,
+    Tenant,
+    VersionInfo,
+)
 from infermesh_client._async_client import AsyncClient, AsyncGenerationStream
 from infermesh_client._config import ConfigurationError
 from infermesh_client._errors import (
@@ -34,8 +51,10 @@ from infermesh_client._types import Delta, Generation, Message, ModelInfo, Timin
 
 __all__ = [
     "NO_RETRIES",
+    "AdminRecord",
     "AsyncClient",
     "AsyncGenerationStream",
+    "AuditRecord",
     "Cancelled",
     "Client",
     "ConfigurationError",
@@ -43,19 +62,31 @@ __all__ = [
     "Delta",
     "FailedPrecondition",
     "Generation",
+    "GenerationRecord",
     "GenerationStream",
+    "HistoryEntry",
+    "HistoryPage",
     "InfermeshError",
     "InvalidArgument",
+    "IssuedKey",
+    "KeyInfo",
     "Message",
     "ModelInfo",
     "NotFound",
     "PermissionDenied",
+    "Plan",
+    "PlanChange",
     "RateLimited",
+    "RegisteredModel",
     "RetryPolicy",
+    "Routing",
+    "RoutingChange",
     "ServerError",
+    "Tenant",
     "Timings",
     "Unauthenticated",
     "Unavailable",
     "Usage",
+    "VersionInfo",
     "__version__",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
@@ -13,6 +12,8 @@ from typing import Any, Optional, Union
 import grpc
 
 from infermesh_client import __version__, _proto
+from infermesh_client._admin import AsyncAdmin, AsyncAudit, AsyncRegistry, ServiceCalls
+from infermesh_client._calls import Deadline, Metadata, call_with_retries, serialize
 from infermesh_client._codec import (
     GenerationArgs,
     MessageLike,
@@ -21,13 +22,8 @@ from infermesh_client._codec import (
     generation_args,
     model_info,
 )
-from infermesh_client._config import resolve
-from infermesh_client._errors import (
-    Cancelled,
-    DeadlineExceeded,
-    InfermeshError,
-    from_rpc_error,
-)
+from infermesh_client._config import Endpoint, resolve
+from infermesh_client._errors import Cancelled, DeadlineExceeded, InfermeshError
 from infermesh_client._errors import (
     from_final as error_from_final,
 )
@@ -40,28 +36,22 @@ _METHOD = f"/{_proto.INFERENCE_SERVICE}/"
 # (finish_reason deadline) before it cancels the generation and raises by itself.
 DEADLINE_GRACE_S = 1.0
 STREAM_MAX_AGE = "stream_max_age"  # the gateway's reason for refusing a Start on an old call
-# Short admin reads (models) when the caller gives no timeout.
-DEFAULT_READ_TIMEOUT_S = 10.0
-
-
-class _Deadline:
-    """A logical call's deadline on the monotonic clock (None: the gateway's default)."""
-
-    def __init__(self, timeout: Optional[float]):
-        self.at = None if timeout is None else time.monotonic() + timeout
-
-    def remaining(self) -> Optional[float]:
-        return None if self.at is None else self.at - time.monotonic()
 
 
 class AsyncClient:
     """The inference API for asyncio code. One client holds one channel (one HTTP/2
-    connection) and one `GenerateStream` that all of its `stream()` calls share; create it
-    once and reuse it, and close it (`async with`, or `await client.close()`).
+    connection) to the gateway and one `GenerateStream` that all of its `stream()` calls
+    share; create it once and reuse it, and close it (`async with`, or `await client.close()`).
+    The admin surface is `admin` (tenants, keys), `registry` (versions, rollouts) and `audit`
+    (queries), with the same errors and retries; the registry and the auditor get a channel
+    of their own when first used.
 
     `target`, `api_key` and `tls` default to INFERMESH_GATEWAY, INFERMESH_API_KEY and
-    INFERMESH_TLS, then the local stack's env file (see `infermesh_client._config`).
-    `timeout`: the default deadline of every call, in seconds (None: the gateway's default).
+    INFERMESH_TLS, then the local stack's env file (see `infermesh_client._config`);
+    `registry_target` and `auditor_target` (for `registry` and `audit`) to INFERMESH_REGISTRY
+    and INFERMESH_AUDITOR, then the env file, when first used.
+    `timeout`: the default deadline of every call, in seconds (None: the gateway's default for
+    generations, 10 s for other calls).
     """
 
     def __init__(
@@ -70,47 +60,64 @@ class AsyncClient:
         timeout: Optional[float] = None, retry: RetryPolicy = RetryPolicy(),
         channel_options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        registry_target: Optional[str] = None, auditor_target: Optional[str] = None,
     ):
         endpoint = resolve(target, api_key, tls)
         self.target = endpoint.target
-        self._tls = endpoint.tls
+        self._api_key = api_key
+        self._tls_argument = tls
+        self._targets = {"registry": registry_target, "auditor": auditor_target}
+        self._endpoints = {"gateway": endpoint}
         self._root_certificates = root_certificates
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {endpoint.api_key}"),) if endpoint.api_key else ())
+        self._metadata = _authorization(endpoint)
         self._timeout = timeout
         self._retry = retry
         self._options = (("grpc.primary_user_agent", f"infermesh-client-python/{__version__}"),
                          *channel_options)
         self._interceptors = list(interceptors)
-        self._channel: Optional[grpc.aio.Channel] = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
         self._mux: Optional[StreamMultiplexer] = None
         self._closed = False
+        self._inference = ServiceCalls(self, "gateway", _proto.INFERENCE_SERVICE)
+        # Tenants and keys (`admin.tenants`, `admin.keys`) are served by the gateway.
+        self.admin = AsyncAdmin(ServiceCalls(self, "gateway", "infermesh.v1.TenantAdmin"))
+        self.registry = AsyncRegistry(ServiceCalls(self, "registry", "infermesh.v1.Registry"))
+        self.audit = AsyncAudit(ServiceCalls(self, "auditor", "infermesh.v1.Auditor"))
 
-    # -- the channel -------------------------------------------------------------------------
+    # -- the channels ------------------------------------------------------------------------
 
-    def _open_channel(self) -> grpc.aio.Channel:
+    def _service_channel(self, service: str) -> tuple[grpc.aio.Channel, Metadata]:
+        """The channel to `service` (gateway, registry, auditor), opened on first use, and the
+        metadata that carries the key that came with its endpoint."""
         if self._closed:
             raise RuntimeError("the client is closed")
-        if self._channel is None:
-            if self._tls:
+        if service not in self._endpoints:
+            self._endpoints[service] = resolve(self._targets[service], self._api_key,
+                                               self._tls_argument, service=service)
+        endpoint = self._endpoints[service]
+        if service not in self._channels:
+            if endpoint.tls:
                 credentials = grpc.ssl_channel_credentials(self._root_certificates)
-                self._channel = grpc.aio.secure_channel(
-                    self.target, credentials, options=self._options,
+                self._channels[service] = grpc.aio.secure_channel(
+                    endpoint.target, credentials, options=self._options,
                     interceptors=self._interceptors)
             else:
-                self._channel = grpc.aio.insecure_channel(
-                    self.target, options=self._options, interceptors=self._interceptors)
-        return self._channel
+                self._channels[service] = grpc.aio.insecure_channel(
+                    endpoint.target, options=self._options, interceptors=self._interceptors)
+        return self._channels[service], _authorization(endpoint)
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        return self._service_channel("gateway")[0]
 
     def _unary(self, name: str, response: Any) -> Any:
         return self._open_channel().unary_unary(
-            _METHOD + name, request_serializer=lambda m: m.SerializeToString(),
+            _METHOD + name, request_serializer=serialize,
             response_deserializer=response.FromString)
 
     def _multiplexer(self) -> StreamMultiplexer:
         if self._mux is None:
             method = self._open_channel().stream_stream(
-                _METHOD + "GenerateStream", request_serializer=lambda m: m.SerializeToString(),
+                _METHOD + "GenerateStream", request_serializer=serialize,
                 response_deserializer=_proto.ServerFrame.FromString)
             self._mux = StreamMultiplexer(lambda frames: method(frames, metadata=self._metadata))
         return self._mux
@@ -122,8 +129,8 @@ class AsyncClient:
         self._closed = True
         if self._mux is not None:
             await self._mux.close()
-        if self._channel is not None:
-            await self._channel.close()
+        for channel in self._channels.values():
+            await channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -149,25 +156,13 @@ class AsyncClient:
             model, prompt, messages, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, min_tokens=min_tokens, user=user,
             priority=priority, request_id=request_id, idempotency_key=idempotency_key)
-        deadline = _Deadline(self._timeout if timeout is None else timeout)
-        policy = retry or self._retry
         call = self._unary("Generate", _proto.GenerateResponse)
-        attempt, waited = 1, 0.0
-        while True:
-            remaining = deadline.remaining()
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceeded("the call's deadline passed", request_id=args.request_id)
-            try:
-                reply = await call(args.request(remaining), timeout=remaining,
-                                   metadata=self._metadata)
-                return from_response(reply)
-            except grpc.aio.AioRpcError as exc:
-                error = from_rpc_error(exc, args.request_id)
-            delay = policy.delay(error, attempt, waited, deadline.remaining())
-            if delay is None:
-                raise error
-            await asyncio.sleep(delay)
-            attempt, waited = attempt + 1, waited + delay
+        reply = await call_with_retries(
+            lambda remaining: call(args.request(remaining), timeout=remaining,
+                                   metadata=self._metadata),
+            Deadline(self._timeout if timeout is None else timeout), retry or self._retry,
+            args.request_id)
+        return from_response(reply)
 
     def stream(
         self, model: str, prompt: Optional[str] = None, *,
@@ -191,26 +186,20 @@ class AsyncClient:
 
     # -- models ------------------------------------------------------------------------------
 
-    async def models(self, *, timeout: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> list[ModelInfo]:
+    async def models(self, *, timeout: Optional[float] = None) -> list[ModelInfo]:
         """Every model this gateway serves now."""
-        call = self._unary("ListModels", _proto.ListModelsResponse)
-        try:
-            reply = await call(_proto.ListModelsRequest(), timeout=timeout,
-                               metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+        reply = await self._inference.unary("ListModels", _proto.ListModelsRequest(), timeout)
         return [model_info(m) for m in reply.models]
 
-    async def model(self, name: str, *,
-                    timeout: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> ModelInfo:
+    async def model(self, name: str, *, timeout: Optional[float] = None) -> ModelInfo:
         """One model (NotFound when the gateway serves none of that name)."""
-        call = self._unary("GetModel", _proto.ModelInfo)
-        try:
-            reply = await call(_proto.GetModelRequest(name=name), timeout=timeout,
-                               metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+        reply = await self._inference.unary("GetModel", _proto.GetModelRequest(name=name),
+                                            timeout)
         return model_info(reply)
+
+
+def _authorization(endpoint: Endpoint) -> Metadata:
+    return (("authorization", f"Bearer {endpoint.api_key}"),) if endpoint.api_key else ()
 
 
 def _forget(mux_ref: weakref.ReferenceType[StreamMultiplexer], loop: asyncio.AbstractEventLoop,
@@ -231,7 +220,7 @@ class AsyncGenerationStream:
                  retry: RetryPolicy):
         self._client = client
         self._args = args
-        self._deadline = _Deadline(timeout)
+        self._deadline = Deadline(timeout)
         self._retry = retry
         self._queue: Optional[asyncio.Queue[Any]] = None
         self._pieces: list[str] = []

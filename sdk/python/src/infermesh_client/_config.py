@@ -2,6 +2,7 @@
 then `INFERMESH_*` variables, then the local stack's env file.
 
     target      Client(target=…) → INFERMESH_GATEWAY → the env file's INFERMESH_GATEWAY
+    registry    Client(registry_target=…) → INFERMESH_REGISTRY → the env file's (and auditor)
     api_key     Client(api_key=…) → INFERMESH_API_KEY → the env file's INFERMESH_API_KEY
     TLS         Client(tls=…) → INFERMESH_TLS (1/true) → an "https://" target → plaintext
     env file    INFERMESH_ENV_FILE, else $INFERMESH_STATE_DIR/env, else ./.infermesh/env
@@ -55,21 +56,24 @@ def read_env_file(path: pathlib.Path) -> dict[str, str]:
 
 def resolve(
     target: Optional[str], api_key: Optional[str], tls: Optional[bool],
-    environ: Optional[Mapping[str, str]] = None,
+    environ: Optional[Mapping[str, str]] = None, service: str = "gateway",
 ) -> Endpoint:
+    """`service`'s endpoint (gateway, registry or auditor) and the key to send it."""
     environ = os.environ if environ is None else environ
-    # The gateway and its key come from one source, so a key is never sent to a gateway it was
-    # not given with: an explicit or environment gateway never takes the env file's key, and
-    # the env file's gateway (a local stack's) never takes a key from the environment.
-    if target or environ.get("INFERMESH_GATEWAY"):
-        target = target or environ["INFERMESH_GATEWAY"]
+    variable = f"INFERMESH_{service.upper()}"
+    # An endpoint and its key come from one source, so a key is never sent to an endpoint it
+    # was not given with: an explicit or environment endpoint never takes the env file's key,
+    # and the env file's endpoint (a local stack's) never takes a key from the environment.
+    if target or environ.get(variable):
+        target = target or environ[variable]
         api_key = api_key or environ.get("INFERMESH_API_KEY") or None
     else:
         from_file = read_env_file(env_file_path(environ))
-        target = from_file.get("INFERMESH_GATEWAY") or None
+        target = from_file.get(variable) or None
         if not target:
+            argument = "target" if service == "gateway" else f"{service}_target"
             raise ConfigurationError(
-                "no gateway: pass target='host:port', set INFERMESH_GATEWAY, or point "
+                f"no {service}: pass {argument}='host:port', set {variable}, or point "
                 f"INFERMESH_ENV_FILE at a stack's env file (looked in {env_file_path(environ)})")
         api_key = api_key or from_file.get("INFERMESH_API_KEY") or None
     if target.startswith(("https://", "http://")):

@@ -14,6 +14,7 @@ import grpc
 from infermesh_client._async_client import AsyncClient, AsyncGenerationStream
 from infermesh_client._codec import MessageLike
 from infermesh_client._retry import RetryPolicy
+from infermesh_client._sync_admin import Admin, Audit, Registry
 from infermesh_client._types import Delta, Generation, ModelInfo
 
 T = TypeVar("T")
@@ -52,12 +53,17 @@ class Client:
         timeout: Optional[float] = None, retry: RetryPolicy = RetryPolicy(),
         channel_options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        registry_target: Optional[str] = None, auditor_target: Optional[str] = None,
     ):
         self._async = AsyncClient(
             target, api_key, tls=tls, root_certificates=root_certificates, timeout=timeout,
-            retry=retry, channel_options=channel_options, interceptors=interceptors)
+            retry=retry, channel_options=channel_options, interceptors=interceptors,
+            registry_target=registry_target, auditor_target=auditor_target)
         self.target = self._async.target
         self._loop = _LoopThread()
+        self.admin = Admin(self._loop, self._async.admin)
+        self.registry = Registry(self._loop, self._async.registry)
+        self.audit = Audit(self._loop, self._async.audit)
 
     def close(self) -> None:
         """Cancels every running streamed generation and closes the channel."""
@@ -106,11 +112,11 @@ class Client:
             idempotency_key=idempotency_key, retry=retry)
         return GenerationStream(self._loop, stream)
 
-    def models(self, *, timeout: Optional[float] = 10.0) -> list[ModelInfo]:
+    def models(self, *, timeout: Optional[float] = None) -> list[ModelInfo]:
         """See `AsyncClient.models`."""
         return self._loop.run(self._async.models(timeout=timeout))
 
-    def model(self, name: str, *, timeout: Optional[float] = 10.0) -> ModelInfo:
+    def model(self, name: str, *, timeout: Optional[float] = None) -> ModelInfo:
         """See `AsyncClient.model`."""
         return self._loop.run(self._async.model(name, timeout=timeout))
 

@@ -34,12 +34,21 @@ def _load(name: str) -> None:
 
 
 _load("inference.binpb")
+_load("admin.binpb")
 _load("rpc_status.binpb")
 
 
 def message(full_name: str) -> Any:
     """The class of the message `full_name` (e.g. "infermesh.v1.GenerateRequest")."""
     return message_factory.GetMessageClass(POOL.FindMessageTypeByName(full_name))
+
+
+def rpc(service: str, name: str) -> tuple[str, Any, Any]:
+    """Method `name` of `service` (e.g. "infermesh.v1.Registry", "ListVersions"): its path, its
+    request class and its response class."""
+    method = POOL.FindServiceByName(service).methods_by_name[name]
+    return (f"/{service}/{name}", message_factory.GetMessageClass(method.input_type),
+            message_factory.GetMessageClass(method.output_type))
 
 
 def enum_names(full_name: str) -> dict[int, str]:
