@@ -23,6 +23,7 @@ from typing import Any
 
 from bench import (
     audit,
+    engine_limit,
     failover,
     gateway_throughput,
     noisy_neighbor,
@@ -54,6 +55,8 @@ SMOKE: Mapping[str, Mapping[str, Any]] = {
     "torch_engine": {"levels": (1,), "max_tokens": 4, "requests_per_stream": 1,
                      "min_requests": 1, "warmup_tokens": 2},
     "gateway_throughput": {"concurrency": 4, "duration_s": 1.0, "warmup_s": 0.5},
+    "engine_limit": {"levels": (1, 8), "max_tokens": 2, "requests_per_stream": 1, "rounds": 1,
+                     "warmup_tokens": 2},
     "noisy_neighbor": {"phase_s": 1.5, "decisions": 50},
     "quota_accuracy": {"gateways": 2, "workers": 2, "warmup_s": 0.5, "window_s": 1.0},
     "rollback": {"rounds": 1, "cli_rounds": 1},
@@ -81,6 +84,7 @@ HEADLINE = (
     "grpc_tokens_per_s_c16",
     "version_cold_start_s", "cold_start_fetch_over_local", "rollback_first_token_ms",
     "fallback_routing_added_ttft_p50_ms", "scheduler_kill_failed_fraction",
+    "torch_inprocess_over_transformers_cb_tokens_per_s_c8", "torch_bf16_over_fp32_tokens_per_s_c8",
 )
 
 
@@ -93,6 +97,8 @@ def run_all(shape: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Every benchmark, each with its keyword arguments from `shape` (none: its defaults)."""
     # Its own etcd, replicas and schedulers: run before the stack, which would share the CPUs.
     routing_figures = routing.run(**shape.get("routing", {}))
+    # In this process, on the model's cached copy: no stack needed, none to share the CPUs with.
+    engine_figures = engine_limit.run(**shape.get("engine_limit", {}))
     with tempfile.TemporaryDirectory(prefix="infermesh-bench-") as state:
         state_dir = pathlib.Path(state)
         stack = Stack(StackOptions(state_dir=state_dir, demo_plan=BENCH_PLAN))
@@ -115,6 +121,7 @@ def run_all(shape: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         finally:
             stack.down()
     figures.update(routing_figures)
+    figures.update(engine_figures)
     return figures
 
 

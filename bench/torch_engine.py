@@ -45,10 +45,12 @@ TEMPERATURE = 0.8
 REQUEST_TIMEOUT_S = 300  # beyond the budget: a slow CPU makes requests slow, not failed
 
 
-def _result(concurrency: int, samples: list[Sample], elapsed: float) -> LevelResult:
+def level_result(label: str, concurrency: int, samples: list[Sample],
+                 elapsed: float) -> LevelResult:
+    """A level's figures from its samples; each distinct failure is printed once."""
     good = [s for s in samples if s.ok]
     for error in sorted({s.error for s in samples if not s.ok}):
-        print(f"torch c{concurrency}: failed: {error}", flush=True)
+        print(f"{label} c{concurrency}: failed: {error}", flush=True)
     ttfts = [s.ttft_s * 1000 for s in good]
     return LevelResult(
         concurrency=concurrency, requests=len(samples), errors=len(samples) - len(good),
@@ -75,12 +77,13 @@ async def _over_grpc(path: str, stack: StackInfo, triton_model: str, concurrency
                                  timeout_s=budget_s + REQUEST_TIMEOUT_S,
                                  min_tokens=max_tokens, temperature=TEMPERATURE)
             samples, elapsed = await drive(client, concurrency, range(requests), budget_s)
-    return _result(concurrency, samples, elapsed)
+    return level_result(f"torch {path}", concurrency, samples, elapsed)
 
 
-def _in_process(engine: TorchEngine, concurrency: int, requests: int,
+def drive_engine(engine: TorchEngine, concurrency: int, requests: int,
                 max_tokens: int) -> LevelResult:
-    """Keeps `concurrency` requests in the engine until `requests` have finished."""
+    """Keeps `concurrency` requests in the engine until `requests` have finished; each request
+    streams exactly `max_tokens` tokens (seeded sampling at `TEMPERATURE`, EOS banned)."""
     started: dict[str, float] = {}
     first: dict[str, float] = {}
     samples: list[Sample] = []
@@ -98,8 +101,9 @@ def _in_process(engine: TorchEngine, concurrency: int, requests: int,
                 first[delta.request_id] = time.perf_counter()
             if delta.finish_reason is not None:
                 ttft = first.get(delta.request_id, time.perf_counter()) - started[delta.request_id]
-                samples.append(Sample(ttft, delta.num_output_tokens, delta.error == ""))
-    return _result(concurrency, samples, time.perf_counter() - begin)
+                samples.append(Sample(ttft, delta.num_output_tokens, delta.error == "",
+                                      delta.error))
+    return level_result("torch inprocess", concurrency, samples, time.perf_counter() - begin)
 
 
 def _load_engine(stack_blob_dir: pathlib.Path) -> TorchEngine:
@@ -131,13 +135,13 @@ def compare(stack: StackInfo, stack_blob_dir: pathlib.Path, levels: tuple[int, .
     try:
         for path in ("direct", "mesh"):  # warm
             asyncio.run(_over_grpc(path, stack, triton_model, 2, 2, warmup_tokens, budget_s))
-        _in_process(engine, 2, 2, warmup_tokens)
+        drive_engine(engine, 2, 2, warmup_tokens)
         for concurrency in levels:  # the three paths back to back, so load drifts alike
             requests = max(min_requests, concurrency * requests_per_stream)
             for path in ("direct", "mesh"):
                 results[path, concurrency] = asyncio.run(_over_grpc(
                     path, stack, triton_model, concurrency, requests, max_tokens, budget_s))
-            results["inprocess", concurrency] = _in_process(engine, concurrency, requests,
+            results["inprocess", concurrency] = drive_engine(engine, concurrency, requests,
                                                             max_tokens)
     finally:
         engine.stop()

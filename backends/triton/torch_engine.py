@@ -47,9 +47,11 @@ __all__ = [
     "Sampling",
     "TorchEngine",
     "TorchEngineConfig",
+    "native_bfloat16",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_DTYPE = "auto"  # bfloat16 on a CPU that computes it natively, else float32
 _KEY_BITS = 30  # noise key in the low bits of the per-row int32 argument; 0 means greedy
 _BAN_EOS = 1 << _KEY_BITS  # bit 30: the request is below its min_tokens, EOS is not allowed
 
@@ -61,7 +63,7 @@ class TorchEngineConfig:
     num_blocks: int  # KV-cache blocks in this instance's cache
     page_size: int  # tokens per block
     max_batch_tokens: int  # tokens one step may process (prompt chunks + one per decoding request)
-    dtype: str = "float32"  # the safe default; bfloat16 is ~2x faster where the CPU has avx512_bf16
+    dtype: str = "float32"  # or "auto": bfloat16 where the CPU computes it natively (~2x faster)
     device: str = ""  # "" picks cuda when present, else cpu
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
 
@@ -69,12 +71,28 @@ class TorchEngineConfig:
         for name in ("num_blocks", "page_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES and self.dtype != AUTO_DTYPE:
+            raise ValueError(
+                f"dtype must be one of {sorted(DTYPES)} or {AUTO_DTYPE!r}, got {self.dtype!r}")
 
     @property
     def resolved_device(self) -> str:
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def resolved_dtype(self) -> str:
+        """`dtype`, with "auto" decided for this machine; a GPU keeps float32 under "auto"."""
+        if self.dtype != AUTO_DTYPE:
+            return self.dtype
+        native = self.resolved_device == "cpu" and native_bfloat16()
+        return "bfloat16" if native else "float32"
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16), where it is
+    ~2x float32's speed (`python -m bench.engine_limit`); elsewhere float32 stays the default."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 @dataclass(frozen=True)
@@ -277,14 +295,15 @@ class TorchEngine:
         self, model_dir: pathlib.Path, tokenizer_dir: pathlib.Path, config: TorchEngineConfig
     ):
         """Loads the model (transformers' format: a GGUF's converted copy, or a Hugging Face
-        model's own files) in `config.dtype`, and its tokenizer; the generation thread starts
-        with `start()`."""
+        model's own files) in `config.resolved_dtype`, and its tokenizer; the generation thread
+        starts with `start()`."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.config = config
         if config.threads and config.resolved_device == "cpu":
             torch.set_num_threads(config.threads)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[config.dtype])
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=DTYPES[config.resolved_dtype])
         model.to(config.resolved_device)
         eos = model.generation_config.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
