@@ -44,7 +44,7 @@ def plan_update(
     max_concurrency: int | None, max_context: int | None, max_output: int | None,
     monthly_tokens: int | None, degraded_max_tokens: int | None,
     audit_text_hashes: bool | None = None, models: str | None = None,
-    version_grants: str | None = None,
+    version_grants: str | None = None, isolate_prefix_cache: bool | None = None,
 ) -> tenants_pb2.PlanUpdate:
     values = {
         "priority": priority.value if isinstance(priority, Priority) else priority,
@@ -52,7 +52,7 @@ def plan_update(
         "output_tokens_per_minute": output_tpm, "max_concurrency": max_concurrency,
         "max_context_tokens": max_context, "max_output_tokens": max_output,
         "monthly_token_budget": monthly_tokens, "degraded_max_tokens": degraded_max_tokens,
-        "audit_text_hashes": audit_text_hashes,
+        "audit_text_hashes": audit_text_hashes, "isolate_prefix_cache": isolate_prefix_cache,
     }
     update = tenants_pb2.PlanUpdate(**{k: v for k, v in values.items() if v is not None})
     for name, text in (("models", models), ("version_grants", version_grants)):
@@ -108,6 +108,9 @@ DEGRADED = typer.Option(None, "--degraded-max-tokens",
                         help="under pressure, cap max_tokens to this before refusing; 0 = off")
 TEXT_HASHES = typer.Option(None, "--audit-text-hashes/--no-audit-text-hashes",
                            help="audit events carry sha256 of the prompt and completion")
+ISOLATE_PREFIX = typer.Option(
+    None, "--isolate-prefix-cache/--share-prefix-cache",
+    help="its prompts share no prefix routing affinity or engine prefix cache with other tenants")
 MODELS = typer.Option(None, "--models",
                       help="comma-separated model names the tenant may use; '' = every model")
 VERSION_GRANTS = typer.Option(
@@ -124,6 +127,7 @@ def tenant_create(
     max_context: int = MAX_CONTEXT, max_output: int = MAX_OUTPUT, monthly_tokens: int = MONTHLY,
     degraded_max_tokens: int = DEGRADED, audit_text_hashes: bool = TEXT_HASHES,
     models: str = MODELS, version_grants: str = VERSION_GRANTS,
+    isolate_prefix_cache: bool = ISOLATE_PREFIX,
     gateway: str = GATEWAY, api_key: str = API_KEY,
 ) -> None:
     """Create a tenant; unset plan fields take the defaults."""
@@ -131,7 +135,7 @@ def tenant_create(
         tenant_id=tenant_id, name=name or "",
         plan=plan_update(priority, rpm, input_tpm, output_tpm, max_concurrency, max_context,
                          max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes,
-                         models, version_grants))
+                         models, version_grants, isolate_prefix_cache))
     show(call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
                       .CreateTenant(request, metadata=md, timeout=TIMEOUT_S)))
 
@@ -144,6 +148,7 @@ def tenant_update(
     max_context: int = MAX_CONTEXT, max_output: int = MAX_OUTPUT, monthly_tokens: int = MONTHLY,
     degraded_max_tokens: int = DEGRADED, audit_text_hashes: bool = TEXT_HASHES,
     models: str = MODELS, version_grants: str = VERSION_GRANTS,
+    isolate_prefix_cache: bool = ISOLATE_PREFIX,
     expected_revision: int = typer.Option(0, "--expected-revision",
                                           help="refuse if the tenant changed since (from show)"),
     gateway: str = GATEWAY, api_key: str = API_KEY,
@@ -153,7 +158,7 @@ def tenant_update(
         tenant_id=tenant_id, expected_revision=expected_revision,
         plan=plan_update(priority, rpm, input_tpm, output_tpm, max_concurrency, max_context,
                          max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes,
-                         models, version_grants))
+                         models, version_grants, isolate_prefix_cache))
     if name is not None:
         request.name = name
     show(call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)

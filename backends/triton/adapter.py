@@ -55,6 +55,7 @@ class EngineRequest:
     frequency_penalty: float | None = None
     stop: tuple[str, ...] = ()
     bad_words: tuple[str, ...] = ()
+    cache_salt: str = ""  # sent only when set: only engines with a prefix cache declare it
 
 
 @dataclass
@@ -99,6 +100,9 @@ def build_inputs(request: EngineRequest) -> list[triton_aio.InferInput]:
     for name, words in (("stop_words", request.stop), ("bad_words", request.bad_words)):
         if words:
             tensors.add(name, "BYTES", np.array([[w.encode() for w in words]], dtype=np.object_))
+    if request.cache_salt:
+        tensors.add("cache_salt", "BYTES", np.array([[request.cache_salt.encode()]],
+                                                    dtype=np.object_))
     for name in ("return_num_input_tokens", "return_num_output_tokens"):
         tensors.add(name, "BOOL", np.array([[True]], dtype=bool))
     return tensors.inputs

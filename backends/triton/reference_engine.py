@@ -145,6 +145,9 @@ class GenerationRequest:
     seed: int = 0
     min_tokens: int = 0  # no natural end before this; stop strings and max_tokens still apply
     stop: tuple[str, ...] = ()  # the text ends before the first one found, which is not emitted
+    # Only requests with the same salt share prefix-cache blocks (vLLM's `cache_salt`): the
+    # gateway sets the tenant's when its plan isolates its prefix cache.
+    cache_salt: str = ""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -199,10 +202,18 @@ class EngineStats:
         return self.kv_used / self.kv_max
 
 
+def chain_root(cache_salt: str) -> int:
+    """The `previous` of a prompt's first block: 0, or the salt's hash (its own chains)."""
+    if not cache_salt:
+        return 0
+    return int.from_bytes(hashlib.blake2b(cache_salt.encode(), digest_size=8).digest(), "big")
+
+
 def block_hashes(tokens: Sequence[str], block_tokens: int, start: int = 0,
                  previous: int = 0) -> list[int]:
     """Chained hashes of the full blocks of `tokens` from block `start` on (`previous`: the hash
-    of block `start - 1`): a block is identified by its content and everything before it."""
+    of block `start - 1`, or the chain's root): a block is identified by its content and
+    everything before it."""
     hashes = []
     for index in range(start, len(tokens) // block_tokens):
         block = "\x1f".join(tokens[index * block_tokens:(index + 1) * block_tokens])
@@ -484,7 +495,8 @@ class ReferenceEngine:
             sequence = next(iter(self._waiting.values()))
             tokens = len(sequence.tokens)
             # At least one token is computed: the one whose logits give the next token.
-            hashes = block_hashes(sequence.tokens[:tokens - 1], block_tokens)
+            hashes = block_hashes(sequence.tokens[:tokens - 1], block_tokens, 0,
+                                  chain_root(sequence.request.cache_salt))
             hits = self._pool.cached_prefix(hashes)
             hits_free = sum(1 for block in hits if not self._pool.in_use(block))
             needed = self._blocks_for(tokens + 1) - len(hits)
@@ -506,7 +518,8 @@ class ReferenceEngine:
 
     def _register_full_blocks(self, sequence: _Sequence) -> None:
         start = len(sequence.hashes)
-        previous = sequence.hashes[-1] if sequence.hashes else 0
+        previous = (sequence.hashes[-1] if sequence.hashes
+                    else chain_root(sequence.request.cache_salt))
         for offset, block_hash in enumerate(
             block_hashes(sequence.tokens, self.config.kv_block_tokens, start, previous)
         ):

@@ -27,6 +27,13 @@ class Principal:
     def is_admin(self) -> bool:
         return self.role == "admin"
 
+    @property
+    def prefix_salt(self) -> str:
+        """What salts this caller's prompt prefix hashes and engine prefix cache: its tenant when
+        its plan isolates its prefix cache (no affinity, no cached block shared with another
+        tenant), else nothing (every tenant shares)."""
+        return self.tenant_id if self.plan.isolate_prefix_cache else ""
+
 
 class Authenticator:
     def __init__(

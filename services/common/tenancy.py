@@ -43,6 +43,9 @@ class TenantPlan:
     monthly_token_budget: int = 0  # input + output tokens per calendar month (UTC); 0 = none
     degraded_max_tokens: int = 0  # under pressure, cap max_tokens to this before refusing; 0 = off
     audit_text_hashes: bool = False  # audit events carry sha256 of the prompt and completion
+    # Its prompts share no prefix affinity or engine prefix-cache entry with another tenant's
+    # (a shared prefix cache lets a tenant time whether another sent a prompt: TTFT is lower).
+    isolate_prefix_cache: bool = False
     # Model names the tenant may use (bare, or pinned to production/canary/previous); empty:
     # every model. See services/gateway/model_access.py.
     models: tuple[str, ...] = ()
@@ -74,6 +77,7 @@ def bucket_capacity(per_minute: float) -> float:
 
 ZERO_MEANS_NONE = ("monthly_token_budget", "degraded_max_tokens")
 LIST_FIELDS = ("models", "version_grants")
+BOOL_FIELDS = ("audit_text_hashes", "isolate_prefix_cache")
 MAX_LIST_ENTRIES = 256
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # as services/registry/manifest.py
 VERSION_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -131,8 +135,9 @@ def validate_tenant(tenant: Tenant) -> None:
     if plan.priority not in PRIORITY_CLASSES:
         raise errors.InvalidArgument("plan.priority",
                                      f"must be one of {', '.join(PRIORITY_CLASSES)}")
-    if not isinstance(plan.audit_text_hashes, bool):
-        raise errors.InvalidArgument("plan.audit_text_hashes", "must be true or false")
+    for name in BOOL_FIELDS:
+        if not isinstance(getattr(plan, name), bool):
+            raise errors.InvalidArgument(f"plan.{name}", "must be true or false")
     for name, pattern in (("models", MODEL_NAME), ("version_grants", VERSION_ID)):
         values = getattr(plan, name)
         if not isinstance(values, (list, tuple)) or len(values) > MAX_LIST_ENTRIES:
@@ -143,7 +148,7 @@ def validate_tenant(tenant: Tenant) -> None:
                     f"plan.{name}[{index}]", "must be a model name" if name == "models"
                     else "must be a version id, sha256:<64 hex digits>")
     for name, value in asdict(plan).items():
-        if name in ("priority", "audit_text_hashes", *LIST_FIELDS):
+        if name in ("priority", *BOOL_FIELDS, *LIST_FIELDS):
             continue
         low = 0 if name in ZERO_MEANS_NONE else 1
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 10**12:

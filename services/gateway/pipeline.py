@@ -351,7 +351,7 @@ class GenerationPipeline:
 
         progress.cleanups.append(give_back_place)
         failed: list[str] = []
-        prefix_hashes = prompt_block_hashes(engine_request.prompt)
+        prefix_hashes = prompt_block_hashes(engine_request.prompt, principal.prefix_salt)
         for attempt in range(1, self._max_attempts + 1):
             route = await self._routing.route(
                 engine_request.triton_model_name, version_id, engine_request.request_id, hold_s,

@@ -18,7 +18,7 @@ from backends.triton.adapter import EngineRequest
 from services.common.errors import InvalidArgument
 from services.gateway.requests import FIELD_LIMITS, REQUEST_ID, GenerationRequest, Principal
 from services.gateway.tokenizers import PromptTokenizer
-from services.registry.engine_capabilities import first_unsupported
+from services.registry.engine_capabilities import capabilities_of, first_unsupported
 from services.registry.manifest import ModelVersion
 
 ROLES = ("system", "user", "assistant")
@@ -73,6 +73,7 @@ class CheckedParameters:
     max_tokens: int
     context_limit: int
     timeout_s: float
+    cache_salt: str = ""  # the engine's prefix-cache partition (Principal.prefix_salt)
 
 
 def check_parameters(
@@ -128,7 +129,8 @@ def check_parameters(
     elif not (request.prompt or "").strip():
         raise InvalidArgument("prompt", "is required (or messages)")
     context_limit = min(version.context_window, plan.max_context_tokens)
-    return CheckedParameters(max_tokens, context_limit, timeout_s)
+    cache_salt = principal.prefix_salt if capabilities_of(version.engine_kind).prefix_cache else ""
+    return CheckedParameters(max_tokens, context_limit, timeout_s, cache_salt)
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ def finish_validation(
         frequency_penalty=sampling.frequency_penalty,
         stop=sampling.stop,
         bad_words=sampling.bad_words,
+        cache_salt=checked.cache_salt,
     )
     return ValidatedGeneration(engine, prompt.tokens, checked.timeout_s)
 

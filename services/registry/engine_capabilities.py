@@ -40,11 +40,14 @@ _EVERY = frozenset(NEUTRAL)
 class EngineCapabilities:
     kind: str
     optional: frozenset[str]  # which of `NEUTRAL`'s parameters it honours at other values
+    # It keeps a prefix cache across requests and takes a `cache_salt` to partition it (the
+    # torch engine keeps none: nothing of one request's KV outlives it).
+    prefix_cache: bool = False
 
 
 CAPABILITIES: Mapping[str, EngineCapabilities] = {
     "torch": EngineCapabilities("torch", frozenset()),
-    "reference": EngineCapabilities("reference", _EVERY),
+    "reference": EngineCapabilities("reference", _EVERY, prefix_cache=True),
 }
 
 

@@ -19,6 +19,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferResult
 from tritonclient.utils import InferenceServerException
 
+from backends.triton.adapter import EngineRequest, build_inputs
 from backends.triton.launcher import TritonPorts, TritonServer, stub_pids
 from backends.triton.reference_engine import GenerationRequest, complete, count_tokens
 from deploy.local.replicas import reference_repository
@@ -238,6 +239,25 @@ async def test_kv_cache_metrics_and_prefix_hits_on_the_metrics_endpoint(
         assert (kv(metrics, "used"), kv(metrics, "free"), kv(metrics, "fraction")) == (0, 4096, 0)
         assert kv(metrics, "reused") == kv(before, "reused") + 2
         assert metric(metrics, "nv_trt_llm_request_metrics", request_type="waiting") == 0
+
+
+async def test_a_cache_salt_keeps_tenants_prefix_cache_entries_apart(
+    client: triton_aio.InferenceServerClient,
+) -> None:
+    """Issue 15, class 9: the gateway's adapter sends an isolated tenant's `cache_salt`; only
+    requests with the same salt reuse each other's cached blocks (and skip their prefill)."""
+    system_prompt = " ".join(f"salted{i}" for i in range(130))  # two full blocks of 64
+
+    async def reused(salt: str) -> int:
+        inputs = build_inputs(EngineRequest(MODEL, "r", system_prompt, max_tokens=2,
+                                            cache_salt=salt))
+        return scalar((await generate(client, inputs))[-1], "kv_cache_reused_blocks")
+
+    assert await reused("tenant-a") == 0
+    assert await reused("tenant-b") == 0  # the same prompt, another tenant: no hit
+    assert await reused("") == 0  # nor for the tenants that share
+    assert await reused("tenant-a") == 2
+    assert await reused("") == 2
 
 
 async def test_bad_input_gets_an_error_response_and_the_stream_ends(

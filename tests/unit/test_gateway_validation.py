@@ -72,3 +72,18 @@ def test_request_id_checked_or_generated():
     assert validate_request_id("abc-1") == "abc-1"
     with pytest.raises(errors.InvalidArgument):
         validate_request_id("has space")
+
+
+@pytest.mark.parametrize("kind, isolated, salt", [
+    ("reference", True, "t"), ("reference", False, ""),
+    ("torch", True, ""),  # no prefix cache to partition: the engine declares no cache_salt
+])
+def test_an_isolated_tenants_engine_request_carries_its_cache_salt(kind, isolated, salt):
+    version = ModelVersion("sha256:" + "1" * 64, {
+        "name": "demo", "tokenizer": "whitespace",
+        "engine": {"kind": kind, "context_window": 100, "max_output_tokens": 50},
+        "sampling": {"max_tokens": 16, "temperature": 0.7, "top_p": 0.9}})
+    principal = Principal("t", "k", "user", TenantPlan(isolate_prefix_cache=isolated))
+    assert principal.prefix_salt == ("t" if isolated else "")
+    engine = validate(request(), principal, version, Limits(), WhitespaceTokenizer()).engine
+    assert engine.cache_salt == salt

@@ -33,8 +33,9 @@ def request(
     max_tokens: int = 10_000,
     min_tokens: int = 0,
     stop: tuple[str, ...] = (),
+    cache_salt: str = "",
 ) -> GenerationRequest:
-    return GenerationRequest(request_id, prompt, max_tokens, seed, min_tokens, stop)
+    return GenerationRequest(request_id, prompt, max_tokens, seed, min_tokens, stop, cache_salt)
 
 
 def run_to_completion(engine: ReferenceEngine) -> dict[int, list[str]]:
@@ -356,6 +357,26 @@ def test_a_prefix_hit_skips_its_prefill_and_is_reported() -> None:
     assert second.outputs[0].kv_cache_reused_blocks == 2
     assert (second.prefilled_tokens, second.cached_tokens) == (13 - 8, 8)
     assert engine.stats.kv_used == 4  # 14 tokens, two of the blocks shared with the cache
+
+
+def test_a_cache_salt_shares_prefix_blocks_only_within_its_salt() -> None:
+    """Issue 15, class 9: an isolated tenant's identical prompt is prefilled again (its TTFT
+    tells nothing of what another tenant sent); its own repeat is a hit."""
+    timing = StepTiming(prefill_us_per_token=1000, decode_step_ms=1, decode_step_ms_per_request=0)
+    engine = ReferenceEngine(EngineConfig(timing=timing, kv_cache_blocks=32, kv_block_tokens=4))
+    prompt = words(9)  # two full blocks and one word
+
+    def first_step(request_id: int, salt: str) -> tuple[float, int]:
+        engine.add_request(request(request_id, prompt=prompt, max_tokens=2, cache_salt=salt))
+        result = engine.step()
+        run_to_completion(engine)
+        return result.duration_s, result.cached_tokens
+
+    assert first_step(0, "tenant-a") == (pytest.approx(0.001 + 9 * 0.001), 0)
+    assert first_step(1, "tenant-b") == (pytest.approx(0.001 + 9 * 0.001), 0)
+    assert first_step(2, "") == (pytest.approx(0.001 + 9 * 0.001), 0)
+    assert first_step(3, "tenant-a") == (pytest.approx(0.001 + 1 * 0.001), 8)
+    assert first_step(4, "") == (pytest.approx(0.001 + 1 * 0.001), 8)
 
 
 def test_a_whole_cached_prompt_still_computes_its_last_token() -> None:

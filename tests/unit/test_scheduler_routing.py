@@ -71,6 +71,22 @@ def test_routing_prefers_the_replica_holding_the_prompts_prefix():
         r.release(again.reservation_id, Outcome.OK, 0)
 
 
+def test_salted_prompts_get_no_prefix_affinity_from_another_tenants():
+    """Issue 15, class 9: hashed with the tenant's salt (plan isolate_prefix_cache), tenant B's
+    identical prompt matches nothing tenant A was routed; unsalted (shared) prompts match."""
+    r = router()
+    replicas = [replica(rid) for rid in ("a", "b", "c", "d")]
+    prompt = "You are a careful assistant who answers in French. " * 20 + "Question?"
+    for salt in ("tenant-a", ""):
+        routed = r.route(query(hashes=prompt_block_hashes(prompt, salt)), replicas, {}, 0)
+        r.release(routed.reservation_id, Outcome.OK, 0)
+    chain = len(prompt_block_hashes(prompt))
+    assert r.prefix.matches("m", prompt_block_hashes(prompt, "tenant-b")) == {}
+    assert list(r.prefix.matches("m", prompt_block_hashes(prompt, "tenant-a")).values()) == [chain]
+    assert list(r.prefix.matches("m", prompt_block_hashes(prompt)).values()) == [chain]
+    assert prompt_block_hashes(prompt, "tenant-a") != prompt_block_hashes(prompt)
+
+
 def test_a_full_queue_outweighs_prefix_affinity():
     r = router()
     replicas = [replica("a"), replica("b")]

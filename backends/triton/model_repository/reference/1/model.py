@@ -99,6 +99,7 @@ class TritonPythonModel:
             seed=int(scalar(request, "seed", 0)),
             min_tokens=int(scalar(request, "min_tokens", 0)),
             stop=strings(request, "stop_words"),
+            cache_salt=scalar(request, "cache_salt", b"").decode(),
         )
         pending.num_input_tokens = count_tokens(prompt)
         return pending, generation
