@@ -174,11 +174,9 @@ class Router:
                 since = report.received_at if report is not None and c.load is not None else None
                 c.pending = len(held) if since is None else _count_after(held, since)
         totals = [0.0] * len(candidates)
-        for scorer, weight in self._scorers:
-            scores = scorer.score(ctx, candidates)
-            if scores and (min(scores) < 0.0 or max(scores) > 1.0):  # llm-d clamps, so do we
-                scores = [0.0 if v < 0.0 else 1.0 if v > 1.0 else v for v in scores]
-            totals = [t + weight * v for t, v in zip(totals, scores, strict=True)]
+        for scorer, weight in self._scorers:  # clamped (llm-d clamps, so do we) as it is added
+            totals = [t + weight * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
+                      for t, v in zip(totals, scorer.score(ctx, candidates), strict=True)]
         top = max(totals)
         best = min((i for i, t in enumerate(totals) if t == top),
                    key=lambda i: candidates[i].replica_id)
