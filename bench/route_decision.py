@@ -23,6 +23,7 @@ import time
 
 import grpc
 
+from bench.gateway_throughput import process_cpu_s
 from bench.streaming import percentile
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.stack import service_process, wait_serving
@@ -108,7 +109,8 @@ async def _write_fleet(endpoint: str, replicas: int) -> None:
                              etcd.encode(record.encode()))
 
 
-async def _round_trips(port: int, chains: list[list[int]], concurrency: int) -> dict[str, float]:
+async def _round_trips(port: int, pid: int, chains: list[list[int]],
+                       concurrency: int) -> dict[str, float]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         timings: list[float] = []
@@ -129,15 +131,16 @@ async def _round_trips(port: int, chains: list[list[int]], concurrency: int) -> 
         await caller()  # warm the channel
         timings.clear()
         queue = list(chains)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), process_cpu_s(pid)
         await asyncio.gather(*(caller() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, process_cpu_s(pid) - cpu
     figures = _percentiles(timings)
     figures["routes_per_s"] = round(len(chains) / elapsed, 1)
+    figures["scheduler_cpu_us_per_route"] = round(cpu * 1e6 / len(chains), 1)
     return figures
 
 
-async def _stream_round_trips(port: int, chains: list[list[int]],
+async def _stream_round_trips(port: int, pid: int, chains: list[list[int]],
                               concurrency: int) -> dict[str, float]:
     """As `_round_trips`, over one `RouteStream` (the gateway's client): Release queued after
     each route, as a gateway does."""
@@ -162,12 +165,13 @@ async def _stream_round_trips(port: int, chains: list[list[int]],
         await caller()  # warm the stream
         timings.clear()
         queue = list(chains)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), process_cpu_s(pid)
         await asyncio.gather(*(caller() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, process_cpu_s(pid) - cpu
         await stream.close()
     figures = _percentiles(timings)
     figures["routes_per_s"] = round(len(chains) / elapsed, 1)
+    figures["scheduler_cpu_us_per_route"] = round(cpu * 1e6 / len(chains), 1)
     return figures
 
 
@@ -177,7 +181,8 @@ def rpc_round_trip_us(replicas: int = 100, samples: int = 2000,
                       ) -> dict[str, dict[str, float]]:
     """Route latency over loopback gRPC to a real scheduler process (Release after each, as a
     gateway does), sequential and with concurrent callers: unary `Route` + `Release`, then the
-    same over one `RouteStream`."""
+    same over one `RouteStream`; with the scheduler process's CPU time per route (from the
+    kernel: what one core of it sustains, whatever else the machine runs)."""
     chains = workload(samples)
     stream_chains = workload(stream_samples, seed=8)
     with tempfile.TemporaryDirectory(prefix="infermesh-route-bench-") as tmp:
@@ -192,12 +197,13 @@ def rpc_round_trip_us(replicas: int = 100, samples: int = 2000,
             asyncio.run(_write_fleet(server.endpoint, replicas))
             scheduler.start()
             wait_serving(scheduler, f"127.0.0.1:{port}", time.monotonic() + 30)
-            figures = {f"concurrency_{c}": asyncio.run(_round_trips(port, chains, c))
+            figures = {f"concurrency_{c}": asyncio.run(_round_trips(port, scheduler.pid, chains, c))
                        for c in concurrency}
             figures.update(
                 (f"stream_concurrency_{c}",
                  asyncio.run(_stream_round_trips(  # one at a time: as many as the unary run
-                     port, stream_chains if c > 1 else stream_chains[:samples], c)))
+                     port, scheduler.pid, stream_chains if c > 1 else stream_chains[:samples],
+                     c)))
                 for c in stream_concurrency)
             return figures
         finally:

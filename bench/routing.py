@@ -361,6 +361,9 @@ def decision_costs(decision_samples: int = 5000, rpc_samples: int = 2000,
         "route_decisions_per_s_one_process": rpc["stream_concurrency_64"]["routes_per_s"],
         "route_stream_over_rpc_routes_per_s_16_callers": round(
             stream_many["routes_per_s"] / many["routes_per_s"], 2),
+        "route_rpc_scheduler_cpu_us_per_route_16_callers": many["scheduler_cpu_us_per_route"],
+        "route_stream_scheduler_cpu_us_per_route_64_callers":
+            rpc["stream_concurrency_64"]["scheduler_cpu_us_per_route"],
     }
     print(f"routing decision in process (100 replicas, kv_aware, CPU time): p50 "
           f"{figures['route_decision_us_p50_100_replicas']} / p99 "
@@ -372,7 +375,10 @@ def decision_costs(decision_samples: int = 5000, rpc_samples: int = 2000,
           f"RouteStream: p50 {figures['route_stream_us_p50_100_replicas']} µs, "
           f"{figures['route_stream_routes_per_s_16_callers']} routes/s with 16 callers "
           f"({figures['route_stream_over_rpc_routes_per_s_16_callers']}x unary), "
-          f"{figures['route_decisions_per_s_one_process']} with 64", flush=True)
+          f"{figures['route_decisions_per_s_one_process']} with 64; scheduler CPU per route "
+          f"{figures['route_rpc_scheduler_cpu_us_per_route_16_callers']} µs unary, "
+          f"{figures['route_stream_scheduler_cpu_us_per_route_64_callers']} µs streamed",
+          flush=True)
     return figures
 
 
