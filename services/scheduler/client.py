@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable
 
 import grpc
@@ -26,6 +27,10 @@ from services.common.logs import get_logger
 log = get_logger(__name__)
 
 MAX_BATCH = 4096  # routes, and releases, per message (the scheduler's limit)
+# A stream older than this takes no new routes (the next stream does): below the servers'
+# connection-age grace (INFERMESH_MAX_CONNECTION_AGE_GRACE_S, 660 s), so no stream is cut with
+# routes in flight when its connection reaches its maximum age.
+MAX_STREAM_AGE_S = 300.0
 
 
 class SchedulerGone(errors.Unavailable):
@@ -35,16 +40,20 @@ class SchedulerGone(errors.Unavailable):
 class RouteStream:
     """Routes and releases to one scheduler instance over `channel`."""
 
-    def __init__(self, channel: grpc.aio.Channel, write_timeout_s: float):
+    def __init__(self, channel: grpc.aio.Channel, write_timeout_s: float,
+                 max_age_s: float = MAX_STREAM_AGE_S):
         self._stub = scheduler_pb2_grpc.SchedulerStub(channel)
         self._write_timeout_s = write_timeout_s
+        self._max_age_s = max_age_s
+        self._opened_at = 0.0
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[scheduler_pb2.RouteResponse]] = {}
         self._routes: list[scheduler_pb2.RouteCall] = []
         self._releases: list[scheduler_pb2.ReleaseRouteRequest] = []
         self._queued = asyncio.Event()
-        self._call: grpc.aio.StreamStreamCall | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._call: grpc.aio.StreamStreamCall | None = None  # the stream new routes go on
+        self._calls: set[grpc.aio.StreamStreamCall] = set()  # it, and retired ones finishing
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def route(self, request: scheduler_pb2.RouteRequest,
                     timeout_s: float) -> scheduler_pb2.RouteResponse:
@@ -69,18 +78,28 @@ class RouteStream:
 
     def _open(self) -> None:
         if self._call is not None:
-            return
+            if time.monotonic() - self._opened_at < self._max_age_s:
+                return
+            # Retired: its writer half-closes it, its reader takes the results still due.
+            self._queued.set()
         self._call = call = self._stub.RouteStream()
+        self._opened_at = time.monotonic()
+        self._calls.add(call)
         if self._releases:  # left over from the last stream
             self._queued.set()
-        self._tasks = [asyncio.ensure_future(self._write(call)),
-                       asyncio.ensure_future(self._read(call))]
-        for task in self._tasks:
-            task.add_done_callback(self._closed(call))
+        tasks = (asyncio.ensure_future(self._write(call)), asyncio.ensure_future(self._read(call)))
+        for task in tasks:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._closed(call, tasks))
 
     async def _write(self, call: grpc.aio.StreamStreamCall) -> None:
         while True:
             await self._queued.wait()
+            if call is not self._call:  # retired: what is queued goes on the new stream
+                async with asyncio.timeout(self._write_timeout_s):
+                    await call.done_writing()
+                return
             self._queued.clear()
             routes, self._routes = self._routes[:MAX_BATCH], self._routes[MAX_BATCH:]
             releases, self._releases = self._releases[:MAX_BATCH], self._releases[MAX_BATCH:]
@@ -106,13 +125,16 @@ class RouteStream:
                 else:
                     answer.set_exception(status.from_error(result.error))
 
-    def _closed(self, call: grpc.aio.StreamStreamCall) -> Callable[[asyncio.Task[None]], None]:
+    def _closed(self, call: grpc.aio.StreamStreamCall, tasks: tuple[asyncio.Task[None], ...]
+                ) -> Callable[[asyncio.Task[None]], None]:
         def closed(task: asyncio.Task[None]) -> None:
+            if all(t.done() for t in tasks):
+                self._calls.discard(call)
             if self._call is not call:
-                return  # the other task already closed it
+                return  # retired and finishing, or the other task already closed it
             self._call = None
             error = None if task.cancelled() else task.exception()
-            for other in self._tasks:
+            for other in tasks:
                 other.cancel()
             call.cancel()
             gone = SchedulerGone(f"the route stream ended: {_describe(error)}", retry_after_s=1.0)
@@ -127,8 +149,7 @@ class RouteStream:
         return closed
 
     async def close(self) -> None:
-        call = self._call
-        if call is not None:
+        for call in self._calls:
             call.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 

@@ -319,9 +319,19 @@ async def test_route_stream_carries_routes_refusals_and_late_releases(etcd_serve
             # are released as their results come, leaving this one.
             await stream.route(request, 5.0)
             await wait_in_flight([port], model, [1])
+            await stream.close()
+            # Streams past their age take no new routes: each retired one still answers the
+            # routes it carries and takes their releases.
+            aging = RouteStream(channel, write_timeout_s=2.0, max_age_s=0.0)
+            replies = [await aging.route(request, 5.0) for _ in range(10)]
+            replies += await asyncio.gather(*(aging.route(request, 5.0) for _ in range(40)))
+            for reply in replies:
+                aging.release(scheduler_pb2.ReleaseRouteRequest(
+                    reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK))
+            await wait_in_flight([port], model, [1])  # the one routed above, before these
             os.kill(process.pid, signal.SIGKILL)
             with pytest.raises(SchedulerGone):
-                await stream.route(request, 5.0)
-            await stream.close()
+                await aging.route(request, 5.0)
+            await aging.close()
     finally:
         process.stop()
