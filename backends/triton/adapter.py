@@ -12,17 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from tritonclient.grpc import InferenceServerException
 from tritonclient.grpc import aio as triton_aio
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common import errors
 
 OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens")
+# tritonclient's own channel settings: no message size limit, its keepalive defaults.
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.keepalive_time_ms", 2**31 - 1),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 2),
+)
 # The liveness probe input our Python-backend engines declare, and the words they refuse with
 # once their engine stopped (backends/triton/decoupled_model.py).
 PROBE_INPUT = "infermesh_probe"
@@ -78,111 +88,124 @@ class _Tensors:
         self.inputs.append(tensor)
 
 
-def build_inputs(request: EngineRequest) -> list[triton_aio.InferInput]:
-    """The request as TensorRT-LLM tensors: batch of one, so a `dims: [1]` input is `[1, 1]`."""
-    tensors = _Tensors()
-    tensors.add("text_input", "BYTES", np.array([[request.prompt.encode()]], dtype=np.object_))
-    tensors.add("max_tokens", "INT32", np.array([[request.max_tokens]], dtype=np.int32))
-    tensors.add("stream", "BOOL", np.array([[True]], dtype=bool))
-    scalars = (
-        ("temperature", "FP32", np.float32, request.temperature),
-        ("top_p", "FP32", np.float32, request.top_p),
-        ("top_k", "INT32", np.int32, request.top_k),
-        ("seed", "UINT64", np.uint64, request.seed),
-        ("min_tokens", "INT32", np.int32, request.min_tokens),
-        ("repetition_penalty", "FP32", np.float32, request.repetition_penalty),
-        ("presence_penalty", "FP32", np.float32, request.presence_penalty),
-        ("frequency_penalty", "FP32", np.float32, request.frequency_penalty),
-    )
-    for name, datatype, dtype, value in scalars:
+# Optional scalar inputs, by their Triton datatype and raw (little-endian) layout.
+_SCALARS = (
+    ("temperature", "FP32", "<f"),
+    ("top_p", "FP32", "<f"),
+    ("top_k", "INT32", "<i"),
+    ("seed", "UINT64", "<Q"),
+    ("min_tokens", "INT32", "<i"),
+    ("repetition_penalty", "FP32", "<f"),
+    ("presence_penalty", "FP32", "<f"),
+    ("frequency_penalty", "FP32", "<f"),
+)
+_TRUE = b"\x01"
+
+
+def _bytes_element(value: bytes) -> bytes:
+    """A BYTES tensor element in Triton's raw encoding: its 4-byte length, then it."""
+    return struct.pack("<I", len(value)) + value
+
+
+def build_request(request: EngineRequest) -> service_pb2.ModelInferRequest:
+    """The request as TensorRT-LLM tensors, batch of one (a `dims: [1]` input is `[1, 1]`), in
+    Triton's raw encoding: byte for byte what tritonclient's `InferInput`s make of numpy
+    arrays, at a sixth of the cost (docs/benchmarks.md, "The gateway's own cost")."""
+    message = service_pb2.ModelInferRequest(model_name=request.triton_model_name,
+                                            id=request.request_id)
+    raw = message.raw_input_contents
+
+    def add(name: str, datatype: str, content: bytes, count: int = 1) -> None:
+        message.inputs.add(name=name, datatype=datatype, shape=(1, count))
+        raw.append(content)
+
+    add("text_input", "BYTES", _bytes_element(request.prompt.encode()))
+    add("max_tokens", "INT32", struct.pack("<i", request.max_tokens))
+    add("stream", "BOOL", _TRUE)
+    for name, datatype, layout in _SCALARS:
+        value = getattr(request, name)
         if value is not None:
-            tensors.add(name, datatype, np.array([[value]], dtype=dtype))
+            add(name, datatype, struct.pack(layout, value))
     for name, words in (("stop_words", request.stop), ("bad_words", request.bad_words)):
         if words:
-            tensors.add(name, "BYTES", np.array([[w.encode() for w in words]], dtype=np.object_))
+            add(name, "BYTES", b"".join(_bytes_element(w.encode()) for w in words), len(words))
     if request.cache_salt:
-        tensors.add("cache_salt", "BYTES", np.array([[request.cache_salt.encode()]],
-                                                    dtype=np.object_))
-    for name in ("return_num_input_tokens", "return_num_output_tokens"):
-        tensors.add(name, "BOOL", np.array([[True]], dtype=bool))
-    return tensors.inputs
+        add("cache_salt", "BYTES", _bytes_element(request.cache_salt.encode()))
+    add("return_num_input_tokens", "BOOL", _TRUE)
+    add("return_num_output_tokens", "BOOL", _TRUE)
+    for name in OUTPUTS:
+        message.outputs.add(name=name)
+    return message
 
 
-def _scalar(result: triton_aio.InferResult, name: str) -> int:
-    value = result.as_numpy(name)
-    return int(value.reshape(-1)[0]) if value is not None and value.size else 0
-
-
-def _text(result: triton_aio.InferResult) -> str:
-    value = result.as_numpy("text_output")
-    if value is None or not value.size:
-        return ""
-    raw = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in value.reshape(-1))
-    return raw.decode("utf-8", errors="replace")
-
-
-def _is_final(result: triton_aio.InferResult) -> bool:
-    parameter = result.get_response().parameters.get("triton_final_response")
-    return bool(parameter is not None and parameter.bool_param)
+def read_chunk(response: service_pb2.ModelInferResponse) -> EngineChunk:
+    """One streamed response: its text (every BYTES element, concatenated) and the counts."""
+    text, prompt_tokens, completion_tokens = b"", 0, 0
+    for tensor, content in zip(response.outputs, response.raw_output_contents, strict=False):
+        if tensor.name == "text_output":
+            pieces, offset = [], 0
+            while offset + 4 <= len(content):
+                (length,) = struct.unpack_from("<I", content, offset)
+                pieces.append(content[offset + 4:offset + 4 + length])
+                offset += 4 + length
+            text = b"".join(pieces)
+        elif tensor.name == "num_input_tokens" and len(content) >= 4:
+            prompt_tokens = struct.unpack_from("<i", content)[0]
+        elif tensor.name == "num_output_tokens" and len(content) >= 4:
+            completion_tokens = struct.unpack_from("<i", content)[0]
+    final = response.parameters.get("triton_final_response")
+    return EngineChunk(text=text.decode("utf-8", errors="replace"), prompt_tokens=prompt_tokens,
+                       completion_tokens=completion_tokens,
+                       final=bool(final is not None and final.bool_param))
 
 
 class TritonAdapter:
-    """Streams generations from Triton replicas; holds one client per endpoint."""
+    """Streams generations from Triton replicas; holds one channel per endpoint."""
 
     def __init__(self) -> None:
-        self._clients: dict[str, triton_aio.InferenceServerClient] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, service_pb2_grpc.GRPCInferenceServiceStub] = {}
 
-    def client(self, endpoint: str) -> triton_aio.InferenceServerClient:
-        client = self._clients.get(endpoint)
-        if client is None:
-            client = triton_aio.InferenceServerClient(endpoint)
-            self._clients[endpoint] = client
-        return client
+    def _stub(self, endpoint: str) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        stub = self._stubs.get(endpoint)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+            self._channels[endpoint] = channel
+            stub = self._stubs[endpoint] = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        return stub
 
     async def close(self) -> None:
-        for client in self._clients.values():
+        for channel in self._channels.values():
             with contextlib.suppress(Exception):
-                await client.close()
-        self._clients.clear()
+                await channel.close()
+        self._channels.clear()
+        self._stubs.clear()
 
     async def generate(self, endpoint: str, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         """Yields chunks until the engine's final response.
 
         Raises `errors.Unavailable` when the replica cannot be reached (safe to retry elsewhere
         before the first chunk) and `errors.Internal` when the engine reports an error. Cancelling
-        the caller cancels the Triton request.
+        the caller cancels the Triton request. The request is written on the call itself (no
+        request iterator, which grpc.aio would drain in a task of its own).
         """
-        inputs = build_inputs(request)
-        outputs = [triton_aio.InferRequestedOutput(name) for name in OUTPUTS]
-
-        async def one_request():
-            yield {
-                "model_name": request.triton_model_name,
-                "inputs": inputs,
-                "outputs": outputs,
-                "request_id": request.request_id,
-            }
-
-        responses = self.client(endpoint).stream_infer(one_request())
+        call = self._stub(endpoint).ModelStreamInfer()
         last: EngineChunk | None = None
         engine_error: errors.MeshError | None = None
         finished = False
         try:
-            async for result, error in responses:
-                if error is not None:  # the engine's final answer; read on until the stream ends
+            await call.write(build_request(request))
+            await call.done_writing()
+            async for response in call:
+                if response.error_message:  # the engine's final answer; read on to the end
+                    message = response.error_message
                     engine_error = (
-                        errors.Unavailable(f"replica {endpoint}: {error.message()}",
-                                           retry_after_s=1.0)
-                        if engine_process_gone(error.message())
-                        else errors.Internal(f"engine error: {error.message()}"))
+                        errors.Unavailable(f"replica {endpoint}: {message}", retry_after_s=1.0)
+                        if engine_process_gone(message)
+                        else errors.Internal(f"engine error: {message}"))
                     finished = True
                     continue
-                chunk = EngineChunk(
-                    text=_text(result),
-                    prompt_tokens=_scalar(result, "num_input_tokens"),
-                    completion_tokens=_scalar(result, "num_output_tokens"),
-                    final=_is_final(result),
-                )
+                chunk = read_chunk(response.infer_response)
                 if chunk.final:
                     # Hold the final chunk until Triton ends the stream, so the stream is always
                     # drained even when the caller stops reading at the final chunk.
@@ -196,11 +219,9 @@ class TritonAdapter:
             yield last
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(exc, endpoint) from exc
-        except InferenceServerException as exc:
-            raise errors.Unavailable(f"replica {endpoint}: {exc.message()}") from exc
         finally:
             if not finished:
-                responses.cancel()
+                call.cancel()
 
 
 def _rpc_error(exc: grpc.aio.AioRpcError, endpoint: str) -> errors.MeshError:

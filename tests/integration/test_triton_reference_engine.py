@@ -13,13 +13,14 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput, InferResult
+from tritonclient.grpc import InferInput, InferResult, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from backends.triton.adapter import EngineRequest, build_inputs
+from backends.triton.adapter import EngineRequest, build_request
 from backends.triton.launcher import TritonPorts, TritonServer, stub_pids
 from backends.triton.reference_engine import GenerationRequest, complete, count_tokens
 from deploy.local.replicas import reference_repository
@@ -242,16 +243,22 @@ async def test_kv_cache_metrics_and_prefix_hits_on_the_metrics_endpoint(
 
 
 async def test_a_cache_salt_keeps_tenants_prefix_cache_entries_apart(
-    client: triton_aio.InferenceServerClient,
+    triton: TritonServer,
 ) -> None:
     """Issue 15, class 9: the gateway's adapter sends an isolated tenant's `cache_salt`; only
     requests with the same salt reuse each other's cached blocks (and skip their prefill)."""
     system_prompt = " ".join(f"salted{i}" for i in range(130))  # two full blocks of 64
 
     async def reused(salt: str) -> int:
-        inputs = build_inputs(EngineRequest(MODEL, "r", system_prompt, max_tokens=2,
-                                            cache_salt=salt))
-        return scalar((await generate(client, inputs))[-1], "kv_cache_reused_blocks")
+        request = build_request(EngineRequest(MODEL, "r", system_prompt, max_tokens=2,
+                                              cache_salt=salt))
+        request.outputs.add(name="kv_cache_reused_blocks")  # beside what the gateway reads
+        async with grpc.aio.insecure_channel(triton.grpc_address) as channel:
+            call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                iter([request]))
+            responses = [response async for response in call]  # to the stream's end (Trap 4)
+        assert [r.error_message for r in responses if r.error_message] == []
+        return scalar(InferResult(responses[-1].infer_response), "kv_cache_reused_blocks")
 
     assert await reused("tenant-a") == 0
     assert await reused("tenant-b") == 0  # the same prompt, another tenant: no hit

@@ -1,8 +1,20 @@
 """What the adapter makes of Triton's answers, without a server."""
 
+import numpy as np
 import pytest
+from tritonclient.grpc import aio as triton_aio
+from tritonclient.grpc import service_pb2
+from tritonclient.grpc._infer_result import InferResult
+from tritonclient.grpc._utils import _get_inference_request
+from tritonclient.utils import serialize_byte_tensor
 
-from backends.triton.adapter import engine_process_gone
+from backends.triton.adapter import (
+    OUTPUTS,
+    EngineRequest,
+    build_request,
+    engine_process_gone,
+    read_chunk,
+)
 
 
 @pytest.mark.parametrize("message, gone", [
@@ -15,3 +27,72 @@ from backends.triton.adapter import engine_process_gone
 ])
 def test_only_a_dead_engine_process_is_the_replicas_failure(message, gone):
     assert engine_process_gone(message) is gone
+
+
+def _tritonclient_request(request: EngineRequest) -> service_pb2.ModelInferRequest:
+    """What tritonclient makes of the same tensors as numpy arrays (the encoding's oracle)."""
+    arrays = [("text_input", "BYTES", np.array([[request.prompt.encode()]], dtype=np.object_)),
+              ("max_tokens", "INT32", np.array([[request.max_tokens]], dtype=np.int32)),
+              ("stream", "BOOL", np.array([[True]], dtype=bool))]
+    for name, datatype, dtype in (("temperature", "FP32", np.float32),
+                                  ("top_p", "FP32", np.float32), ("top_k", "INT32", np.int32),
+                                  ("seed", "UINT64", np.uint64),
+                                  ("min_tokens", "INT32", np.int32),
+                                  ("repetition_penalty", "FP32", np.float32),
+                                  ("presence_penalty", "FP32", np.float32),
+                                  ("frequency_penalty", "FP32", np.float32)):
+        if getattr(request, name) is not None:
+            arrays.append((name, datatype, np.array([[getattr(request, name)]], dtype=dtype)))
+    for name, words in (("stop_words", request.stop), ("bad_words", request.bad_words)):
+        if words:
+            arrays.append((name, "BYTES", np.array([[w.encode() for w in words]],
+                                                   dtype=np.object_)))
+    if request.cache_salt:
+        arrays.append(("cache_salt", "BYTES", np.array([[request.cache_salt.encode()]],
+                                                       dtype=np.object_)))
+    for name in ("return_num_input_tokens", "return_num_output_tokens"):
+        arrays.append((name, "BOOL", np.array([[True]], dtype=bool)))
+    inputs = []
+    for name, datatype, value in arrays:
+        tensor = triton_aio.InferInput(name, list(value.shape), datatype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return _get_inference_request(
+        model_name=request.triton_model_name, inputs=inputs, model_version="",
+        request_id=request.request_id,
+        outputs=[triton_aio.InferRequestedOutput(name) for name in OUTPUTS], sequence_id=0,
+        sequence_start=False, sequence_end=False, priority=0, timeout=None, parameters=None)
+
+
+@pytest.mark.parametrize("request_", [
+    EngineRequest("reference-0123", "r1", "Say one word.", 1),
+    EngineRequest("smollm2-abcd", "r-2", "naïve ☃ prompt\n", 64, temperature=0.7, top_p=0.95,
+                  top_k=40, seed=2**64 - 1, min_tokens=3, repetition_penalty=1.1,
+                  presence_penalty=-0.5, frequency_penalty=0.25, stop=("\n\n", "END"),
+                  bad_words=("x",), cache_salt="tenant-a"),
+])
+def test_the_request_is_byte_for_byte_what_tritonclient_encodes(request_):
+    assert (build_request(request_).SerializeToString()
+            == _tritonclient_request(request_).SerializeToString())
+
+
+@pytest.mark.parametrize("pieces, final", [
+    ([b"Hello"], False), ([b"Hel", "l\u00f6".encode()], True), ([], True),
+    ([b"\xe2\x98"], False),  # half a character: replaced, as tritonclient's bytes decode
+])
+def test_a_response_reads_as_tritonclient_reads_it(pieces, final):
+    response = service_pb2.ModelInferResponse(model_name="m", id="r")
+    for name, datatype, shape, content in (
+            ("text_output", "BYTES", [1, len(pieces)],
+             serialize_byte_tensor(np.array(pieces, dtype=np.object_)).item() if pieces
+             else b""),
+            ("num_input_tokens", "INT32", [1, 1], np.array([7], dtype=np.int32).tobytes()),
+            ("num_output_tokens", "INT32", [1, 1], np.array([3], dtype=np.int32).tobytes())):
+        response.outputs.add(name=name, datatype=datatype, shape=shape)
+        response.raw_output_contents.append(content)
+    response.parameters["triton_final_response"].bool_param = final
+    chunk = read_chunk(response)
+    result = InferResult(response)
+    expected = result.as_numpy("text_output")
+    assert chunk.text == b"".join(expected.reshape(-1)).decode("utf-8", errors="replace")
+    assert (chunk.prompt_tokens, chunk.completion_tokens, chunk.final) == (7, 3, final)
