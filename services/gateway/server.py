@@ -330,12 +330,12 @@ class _StreamSession:
         self.failure: errors.MeshError | None = None  # ends the stream with this status
         self._settings = settings
         self._draining = draining
-        self._frames: asyncio.Queue[inference_pb2.ServerFrame] = asyncio.Queue(
+        # Frames for the client, and None: a wake-up (something `frames` checks changed).
+        self._frames: asyncio.Queue[inference_pb2.ServerFrame | None] = asyncio.Queue(
             settings.stream_buffer_frames
         )
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._input_done = asyncio.Event()
-        self._wakeup = asyncio.Event()
 
     async def send(self, event: Event) -> None:
         await self._frames.put(encode_event(event))
@@ -353,12 +353,18 @@ class _StreamSession:
                 self._fail(exc)
                 return
             if self._too_old():
-                self._wakeup.set()
+                self._wake()
+
+    def _wake(self) -> None:
+        """Makes `frames` check again whether the stream ends. A full queue needs no wake-up:
+        `frames` checks before it waits on an empty one."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self._frames.put_nowait(None)
 
     def _fail(self, error: errors.MeshError) -> None:
         if self.failure is None:
             self.failure = error
-        self._wakeup.set()
+        self._wake()
 
     async def read(self, request_iterator) -> None:
         index = 0
@@ -379,7 +385,7 @@ class _StreamSession:
                         task.cancel()
         finally:
             self._input_done.set()
-            self._wakeup.set()
+            self._wake()
 
     async def _start(self, message: inference_pb2.GenerateRequest) -> None:
         request_id = message.request_id if len(message.request_id) <= 128 else ""
@@ -425,35 +431,34 @@ class _StreamSession:
                 task.uncancel()
         finally:
             self._tasks.pop(request.request_id, None)
-            self._wakeup.set()
+            self._wake()
 
     async def frames(self):
-        """Frames for the client until input is done and every generation has finished."""
+        """Frames for the client until input is done and every generation has finished; a
+        Heartbeat after `heartbeat_interval_s` without one. One queue carries frames and
+        wake-ups, so waiting costs no task per frame (docs/benchmarks.md, the gateway's own
+        cost)."""
         interval = self._settings.heartbeat_interval_s
         while True:
             if self.failure is not None:
                 return
             if not self._frames.empty():  # the common case while tokens flow: no waiting
-                yield self._frames.get_nowait()
+                frame = self._frames.get_nowait()
+                if frame is not None:
+                    yield frame
                 continue
             if not self._tasks and (
                 self._input_done.is_set() or self._draining.is_set() or self._too_old()
             ):
                 return
-            getter = asyncio.ensure_future(self._frames.get())
-            waker = asyncio.ensure_future(self._wakeup.wait())
-            done, _ = await asyncio.wait({getter, waker}, timeout=interval,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            waker.cancel()
-            self._wakeup.clear()
-            if getter in done:
-                yield getter.result()
-                continue
-            getter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await getter
-            if not done:
+            try:
+                async with asyncio.timeout(interval):
+                    frame = await self._frames.get()
+            except TimeoutError:
                 yield inference_pb2.ServerFrame(heartbeat=inference_pb2.Heartbeat())
+                continue
+            if frame is not None:
+                yield frame
 
     async def cancel_all(self) -> None:
         tasks = list(self._tasks.values())
