@@ -102,6 +102,25 @@ def test_the_registry_and_the_auditor_take_the_key_of_their_own_source(tmp_path:
                 service="registry")
 
 
+def test_the_admin_dataclasses_mirror_their_messages():
+    """A field added to the API shows up in the SDK's types (or this fails)."""
+    import dataclasses
+
+    from infermesh_client import _proto
+    from infermesh_client._admin_types import (
+        AdminRecord,
+        GenerationRecord,
+        KeyInfo,
+        Plan,
+        PlanChange,
+        Routing,
+    )
+
+    for cls, message in ((Plan, "Plan"), (PlanChange, "PlanUpdate"), (KeyInfo, "KeyInfo"),
+                         (Routing, "Routing"), (GenerationRecord, "GenerationRecord"),
+                         (AdminRecord, "AdminRecord")):
+        fields = _proto.message(f"infermesh.v1.{message}").DESCRIPTOR.fields_by_name
+        assert {f.name for f in dataclasses.fields(cls)} == set(fields), cls
 async def test_a_retired_call_keeps_its_generations_and_new_ones_start_on_a_new_call():
     """Past the gateway's stream age a call takes no more Starts: the next start opens a new
     call, the old one is half-closed once its last generation has finished."""

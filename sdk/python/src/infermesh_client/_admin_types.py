@@ -24,6 +24,8 @@ class Plan:
     audit_text_hashes: bool  # audit records carry sha256 of prompt and completion
     models: tuple[str, ...]  # the models its keys may use; empty: every model
     version_grants: tuple[str, ...]  # version ids it may pin beyond the rollout's aliases
+    # No prefix affinity in routing and no engine prefix-cache entry shared with other tenants.
+    isolate_prefix_cache: bool
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class PlanChange:
     audit_text_hashes: Optional[bool] = None
     models: Optional[tuple[str, ...]] = None  # replaces the list (even with an empty one)
     version_grants: Optional[tuple[str, ...]] = None
+    isolate_prefix_cache: Optional[bool] = None
 
 
 @dataclass(frozen=True)
