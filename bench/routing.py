@@ -364,6 +364,9 @@ def decision_costs(decision_samples: int = 5000, rpc_samples: int = 2000,
         "route_rpc_scheduler_cpu_us_per_route_16_callers": many["scheduler_cpu_us_per_route"],
         "route_stream_scheduler_cpu_us_per_route_64_callers":
             rpc["stream_concurrency_64"]["scheduler_cpu_us_per_route"],
+        "route_rpc_caller_cpu_us_per_route_16_callers": many["caller_cpu_us_per_route"],
+        "route_stream_caller_cpu_us_per_route_64_callers":
+            rpc["stream_concurrency_64"]["caller_cpu_us_per_route"],
     }
     print(f"routing decision in process (100 replicas, kv_aware, CPU time): p50 "
           f"{figures['route_decision_us_p50_100_replicas']} / p99 "
