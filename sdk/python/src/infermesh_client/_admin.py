@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from infermesh_client import _admin_codec as codec
 from infermesh_client import _proto
@@ -35,27 +35,30 @@ DEFAULT_CALL_TIMEOUT_S = 10.0
 ALIASES = ("production", "canary", "shadow", "previous")
 VERSION_ID = re.compile(r"sha256:[0-9a-f]{64}")
 MIN_PREFIX_HEX = 6
+# Seconds for one RPC, or the deadline of the method that makes it (None: the default).
+Timeout = Union[float, Deadline, None]
 
 
 class ServiceCalls:
     """Calls to one service of the mesh (`gateway`, `registry`, `auditor`) on the client's
-    channel to it, with the key that came with its endpoint."""
+    channel to it, with the key that came with its endpoint. `timeout` is seconds for one call,
+    or the `Deadline` of a method that makes several."""
 
     def __init__(self, client: AsyncClient, service: str, api: str):
         self._client = client
         self._service = service
         self._api = api  # the .proto service, e.g. "infermesh.v1.Registry"
 
-    async def unary(self, method: str, request: Any, timeout: Optional[float]) -> Any:
+    async def unary(self, method: str, request: Any, timeout: Timeout) -> Any:
         path, _, response = _proto.rpc(self._api, method)
         channel, metadata = self._client._service_channel(self._service)
         call = channel.unary_unary(path, request_serializer=serialize,
                                    response_deserializer=response.FromString)
         return await call_with_retries(
             lambda remaining: call(request, timeout=remaining, metadata=metadata),
-            self._deadline(timeout), self._client._retry)
+            self.deadline(timeout), self._client._retry)
 
-    async def read_stream(self, method: str, request: Any, timeout: Optional[float]) -> list[Any]:
+    async def read_stream(self, method: str, request: Any, timeout: Timeout) -> list[Any]:
         """A server stream read to its end (read again from the start on a retried refusal)."""
         path, _, response = _proto.rpc(self._api, method)
         channel, metadata = self._client._service_channel(self._service)
@@ -65,15 +68,18 @@ class ServiceCalls:
         async def read(remaining: Optional[float]) -> list[Any]:
             return [item async for item in call(request, timeout=remaining, metadata=metadata)]
 
-        return await call_with_retries(read, self._deadline(timeout), self._client._retry)
+        return await call_with_retries(read, self.deadline(timeout), self._client._retry)
 
     def request(self, method: str, **fields: Any) -> Any:
         return _proto.rpc(self._api, method)[1](**fields)
 
-    def _deadline(self, timeout: Optional[float]) -> Deadline:
+    def deadline(self, timeout: Timeout) -> Deadline:
+        """The deadline of a method's RPCs: a method that makes several passes one along."""
+        if isinstance(timeout, Deadline):
+            return timeout
         if timeout is None:
-            timeout = self._client._timeout or DEFAULT_CALL_TIMEOUT_S
-        return Deadline(timeout)
+            timeout = self._client._timeout
+        return Deadline(DEFAULT_CALL_TIMEOUT_S if timeout is None else timeout)
 
 
 class AsyncTenants:
@@ -168,21 +174,14 @@ class AsyncRegistry:
     async def versions(self, model: str, *,
                        timeout: Optional[float] = None) -> list[VersionInfo]:
         """Every registered version of `model`, oldest first."""
-        request = self._calls.request("ListVersions", model=model)
-        reply = await self._calls.unary("ListVersions", request, timeout)
-        return [codec.version_info(v) for v in reply.versions]
+        return await self._versions(model, timeout)
 
     async def version(self, ref: str, *, timeout: Optional[float] = None) -> VersionInfo:
         """`model` (its production version), `model@ALIAS`, `model@sha256:…` or `model@PREFIX`."""
-        model, _, version = ref.partition("@")
-        if version and version not in ALIASES and not VERSION_ID.fullmatch(version):
-            ref = f"{model}@{await self._id_from_prefix(model, version, timeout)}"
-        request = self._calls.request("GetVersion", ref=ref)
-        return codec.version_info(await self._calls.unary("GetVersion", request, timeout))
+        return await self._version(ref, self._calls.deadline(timeout))
 
     async def routing(self, model: str, *, timeout: Optional[float] = None) -> Routing:
-        request = self._calls.request("GetRouting", model=model)
-        return codec.routing(await self._calls.unary("GetRouting", request, timeout))
+        return await self._routing(model, timeout)
 
     async def history(self, model: str, *, limit: int = 0, before_revision: int = 0,
                       timeout: Optional[float] = None) -> HistoryPage:
@@ -198,16 +197,18 @@ class AsyncRegistry:
                       expected_revision: Optional[int] = None,
                       timeout: Optional[float] = None) -> RoutingChange:
         """VERSION serves the model; production until now becomes `previous`."""
-        version_id = await self._version_id(model, version, timeout)
-        return await self._change(model, reason, expected_revision, timeout, "promote",
+        deadline = self._calls.deadline(timeout)
+        version_id = await self._version_id(model, version, deadline)
+        return await self._change(model, reason, expected_revision, deadline, "promote",
                                   version_id=version_id)
 
     async def canary(self, model: str, version: str, weight_percent: float, *, reason: str,
                      expected_revision: Optional[int] = None,
                      timeout: Optional[float] = None) -> RoutingChange:
         """A sticky `weight_percent` of tenants and users, in (0, 100], get VERSION."""
-        version_id = await self._version_id(model, version, timeout)
-        return await self._change(model, reason, expected_revision, timeout, "canary",
+        deadline = self._calls.deadline(timeout)
+        version_id = await self._version_id(model, version, deadline)
+        return await self._change(model, reason, expected_revision, deadline, "canary",
                                   version_id=version_id, weight_percent=weight_percent)
 
     async def clear_canary(self, model: str, *, reason: str,
@@ -220,8 +221,9 @@ class AsyncRegistry:
                      timeout: Optional[float] = None) -> RoutingChange:
         """A share `rate`, in (0, 1], of requests is copied to VERSION (output discarded,
         never billed)."""
-        version_id = await self._version_id(model, version, timeout)
-        return await self._change(model, reason, expected_revision, timeout, "shadow",
+        deadline = self._calls.deadline(timeout)
+        version_id = await self._version_id(model, version, deadline)
+        return await self._change(model, reason, expected_revision, deadline, "shadow",
                                   version_id=version_id, rate=rate)
 
     async def clear_shadow(self, model: str, *, reason: str,
@@ -234,34 +236,52 @@ class AsyncRegistry:
         """Production and previous swap (the previous version is still loaded: no wait)."""
         return await self._change(model, reason, expected_revision, timeout, "rollback")
 
+    async def _versions(self, model: str, timeout: Timeout) -> list[VersionInfo]:
+        request = self._calls.request("ListVersions", model=model)
+        reply = await self._calls.unary("ListVersions", request, timeout)
+        return [codec.version_info(v) for v in reply.versions]
+
+    async def _version(self, ref: str, deadline: Deadline) -> VersionInfo:
+        model, _, version = ref.partition("@")
+        if version and version not in ALIASES and not VERSION_ID.fullmatch(version):
+            ref = f"{model}@{await self._id_from_prefix(model, version, deadline)}"
+        request = self._calls.request("GetVersion", ref=ref)
+        return codec.version_info(await self._calls.unary("GetVersion", request, deadline))
+
+    async def _routing(self, model: str, timeout: Timeout) -> Routing:
+        request = self._calls.request("GetRouting", model=model)
+        return codec.routing(await self._calls.unary("GetRouting", request, timeout))
+
     async def _change(self, model: str, reason: str, expected_revision: Optional[int],
-                      timeout: Optional[float], change: str, **values: Any) -> RoutingChange:
-        """ChangeRouting with `change` (the request's oneof member) holding `values`."""
+                      timeout: Timeout, change: str, **values: Any) -> RoutingChange:
+        """ChangeRouting with `change` (the request's oneof member) holding `values`, all
+        within one deadline."""
+        deadline = self._calls.deadline(timeout)
         if expected_revision is None:
-            expected_revision = (await self.routing(model, timeout=timeout)).revision
+            expected_revision = (await self._routing(model, deadline)).revision
         request = self._calls.request("ChangeRouting", model=model, reason=reason,
                                       expected_revision=expected_revision)
         member = getattr(request, change)
         member.SetInParent()
         for name, value in values.items():
             setattr(member, name, value)
-        reply = await self._calls.unary("ChangeRouting", request, timeout)
+        reply = await self._calls.unary("ChangeRouting", request, deadline)
         return RoutingChange(codec.routing(reply.routing), codec.history_entry(reply.entry))
 
-    async def _version_id(self, model: str, text: str, timeout: Optional[float]) -> str:
+    async def _version_id(self, model: str, text: str, deadline: Deadline) -> str:
         """The version id VERSION names."""
         if VERSION_ID.fullmatch(text):
             return text
         if text in ALIASES:
-            return (await self.version(f"{model}@{text}", timeout=timeout)).version_id
-        return await self._id_from_prefix(model, text, timeout)
+            return (await self._version(f"{model}@{text}", deadline)).version_id
+        return await self._id_from_prefix(model, text, deadline)
 
-    async def _id_from_prefix(self, model: str, text: str, timeout: Optional[float]) -> str:
+    async def _id_from_prefix(self, model: str, text: str, deadline: Deadline) -> str:
         prefix = text if text.startswith("sha256:") else f"sha256:{text}"
         if len(prefix) < len("sha256:") + MIN_PREFIX_HEX:
             raise InvalidArgument(f"{text!r}: give a version id, an alias, or at least "
                                   f"{MIN_PREFIX_HEX} hex digits of one", field="version")
-        found = [v.version_id for v in await self.versions(model, timeout=timeout)
+        found = [v.version_id for v in await self._versions(model, deadline)
                  if v.version_id.startswith(prefix)]
         if len(found) != 1:
             raise NotFound(f"{text} matches {len(found)} versions of {model}, not one",
