@@ -52,8 +52,7 @@ __all__ = [
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO_DTYPE = "auto"  # bfloat16 on a CPU that computes it natively, else float32
-_KEY_BITS = 30  # noise key in the low bits of the per-row int32 argument; 0 means greedy
-_BAN_EOS = 1 << _KEY_BITS  # bit 30: the request is below its min_tokens, EOS is not allowed
+_KEY_BITS = 30  # noise keys are non-zero 30-bit integers, each seeding one draw
 
 
 @dataclass(frozen=True)
@@ -228,54 +227,94 @@ def noise_key(seed: int, position: int) -> int:
     return (int.from_bytes(digest, "little") % ((1 << _KEY_BITS) - 1)) + 1
 
 
-class _SeededChoice(ContinuousBatchingLogitsProcessor):
-    """The last logits processor: picks each row's token itself and leaves only that one.
+@dataclass(frozen=True)
+class _RowSampling:
+    """One batch row's sampling, read from its request when the batch is prepared."""
 
-    Rows arrive already scaled by temperature and filtered by top_k/top_p. A sampled row adds
-    Gumbel noise keyed by (seed, position); a greedy row adds none; then the argmax survives as
-    the only finite logit, so transformers' own multinomial draw can only return it.
+    temperature: float  # 0: greedy
+    top_k: int  # 0: off
+    top_p: float  # 1: off
+    noise_key: int  # the Gumbel draw's key for this request and step (unused when greedy)
+    ban_eos: bool  # below min_tokens
+
+
+class _Sampler(ContinuousBatchingLogitsProcessor):
+    """The engine's only logits processor: picks each row's token and leaves only that one.
+
+    A greedy row takes the argmax. A sampled row is scaled by its temperature, filtered by its
+    top_k and top_p (as transformers' warpers do, in that order), takes Gumbel noise keyed by
+    (seed, position), and the argmax of the sum: exactly a draw from the softmax, the same for
+    the same seed whatever the batch. Work is only what a row asks for: no sort unless top_p < 1,
+    and transformers runs greedy (`do_sample=False`), so its own softmax and multinomial draw
+    over the vocabulary are skipped. The chosen token is left as the only finite logit.
+
+    Rows are read in `prepare_tensor_args` and used by the next `__call__`: the engine batches
+    synchronously (`use_async_batching=False`, no CUDA graphs), so the two alternate.
     """
 
-    supported_kwargs: ClassVar[dict[str, type]] = {"choice_seed": int, "min_tokens": int}
+    supported_kwargs: ClassVar[dict[str, type]] = {
+        "temperature": float, "top_k": int, "top_p": float, "choice_seed": int, "min_tokens": int,
+    }
     ignored_kwargs: tuple[str, ...] = ()
 
     def __init__(self, eos_token_ids: Sequence[int]):
         self._eos = list(eos_token_ids)
+        self._rows: list[_RowSampling] = []
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(0)
 
     def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
-        args = []
+        rows = []
         for request in requests_with_new_token:
-            state = request.state
-            kwargs = state.logit_processor_kwargs
-            position = state.generated_len()
+            kwargs = request.state.logit_processor_kwargs
+            position = request.state.generated_len()
             seed = kwargs.get("choice_seed", 0)
-            arg = noise_key(seed, position) if seed else 0
-            if position < kwargs.get("min_tokens", 0):
-                arg |= _BAN_EOS
-            args.append(arg)
-        return torch.tensor(args, dtype=torch.int32, device="cpu")
+            rows.append(_RowSampling(
+                temperature=kwargs.get("temperature", 0.0),
+                top_k=kwargs.get("top_k", 0), top_p=kwargs.get("top_p", 1.0),
+                noise_key=noise_key(seed, position) if seed else 0,
+                ban_eos=position < kwargs.get("min_tokens", 0),
+            ))  # fmt: skip
+        self._rows = rows
+        return torch.zeros(len(rows), dtype=torch.int32)  # the rows are kept above
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        rows = scores.size(0)
-        args = tensor_arg[:rows].tolist()
-        chosen = torch.empty(rows, dtype=torch.int64, device=scores.device)
-        for row, arg in enumerate(args):
-            logits = scores[row]
-            if arg & _BAN_EOS:
-                logits = logits.clone()
-                logits[self._eos] = float("-inf")
-            key = arg & ((1 << _KEY_BITS) - 1)
-            if key:
-                generator = torch.Generator(device=scores.device).manual_seed(key)
-                uniform = torch.rand(logits.shape, generator=generator, device=scores.device)
-                logits = logits - torch.log(-torch.log(uniform.clamp_(1e-20, 1.0)))
-            chosen[row] = torch.argmax(logits)
-        only = torch.full_like(scores, float("-inf"))
-        only.scatter_(1, chosen.unsqueeze(1), 0.0)
-        return only
+        rows = self._rows
+        if len(rows) != scores.size(0):
+            raise RuntimeError(f"{scores.size(0)} rows of logits for {len(rows)} prepared rows")
+        chosen = torch.empty(len(rows), dtype=torch.int64, device=scores.device)
+        greedy = [i for i, row in enumerate(rows) if not row.temperature]
+        if greedy:
+            logits = scores[greedy]  # a copy
+            banned = [j for j, i in enumerate(greedy) if rows[i].ban_eos]
+            if banned:
+                logits[torch.tensor(banned)[:, None], torch.tensor(self._eos)[None, :]] = -torch.inf
+            chosen[greedy] = logits.argmax(dim=-1)
+        for i, row in enumerate(rows):
+            if row.temperature:
+                chosen[i] = self._draw(scores[i], row)
+        only = torch.full_like(scores, -torch.inf)
+        return only.scatter_(1, chosen.unsqueeze(1), 0.0)
+
+    def _draw(self, logits: torch.Tensor, row: _RowSampling) -> torch.Tensor:
+        """One sampled row's token (float32 arithmetic as transformers' per-request warpers)."""
+        logits = logits / torch.tensor(row.temperature, dtype=torch.float32)
+        vocab = logits.size(-1)
+        if 0 < row.top_k < vocab:
+            threshold = torch.topk(logits, row.top_k).values[-1]
+            logits = logits.masked_fill(logits < threshold, -torch.inf)
+        if row.top_p < 1.0:
+            ascending, order = torch.sort(logits)
+            cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+            drop = cumulative <= 1 - torch.tensor(row.top_p, dtype=torch.float32)
+            drop[-1] = False  # the most likely token always stays
+            logits = logits.masked_fill(drop.scatter(0, order, drop), -torch.inf)
+        if row.ban_eos:
+            logits[self._eos] = -torch.inf
+        generator = torch.Generator(device=logits.device).manual_seed(row.noise_key)
+        uniform = torch.rand(vocab, generator=generator, device=logits.device)
+        return torch.argmax(logits - torch.log(-torch.log(uniform.clamp_(1e-20, 1.0))))
 
 
 @dataclass
@@ -309,12 +348,11 @@ class TorchEngine:
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
         self._model, self._tokenizer = model, tokenizer
         self.context_window = int(model.config.max_position_embeddings)
-        # The processors exist only when the base config asks for them; every request then
-        # sets its own values (per_request_processors), and _SeededChoice has the last word.
+        # Greedy for transformers: _Sampler, the only logits processor, has chosen each token.
         generation_config = GenerationConfig(
-            do_sample=True, temperature=0.5, top_k=50, top_p=0.5, max_new_tokens=16,
-            eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
+            do_sample=False, max_new_tokens=16, eos_token_id=eos_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         self._manager = model.init_continuous_batching(
             generation_config=generation_config,
             continuous_batching_config=ContinuousBatchingConfig(
@@ -328,9 +366,9 @@ class TorchEngine:
             ),
         )
         processors = self._manager.logit_processor
-        processors.logits_processor.append(_SeededChoice(eos_ids))
+        processors.logits_processor.append(_Sampler(eos_ids))
         processors.tensors_required += 1
-        processors.supported_keys.update(_SeededChoice.supported_kwargs)
+        processors.supported_keys.update(_Sampler.supported_kwargs)
         processors.do_processing = True
         self._requests: dict[str, _Request] = {}
 
@@ -383,8 +421,8 @@ class TorchEngine:
             request_id=generation.request_id,
             max_new_tokens=generation.max_tokens,
             streaming=True,
-            temperature=1.0 if greedy else float(sampling.temperature),
-            top_k=int(sampling.top_k) or self._model.config.vocab_size,
+            temperature=0.0 if greedy else float(sampling.temperature),
+            top_k=int(sampling.top_k),
             top_p=float(sampling.top_p),
             choice_seed=0 if greedy else (seed % (2**62)) + 1,
             min_tokens=int(sampling.min_tokens),
