@@ -8,9 +8,9 @@ The two clients differ (aiperf runs its own worker processes; ours is one asynci
 with two workers' worth of streams), which `docs/benchmarks.md` discusses.
 
 `aiperf` pulls 1.2 GB of its own pins (ENVIRONMENT.md), so it lives in its own virtual
-environment, `.venv-aiperf`, made on first use from `AIPERF` (the smoke run never uses it);
-when it cannot be had the HTTP figures are left out and the reason printed, and the gRPC half
-and the rest of `make bench` still run.
+environment, `.venv-aiperf`, made on first use from `AIPERF` (`bench/tool_venv.py`; the smoke
+run never uses it); when it cannot be had the HTTP figures are left out and the reason printed,
+and the gRPC half and the rest of `make bench` still run.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import grpc
 from backends.triton.reference_engine import CORPUS
 from backends.triton.weights import cache_root, materialize_weights, publish_default_model
 from bench.streaming import Sample, drive, mesh_client, percentile
+from bench.tool_venv import tool_executable
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2_grpc
 from services.registry.blobs import LocalBlobStore
@@ -42,7 +43,6 @@ WARMUP_REQUESTS = 16
 OUTPUT_TOKENS = 64
 PROMPTS = 32
 PROMPT_WORDS = 100
-INSTALL_TIMEOUT_S = 900
 RUN_TIMEOUT_S = 300
 
 
@@ -51,22 +51,6 @@ def prompts() -> list[str]:
     words = " ".join(CORPUS).split()
     return [" ".join(words[(i * 7 + j) % len(words)] for j in range(PROMPT_WORDS))
             for i in range(PROMPTS)]
-
-
-def ensure_aiperf() -> pathlib.Path | str:
-    """The aiperf executable, installing it into its own venv the first time; else why not."""
-    executable = AIPERF_VENV / "bin" / "aiperf"
-    if executable.exists():
-        return executable
-    print(f"installing {AIPERF} into {AIPERF_VENV} (once; ~1.2 GB)", flush=True)
-    try:
-        subprocess.run(["/usr/bin/python3", "-m", "venv", str(AIPERF_VENV)], check=True,
-                       timeout=120)
-        subprocess.run([str(AIPERF_VENV / "bin" / "pip"), "install", "-q", AIPERF], check=True,
-                       timeout=INSTALL_TIMEOUT_S)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"{AIPERF} could not be installed: {exc}"
-    return executable
 
 
 def tokenizer_dir(state_dir: pathlib.Path) -> pathlib.Path:
@@ -151,7 +135,8 @@ def run(stack: StackInfo, state_dir: pathlib.Path, requests: int = REQUESTS,
     """aiperf over HTTP (when `aiperf` and it can be had), then gRPC. The smoke runs without
     it: it checks our code, and aiperf is a 1.2 GB tool of its own."""
     texts = prompts()
-    executable = ensure_aiperf() if aiperf else "this run does not use aiperf"
+    executable = (tool_executable(AIPERF, AIPERF_VENV, "aiperf") if aiperf
+                  else "this run does not use aiperf")
     http = None
     if isinstance(executable, str):
         print(f"openai load: aiperf skipped: {executable}", file=sys.stderr, flush=True)

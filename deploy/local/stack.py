@@ -133,6 +133,7 @@ class Stack:
             )
             endpoints = {name: f"{LOOPBACK}:{port}" for name, port in ports.items()}
             endpoints["triton"] = f"{LOOPBACK}:{triton['grpc']}"
+            endpoints["triton-http"] = f"{LOOPBACK}:{triton['http']}"  # KServe v2 and generate
             metric_endpoints = {name: f"{LOOPBACK}:{port}" for name, port in metrics.items()}
             metric_endpoints["triton"] = f"{LOOPBACK}:{triton['metrics']}"
             metric_endpoints["etcd"] = etcd_server.endpoint  # /metrics on its client port
