@@ -43,8 +43,9 @@ from deploy.local.stack import REPO_ROOT, StackInfo
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import ChildProcess
 
-# The newest release whose `proxy` extra installs from the registry (ENVIRONMENT.md). The
-# project's dev pins carry a newer LiteLLM SDK, without the proxy, for its client tests.
+# A release whose `proxy` extra installs from the registry (the newest's needs a package the
+# registry lacks: ENVIRONMENT.md). The dev pins' newer `litellm` is the SDK alone, for the client
+# tests.
 LITELLM = "litellm[proxy]==1.79.3"
 LITELLM_VENV = REPO_ROOT / ".venv-litellm"
 PROXY_MODEL = "bench-reference"  # the name clients ask LiteLLM for
@@ -52,9 +53,9 @@ PROXY_MODEL = "bench-reference"  # the name clients ask LiteLLM for
 # through unchanged, so both paths send the engine the same prompt.
 PASS_THROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 MAX_TOKENS = 64  # as the streaming step; the answer then takes many times its first token
-SAMPLES = 64  # pairs (one request each way), after the warm-up
+SAMPLES = 64  # rounds (one request to each endpoint), after the warm-up
 WARMUP = 8
-BUDGET_S = 120.0  # no new pair after this
+BUDGET_S = 120.0  # no new round after this
 REQUEST_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 120.0  # LiteLLM imports for ~10-20 s on a busy 2-core machine
 STOP_GRACE_S = 10.0
@@ -99,7 +100,7 @@ def running_proxy(executable: pathlib.Path, triton_http: str, triton_model: str
         config_dir = pathlib.Path(scratch)
         master_key = "sk-" + secrets.token_urlsafe(24)
         config = config_dir / "config.yaml"
-        config.write_text(json.dumps(proxy_config(triton_http, triton_model, master_key)))
+        config.write_text(json.dumps(proxy_config(triton_http, triton_model, master_key)))  # YAML
         port = free_port()
         proxy = ChildProcess(
             "litellm",
