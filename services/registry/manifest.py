@@ -25,7 +25,8 @@ FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TOKENIZERS = ("whitespace", "huggingface")
 ENGINE_KINDS = ("torch", "reference")
 SHORT_ID_HEX = 12  # hex digits of the version id in its Triton model's name
-DTYPES = ("", "float32", "bfloat16", "float16", "fp8", "int8", "int4")  # "" = the engine's default
+# "" = the engine's default; "auto" = bfloat16 where the CPU computes it natively, else float32
+DTYPES = ("", "auto", "float32", "bfloat16", "float16", "fp8", "int8", "int4")
 ALIASES = ("production", "canary", "shadow", "previous")
 FILE_GROUPS = ("weights", "tokenizer_files")
 MAX_DESCRIPTION_CHARS = 4096

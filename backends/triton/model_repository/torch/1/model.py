@@ -80,7 +80,8 @@ class TritonPythonModel:
         self._engine.start()
         pb_utils.Logger.log_info(
             f"torch engine {args['model_name']}: weights {model_dir.name[:12]} verified and "
-            f"loaded in {time.monotonic() - started:.1f}s; {_engine_config(parameters)}")
+            f"loaded in {time.monotonic() - started:.1f}s in "
+            f"{self._engine.config.resolved_dtype}; {self._engine.config}")
         self._metrics = EngineMetrics(args["model_name"], args["model_version"], kv_cache=True)
         self._metrics.publish(self._engine.stats())
         self._pending: dict[str, Pending] = {}  # the dispatcher thread's alone
