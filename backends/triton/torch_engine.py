@@ -9,7 +9,9 @@ show a stop string; `cancel` frees a request's KV blocks on the next step.
 Sampling is per request and independent of the batch: greedy, or temperature/top_k/top_p with a
 seed. The seed drives Gumbel noise keyed by (seed, position), added to the request's filtered
 logits, and the engine takes the argmax (the Gumbel-max trick draws exactly from the softmax), so
-the same seed gives the same text whatever else is in the batch and however it is streamed.
+the same seed gives the same text however it is streamed and, up to the arithmetic's rounding,
+whatever else is in the batch: a batch's shape can change a matrix product's last bits, and in
+bfloat16 that flips a near-tie now and then (docs/decisions.md).
 
 Threads: `submit`, `poll` and `cancel` belong to one caller thread (the Triton model's
 dispatcher), which is also the only one to touch the tokenizer; transformers runs its own
