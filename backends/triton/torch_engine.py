@@ -246,9 +246,10 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
     A greedy row takes the argmax. A sampled row is scaled by its temperature, filtered by its
     top_k and top_p (as transformers' warpers do, in that order), takes Gumbel noise keyed by
     (seed, position), and the argmax of the sum: exactly a draw from the softmax, the same for
-    the same seed whatever the batch. Work is only what a row asks for: no sort unless top_p < 1,
-    and transformers runs greedy (`do_sample=False`), so its own softmax and multinomial draw
-    over the vocabulary are skipped. The chosen token is left as the only finite logit.
+    the same seed and logits whatever the batch. Work is only what a row asks for (no sort
+    unless top_p < 1), and transformers runs greedy (`do_sample=False`), so its own softmax and
+    multinomial draw over the vocabulary are skipped. The chosen token is left as the only
+    finite logit.
 
     Rows are read in `prepare_tensor_args` and used by the next `__call__`: the engine batches
     synchronously (`use_async_batching=False`, no CUDA graphs), so the two alternate.
@@ -423,7 +424,7 @@ class TorchEngine:
             request_id=generation.request_id,
             max_new_tokens=generation.max_tokens,
             streaming=True,
-            temperature=0.0 if greedy else float(sampling.temperature),
+            temperature=float(sampling.temperature),  # 0.0: greedy
             top_k=int(sampling.top_k),
             top_p=float(sampling.top_p),
             choice_seed=0 if greedy else (seed % (2**62)) + 1,
