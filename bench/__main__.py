@@ -33,6 +33,7 @@ from bench import (
     quota_accuracy,
     rollback,
     routing,
+    tls_cost,
     torch_engine,
     versions,
 )
@@ -68,6 +69,8 @@ SMOKE: Mapping[str, Mapping[str, Any]] = {
     "failover": {"requests": 5, "window_s": 3.0, "concurrency": 2},
     # A few MB on the reference engine instead of the real model's ~540 MB (bench/versions.py).
     "versions": {"engine": "reference", "rounds": 1},
+    "tls_cost": {"max_tokens": 4, "requests_per_stream": 1, "min_requests": 2,
+                 "budget_s": 30.0, "warmup_requests": 2},
 }
 
 # What every run's last line must hold, smoke or full: each benchmark's headline figures. A figure
@@ -91,6 +94,7 @@ HEADLINE = (
     "fallback_routing_added_ttft_p50_ms", "scheduler_kill_failed_fraction",
     "torch_inprocess_over_transformers_cb_tokens_per_s_c8", "torch_bf16_over_fp32_tokens_per_s_c8",
     "litellm_added_ttft_p50_ms_c1", "mesh_added_over_litellm_added_ttft_p50_c1",
+    "tls_over_plaintext_tokens_per_s_c16", "tls_added_ttft_p50_ms_c1",
 )
 UNMEASURED = "unmeasured"  # {figure: why it is null}
 
@@ -113,13 +117,16 @@ def run_all(shape: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         try:
             figures = compare(info, **shape["streaming"])
             figures.update(gateway_throughput.run(info, **shape.get("gateway_throughput", {})))
+            figures.update(tls_cost.run(info, state_dir, BENCH_PLAN,
+                                        **shape.get("tls_cost", {})))
             figures.update(torch_engine.compare(info, state_dir / "data" / "blobs",
                                                 **shape.get("torch_engine", {})))
             figures.update(asyncio.run(noisy_neighbor.run(info,
                                                           **shape.get("noisy_neighbor", {}))))
             figures.update(quota_accuracy.run(info, state_dir, **shape.get("quota_accuracy", {})))
             figures.update(rollback.run(info, state_dir, **shape.get("rollback", {})))
-            figures.update(audit.run(info.endpoints["auditor"], info.mesh_token,
+            figures.update(audit.run(info.endpoints["auditor"],
+                                     audit.Writer(info.client_tls("gateway"), info.mesh_token),
                                      **shape.get("audit", {})))
             figures.update(openai_load.run(info, state_dir, **shape.get("openai_load", {})))
             figures.update(litellm_peer.run(info, figures.get("added_ttft_p50_ms_c1"),

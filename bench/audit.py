@@ -24,6 +24,7 @@ import secrets
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 
 import grpc
 
@@ -31,6 +32,7 @@ from bench.streaming import percentile
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.stack import service_process, wait_serving
 from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
+from services.common import tls
 from services.common.discovery import mesh_token_interceptors
 from services.common.net import LOOPBACK, free_port
 
@@ -51,7 +53,7 @@ async def _writer(stub: auditor_pb2_grpc.AuditorStub, name: str, until: float,
         if time.perf_counter() >= until:
             break
         events = [auditor_pb2.AuditEvent(event_id=f"{name}-{index}-{n}",
-                                         request_id=f"{name}-{index}-{n}", source="bench",
+                                         request_id=f"{name}-{index}-{n}", source="gateway/bench",
                                          generation=GENERATION)
                   for n in range(BATCH_EVENTS)]
         started = time.perf_counter()
@@ -65,12 +67,13 @@ async def _writer(stub: auditor_pb2_grpc.AuditorStub, name: str, until: float,
     return appended
 
 
-async def _level(endpoint: str, mesh_token: str, writers: int, duration_s: float
+async def _level(endpoint: str, writer: Writer, writers: int, duration_s: float
                  ) -> tuple[int, float, list[float]]:
     latencies: list[float] = []
     run = uuid.uuid4().hex[:8]
-    interceptors = mesh_token_interceptors(mesh_token) if mesh_token else None
-    async with grpc.aio.insecure_channel(endpoint, interceptors=interceptors) as channel:
+    interceptors = mesh_token_interceptors(writer.mesh_token) if writer.mesh_token else None
+    async with tls.channel(endpoint, "auditor", writer.mesh_tls,
+                           interceptors=interceptors) as channel:
         stub = auditor_pb2_grpc.AuditorStub(channel)
         started = time.perf_counter()
         counts = await asyncio.gather(*(
@@ -80,22 +83,30 @@ async def _level(endpoint: str, mesh_token: str, writers: int, duration_s: float
     return sum(counts), elapsed, latencies
 
 
-def client_process(endpoint: str, mesh_token: str, writers: int, duration_s: float
+@dataclass(frozen=True)
+class Writer:
+    """How the bench proves it may append, as a gateway does: the gateway's certificate, or in
+    plaintext development the mesh token ("" for an auditor without one)."""
+
+    mesh_tls: tls.MeshTls | None
+    mesh_token: str = ""
+
+
+def client_process(endpoint: str, writer: Writer, writers: int, duration_s: float
                    ) -> tuple[int, float, list[float]]:
     """Runs in a pool process, so the client's CPU is not the auditor's event loop."""
-    return asyncio.run(_level(endpoint, mesh_token, writers, duration_s))
+    return asyncio.run(_level(endpoint, writer, writers, duration_s))
 
 
-def run(endpoint: str, mesh_token: str, levels: tuple[int, ...] = LEVELS,
+def run(endpoint: str, writer: Writer, levels: tuple[int, ...] = LEVELS,
         duration_s: float = 5.0, warmup_s: float = 0.5) -> dict[str, float]:
-    """`mesh_token`: what the auditor's mesh presents ("" for an auditor without one)."""
     figures: dict[str, float] = {}
     with concurrent.futures.ProcessPoolExecutor(1) as pool:
         # Warm up: connect, first fsyncs.
-        pool.submit(client_process, endpoint, mesh_token, 1, warmup_s).result()
+        pool.submit(client_process, endpoint, writer, 1, warmup_s).result()
         for writers in levels:
             events, elapsed, latencies = pool.submit(
-                client_process, endpoint, mesh_token, writers, duration_s).result()
+                client_process, endpoint, writer, writers, duration_s).result()
             rate = events / elapsed
             figures[f"audit_durable_events_per_s_c{writers}"] = round(rate)
             figures[f"audit_ack_p50_ms_c{writers}"] = round(percentile(latencies, 50) * 1000, 2)
@@ -123,11 +134,13 @@ def main() -> None:
             "auditor", "services.auditor", root / "auditor.log", port,
             {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint,
              "INFERMESH_AUDITOR_DATA_DIR": str(root / "auditor"),
-             "INFERMESH_MESH_TOKEN": mesh_token})
+             "INFERMESH_MESH_TOKEN": mesh_token,
+             "INFERMESH_TLS_MODE": "plaintext-development"})
         try:
             auditor.start()
             wait_serving(auditor, f"{LOOPBACK}:{port}", time.monotonic() + 60)
-            figures = run(f"{LOOPBACK}:{port}", mesh_token, duration_s=args.duration_s)
+            figures = run(f"{LOOPBACK}:{port}", Writer(None, mesh_token),
+                          duration_s=args.duration_s)
         finally:
             auditor.stop()
             etcd_server.stop()

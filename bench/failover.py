@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.local.stack import Stack
+from deploy.local.stack import Stack, StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -45,8 +45,8 @@ def p50(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1000 if seconds else float("nan")
 
 
-async def _serving(endpoint: str, deadline: float) -> None:
-    async with grpc.aio.insecure_channel(endpoint) as channel:
+async def _serving(info: StackInfo, name: str, deadline: float) -> None:
+    async with info.channel(name) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -56,7 +56,7 @@ async def _serving(endpoint: str, deadline: float) -> None:
             except grpc.aio.AioRpcError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{endpoint} not SERVING again")
+                raise TimeoutError(f"{name} not SERVING again")
             await asyncio.sleep(0.1)
 
 
@@ -64,7 +64,7 @@ async def _fallback_ttft(stack: Stack, requests: int) -> dict[str, Any]:
     info, supervisor = stack.info, stack.supervisor
     assert info is not None and supervisor is not None
     schedulers = ["scheduler", "scheduler-2"]
-    async with grpc.aio.insecure_channel(info.gateway) as channel:
+    async with info.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         await _ttfts(stub, info.reference_model, info.api_key, 3)  # warm
         routed, errors_before = await _ttfts(stub, info.reference_model, info.api_key, requests)
@@ -80,7 +80,7 @@ async def _fallback_ttft(stack: Stack, requests: int) -> dict[str, Any]:
                 stack.children[name].start()
                 supervisor.watch(stack.children[name])
             for name in schedulers:
-                await _serving(info.endpoints[name], time.monotonic() + 30)
+                await _serving(info, name, time.monotonic() + 30)
         await _ttfts(stub, info.reference_model, info.api_key, 3)  # back to the schedulers
     return {
         "fallback_routing_ttft_p50_ms": round(p50(alone), 2),
@@ -113,7 +113,7 @@ async def _kill_one(stack: Stack, window_s: float, concurrency: int) -> dict[str
                 outcomes.append((started, False))
             await asyncio.sleep(0.02)
 
-    async with grpc.aio.insecure_channel(info.gateway) as channel:
+    async with info.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         clients = [asyncio.create_task(client(stub, n)) for n in range(concurrency)]
         try:
@@ -125,7 +125,7 @@ async def _kill_one(stack: Stack, window_s: float, concurrency: int) -> dict[str
             stop.set()
             async with asyncio.timeout(15):
                 await asyncio.gather(*clients)
-        await _serving(info.endpoints["scheduler"], time.monotonic() + 30)  # restarted
+        await _serving(info, "scheduler", time.monotonic() + 30)  # restarted
     window = [ok for started, ok in outcomes if killed_at <= started < killed_at + window_s]
     failed = sum(not ok for ok in window)
     return {

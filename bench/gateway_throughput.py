@@ -29,8 +29,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import grpc
-
 from deploy.local.stack import Stack, StackInfo, StackOptions
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 
@@ -55,7 +53,7 @@ class ClientResult:
 
 
 async def _drive(
-    gateway: str, api_key: str, model: str, concurrency: int, start_at: float, stop_at: float
+    stack: StackInfo, model: str, concurrency: int, start_at: float, stop_at: float
 ) -> ClientResult:
     """`concurrency` generations in flight on one GenerateStream; counts those that start at or
     after `start_at` (wall clock, shared by the processes) and end before `stop_at`."""
@@ -86,8 +84,8 @@ async def _drive(
                 result.generations += 1
                 result.tokens += final.usage.completion_tokens
 
-    metadata = (("authorization", f"Bearer {api_key}"),)
-    async with grpc.aio.insecure_channel(gateway) as channel:
+    metadata = (("authorization", f"Bearer {stack.api_key}"),)
+    async with stack.channel() as channel:
         call = inference_pb2_grpc.InferenceStub(channel).GenerateStream(frames(),
                                                                         metadata=metadata)
 
@@ -124,8 +122,8 @@ def run(
     with concurrent.futures.ProcessPoolExecutor(CLIENT_PROCESSES) as pool:
         start_at = time.time() + warmup_s + 0.5  # + the pool processes' start
         stop_at = start_at + duration_s
-        futures = [pool.submit(client_process, stack.gateway, stack.api_key,
-                               stack.reference_model, share, start_at, stop_at)
+        futures = [pool.submit(client_process, stack, stack.reference_model, share, start_at,
+                               stop_at)
                    for share in shares if share]
         time.sleep(max(0.0, start_at - time.time()))
         pid = stack.pids["gateway"]

@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import secrets
+import ssl
 import statistics
 import sys
 import tempfile
@@ -221,13 +222,14 @@ async def stream_timed(client: httpx.AsyncClient, endpoint: Endpoint) -> Timed:
 
 
 async def interleave(endpoints: Mapping[str, Endpoint], samples: int, warmup: int,
-                     budget_s: float) -> dict[str, list[Timed]]:
+                     budget_s: float, verify: ssl.SSLContext | bool = True
+                     ) -> dict[str, list[Timed]]:
     """`warmup` + `samples` rounds of one request to each endpoint, one at a time, the order
     rotating each round. Every answer must be the first endpoint's (the engine's own): the
-    same engine work."""
+    same engine work. `verify`: what checks https endpoints (the stack's CA)."""
     names = list(endpoints)
     results: dict[str, list[Timed]] = {name: [] for name in names}
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, verify=verify) as client:
         started = time.perf_counter()
         for round_index in range(warmup + samples):
             if time.perf_counter() - started > budget_s:
@@ -256,7 +258,9 @@ def measure(stack: StackInfo, triton_model: str, proxy: tuple[str, str] | None, 
                  "mesh_http": mesh_http_endpoint(stack)}
     if proxy is not None:
         endpoints["litellm"] = litellm_endpoint(*proxy)
-    results = asyncio.run(interleave(endpoints, samples, warmup, budget_s))
+    ca = stack.client_env().get("INFERMESH_TLS_CA_FILE")
+    verify = ssl.create_default_context(cafile=ca) if ca else True
+    results = asyncio.run(interleave(endpoints, samples, warmup, budget_s, verify))
     figures: dict[str, Any] = {}
     failed = [timed.error for arm in results.values() for timed in arm if timed.error]
     for error in failed[:3]:

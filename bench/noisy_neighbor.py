@@ -13,8 +13,6 @@ import statistics
 import time
 import uuid
 
-import grpc
-
 from bench.streaming import percentile
 from deploy.local.stack import DEMO_TENANT, StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2, tenants_pb2_grpc
@@ -74,10 +72,10 @@ async def _open_loop(stub, key: str, model: str, rate_per_s: float, duration_s: 
 async def _decision_latency(stack: StackInfo, tenant: str, count: int = 2000) -> list[float]:
     """The gateway's own quota code (`QuotaLeases`) against the stack's ratelimit service: the
     time of each admit decision, most served from the lease held locally."""
-    client = etcd.connect(stack.etcd, 5.0)
+    client = etcd.connect(stack.etcd, 5.0, stack.client_tls("gateway"))
     async with client:
         tenants = etcd.WatchCache(client, etcd.Keys.tenants, parse_tenant)
-        directory = ServiceDirectory(client)
+        directory = ServiceDirectory(client, stack.client_tls("gateway"), stack.mesh_token)
         await tenants.start()
         await directory.start()
         quota = QuotaLeases(tenants, directory, "bench", 2.0, fail_open=False)
@@ -100,7 +98,7 @@ async def run(stack: StackInfo, phase_s: float = PHASE_S, decisions: int = 2000
     """Each phase sends for `phase_s`; `decisions`: quota decisions timed."""
     admin_md = (("authorization", f"Bearer {stack.api_key}"),)
     suffix = uuid.uuid4().hex[:6]
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         admin = tenants_pb2_grpc.TenantAdminStub(channel)
         quiet_key = await _tenant(admin, admin_md, f"quiet-{suffix}", 10_000)
         noisy_key = await _tenant(admin, admin_md, f"noisy-{suffix}", NOISY_RPM)

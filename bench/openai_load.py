@@ -24,8 +24,6 @@ import sys
 import tempfile
 import time
 
-import grpc
-
 from backends.triton.reference_engine import CORPUS
 from backends.triton.weights import cache_root, materialize_weights, publish_default_model
 from bench.streaming import Sample, drive, mesh_client, percentile
@@ -87,8 +85,12 @@ def run_aiperf(executable: pathlib.Path, stack: StackInfo, state_dir: pathlib.Pa
         ]
         # Not HF_HUB_OFFLINE (the torch engine's bench sets it in this process): offline,
         # aiperf takes a tokenizer *path* for a Hub repo id and refuses it.
+        # The stack's https front is verified against its CA (aiperf's HTTP client reads the
+        # trust store from SSL_CERT_FILE, as OpenSSL does).
+        trust = ({"SSL_CERT_FILE": stack.client_env()["INFERMESH_TLS_CA_FILE"]}
+                 if stack.tls_dir else {})
         env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"},
-               "TMPDIR": scratch}
+               "TMPDIR": scratch, **trust}
         result = subprocess.run(command, capture_output=True, text=True, env=env,
                                 timeout=RUN_TIMEOUT_S, check=False)
         summary_path = artifacts / "profile_export_aiperf.json"
@@ -108,7 +110,7 @@ def run_aiperf(executable: pathlib.Path, stack: StackInfo, state_dir: pathlib.Pa
 async def run_grpc(stack: StackInfo, texts: list[str], requests: int, warmup_requests: int
                    ) -> dict[str, float]:
     """The same prompts and output length through `GenerateStream`, at the same concurrency."""
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         clients = [mesh_client(stub, stack, OUTPUT_TOKENS, prompt=text,
                                min_tokens=OUTPUT_TOKENS) for text in texts]

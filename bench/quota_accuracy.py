@@ -26,10 +26,10 @@ WARMUP_S = 15.0
 WINDOW_S = 60.0
 
 
-async def _worker(endpoint: str, key: str, model: str, stop_at: float,
+async def _worker(stack: StackInfo, endpoint: str, key: str, model: str, stop_at: float,
                   admitted: list[tuple[float, int]]) -> None:
     metadata = (("authorization", f"Bearer {key}"),)
-    async with grpc.aio.insecure_channel(endpoint) as channel:
+    async with stack.channel("gateway", endpoint) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         while time.monotonic() < stop_at:
             started = time.monotonic()
@@ -49,7 +49,7 @@ async def _measure(stack: StackInfo, endpoints: list[str], workers: int, warmup_
                    window_s: float) -> dict[str, float]:
     admin_md = (("authorization", f"Bearer {stack.api_key}"),)
     tenant_id = f"metered-{uuid.uuid4().hex[:6]}"
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         admin = tenants_pb2_grpc.TenantAdminStub(channel)
         await admin.CreateTenant(tenants_pb2.CreateTenantRequest(
             tenant_id=tenant_id, plan=tenants_pb2.PlanUpdate(
@@ -62,7 +62,7 @@ async def _measure(stack: StackInfo, endpoints: list[str], workers: int, warmup_
     started = time.monotonic()
     stop_at = started + warmup_s + window_s
     await asyncio.gather(*(
-        _worker(endpoint, key, stack.reference_model, stop_at, admitted)
+        _worker(stack, endpoint, key, stack.reference_model, stop_at, admitted)
         for endpoint in endpoints for _ in range(workers)))
     window_start = started + warmup_s
     served = sum(tokens for at, tokens in admitted if window_start <= at < stop_at)

@@ -56,16 +56,17 @@ def _manifest(description: str) -> registry_pb2.ModelManifest:
 class Prober:
     """Generates on one gateway without pause; remembers when each version first answered."""
 
-    def __init__(self, gateway: str, api_key: str):
+    def __init__(self, stack: StackInfo, gateway: str):
+        self._stack = stack
         self._gateway = gateway
-        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._metadata = (("authorization", f"Bearer {stack.api_key}"),)
         self.first_seen: dict[str, float] = {}
         self.errors = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         request = inference_pb2.GenerateRequest(
             model=MODEL, prompt="which version", params=inference_pb2.SamplingParams(max_tokens=1))
-        async with grpc.aio.insecure_channel(self._gateway) as channel:
+        async with self._stack.channel("gateway", self._gateway) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             while not stop.is_set():
                 try:
@@ -86,7 +87,7 @@ class Prober:
 async def _rollback_with_cli(stack: StackInfo) -> tuple[float, float]:
     """(started, returned) of one `meshctl registry rollback`."""
     env = dict(os.environ, INFERMESH_REGISTRY=stack.endpoints["registry"],
-               INFERMESH_API_KEY=stack.api_key)
+               INFERMESH_API_KEY=stack.api_key, **stack.client_env())
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
         str(MESHCTL), "registry", "rollback", MODEL, "--reason", "bench: rollback propagation",
@@ -118,7 +119,7 @@ async def _round(
     """(started, returned, when each gateway first served the previous version) of one
     change (`how`: rollback, promote or cli), with every gateway probed throughout."""
     routing = await registry.routing(MODEL)
-    probers = [Prober(gateway, stack.api_key) for gateway in gateways]
+    probers = [Prober(stack, gateway) for gateway in gateways]
     stop = asyncio.Event()
     tasks = [asyncio.create_task(p.run(stop)) for p in probers]
     try:
@@ -138,7 +139,8 @@ async def _round(
 async def _measure(
     stack: StackInfo, gateways: list[str], rounds: int, cli_rounds: int
 ) -> dict[str, float]:
-    async with RegistryClient(stack.endpoints["registry"], stack.api_key) as registry:
+    async with RegistryClient(stack.endpoints["registry"], stack.api_key,
+                              mesh_tls=stack.client_tls()) as registry:
         ids = [(await registry.register(_manifest(f"bench rollback {label}"))).version_id
                for label in ("a", "b")]
         routing = await registry.routing(MODEL)

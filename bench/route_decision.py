@@ -197,7 +197,8 @@ def rpc_round_trip_us(replicas: int = 100, samples: int = 2000,
         port = free_port()
         scheduler = service_process(
             "scheduler-bench", "services.scheduler", root / "scheduler.log", port,
-            {"INFERMESH_ETCD_ENDPOINT": server.endpoint, "INFERMESH_LOG_LEVEL": "warning"})
+            {"INFERMESH_TLS_MODE": "plaintext-development",
+             "INFERMESH_ETCD_ENDPOINT": server.endpoint, "INFERMESH_LOG_LEVEL": "warning"})
         try:
             asyncio.run(_write_fleet(server.endpoint, replicas))
             scheduler.start()

@@ -239,7 +239,8 @@ class Schedulers:
             self.children[policy] = service_process(
                 f"scheduler-{policy.value}", "services.scheduler",
                 root / f"scheduler-{policy.value}.log", port,
-                {"INFERMESH_ETCD_ENDPOINT": etcd_endpoint,
+                {"INFERMESH_TLS_MODE": "plaintext-development",
+                 "INFERMESH_ETCD_ENDPOINT": etcd_endpoint,
                  "INFERMESH_ROUTING_POLICY": policy.value,
                  "INFERMESH_PLACEMENT_ENABLED": "false"})
             self.endpoints[policy] = f"{LOOPBACK}:{port}"
@@ -263,7 +264,7 @@ async def _measure(replicas: ReplicaSet, schedulers: Schedulers, etcd_endpoint: 
         await replicas.wait_registered(client, timeout_s=60, models=[MODEL])
     await asyncio.sleep(2.0)  # every scheduler's watch has the records and a load report
     figures: dict[str, float] = {}
-    adapter = TritonAdapter()
+    adapter = TritonAdapter(None)
     try:
         results = {}
         for round_index, policy in enumerate(POLICIES):

@@ -62,7 +62,8 @@ def served_triton_model(stack: StackInfo, model: str) -> str:
     routes to, so the direct path calls the same engine)."""
 
     async def lookup() -> str:
-        async with RegistryClient(stack.endpoints["registry"], stack.api_key) as registry:
+        async with RegistryClient(stack.endpoints["registry"], stack.api_key,
+                              mesh_tls=stack.client_tls()) as registry:
             return (await registry.version(model)).triton_model_name
 
     return asyncio.run(lookup())
@@ -149,13 +150,13 @@ async def _client(
     max_tokens: int, budget_s: float,
 ) -> tuple[list[Sample], float]:
     if path == "direct":
-        adapter = TritonAdapter()
+        adapter = TritonAdapter(stack.client_tls())
         try:
             return await drive(direct_client(adapter, stack, max_tokens, triton_model),
                                concurrency, requests, budget_s)
         finally:
             await adapter.close()
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         return await drive(mesh_client(stub, stack, max_tokens), concurrency, requests, budget_s)
 

@@ -15,8 +15,6 @@ import pathlib
 import statistics
 import time
 
-import grpc
-
 from backends.triton.adapter import TritonAdapter
 from backends.triton.torch_engine import Generation, Sampling, TorchEngine, TorchEngineConfig
 from backends.triton.weights import (
@@ -63,7 +61,7 @@ def level_result(label: str, concurrency: int, samples: list[Sample],
 async def _over_grpc(path: str, stack: StackInfo, triton_model: str, concurrency: int,
                      requests: int, max_tokens: int, budget_s: float) -> LevelResult:
     if path == "direct":
-        adapter = TritonAdapter()
+        adapter = TritonAdapter(stack.client_tls())
         try:
             client = direct_client(adapter, stack, max_tokens, triton_model, PROMPT,
                                    min_tokens=max_tokens, temperature=TEMPERATURE)
@@ -71,7 +69,7 @@ async def _over_grpc(path: str, stack: StackInfo, triton_model: str, concurrency
         finally:
             await adapter.close()
     else:
-        async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        async with stack.channel() as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             client = mesh_client(stub, stack, max_tokens, stack.model, PROMPT,
                                  timeout_s=budget_s + REQUEST_TIMEOUT_S,

@@ -321,8 +321,9 @@ async def _measure(stack: StackInfo, scratch: pathlib.Path, engine: str, rounds:
 async def _measure_pushes(stack: StackInfo, engine: str, rounds: int, via: str, model: str,
                           name: str | None, source: pathlib.Path,
                           salt: str) -> dict[str, float | int | str]:
-    async with RegistryClient(stack.endpoints["registry"], stack.api_key) as registry, \
-            grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with RegistryClient(stack.endpoints["registry"], stack.api_key,
+                              mesh_tls=stack.client_tls()) as registry, \
+            stack.channel() as channel:
         client = Client(stack, channel)
         if engine == "reference":  # the model's earlier version, what a rollback returns to
             first = await registry.register(_reference_manifest(f"bench versions v1 {salt}"))

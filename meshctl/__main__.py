@@ -14,7 +14,7 @@ from infermesh.v1 import inference_pb2
 from meshctl import config
 from meshctl.audit import audit_app
 from meshctl.capacity import capacity_app
-from meshctl.config import DEFAULT_STATE_DIR, gateway_and_key
+from meshctl.config import DEFAULT_STATE_DIR, gateway_and_key, tls_for
 from meshctl.contexts import config_app
 from meshctl.engine import engine_app
 from meshctl.exits import ExitCode, describe, exit_code
@@ -106,11 +106,13 @@ def generate(
 ) -> None:
     """Generate text; on an error print `error: CODE: message` (and when to retry, if the mesh
     said) and exit with the code's exit status (4 auth, 7 refused …)."""
+    mesh_tls = tls_for("gateway", gateway)
     gateway, api_key = gateway_and_key(gateway, api_key)
     params = sampling(max_tokens, temperature, seed)
     if stream or cancel_after is not None:
         result = asyncio.run(
-            stream_generation(gateway, api_key, model, prompt, params, cancel_after, chat=chat)
+            stream_generation(gateway, api_key, model, prompt, params, cancel_after, chat=chat,
+                              mesh_tls=mesh_tls)
         )
         if result.error_code:
             error = describe(result.error_code, result.error_message, result.retry_after_s)
@@ -126,7 +128,7 @@ def generate(
             raise typer.Exit(exit_code(error.code))
         return
     reply, code, message, retry_after_s = asyncio.run(
-        unary_generation(gateway, api_key, model, prompt, params, chat=chat)
+        unary_generation(gateway, api_key, model, prompt, params, chat=chat, mesh_tls=mesh_tls)
     )
     if reply is None:
         typer.echo(f"error: {describe(code, message, retry_after_s)}", err=True)
@@ -168,7 +170,7 @@ def stack_up(
                    err=True)
         result = asyncio.run(stream_generation(
             info.gateway, info.api_key, info.model, question, sampling(64, None, None),
-            chat=True))
+            chat=True, mesh_tls=info.client_tls()))
         if result.final is not None:
             print_final(result.final)
     typer.echo("\nserving; a process that dies is restarted (`meshctl stack status`); "

@@ -16,9 +16,9 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
-from meshctl.config import DEFAULT_STATE_DIR, service_endpoint
+from meshctl.config import DEFAULT_STATE_DIR, tls_for
 from meshctl.output import Column, OutputFormat, emit
-from meshctl.rpc import call_gateway
+from meshctl.rpc import call_with_key
 from meshctl.times import format_time, parse_time
 from services.auditor import reader
 from services.auditor.checkpoints import (
@@ -184,7 +184,7 @@ def audit_query(
         async for record in stub.Query(request, metadata=metadata, timeout=120):
             lines.append(record.line)
 
-    call_gateway(service_endpoint("auditor", auditor), api_key, run)
+    call_with_key("auditor", auditor, api_key, run)
     with contextlib.ExitStack() as stack:
         if file is not None:
             sink = stack.enter_context(open(file, "w"))
@@ -239,7 +239,8 @@ def _trust(
 
 
 async def _from_etcd(endpoint: str) -> tuple[dict[str, Ed25519PublicKey], list[Checkpoint]]:
-    async with etcd.connect(endpoint, float(os.environ.get("INFERMESH_ETCD_TIMEOUT_S", 5))) as c:
+    async with etcd.connect(endpoint, float(os.environ.get("INFERMESH_ETCD_TIMEOUT_S", 5)),
+                            tls_for("etcd", endpoint)) as c:
         keys = keyring(kv.value for kv in await c.get_prefix(PUBLIC_KEYS_PREFIX.encode()))
         published = [Checkpoint.from_record(json.loads(kv.value))
                      for kv in await c.get_prefix(f"{CHECKPOINT_KEY}/".encode())]

@@ -13,6 +13,12 @@ A stored key (a context's key file, a stack's key) is used only with an endpoint
 place: a key is never sent to an endpoint it was not stored with (a flag or the environment
 must then give the key too).
 
+TLS trust comes from the same place as the endpoint (`tls_for`): a flag or environment
+endpoint with `INFERMESH_TLS_CA_FILE` (and `_CERT_FILE`/`_KEY_FILE`, the operator's certificate
+that internal services ask for); a context's `tls-ca-file`/`tls-cert-file`/`tls-key-file`, or
+its stack's; the local stack's CA and operator certificate. With no CA anywhere, the system's
+roots verify the server, unless `INFERMESH_TLS_MODE=plaintext-development` says plaintext.
+
 The config file is YAML, kubectl-style, at `INFERMESH_CONFIG` or `<user config dir>/infermesh/
 config.yaml`; it holds key *file* paths, never keys.
 """
@@ -27,12 +33,14 @@ from typing import Any
 import typer
 
 from deploy.local.state import StackInfo, load_state
+from services.common import tls
 
 DEFAULT_STATE_DIR = pathlib.Path(os.environ.get("INFERMESH_STATE_DIR", ".infermesh"))
 # What a context may name; `state-dir` and `api-key-file` besides these endpoints.
 SERVICES = ("gateway", "registry", "scheduler", "auditor", "prometheus", "etcd", "triton",
             "triton-metrics")
-CONTEXT_FIELDS = (*SERVICES, "api-key-file", "state-dir")
+TLS_FIELDS = ("tls-ca-file", "tls-cert-file", "tls-key-file")
+CONTEXT_FIELDS = (*SERVICES, "api-key-file", *TLS_FIELDS, "state-dir")
 
 selected_context: str | None = None  # `meshctl --context NAME …`, set by the app's callback
 
@@ -174,3 +182,35 @@ def endpoint_and_key(service: str, endpoint: str | None, key: str | None) -> tup
 
 def gateway_and_key(gateway: str | None, key: str | None) -> tuple[str, str]:
     return endpoint_and_key("gateway", gateway, key)
+
+
+def _tls_from_files(ca: str | None, cert: str | None, key: str | None) -> tls.MeshTls | None:
+    settings = tls.TlsSettings(ca_file=ca, cert_file=cert, key_file=key)
+    if ca is None:
+        if settings.mode is tls.TlsMode.PLAINTEXT_DEVELOPMENT:
+            return None
+        return tls.MeshTls(ca=None)  # the system's roots
+    try:
+        return tls.MeshTls.load(settings.model_copy(update={"mode": tls.TlsMode.MUTUAL}),
+                                need_certificate=False)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def tls_for(service: str, endpoint: str | None) -> tls.MeshTls | None:
+    """How to reach `service` at the endpoint resolved from the flag `endpoint`: the TLS
+    material stored where that endpoint came from (module docstring); None: plaintext."""
+    _, source = _resolve(service, endpoint)
+    if source in ("explicit", "env", "none"):
+        return _tls_from_files(*(os.environ.get(f"INFERMESH_TLS_{name}_FILE")
+                                 for name in ("CA", "CERT", "KEY")))
+    if source == "context":
+        active = MeshConfig.load().active()
+        assert active is not None
+        _, context = active
+        if context.get("tls-ca-file") or not context.get("state-dir"):
+            return _tls_from_files(*(context.get(name) for name in TLS_FIELDS))
+        state = load_state(pathlib.Path(context["state-dir"]).expanduser())
+    else:
+        state = load_state(_state_dir())
+    return state.client_tls() if state is not None else None

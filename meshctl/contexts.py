@@ -27,6 +27,14 @@ def set_context(
     triton_metrics: str = typer.Option(None, "--triton-metrics", help="host:port"),
     api_key_file: pathlib.Path = typer.Option(
         None, "--api-key-file", help="A file holding the API key (the key is never copied)."),
+    tls_ca_file: pathlib.Path = typer.Option(
+        None, "--tls-ca-file", help="PEM CA that verifies the mesh's servers (default: the "
+        "stack's, with --state-dir; else the system's roots)."),
+    tls_cert_file: pathlib.Path = typer.Option(
+        None, "--tls-cert-file", help="The operator's certificate, which internal services "
+        "(registry, scheduler, auditor, etcd) ask for."),
+    tls_key_file: pathlib.Path = typer.Option(None, "--tls-key-file",
+                                              help="The key of --tls-cert-file."),
     state_dir: pathlib.Path = typer.Option(
         None, "--state-dir", help="An embedded stack's state directory: what the context does "
         "not name comes from its stack.json."),
@@ -39,6 +47,9 @@ def set_context(
              "auditor": auditor, "prometheus": prometheus, "etcd": etcd, "triton": triton,
              "triton-metrics": triton_metrics,
              "api-key-file": str(api_key_file.expanduser().resolve()) if api_key_file else None,
+             **{field: str(path.expanduser().resolve()) if path else None
+                for field, path in zip(config.TLS_FIELDS,
+                                       (tls_ca_file, tls_cert_file, tls_key_file), strict=True)},
              "state-dir": str(state_dir.expanduser().resolve()) if state_dir else None}
     context.update({k: v for k, v in given.items() if v is not None})
     if use or not loaded.current_context:

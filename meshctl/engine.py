@@ -26,7 +26,7 @@ import typer
 
 from backends.triton.adapter import EngineRequest, TritonAdapter
 from backends.triton.calibration import EngineProfile, fit_profile
-from meshctl.config import endpoint_and_key, service_endpoint
+from meshctl.config import endpoint_and_key, service_endpoint, tls_for
 from meshctl.exits import fail_error
 from meshctl.progress import spinner
 from services.common import errors
@@ -134,10 +134,11 @@ def calibrate(
     metrics_endpoint = service_endpoint("triton-metrics", triton_metrics)
 
     async def measure() -> EngineProfile:
-        async with RegistryClient(registry_endpoint, key) as client:
+        async with RegistryClient(registry_endpoint, key,
+                                  mesh_tls=tls_for("registry", registry)) as client:
             version = await client.version(model)
         triton_model = version.triton_model_name
-        adapter = TritonAdapter()
+        adapter = TritonAdapter(tls_for("triton", triton))
         try:
             found = await _measure(_Replica(adapter, triton_endpoint, triton_model),
                                    metrics_endpoint, triton_model, lengths, sizes, decode_tokens,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from infermesh_client import NO_RETRIES, AsyncClient, Generation, InfermeshError, Message
 
 from infermesh.v1 import inference_pb2
+from services.common import tls
 
 
 @dataclass
@@ -44,9 +45,10 @@ def _sampling_arguments(params: inference_pb2.SamplingParams) -> dict:
             if params.HasField(name)}
 
 
-def _client(gateway: str, api_key: str) -> AsyncClient:
+def _client(gateway: str, api_key: str, mesh_tls: tls.MeshTls | None) -> AsyncClient:
     # The CLI reports a refusal as it comes (no waiting on the server's retry delay).
-    return AsyncClient(gateway, api_key, retry=NO_RETRIES)
+    return AsyncClient(gateway, api_key, tls=mesh_tls is not None,
+                       root_certificates=mesh_tls.ca if mesh_tls else None, retry=NO_RETRIES)
 
 
 def _timings(generation: Generation) -> inference_pb2.Timings:
@@ -77,11 +79,12 @@ def _final(generation: Generation, error: InfermeshError | None = None) -> infer
 async def stream_generation(
     gateway: str, api_key: str, model: str, prompt: str, params: inference_pb2.SamplingParams,
     cancel_after: int | None = None, out=sys.stdout, chat: bool = False,
+    mesh_tls: tls.MeshTls | None = None,
 ) -> GenerationResult:
     """Streams over `GenerateStream`, writing text to `out`; sends Cancel after `cancel_after`
-    Tokens frames."""
+    Tokens frames. `mesh_tls`: what verifies the gateway (`meshctl.config.tls_for`)."""
     pieces: list[str] = []
-    async with _client(gateway, api_key) as client:
+    async with _client(gateway, api_key, mesh_tls) as client:
         stream = client.stream(model, **generation_input(prompt, chat),
                                **_sampling_arguments(params))
         try:
@@ -104,10 +107,10 @@ async def stream_generation(
 
 async def unary_generation(
     gateway: str, api_key: str, model: str, prompt: str, params: inference_pb2.SamplingParams,
-    chat: bool = False,
+    chat: bool = False, mesh_tls: tls.MeshTls | None = None,
 ) -> tuple[inference_pb2.GenerateResponse | None, str, str, float | None]:
     """The reply, or None with the error's code, message and retry delay (None: not given)."""
-    async with _client(gateway, api_key) as client:
+    async with _client(gateway, api_key, mesh_tls) as client:
         try:
             generation = await client.generate(model, **generation_input(prompt, chat),
                                                **_sampling_arguments(params))

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from infermesh.v1 import registry_pb2
-from meshctl.config import endpoint_and_key
+from meshctl.config import endpoint_and_key, tls_for
 from meshctl.exits import fail_error
 from meshctl.output import OUTPUT, Column, OutputFormat, emit, is_structured, message_dict
 from meshctl.times import format_time
@@ -42,9 +42,10 @@ def run(registry: str | None, api_key: str | None,
     """Runs `operation` with a client; on an error prints `CODE: message` and exits with its
     code (`meshctl.exits`)."""
     endpoint, key = endpoint_and_key("registry", registry, api_key)
+    mesh_tls = tls_for("registry", registry)
 
     async def call() -> T:
-        async with RegistryClient(endpoint, key) as client:
+        async with RegistryClient(endpoint, key, mesh_tls=mesh_tls) as client:
             return await operation(client)
 
     try:

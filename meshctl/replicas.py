@@ -8,7 +8,6 @@ from typing import Any
 import typer
 
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
-from meshctl.config import service_endpoint
 from meshctl.output import OUTPUT, Column, OutputFormat, emit, is_structured, message_dict
 from meshctl.rpc import TIMEOUT_S, call
 from meshctl.times import format_duration
@@ -76,7 +75,7 @@ def replicas(
         return await scheduler_pb2_grpc.SchedulerStub(channel).ListReplicas(
             scheduler_pb2.ListReplicasRequest(), metadata=metadata, timeout=TIMEOUT_S)
 
-    reply = call(service_endpoint("scheduler", scheduler), (), list_replicas)
+    reply = call("scheduler", scheduler, list_replicas)
     data = message_dict(reply)
     if as_json:
         output = OutputFormat.json

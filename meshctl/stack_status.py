@@ -16,6 +16,7 @@ from deploy.local.supervisor import load_status
 from meshctl.config import DEFAULT_STATE_DIR
 from meshctl.exits import ExitCode, fail_local
 from meshctl.output import OUTPUT, Column, OutputFormat, emit
+from services.common import tls
 from services.common.processes import pid_alive
 
 GRPC_HEALTH = ("gateway", "registry", "ratelimit", "scheduler", "scheduler-2", "auditor",
@@ -33,9 +34,10 @@ class ProcessStatus:
     last_exit: int | None
 
 
-def _grpc_health(endpoint: str) -> str:
+def _grpc_health(info: StackInfo, name: str) -> str:
     try:
-        with grpc.insecure_channel(endpoint) as channel:
+        with tls.blocking_channel(info.endpoints[name], name.split("-")[0],
+                                  info.client_tls()) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                               timeout=TIMEOUT_S)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -54,9 +56,9 @@ def _http_ok(url: str) -> str:
 
 def _health(info: StackInfo, name: str) -> str:
     if name in GRPC_HEALTH and name in info.endpoints:
-        return _grpc_health(info.endpoints[name])
+        return _grpc_health(info, name)
     if name == "etcd":
-        return _http_ok(f"http://{info.etcd}/health")
+        return _http_ok(f"http://{info.metrics['etcd']}/health")
     if name == "triton" and "triton" in info.metrics:
         return _http_ok(f"http://{info.metrics['triton']}/metrics")
     if name == "prometheus" and "prometheus" in info.endpoints:

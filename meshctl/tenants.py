@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from infermesh.v1 import tenants_pb2, tenants_pb2_grpc
+from meshctl.config import tls_for
 from meshctl.exits import fail_error
 from meshctl.output import OUTPUT, Column, OutputFormat, emit, message_dict, to_json
 from meshctl.rpc import TIMEOUT_S, call_gateway
@@ -238,7 +239,8 @@ def key_bootstrap(
     needs an admin key, so a new cluster starts here."""
 
     async def bootstrap() -> tuple[str, ApiKey]:
-        async with etcd.connect(etcd_endpoint, TIMEOUT_S) as client:
+        async with etcd.connect(etcd_endpoint, TIMEOUT_S,
+                                tls_for("etcd", etcd_endpoint)) as client:
             store = TenantStore(client)
             with contextlib.suppress(errors.FailedPrecondition):  # it exists: keep its plan
                 await store.create_tenant(Tenant(tenant_id, tenant_id))

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Iterator
 
 import pytest
 
 from deploy.local.etcd_server import EtcdServer
+
+# Single services the tests start (and their in-process settings) run in the explicit
+# development mode; the embedded stack sets its own mode for its children (TLS).
+os.environ.setdefault("INFERMESH_TLS_MODE", "plaintext-development")
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import numpy as np
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from services.common import errors
+from services.common import errors, tls
 
 OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens")
 # tritonclient's own channel settings: no message size limit, its keepalive defaults.
@@ -159,17 +159,31 @@ def read_chunk(response: service_pb2.ModelInferResponse) -> EngineChunk:
                        final=bool(final is not None and final.bool_param))
 
 
+def triton_client(endpoint: str, mesh_tls: tls.MeshTls | None
+                  ) -> triton_aio.InferenceServerClient:
+    """tritonclient's client of the Triton at `endpoint` (the sidecar's control calls): mutual
+    TLS checking the server is `triton.infermesh`, with this process's certificate; plaintext
+    in development."""
+    if mesh_tls is None:
+        return triton_aio.InferenceServerClient(endpoint)
+    return triton_aio.InferenceServerClient(
+        endpoint, creds=mesh_tls.channel_credentials(),
+        channel_args=[*CHANNEL_OPTIONS, *tls.channel_options("triton", mesh_tls)])
+
+
 class TritonAdapter:
     """Streams generations from Triton replicas; holds one channel per endpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, mesh_tls: tls.MeshTls | None) -> None:
+        """`mesh_tls`: this process's certificate and the mesh's CA (None: plaintext)."""
+        self._mesh_tls = mesh_tls
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, service_pb2_grpc.GRPCInferenceServiceStub] = {}
 
     def _stub(self, endpoint: str) -> service_pb2_grpc.GRPCInferenceServiceStub:
         stub = self._stubs.get(endpoint)
         if stub is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+            channel = tls.channel(endpoint, "triton", self._mesh_tls, CHANNEL_OPTIONS)
             self._channels[endpoint] = channel
             stub = self._stubs[endpoint] = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         return stub

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import pid_alive
+from services.common.tls import TlsMode, TlsSettings
 
 __all__ = ["DEFAULT_MODEL_REPOSITORY", "TritonPorts", "TritonServer", "TritonStartError",
            "kill_leftovers", "main", "stub_pids"]
@@ -150,9 +151,13 @@ class TritonServer:
         log_to_file: bool = True,
         exit_timeout_s: int = 10,
         bind_address: str = LOOPBACK,
+        tls_settings: TlsSettings | None = None,
     ):
         """`models` None loads every model folder in the repository; `log_to_file` False inherits
-        stdout/stderr (for the CLI, whose own output is already captured)."""
+        stdout/stderr (for the CLI, whose own output is already captured). `tls_settings` in
+        mutual mode: gRPC over TLS that requires a client certificate from the mesh's CA, and
+        HTTP (plaintext in Triton, with model control) on loopback only; None or
+        plaintext-development: plaintext everywhere."""
         self.workdir = workdir.resolve()  # /proc/PID/exe shows resolved paths
         self.ports = ports
         self.bind_address = bind_address  # 0.0.0.0 in a pod: the gateway dials the pod's IP
@@ -164,6 +169,7 @@ class TritonServer:
         )
         self.log_path = self.workdir / "tritonserver.log" if log_to_file else None
         self.exit_timeout_s = exit_timeout_s
+        self.tls_settings = tls_settings
         self._process: subprocess.Popen[bytes] | None = None
         self._shm_before: set[str] = set()
 
@@ -186,14 +192,35 @@ class TritonServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def _mutual_tls(self) -> bool:
+        return (self.tls_settings is not None
+                and self.tls_settings.mode is TlsMode.MUTUAL)
+
+    def _tls_flags(self) -> list[str]:
+        if not self._mutual_tls():
+            return []
+        assert self.tls_settings is not None
+        files = {"--grpc-server-cert": self.tls_settings.cert_file,
+                 "--grpc-server-key": self.tls_settings.key_file,
+                 "--grpc-root-cert": self.tls_settings.ca_file}
+        missing = [flag for flag, path in files.items() if path is None]
+        if missing:
+            raise TritonStartError(f"mutual TLS needs INFERMESH_TLS_CA_FILE, _CERT_FILE and "
+                                   f"_KEY_FILE (no file for {', '.join(missing)})")
+        return ["--grpc-use-ssl=true", "--grpc-use-ssl-mutual=true",
+                *(f"{flag}={path}" for flag, path in files.items())]
+
     def argv(self) -> list[str]:
+        # Triton's HTTP front has no TLS: with mutual TLS it answers only inside the host or
+        # pod (readiness, the sidecar's neighbours), never the network.
+        http_address = LOOPBACK if self._mutual_tls() else self.bind_address
         return [
             str(_TRITON_BINARY),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={self.workdir / 'backends'}",
             f"--grpc-address={self.bind_address}",
             f"--grpc-port={self.ports.grpc}",
-            f"--http-address={self.bind_address}",
+            f"--http-address={http_address}",
             f"--http-port={self.ports.http}",
             f"--metrics-address={self.bind_address}",
             f"--metrics-port={self.ports.metrics}",
@@ -204,6 +231,7 @@ class TritonServer:
             f"--exit-timeout-secs={self.exit_timeout_s}",
             "--model-control-mode=explicit",
             *(f"--load-model={name}" for name in self.models),
+            *self._tls_flags(),
         ]
 
     def environment(self) -> dict[str, str]:
@@ -326,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models=args.models,
         log_to_file=not args.log_to_stdout,
         bind_address=args.address,
+        tls_settings=TlsSettings(),  # INFERMESH_TLS_*: mutual unless told plaintext-development
     )
     # A plain flag: a signal handler that takes a lock (threading.Event) can deadlock.
     stop_signals: list[int] = []

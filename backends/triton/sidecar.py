@@ -38,9 +38,8 @@ from typing import Any
 from google.protobuf import json_format
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field, model_validator
-from tritonclient.grpc import aio as triton_aio
 
-from backends.triton.adapter import PROBE_INPUT, engine_process_gone, probe_engine
+from backends.triton.adapter import PROBE_INPUT, engine_process_gone, probe_engine, triton_client
 from backends.triton.calibration import EngineProfile
 from backends.triton.replica_status import (
     ModelLoad,
@@ -196,7 +195,7 @@ class Sidecar:
             gpu_memory_mib=settings.gpu_memory_mib,
         )
         self._capacity = engine_capacity(settings.engine_profiles)
-        self._triton = triton_aio.InferenceServerClient(settings.triton_grpc_endpoint)
+        self._triton = triton_client(settings.triton_grpc_endpoint, ctx.tls)
         self._lease = etcd.LeaseKeeper(ctx.etcd, settings.replica_lease_ttl_s)
         self._placements: etcd.WatchCache[PlacementRecord] = etcd.WatchCache(
             ctx.etcd, etcd.Keys.placement(settings.replica_id),
@@ -664,7 +663,7 @@ def _describe(exc: BaseException) -> str:
 async def setup(ctx: ServiceContext) -> ServiceParts:
     settings = ctx.settings
     assert isinstance(settings, SidecarSettings)
-    directory = ServiceDirectory(ctx.etcd, settings.mesh_token.get_secret_value())
+    directory = ServiceDirectory(ctx.etcd, ctx.tls, settings.mesh_token.get_secret_value())
     blobs = await asyncio.to_thread(
         BlobCache, settings.blob_cache_dir, settings.blob_cache_max_bytes,
         mesh_download(directory, settings.peer_timeout_s), settings.model_control_timeout_s)

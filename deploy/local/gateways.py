@@ -27,9 +27,10 @@ class ExtraGateway:
             "INFERMESH_INSTANCE_ID": f"{name}-{uuid.uuid4().hex[:6]}",
             "INFERMESH_BLOB_CACHE_DIR": str(state_dir / "data" / f"{name}-blobs"),
             "INFERMESH_AUDIT_SPOOL_DIR": str(state_dir / "data" / f"{name}-audit-spool"),
-            "INFERMESH_MESH_TOKEN": stack.mesh_token,
+            **stack.service_security("gateway"),
             **(settings or {}),
         }
+        self._stack = stack
         self.process = service_process(name, "services.gateway",
                                        state_dir / "logs" / f"{name}.log", self.port, variables)
 
@@ -44,7 +45,8 @@ class ExtraGateway:
     def start(self, timeout_s: float = 30.0) -> None:
         self.process.start()
         try:
-            wait_serving(self.process, self.endpoint, time.monotonic() + timeout_s)
+            wait_serving(self.process, self.endpoint, time.monotonic() + timeout_s,
+                         self._stack.client_tls())
         except BaseException:
             self.stop()
             raise

@@ -25,13 +25,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from backends.triton.launcher import kill_leftovers
+from deploy.local.certificates import make_mesh_certificates
 from deploy.local.demo_models import DEMO_MODEL, REFERENCE_MODEL, prepare
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.prometheus import PrometheusServer
-from deploy.local.state import StackInfo, forget_state, load_state, write_state
+from deploy.local.state import StackInfo, files_for, forget_state, load_state, write_state
 from deploy.local.supervisor import Supervisor
 from infermesh.v1 import inference_pb2, inference_pb2_grpc, registry_pb2
-from services.common import errors, etcd
+from services.common import errors, etcd, tls
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import ChildProcess, pid_alive, stop_pid
 from services.common.tenancy import Tenant, TenantPlan, TenantStore
@@ -54,6 +55,9 @@ class StackOptions:
     gateway_env: dict[str, str] = field(default_factory=dict)  # extra INFERMESH_* for the gateway
     triton_log_verbose: bool = False
     supervise: bool = True  # restart any process that dies (with backoff)
+    # Mutual TLS with a CA made at `up` (certificates.py); False: plaintext development (on
+    # loopback, with a mesh token), for comparisons such as the TLS benchmark.
+    tls: bool = True
 
 
 class Stack:
@@ -80,13 +84,28 @@ class Stack:
         repository.mkdir(parents=True)
         deadline = time.monotonic() + timeout_s
         try:
-            etcd_server = EtcdServer(self.state_dir / "data" / "etcd", self.logs / "etcd.log")
+            tls_dir = self.state_dir / "tls"
+            if self.options.tls:
+                make_mesh_certificates(tls_dir)
+            etcd_server = EtcdServer(
+                self.state_dir / "data" / "etcd", self.logs / "etcd.log",
+                certificates=files_for(tls_dir, "etcd") if self.options.tls else None)
             etcd_server.start()
             self.children["etcd"] = etcd_server.process
             ports = {name: free_port() for name in (*SERVICES, "sidecar")}
             metrics = {name: free_port() for name in (*SERVICES, "sidecar")}
             triton = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
             openai_port = free_port()
+            endpoints = {name: f"{LOOPBACK}:{port}" for name, port in ports.items()}
+            self.info = info = StackInfo(
+                gateway=endpoints["gateway"], api_key="", model=DEMO_MODEL,
+                reference_model=REFERENCE_MODEL, etcd=etcd_server.endpoint, endpoints=endpoints,
+                metrics={}, pids={},
+                mesh_token="" if self.options.tls else secrets.token_urlsafe(32),
+                tls_dir=str(tls_dir) if self.options.tls else "",
+                openai_base_url=(f"{'https' if self.options.tls else 'http'}://{LOOPBACK}:"
+                                 f"{openai_port}/v1"),
+            )
             self._start(
                 "triton",
                 [sys.executable, "-m", "backends.triton.launcher",
@@ -94,13 +113,11 @@ class Stack:
                  "--metrics-port", str(triton["metrics"]),
                  "--model-repository", str(repository),
                  "--workdir", str(self.state_dir / "triton")],
-                {},
+                info.service_security("triton"),
             )
-            mesh_token = secrets.token_urlsafe(32)
-            base = {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint,
-                    "INFERMESH_MESH_TOKEN": mesh_token}
+            base = {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint}
             for name in SERVICES:
-                extra = dict(base)
+                extra = {**base, **info.service_security(name.split("-")[0])}
                 if name == "auditor":
                     extra["INFERMESH_AUDITOR_DATA_DIR"] = str(self.state_dir / "data" / "auditor")
                 if name == "gateway":
@@ -115,7 +132,7 @@ class Stack:
                 self._start_service(name, MODULES[name], ports[name], metrics[name], extra)
             self._start_service(
                 "sidecar", "backends.triton.sidecar", ports["sidecar"], metrics["sidecar"],
-                {**base,
+                {**base, **info.service_security("sidecar"),
                  "INFERMESH_TRITON_GRPC_ENDPOINT": f"{LOOPBACK}:{triton['grpc']}",
                  "INFERMESH_TRITON_METRICS_ENDPOINT": f"{LOOPBACK}:{triton['metrics']}",
                  "INFERMESH_REPLICA_ID": "replica-0",
@@ -126,30 +143,25 @@ class Stack:
                  # here only waits for generations that outlived it.
                  "INFERMESH_DRAIN_TIMEOUT_S": "10"},
             )
+            client_tls = info.client_tls()
             for name in (*SERVICES, "sidecar"):
-                wait_serving(self.children[name], f"{LOOPBACK}:{ports[name]}", deadline)
+                wait_serving(self.children[name], endpoints[name], deadline, client_tls,
+                             name.split("-")[0])
             api_key, triton_models = asyncio.run(
-                self._bootstrap(etcd_server.endpoint, ports, manifests, deadline)
+                self._bootstrap(etcd_server.endpoint, manifests, deadline)
             )
-            endpoints = {name: f"{LOOPBACK}:{port}" for name, port in ports.items()}
             endpoints["triton"] = f"{LOOPBACK}:{triton['grpc']}"
             endpoints["triton-http"] = f"{LOOPBACK}:{triton['http']}"  # KServe v2 and generate
             metric_endpoints = {name: f"{LOOPBACK}:{port}" for name, port in metrics.items()}
             metric_endpoints["triton"] = f"{LOOPBACK}:{triton['metrics']}"
-            metric_endpoints["etcd"] = etcd_server.endpoint  # /metrics on its client port
+            metric_endpoints["etcd"] = etcd_server.metrics_endpoint
             prometheus = PrometheusServer(self.state_dir, self.logs / "prometheus.log",
                                           metric_endpoints)
             self.children["prometheus"] = prometheus.process
             prometheus.start()
             endpoints["prometheus"] = prometheus.endpoint
-            self.info = StackInfo(
-                gateway=endpoints["gateway"], api_key=api_key, model=DEMO_MODEL,
-                reference_model=REFERENCE_MODEL,
-                etcd=etcd_server.endpoint, endpoints=endpoints, metrics=metric_endpoints,
-                pids=self._pids(),
-                openai_base_url=f"http://{LOOPBACK}:{openai_port}/v1", mesh_token=mesh_token,
-                triton_models=triton_models,
-            )
+            self.info.api_key, self.info.metrics = api_key, metric_endpoints
+            self.info.pids, self.info.triton_models = self._pids(), triton_models
             write_state(self.state_dir, self.info)
             if self.options.supervise:
                 self._supervise(self.state_dir / "triton")
@@ -219,36 +231,33 @@ class Stack:
         self.children[child.name] = child
 
     async def _bootstrap(
-        self, etcd_endpoint: str, ports: dict[str, int],
-        manifests: list[registry_pb2.ModelManifest], deadline: float,
+        self, etcd_endpoint: str, manifests: list[registry_pb2.ModelManifest], deadline: float,
     ) -> tuple[str, dict[str, str]]:
         """Demo tenant, admin key and models; returns once the gateway can serve every model,
         with the key and each model's Triton model."""
-        client = etcd.connect(etcd_endpoint, 5.0)
+        assert self.info is not None
+        client = etcd.connect(etcd_endpoint, 5.0, self.info.client_tls())
         async with client:
             tenants = TenantStore(client)
             await tenants.put_tenant(Tenant(DEMO_TENANT, "Demo tenant", self.options.demo_plan))
             api_key, _ = await tenants.issue_key(DEMO_TENANT, role="admin")
         triton_models = {}
         for manifest in manifests:
-            version = await register_demo_model(f"{LOOPBACK}:{ports['registry']}", api_key,
-                                                manifest, deadline)
+            version = await register_demo_model(self.info, api_key, manifest, deadline)
             triton_models[manifest.name] = served_model_name(manifest.name, version)
         for manifest in manifests:
-            await self._wait_routable(f"{LOOPBACK}:{ports['gateway']}", api_key, manifest.name,
-                                      deadline)
+            await self._wait_routable(api_key, manifest.name, deadline)
         return api_key, triton_models
 
-    async def _wait_routable(
-        self, gateway: str, api_key: str, model: str, deadline: float
-    ) -> None:
+    async def _wait_routable(self, api_key: str, model: str, deadline: float) -> None:
         """Until a one-token generation succeeds: keys, model, tokenizer and replica are all
         visible."""
         metadata = (("authorization", f"Bearer {api_key}"),)
         request = inference_pb2.GenerateRequest(
             model=model, prompt="warm up", params=inference_pb2.SamplingParams(max_tokens=1)
         )
-        async with grpc.aio.insecure_channel(gateway) as channel:
+        assert self.info is not None
+        async with self.info.channel() as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             while True:
                 try:
@@ -261,12 +270,13 @@ class Stack:
 
 
 async def register_demo_model(
-    registry: str, api_key: str, manifest: registry_pb2.ModelManifest, deadline: float
+    stack: StackInfo, api_key: str, manifest: registry_pb2.ModelManifest, deadline: float
 ) -> str:
     """Registers a demo manifest through the Registry API and makes it production (unless it
     already is); returns its version id. Retries while the registry has not yet seen the
     freshly issued key."""
-    async with RegistryClient(registry, api_key, timeout_s=5.0) as client:
+    async with RegistryClient(stack.endpoints["registry"], api_key, timeout_s=5.0,
+                              mesh_tls=stack.client_tls()) as client:
         while True:
             try:
                 reply = await client.register(manifest)
@@ -292,10 +302,12 @@ def service_process(name: str, module: str, log_path: pathlib.Path, port: int,
     return ChildProcess(name, [sys.executable, "-m", module], log_path, env=env, cwd=REPO_ROOT)
 
 
-def wait_serving(child: ChildProcess, endpoint: str, deadline: float) -> None:
+def wait_serving(child: ChildProcess, endpoint: str, deadline: float,
+                 mesh_tls: tls.MeshTls | None = None, peer_kind: str | None = None) -> None:
     """Returns once `child`'s gRPC health says SERVING; raises if it exits or the deadline
-    passes (with the tail of its log)."""
-    with grpc.insecure_channel(endpoint) as channel:
+    passes (with the tail of its log). `mesh_tls`, `peer_kind`: as `tls.channel` (None: a
+    plaintext-development process)."""
+    with tls.blocking_channel(endpoint, peer_kind, mesh_tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if not child.alive():

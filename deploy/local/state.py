@@ -10,6 +10,31 @@ import pathlib
 import shlex
 from dataclasses import dataclass, field
 
+import grpc
+
+from services.common import tls
+
+
+@dataclass(frozen=True)
+class CertificateFiles:
+    """One kind's PEM files in a stack's `tls` directory, and the CA bundle that verifies
+    every peer (made by `certificates.make_mesh_certificates`)."""
+
+    ca: pathlib.Path
+    cert: pathlib.Path
+    key: pathlib.Path
+
+    def env(self) -> dict[str, str]:
+        """The `INFERMESH_TLS_*` variables of a process holding this certificate."""
+        return {"INFERMESH_TLS_MODE": tls.TlsMode.MUTUAL.value,
+                "INFERMESH_TLS_CA_FILE": str(self.ca), "INFERMESH_TLS_CERT_FILE": str(self.cert),
+                "INFERMESH_TLS_KEY_FILE": str(self.key)}
+
+
+def files_for(directory: pathlib.Path, kind: str) -> CertificateFiles:
+    return CertificateFiles(directory / "ca.pem", directory / f"{kind}.pem",
+                            directory / f"{kind}.key")
+
 
 @dataclass
 class StackInfo:
@@ -24,7 +49,8 @@ class StackInfo:
     metrics: dict[str, str]
     pids: dict[str, int]
     openai_base_url: str = ""  # the gateway's OpenAI-compatible HTTP API
-    mesh_token: str = ""  # what the stack's services present to each other (a fresh one per up)
+    mesh_token: str = ""  # plaintext development: what the services present to each other
+    tls_dir: str = ""  # the stack's CA and certificates (certificates.py); "": plaintext
     # Model → the Triton model serving the version the stack registered (each version is its own).
     triton_models: dict[str, str] = field(default_factory=dict)
 
@@ -43,7 +69,42 @@ class StackInfo:
             "INFERMESH_PROMETHEUS": self.endpoints["prometheus"],
             "INFERMESH_OPENAI_BASE_URL": self.openai_base_url,
         }
+        values.update(self.client_env())
         return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
+
+
+    def client_env(self) -> dict[str, str]:
+        """`INFERMESH_TLS_*_FILE` of a client of this stack (meshctl, the SDK): its CA, and the
+        operator's certificate that internal services ask for ({} for a plaintext stack)."""
+        if not self.tls_dir:
+            return {}
+        return {name: value for name, value in self.service_security(tls.OPERATOR).items()
+                if name != "INFERMESH_TLS_MODE"}
+
+    def service_security(self, kind: str) -> dict[str, str]:
+        """The INFERMESH_* variables that make a process of `kind` one of this stack's: its
+        certificate, or in a plaintext-development stack the mode and the mesh token."""
+        if not self.tls_dir:
+            return {"INFERMESH_TLS_MODE": tls.TlsMode.PLAINTEXT_DEVELOPMENT.value,
+                    "INFERMESH_MESH_TOKEN": self.mesh_token}
+        return files_for(pathlib.Path(self.tls_dir), kind).env()
+
+    def client_tls(self, kind: str = tls.OPERATOR) -> tls.MeshTls | None:
+        """The CA and `kind`'s certificate (the operator's: what meshctl and the tests hold),
+        None for a plaintext-development stack."""
+        if not self.tls_dir:
+            return None
+        files = files_for(pathlib.Path(self.tls_dir), kind)
+        return tls.MeshTls.load(tls.TlsSettings(mode=tls.TlsMode.MUTUAL, ca_file=files.ca,
+                                                cert_file=files.cert, key_file=files.key))
+
+    def channel(self, name: str = "gateway", endpoint: str | None = None) -> grpc.aio.Channel:
+        """A channel to the stack's process `name` (or to `endpoint`, another of that kind),
+        as its clients dial it: the gateway checked by its address, the others by their
+        mesh identity, with the operator's certificate."""
+        kind = name.split("-")[0]
+        return tls.channel(endpoint or self.endpoints[name], None if kind == "gateway" else kind,
+                           self.client_tls())
 
 
 def write_state(state_dir: pathlib.Path, info: StackInfo) -> None:

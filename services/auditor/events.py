@@ -112,6 +112,17 @@ def _string_fields(event: auditor_pb2.AuditEvent) -> list[tuple[str, Message, Fi
     return found
 
 
+def check_sources(request: auditor_pb2.AppendRequest, caller_kind: str) -> None:
+    """PermissionDenied naming the event when a service writes in another's name: an event's
+    `source` is `<kind>/<instance>`, and its kind must be the caller's (from its certificate)."""
+    for index, event in enumerate(request.events):
+        if event.source.partition("/")[0] != caller_kind:
+            raise errors.PermissionDenied(
+                f"events[{index}].source is {event.source[:MAX_ID_LENGTH]!r}, but the caller is "
+                f"{caller_kind}: a service appends only its own events ({caller_kind}/…)",
+                field=f"events[{index}].source")
+
+
 def check_batch(
     request: auditor_pb2.AppendRequest, max_events: int, max_event_bytes: int
 ) -> None:

@@ -39,13 +39,13 @@ from services.auditor.checkpoints import (
     Checkpoint,
     Signer,
 )
-from services.auditor.events import check_batch, event_to_dict
+from services.auditor.events import check_batch, check_sources, event_to_dict
 from services.auditor.records import Record
 from services.auditor.settings import AuditorSettings
 from services.auditor.store import AppendResult, AuditLog, LogCorrupted
 from services.common import errors, etcd, status
 from services.common.auth import Authenticator, Principal
-from services.common.discovery import MESH_TOKEN_HEADER, mesh_token_matches
+from services.common.callers import PLAINTEXT_MESH, mesh_caller
 from services.common.logs import get_logger
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import parse_key, parse_tenant
@@ -75,8 +75,6 @@ ACK_SECONDS = Histogram(
 LAST_SEQUENCE = Gauge("infermesh_auditor_last_sequence", "Sequence number of the durable head.")
 CHECKPOINTS = Counter("infermesh_auditor_checkpoints_total", "Checkpoints signed into the log.")
 INDEX_INTERVAL_S = 10.0  # how soon a rotated segment gets its query index
-APPEND_REFUSED = Counter("infermesh_auditor_append_unauthenticated_total",
-                         "Append calls refused for a missing or wrong mesh token.")
 PUBLISHED_SIZE = Gauge(
     "infermesh_auditor_checkpoint_published_size", "Tree size of the checkpoint in etcd."
 )
@@ -317,16 +315,13 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         """Reads batches as they come (up to `max_inflight_batches` waiting on the disk) and
         acknowledges each, in order, once durable. A bad batch ends the stream with
         INVALID_ARGUMENT; the batches before it stay stored (and acknowledged if already due).
-        Only mesh services may write: the call must carry the mesh token (when one is set).
+        Which services may write is `callers.CALLERS`; each event's `source` must name the
+        caller's own kind (with TLS: plaintext development has no identities to tie it to).
         """
-        if not mesh_token_matches(context.invocation_metadata(),
-                                  self._settings.mesh_token.get_secret_value()):
-            APPEND_REFUSED.inc()
-            await status.abort_stream(context, errors.Unauthenticated(
-                f"Append is for mesh services: {MESH_TOKEN_HEADER} is missing or wrong",
-                field=MESH_TOKEN_HEADER), request_iterator)
+        caller = mesh_caller()
         inflight: asyncio.Queue[Any] = asyncio.Queue(self._settings.max_inflight_batches)
-        reading = asyncio.create_task(self._read_batches(request_iterator, inflight))
+        reading = asyncio.create_task(self._read_batches(
+            request_iterator, inflight, None if caller in (None, PLAINTEXT_MESH) else caller))
         try:
             async with asyncio.timeout(self._settings.append_timeout_s):
                 while (item := await inflight.get()) is not None:
@@ -353,7 +348,8 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
                     item[1].add_done_callback(_consume)
 
     async def _read_batches(
-        self, request_iterator: AsyncIterator[auditor_pb2.AppendRequest], inflight: asyncio.Queue
+        self, request_iterator: AsyncIterator[auditor_pb2.AppendRequest], inflight: asyncio.Queue,
+        caller_kind: str | None,
     ) -> None:
         index = 0
         try:
@@ -361,9 +357,14 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
                 try:
                     check_batch(request, self._settings.batch_max_events,
                                 self._settings.max_event_bytes)
+                    if caller_kind is not None:
+                        check_sources(request, caller_kind)
                 except errors.InvalidArgument as exc:
                     await inflight.put(errors.InvalidArgument.relayed(
                         exc.field, f"{exc.message} (batch {index} of the stream)"))
+                    return
+                except errors.PermissionDenied as exc:
+                    await inflight.put(exc)
                     return
                 commit = asyncio.ensure_future(self._committer.commit(list(request.events)))
                 await inflight.put((time.perf_counter(), commit))
@@ -625,10 +626,6 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     tenants = etcd.WatchCache(ctx.etcd, etcd.Keys.tenants, parse_tenant)
     for cache in (keys, tenants):
         await cache.start()
-    if not settings.mesh_token.get_secret_value():
-        log.warning("append_unauthenticated",
-                    hint="set INFERMESH_MESH_TOKEN on every service: anyone who reaches this "
-                         "port can append events")
     committer = GroupCommitter(audit_log, settings.group_max_events, settings.write_timeout_s)
     committer.start()
     servicer = AuditorServicer(audit_log, committer, Authenticator(keys, tenants),

@@ -11,7 +11,7 @@ from typing import Any
 import aetcd
 import grpc
 
-from services.common import errors, etcd
+from services.common import errors, etcd, tls
 
 CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 20_000),
@@ -84,16 +84,20 @@ def _parse(_suffix: str, raw: bytes) -> dict[str, Any]:
 
 
 class ServiceDirectory:
-    """Live endpoints per service kind, with one long-lived channel per endpoint; every call
-    on those channels carries `mesh_token` when there is one."""
+    """Live endpoints per service kind, with one long-lived channel per endpoint: mutual TLS
+    checking the server is the kind registered there, or in plaintext development calls that
+    carry `mesh_token` when there is one."""
 
-    def __init__(self, client: aetcd.Client, mesh_token: str = ""):
+    def __init__(self, client: aetcd.Client, mesh_tls: tls.MeshTls | None,
+                 mesh_token: str = ""):
         self._cache: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
             client, etcd.Keys.services, _parse
         )
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._turn = itertools.count()
-        self._interceptors = mesh_token_interceptors(mesh_token) if mesh_token else None
+        self._tls = mesh_tls
+        self._interceptors = (mesh_token_interceptors(mesh_token)
+                              if mesh_token and mesh_tls is None else None)
 
     async def start(self) -> None:
         await self._cache.start()
@@ -118,12 +122,20 @@ class ServiceDirectory:
         return self.channel_to(endpoint)
 
     def channel_to(self, endpoint: str) -> grpc.aio.Channel:
+        """A channel to `endpoint`, one of `endpoints(kind)`; Unavailable once it is gone."""
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS,
-                                                interceptors=self._interceptors)
+            kind = self._kind_at(endpoint) if self._tls is not None else None
+            channel = tls.channel(endpoint, kind, self._tls, CHANNEL_OPTIONS, self._interceptors)
             self._channels[endpoint] = channel
         return channel
+
+    def _kind_at(self, endpoint: str) -> str:
+        """The kind registered at `endpoint`: the identity its certificate must carry."""
+        for key, value in self._cache.items.items():
+            if value["endpoint"] == endpoint:
+                return key.partition("/")[0]
+        raise errors.Unavailable(f"no service is registered at {endpoint}", retry_after_s=1.0)
 
 
 def rendezvous_order(key: str, endpoints: list[str]) -> list[str]:

@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import aetcd
+from aetcd import rpc as etcd_rpc
+from aetcd import watcher as etcd_watcher
 
 from services.common.logs import get_logger
 from services.common.tasks import cancel_and_wait
@@ -99,9 +101,47 @@ class Keys:
         return f"{Keys.services}{kind}/{instance_id}"
 
 
-def connect(endpoint: str, timeout_s: float) -> aetcd.Client:
-    """A client whose every call has a deadline (`timeout_s`); it connects on first use."""
+class ChannelSecurity(Protocol):
+    """What a TLS client of etcd needs (`services.common.tls.MeshTls`; a Protocol, so this
+    module, which domain modules import for its keys, stays free of gRPC)."""
+
+    def channel_credentials(self) -> Any: ...
+
+    def peer_options(self, peer_kind: str) -> tuple[tuple[str, Any], ...]: ...
+
+
+class MutualTlsClient(aetcd.Client):
+    """aetcd's client over mutual TLS: aetcd 1.0 dials plaintext only, so this is its
+    `connect` with a secure channel (the same stubs and watcher; no etcd user/password, as
+    the certificate authenticates). Pinned aetcd; tests/integration/test_mesh_tls.py uses it."""
+
+    def __init__(self, host: str, port: int, timeout_s: float, mesh_tls: ChannelSecurity):
+        super().__init__(host=host, port=port, timeout=timeout_s,
+                         options=dict(mesh_tls.peer_options("etcd")))
+        self._credentials = mesh_tls.channel_credentials()
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return  # nothing below awaits, so no other task can be half-way through it
+        self.channel = etcd_rpc.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                               options=list(self._options.items()))
+        self.kvstub = etcd_rpc.KVStub(self.channel)
+        self.clusterstub = etcd_rpc.ClusterStub(self.channel)
+        self.leasestub = etcd_rpc.LeaseStub(self.channel)
+        self.maintenancestub = etcd_rpc.MaintenanceStub(self.channel)
+        self._watcher = etcd_watcher.Watcher(etcd_rpc.WatchStub(self.channel),
+                                              timeout=self._timeout, metadata=self.metadata)
+        self._connected.set()
+
+
+def connect(endpoint: str, timeout_s: float, mesh_tls: ChannelSecurity | None = None
+            ) -> aetcd.Client:
+    """A client whose every call has a deadline (`timeout_s`); it connects on first use. With
+    `mesh_tls`, over mutual TLS checking the server is `etcd.infermesh` (None: plaintext, a
+    development etcd)."""
     host, _, port = endpoint.rpartition(":")
+    if mesh_tls is not None:
+        return MutualTlsClient(host, int(port), timeout_s, mesh_tls)
     return aetcd.Client(host=host, port=int(port), timeout=timeout_s)
 
 

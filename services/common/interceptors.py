@@ -47,29 +47,24 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         service, _, method = handler_call_details.method.lstrip("/").partition("/")
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, service, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rewrap(handler, _wrap_unary(handler.unary_unary or handler.stream_unary,
+                                           service, method),
+                      _wrap_stream(handler.unary_stream or handler.stream_stream, service, method))
+
+
+def rewrap(handler: grpc.RpcMethodHandler, unary: Callable[..., Any],
+           stream: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour replaced: `unary` for calls with one response (unary or
+    client-streaming), `stream` for calls that stream responses; same shape, same codecs."""
+    codecs = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **codecs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **codecs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **codecs)
+    return grpc.stream_stream_rpc_method_handler(stream, **codecs)
 
 
 def _observe(service: str, method: str, started: float, context: Any, failed: bool) -> None:

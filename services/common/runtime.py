@@ -23,7 +23,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from services.common import etcd
+from services.common import etcd, tls
+from services.common.callers import AuthorizationInterceptor
 from services.common.interceptors import ObservabilityInterceptor
 from services.common.logs import configure_logging, get_logger
 from services.common.settings import ServiceSettings
@@ -53,6 +54,7 @@ class ServiceContext:
     health: HealthServicer
     endpoint: str = ""  # host:port other services reach this process on
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+    tls: tls.MeshTls | None = None  # None: plaintext development
 
 
 @dataclass
@@ -66,27 +68,42 @@ class ServiceParts:
 Setup = Callable[[ServiceContext], Awaitable[ServiceParts]]
 
 
-async def run_service(kind: str, settings: ServiceSettings, setup: Setup) -> None:
-    """Runs one service until SIGTERM or SIGINT, then shuts it down gracefully."""
+def server_interceptors(settings: ServiceSettings, tls_on: bool
+                        ) -> list[grpc.aio.ServerInterceptor]:
+    """Every mesh server's interceptors, outermost first: logs and metrics see refusals too."""
+    return [ObservabilityInterceptor(),
+            AuthorizationInterceptor(tls_on, settings.mesh_token.get_secret_value())]
+
+
+async def run_service(kind: str, settings: ServiceSettings, setup: Setup,
+                      public: bool = False) -> None:
+    """Runs one service until SIGTERM or SIGINT, then shuts it down gracefully. `public`: its
+    listener takes clients without certificates (the gateway: API keys authenticate them)."""
     configure_logging(kind, settings.log_level)
+    mesh_tls = await asyncio.to_thread(tls.MeshTls.load, settings.tls)
+    if mesh_tls is None and not settings.mesh_token.get_secret_value():
+        log.warning("plaintext_development", hint="no TLS and no mesh token: anyone who "
+                    "reaches this process's port may call its service-only methods")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):  # first, so a stop during start-up is clean
         loop.add_signal_handler(signum, stop.set)
     metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host)
     metrics_port = metrics_server.server_port
-    client = etcd.connect(settings.etcd_endpoint, settings.etcd_timeout_s)
-    server = grpc.aio.server(interceptors=[ObservabilityInterceptor()], options=(
+    client = etcd.connect(settings.etcd_endpoint, settings.etcd_timeout_s, mesh_tls)
+    server = grpc.aio.server(interceptors=server_interceptors(settings, mesh_tls is not None),
+                             options=(
         *SERVER_OPTIONS,
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
     ))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = tls.add_listener(server, f"{settings.host}:{settings.port}", mesh_tls,
+                            require_client_certificate=not public)
     endpoint = f"{settings.advertise_host}:{port}"
     context = ServiceContext(settings=settings, server=server, etcd=client, health=health,
-                             endpoint=endpoint)
+                             endpoint=endpoint, tls=mesh_tls)
     parts = await setup(context)
     names = list(parts.service_names)
     if settings.reflection:
@@ -121,6 +138,6 @@ async def run_service(kind: str, settings: ServiceSettings, setup: Setup) -> Non
     log.info("stopped")
 
 
-def main(kind: str, settings: ServiceSettings, setup: Setup) -> None:
+def main(kind: str, settings: ServiceSettings, setup: Setup, public: bool = False) -> None:
     """The body of every service's `__main__`."""
-    asyncio.run(run_service(kind, settings, setup))
+    asyncio.run(run_service(kind, settings, setup, public))

@@ -9,6 +9,8 @@ import socket
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.tls import TlsSettings
+
 
 def default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -37,11 +39,13 @@ class ServiceSettings(BaseSettings):
     max_connection_age_grace_s: float = Field(
         660.0, ge=0, description="How long calls open at GOAWAY may still run before the "
         "connection is closed (the longest generation deadline plus a margin).")
+    tls: TlsSettings = Field(
+        default_factory=TlsSettings, description="INFERMESH_TLS_*: mode, CA, certificate, key.")
     mesh_token: SecretStr = Field(
-        SecretStr(""), description="Shared secret every mesh service sends on its calls to the "
-        "others (x-infermesh-mesh-token); services that take internal writes (the auditor's "
-        "Append) refuse calls without it. Empty: internal calls are not authenticated "
-        "(development only; the auditor logs a warning).")
+        SecretStr(""), description="Plaintext development only (with TLS, certificates say "
+        "who calls): a shared secret every mesh service sends on its calls to the others "
+        "(x-infermesh-mesh-token), which then admits service-only methods only with it. "
+        "Empty: internal calls are not authenticated (the services log a warning).")
 
 
 class BlobCacheSettings(BaseSettings):

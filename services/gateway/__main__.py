@@ -5,4 +5,4 @@ from services.gateway.server import setup
 from services.gateway.settings import GatewaySettings
 
 if __name__ == "__main__":
-    main("gateway", GatewaySettings(), setup)
+    main("gateway", GatewaySettings(), setup, public=True)

@@ -32,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 from services.common import errors
 from services.common.auth import Authenticator
 from services.common.logs import get_logger
+from services.common.tls import TlsMode, TlsSettings, is_loopback
 from services.gateway.model_access import model_allowed
 from services.gateway.openai_protocol import (
     ChatCompletionBody,
@@ -507,9 +508,17 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpServer:
     """Starts and stops the front's uvicorn server as a task of the running loop."""
 
-    def __init__(self, app: Starlette, host: str, port: int):
+    def __init__(self, app: Starlette, host: str, port: int, tls_settings: TlsSettings):
+        """Over TLS with the gateway's certificate (clients verify it; API keys authenticate
+        them), or in plaintext development on loopback only, as the gRPC listener."""
+        certificate = {}
+        if tls_settings.mode is TlsMode.MUTUAL:
+            certificate = {"ssl_certfile": str(tls_settings.cert_file),
+                           "ssl_keyfile": str(tls_settings.key_file)}
+        elif not is_loopback(host):
+            raise ValueError(f"plaintext development serves HTTP on loopback only, not {host!r}")
         config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_config=None,
-                                access_log=False, timeout_graceful_shutdown=5)
+                                access_log=False, timeout_graceful_shutdown=5, **certificate)
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None
         self.port = 0

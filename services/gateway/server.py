@@ -475,7 +475,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     keys = etcd.WatchCache(ctx.etcd, etcd.Keys.apikeys, parse_key)
     tenants = etcd.WatchCache(ctx.etcd, etcd.Keys.tenants, parse_tenant)
     catalog = ModelCatalog()
-    directory = ServiceDirectory(ctx.etcd, ctx.settings.mesh_token.get_secret_value())
+    directory = ServiceDirectory(ctx.etcd, ctx.tls, ctx.settings.mesh_token.get_secret_value())
     tokenizers = TokenizerStore(
         await asyncio.to_thread(BlobCache, settings.blob_cache_dir, settings.blob_cache_max_bytes,
                                 mesh_download(directory, settings.peer_timeout_s)),
@@ -494,7 +494,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         await cache.start()
     audit = await AuditEmitter.open(directory, AuditSpoolSettings(), settings.instance_id,
                                     settings.peer_timeout_s)
-    adapter = TritonAdapter()
+    adapter = TritonAdapter(ctx.tls)
     shadow = ShadowTraffic(SchedulerClient(directory, settings.peer_timeout_s, settings.zone),
                            adapter, settings.shadow_max_in_flight, settings.shadow_timeout_s)
     quota = QuotaLeases(tenants, directory, settings.instance_id, settings.peer_timeout_s,
@@ -535,7 +535,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         OpenAIFront(authenticator, catalog, generations, ctx.draining,
                     settings.heartbeat_interval_s, settings.stream_buffer_frames,
                     settings.max_body_bytes).app(),
-        settings.host, settings.http_port,
+        settings.host, settings.http_port, settings.tls,
     )
     add_servicer(  # as add_TenantAdminServicer_to_server, a malformed frame → INVALID_ARGUMENT
         ctx.server,

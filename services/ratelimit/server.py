@@ -129,7 +129,7 @@ async def keep_budgets(store: BudgetStore, ledger: Ledger, directory: ServiceDir
 
 async def setup(ctx: ServiceContext) -> ServiceParts:
     tenants: etcd.WatchCache[Tenant] = etcd.WatchCache(ctx.etcd, etcd.Keys.tenants, parse_tenant)
-    directory = ServiceDirectory(ctx.etcd, ctx.settings.mesh_token.get_secret_value())
+    directory = ServiceDirectory(ctx.etcd, ctx.tls, ctx.settings.mesh_token.get_secret_value())
     await tenants.start()
     await directory.start()
     assert isinstance(ctx.settings, RateLimitSettings)

@@ -22,7 +22,7 @@ import grpc
 from google.protobuf import json_format
 
 from infermesh.v1 import registry_pb2, registry_pb2_grpc
-from services.common import errors, status
+from services.common import errors, status, tls
 from services.common.discovery import ServiceDirectory
 from services.registry import hf_source
 from services.registry.blobs import CHUNK, file_digest, transfer_timeout_s
@@ -135,15 +135,18 @@ class RegistryClient:
     """One channel to a registry, every call authenticated with `api_key` and bounded by
     `timeout_s` (blob transfers: by their size). Errors come back as `errors.MeshError`."""
 
-    def __init__(self, endpoint: str, api_key: str, timeout_s: float = 10.0):
-        self._attach(grpc.aio.insecure_channel(endpoint), api_key, timeout_s, owned=True)
+    def __init__(self, endpoint: str, api_key: str, timeout_s: float = 10.0,
+                 mesh_tls: tls.MeshTls | None = None):
+        """`mesh_tls`: the CA and this caller's mesh certificate (an operator's, for meshctl);
+        None only against a plaintext-development registry."""
+        self._attach(tls.channel(endpoint, "registry", mesh_tls), api_key, timeout_s, owned=True)
 
     @classmethod
     def over(
         cls, channel: grpc.aio.Channel, api_key: str = "", timeout_s: float = 10.0
     ) -> RegistryClient:
         """A client on a channel its owner closes, e.g. `ServiceDirectory.channel("registry")`,
-        whose interceptors add the mesh token: inside the mesh no API key is needed."""
+        whose certificate admits it to model reads: inside the mesh no API key is needed."""
         client = cls.__new__(cls)
         client._attach(channel, api_key, timeout_s, owned=False)
         return client

@@ -20,7 +20,8 @@ from prometheus_client import Counter
 from infermesh.v1 import registry_pb2, registry_pb2_grpc
 from services.common import errors, etcd, status
 from services.common.auth import Authenticator, Principal
-from services.common.discovery import ServiceDirectory, mesh_token_matches
+from services.common.callers import mesh_caller
+from services.common.discovery import ServiceDirectory
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.slo import load_slo_config
 from services.common.tenancy import parse_key, parse_tenant
@@ -157,14 +158,13 @@ async def blob_chunks(blobs: BlobStore, digest: str, offset: int) -> AsyncIterat
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def __init__(
         self, auth: Authenticator, store: RegistryStore, catalog: ModelCatalog,
-        uploads: BlobUploads, blobs: BlobStore, mesh_token: str,
+        uploads: BlobUploads, blobs: BlobStore,
     ):
         self._auth = auth
         self._store = store
         self._catalog = catalog
         self._uploads = uploads
         self._blobs = blobs
-        self._mesh_token = mesh_token
 
     def _principal(self, context: grpc.aio.ServicerContext, admin: bool) -> Principal:
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
@@ -173,11 +173,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return self._auth.authenticate(authorization)
 
     def _authorize(self, context: grpc.aio.ServicerContext, admin: bool) -> None:
-        """Lets the mesh's own services in by their token, anyone else by an API key (an admin
-        key when `admin`). A mesh without a token has nothing that proves a call internal, so
-        there every call needs a key."""
-        if self._mesh_token and mesh_token_matches(context.invocation_metadata(),
-                                                   self._mesh_token):
+        """Lets in the mesh services the caller table admits on their certificate (replicas,
+        gateways: `callers.MODEL_FILES`), anyone else by an API key (an admin key when
+        `admin`)."""
+        if mesh_caller() is not None:
             return
         self._principal(context, admin)
 
@@ -340,7 +339,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     )
     keys = etcd.WatchCache(ctx.etcd, etcd.Keys.apikeys, parse_key)
     tenants = etcd.WatchCache(ctx.etcd, etcd.Keys.tenants, parse_tenant)
-    directory = ServiceDirectory(ctx.etcd, ctx.settings.mesh_token.get_secret_value())
+    directory = ServiceDirectory(ctx.etcd, ctx.tls, ctx.settings.mesh_token.get_secret_value())
     for cache in (models, keys, tenants, directory):
         await cache.start()
     shipper = AdminAuditShipper(ctx.etcd, directory, settings.peer_timeout_s)
@@ -361,8 +360,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         await auto_rollback.start()
     registry_pb2_grpc.add_RegistryServicer_to_server(
         RegistryServicer(Authenticator(keys, tenants), store, catalog,
-                         BlobUploads(blobs, settings.max_blob_bytes), blobs,
-                         settings.mesh_token.get_secret_value()),
+                         BlobUploads(blobs, settings.max_blob_bytes), blobs),
         ctx.server,
     )
 

@@ -64,7 +64,7 @@ async def test_generations_succeed_and_no_event_is_lost_while_the_auditor_is_dow
 
     os.kill(auditor_pid, signal.SIGSTOP)
     try:
-        async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        async with stack.channel() as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             until = time.monotonic() + OUTAGE_S
             async with asyncio.timeout(OUTAGE_S + 60):

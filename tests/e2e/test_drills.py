@@ -71,7 +71,7 @@ class Traffic:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
-        channels = [grpc.aio.insecure_channel(g) for g in self.gateways]
+        channels = [self.info.channel("gateway", g) for g in self.gateways]
         try:
             await asyncio.gather(*(self._client(channels, n) for n in range(self.concurrency)))
         finally:
@@ -106,8 +106,8 @@ class Traffic:
         return [s for s in self.shots if s.started >= at and s.code is grpc.StatusCode.OK]
 
 
-async def _serving(endpoint: str) -> bool:
-    async with grpc.aio.insecure_channel(endpoint) as channel:
+async def _serving(info: StackInfo, name: str) -> bool:
+    async with info.channel(name) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=1.0)
@@ -162,7 +162,7 @@ async def _drill(stack: Stack, victims: list[str], gateways: list[str] | None = 
                 child = stack.children[name]
                 if child.pid == pid or not child.alive():
                     return False
-                if name in info.endpoints and not await _serving(info.endpoints[name]):
+                if name in info.endpoints and not await _serving(info, name):
                     return False
             return True
 
@@ -216,7 +216,7 @@ async def test_both_schedulers_killed_generations_route_through_the_gateway(dril
 
 
 async def _one_generation(info: StackInfo) -> bool:
-    async with grpc.aio.insecure_channel(info.gateway) as channel:
+    async with info.channel() as channel:
         try:
             await inference_pb2_grpc.InferenceStub(channel).Generate(
                 inference_pb2.GenerateRequest(model=info.reference_model, prompt="back?",

@@ -21,12 +21,13 @@ async def test_sigterm_finishes_open_generations(stack: StackInfo, tmp_path):
     port = free_port()
     gateway = service_process(
         "gateway-2", "services.gateway", tmp_path / "gateway.log", port,
-        {"INFERMESH_ETCD_ENDPOINT": stack.etcd,
+        {"INFERMESH_ETCD_ENDPOINT": stack.etcd, **stack.service_security("gateway"),
          "INFERMESH_AUDIT_SPOOL_DIR": str(tmp_path / "audit-spool")})
     gateway.start()
     try:
         endpoint = f"127.0.0.1:{port}"
-        await asyncio.to_thread(wait_serving, gateway, endpoint, time.monotonic() + 20)
+        await asyncio.to_thread(wait_serving, gateway, endpoint, time.monotonic() + 20,
+                                stack.client_tls())
         outbox: asyncio.Queue = asyncio.Queue()
         await outbox.put(inference_pb2.ClientFrame(start=inference_pb2.GenerateRequest(
             request_id="drain", model=stack.reference_model, prompt="keep going",
@@ -36,7 +37,7 @@ async def test_sigterm_finishes_open_generations(stack: StackInfo, tmp_path):
             while (frame := await outbox.get()) is not None:
                 yield frame
 
-        async with grpc.aio.insecure_channel(endpoint) as channel:
+        async with stack.channel("gateway", endpoint) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             call = stub.GenerateStream(
                 frames(), metadata=(("authorization", f"Bearer {stack.api_key}"),))

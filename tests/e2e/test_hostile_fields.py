@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 async def test_oversized_fields_are_refused_and_other_tenants_stay_audited(stack: StackInfo):
     _, intruder = await new_tenant(stack)
     victim_tenant, victim = await new_tenant(stack)
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.Generate(inference_pb2.GenerateRequest(

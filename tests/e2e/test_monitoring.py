@@ -96,7 +96,7 @@ def dashboard_expressions() -> list[str]:
 async def drive_traffic(stack: StackInfo, rounds: int) -> None:
     """Successes of several tokens (TTFT and ITL observations) and a caller error (NOT_FOUND)."""
     metadata = (("authorization", f"Bearer {stack.api_key}"),)
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         for i in range(rounds):
             await stub.Generate(inference_pb2.GenerateRequest(

@@ -9,7 +9,6 @@ import time
 import urllib.request
 import uuid
 
-import grpc
 import openai
 import pytest
 
@@ -28,7 +27,7 @@ def client(stack: StackInfo, key: str | None = None) -> openai.AsyncOpenAI:
 
 
 async def grpc_text(stack: StackInfo, **request) -> str:
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         reply = await inference_pb2_grpc.InferenceStub(channel).Generate(
             inference_pb2.GenerateRequest(**request), metadata=auth(stack.api_key), timeout=60)
     return reply.text

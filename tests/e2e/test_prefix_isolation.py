@@ -8,7 +8,6 @@ import asyncio
 import urllib.request
 import uuid
 
-import grpc
 import pytest
 
 from deploy.local.stack import StackInfo
@@ -31,7 +30,7 @@ def cached_prefill_tokens(stack: StackInfo) -> float:
 async def cached_by(stack: StackInfo, key: str, prompt: str) -> float:
     """How many of `prompt`'s tokens one generation found cached."""
     before = await asyncio.to_thread(cached_prefill_tokens, stack)
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         await inference_pb2_grpc.InferenceStub(channel).Generate(inference_pb2.GenerateRequest(
             model=stack.reference_model, prompt=prompt,
             params=inference_pb2.SamplingParams(max_tokens=2)), metadata=auth(key), timeout=30)

@@ -49,7 +49,8 @@ def manifest(name: str, description: str) -> dict:
 def meshctl(stack: StackInfo, *args: str, key: str | None = None,
             stdin: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, INFERMESH_REGISTRY=stack.endpoints["registry"],
-               INFERMESH_API_KEY=key or stack.api_key, INFERMESH_STATE_DIR="/nonexistent")
+               INFERMESH_API_KEY=key or stack.api_key, INFERMESH_STATE_DIR="/nonexistent",
+               **stack.client_env())
     return subprocess.run([str(MESHCTL), "registry", *args], env=env, input=stdin, text=True,
                           capture_output=True, timeout=60, cwd=REPO_ROOT)
 
@@ -65,9 +66,9 @@ def pushed_version(output: str) -> str:
     return found.group(0)
 
 
-async def generate(gateway: str, key: str, model: str, user: str = "",
+async def generate(stack: StackInfo, gateway: str, key: str, model: str, user: str = "",
                    request_id: str = "") -> inference_pb2.GenerateResponse:
-    async with grpc.aio.insecure_channel(gateway) as channel:
+    async with stack.channel("gateway", gateway) as channel:
         return await inference_pb2_grpc.InferenceStub(channel).Generate(
             inference_pb2.GenerateRequest(model=model, prompt="rollout check", user=user,
                                           request_id=request_id,
@@ -75,12 +76,12 @@ async def generate(gateway: str, key: str, model: str, user: str = "",
             metadata=(("authorization", f"Bearer {key}"),), timeout=10)
 
 
-async def wait_serving(gateway: str, key: str, model: str, version: str,
+async def wait_serving(stack: StackInfo, gateway: str, key: str, model: str, version: str,
                        within_s: float = 10.0) -> None:
     deadline = time.monotonic() + within_s
     while True:
         try:
-            if (await generate(gateway, key, model)).model_version == version:
+            if (await generate(stack, gateway, key, model)).model_version == version:
                 return
         except grpc.aio.AioRpcError:
             pass
@@ -93,7 +94,7 @@ async def wait_loaded(stack: StackInfo, name: str, version: str, within_s: float
     canary first; the rollout sends it traffic only then."""
     model = served_model_name(name, version)
     deadline = time.monotonic() + within_s
-    async with etcd.connect(stack.etcd, 5.0) as client:
+    async with etcd.connect(stack.etcd, 5.0, stack.client_tls()) as client:
         while not any(model in ReplicaRecord.decode(etcd.decode(kv.value)).models
                       for kv in await client.get_prefix(etcd.Keys.replicas.encode())):
             assert time.monotonic() < deadline, f"no replica loaded {version}"
@@ -123,14 +124,14 @@ def models(stack: StackInfo, tmp_path_factory) -> dict[str, str]:
         (directory / "manifest.json").write_text(json.dumps(manifest(name, f"{name} {label}")))
         ids[label] = pushed_version(ok(meshctl(stack, "push", str(directory))))
     ok(meshctl(stack, "promote", name, ids["v1"], "--reason", "launch"))
-    asyncio.run(wait_serving(stack.gateway, stack.api_key, name, ids["v1"]))
+    asyncio.run(wait_serving(stack, stack.gateway, stack.api_key, name, ids["v1"]))
     return {"name": name, **ids, "dir": str(root)}
 
 
 @pytest.fixture(scope="module")
 def user_key(stack: StackInfo) -> str:
     async def issue() -> str:
-        async with etcd.connect(stack.etcd, 5.0) as client:
+        async with etcd.connect(stack.etcd, 5.0, stack.client_tls()) as client:
             tenants = TenantStore(client)
             tenant = f"r-{uuid.uuid4().hex[:8]}"
             await tenants.put_tenant(Tenant(tenant, "rollout user"))
@@ -181,28 +182,29 @@ async def test_canary_is_sticky_and_pins_are_served(stack, models, user_key):
     ok(await asyncio.to_thread(meshctl, stack, "canary", name, v2, "--weight", "50",
                                "--reason", "try v2"))
     await wait_loaded(stack, name, v2)
-    await wait_serving(stack.gateway, user_key, f"{name}@canary", v2)
+    await wait_serving(stack, stack.gateway, user_key, f"{name}@canary", v2)
     served: dict[str, str] = {}
     for index in range(12):
         user = f"user-{index}"
-        first = await generate(stack.gateway, user_key, name, user)
-        again = await generate(stack.gateway, user_key, name, user)
+        first = await generate(stack, stack.gateway, user_key, name, user)
+        again = await generate(stack, stack.gateway, user_key, name, user)
         assert first.model_version == again.model_version
         served[user] = first.model_version
     assert set(served.values()) == {v1, v2}
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         info = await inference_pb2_grpc.InferenceStub(channel).GetModel(
             inference_pb2.GetModelRequest(name=name),
             metadata=(("authorization", f"Bearer {user_key}"),), timeout=5)
     assert (info.production_version, info.canary_version, info.canary_weight_percent) == \
         (v1, v2, 50)
     assert info.routing_revision >= 2 and info.cost_per_1k_output_tokens == 0.0002
-    assert (await generate(stack.gateway, user_key, f"{name}@{v1}")).model_version == v1
-    assert (await generate(stack.gateway, user_key, f"{name}@production")).model_version == v1
+    assert (await generate(stack, stack.gateway, user_key, f"{name}@{v1}")).model_version == v1
+    production = await generate(stack, stack.gateway, user_key, f"{name}@production")
+    assert production.model_version == v1
     ok(await asyncio.to_thread(meshctl, stack, "canary", "clear", name, "--reason", "done"))
-    await wait_serving(stack.gateway, user_key, name, v1)
+    await wait_serving(stack, stack.gateway, user_key, name, v1)
     with pytest.raises(grpc.aio.AioRpcError) as gone:
-        await generate(stack.gateway, user_key, f"{name}@canary")
+        await generate(stack, stack.gateway, user_key, f"{name}@canary")
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -218,7 +220,7 @@ async def test_shadow_output_never_reaches_the_client_and_is_not_billed(stack, m
     deadline = time.monotonic() + 10
     while metric(gateway_metrics, "infermesh_gateway_shadow_generations_total",
                  shadow_ok) == before:
-        reply = await generate(stack.gateway, user_key, name, request_id=uuid.uuid4().hex)
+        reply = await generate(stack, stack.gateway, user_key, name, request_id=uuid.uuid4().hex)
         assert reply.model_version == v1
         assert time.monotonic() < deadline, "no shadow copy ran"
         await asyncio.sleep(0.05)
@@ -234,11 +236,11 @@ async def test_rollback_is_served_by_every_gateway(stack, models, user_key, seco
     name, v1, v2 = models["name"], models["v1"], models["v2"]
     ok(await asyncio.to_thread(meshctl, stack, "promote", name, v2, "--reason", "v2 is better"))
     for gateway in (stack.gateway, second_gateway):
-        await wait_serving(gateway, user_key, name, v2)
+        await wait_serving(stack, gateway, user_key, name, v2)
     rolled = await asyncio.to_thread(meshctl, stack, "rollback", name, "--reason", "errors")
     assert "production  " + v1 in ok(rolled)
     for gateway in (stack.gateway, second_gateway):
-        await wait_serving(gateway, user_key, name, v1)
+        await wait_serving(stack, gateway, user_key, name, v1)
     history = ok(await asyncio.to_thread(meshctl, stack, "history", name))
     assert re.search(r"rollback .* errors", history)
 
@@ -248,7 +250,7 @@ async def canary_traffic(stack: StackInfo, key: str, model: str, requests: int) 
 
     async def one(index: int) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await generate(stack.gateway, key, model, f"user-{index}")
+            await generate(stack, stack.gateway, key, model, f"user-{index}")
 
     for start in range(0, requests, 10):
         await asyncio.gather(*(one(i) for i in range(start, min(start + 10, requests))))
@@ -260,7 +262,7 @@ async def test_a_healthy_canary_is_left_alone(stack, models, user_key):
     ok(await asyncio.to_thread(meshctl, stack, "canary", name, v2, "--weight", "50",
                                "--reason", "healthy canary"))
     await wait_loaded(stack, name, v2)
-    await wait_serving(stack.gateway, user_key, f"{name}@canary", v2)
+    await wait_serving(stack, stack.gateway, user_key, f"{name}@canary", v2)
     await canary_traffic(stack, user_key, name, 60)
     await asyncio.sleep(2 * JUDGE_INTERVAL_S)
     listing = ok(await asyncio.to_thread(meshctl, stack, "list"))
@@ -285,7 +287,7 @@ async def test_a_canary_that_cannot_load_is_rolled_back_automatically(stack, mod
     deadline = time.monotonic() + 180  # the torch stub starts (imports torch), then fails
     while True:
         for index in range(4):  # every request is answered, by production
-            reply = await generate(stack.gateway, user_key, name, f"user-{index}")
+            reply = await generate(stack, stack.gateway, user_key, name, f"user-{index}")
             assert reply.model_version == models["v1"]
         history = ok(await asyncio.to_thread(meshctl, stack, "history", name, "--limit", "1"))
         if "clear_canary" in history:
@@ -294,7 +296,7 @@ async def test_a_canary_that_cannot_load_is_rolled_back_automatically(stack, mod
         await asyncio.sleep(0.5)
     assert "registry/auto-rollback" in history and "failed to load" in history
     with pytest.raises(grpc.aio.AioRpcError):  # no canary is left to pin
-        await generate(stack.gateway, user_key, f"{name}@canary")
+        await generate(stack, stack.gateway, user_key, f"{name}@canary")
 
 
 async def test_a_versions_safety_policy_ends_the_stream(stack, models, user_key, tmp_path):
@@ -305,7 +307,7 @@ async def test_a_versions_safety_policy_ends_the_stream(stack, models, user_key,
     (tmp_path / "manifest.json").write_text(json.dumps(guarded))
     version = pushed_version(ok(await asyncio.to_thread(meshctl, stack, "push", str(tmp_path))))
     deadline = time.monotonic() + 60
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         # Never promoted: a tenant may not pin it (nor make the mesh load it) without a grant.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await inference_pb2_grpc.InferenceStub(channel).Generate(
@@ -332,7 +334,7 @@ async def test_a_versions_safety_policy_ends_the_stream(stack, models, user_key,
 async def test_admin_changes_reach_the_audit_log(stack, models, stack_dir):
     """Every change's audit event leaves the registry's etcd outbox once the auditor has it."""
     name = models["name"]
-    async with etcd.connect(stack.etcd, 5.0) as client:
+    async with etcd.connect(stack.etcd, 5.0, stack.client_tls()) as client:
         deadline = time.monotonic() + 15
         while True:
             pending = [kv.key.decode() for kv in await client.get_prefix(

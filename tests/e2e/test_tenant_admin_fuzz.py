@@ -109,7 +109,7 @@ async def test_fuzzing_every_tenant_admin_rpc_yields_only_documented_codes(stack
     known = [f"fz-{n}" for n in range(4)]
     key_ids: list[str] = []
     started = time.monotonic()
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = tenants_pb2_grpc.TenantAdminStub(channel)
         for tenant_id in known:  # something to update, read and issue keys for
             await stub.CreateTenant(tenants_pb2.CreateTenantRequest(tenant_id=tenant_id),

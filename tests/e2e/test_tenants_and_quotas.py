@@ -33,7 +33,7 @@ def auth(key: str):
 
 
 async def admin(stack: StackInfo, method: str, request, key: str | None = None):
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = tenants_pb2_grpc.TenantAdminStub(channel)
         return await getattr(stub, method)(request, metadata=auth(key or stack.api_key), timeout=10)
 
@@ -50,7 +50,7 @@ async def new_tenant(stack: StackInfo, **plan) -> tuple[str, str]:
 async def wait_key_state(stack: StackInfo, key: str, code: grpc.StatusCode, within_s=5.0) -> float:
     """Seconds until a call with `key` gets `code` (the gateway sees keys through a watch)."""
     started = time.monotonic()
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         while True:
             try:
@@ -65,7 +65,7 @@ async def wait_key_state(stack: StackInfo, key: str, code: grpc.StatusCode, with
 
 
 async def generate(stack: StackInfo, key: str, max_tokens: int):
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         return await stub.Generate(inference_pb2.GenerateRequest(
             model=stack.reference_model, prompt="count the tokens",
@@ -120,7 +120,7 @@ async def test_cancelled_request_refunds_unused_tokens(stack: StackInfo):
         while (frame := await outbox.get()) is not None:
             yield frame
 
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         final = None
         async for frame in stub.GenerateStream(frames(), metadata=auth(key)):
@@ -208,7 +208,7 @@ async def test_idempotent_repeat_returns_the_first_outcome_and_is_charged_once(s
     request = inference_pb2.GenerateRequest(
         model=stack.reference_model, prompt="say something once", idempotency_key="order-42",
         params=inference_pb2.SamplingParams(max_tokens=12, temperature=1.0))
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         first = await stub.Generate(request, metadata=auth(key))
         again = await stub.Generate(request, metadata=auth(key))
@@ -235,7 +235,7 @@ async def test_a_saturated_gateway_serves_premium_before_batch(stack: StackInfo,
     await asyncio.to_thread(narrow.start)
     started: list[str] = []
     try:
-        async with grpc.aio.insecure_channel(narrow.endpoint) as channel:
+        async with stack.channel("gateway", narrow.endpoint) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
 
             async def run(name: str, key: str, max_tokens: int, first_token=None):
@@ -279,7 +279,7 @@ async def test_tenant_and_key_changes_are_audited(stack: StackInfo):
     wanted = {("tenants.create", tenant_id), ("keys.issue", keys.keys[0].key_id),
               ("keys.revoke", keys.keys[0].key_id)}
     deadline = time.monotonic() + 15
-    async with grpc.aio.insecure_channel(stack.endpoints["auditor"]) as channel:
+    async with stack.channel("auditor") as channel:
         stub = auditor_pb2_grpc.AuditorStub(channel)
         while True:  # events reach the auditor through the gateway's spool
             found = {}
@@ -313,7 +313,7 @@ async def test_a_degrading_plan_caps_max_tokens_before_refusing(stack: StackInfo
 async def audited_generation(stack: StackInfo, request_id: str) -> auditor_pb2.GenerationRecord:
     """The generation's audit record, once it has come through the gateway's spool."""
     deadline = time.monotonic() + 15
-    async with grpc.aio.insecure_channel(stack.endpoints["auditor"]) as channel:
+    async with stack.channel("auditor") as channel:
         stub = auditor_pb2_grpc.AuditorStub(channel)
         while True:
             async for record in stub.Query(auditor_pb2.QueryRequest(request_id=request_id),
@@ -330,7 +330,7 @@ async def test_audit_records_hold_text_hashes_only_for_tenants_that_ask(stack: S
     assert shown.plan.audit_text_hashes
     prompt = "hash what the model was asked"
     records = {}
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         for name, key in (("hashing", hashing_key), ("plain", plain_key)):
             request_id = f"hashes-{name}-{uuid.uuid4().hex[:8]}"

@@ -15,9 +15,9 @@ import urllib.request
 
 import grpc
 import pytest
-from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from backends.triton.adapter import triton_client
 from backends.triton.repository import render_torch_model
 from backends.triton.weights import DEFAULT_MODEL, cache_root
 from deploy.local.stack import StackInfo
@@ -57,7 +57,7 @@ async def engine_requests(stack: StackInfo) -> float:
 
 
 async def generate(stack: StackInfo, **fields) -> inference_pb2.GenerateResponse:
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         return await stub.Generate(inference_pb2.GenerateRequest(model=stack.model, **fields),
                                    metadata=auth(stack), timeout=120)
@@ -74,7 +74,7 @@ async def stream(stack: StackInfo, request_id: str, on_tokens=None, **fields):
             yield frame
 
     pieces: list[str] = []
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         call = inference_pb2_grpc.InferenceStub(channel).GenerateStream(
             frames(), metadata=auth(stack), timeout=120)
         async for frame in call:
@@ -202,7 +202,7 @@ async def test_a_tampered_weights_blob_is_refused_not_served(
     folder = render_torch_model(stack_dir / "models", "smollm2-tampered", manifest,
                                 tmp_path / "blobs", cache_root())
     try:
-        async with triton_aio.InferenceServerClient(stack.endpoints["triton"]) as client:
+        async with triton_client(stack.endpoints["triton"], stack.client_tls()) as client:
             with pytest.raises(InferenceServerException) as raised:
                 await client.load_model("smollm2-tampered")
             assert "corrupt" in str(raised.value), raised.value

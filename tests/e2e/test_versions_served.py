@@ -48,7 +48,7 @@ def variant(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, str
 
 async def ask(gateway: str, stack: StackInfo, model: str, user: str = "",
               max_tokens: int = 32) -> inference_pb2.GenerateResponse:
-    async with grpc.aio.insecure_channel(gateway) as channel:
+    async with stack.channel("gateway", gateway) as channel:
         return await inference_pb2_grpc.InferenceStub(channel).Generate(
             inference_pb2.GenerateRequest(
                 model=model, user=user,
@@ -87,7 +87,8 @@ async def test_a_pushed_version_serves_its_own_weights_through_pin_canary_promot
 ):
     directory, v2_answer, v1_answer = variant
     assert v1_answer != v2_answer  # the weights differ where it shows
-    async with RegistryClient(stack.endpoints["registry"], stack.api_key) as registry:
+    async with RegistryClient(stack.endpoints["registry"], stack.api_key,
+                              mesh_tls=stack.client_tls()) as registry:
         v1 = (await registry.version(f"{stack.model}@production")).version_id
     pushed = ok(await asyncio.to_thread(meshctl, stack, "push", str(directory),
                                         "--name", stack.model))

@@ -24,7 +24,7 @@ from infermesh.v1 import inference_pb2, inference_pb2_grpc
 from meshctl.__main__ import app
 from services.auditor.store import list_segments
 from services.auditor.verify import verify
-from services.common import etcd
+from services.common import etcd, tls
 from services.common.tenancy import Tenant, TenantPlan, TenantStore
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,7 @@ class Conversation:
 
     def __init__(self, stack: StackInfo, key: str | None = None):
         self._outbox: asyncio.Queue = asyncio.Queue()
-        self._channel = grpc.aio.insecure_channel(stack.gateway)
+        self._channel = stack.channel()
         stub = inference_pb2_grpc.InferenceStub(self._channel)
         self.call = stub.GenerateStream(self._frames(), metadata=auth(key or stack.api_key))
         self.frames: dict[str, list] = {}
@@ -101,7 +101,7 @@ async def test_streamed_generation(stack: StackInfo):
 
 
 async def test_unary_generation_matches_stream_for_same_seed(stack: StackInfo):
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         reply = await stub.Generate(inference_pb2.GenerateRequest(
             model=stack.reference_model, prompt="Tell me about streams",
@@ -194,7 +194,7 @@ async def test_cancel_mid_stream_stops_the_engine(stack: StackInfo):
 @pytest.mark.parametrize("key", [None, "imk_not-a-real-key", ""])
 async def test_missing_or_wrong_key_is_unauthenticated(stack: StackInfo, key):
     metadata = () if key is None else auth(key)
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.Generate(
@@ -220,7 +220,7 @@ async def test_missing_or_wrong_key_is_unauthenticated(stack: StackInfo, key):
     ],
 )
 async def test_bad_parameters_name_the_field(stack: StackInfo, params, field):
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.Generate(inference_pb2.GenerateRequest(
@@ -239,7 +239,7 @@ async def test_bad_parameters_name_the_field(stack: StackInfo, params, field):
 
 
 async def test_unknown_model_is_not_found(stack: StackInfo):
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         for model in ("no-such-model", f"{stack.reference_model}@canary",
                       f"{stack.reference_model}@sha256:{'f' * 64}"):
@@ -251,12 +251,12 @@ async def test_unknown_model_is_not_found(stack: StackInfo):
 
 async def tenant_key(stack: StackInfo, plan: TenantPlan) -> str:
     tenant_id = f"t-{uuid.uuid4().hex[:8]}"
-    async with etcd.connect(stack.etcd, 5.0) as client:
+    async with etcd.connect(stack.etcd, 5.0, stack.client_tls()) as client:
         store = TenantStore(client)
         await store.put_tenant(Tenant(tenant_id, "test tenant", plan))
         key, _ = await store.issue_key(tenant_id)
     # The gateway sees new keys through its watch; wait until it does.
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         deadline = time.monotonic() + 10
         while True:
@@ -282,7 +282,7 @@ async def test_over_concurrency_limit_is_resource_exhausted(stack: StackInfo):
     reader = asyncio.create_task(conv.read_until_final({"long"}, on_frame=watch))
     async with asyncio.timeout(10):
         await first_token.wait()
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with stack.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.Generate(
@@ -299,7 +299,7 @@ async def test_over_concurrency_limit_is_resource_exhausted(stack: StackInfo):
 
 def test_every_service_answers_health_and_reflection(stack: StackInfo):
     for name in ("gateway", "registry", "ratelimit", "scheduler", "auditor", "sidecar"):
-        with grpc.insecure_channel(stack.endpoints[name]) as channel:
+        with tls.blocking_channel(stack.endpoints[name], name, stack.client_tls()) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                               timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, name

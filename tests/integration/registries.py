@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1._async import HealthServicer
 
 from services.common import etcd
-from services.common.runtime import ServiceContext
+from services.common.runtime import ServiceContext, server_interceptors
 from services.common.tenancy import Tenant, TenantStore
 from services.registry.server import setup
 from services.registry.settings import RegistrySettings
@@ -39,11 +39,11 @@ async def in_process_registry(
     await tenants.put_tenant(Tenant(tenant, "registry test"))
     admin_key, _ = await tenants.issue_key(tenant, role="admin")
     user_key, _ = await tenants.issue_key(tenant, role="user")
-    server = grpc.aio.server(interceptors=list(interceptors))
-    parts = await setup(ServiceContext(
-        RegistrySettings(etcd_endpoint=etcd_endpoint, blob_dir=blob_dir,
-                         instance_id=f"registry-test-{tenant}", **settings),
-        server, client, HealthServicer()))
+    registry_settings = RegistrySettings(etcd_endpoint=etcd_endpoint, blob_dir=blob_dir,
+                                         instance_id=f"registry-test-{tenant}", **settings)
+    server = grpc.aio.server(interceptors=[*server_interceptors(registry_settings, tls_on=False),
+                                           *interceptors])
+    parts = await setup(ServiceContext(registry_settings, server, client, HealthServicer()))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -44,7 +44,7 @@ async def test_events_wait_for_the_auditor_and_arrive_in_order(
     settings = AuditSpoolSettings(dir=tmp_path / "spool", flush_interval_s=0.005,
                                   retry_max_s=0.2, batch_events=64, flush_timeout_s=1.0)
     client = etcd.connect(etcd_server.endpoint, 2.0)
-    directory = ServiceDirectory(client)
+    directory = ServiceDirectory(client, None)
     await directory.start()
     emitted = [audit_event(n) for n in range(1, 501)]
     try:
@@ -85,7 +85,7 @@ async def test_a_dead_gateways_spool_is_adopted_and_a_live_ones_left_alone(
     settings = AuditSpoolSettings(root=tmp_path / "gateways", flush_interval_s=0.005,
                                   retry_max_s=0.2, flush_timeout_s=0.5)
     client = etcd.connect(etcd_server.endpoint, 2.0)
-    directory = ServiceDirectory(client)
+    directory = ServiceDirectory(client, None)
     await directory.start()
     dead_events = [audit_event(n) for n in range(1, 51)]
     try:

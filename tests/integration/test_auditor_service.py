@@ -289,7 +289,7 @@ async def test_append_needs_the_mesh_token_when_the_mesh_has_one(
         assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "x-infermesh-mesh-token" in anonymous.value.details()
         for token, code in (("wrong", grpc.StatusCode.UNAUTHENTICATED), ("mesh-secret", None)):
-            directory = ServiceDirectory(client, token)
+            directory = ServiceDirectory(client, None, token)
             try:
                 channel = directory.channel_to(auditor.endpoint)
                 if code is None:

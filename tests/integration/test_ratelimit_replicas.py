@@ -39,7 +39,7 @@ async def test_a_lost_replica_moves_its_tenants_and_budgets_follow(etcd_server, 
             replica.env["INFERMESH_INSTANCE_ID"] = f"ratelimit-{index}"
             replica.start()
         tenants = etcd.WatchCache(client, etcd.Keys.tenants, parse_tenant)
-        directory = ServiceDirectory(client)
+        directory = ServiceDirectory(client, None)
         await tenants.start()
         await directory.start()
         quota = QuotaLeases(tenants, directory, "gateway-t", 2.0, fail_open=False)
@@ -74,7 +74,7 @@ async def test_fail_closed_refuses_when_no_replica_answers(etcd_server):
     async with etcd.connect(etcd_server.endpoint, 5.0) as client:
         await TenantStore(client).put_tenant(Tenant("closed-tenant", "t", TenantPlan()))
         tenants = etcd.WatchCache(client, etcd.Keys.tenants, parse_tenant)
-        directory = ServiceDirectory(client)
+        directory = ServiceDirectory(client, None)
         await tenants.start()
         await directory.start()
         try:

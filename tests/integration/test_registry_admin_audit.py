@@ -35,7 +35,7 @@ async def test_a_refused_event_is_dead_lettered_and_the_others_are_stored(
     auditor = Auditor(etcd_server.endpoint, tmp_path / "audit", tmp_path / "auditor.log")
     await auditor.start()
     client = etcd.connect(etcd_server.endpoint, 5.0)
-    directory = ServiceDirectory(client)
+    directory = ServiceDirectory(client, None)
     shipper = AdminAuditShipper(client, directory, timeout_s=5.0, retry_s=0.1)
     try:
         for n, suffix in enumerate(suffixes):

@@ -114,9 +114,9 @@ def scheduler(etcd_server: EtcdServer, tmp_path_factory) -> Iterator[ChildProces
 async def gateway_parts(etcd_server, replicas, scheduler) -> AsyncIterator[tuple]:
     async with etcd.connect(etcd_server.endpoint, 5.0) as client:
         await replicas.wait_registered(client, models=[MODEL])
-        directory = ServiceDirectory(client)
+        directory = ServiceDirectory(client, None)
         await directory.start()
-        adapter = TritonAdapter()
+        adapter = TritonAdapter(None)
         routing = ObservedScheduler(directory, 2.0, zone="zone-a")
         catalog = ModelCatalog()
         vid = version_id(MANIFEST)

@@ -218,7 +218,7 @@ async def test_each_release_reaches_the_scheduler_instance_that_routed(etcd_serv
             await asyncio.to_thread(wait_serving, process, f"127.0.0.1:{port}",
                                     time.monotonic() + 20)
         async with etcd.connect(etcd_server.endpoint, 5.0) as client:
-            directory = ServiceDirectory(client)
+            directory = ServiceDirectory(client, None)
             await directory.start()
             try:
                 wanted = {f"127.0.0.1:{port}" for port in ports}

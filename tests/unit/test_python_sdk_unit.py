@@ -121,6 +121,24 @@ def test_the_admin_dataclasses_mirror_their_messages():
                          (AdminRecord, "AdminRecord")):
         fields = _proto.message(f"infermesh.v1.{message}").DESCRIPTOR.fields_by_name
         assert {f.name for f in dataclasses.fields(cls)} == set(fields), cls
+
+
+def test_a_stack_ca_verifies_only_the_gateway_it_came_with(tmp_path: pathlib.Path):
+    """The env file's CA turns TLS on for the env file's gateway; a gateway from the
+    environment takes the environment's CA, never the file's."""
+    env_file = tmp_path / "env"
+    env_file.write_text("export INFERMESH_GATEWAY=local:1\n"
+                        "export INFERMESH_TLS_CA_FILE=/stack/tls/ca.pem\n")
+    environ = {"INFERMESH_ENV_FILE": str(env_file)}
+    local = resolve(None, None, None, environ)
+    assert (local.tls, local.ca_file) == (True, "/stack/tls/ca.pem")
+    remote = resolve(None, None, None, dict(environ, INFERMESH_GATEWAY="prod:443"))
+    assert (remote.tls, remote.ca_file) == (False, None)
+    assert resolve("prod:443", None, True, environ).ca_file is None  # the system's roots
+    mine = dict(environ, INFERMESH_GATEWAY="prod:443", INFERMESH_TLS_CA_FILE="/mine.pem")
+    assert resolve(None, None, None, mine).ca_file == "/mine.pem"
+
+
 async def test_a_retired_call_keeps_its_generations_and_new_ones_start_on_a_new_call():
     """Past the gateway's stream age a call takes no more Starts: the next start opens a new
     call, the old one is half-closed once its last generation has finished."""

@@ -46,10 +46,12 @@ class AsyncClient:
     (queries), with the same errors and retries; the registry and the auditor get a channel
     of their own when first used.
 
-    `target`, `api_key` and `tls` default to INFERMESH_GATEWAY, INFERMESH_API_KEY and
-    INFERMESH_TLS, then the local stack's env file (see `infermesh_client._config`);
-    `registry_target` and `auditor_target` (for `registry` and `audit`) to INFERMESH_REGISTRY
-    and INFERMESH_AUDITOR, then the env file, when first used.
+    `target`, `api_key`, `tls` and `root_certificates` default to INFERMESH_GATEWAY,
+    INFERMESH_API_KEY, INFERMESH_TLS and INFERMESH_TLS_CA_FILE, then the local stack's env file
+    (see `infermesh_client._config`); `registry_target` and `auditor_target` (for `registry`
+    and `audit`) to INFERMESH_REGISTRY and INFERMESH_AUDITOR, then the env file, when first
+    used, with the CA and client certificate (INFERMESH_TLS_CERT_FILE/_KEY_FILE, which those
+    internal services ask for) of their own source.
     `timeout`: the default deadline of every call, in seconds (None: the gateway's default for
     generations, 10 s for other calls).
     """
@@ -97,7 +99,8 @@ class AsyncClient:
         endpoint = self._endpoints[service]
         if service not in self._channels:
             if endpoint.tls:
-                credentials = grpc.ssl_channel_credentials(self._root_certificates)
+                credentials = grpc.ssl_channel_credentials(*endpoint.tls_material(
+                    self._root_certificates))
                 self._channels[service] = grpc.aio.secure_channel(
                     endpoint.target, credentials, options=self._options,
                     interceptors=self._interceptors)

@@ -4,7 +4,13 @@ then `INFERMESH_*` variables, then the local stack's env file.
     target      Client(target=…) → INFERMESH_GATEWAY → the env file's INFERMESH_GATEWAY
     registry    Client(registry_target=…) → INFERMESH_REGISTRY → the env file's (and auditor)
     api_key     Client(api_key=…) → INFERMESH_API_KEY → the env file's INFERMESH_API_KEY
-    TLS         Client(tls=…) → INFERMESH_TLS (1/true) → an "https://" target → plaintext
+    TLS         Client(tls=…) → INFERMESH_TLS (1/true) → an "https://" target → a CA file
+                below → plaintext
+    CA file     Client(root_certificates=…) → INFERMESH_TLS_CA_FILE → the env file's
+                INFERMESH_TLS_CA_FILE (from the same source as the endpoint: a stack's CA
+                is trusted only for that stack's endpoints); none: the system's roots;
+                INFERMESH_TLS_CERT_FILE/_KEY_FILE (a client certificate for the registry
+                and the auditor) from that same source
     env file    INFERMESH_ENV_FILE, else $INFERMESH_STATE_DIR/env, else ./.infermesh/env
                 (what `meshctl stack up` writes: `export NAME=value` lines)
 """
@@ -28,6 +34,26 @@ class Endpoint:
     target: str  # host:port
     api_key: Optional[str]
     tls: bool
+    ca_file: Optional[str] = None  # PEM roots that verify the server (None: the system's)
+    # A client certificate, which the mesh's internal services (registry, auditor) ask for.
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+
+    def tls_material(self, root_certificates: Optional[bytes]
+                     ) -> tuple[Optional[bytes], Optional[bytes], Optional[bytes]]:
+        """(roots, private key, certificate chain) for `grpc.ssl_channel_credentials`: the
+        explicit roots, else the CA file; the client certificate when one came along."""
+        def read(path: Optional[str]) -> Optional[bytes]:
+            if path is None:
+                return None
+            with open(path, "rb") as file:
+                return file.read()
+
+        if root_certificates is None:
+            root_certificates = read(self.ca_file)
+        if self.cert_file is None or self.key_file is None:
+            return root_certificates, None, None
+        return root_certificates, read(self.key_file), read(self.cert_file)
 
 
 def env_file_path(environ: Mapping[str, str]) -> pathlib.Path:
@@ -67,6 +93,7 @@ def resolve(
     if target or environ.get(variable):
         target = target or environ[variable]
         api_key = api_key or environ.get("INFERMESH_API_KEY") or None
+        source: Mapping[str, str] = environ
     else:
         from_file = read_env_file(env_file_path(environ))
         target = from_file.get(variable) or None
@@ -76,9 +103,13 @@ def resolve(
                 f"no {service}: pass {argument}='host:port', set {variable}, or point "
                 f"INFERMESH_ENV_FILE at a stack's env file (looked in {env_file_path(environ)})")
         api_key = api_key or from_file.get("INFERMESH_API_KEY") or None
+        source = from_file
+    ca_file, cert_file, key_file = (source.get(f"INFERMESH_TLS_{name}_FILE") or None
+                                    for name in ("CA", "CERT", "KEY"))
     if target.startswith(("https://", "http://")):
         scheme, _, target = target.partition("://")
         tls = (scheme == "https") if tls is None else tls
     if tls is None:
-        tls = environ.get("INFERMESH_TLS", "").lower() in ("1", "true", "yes")
-    return Endpoint(target.rstrip("/"), api_key, tls)
+        tls = (environ.get("INFERMESH_TLS", "").lower() in ("1", "true", "yes")
+               or ca_file is not None)
+    return Endpoint(target.rstrip("/"), api_key, tls, ca_file, cert_file, key_file)

@@ -1,0 +1,259 @@
+"""Mutual TLS and the caller table, against real services started as a deployment runs them:
+each with its own certificate from a fresh CA, over a real etcd. A caller without a
+certificate, with another CA's, or with the wrong service's is refused; the right service is
+admitted; an auditor event must name its own caller."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aetcd
+import grpc
+import pytest
+from tritonclient.grpc import InferenceServerException
+from tritonclient.grpc import aio as triton_aio
+
+from backends.triton.adapter import triton_client
+from backends.triton.launcher import TritonPorts, TritonServer
+from deploy.local.certificates import make_mesh_certificates
+from deploy.local.etcd_server import EtcdServer
+from deploy.local.stack import service_process, wait_serving
+from deploy.local.state import files_for
+from infermesh.v1 import (
+    auditor_pb2,
+    ratelimit_pb2,
+    ratelimit_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
+from services.auditor.client import append
+from services.common import etcd, tls
+from services.common.net import LOOPBACK, free_port
+from services.common.processes import ChildProcess
+from tests.integration.auditors import audit_event
+
+pytestmark = pytest.mark.integration
+
+SERVICES = ("ratelimit", "scheduler", "auditor", "registry")
+
+
+@dataclass
+class TlsMesh:
+    tls_dir: pathlib.Path
+    endpoints: dict[str, str]
+    metrics: dict[str, str]
+    etcd: str
+
+    def identity(self, kind: str) -> tls.MeshTls:
+        files = files_for(self.tls_dir, kind)
+        loaded = tls.MeshTls.load(tls.TlsSettings(mode=tls.TlsMode.MUTUAL, ca_file=files.ca,
+                                                  cert_file=files.cert, key_file=files.key))
+        assert loaded is not None
+        return loaded
+
+    def channel(self, service: str, as_kind: str) -> grpc.aio.Channel:
+        return tls.channel(self.endpoints[service], service, self.identity(as_kind))
+
+    def refusals(self, service: str, method: str, reason: str) -> float:
+        with urllib.request.urlopen(f"http://{self.metrics[service]}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        prefix = (f'infermesh_grpc_server_refused_total{{method="{method}",'
+                  f'reason="{reason}"}} ')
+        return sum(float(line[len(prefix):]) for line in text.splitlines()
+                   if line.startswith(prefix))
+
+
+@pytest.fixture(scope="module")
+async def mesh(tmp_path_factory) -> AsyncIterator[TlsMesh]:
+    root = tmp_path_factory.mktemp("mesh-tls")
+    make_mesh_certificates(root / "tls")
+    etcd_server = EtcdServer(root / "etcd", root / "etcd.log",
+                             certificates=files_for(root / "tls", "etcd"))
+    etcd_server.start()
+    children: list[ChildProcess] = [etcd_server.process]
+    endpoints, metrics = {}, {}
+    extra = {"auditor": {"INFERMESH_AUDITOR_DATA_DIR": str(root / "audit")},
+             "registry": {"INFERMESH_REGISTRY_BLOB_DIR": str(root / "blobs"),
+                          "INFERMESH_REGISTRY_AUTO_ROLLBACK": "false"}}
+    try:
+        for kind in SERVICES:
+            port, metrics_port = free_port(), free_port()
+            child = service_process(
+                f"{kind}-tls-{uuid.uuid4().hex[:6]}", f"services.{kind}",
+                root / f"{kind}.log", port,
+                {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint,
+                 "INFERMESH_METRICS_PORT": str(metrics_port),
+                 **files_for(root / "tls", kind).env(), **extra.get(kind, {})})
+            child.start()
+            children.append(child)
+            endpoints[kind] = f"{LOOPBACK}:{port}"
+            metrics[kind] = f"{LOOPBACK}:{metrics_port}"
+        mesh = TlsMesh(root / "tls", endpoints, metrics, etcd_server.endpoint)
+        deadline = time.monotonic() + 60
+        for kind, child in zip(SERVICES, children[1:], strict=True):
+            await asyncio.to_thread(wait_serving, child, endpoints[kind], deadline,
+                                    mesh.identity(tls.OPERATOR), kind)
+        yield mesh
+    finally:
+        for child in children:
+            child.stop()
+
+
+# One call per internal method that only services may make, with its stub and an empty request.
+INTERNAL_CALLS = {
+    ("ratelimit", "/infermesh.v1.RateLimit/Lease"):
+        lambda ch: ratelimit_pb2_grpc.RateLimitStub(ch).Lease(ratelimit_pb2.LeaseRequest(),
+                                                             timeout=5),
+    ("scheduler", "/infermesh.v1.Scheduler/Route"):
+        lambda ch: scheduler_pb2_grpc.SchedulerStub(ch).Route(scheduler_pb2.RouteRequest(),
+                                                             timeout=5),
+    ("scheduler", "/infermesh.v1.Scheduler/Release"):
+        lambda ch: scheduler_pb2_grpc.SchedulerStub(ch).Release(
+            scheduler_pb2.ReleaseRouteRequest(), timeout=5),
+    ("scheduler", "/infermesh.v1.Scheduler/RouteStream"):
+        lambda ch: _first(scheduler_pb2_grpc.SchedulerStub(ch).RouteStream(
+            iter([scheduler_pb2.RouteStreamRequest()]), timeout=5)),
+    ("auditor", "/infermesh.v1.Auditor/Append"):
+        lambda ch: append(ch, [audit_event(1, source="gateway/x")], 5.0),
+}
+
+
+async def _first(call) -> None:
+    async for _ in call:
+        return
+
+
+async def _code(call) -> grpc.StatusCode:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_without_a_certificate_nothing_gets_through(mesh: TlsMesh):
+    """Plaintext, TLS without a client certificate, and a certificate from another CA all end
+    in the handshake: the client sees UNAVAILABLE and no handler ever runs."""
+    stranger = make_mesh_certificates(mesh.tls_dir.parent / "stranger-ca", ("gateway",))
+    impostor = tls.MeshTls.load(tls.TlsSettings(
+        mode=tls.TlsMode.MUTUAL, ca_file=files_for(mesh.tls_dir, "gateway").ca,
+        cert_file=stranger["gateway"].cert, key_file=stranger["gateway"].key))
+    no_certificate = tls.MeshTls(ca=mesh.identity("gateway").ca)
+    for (service, _method), call in INTERNAL_CALLS.items():
+        endpoint = mesh.endpoints[service]
+        for name, channel in (
+            ("plaintext", grpc.aio.insecure_channel(endpoint)),
+            ("no client certificate", tls.channel(endpoint, service, no_certificate)),
+            ("another CA's certificate", tls.channel(endpoint, service, impostor)),
+        ):
+            async with channel:
+                assert await _code(call(channel)) == grpc.StatusCode.UNAVAILABLE, (service, name)
+
+
+async def test_the_wrong_service_is_refused_and_counted(mesh: TlsMesh):
+    for (service, method), call in INTERNAL_CALLS.items():
+        before = mesh.refusals(service, method, "wrong_service")
+        for wrong in ("sidecar", tls.OPERATOR):
+            async with mesh.channel(service, wrong) as channel:
+                assert await _code(call(channel)) == grpc.StatusCode.PERMISSION_DENIED, \
+                    (service, wrong)
+        assert mesh.refusals(service, method, "wrong_service") == before + 2
+
+
+async def test_the_right_service_reaches_the_handler(mesh: TlsMesh):
+    """Admitted calls get the handler's own answer (an empty request is invalid, or routed
+    nowhere), never an authentication refusal."""
+    refusals = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.UNAVAILABLE}
+    for (service, _method), call in INTERNAL_CALLS.items():
+        if service == "auditor":
+            continue  # below, with the source check
+        async with mesh.channel(service, "gateway") as channel:
+            assert await _code(call(channel)) not in refusals, service
+
+
+async def test_an_audit_event_names_its_own_caller(mesh: TlsMesh):
+    run = uuid.uuid4().hex[:8]
+
+    def event(n: int, source: str) -> auditor_pb2.AuditEvent:
+        return audit_event(n, source=source, event_id=f"tls-{run}-{n}", request_id=f"r-{n}")
+
+    async with mesh.channel("auditor", "gateway") as channel:
+        assert (await append(channel, [event(1, "gateway/g-1")], 5.0)).appended == 1
+        with pytest.raises(grpc.aio.AioRpcError) as forged:
+            await append(channel, [event(2, "gateway/g-1"), event(3, "registry/r-1")], 5.0)
+        assert forged.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "events[1].source" in forged.value.details()
+    async with mesh.channel("auditor", "registry") as channel:
+        assert (await append(channel, [event(4, "registry/r-1")], 5.0)).appended == 1
+
+
+async def test_model_files_need_a_replica_or_an_admin_key(mesh: TlsMesh):
+    """A sidecar reads blobs on its certificate; an operator's certificate alone is not
+    enough (the call then needs an admin key); a service with no business there is refused."""
+    request = registry_pb2.DownloadBlobRequest(digest="sha256:" + "0" * 64)
+
+    async def download(as_kind: str) -> grpc.StatusCode:
+        async with mesh.channel("registry", as_kind) as channel:
+            stream = registry_pb2_grpc.RegistryStub(channel).DownloadBlob(request, timeout=5)
+            return await _code(stream.read())
+
+    assert await download("sidecar") == grpc.StatusCode.NOT_FOUND  # admitted: no such blob
+    assert await download(tls.OPERATOR) == grpc.StatusCode.UNAUTHENTICATED  # no key
+    assert await download("ratelimit") == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_plaintext_development_binds_loopback_only():
+    server = grpc.aio.server()
+    with pytest.raises(ValueError, match="loopback"):
+        tls.add_listener(server, "0.0.0.0:0", None)
+    assert tls.add_listener(server, f"{LOOPBACK}:0", None) > 0
+
+
+async def test_triton_takes_only_mesh_certificates(mesh: TlsMesh, tmp_path):
+    """Triton's gRPC port (model control on) with `--grpc-use-ssl-mutual`: a mesh certificate
+    reaches it; plaintext, no client certificate or another CA's certificate do not."""
+    files = files_for(mesh.tls_dir, "triton")
+    server = TritonServer(tmp_path / "triton", TritonPorts.free(), models=["reference"],
+                          tls_settings=tls.TlsSettings(mode=tls.TlsMode.MUTUAL,
+                                                       ca_file=files.ca, cert_file=files.cert,
+                                                       key_file=files.key))
+    server.start()
+    try:
+        await asyncio.to_thread(server.wait_ready, 60.0)
+        async with triton_client(server.grpc_address, mesh.identity("sidecar")) as sidecar:
+            assert await sidecar.is_server_ready()
+        stranger = make_mesh_certificates(tmp_path / "stranger-ca", ("sidecar",))["sidecar"]
+        for client in (
+            triton_aio.InferenceServerClient(server.grpc_address),
+            triton_client(server.grpc_address, tls.MeshTls(ca=mesh.identity("sidecar").ca)),
+            triton_client(server.grpc_address, tls.MeshTls(
+                ca=mesh.identity("sidecar").ca, cert=stranger.cert.read_bytes(),
+                key=stranger.key.read_bytes())),
+        ):
+            async with client:
+                with pytest.raises(InferenceServerException):
+                    await client.is_server_ready(client_timeout=5)
+    finally:
+        assert await asyncio.to_thread(server.stop) == 0, server.log_tail()
+
+
+async def test_etcd_takes_only_mesh_certificates(mesh: TlsMesh):
+    """etcd with `--client-cert-auth`: the services above run on it; a mesh certificate reads
+    and writes, a client without one (plaintext, or TLS without a certificate) gets nothing."""
+    key = f"/infermesh/v1/test/tls-{uuid.uuid4().hex[:6]}".encode()
+    async with etcd.connect(mesh.etcd, 5.0, mesh.identity(tls.OPERATOR)) as client:
+        await client.put(key, b"mesh")
+        assert (await client.get(key)).value == b"mesh"
+    for stranger in (None, tls.MeshTls(ca=mesh.identity(tls.OPERATOR).ca)):
+        async with etcd.connect(mesh.etcd, 2.0, stranger) as client:
+            with pytest.raises((aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError)):
+                await client.get(key)
