@@ -15,6 +15,7 @@ import pathlib
 import statistics
 
 from bench.streaming import CLIENT_PROCESSES, LevelResult, run_level, served_triton_model
+from deploy.local.demo_models import REFERENCE_MODEL
 from deploy.local.stack import Stack, StackInfo, StackOptions
 from services.common.tenancy import TenantPlan
 
@@ -70,9 +71,10 @@ def compare(tls_stack: StackInfo, plaintext_stack: StackInfo, max_tokens: int = 
 def run(tls_stack: StackInfo, state_dir: pathlib.Path, plan: TenantPlan,
         **shape: float) -> dict[str, float]:
     """Starts the plaintext stack in `state_dir/plaintext-stack` with the demo tenant on
-    `plan` (the TLS stack's), compares, and stops it."""
+    `plan` (the TLS stack's) and the reference model only (what is measured), compares, and
+    stops it."""
     plaintext = Stack(StackOptions(state_dir=state_dir / "plaintext-stack", demo_plan=plan,
-                                   tls=False))
+                                   tls=False, models=(REFERENCE_MODEL,)))
     info = plaintext.up()
     try:
         return compare(tls_stack, info, **shape)

@@ -78,7 +78,8 @@ class ReplicaSet:
         load them later). `model_repository` None gives each replica an empty repository of its
         own, into which its sidecar renders the registered versions placed on it (fetched from
         the registry: `sidecar_env` then carries the mesh token). `sidecar_env`: extra
-        INFERMESH_* settings for every sidecar."""
+        INFERMESH_* settings for every sidecar. The set runs in plaintext development, beside
+        a development etcd (tests, the routing benchmarks), not inside a TLS stack."""
         if count < 1:
             raise ValueError(f"count must be at least 1, got {count}")
         if not zones:
@@ -96,6 +97,7 @@ class ReplicaSet:
             port, metrics_port = free_port(), free_port()
             zone = zones[index % len(zones)]
             variables = {
+                "INFERMESH_TLS_MODE": "plaintext-development",
                 "INFERMESH_ETCD_ENDPOINT": etcd_endpoint,
                 "INFERMESH_METRICS_PORT": str(metrics_port),
                 "INFERMESH_REPLICA_ID": replica_id,
