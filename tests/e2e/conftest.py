@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import ssl
 from collections.abc import Iterator
 
 import pytest
@@ -25,18 +27,31 @@ def stack(stack_dir: pathlib.Path) -> Iterator[StackInfo]:
     assert not failed, f"processes died during the tests: {failed} (logs in {stack_dir}/logs)"
 
 
+@pytest.fixture(scope="session")
+def trust_bundle(stack: StackInfo, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The machine's trusted roots (pip's registry among them) plus the stack's CA, in one
+    PEM file."""
+    system = pathlib.Path(os.environ.get("SSL_CERT_FILE")
+                          or ssl.get_default_verify_paths().cafile or "/nonexistent")
+    ca = pathlib.Path(stack.client_env()["INFERMESH_TLS_CA_FILE"])
+    bundle = tmp_path_factory.mktemp("trust") / "roots.pem"
+    bundle.write_bytes((system.read_bytes() if system.is_file() else b"") + ca.read_bytes())
+    return bundle
+
+
 @pytest.fixture(autouse=True)
 def stack_client_environment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
                              ) -> None:
     """A test of the stack runs as a user who sourced its env file: meshctl and the SDK trust
     its CA (and present the operator's certificate) by `INFERMESH_TLS_*_FILE`, and HTTP
-    clients that read the system's trust store (openai, httpx, requests) find the CA by
-    `SSL_CERT_FILE`/`REQUESTS_CA_BUNDLE`."""
+    clients that read the trust store from `SSL_CERT_FILE`/`REQUESTS_CA_BUNDLE` (openai,
+    httpx, requests) find it there beside the machine's own roots."""
     if "stack" not in request.fixturenames:
         return
     info: StackInfo = request.getfixturevalue("stack")
     for name, value in info.client_env().items():
         monkeypatch.setenv(name, value)
     if info.tls_dir:
-        monkeypatch.setenv("SSL_CERT_FILE", info.client_env()["INFERMESH_TLS_CA_FILE"])
-        monkeypatch.setenv("REQUESTS_CA_BUNDLE", info.client_env()["INFERMESH_TLS_CA_FILE"])
+        bundle = str(request.getfixturevalue("trust_bundle"))
+        monkeypatch.setenv("SSL_CERT_FILE", bundle)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", bundle)
