@@ -35,12 +35,45 @@ def test_both_overlays_exist() -> None:
     assert OVERLAYS == ["cpu-dev", "gpu-prod"]
 
 
+# cert-manager's objects have no schema offline: the fields these manifests may use, by kind
+# (cert-manager.io/v1; a misspelt or unknown field fails the test as strict validation would).
+CERT_MANAGER = "cert-manager.io/v1"
+CERT_MANAGER_FIELDS = {
+    "Issuer": {"selfSigned", "ca"},
+    "Certificate": {"secretName", "commonName", "dnsNames", "usages", "duration", "renewBefore",
+                    "privateKey", "issuerRef", "isCA"},
+}
+USAGES = {"server auth", "client auth", "digital signature", "key encipherment"}
+
+
+def _check_cert_manager(doc: dict, issuers: set[str]) -> None:
+    where = f"{doc['kind']}/{doc['metadata']['name']}"
+    assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}, where
+    assert set(doc["spec"]) <= CERT_MANAGER_FIELDS[doc["kind"]], where
+    if doc["kind"] == "Issuer":
+        assert len(doc["spec"]) == 1, where
+        if "ca" in doc["spec"]:
+            assert set(doc["spec"]["ca"]) == {"secretName"}, where
+        return
+    spec = doc["spec"]
+    assert spec["issuerRef"] in ({"name": name, "kind": "Issuer"} for name in issuers), where
+    assert set(spec.get("usages", [])) <= USAGES, where
+    assert set(spec["privateKey"]) <= {"algorithm", "size", "rotationPolicy"}, where
+    for name in ("duration", "renewBefore"):
+        assert re.fullmatch(r"\d+h", spec.get(name, "1h")), where
+
+
 def test_every_object_validates_strictly(rendered: list[dict]) -> None:
+    issuers = {d["metadata"]["name"] for d in rendered
+               if d["apiVersion"] == CERT_MANAGER and d["kind"] == "Issuer"}
     for doc in rendered:
         where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["apiVersion"] == CERT_MANAGER:
+            _check_cert_manager(doc, issuers)
+            continue
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.SchemaNotFoundError:  # the manifests use no CRDs
+        except kubernetes_validate.SchemaNotFoundError:  # no CRDs but cert-manager's
             pytest.fail(f"{where}: no schema for {doc['apiVersion']} in {KUBERNETES_VERSION}")
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{where}: {exc.message} at {list(exc.path)}")
@@ -116,7 +149,7 @@ def test_keys_come_from_secrets_never_literals(rendered: list[dict]) -> None:
     auditor = next(d for d in rendered if d["kind"] == "StatefulSet"
                    and d["metadata"]["name"] == "auditor")
     volumes = auditor["spec"]["template"]["spec"]["volumes"]
-    assert {"secretName": "infermesh-auditor-signing-key", "defaultMode": 0o400} in [
+    assert {"secretName": "infermesh-auditor-signing-key", "defaultMode": 0o440} in [
         v.get("secret") for v in volumes]
 
 
@@ -226,8 +259,12 @@ def test_replicas_fetch_from_the_registry_and_share_nothing_but_their_pod(
     assert env["INFERMESH_CACHE_DIR"] == cache_dir  # the sidecar renders it into each config
     assert not _mounts(triton)[cache_dir].get("readOnly")
     assert {"secretRef": {"name": "infermesh-mesh-token"}} in sidecar["envFrom"]
-    # emptyDirs only: nothing shared with the registry or another replica (no claim, no host path).
-    assert all(set(v) == {"name", "emptyDir"} for v in pod["volumes"]), pod["volumes"]
+    # emptyDirs only: nothing shared with the registry or another replica (no claim, no host
+    # path); and the sidecar's certificate, mounted into the sidecar alone.
+    assert all(set(v) == {"name", "emptyDir"} for v in pod["volumes"] if v["name"] != "tls")
+    assert {v["name"]: v.get("secret") for v in pod["volumes"]}["tls"]["secretName"] == (
+        "sidecar-tls")
+    assert "tls" not in {m["name"] for m in triton.get("volumeMounts", [])}
 
 
 def test_gateways_keep_tokenizers_in_their_own_blob_cache(rendered: list[dict]) -> None:
@@ -261,3 +298,58 @@ def test_registries_share_a_bucket_or_are_alone_with_a_volume(rendered: list[dic
         assert config["INFERMESH_REGISTRY_BLOB_STORE"] == "local"
         assert "persistentVolumeClaim" in store
         assert registry["spec"]["strategy"] == {"type": "Recreate"}  # ReadWriteOnce
+
+
+def _certificates(rendered: list[dict]) -> dict[str, dict]:
+    """secretName → the spec of the Certificate that fills it."""
+    return {d["spec"]["secretName"]: d["spec"] for d in rendered
+            if d["apiVersion"] == CERT_MANAGER and d["kind"] == "Certificate"}
+
+
+def test_every_service_holds_its_own_identity_from_the_private_ca(rendered: list[dict]) -> None:
+    """Each mesh container runs mutual TLS with a certificate of its own (SAN `<kind>.infermesh`)
+    that no other workload mounts, issued by the CA Issuer, whose CA is self-signed."""
+    certificates = _certificates(rendered)
+    issuers = {d["metadata"]["name"]: d["spec"] for d in rendered
+               if d["apiVersion"] == CERT_MANAGER and d["kind"] == "Issuer"}
+    ca_secret = issuers["infermesh-ca"]["ca"]["secretName"]
+    assert certificates[ca_secret]["isCA"] is True
+    assert issuers[certificates[ca_secret]["issuerRef"]["name"]] == {"selfSigned": {}}
+    holders: dict[str, str] = {}
+    for doc in (d for d in rendered if d["kind"] in WORKLOADS and d["metadata"]["name"] != "etcd"):
+        pod = doc["spec"]["template"]["spec"]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        for container in pod["containers"]:
+            env = _env(container)
+            kind = "sidecar" if container["name"] == "sidecar" else container["name"]
+            where = f"{doc['metadata']['name']}/{container['name']}"
+            if container["name"] == "triton":  # the engine holds no mesh identity
+                assert not any(name.startswith("INFERMESH_TLS_") for name in env), where
+                continue
+            assert env["INFERMESH_TLS_MODE"] == "mutual", where
+            directories = {pathlib.PurePath(env[f"INFERMESH_TLS_{name}_FILE"]).parent
+                           for name in ("CA", "CERT", "KEY")}
+            assert len(directories) == 1, where
+            directory = directories.pop()
+            mount = next(m for m in container["volumeMounts"]
+                         if pathlib.PurePath(m["mountPath"]) == directory)
+            secret = secrets[mount["name"]]
+            assert f"{kind}.infermesh" in certificates[secret]["dnsNames"], where
+            assert certificates[secret]["issuerRef"]["name"] == "infermesh-ca", where
+            assert holders.setdefault(secret, where) == where, f"{where} shares {secret}"
+    assert len(holders) == 6  # gateway, registry, ratelimit, scheduler, auditor, sidecar
+
+
+def test_etcd_speaks_only_tls_and_demands_client_certificates(rendered: list[dict]) -> None:
+    etcd = _workload(rendered, "etcd")["spec"]["template"]["spec"]["containers"][0]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in etcd["command"][1:])
+    for name in ("listen-client-urls", "advertise-client-urls", "listen-peer-urls",
+                 "initial-advertise-peer-urls"):
+        assert flags[name].startswith("https://"), name
+    assert all(url.split("=", 1)[1].startswith("https://")
+               for url in flags["initial-cluster"].split(","))
+    assert flags["client-cert-auth"] == flags["peer-client-cert-auth"] == "true"
+    assert flags["listen-metrics-urls"] == "http://0.0.0.0:2381"  # metrics and health only
+    spec = _certificates(rendered)["etcd-tls"]
+    assert spec["issuerRef"]["name"] == "infermesh-ca"
+    assert flags["peer-cert-allowed-cn"] == spec["commonName"]
