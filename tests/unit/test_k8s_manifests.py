@@ -260,11 +260,14 @@ def test_replicas_fetch_from_the_registry_and_share_nothing_but_their_pod(
     assert not _mounts(triton)[cache_dir].get("readOnly")
     assert {"secretRef": {"name": "infermesh-mesh-token"}} in sidecar["envFrom"]
     # emptyDirs only: nothing shared with the registry or another replica (no claim, no host
-    # path); and the sidecar's certificate, mounted into the sidecar alone.
-    assert all(set(v) == {"name", "emptyDir"} for v in pod["volumes"] if v["name"] != "tls")
+    # path); and the sidecar's and Triton's certificates, each mounted into its container alone.
+    assert all(set(v) == {"name", "emptyDir"} for v in pod["volumes"]
+               if v["name"] not in ("tls", "triton-tls"))
     assert {v["name"]: v.get("secret") for v in pod["volumes"]}["tls"]["secretName"] == (
         "sidecar-tls")
     assert "tls" not in {m["name"] for m in triton.get("volumeMounts", [])}
+    # Triton's HTTP port (model control, no TLS in Triton) answers inside the pod only.
+    assert "--http-address=127.0.0.1" in args or "backends.triton.launcher" in args
 
 
 def test_gateways_keep_tokenizers_in_their_own_blob_cache(rendered: list[dict]) -> None:
@@ -308,7 +311,7 @@ def _certificates(rendered: list[dict]) -> dict[str, dict]:
 
 def test_every_service_holds_its_own_identity_from_the_private_ca(rendered: list[dict]) -> None:
     """Each mesh container runs mutual TLS with a certificate of its own (SAN `<kind>.infermesh`)
-    that no other workload mounts, issued by the CA Issuer, whose CA is self-signed."""
+    that no other container mounts, issued by the CA Issuer, whose CA is self-signed."""
     certificates = _certificates(rendered)
     issuers = {d["metadata"]["name"]: d["spec"] for d in rendered
                if d["apiVersion"] == CERT_MANAGER and d["kind"] == "Issuer"}
@@ -321,11 +324,8 @@ def test_every_service_holds_its_own_identity_from_the_private_ca(rendered: list
         secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
         for container in pod["containers"]:
             env = _env(container)
-            kind = "sidecar" if container["name"] == "sidecar" else container["name"]
+            kind = container["name"]
             where = f"{doc['metadata']['name']}/{container['name']}"
-            if container["name"] == "triton":  # the engine holds no mesh identity
-                assert not any(name.startswith("INFERMESH_TLS_") for name in env), where
-                continue
             assert env["INFERMESH_TLS_MODE"] == "mutual", where
             directories = {pathlib.PurePath(env[f"INFERMESH_TLS_{name}_FILE"]).parent
                            for name in ("CA", "CERT", "KEY")}
@@ -337,7 +337,9 @@ def test_every_service_holds_its_own_identity_from_the_private_ca(rendered: list
             assert f"{kind}.infermesh" in certificates[secret]["dnsNames"], where
             assert certificates[secret]["issuerRef"]["name"] == "infermesh-ca", where
             assert holders.setdefault(secret, where) == where, f"{where} shares {secret}"
-    assert len(holders) == 6  # gateway, registry, ratelimit, scheduler, auditor, sidecar
+            if kind == "triton":  # serves only: the engine beside the sidecar cannot reach etcd
+                assert certificates[secret]["usages"] == ["server auth"], where
+    assert len(holders) == 7  # gateway, registry, ratelimit, scheduler, auditor, sidecar, triton
 
 
 def test_etcd_speaks_only_tls_and_demands_client_certificates(rendered: list[dict]) -> None:
