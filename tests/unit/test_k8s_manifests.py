@@ -258,7 +258,6 @@ def test_replicas_fetch_from_the_registry_and_share_nothing_but_their_pod(
     cache_dir = _env(triton)["INFERMESH_CACHE_DIR"]
     assert env["INFERMESH_CACHE_DIR"] == cache_dir  # the sidecar renders it into each config
     assert not _mounts(triton)[cache_dir].get("readOnly")
-    assert {"secretRef": {"name": "infermesh-mesh-token"}} in sidecar["envFrom"]
     # emptyDirs only: nothing shared with the registry or another replica (no claim, no host
     # path); and the sidecar's and Triton's certificates, each mounted into its container alone.
     assert all(set(v) == {"name", "emptyDir"} for v in pod["volumes"]
