@@ -37,6 +37,9 @@ CHANNEL_OPTIONS = (
 # once their engine stopped (backends/triton/decoupled_model.py).
 PROBE_INPUT = "infermesh_probe"
 ENGINE_STOPPED = "engine stopped"
+# The words they refuse a request with that they cannot run (a prompt that never fits): the
+# client's INVALID_ARGUMENT, not the mesh's INTERNAL.
+REQUEST_REFUSED = "request refused: "
 
 
 def engine_process_gone(message: str) -> bool:
@@ -213,10 +216,7 @@ class TritonAdapter:
             async for response in call:
                 if response.error_message:  # the engine's final answer; read on to the end
                     message = response.error_message
-                    engine_error = (
-                        errors.Unavailable(f"replica {endpoint}: {message}", retry_after_s=1.0)
-                        if engine_process_gone(message)
-                        else errors.Internal(f"engine error: {message}"))
+                    engine_error = engine_failure(endpoint, message)
                     finished = True
                     continue
                 chunk = read_chunk(response.infer_response)
@@ -236,6 +236,18 @@ class TritonAdapter:
         finally:
             if not finished:
                 call.cancel()
+
+
+def engine_failure(endpoint: str, message: str) -> errors.MeshError:
+    """What an engine's error response means: the replica's failure (Unavailable: retry
+    elsewhere), a request the engine cannot run (InvalidArgument: the client's to fix), or the
+    engine's own fault (Internal)."""
+    if engine_process_gone(message):
+        return errors.Unavailable(f"replica {endpoint}: {message}", retry_after_s=1.0)
+    if message.startswith(REQUEST_REFUSED):
+        return errors.InvalidArgument.relayed(
+            "prompt", f"the engine cannot run this request: {message[len(REQUEST_REFUSED):]}")
+    return errors.Internal(f"engine error: {message}")
 
 
 def _rpc_error(exc: grpc.aio.AioRpcError, endpoint: str) -> errors.MeshError:

@@ -19,8 +19,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 __all__ = ["FINAL", "PROBE_INPUT", "EngineMetrics", "Inbox", "Pending", "enqueue",
-           "model_parameters", "parse_text_request", "report_crashes", "response", "scalar",
-           "send", "send_error", "stopped", "strings"]
+           "model_parameters", "parse_text_request", "refused", "report_crashes", "response",
+           "scalar", "send", "send_error", "stopped", "strings"]
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUEST_TYPES = ("active", "max", "waiting", "scheduled", "context")
@@ -34,8 +34,18 @@ PROBE_INPUT = "infermesh_probe"
 ENGINE_STOPPED = "engine stopped"
 
 
+# How a model refuses a request it cannot run (a ValueError from parsing it or from its engine:
+# a prompt the KV cache or the context window can never hold): the gateway answers the client
+# INVALID_ARGUMENT with the reason, never INTERNAL. Mirrored in backends/triton/adapter.py.
+REQUEST_REFUSED = "request refused: "
+
+
 def stopped(engine: str) -> str:
     return f"{ENGINE_STOPPED} ({engine})"
+
+
+def refused(error: ValueError) -> str:
+    return f"{REQUEST_REFUSED}{error}"
 
 
 @dataclass
@@ -206,7 +216,7 @@ def enqueue(
                 continue
             item = parse(request, sender)
         except ValueError as error:  # UnicodeDecodeError included
-            fail(sender, str(error))
+            fail(sender, refused(error))
             continue
         if not inbox.put(item):
             fail(sender, stopped(engine))

@@ -74,7 +74,8 @@ class Engine:
         if endpoint == "down":
             raise errors.Unavailable("replica down is unreachable")
         if endpoint == "refusing":
-            raise errors.Internal("engine error: the prompt needs 90 KV blocks, the pool has 64")
+            raise errors.InvalidArgument.relayed(
+                "prompt", "the engine cannot run this request: the prompt needs 90 KV blocks")
         if endpoint == "gated":
             await self.gate.wait()
         for count in range(1, 4):
@@ -151,7 +152,7 @@ async def test_a_failed_attempt_is_released_before_the_retry_ends():
 async def test_an_error_the_engine_reports_about_the_request_says_nothing_of_the_replica():
     routing = ReplicaRouting(["refusing", "up"])
     _, finished = await generate(pipeline(routing))
-    assert finished.finish_reason == "error" and finished.error.code == "INTERNAL"
+    assert finished.finish_reason == "error" and finished.error.code == "INVALID_ARGUMENT"
     assert len(routing.routes) == 1  # not retried: another replica would refuse it too
     assert routing.releases == [("res-refusing", Outcome.UNREPORTED, 0)]
 

@@ -12,6 +12,7 @@ from backends.triton.adapter import (
     OUTPUTS,
     EngineRequest,
     build_request,
+    engine_failure,
     engine_process_gone,
     read_chunk,
 )
@@ -27,6 +28,19 @@ from backends.triton.adapter import (
 ])
 def test_only_a_dead_engine_process_is_the_replicas_failure(message, gone):
     assert engine_process_gone(message) is gone
+
+
+@pytest.mark.parametrize("message, code", [
+    ("engine stopped (reference engine)", "UNAVAILABLE"),  # the replica's: retry elsewhere
+    ("request refused: the prompt needs 9 KV blocks of 4 tokens; the cache holds at most "
+     "kv_cache_blocks=3", "INVALID_ARGUMENT"),  # the request's: the client must change it
+    ("the torch engine failed: CUDA out of memory", "INTERNAL"),  # the engine's own fault
+])
+def test_an_engine_error_response_is_the_replicas_the_requests_or_the_engines(message, code):
+    error = engine_failure("127.0.0.1:1", message)
+    assert error.code == code
+    if code == "INVALID_ARGUMENT":
+        assert error.field == "prompt" and "kv_cache_blocks=3" in error.message
 
 
 def _tritonclient_request(request: EngineRequest) -> service_pb2.ModelInferRequest:

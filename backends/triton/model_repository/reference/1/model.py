@@ -27,6 +27,7 @@ from backends.triton.decoupled_model import (
     enqueue,
     model_parameters,
     parse_text_request,
+    refused,
     report_crashes,
     scalar,
     send,
@@ -135,7 +136,7 @@ class TritonPythonModel:
                 try:
                     self._engine.add_request(generation)
                 except ValueError as error:  # a prompt the KV cache can never hold
-                    self._fail(pending.sender, str(error))
+                    self._fail(pending.sender, refused(error))
                     continue
                 self._pending[generation.request_id] = pending
             self._drop_cancelled()

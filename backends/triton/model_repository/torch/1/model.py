@@ -28,6 +28,7 @@ from backends.triton.decoupled_model import (
     enqueue,
     model_parameters,
     parse_text_request,
+    refused,
     report_crashes,
     scalar,
     send,
@@ -176,7 +177,7 @@ class TritonPythonModel:
         try:
             pending.num_input_tokens = self._engine.submit(generation)
         except ValueError as error:
-            self._fail(pending.sender, str(error))
+            self._fail(pending.sender, refused(error))
             return
         self._pending[generation.request_id] = pending
 
