@@ -20,7 +20,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferResult, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from backends.triton.adapter import EngineRequest, build_request
+from backends.triton.adapter import EngineRequest, build_request, engine_failure
 from backends.triton.launcher import TritonPorts, TritonServer, stub_pids
 from backends.triton.reference_engine import GenerationRequest, complete, count_tokens
 from deploy.local.replicas import reference_repository
@@ -329,8 +329,11 @@ async def test_the_kv_pool_set_in_config_bounds_what_runs_together(tmp_path: pat
             first, second = await asyncio.gather(*(
                 generate(small, engine_inputs(max_tokens=4, min_tokens=4, seed=seed,
                                               prompt=prompt)) for seed in (1, 2)))
-            with pytest.raises(InferenceServerException, match="kv_cache_blocks=3"):
+            with pytest.raises(InferenceServerException, match="kv_cache_blocks=3") as refusal:
                 await generate(small, engine_inputs(max_tokens=1, prompt=" ".join(["w"] * 12)))
+            # Worded as a refusal, which the gateway answers INVALID_ARGUMENT (adapter).
+            assert engine_failure(server.grpc_address, refusal.value.message()).code == (
+                "INVALID_ARGUMENT")
         for seed, streamed in ((1, first), (2, second)):
             expected = complete(GenerationRequest(0, prompt, max_tokens=4, seed=seed))
             assert "".join(text(r) for r in streamed) == expected.text
