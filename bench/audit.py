@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
 import pathlib
 import secrets
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from bench.pools import client_pool
 from bench.streaming import percentile
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.stack import service_process, wait_serving
@@ -101,7 +101,7 @@ def client_process(endpoint: str, writer: Writer, writers: int, duration_s: floa
 def run(endpoint: str, writer: Writer, levels: tuple[int, ...] = LEVELS,
         duration_s: float = 5.0, warmup_s: float = 0.5) -> dict[str, float]:
     figures: dict[str, float] = {}
-    with concurrent.futures.ProcessPoolExecutor(1) as pool:
+    with client_pool(1) as pool:
         # Warm up: connect, first fsyncs.
         pool.submit(client_process, endpoint, writer, 1, warmup_s).result()
         for writers in levels:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import concurrent.futures
 import json
 import os
 import pathlib
@@ -29,6 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from bench.pools import client_pool
 from deploy.local.stack import Stack, StackInfo, StackOptions
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 
@@ -119,8 +119,8 @@ def run(
     `profile`: where py-spy writes the gateway's stacks sampled in the window (collapsed)."""
     shares = [concurrency // CLIENT_PROCESSES + (i < concurrency % CLIENT_PROCESSES)
               for i in range(CLIENT_PROCESSES)]
-    with concurrent.futures.ProcessPoolExecutor(CLIENT_PROCESSES) as pool:
-        start_at = time.time() + warmup_s + 0.5  # + the pool processes' start
+    with client_pool(CLIENT_PROCESSES) as pool:
+        start_at = time.time() + warmup_s + 0.5  # + the clients' connecting
         stop_at = start_at + duration_s
         futures = [pool.submit(client_process, stack, stack.reference_model, share, start_at,
                                stop_at)

@@ -22,6 +22,7 @@ from google.protobuf import duration_pb2
 
 from backends.triton.adapter import EngineRequest, TritonAdapter
 from bench.gateway_throughput import process_cpu_s
+from bench.pools import client_pool
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 from services.registry.client import RegistryClient
@@ -204,7 +205,7 @@ def compare(
 ) -> dict[str, float]:
     figures: dict[str, float] = {}
     triton_model = served_triton_model(stack, stack.reference_model)
-    with concurrent.futures.ProcessPoolExecutor(CLIENT_PROCESSES) as pool:
+    with client_pool(CLIENT_PROCESSES) as pool:
         # Warm both paths (processes, channels, the engine's first steps) before measuring.
         for path in ("direct", "mesh"):
             run_level(pool, path, stack, triton_model, min(4, warmup_requests), warmup_requests,

@@ -14,6 +14,7 @@ import concurrent.futures
 import pathlib
 import statistics
 
+from bench.pools import client_pool
 from bench.streaming import CLIENT_PROCESSES, LevelResult, run_level, served_triton_model
 from deploy.local.demo_models import REFERENCE_MODEL
 from deploy.local.stack import Stack, StackInfo, StackOptions
@@ -40,7 +41,7 @@ def compare(tls_stack: StackInfo, plaintext_stack: StackInfo, max_tokens: int = 
             warmup_requests: int = 8) -> dict[str, float]:
     stacks = {"plaintext": plaintext_stack, "tls": tls_stack}
     figures: dict[str, float] = {}
-    with concurrent.futures.ProcessPoolExecutor(CLIENT_PROCESSES) as pool:
+    with client_pool(CLIENT_PROCESSES) as pool:
         _measure(pool, stacks, min(4, warmup_requests), warmup_requests, 4, budget_s)
         for concurrency in LEVELS:
             requests = max(min_requests, concurrency * requests_per_stream)
