@@ -46,6 +46,7 @@ from services.auditor.store import AppendResult, AuditLog, LogCorrupted
 from services.common import errors, etcd, status
 from services.common.auth import Authenticator, Principal
 from services.common.callers import PLAINTEXT_MESH, mesh_caller
+from services.common.frames import add_servicer
 from services.common.logs import get_logger
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import parse_key, parse_tenant
@@ -630,7 +631,10 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     committer.start()
     servicer = AuditorServicer(audit_log, committer, Authenticator(keys, tenants),
                                {signer.key_id: signer.public_key}, settings)
-    auditor_pb2_grpc.add_AuditorServicer_to_server(servicer, ctx.server)
+    add_servicer(  # a malformed frame → INVALID_ARGUMENT, never UNKNOWN
+        ctx.server, servicer,
+        auditor_pb2.DESCRIPTOR.services_by_name["Auditor"], refuse_malformed=True,
+    )
 
     async def checkpoint() -> None:
         if await asyncio.to_thread(audit_log.checkpoint) is not None:

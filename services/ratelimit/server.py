@@ -18,6 +18,7 @@ from prometheus_client import Counter, Gauge
 from infermesh.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from services.common import errors, etcd, status
 from services.common.discovery import ServiceDirectory, rendezvous_owner
+from services.common.frames import add_servicer
 from services.common.logs import get_logger
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import Tenant, parse_tenant
@@ -137,8 +138,9 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     store = BudgetStore(ctx.etcd)
     flusher = asyncio.create_task(keep_budgets(store, ledger, directory, ctx.endpoint),
                                   name="budgets")
-    ratelimit_pb2_grpc.add_RateLimitServicer_to_server(
-        RateLimitServicer(tenants, ledger, store), ctx.server
+    add_servicer(  # a malformed frame → INVALID_ARGUMENT, never UNKNOWN
+        ctx.server, RateLimitServicer(tenants, ledger, store),
+        ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimit"], refuse_malformed=True,
     )
 
     async def cleanup() -> None:

@@ -22,6 +22,7 @@ from services.common import errors, etcd, status
 from services.common.auth import Authenticator, Principal
 from services.common.callers import mesh_caller
 from services.common.discovery import ServiceDirectory
+from services.common.frames import add_servicer
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.slo import load_slo_config
 from services.common.tenancy import parse_key, parse_tenant
@@ -358,10 +359,10 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
             settings.canary_scrape_timeout_s,
         )
         await auto_rollback.start()
-    registry_pb2_grpc.add_RegistryServicer_to_server(
-        RegistryServicer(Authenticator(keys, tenants), store, catalog,
-                         BlobUploads(blobs, settings.max_blob_bytes), blobs),
-        ctx.server,
+    add_servicer(  # a malformed frame → INVALID_ARGUMENT, never UNKNOWN
+        ctx.server, RegistryServicer(Authenticator(keys, tenants), store, catalog,
+                                     BlobUploads(blobs, settings.max_blob_bytes), blobs),
+        registry_pb2.DESCRIPTOR.services_by_name["Registry"], refuse_malformed=True,
     )
 
     async def cleanup() -> None:

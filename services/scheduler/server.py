@@ -13,6 +13,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import errors, etcd, status
+from services.common.frames import add_servicer
 from services.common.logs import get_logger
 from services.common.prefix import MAX_BLOCKS
 from services.common.runtime import ServiceContext, ServiceParts
@@ -254,9 +255,10 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     # collector's sight, full collections stay short on the routing path (bench/route_decision.py).
     gc.collect()
     gc.freeze()
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(
-        SchedulerServicer(replicas, loads, router, max_hold_s=settings.max_hold_s,
-                          on_release=meter.on_release), ctx.server
+    add_servicer(  # a malformed frame → INVALID_ARGUMENT, never UNKNOWN
+        ctx.server, SchedulerServicer(replicas, loads, router, max_hold_s=settings.max_hold_s,
+                          on_release=meter.on_release),
+        scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"], refuse_malformed=True,
     )
 
     return ServiceParts(

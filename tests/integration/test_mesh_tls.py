@@ -257,3 +257,38 @@ async def test_etcd_takes_only_mesh_certificates(mesh: TlsMesh):
         async with etcd.connect(mesh.etcd, 2.0, stranger) as client:
             with pytest.raises((aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError)):
                 await client.get(key)
+
+
+# Bytes no protobuf parser takes: a field tag with an unterminated varint, and a length-delimited
+# field that claims more bytes than follow.
+MALFORMED_FRAMES = (b"\xff\xff\xff", b"\x0a\x05ab")
+SERVICE_NAMES = {"ratelimit": ("RateLimit", ratelimit_pb2),
+                 "scheduler": ("Scheduler", scheduler_pb2),
+                 "auditor": ("Auditor", auditor_pb2), "registry": ("Registry", registry_pb2)}
+
+
+async def test_a_malformed_frame_is_invalid_argument_at_every_internal_method(mesh: TlsMesh):
+    """grpcio answers a frame it cannot parse UNKNOWN; every internal method answers it
+    INVALID_ARGUMENT instead (a caller the caller table admits reaches the parse; the others are
+    refused before it), never UNKNOWN or INTERNAL."""
+    callers = ("gateway", "registry", "sidecar", "scheduler", tls.OPERATOR)
+    reached: set[str] = set()
+    for service, (name, module) in SERVICE_NAMES.items():
+        for method in module.DESCRIPTOR.services_by_name[name].methods:
+            path = f"/{module.DESCRIPTOR.package}.{name}/{method.name}"
+            for caller in callers:
+                async with mesh.channel(service, caller) as channel:
+                    for frame in MALFORMED_FRAMES:
+                        if method.client_streaming:
+                            call = channel.stream_stream(path)(iter([frame]), timeout=5)
+                        else:
+                            call = channel.unary_stream(path)(frame, timeout=5)
+                        code = await _code(_first(call))
+                        assert code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                        grpc.StatusCode.PERMISSION_DENIED,
+                                        grpc.StatusCode.UNAUTHENTICATED), (path, caller, code)
+                        if code is grpc.StatusCode.INVALID_ARGUMENT:
+                            reached.add(path)
+    every = {f"/infermesh.v1.{name}/{m.name}" for name, module in SERVICE_NAMES.values()
+             for m in module.DESCRIPTOR.services_by_name[name].methods}
+    assert reached == every  # each method's parse was reached by some admitted caller
