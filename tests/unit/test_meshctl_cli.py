@@ -12,11 +12,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from deploy.local.state import StackInfo, write_state
+from deploy.local.certificates import make_mesh_certificates
+from deploy.local.state import StackInfo, load_state, write_state
 from meshctl import config, exits, times
 from meshctl.__main__ import app
 from meshctl.reference import render
-from services.common import errors
+from services.common import errors, tls
 from services.common.status import to_rich_status
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -88,6 +89,28 @@ def rpc_error(error: errors.MeshError) -> grpc.aio.AioRpcError:
     status = to_rich_status(error)
     return grpc.aio.AioRpcError(status.code, grpc.aio.Metadata(),
                                 grpc.aio.Metadata(*status.trailing_metadata), error.message)
+
+
+def test_tls_comes_from_where_the_endpoint_came_from(home: pathlib.Path, monkeypatch) -> None:
+    """The local stack's CA verifies the local stack's endpoints; a flag's endpoint takes the
+    environment's TLS files (the system's roots when there are none), never the stack's."""
+    tls_dir = home / "cwd" / "tls"
+    make_mesh_certificates(tls_dir, ("operator",))
+    info = load_state(home / "cwd")
+    assert info is not None
+    info.tls_dir = str(tls_dir)
+    write_state(home / "cwd", info)
+    for name in ("CA", "CERT", "KEY"):
+        monkeypatch.delenv(f"INFERMESH_TLS_{name}_FILE", raising=False)
+    monkeypatch.delenv("INFERMESH_TLS_MODE", raising=False)
+    local = config.tls_for("gateway", None)
+    assert local is not None and local.ca == (tls_dir / "ca.pem").read_bytes()
+    assert local.cert == (tls_dir / "operator.pem").read_bytes()
+    assert config.tls_for("gateway", "elsewhere:443") == tls.MeshTls(ca=None)  # system roots
+    monkeypatch.setenv("INFERMESH_TLS_MODE", "plaintext-development")
+    assert config.tls_for("gateway", "localhost:1") is None
+    monkeypatch.setenv("INFERMESH_TLS_CA_FILE", str(tls_dir / "ca.pem"))
+    assert config.tls_for("registry", "elsewhere:1").cert is None  # the CA alone, as given
 
 
 @pytest.mark.parametrize(("error", "code"), [
