@@ -6,7 +6,10 @@ admitted; an auditor event must name its own caller."""
 from __future__ import annotations
 
 import asyncio
+import os
 import pathlib
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -292,3 +295,26 @@ async def test_a_malformed_frame_is_invalid_argument_at_every_internal_method(me
     every = {f"/infermesh.v1.{name}/{m.name}" for name, module in SERVICE_NAMES.values()
              for m in module.DESCRIPTOR.services_by_name[name].methods}
     assert reached == every  # each method's parse was reached by some admitted caller
+
+
+def _probe(mesh: TlsMesh, kind: str, service: str) -> subprocess.CompletedProcess[str]:
+    """The Kubernetes exec probe, run as the container `kind` would run it against `service`."""
+    port = mesh.endpoints[service].rsplit(":", 1)[1]
+    return subprocess.run(
+        [sys.executable, "-m", "services.common.probe", service, "--port", port],
+        env={**os.environ, **files_for(mesh.tls_dir, kind).env()},
+        capture_output=True, text=True, timeout=30, check=False)
+
+
+async def test_the_exec_probe_checks_health_with_the_containers_own_identity(mesh: TlsMesh):
+    for service in SERVICES:
+        probed = await asyncio.to_thread(_probe, mesh, service, service)
+        assert probed.returncode == 0, (service, probed.stderr)
+    # A server that is not the kind the probe expects fails it (its certificate says so).
+    port = mesh.endpoints["ratelimit"].rsplit(":", 1)[1]
+    mismatched = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "services.common.probe", "scheduler", "--port", port],
+        env={**os.environ, **files_for(mesh.tls_dir, "scheduler").env()},
+        capture_output=True, text=True, timeout=30, check=False)
+    assert mismatched.returncode == 1 and "UNAVAILABLE" in mismatched.stderr, mismatched.stderr

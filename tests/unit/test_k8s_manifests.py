@@ -102,6 +102,30 @@ def test_every_container_has_probes_and_drains_within_its_grace(rendered: list[d
                 assert pod["terminationGracePeriodSeconds"] >= drain_s + 10, name
 
 
+def test_probes_of_tls_services_run_inside_the_container_as_its_own_kind(
+        rendered: list[dict]) -> None:
+    """Kubelet's gRPC probe speaks plaintext only: a service whose listener is TLS is probed by
+    `services.common.probe` in its own container, expecting the kind its certificate names."""
+    for doc in (d for d in rendered if d["kind"] in WORKLOADS):
+        for container in _containers(doc):
+            name = f"{doc['metadata']['name']}/{container['name']}"
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            probes = [container[p] for p in ("readinessProbe", "livenessProbe", "startupProbe")
+                      if p in container]
+            assert not [p for p in probes if "grpc" in p], name
+            args = container.get("args", [])
+            if env.get("INFERMESH_TLS_MODE") != "mutual" or "-m" not in args:
+                continue
+            module = args[args.index("-m") + 1]
+            if not module.startswith(("services.", "backends.triton.sidecar")):
+                continue
+            kind = "sidecar" if module == "backends.triton.sidecar" else module.split(".")[1]
+            for probe in probes:
+                assert probe["exec"]["command"] == [
+                    "python", "-m", "services.common.probe", kind], name
+                assert probe["timeoutSeconds"] >= 5, name
+
+
 def test_every_workload_has_a_disruption_budget(rendered: list[dict]) -> None:
     budgets = {d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
                for d in rendered if d["kind"] == "PodDisruptionBudget"}
