@@ -42,6 +42,8 @@ $(SDK_INSTALLED): $(PROTOS) sdk/python/pyproject.toml sdk/python/setup.py $(wild
 	touch $@
 
 $(TOOLS_INSTALLED): tools/package.json tools/package-lock.json
+	@command -v npm >/dev/null && node -e 'process.exit(Number(process.versions.node.split(".")[0] < 18))' \
+	  || { echo 'make install: buf comes from the npm registry: install Node.js >= 18 and npm' >&2; exit 1; }
 	npm ci --prefix tools --no-audit --no-fund --loglevel=error
 	touch $@
 

@@ -141,6 +141,22 @@ def build_request(request: EngineRequest) -> service_pb2.ModelInferRequest:
     return message
 
 
+# How a token count is laid out in Triton's raw encoding, by the output's datatype: our engines
+# send INT32 (TensorRT-LLM's ensemble too), and the counts read the same in any of these.
+_COUNT_FORMATS = {"INT32": "<i", "INT64": "<q", "UINT32": "<I", "UINT64": "<Q"}
+
+
+def _count(tensor: service_pb2.ModelInferResponse.InferOutputTensor, content: bytes) -> int:
+    """The count in `content`; 0 when the response carries none (an empty final answer)."""
+    if not content:
+        return 0
+    layout = _COUNT_FORMATS.get(tensor.datatype)
+    if layout is None or len(content) < struct.calcsize(layout):
+        raise errors.Internal(f"the engine's {tensor.name} is {tensor.datatype} of "
+                              f"{len(content)} bytes, not one integer")
+    return struct.unpack_from(layout, content)[0]
+
+
 def read_chunk(response: service_pb2.ModelInferResponse) -> EngineChunk:
     """One streamed response: its text (every BYTES element, concatenated) and the counts."""
     text, prompt_tokens, completion_tokens = b"", 0, 0
@@ -152,10 +168,10 @@ def read_chunk(response: service_pb2.ModelInferResponse) -> EngineChunk:
                 pieces.append(content[offset + 4:offset + 4 + length])
                 offset += 4 + length
             text = b"".join(pieces)
-        elif tensor.name == "num_input_tokens" and len(content) >= 4:
-            prompt_tokens = struct.unpack_from("<i", content)[0]
-        elif tensor.name == "num_output_tokens" and len(content) >= 4:
-            completion_tokens = struct.unpack_from("<i", content)[0]
+        elif tensor.name == "num_input_tokens":
+            prompt_tokens = _count(tensor, content)
+        elif tensor.name == "num_output_tokens":
+            completion_tokens = _count(tensor, content)
     final = response.parameters.get("triton_final_response")
     return EngineChunk(text=text.decode("utf-8", errors="replace"), prompt_tokens=prompt_tokens,
                        completion_tokens=completion_tokens,
@@ -238,6 +254,16 @@ class TritonAdapter:
                 call.cancel()
 
 
+# The request fields an engine names first when it refuses one of them ("top_p must be in ...");
+# any other refusal is about the prompt (the KV cache or the context window cannot hold it).
+_REFUSABLE_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+def _refused_field(reason: str) -> str:
+    first = reason.split(" ", 1)[0]
+    return first if first in _REFUSABLE_FIELDS else "prompt"
+
+
 def engine_failure(endpoint: str, message: str) -> errors.MeshError:
     """What an engine's error response means: the replica's failure (Unavailable: retry
     elsewhere), a request the engine cannot run (InvalidArgument: the client's to fix), or the
@@ -245,8 +271,9 @@ def engine_failure(endpoint: str, message: str) -> errors.MeshError:
     if engine_process_gone(message):
         return errors.Unavailable(f"replica {endpoint}: {message}", retry_after_s=1.0)
     if message.startswith(REQUEST_REFUSED):
+        reason = message[len(REQUEST_REFUSED):]
         return errors.InvalidArgument.relayed(
-            "prompt", f"the engine cannot run this request: {message[len(REQUEST_REFUSED):]}")
+            _refused_field(reason), f"the engine cannot run this request: {reason}")
     return errors.Internal(f"engine error: {message}")
 
 

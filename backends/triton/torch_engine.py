@@ -301,8 +301,14 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         return only.scatter_(1, chosen.unsqueeze(1), 0.0)
 
     def _draw(self, logits: torch.Tensor, row: _RowSampling) -> torch.Tensor:
-        """One sampled row's token (float32 arithmetic as transformers' per-request warpers)."""
+        """One sampled row's token (float32 arithmetic as transformers' per-request warpers).
+
+        EOS is banned below `min_tokens` before top-k and top-p choose (transformers' order), so
+        they choose among the tokens the row may draw: banned after, a set holding only EOS
+        would leave nothing, and the draw would take token 0."""
         logits = logits / torch.tensor(row.temperature, dtype=torch.float32)
+        if row.ban_eos:
+            logits[self._eos] = -torch.inf
         vocab = logits.size(-1)
         if 0 < row.top_k < vocab:
             threshold = torch.topk(logits, row.top_k).values[-1]
@@ -313,8 +319,6 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
             drop = cumulative <= 1 - torch.tensor(row.top_p, dtype=torch.float32)
             drop[-1] = False  # the most likely token always stays
             logits = logits.masked_fill(drop.scatter(0, order, drop), -torch.inf)
-        if row.ban_eos:
-            logits[self._eos] = -torch.inf
         generator = torch.Generator(device=logits.device).manual_seed(row.noise_key)
         uniform = torch.rand(vocab, generator=generator, device=logits.device)
         return torch.argmax(logits - torch.log(-torch.log(uniform.clamp_(1e-20, 1.0))))

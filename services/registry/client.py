@@ -277,8 +277,8 @@ class RegistryClient:
 def mesh_download(
     directory: ServiceDirectory, timeout_s: float
 ) -> Callable[[str, int], AsyncIterator[bytes]]:
-    """Blob downloads from a live registry instance over the mesh's own channels (the mesh
-    token, no API key): how a replica's sidecar and a gateway fetch a version's files."""
+    """Blob downloads from a live registry instance over the mesh's own channels (the caller's
+    mesh identity, no API key): how a replica's sidecar and a gateway fetch a version's files."""
 
     async def download(digest: str, offset: int) -> AsyncIterator[bytes]:
         client = RegistryClient.over(directory.channel("registry"), timeout_s=timeout_s)

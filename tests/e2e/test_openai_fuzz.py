@@ -6,8 +6,6 @@ bounded: 300 examples in all, well under a minute."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -19,7 +17,6 @@ from deploy.local.stack import StackInfo
 pytestmark = pytest.mark.integration
 
 EXAMPLES = {schemathesis.GenerationMode.POSITIVE: 45, schemathesis.GenerationMode.NEGATIVE: 30}
-BUDGET_S = 60.0
 MAX_TOKENS = 4  # a generation the fuzz starts stays short
 
 
@@ -41,7 +38,6 @@ def test_every_operation_answers_only_documented_statuses(stack: StackInfo):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) == 4
     statuses: set[int] = set()
-    started = time.monotonic()
     for operation in operations:
         for mode, examples in EXAMPLES.items():
 
@@ -58,6 +54,5 @@ def test_every_operation_answers_only_documented_statuses(stack: StackInfo):
                 statuses.add(response.status_code)
 
             answers_as_documented()
-    assert time.monotonic() - started < BUDGET_S
     # It reached past the schema checks: generations ran, and refusals came back as 4xx.
     assert {200, 400, 404} <= statuses, statuses

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,11 @@ def interpreter(version: str) -> str | None:
     carry pyenv's 3.9 and 3.13 beside the system 3.11), else `pythonX.Y` on PATH (which may be
     a pyenv shim that refuses to run an unselected version, so each is tried)."""
     pyenv = pathlib.Path(os.environ.get("PYENV_ROOT", pathlib.Path.home() / ".pyenv"))
-    builds = sorted(pyenv.glob(f"versions/{version}.*/bin/python{version}"),
-                    key=lambda path: int(path.parts[-3].split(".")[2]), reverse=True)
+    # Final releases only (3.13.0, not 3.13.0rc1 or 3.13t), newest first.
+    releases = [path for path in pyenv.glob(f"versions/{version}.*/bin/python{version}")
+                if re.fullmatch(rf"{re.escape(version)}\.\d+", path.parts[-3])]
+    builds = sorted(releases, key=lambda path: int(path.parts[-3].rsplit(".", 1)[1]),
+                    reverse=True)
     for candidate in [*map(str, builds), shutil.which(f"python{version}")]:
         if candidate and subprocess.run([candidate, "-c", "import venv"], capture_output=True,
                                         timeout=30).returncode == 0:

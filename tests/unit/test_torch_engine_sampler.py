@@ -42,6 +42,18 @@ def test_top_k_and_top_p_bound_what_a_sampled_row_can_draw():
         assert choose(sampler, [request(**row, top_p=0.01)], logits) == [1]
 
 
+def test_below_min_tokens_a_sampled_row_chooses_among_tokens_other_than_eos():
+    """EOS is banned before top-k and top-p choose: a set that would hold only EOS holds the
+    best other token instead (never token 0, which the logits give no chance)."""
+    sampler = _Sampler([EOS])
+    logits = torch.tensor([[0.0, 1.0, 2.0, 9.0, 3.0]])
+    for seed in range(1, 50):
+        row = {"temperature": 1.0, "choice_seed": seed, "min_tokens": 3}
+        assert choose(sampler, [request(2, **row, top_k=1)], logits) == [4]
+        assert choose(sampler, [request(2, **row, top_p=0.5)], logits) == [4]
+        assert choose(sampler, [request(3, **row, top_k=1)], logits) == [EOS]
+
+
 def test_a_seeded_row_draws_the_same_token_whatever_else_is_in_the_batch():
     sampler = _Sampler([EOS])
     logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))

@@ -1,5 +1,7 @@
 """What the adapter makes of Triton's answers, without a server."""
 
+import struct
+
 import numpy as np
 import pytest
 from tritonclient.grpc import aio as triton_aio
@@ -16,6 +18,7 @@ from backends.triton.adapter import (
     engine_process_gone,
     read_chunk,
 )
+from services.common import errors
 
 
 @pytest.mark.parametrize("message, gone", [
@@ -34,13 +37,15 @@ def test_only_a_dead_engine_process_is_the_replicas_failure(message, gone):
     ("engine stopped (reference engine)", "UNAVAILABLE"),  # the replica's: retry elsewhere
     ("request refused: the prompt needs 9 KV blocks of 4 tokens; the cache holds at most "
      "kv_cache_blocks=3", "INVALID_ARGUMENT"),  # the request's: the client must change it
+    ("request refused: top_p must be in (0, 1], got 1.5", "INVALID_ARGUMENT"),
     ("the torch engine failed: CUDA out of memory", "INTERNAL"),  # the engine's own fault
 ])
 def test_an_engine_error_response_is_the_replicas_the_requests_or_the_engines(message, code):
     error = engine_failure("127.0.0.1:1", message)
     assert error.code == code
-    if code == "INVALID_ARGUMENT":
-        assert error.field == "prompt" and "kv_cache_blocks=3" in error.message
+    if code == "INVALID_ARGUMENT":  # the field the engine named, else the prompt
+        field = "top_p" if "top_p" in message else "prompt"
+        assert error.field == field and message.split(": ", 1)[1] in error.message
 
 
 def _tritonclient_request(request: EngineRequest) -> service_pb2.ModelInferRequest:
@@ -110,3 +115,19 @@ def test_a_response_reads_as_tritonclient_reads_it(pieces, final):
     expected = result.as_numpy("text_output")
     assert chunk.text == b"".join(expected.reshape(-1)).decode("utf-8", errors="replace")
     assert (chunk.prompt_tokens, chunk.completion_tokens, chunk.final) == (7, 3, final)
+
+
+@pytest.mark.parametrize("datatype, layout", [("INT32", "<i"), ("INT64", "<q"), ("UINT32", "<I")])
+def test_token_counts_read_by_their_datatype(datatype, layout):
+    response = service_pb2.ModelInferResponse()
+    response.outputs.add(name="num_output_tokens", datatype=datatype, shape=[1, 1])
+    response.raw_output_contents.append(struct.pack(layout, 70_000))
+    assert read_chunk(response).completion_tokens == 70_000
+
+
+def test_a_count_of_a_datatype_nobody_sends_is_the_engines_fault():
+    response = service_pb2.ModelInferResponse()
+    response.outputs.add(name="num_input_tokens", datatype="FP32", shape=[1, 1])
+    response.raw_output_contents.append(struct.pack("<f", 3.0))
+    with pytest.raises(errors.Internal, match="num_input_tokens is FP32"):
+        read_chunk(response)
