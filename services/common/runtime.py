@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
+from prometheus_client import Gauge, start_http_server
 
 from services.common import etcd, tls
 from services.common.callers import AuthorizationInterceptor
@@ -30,6 +31,11 @@ from services.common.logs import configure_logging, get_logger
 from services.common.settings import ServiceSettings
 
 log = get_logger(__name__)
+
+CERTIFICATE_EXPIRY = Gauge(
+    "infermesh_tls_certificate_expiry_timestamp_seconds",
+    "When this process's TLS certificate expires (Unix time): alert well before it, in case "
+    "its renewal stalls (a renewal restarts the process on the new certificate).")
 
 # Streams stay open for a whole generation; keepalives find dead peers without waiting for TCP.
 SERVER_OPTIONS = (
@@ -123,8 +129,15 @@ async def run_service(kind: str, settings: ServiceSettings, setup: Setup,
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", endpoint=endpoint, metrics_port=metrics_port)
 
+    if mesh_tls is not None and mesh_tls.cert is not None:
+        CERTIFICATE_EXPIRY.set(tls.certificate_expiry(mesh_tls.cert))
+    renewal = (None if mesh_tls is None else
+               asyncio.create_task(_stop_on_renewal(settings, mesh_tls, stop), name="tls-renewal"))
+
     await stop.wait()
 
+    if renewal is not None:
+        renewal.cancel()
     log.info("draining", grace_s=settings.shutdown_grace_s)
     context.draining.set()
     await health.enter_graceful_shutdown()
@@ -136,6 +149,18 @@ async def run_service(kind: str, settings: ServiceSettings, setup: Setup,
         await client.close()
     metrics_server.shutdown()
     log.info("stopped")
+
+
+async def _stop_on_renewal(settings: ServiceSettings, loaded: tls.MeshTls,
+                           stop: asyncio.Event) -> None:
+    """Drains and stops the process once its TLS files are renewed (after a random wait of up
+    to `tls_renewal_spread_s`): its supervisor — kubelet, the embedded stack's — restarts it on
+    the new material, before the old certificate expires."""
+    await tls.wait_for_renewal(settings.tls, loaded, settings.tls_renewal_check_s)
+    delay_s = random.uniform(0.0, settings.tls_renewal_spread_s)
+    log.warning("tls_renewed", draining_in_s=round(delay_s, 1))
+    await asyncio.sleep(delay_s)
+    stop.set()
 
 
 def main(kind: str, settings: ServiceSettings, setup: Setup, public: bool = False) -> None:

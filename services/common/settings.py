@@ -41,6 +41,14 @@ class ServiceSettings(BaseSettings):
         "connection is closed (the longest generation deadline plus a margin).")
     tls: TlsSettings = Field(
         default_factory=TlsSettings, description="INFERMESH_TLS_*: mode, CA, certificate, key.")
+    tls_renewal_check_s: float = Field(
+        30.0, gt=0, description="How often the TLS files are read again: renewed material "
+        "(cert-manager rotates certificates before they expire) drains and stops the process, "
+        "which its supervisor restarts on the new files.")
+    tls_renewal_spread_s: float = Field(
+        300.0, ge=0, description="The longest random wait between seeing renewed TLS files and "
+        "draining, so the replicas of one service, which share one certificate, do not all "
+        "restart at once.")
     mesh_token: SecretStr = Field(
         SecretStr(""), description="Plaintext development only (with TLS, certificates say "
         "who calls): a shared secret every mesh service sends on its calls to the others "

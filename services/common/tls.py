@@ -11,6 +11,7 @@ plaintext-development`, which refuses to listen anywhere but loopback.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import ipaddress
 import pathlib
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from cryptography import x509
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -105,6 +107,26 @@ class MeshTls:
     def peer_options(self, peer_kind: str) -> tuple[tuple[str, Any], ...]:
         """Channel options that make the server prove it is `peer_kind` (`channel_options`)."""
         return channel_options(peer_kind, self)
+
+
+def certificate_expiry(cert: bytes) -> float:
+    """When the first certificate of a PEM chain expires, as Unix time."""
+    return x509.load_pem_x509_certificate(cert).not_valid_after_utc.timestamp()
+
+
+async def wait_for_renewal(settings: TlsSettings, loaded: MeshTls, check_every_s: float) -> None:
+    """Returns once the files `settings` names hold other material than `loaded` — cert-manager
+    renewed the certificate (or the CA bundle changed) — so the process can restart on it: a
+    running gRPC server and its channels keep the material they were made with. A file caught
+    missing or half-written mid-rotation is read again at the next check."""
+    while True:
+        await asyncio.sleep(check_every_s)
+        try:
+            current = await asyncio.to_thread(MeshTls.load, settings)
+        except ValueError:
+            continue
+        if current != loaded:
+            return
 
 
 def is_loopback(host: str) -> bool:
