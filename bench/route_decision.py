@@ -171,7 +171,7 @@ async def _stream_round_trips(port: int, pid: int, chains: list[list[int]],
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         elapsed, cpu = time.perf_counter() - started, process_cpu_s(pid) - cpu
         own_cpu = time.process_time() - own_cpu
-        await stream.close()
+        await stream.close(timeout_s=5.0)
     figures = _percentiles(timings)
     figures["routes_per_s"] = round(len(chains) / elapsed, 1)
     figures["scheduler_cpu_us_per_route"] = round(cpu * 1e6 / len(chains), 1)

@@ -3,6 +3,7 @@ scheduler, with deadlines and error mapping."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,7 +58,9 @@ class SchedulerClient:
     same instance, whichever gateway asks), and its Release to the instance that routed it, both
     on this gateway's one `RouteStream` to that instance. An instance that does not answer is
     skipped for the next one in rendezvous order (where its prefixes move when its registration
-    expires), so a lost scheduler fails no request.
+    expires), so a lost scheduler fails no request. The stream to an instance that left the
+    directory is closed (its releases written first), and releases still due to it are dropped
+    (its reservations went with it, or expire with their holds).
     """
 
     def __init__(self, directory: ServiceDirectory, timeout_s: float, zone: str = ""):
@@ -66,22 +69,42 @@ class SchedulerClient:
         self._zone = zone
         self._streams: dict[str, RouteStream] = {}  # scheduler endpoint → its route stream
         self._routed_by: dict[str, str] = {}  # reservation id → scheduler endpoint, until released
+        self._closing: set[asyncio.Task[None]] = set()  # streams to instances that left
 
     def _schedulers(self, triton_model_name: str, request_id: str,
                     prefix_hashes: Sequence[int]) -> list[str]:
         """The owner of this prefix first, then the one to fail over to."""
-        endpoints = self._directory.endpoints("scheduler")
+        endpoints = self._live_endpoints()
         if not endpoints:
             raise SchedulersAway("no scheduler service is registered", retry_after_s=1.0)
         key = f"{triton_model_name}/{prefix_hashes[0]}" if prefix_hashes else request_id
         return rendezvous_order(key, endpoints)[:2]
 
+    def _live_endpoints(self) -> list[str]:
+        """The registered instances; the streams to those that left are closed."""
+        endpoints = self._directory.endpoints("scheduler")
+        for endpoint in self._streams.keys() - set(endpoints):
+            closing = asyncio.ensure_future(self._streams.pop(endpoint).close(self._timeout_s))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        return endpoints
+
     def _stream(self, endpoint: str) -> RouteStream:
         stream = self._streams.get(endpoint)
         if stream is None:
+            if endpoint not in self._directory.endpoints("scheduler"):  # left since chosen
+                raise SchedulerGone(f"scheduler {endpoint} left the directory", retry_after_s=1.0)
             stream = self._streams[endpoint] = RouteStream(
                 self._directory.channel_to(endpoint), self._timeout_s)
         return stream
+
+    async def close(self) -> None:
+        """Writes the releases still queued and waits (up to the route timeout) for the results
+        the streams owe; before the directory closes their channels."""
+        streams = list(self._streams.values())
+        self._streams.clear()
+        await asyncio.gather(*(stream.close(self._timeout_s) for stream in streams),
+                             *self._closing)
 
     async def route(
         self, triton_model_name: str, version_id: str, request_id: str, hold_s: float,
@@ -117,8 +140,8 @@ class SchedulerClient:
     ) -> None:
         """Frees the reservation and says how the generation went (the replica's breaker)."""
         endpoint = self._routed_by.pop(reservation_id, None)
-        if endpoint is None:
-            return  # not routed by this client, or already released
+        if endpoint is None or endpoint not in self._live_endpoints():
+            return  # not routed by this client, already released, or its instance left
         self._stream(endpoint).release(scheduler_pb2.ReleaseRouteRequest(
             reservation_id=reservation_id, outcome=OUTCOMES[outcome],
             completion_tokens=completion_tokens))

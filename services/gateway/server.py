@@ -495,8 +495,11 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     audit = await AuditEmitter.open(directory, AuditSpoolSettings(), settings.instance_id,
                                     settings.peer_timeout_s)
     adapter = TritonAdapter(ctx.tls)
-    shadow = ShadowTraffic(SchedulerClient(directory, settings.peer_timeout_s, settings.zone),
-                           adapter, settings.shadow_max_in_flight, settings.shadow_timeout_s)
+    shadow_schedulers = SchedulerClient(directory, settings.peer_timeout_s, settings.zone)
+    shadow = ShadowTraffic(shadow_schedulers, adapter, settings.shadow_max_in_flight,
+                           settings.shadow_timeout_s)
+    schedulers = SchedulerClient(directory, min(settings.peer_timeout_s,
+                                                settings.scheduler_budget_s / 2), settings.zone)
     quota = QuotaLeases(tenants, directory, settings.instance_id, settings.peer_timeout_s,
                         settings.quota_fail_open)
     quota.start()
@@ -504,8 +507,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         catalog,
         audit.guard(quota),
         ResilientRouting(
-            SchedulerClient(directory, min(settings.peer_timeout_s,
-                                           settings.scheduler_budget_s / 2), settings.zone),
+            schedulers,
             FallbackRouter(FallbackConfig(budget_s=settings.scheduler_budget_s,
                                           retry_s=settings.fallback_retry_s), settings.zone),
             served.records, lambda: loads.items),
@@ -551,6 +553,9 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         await pipeline.drain_background()
         await tokenizers.close()
         await shadow.close()
+        # The releases queued by the generations drained above reach their schedulers before
+        # the directory closes the channels.
+        await asyncio.gather(schedulers.close(), shadow_schedulers.close())
         await quota.close()
         await audit.close()
         await adapter.close()

@@ -4,6 +4,7 @@ demand meter (`on_release`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import time
@@ -43,6 +44,9 @@ MAX_ZONE_CHARS = 64
 MAX_PROMPT_TOKENS = 10_000_000
 MAX_COMPLETION_TOKENS = 10_000_000
 MAX_STREAM_CALLS = 4096  # routes, and releases, in one RouteStream message
+# Calls handled between yields to the loop: ~5 ms of routing, so a long message never holds up
+# etcd lease keep-alives or other gateways' streams for long.
+CALLS_BETWEEN_YIELDS = 64
 
 OUTCOMES = {
     scheduler_pb2.ROUTE_OUTCOME_UNSPECIFIED: Outcome.UNREPORTED,
@@ -97,11 +101,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                                  f"at most {MAX_STREAM_CALLS} a message")
                 for index, release in enumerate(message.releases):
                     self._release(release, field=f"releases[{index}].")
+                    if index % CALLS_BETWEEN_YIELDS == CALLS_BETWEEN_YIELDS - 1:
+                        await asyncio.sleep(0)
             except errors.MeshError as exc:
                 await status.abort_stream(context, exc, request_iterator)
             if message.routes:
-                yield scheduler_pb2.RouteStreamResponse(
-                    results=[self._stream_result(call) for call in message.routes])
+                results = []
+                for index, call in enumerate(message.routes):
+                    results.append(self._stream_result(call))
+                    if index % CALLS_BETWEEN_YIELDS == CALLS_BETWEEN_YIELDS - 1:
+                        await asyncio.sleep(0)
+                yield scheduler_pb2.RouteStreamResponse(results=results)
 
     def _stream_result(self, call: scheduler_pb2.RouteCall) -> scheduler_pb2.RouteResult:
         try:

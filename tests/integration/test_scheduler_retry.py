@@ -133,6 +133,7 @@ async def gateway_parts(etcd_server, replicas, scheduler) -> AsyncIterator[tuple
             yield pipeline, routing
         finally:
             await pipeline.drain_background()
+            await routing.close()
             await adapter.close()
             await directory.close()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import time
 import uuid
@@ -20,7 +21,7 @@ from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import errors, etcd, status
 from services.common.discovery import ServiceDirectory
 from services.common.net import free_port
-from services.common.prefix import prompt_block_hashes
+from services.common.prefix import MAX_BLOCKS, prompt_block_hashes
 from services.common.processes import ChildProcess
 from services.gateway.peers import SchedulerClient
 from services.scheduler.client import RouteStream, SchedulerGone
@@ -236,7 +237,8 @@ async def test_each_release_reaches_the_scheduler_instance_that_routed(etcd_serv
                 assert sum(held) == 24 and all(held)
                 for route_ in routes:
                     await scheduler.release_route(route_.reservation_id, Outcome.OK, 5)
-                await wait_in_flight(ports, model, [0, 0])  # releases leave with the next message
+                await scheduler.close()  # writes the releases queued, waits for the streams' end
+                assert await in_flight(ports, model) == [0, 0]
                 # One instance dies; its registration outlives it for the lease TTL. Routes
                 # whose prefixes it owned go to the next instance in rendezvous order.
                 failovers = REGISTRY.get_sample_value(
@@ -251,6 +253,20 @@ async def test_each_release_reaches_the_scheduler_instance_that_routed(etcd_serv
                     await scheduler.release_route(route_.reservation_id, Outcome.OK, 5)
                 assert (REGISTRY.get_sample_value("infermesh_gateway_scheduler_failovers_total")
                         or 0.0) > failovers
+                # Its registration gone, the stream to it is closed at the next route.
+                gone = f"127.0.0.1:{ports[0]}"
+                for kv in await client.get_prefix(f"{etcd.Keys.services}scheduler/".encode()):
+                    if etcd.decode(kv.value)["endpoint"] == gone:
+                        await client.delete(kv.key)
+                async with asyncio.timeout(5):
+                    while gone in directory.endpoints("scheduler"):
+                        await asyncio.sleep(0.05)
+                route_ = await scheduler.route(model, "", "after-leaving", 30.0, [],
+                                               prefix_hashes=[1], prompt_tokens=10)
+                await scheduler.release_route(route_.reservation_id, Outcome.OK, 5)
+                assert set(scheduler._streams) == {f"127.0.0.1:{ports[1]}"}
+                await scheduler.close()
+                assert await in_flight(ports[1:], model) == [0]
             finally:
                 await directory.close()
     finally:
@@ -319,7 +335,7 @@ async def test_route_stream_carries_routes_refusals_and_late_releases(etcd_serve
             # are released as their results come, leaving this one.
             await stream.route(request, 5.0)
             await wait_in_flight([port], model, [1])
-            await stream.close()
+            await stream.close(timeout_s=2.0)
             # Streams past their age take no new routes: each retired one still answers the
             # routes it carries and takes their releases.
             aging = RouteStream(channel, write_timeout_s=2.0, max_age_s=0.0)
@@ -332,6 +348,41 @@ async def test_route_stream_carries_routes_refusals_and_late_releases(etcd_serve
             os.kill(process.pid, signal.SIGKILL)
             with pytest.raises(SchedulerGone):
                 await aging.route(request, 5.0)
-            await aging.close()
+            await aging.close(timeout_s=2.0)
     finally:
         process.stop()
+
+
+async def test_a_burst_of_long_prompts_is_cut_into_messages_and_close_writes_releases(
+        etcd_server, sidecars, tmp_path):
+    """2,000 routes of 256 prefix blocks each (~5 MB serialized, over gRPC's 4 MiB receive
+    limit in one message) queued at once are all answered on one stream; their releases, queued
+    just before `close`, reach the scheduler before close returns."""
+    model = sidecars.model
+    for rid in (f"{model}-a", f"{model}-b"):
+        await sidecars.add(rid)
+    sidecars.start()
+    port = free_port()
+    process = scheduler_process(etcd_server.endpoint, port, tmp_path / "scheduler.log")
+    process.start()
+    try:
+        await asyncio.to_thread(wait_serving, process, f"127.0.0.1:{port}", time.monotonic() + 20)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = RouteStream(channel, write_timeout_s=5.0)
+            requests = [scheduler_pb2.RouteRequest(
+                triton_model_name=model, hold=status.seconds_to_duration(30),
+                prefix_hashes=[random.getrandbits(64) for _ in range(MAX_BLOCKS)])
+                for _ in range(2000)]
+            assert sum(r.ByteSize() for r in requests) > 4 * 1024 * 1024
+            replies = await asyncio.gather(*(stream.route(r, 20.0) for r in requests))
+            assert len({r.reservation_id for r in replies}) == 2000
+            assert await in_flight([port], model) == [2000]
+            for reply in replies:
+                stream.release(scheduler_pb2.ReleaseRouteRequest(
+                    reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK))
+            await stream.close(timeout_s=10.0)
+            assert await in_flight([port], model) == [0]
+            with pytest.raises(SchedulerGone):  # closed: it takes no more routes
+                await stream.route(requests[0], 5.0)
+    finally:
+        assert process.stop() == 0, process.log_tail()

@@ -4,6 +4,8 @@ breaker state."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -11,7 +13,7 @@ from infermesh.v1 import scheduler_pb2
 from services.common import status
 from services.scheduler.breakers import BreakerSettings
 from services.scheduler.routing import Policy, Router, RoutingConfig
-from services.scheduler.server import SchedulerServicer
+from services.scheduler.server import CALLS_BETWEEN_YIELDS, SchedulerServicer
 from tests.unit.scheduler_builders import replica, report
 
 
@@ -182,3 +184,28 @@ async def test_route_stream_ends_with_the_field_of_a_malformed_release():
             pass
     assert context.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "releases[1].outcome" in context.details
+
+
+async def test_a_long_route_stream_message_yields_to_the_loop():
+    """A message of many routes lets other work run between its calls (etcd keep-alives,
+    other streams), every CALLS_BETWEEN_YIELDS calls."""
+    s = servicer()
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    message = scheduler_pb2.RouteStreamRequest(routes=[
+        scheduler_pb2.RouteCall(call_id=n, route=route_request()) for n in range(256)])
+    ticker = asyncio.ensure_future(tick())
+    await asyncio.sleep(0)
+    started = ticks
+    try:
+        replies = [r async for r in s.RouteStream(stream_of(message), Context())]
+    finally:
+        ticker.cancel()
+    assert len(replies[0].results) == 256
+    assert ticks - started >= 256 // CALLS_BETWEEN_YIELDS
