@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from backends.triton.control import read_token, restriction_flags
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import pid_alive
 from services.common.tls import TlsMode, TlsSettings
@@ -152,12 +153,15 @@ class TritonServer:
         exit_timeout_s: int = 10,
         bind_address: str = LOOPBACK,
         tls_settings: TlsSettings | None = None,
+        control_token: str | None = None,
     ):
         """`models` None loads every model folder in the repository; `log_to_file` False inherits
         stdout/stderr (for the CLI, whose own output is already captured). `tls_settings` in
         mutual mode: gRPC over TLS that requires a client certificate from the mesh's CA, and
         HTTP (plaintext in Triton, with model control) on loopback only; None or
-        plaintext-development: plaintext everywhere."""
+        plaintext-development: plaintext everywhere. `control_token`: model control (and
+        Triton's other control protocols) only for calls carrying it (`control.py`); required
+        with mutual TLS, where every mesh certificate reaches the gRPC port."""
         self.workdir = workdir.resolve()  # /proc/PID/exe shows resolved paths
         self.ports = ports
         self.bind_address = bind_address  # 0.0.0.0 in a pod: the gateway dials the pod's IP
@@ -170,6 +174,7 @@ class TritonServer:
         self.log_path = self.workdir / "tritonserver.log" if log_to_file else None
         self.exit_timeout_s = exit_timeout_s
         self.tls_settings = tls_settings
+        self.control_token = control_token
         self._process: subprocess.Popen[bytes] | None = None
         self._shm_before: set[str] = set()
 
@@ -207,6 +212,9 @@ class TritonServer:
         if missing:
             raise TritonStartError(f"mutual TLS needs INFERMESH_TLS_CA_FILE, _CERT_FILE and "
                                    f"_KEY_FILE (no file for {', '.join(missing)})")
+        if self.control_token is None:
+            raise TritonStartError("mutual TLS needs a control token (--control-token-file): "
+                                   "without one any mesh certificate could load models")
         return ["--grpc-use-ssl=true", "--grpc-use-ssl-mutual=true",
                 *(f"{flag}={path}" for flag, path in files.items())]
 
@@ -232,6 +240,7 @@ class TritonServer:
             "--model-control-mode=explicit",
             *(f"--load-model={name}" for name in self.models),
             *self._tls_flags(),
+            *([] if self.control_token is None else restriction_flags(self.control_token)),
         ]
 
     def environment(self) -> dict[str, str]:
@@ -345,6 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--log-to-stdout", action="store_true", help="default: <workdir>/tritonserver.log"
     )
+    parser.add_argument(
+        "--control-token-file", type=pathlib.Path,
+        help="this replica's model-control token (python -m backends.triton.control FILE); "
+        "required with mutual TLS")
     args = parser.parse_args(argv)
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="infermesh-triton-"))
     server = TritonServer(
@@ -355,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_to_file=not args.log_to_stdout,
         bind_address=args.address,
         tls_settings=TlsSettings(),  # INFERMESH_TLS_*: mutual unless told plaintext-development
+        control_token=read_token(args.control_token_file) if args.control_token_file else None,
     )
     # A plain flag: a signal handler that takes a lock (threading.Event) can deadlock.
     stop_signals: list[int] = []

@@ -41,6 +41,7 @@ from pydantic import Field, model_validator
 
 from backends.triton.adapter import PROBE_INPUT, engine_process_gone, probe_engine, triton_client
 from backends.triton.calibration import EngineProfile
+from backends.triton.control import control_headers, read_token
 from backends.triton.replica_status import (
     ModelLoad,
     ReplicaIdentity,
@@ -93,6 +94,10 @@ class SidecarSettings(ServiceSettings, BlobCacheSettings):
         "sidecar): each registered version placed here is rendered into it. Unset: placed "
         "models are only loaded, as the repository already has them.")
     triton_grpc_endpoint: str = Field("127.0.0.1:8001", description="Triton's gRPC host:port.")
+    triton_control_token_file: pathlib.Path | None = Field(
+        None, description="This replica's model-control token (backends/triton/control.py), "
+        "sent on every control call; unset: Triton's control is not restricted (plaintext "
+        "development).")
     triton_metrics_endpoint: str = Field(
         "127.0.0.1:8002", description="Triton's metrics host:port."
     )
@@ -181,9 +186,10 @@ class Sidecar:
     """One replica's sidecar. `run()` returns once the lease is revoked after a drain."""
 
     def __init__(self, ctx: ServiceContext, settings: SidecarSettings,
-                 directory: ServiceDirectory, blobs: BlobCache):
+                 directory: ServiceDirectory, blobs: BlobCache, control_token: str | None):
         """`directory` finds the registry (its channels carry the mesh token); `blobs` is this
-        replica's cache of the files the versions it serves pin."""
+        replica's cache of the files the versions it serves pin; `control_token` is what
+        Triton asks of model control calls (None: an unrestricted Triton)."""
         self._ctx = ctx
         self._settings = settings
         self._identity = ReplicaIdentity(
@@ -196,6 +202,7 @@ class Sidecar:
         )
         self._capacity = engine_capacity(settings.engine_profiles)
         self._triton = triton_client(settings.triton_grpc_endpoint, ctx.tls)
+        self._control = control_headers(control_token)
         self._lease = etcd.LeaseKeeper(ctx.etcd, settings.replica_lease_ttl_s)
         self._placements: etcd.WatchCache[PlacementRecord] = etcd.WatchCache(
             ctx.etcd, etcd.Keys.placement(settings.replica_id),
@@ -345,7 +352,7 @@ class Sidecar:
             async with asyncio.timeout(timeout_s):
                 ready = await self._triton.is_server_ready(client_timeout=timeout_s)
                 index = await self._triton.get_model_repository_index(
-                    as_json=True, client_timeout=timeout_s
+                    headers=self._control, as_json=True, client_timeout=timeout_s
                 )
         except Exception as exc:  # unreachable, or an error status: not ready either way
             if self._ready:
@@ -465,7 +472,8 @@ class Sidecar:
             try:
                 async with asyncio.timeout(timeout_s):
                     config = await self._triton.get_model_config(
-                        model, version, as_json=True, client_timeout=timeout_s)
+                        model, version, headers=self._control, as_json=True,
+                        client_timeout=timeout_s)
             except Exception as exc:  # asked again on the next round
                 log.debug("model_config_unreadable", model=model, error=repr(exc))
                 return False
@@ -580,7 +588,8 @@ class Sidecar:
             if fresh:
                 await self._prepare_version(model, ref)
             async with asyncio.timeout(timeout_s):
-                await self._triton.load_model(model, client_timeout=timeout_s)
+                await self._triton.load_model(model, headers=self._control,
+                                              client_timeout=timeout_s)
         except BaseException:
             if fresh:
                 await self._discard(model)
@@ -631,7 +640,8 @@ class Sidecar:
         timeout_s = self._settings.model_control_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                await self._triton.unload_model(model, client_timeout=timeout_s)
+                await self._triton.unload_model(model, headers=self._control,
+                                                client_timeout=timeout_s)
         finally:
             if forget and self._version_ids.pop(model, None) is not None:
                 await self._discard(model)
@@ -667,7 +677,10 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     blobs = await asyncio.to_thread(
         BlobCache, settings.blob_cache_dir, settings.blob_cache_max_bytes,
         mesh_download(directory, settings.peer_timeout_s), settings.model_control_timeout_s)
-    task = asyncio.create_task(Sidecar(ctx, settings, directory, blobs).run(), name="sidecar")
+    token_file = settings.triton_control_token_file
+    control_token = None if token_file is None else await asyncio.to_thread(read_token, token_file)
+    task = asyncio.create_task(Sidecar(ctx, settings, directory, blobs, control_token).run(),
+                               name="sidecar")
 
     async def cleanup() -> None:
         # The runtime calls this after setting `draining`: the drain happens inside `task`.

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from backends.triton.control import write_token
 from backends.triton.launcher import kill_leftovers
 from deploy.local.certificates import make_mesh_certificates
 from deploy.local.demo_models import DEMO_MODEL, REFERENCE_MODEL, prepare
@@ -100,6 +101,9 @@ class Stack:
             metrics = {name: free_port() for name in (*SERVICES, "sidecar")}
             triton = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
             openai_port = free_port()
+            # Triton's model control answers only its sidecar, which alone is told this file.
+            control_token = self.state_dir / "triton-control-token"
+            write_token(control_token)
             endpoints = {name: f"{LOOPBACK}:{port}" for name, port in ports.items()}
             self.info = info = StackInfo(
                 gateway=endpoints["gateway"], api_key="", model=DEMO_MODEL,
@@ -109,6 +113,7 @@ class Stack:
                 tls_dir=str(tls_dir) if self.options.tls else "",
                 openai_base_url=(f"{'https' if self.options.tls else 'http'}://{LOOPBACK}:"
                                  f"{openai_port}/v1"),
+                triton_control_token_file=str(control_token),
             )
             self._start(
                 "triton",
@@ -116,7 +121,8 @@ class Stack:
                  "--grpc-port", str(triton["grpc"]), "--http-port", str(triton["http"]),
                  "--metrics-port", str(triton["metrics"]),
                  "--model-repository", str(repository),
-                 "--workdir", str(self.state_dir / "triton")],
+                 "--workdir", str(self.state_dir / "triton"),
+                 "--control-token-file", str(control_token)],
                 info.service_security("triton"),
             )
             base = {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint}
@@ -139,6 +145,7 @@ class Stack:
                 {**base, **info.service_security("sidecar"),
                  "INFERMESH_TRITON_GRPC_ENDPOINT": f"{LOOPBACK}:{triton['grpc']}",
                  "INFERMESH_TRITON_METRICS_ENDPOINT": f"{LOOPBACK}:{triton['metrics']}",
+                 "INFERMESH_TRITON_CONTROL_TOKEN_FILE": str(control_token),
                  "INFERMESH_REPLICA_ID": "replica-0",
                  "INFERMESH_MODEL_REPOSITORY": str(repository),
                  "INFERMESH_BLOB_CACHE_DIR": str(self.state_dir / "data" / "replica-0" / "blobs"),

@@ -53,6 +53,8 @@ class StackInfo:
     tls_dir: str = ""  # the stack's CA and certificates (certificates.py); "": plaintext
     # Model → the Triton model serving the version the stack registered (each version is its own).
     triton_models: dict[str, str] = field(default_factory=dict)
+    # The sidecar's key to Triton's model control (backends/triton/control.py); tests read it.
+    triton_control_token_file: str = ""
 
     def env_lines(self) -> str:
         values = {

@@ -18,6 +18,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from backends.triton.adapter import triton_client
+from backends.triton.control import control_headers, read_token
 from backends.triton.repository import render_torch_model
 from backends.triton.weights import DEFAULT_MODEL, cache_root
 from deploy.local.stack import StackInfo
@@ -202,16 +203,17 @@ async def test_a_tampered_weights_blob_is_refused_not_served(
     folder = render_torch_model(stack_dir / "models", "smollm2-tampered", manifest,
                                 tmp_path / "blobs", cache_root())
     try:
+        control = control_headers(read_token(pathlib.Path(stack.triton_control_token_file)))
         async with triton_client(stack.endpoints["triton"], stack.client_tls()) as client:
             with pytest.raises(InferenceServerException) as raised:
-                await client.load_model("smollm2-tampered")
+                await client.load_model("smollm2-tampered", headers=control)
             assert "corrupt" in str(raised.value), raised.value
             assert not await client.is_model_ready("smollm2-tampered")
             # The good one is untouched.
             assert await client.is_model_ready(stack.triton_models[stack.model])
             # A refused model must not leave the server unready (strict readiness), or the
             # sidecar would take the whole replica out of routing.
-            await client.unload_model("smollm2-tampered")
+            await client.unload_model("smollm2-tampered", headers=control)
             assert await client.is_server_ready()
     finally:
         shutil.rmtree(folder)

