@@ -1,8 +1,13 @@
 """The embedded stack's private CA: made fresh at every `stack up`, one certificate per kind.
 
 Each certificate names its kind (`<kind>.infermesh`, the mesh identity `services.common.tls`
-reads) and the loopback names clients dial (`127.0.0.1`, `localhost`), so the public gateway
-verifies by address too. The CA's key signs the set and is dropped: nothing can be issued
+reads, which every client of a mesh service checks whatever address it dialled). Only the
+gateway's also names the loopback addresses (`127.0.0.1`, `localhost`): it is the one server
+its clients (the SDK, meshctl, HTTP clients) verify by address, so no other process of the
+stack can pose as it and collect API keys. Each certificate is good only for what its kind
+does, as in Kubernetes (deploy/k8s/base/certificates.yaml): Triton serves and never calls, so
+the engine code inside it cannot use its certificate as an etcd client; the operator's meshctl
+calls and never serves. The CA's key signs the set and is dropped: nothing can be issued
 later, and nothing on disk can mint another identity.
 """
 
@@ -20,12 +25,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from deploy.local.state import CertificateFiles, files_for
-from services.common.tls import identity
+from services.common.tls import OPERATOR, identity
 
 VALIDITY = datetime.timedelta(days=30)
 # Every process of the stack, the operator's meshctl, and the two servers that are not ours.
 KINDS = ("gateway", "registry", "ratelimit", "scheduler", "auditor", "sidecar", "operator",
          "triton", "etcd")
+DIALLED_BY_ADDRESS = "gateway"
+SERVES_ONLY = ("triton",)
+# etcd keeps client auth, as in Kubernetes: its own HTTP gateway dials its gRPC server with it.
+CALLS_ONLY = (OPERATOR,)
+
+
+def _usages(kind: str) -> list[x509.ObjectIdentifier]:
+    serve, call = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+    if kind in SERVES_ONLY:
+        return [serve]
+    if kind in CALLS_ONLY:
+        return [call]
+    return [serve, call]
 
 
 def _name(common_name: str) -> x509.Name:
@@ -61,8 +79,9 @@ def make_mesh_certificates(directory: pathlib.Path, kinds: tuple[str, ...] = KIN
     issued = {}
     for kind in kinds:
         key = ec.generate_private_key(ec.SECP256R1())
-        names = [x509.DNSName(identity(kind)), x509.DNSName("localhost"),
-                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        names: list[x509.GeneralName] = [x509.DNSName(identity(kind))]
+        if kind == DIALLED_BY_ADDRESS:
+            names += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         cert = (
             x509.CertificateBuilder().subject_name(_name(identity(kind)))
             .issuer_name(ca_cert.subject).public_key(key.public_key())
@@ -71,9 +90,7 @@ def make_mesh_certificates(directory: pathlib.Path, kinds: tuple[str, ...] = KIN
             .not_valid_after(now + VALIDITY)
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False)
+            .add_extension(x509.ExtendedKeyUsage(_usages(kind)), critical=False)
             .sign(ca_key, hashes.SHA256()))
         files = files_for(directory, kind)
         _write(files.cert, cert.public_bytes(serialization.Encoding.PEM))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import aetcd
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import InferenceServerException
 from tritonclient.grpc import aio as triton_aio
 
@@ -215,6 +216,20 @@ async def test_model_files_need_a_replica_or_an_admin_key(mesh: TlsMesh):
     assert await download("ratelimit") == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_only_the_gateway_passes_a_check_by_address(mesh: TlsMesh):
+    """Clients of the public gateway (the SDK, meshctl, HTTP clients) check the address they
+    dialled; no other process's certificate names a loopback address, so none can pose as the
+    gateway to them. Dialled by its identity, each answers."""
+    for service in SERVICES:
+        for peer_kind, expected in ((None, grpc.StatusCode.UNAVAILABLE),
+                                    (service, grpc.StatusCode.OK)):
+            async with tls.channel(mesh.endpoints[service], peer_kind,
+                                   mesh.identity(tls.OPERATOR)) as channel:
+                check = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5)
+                assert await _code(check) == expected, (service, peer_kind)
+
+
 async def test_plaintext_development_binds_loopback_only():
     server = grpc.aio.server()
     with pytest.raises(ValueError, match="loopback"):
@@ -293,12 +308,15 @@ async def test_triton_will_not_start_mutual_without_a_control_token(mesh: TlsMes
 
 async def test_etcd_takes_only_mesh_certificates(mesh: TlsMesh):
     """etcd with `--client-cert-auth`: the services above run on it; a mesh certificate reads
-    and writes, a client without one (plaintext, or TLS without a certificate) gets nothing."""
+    and writes, a client without one (plaintext, or TLS without a certificate) gets nothing,
+    nor does one with Triton's certificate (serving only: the engine code inside Triton holds
+    its key)."""
     key = f"/infermesh/v1/test/tls-{uuid.uuid4().hex[:6]}".encode()
     async with etcd.connect(mesh.etcd, 5.0, mesh.identity(tls.OPERATOR)) as client:
         await client.put(key, b"mesh")
         assert (await client.get(key)).value == b"mesh"
-    for stranger in (None, tls.MeshTls(ca=mesh.identity(tls.OPERATOR).ca)):
+    for stranger in (None, tls.MeshTls(ca=mesh.identity(tls.OPERATOR).ca),
+                     mesh.identity("triton")):
         async with etcd.connect(mesh.etcd, 2.0, stranger) as client:
             with pytest.raises((aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError)):
                 await client.get(key)

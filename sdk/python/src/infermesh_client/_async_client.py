@@ -102,7 +102,8 @@ class AsyncClient:
                 credentials = grpc.ssl_channel_credentials(*endpoint.tls_material(
                     self._root_certificates))
                 self._channels[service] = grpc.aio.secure_channel(
-                    endpoint.target, credentials, options=self._options,
+                    endpoint.target, credentials,
+                    options=(*self._options, *_server_identity(service)),
                     interceptors=self._interceptors)
             else:
                 self._channels[service] = grpc.aio.insecure_channel(
@@ -199,6 +200,15 @@ class AsyncClient:
         reply = await self._inference.unary("GetModel", _proto.GetModelRequest(name=name),
                                             timeout)
         return model_info(reply)
+
+
+def _server_identity(service: str) -> tuple[tuple[str, str], ...]:
+    """The public gateway is checked by the address dialled; the registry and the auditor are
+    mesh services, whose certificates name their identity (`registry.infermesh`) and no
+    address (a pod's or a loopback port's is not stable)."""
+    if service == "gateway":
+        return ()
+    return (("grpc.ssl_target_name_override", f"{service}.infermesh"),)
 
 
 def _authorization(endpoint: Endpoint) -> Metadata:
