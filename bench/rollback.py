@@ -87,7 +87,7 @@ class Prober:
 async def _rollback_with_cli(stack: StackInfo) -> tuple[float, float]:
     """(started, returned) of one `meshctl registry rollback`."""
     env = dict(os.environ, INFERMESH_REGISTRY=stack.endpoints["registry"],
-               INFERMESH_API_KEY=stack.api_key, **stack.client_env())
+               INFERMESH_API_KEY=stack.api_key, **stack.operator_env())
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
         str(MESHCTL), "registry", "rollback", MODEL, "--reason", "bench: rollback propagation",

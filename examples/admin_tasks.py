@@ -6,7 +6,9 @@
     python examples/admin_tasks.py audit --tenant acme --minutes 60
 
 The gateway, the registry and the auditor come from INFERMESH_GATEWAY, INFERMESH_REGISTRY and
-INFERMESH_AUDITOR (or a local stack's .infermesh/env), the key from INFERMESH_API_KEY.
+INFERMESH_AUDITOR (or a local stack's env file), the key from INFERMESH_API_KEY. The registry and
+the auditor ask for the operator's certificate: `source .infermesh/operator-env` first (or set
+INFERMESH_ENV_FILE=.infermesh/operator-env).
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ must then give the key too).
 TLS trust comes from the same place as the endpoint (`tls_for`): a flag or environment
 endpoint with `INFERMESH_TLS_CA_FILE` (and `_CERT_FILE`/`_KEY_FILE`, the operator's certificate
 that internal services ask for); a context's `tls-ca-file`/`tls-cert-file`/`tls-key-file`, or
-its stack's; the local stack's CA and operator certificate. With no CA anywhere, the system's
-roots verify the server, unless `INFERMESH_TLS_MODE=plaintext-development` says plaintext.
+its stack's; the local stack's CA and operator certificate (from its `stack.json`: its `env`
+file gives other clients the CA only, `operator-env` the operator's certificate too). With no
+CA anywhere, the system's roots verify the server, unless `INFERMESH_TLS_MODE=
+plaintext-development` says plaintext.
 
 The config file is YAML, kubectl-style, at `INFERMESH_CONFIG` or `<user config dir>/infermesh/
 config.yaml`; it holds key *file* paths, never keys.

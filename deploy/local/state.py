@@ -1,5 +1,6 @@
-"""A running stack's state on disk: `stack.json` (what `StackInfo` holds) and `env` (the same as
-shell variables), in the stack's state directory. Light on purpose: every `meshctl` command reads
+"""A running stack's state on disk: `stack.json` (what `StackInfo` holds), `env` (the same as
+shell variables, for any client) and `operator-env` (`env` plus the operator's certificate, for
+an admin's tools), in the stack's state directory. Light on purpose: every `meshctl` command reads
 it to find the stack, and should not pay for importing what starts one."""
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ class CertificateFiles:
                 "INFERMESH_TLS_KEY_FILE": str(self.key)}
 
 
+def ca_file(directory: pathlib.Path) -> pathlib.Path:
+    return directory / "ca.pem"
+
+
 def files_for(directory: pathlib.Path, kind: str) -> CertificateFiles:
-    return CertificateFiles(directory / "ca.pem", directory / f"{kind}.pem",
+    return CertificateFiles(ca_file(directory), directory / f"{kind}.pem",
                             directory / f"{kind}.key")
 
 
@@ -56,7 +61,9 @@ class StackInfo:
     # The sidecar's key to Triton's model control (backends/triton/control.py); tests read it.
     triton_control_token_file: str = ""
 
-    def env_lines(self) -> str:
+    def env_lines(self, operator: bool = False) -> str:
+        """`export` lines of the stack's endpoints and key, with the CA (`client_env`), or with
+        the operator's certificate too (`operator_env`)."""
         values = {
             "INFERMESH_GATEWAY": self.gateway,
             "INFERMESH_REGISTRY": self.endpoints["registry"],
@@ -71,13 +78,21 @@ class StackInfo:
             "INFERMESH_PROMETHEUS": self.endpoints["prometheus"],
             "INFERMESH_OPENAI_BASE_URL": self.openai_base_url,
         }
-        values.update(self.client_env())
+        values.update(self.operator_env() if operator else self.client_env())
         return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
 
 
     def client_env(self) -> dict[str, str]:
-        """`INFERMESH_TLS_*_FILE` of a client of this stack (meshctl, the SDK): its CA, and the
-        operator's certificate that internal services ask for ({} for a plaintext stack)."""
+        """`INFERMESH_TLS_CA_FILE` of a client of this stack (the SDK, examples, HTTP clients):
+        the CA that verifies the gateway, and no certificate ({} for a plaintext stack)."""
+        if not self.tls_dir:
+            return {}
+        return {"INFERMESH_TLS_CA_FILE": str(ca_file(pathlib.Path(self.tls_dir)))}
+
+    def operator_env(self) -> dict[str, str]:
+        """`client_env` and the operator's certificate (`operator.infermesh`), which the
+        internal services' admin calls (registry, auditor, `ListReplicas`) and etcd ask for:
+        an admin's meshctl or SDK only, never every client ({} for a plaintext stack)."""
         if not self.tls_dir:
             return {}
         return {name: value for name, value in self.service_security(tls.OPERATOR).items()
@@ -112,6 +127,7 @@ class StackInfo:
 def write_state(state_dir: pathlib.Path, info: StackInfo) -> None:
     """Owner-only files: they hold the admin key and the mesh token."""
     for name, text in (("env", info.env_lines()),
+                       ("operator-env", info.env_lines(operator=True)),
                        ("stack.json", json.dumps(info.__dict__, indent=2))):
         path = state_dir / name
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -129,5 +145,5 @@ def load_state(state_dir: pathlib.Path) -> StackInfo | None:
 
 def forget_state(state_dir: pathlib.Path) -> None:
     """A stopped stack leaves no endpoints or key behind for scripts to pick up."""
-    for name in ("stack.json", "env"):
+    for name in ("stack.json", "env", "operator-env"):
         (state_dir / name).unlink(missing_ok=True)

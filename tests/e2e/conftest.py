@@ -43,13 +43,16 @@ def trust_bundle(stack: StackInfo, tmp_path_factory: pytest.TempPathFactory) -> 
 def stack_client_environment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
                              ) -> None:
     """A test of the stack runs as a user who sourced its env file: meshctl and the SDK trust
-    its CA (and present the operator's certificate) by `INFERMESH_TLS_*_FILE`, and HTTP
-    clients that read the trust store from `SSL_CERT_FILE`/`REQUESTS_CA_BUNDLE` (openai,
-    httpx, requests) find it there beside the machine's own roots."""
+    its CA by `INFERMESH_TLS_CA_FILE`, and HTTP clients that read the trust store from
+    `SSL_CERT_FILE`/`REQUESTS_CA_BUNDLE` (openai, httpx, requests) find it there beside the
+    machine's own roots. A test marked `operator` runs as an admin who sourced `operator-env`:
+    meshctl and the SDK also present the operator's certificate (`INFERMESH_TLS_CERT_FILE`/
+    `_KEY_FILE`), which the internal services and etcd ask for."""
     if "stack" not in request.fixturenames:
         return
     info: StackInfo = request.getfixturevalue("stack")
-    for name, value in info.client_env().items():
+    operator = request.node.get_closest_marker("operator") is not None
+    for name, value in (info.operator_env() if operator else info.client_env()).items():
         monkeypatch.setenv(name, value)
     if info.tls_dir:
         bundle = str(request.getfixturevalue("trust_bundle"))

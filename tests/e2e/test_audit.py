@@ -82,6 +82,7 @@ async def test_generations_succeed_and_no_event_is_lost_while_the_auditor_is_dow
     assert result.ok, format_result(result)
 
 
+@pytest.mark.operator
 def test_meshctl_audit_against_the_stack(stack: StackInfo, stack_dir) -> None:
     """verify trusting etcd, query (export as JSON lines) with the stack's admin key, prove."""
     audit_dir = str(stack_dir / "data" / "auditor")

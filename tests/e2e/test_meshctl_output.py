@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from deploy.local.state import StackInfo
 from meshctl.__main__ import app
 
+# An admin's meshctl, with flags: the operator's certificate from operator-env.
+pytestmark = pytest.mark.operator
 runner = CliRunner()
 
 

@@ -296,7 +296,7 @@ def test_the_package_installs_into_a_clean_venv_and_runs_an_example(
     env = {"PATH": os.environ["PATH"], "INFERMESH_GATEWAY": stack.gateway,
            "INFERMESH_API_KEY": stack.api_key, "INFERMESH_MODEL": stack.reference_model,
            "INFERMESH_REGISTRY": stack.endpoints["registry"],
-           "INFERMESH_AUDITOR": stack.endpoints["auditor"], **stack.client_env()}
+           "INFERMESH_AUDITOR": stack.endpoints["auditor"], **stack.operator_env()}
 
     def example(name: str, *args: str) -> subprocess.CompletedProcess:
         shutil.copy(ROOT / "examples" / name, tmp_path)

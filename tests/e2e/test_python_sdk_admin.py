@@ -29,7 +29,7 @@ from deploy.local.stack import StackInfo
 from tests.e2e.test_python_sdk import CallCounter
 from tests.e2e.test_registry_rollouts import manifest, meshctl, ok, pushed_version
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.operator]  # the registry and auditor
 
 
 def admin_client(stack: StackInfo, key: str | None = None, **options) -> AsyncClient:

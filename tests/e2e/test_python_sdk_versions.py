@@ -89,7 +89,7 @@ def test_the_sdk_on_python(version: str, wheel: pathlib.Path, stack: StackInfo,
     env = {**clean, "INFERMESH_GATEWAY": stack.gateway, "INFERMESH_API_KEY": stack.api_key,
            "INFERMESH_MODEL": stack.reference_model,
            "INFERMESH_REGISTRY": stack.endpoints["registry"],
-           "INFERMESH_AUDITOR": stack.endpoints["auditor"], **stack.client_env()}
+           "INFERMESH_AUDITOR": stack.endpoints["auditor"], **stack.operator_env()}
     batch = run("examples/batch_prompts.py", "--concurrency", "3", env=env)
     assert "0 failed" in batch
     rollout = run("examples/admin_tasks.py", "rollout", stack.reference_model, env=env)

@@ -50,7 +50,7 @@ def meshctl(stack: StackInfo, *args: str, key: str | None = None,
             stdin: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, INFERMESH_REGISTRY=stack.endpoints["registry"],
                INFERMESH_API_KEY=key or stack.api_key, INFERMESH_STATE_DIR="/nonexistent",
-               **stack.client_env())
+               **stack.operator_env())
     return subprocess.run([str(MESHCTL), "registry", *args], env=env, input=stdin, text=True,
                           capture_output=True, timeout=60, cwd=REPO_ROOT)
 

@@ -230,6 +230,7 @@ async def test_a_tampered_weights_blob_is_refused_not_served(
             await asyncio.sleep(0.2)
 
 
+@pytest.mark.operator  # the registry, and Triton (any mesh certificate)
 def test_calibrate_writes_a_profile_the_reference_engine_can_run_with(
     stack: StackInfo, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -311,6 +311,7 @@ def test_every_service_answers_health_and_reflection(stack: StackInfo):
             assert b"python_info" in r.read(), name
 
 
+@pytest.mark.operator
 def test_meshctl_replicas_shows_what_the_scheduler_routes_on(stack: StackInfo):
     runner = CliRunner()
     table = runner.invoke(app, ["replicas", "--scheduler", stack.endpoints["scheduler"]])

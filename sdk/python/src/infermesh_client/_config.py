@@ -10,7 +10,8 @@ then `INFERMESH_*` variables, then the local stack's env file.
                 INFERMESH_TLS_CA_FILE (from the same source as the endpoint: a stack's CA
                 is trusted only for that stack's endpoints); none: the system's roots;
                 INFERMESH_TLS_CERT_FILE/_KEY_FILE (a client certificate for the registry
-                and the auditor) from that same source
+                and the auditor) from that same source; a local stack's `env` holds none,
+                its `operator-env` the operator's
     env file    INFERMESH_ENV_FILE, else $INFERMESH_STATE_DIR/env, else ./.infermesh/env
                 (what `meshctl stack up` writes: `export NAME=value` lines)
 """
