@@ -20,6 +20,7 @@ import pathlib
 import random
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -109,37 +110,59 @@ async def _write_fleet(endpoint: str, replicas: int) -> None:
                              etcd.encode(record.encode()))
 
 
-async def _round_trips(port: int, pid: int, chains: list[list[int]],
-                       concurrency: int) -> dict[str, float]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        timings: list[float] = []
-        queue = list(chains)
+async def _measured(route_once: Callable[[list[int]], Awaitable[float]], pid: int,
+                    chains: list[list[int]], warm: list[list[int]],
+                    concurrency: int) -> dict[str, float]:
+    """`concurrency` callers route every chain once with `route_once` (which returns the route's
+    own seconds), after one caller has routed `warm`: latency percentiles, routes/s, and the CPU
+    per route of the scheduler (`pid`) and of this process (what routing costs a gateway)."""
+    timings: list[float] = []
+    queue = list(warm)
 
-        async def caller() -> None:
-            while queue:
-                chain = queue.pop()
-                started = time.perf_counter()
-                reply = await stub.Route(scheduler_pb2.RouteRequest(
-                    triton_model_name=MODEL, hold=status.seconds_to_duration(60),
-                    prefix_hashes=chain, prompt_tokens=500, zone="zone-1"), timeout=5)
-                timings.append(time.perf_counter() - started)
-                await stub.Release(scheduler_pb2.ReleaseRouteRequest(
-                    reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK,
-                    completion_tokens=50), timeout=5)
+    async def caller() -> None:
+        while queue:
+            timings.append(await route_once(queue.pop()))
 
-        await caller()  # warm the channel
-        timings.clear()
-        queue = list(chains)
-        started, cpu, own_cpu = time.perf_counter(), process_cpu_s(pid), time.process_time()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        elapsed, cpu = time.perf_counter() - started, process_cpu_s(pid) - cpu
-        own_cpu = time.process_time() - own_cpu
+    await caller()  # warm the channel or stream
+    timings.clear()
+    queue = list(chains)
+    started, cpu, own_cpu = time.perf_counter(), process_cpu_s(pid), time.process_time()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    elapsed, cpu = time.perf_counter() - started, process_cpu_s(pid) - cpu
+    own_cpu = time.process_time() - own_cpu
     figures = _percentiles(timings)
     figures["routes_per_s"] = round(len(chains) / elapsed, 1)
     figures["scheduler_cpu_us_per_route"] = round(cpu * 1e6 / len(chains), 1)
     figures["caller_cpu_us_per_route"] = round(own_cpu * 1e6 / len(chains), 1)  # a gateway's
     return figures
+
+
+def _route_request(chain: list[int]) -> scheduler_pb2.RouteRequest:
+    return scheduler_pb2.RouteRequest(
+        triton_model_name=MODEL, hold=status.seconds_to_duration(60), prefix_hashes=chain,
+        prompt_tokens=500, zone="zone-1")
+
+
+def _release_request(reply: scheduler_pb2.RouteResponse) -> scheduler_pb2.ReleaseRouteRequest:
+    return scheduler_pb2.ReleaseRouteRequest(
+        reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK,
+        completion_tokens=50)
+
+
+async def _round_trips(port: int, pid: int, chains: list[list[int]],
+                       concurrency: int) -> dict[str, float]:
+    """Unary `Route` then `Release` per request."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+
+        async def route_once(chain: list[int]) -> float:
+            started = time.perf_counter()
+            reply = await stub.Route(_route_request(chain), timeout=5)
+            routed_s = time.perf_counter() - started
+            await stub.Release(_release_request(reply), timeout=5)
+            return routed_s
+
+        return await _measured(route_once, pid, chains, chains, concurrency)
 
 
 async def _stream_round_trips(port: int, pid: int, chains: list[list[int]],
@@ -148,34 +171,17 @@ async def _stream_round_trips(port: int, pid: int, chains: list[list[int]],
     each route, as a gateway does."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stream = RouteStream(channel, write_timeout_s=5.0)
-        timings: list[float] = []
-        queue = list(chains)
 
-        async def caller() -> None:
-            while queue:
-                chain = queue.pop()
-                started = time.perf_counter()
-                reply = await stream.route(scheduler_pb2.RouteRequest(
-                    triton_model_name=MODEL, hold=status.seconds_to_duration(60),
-                    prefix_hashes=chain, prompt_tokens=500, zone="zone-1"), 5.0)
-                timings.append(time.perf_counter() - started)
-                stream.release(scheduler_pb2.ReleaseRouteRequest(
-                    reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK,
-                    completion_tokens=50))
+        async def route_once(chain: list[int]) -> float:
+            started = time.perf_counter()
+            reply = await stream.route(_route_request(chain), 5.0)
+            routed_s = time.perf_counter() - started
+            stream.release(_release_request(reply))
+            return routed_s
 
-        queue = queue[: max(1, len(queue) // 10)]
-        await caller()  # warm the stream
-        timings.clear()
-        queue = list(chains)
-        started, cpu, own_cpu = time.perf_counter(), process_cpu_s(pid), time.process_time()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        elapsed, cpu = time.perf_counter() - started, process_cpu_s(pid) - cpu
-        own_cpu = time.process_time() - own_cpu
+        figures = await _measured(route_once, pid, chains,
+                                  chains[: max(1, len(chains) // 10)], concurrency)
         await stream.close(timeout_s=5.0)
-    figures = _percentiles(timings)
-    figures["routes_per_s"] = round(len(chains) / elapsed, 1)
-    figures["scheduler_cpu_us_per_route"] = round(cpu * 1e6 / len(chains), 1)
-    figures["caller_cpu_us_per_route"] = round(own_cpu * 1e6 / len(chains), 1)  # a gateway's
     return figures
 
 

@@ -143,7 +143,8 @@ def build_request(request: EngineRequest) -> service_pb2.ModelInferRequest:
 
 # How a token count is laid out in Triton's raw encoding, by the output's datatype: our engines
 # send INT32 (TensorRT-LLM's ensemble too), and the counts read the same in any of these.
-_COUNT_FORMATS = {"INT32": "<i", "INT64": "<q", "UINT32": "<I", "UINT64": "<Q"}
+_COUNT_FORMATS = {datatype: struct.Struct(layout) for datatype, layout in (
+    ("INT32", "<i"), ("INT64", "<q"), ("UINT32", "<I"), ("UINT64", "<Q"))}
 
 
 def _count(tensor: service_pb2.ModelInferResponse.InferOutputTensor, content: bytes) -> int:
@@ -151,10 +152,10 @@ def _count(tensor: service_pb2.ModelInferResponse.InferOutputTensor, content: by
     if not content:
         return 0
     layout = _COUNT_FORMATS.get(tensor.datatype)
-    if layout is None or len(content) < struct.calcsize(layout):
+    if layout is None or len(content) < layout.size:
         raise errors.Internal(f"the engine's {tensor.name} is {tensor.datatype} of "
                               f"{len(content)} bytes, not one integer")
-    return struct.unpack_from(layout, content)[0]
+    return layout.unpack_from(content)[0]
 
 
 def read_chunk(response: service_pb2.ModelInferResponse) -> EngineChunk:

@@ -11,6 +11,7 @@ import random
 import signal
 import time
 import uuid
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -292,11 +293,18 @@ async def in_flight(ports: list[int], model: str) -> list[int]:
     return counts
 
 
-async def test_route_stream_carries_routes_refusals_and_late_releases(etcd_server, sidecars,
-                                                                      tmp_path):
-    """A gateway's RouteStream to a real scheduler: a burst of concurrent routes is answered
-    (each its own result), a refusal is the scheduler's verdict (not "gone"), a route given up
-    on is released when its result comes, and a killed scheduler fails what is waiting as gone."""
+@dataclass
+class StreamedScheduler:
+    """One real scheduler routing a model of two replicas, and a channel to it."""
+
+    model: str
+    port: int
+    process: ChildProcess
+    channel: grpc.aio.Channel
+
+
+@pytest.fixture
+async def streamed(etcd_server, sidecars, tmp_path):
     model = sidecars.model
     for rid in (f"{model}-a", f"{model}-b"):
         await sidecars.add(rid)
@@ -307,82 +315,79 @@ async def test_route_stream_carries_routes_refusals_and_late_releases(etcd_serve
     try:
         await asyncio.to_thread(wait_serving, process, f"127.0.0.1:{port}", time.monotonic() + 20)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stream = RouteStream(channel, write_timeout_s=2.0)
-            request = scheduler_pb2.RouteRequest(triton_model_name=model,
-                                                 hold=status.seconds_to_duration(30))
-            replies = await asyncio.gather(*(stream.route(request, 5.0) for _ in range(200)))
-            assert len({r.reservation_id for r in replies}) == 200
-            assert await in_flight([port], model) == [200]
-            for reply in replies:
-                stream.release(scheduler_pb2.ReleaseRouteRequest(
-                    reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK))
-            await wait_in_flight([port], model, [0])
-            with pytest.raises(errors.Unavailable) as refused:
-                await stream.route(scheduler_pb2.RouteRequest(
-                    triton_model_name="no-such-model", hold=status.seconds_to_duration(30)), 5.0)
-            assert not isinstance(refused.value, SchedulerGone)
-            assert "serves the model" in refused.value.message
-            with pytest.raises(errors.InvalidArgument) as invalid:
-                await stream.route(scheduler_pb2.RouteRequest(
-                    triton_model_name=model, hold=status.seconds_to_duration(30),
-                    prefix_hashes=range(300)), 5.0)
-            assert invalid.value.field == "prefix_hashes"
-            given_up = [asyncio.ensure_future(stream.route(request, 5.0)) for _ in range(20)]
-            await asyncio.sleep(0)  # queued, then abandoned before any result
-            for route_ in given_up:
-                route_.cancel()
-            # Answered after those 20 (one stream, in order): they were reserved by then, and
-            # are released as their results come, leaving this one.
-            await stream.route(request, 5.0)
-            await wait_in_flight([port], model, [1])
-            await stream.close(timeout_s=2.0)
-            # Streams past their age take no new routes: each retired one still answers the
-            # routes it carries and takes their releases.
-            aging = RouteStream(channel, write_timeout_s=2.0, max_age_s=0.0)
-            replies = [await aging.route(request, 5.0) for _ in range(10)]
-            replies += await asyncio.gather(*(aging.route(request, 5.0) for _ in range(40)))
-            for reply in replies:
-                aging.release(scheduler_pb2.ReleaseRouteRequest(
-                    reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK))
-            await wait_in_flight([port], model, [1])  # the one routed above, before these
-            os.kill(process.pid, signal.SIGKILL)
-            with pytest.raises(SchedulerGone):
-                await aging.route(request, 5.0)
-            await aging.close(timeout_s=2.0)
+            yield StreamedScheduler(model, port, process, channel)
     finally:
         process.stop()
 
 
-async def test_a_burst_of_long_prompts_is_cut_into_messages_and_close_writes_releases(
-        etcd_server, sidecars, tmp_path):
+async def test_route_stream_carries_routes_refusals_and_late_releases(streamed):
+    """A gateway's RouteStream to a real scheduler: a burst of concurrent routes is answered
+    (each its own result), a refusal is the scheduler's verdict (not "gone"), a route given up
+    on is released when its result comes, and a killed scheduler fails what is waiting as gone."""
+    model, port, channel = streamed.model, streamed.port, streamed.channel
+    stream = RouteStream(channel, write_timeout_s=2.0)
+    request = scheduler_pb2.RouteRequest(triton_model_name=model,
+                                         hold=status.seconds_to_duration(30))
+    replies = await asyncio.gather(*(stream.route(request, 5.0) for _ in range(200)))
+    assert len({r.reservation_id for r in replies}) == 200
+    assert await in_flight([port], model) == [200]
+    for reply in replies:
+        stream.release(scheduler_pb2.ReleaseRouteRequest(
+            reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK))
+    await wait_in_flight([port], model, [0])
+    with pytest.raises(errors.Unavailable) as refused:
+        await stream.route(scheduler_pb2.RouteRequest(
+            triton_model_name="no-such-model", hold=status.seconds_to_duration(30)), 5.0)
+    assert not isinstance(refused.value, SchedulerGone)
+    assert "serves the model" in refused.value.message
+    with pytest.raises(errors.InvalidArgument) as invalid:
+        await stream.route(scheduler_pb2.RouteRequest(
+            triton_model_name=model, hold=status.seconds_to_duration(30),
+            prefix_hashes=range(300)), 5.0)
+    assert invalid.value.field == "prefix_hashes"
+    given_up = [asyncio.ensure_future(stream.route(request, 5.0)) for _ in range(20)]
+    await asyncio.sleep(0)  # queued, then abandoned before any result
+    for route_ in given_up:
+        route_.cancel()
+    # Answered after those 20 (one stream, in order): they were reserved by then, and
+    # are released as their results come, leaving this one.
+    await stream.route(request, 5.0)
+    await wait_in_flight([port], model, [1])
+    await stream.close(timeout_s=2.0)
+    # Streams past their age take no new routes: each retired one still answers the
+    # routes it carries and takes their releases.
+    aging = RouteStream(channel, write_timeout_s=2.0, max_age_s=0.0)
+    replies = [await aging.route(request, 5.0) for _ in range(10)]
+    replies += await asyncio.gather(*(aging.route(request, 5.0) for _ in range(40)))
+    for reply in replies:
+        aging.release(scheduler_pb2.ReleaseRouteRequest(
+            reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK))
+    await wait_in_flight([port], model, [1])  # the one routed above, before these
+    os.kill(streamed.process.pid, signal.SIGKILL)
+    with pytest.raises(SchedulerGone):
+        await aging.route(request, 5.0)
+    await aging.close(timeout_s=2.0)
+
+
+async def test_a_burst_of_long_prompts_is_cut_into_messages_and_close_writes_releases(streamed):
     """2,000 routes of 256 prefix blocks each (~5 MB serialized, over gRPC's 4 MiB receive
     limit in one message) queued at once are all answered on one stream; their releases, queued
     just before `close`, reach the scheduler before close returns."""
-    model = sidecars.model
-    for rid in (f"{model}-a", f"{model}-b"):
-        await sidecars.add(rid)
-    sidecars.start()
-    port = free_port()
-    process = scheduler_process(etcd_server.endpoint, port, tmp_path / "scheduler.log")
-    process.start()
-    try:
-        await asyncio.to_thread(wait_serving, process, f"127.0.0.1:{port}", time.monotonic() + 20)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stream = RouteStream(channel, write_timeout_s=5.0)
-            requests = [scheduler_pb2.RouteRequest(
-                triton_model_name=model, hold=status.seconds_to_duration(30),
-                prefix_hashes=[random.getrandbits(64) for _ in range(MAX_BLOCKS)])
-                for _ in range(2000)]
-            assert sum(r.ByteSize() for r in requests) > 4 * 1024 * 1024
-            replies = await asyncio.gather(*(stream.route(r, 20.0) for r in requests))
-            assert len({r.reservation_id for r in replies}) == 2000
-            assert await in_flight([port], model) == [2000]
-            for reply in replies:
-                stream.release(scheduler_pb2.ReleaseRouteRequest(
-                    reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK))
-            await stream.close(timeout_s=10.0)
-            assert await in_flight([port], model) == [0]
-            with pytest.raises(SchedulerGone):  # closed: it takes no more routes
-                await stream.route(requests[0], 5.0)
-    finally:
-        assert process.stop() == 0, process.log_tail()
+    model, port, channel = streamed.model, streamed.port, streamed.channel
+    stream = RouteStream(channel, write_timeout_s=5.0)
+    requests = [scheduler_pb2.RouteRequest(
+        triton_model_name=model, hold=status.seconds_to_duration(30),
+        prefix_hashes=[random.getrandbits(64) for _ in range(MAX_BLOCKS)])
+        for _ in range(2000)]
+    assert sum(r.ByteSize() for r in requests) > 4 * 1024 * 1024
+    replies = await asyncio.gather(*(stream.route(r, 20.0) for r in requests))
+    assert len({r.reservation_id for r in replies}) == 2000
+    assert await in_flight([port], model) == [2000]
+    for reply in replies:
+        stream.release(scheduler_pb2.ReleaseRouteRequest(
+            reservation_id=reply.reservation_id, outcome=scheduler_pb2.ROUTE_OUTCOME_OK))
+    await stream.close(timeout_s=10.0)
+    assert await in_flight([port], model) == [0]
+    with pytest.raises(SchedulerGone):  # closed: it takes no more routes
+        await stream.route(requests[0], 5.0)
+    assert streamed.process.stop() == 0, streamed.process.log_tail()
