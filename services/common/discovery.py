@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import itertools
@@ -86,14 +87,19 @@ def _parse(_suffix: str, raw: bytes) -> dict[str, Any]:
 class ServiceDirectory:
     """Live endpoints per service kind, with one long-lived channel per endpoint: mutual TLS
     checking the server is the kind registered there, or in plaintext development calls that
-    carry `mesh_token` when there is one."""
+    carry `mesh_token` when there is one. The channel to an endpoint that left the directory is
+    closed, after `departed_grace_s` for the calls still on it, so a mesh whose peers come and go
+    (autoscaling, rolling restarts on new ports) does not keep a channel per endpoint it ever
+    saw."""
 
     def __init__(self, client: aetcd.Client, mesh_tls: tls.MeshTls | None,
-                 mesh_token: str = ""):
+                 mesh_token: str = "", *, departed_grace_s: float = 30.0):
         self._cache: etcd.WatchCache[dict[str, Any]] = etcd.WatchCache(
-            client, etcd.Keys.services, _parse
+            client, etcd.Keys.services, _parse, on_change=self._close_departed
         )
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._departed_grace_s = departed_grace_s
         self._turn = itertools.count()
         self._tls = mesh_tls
         self._interceptors = (mesh_token_interceptors(mesh_token)
@@ -104,8 +110,23 @@ class ServiceDirectory:
 
     async def close(self) -> None:
         await self._cache.stop()
+        for task in list(self._closing):
+            task.cancel()
         for channel in self._channels.values():
             await channel.close()
+
+    @property
+    def open_channels(self) -> int:
+        return len(self._channels)
+
+    def _close_departed(self) -> None:
+        live = {value["endpoint"] for value in self._cache.items.values()}
+        for endpoint in [e for e in self._channels if e not in live]:
+            channel = self._channels.pop(endpoint)
+            task = asyncio.create_task(channel.close(grace=self._departed_grace_s),
+                                       name=f"close channel {endpoint}")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def endpoints(self, kind: str) -> list[str]:
         prefix = f"{kind}/"

@@ -55,6 +55,7 @@ async def test_a_lost_replica_moves_its_tenants_and_budgets_follow(etcd_server, 
             assert owner_process.stop() == 0, owner_process.log_tail()
             await wait_until(lambda: directory.endpoints("ratelimit") == [
                 e for e in endpoints if e != first_owner])
+            assert directory.open_channels == 0  # the lost owner's channel went with it
             survivor = directory.endpoints("ratelimit")[0]
             assert rendezvous_owner(tenant, [survivor]) == survivor
             grant = await quota.acquire_slot(tenant, "r2", 10, 10)  # served by the survivor
