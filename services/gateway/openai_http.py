@@ -373,7 +373,8 @@ def _completion(route: str, request_id: str, body: Any, finished: Finished,
     if route == "chat":
         choice: dict[str, Any] = {"index": 0, "finish_reason": finished.finish_reason,
                                   "logprobs": None,
-                                  "message": {"role": "assistant", "content": text}}
+                                  "message": {"role": "assistant", "content": text,
+                                              "refusal": None}}
     else:
         choice = {"index": 0, "finish_reason": finished.finish_reason, "logprobs": None,
                   "text": text}

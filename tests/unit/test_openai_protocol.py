@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from services.common import errors
-from services.gateway.openai_http import error_payload, error_response, openapi_document
+from services.gateway.openai_http import (
+    _completion,
+    error_payload,
+    error_response,
+    openapi_document,
+)
 from services.gateway.openai_protocol import (
     ChatCompletionBody,
     CompletionBody,
@@ -14,6 +19,8 @@ from services.gateway.openai_protocol import (
     request_timeout,
     to_generation,
 )
+from services.gateway.pipeline import Finished
+from tests.openai_schema import validate
 
 
 def chat(**fields) -> ChatCompletionBody:
@@ -115,3 +122,13 @@ def test_the_timeout_header_becomes_the_generations_deadline():
         with pytest.raises(errors.InvalidArgument) as refused:
             request_timeout(bad)
         assert openai_param(refused.value.field, None) == "X-Request-Timeout"
+
+
+def test_unary_answers_validate_against_openais_document():
+    finished = Finished("r1", "stop", "sha256:v", prompt_tokens=3, completion_tokens=2)
+    chat_answer = _completion("chat", "r1", chat(), finished, "hello")
+    assert chat_answer["choices"][0]["message"]["refusal"] is None  # required, null
+    validate("CreateChatCompletionResponse", chat_answer)
+    body = parse_body(CompletionBody, {"model": "m", "prompt": "p"})
+    validate("CreateCompletionResponse", _completion("completions", "r1", body, finished, "x"))
+    validate("ErrorResponse", error_payload(errors.InvalidArgument("params.top_p", "bad")))
