@@ -69,6 +69,7 @@ class EngineRequest:
     stop: tuple[str, ...] = ()
     bad_words: tuple[str, ...] = ()
     cache_salt: str = ""  # sent only when set: only engines with a prefix cache declare it
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ascending by id
 
 
 @dataclass
@@ -132,6 +133,12 @@ def build_request(request: EngineRequest) -> service_pb2.ModelInferRequest:
     for name, words in (("stop_words", request.stop), ("bad_words", request.bad_words)):
         if words:
             add(name, "BYTES", b"".join(_bytes_element(w.encode()) for w in words), len(words))
+    if request.logit_bias:
+        count = len(request.logit_bias)
+        add("logit_bias_token_ids", "INT32",
+            struct.pack(f"<{count}i", *(t for t, _ in request.logit_bias)), count)
+        add("logit_bias_values", "FP32",
+            struct.pack(f"<{count}f", *(b for _, b in request.logit_bias)), count)
     if request.cache_salt:
         add("cache_salt", "BYTES", _bytes_element(request.cache_salt.encode()))
     add("return_num_input_tokens", "BOOL", _TRUE)

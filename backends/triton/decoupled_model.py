@@ -19,8 +19,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 __all__ = ["FINAL", "PROBE_INPUT", "EngineMetrics", "Inbox", "Pending", "enqueue",
-           "model_parameters", "parse_text_request", "refused", "report_crashes", "response",
-           "scalar", "send", "send_error", "stopped", "strings"]
+           "logit_bias", "model_parameters", "parse_text_request", "refused", "report_crashes",
+           "response", "scalar", "send", "send_error", "stopped", "strings"]
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUEST_TYPES = ("active", "max", "waiting", "scheduled", "context")
@@ -93,6 +93,22 @@ def strings(request: pb_utils.InferenceRequest, name: str) -> tuple[str, ...]:
     if tensor is None:
         return ()
     return tuple(s for s in (v.decode() for v in tensor.as_numpy().reshape(-1)) if s)
+
+
+def logit_bias(request: pb_utils.InferenceRequest) -> tuple[tuple[int, float], ...]:
+    """`logit_bias_token_ids` (INT32) and `logit_bias_values` (FP32), `dims: [-1]` each, as
+    (token id, bias) pairs; ValueError when they do not pair up."""
+    ids = pb_utils.get_input_tensor_by_name(request, "logit_bias_token_ids")
+    values = pb_utils.get_input_tensor_by_name(request, "logit_bias_values")
+    if ids is None and values is None:
+        return ()
+    if ids is None or values is None:
+        raise ValueError("logit_bias needs both logit_bias_token_ids and logit_bias_values")
+    id_list = [int(v) for v in ids.as_numpy().reshape(-1)]
+    value_list = [float(v) for v in values.as_numpy().reshape(-1)]
+    if len(id_list) != len(value_list):
+        raise ValueError("logit_bias_token_ids and logit_bias_values differ in length")
+    return tuple(zip(id_list, value_list, strict=True))
 
 
 def parse_text_request(

@@ -148,6 +148,9 @@ class GenerationRequest:
     # Only requests with the same salt share prefix-cache blocks (vLLM's `cache_salt`): the
     # gateway sets the tenant's when its plan isolates its prefix cache.
     cache_salt: str = ""
+    # Penalties and logit_bias, which a simulator cannot apply to a real distribution: any
+    # setting other than the neutral one picks other text, the same for the same setting.
+    sampling_key: str = ""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -307,7 +310,7 @@ class _Sequence:
         """`max_tokens`: the request's, or fewer when the KV pool cannot hold that many."""
         self.request = request
         self.max_tokens = max_tokens
-        rng = _rng_for(request.seed, request.prompt)
+        rng = _rng_for(request.seed, request.prompt + request.sampling_key)
         target = rng.randint(MIN_NATURAL_TOKENS, MAX_NATURAL_TOKENS)
         self.target_tokens = max(target, request.min_tokens)
         self.words = _word_stream(rng)

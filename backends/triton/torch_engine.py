@@ -55,6 +55,7 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO_DTYPE = "auto"  # bfloat16 on a CPU that computes it natively, else float32
 _KEY_BITS = 30  # noise keys are non-zero 30-bit integers, each seeding one draw
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,10 @@ class Sampling:
     top_k: int = 0  # 0 keeps every token
     seed: int | None = None  # None draws a fresh one for a sampled request
     min_tokens: int = 0  # EOS is not allowed before this many tokens
+    repetition_penalty: float = 1.0  # HF/vLLM: divides (or multiplies, if negative) seen logits
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from each generated token's logit
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated text
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 100.0:
@@ -111,6 +116,17 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.min_tokens < 0:
             raise ValueError("top_k and min_tokens must not be negative")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(
+                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias holds at most {MAX_LOGIT_BIAS} entries")
+        for token, bias in self.logit_bias:
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias {token}: {bias} is outside [-100, 100]")
 
 
 @dataclass(frozen=True)
@@ -238,12 +254,45 @@ class _RowSampling:
     top_p: float  # 1: off
     noise_key: int  # the Gumbel draw's key for this request and step (unused when greedy)
     ban_eos: bool  # below min_tokens
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    prompt_ids: Sequence[int] = ()  # read only when a penalty is set
+    generated_ids: Sequence[int] = ()
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias or self.repetition_penalty != 1.0
+                    or self.presence_penalty or self.frequency_penalty)
+
+    def adjust(self, logits: torch.Tensor) -> None:
+        """logit_bias, then the penalties (vLLM's order), in place on one row. The repetition
+        penalty covers prompt and generated tokens (as transformers' and vLLM's); presence and
+        frequency only the generated ones (as OpenAI's)."""
+        if self.logit_bias:
+            ids = torch.tensor([t for t, _ in self.logit_bias], device=logits.device)
+            logits[ids] += torch.tensor([b for _, b in self.logit_bias], dtype=logits.dtype,
+                                        device=logits.device)
+        if self.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({*self.prompt_ids, *self.generated_ids}),
+                                dtype=torch.int64, device=logits.device)
+            if seen.numel():
+                values = logits[seen]
+                logits[seen] = torch.where(values > 0, values / self.repetition_penalty,
+                                           values * self.repetition_penalty)
+        if (self.presence_penalty or self.frequency_penalty) and self.generated_ids:
+            counts = torch.bincount(
+                torch.tensor(list(self.generated_ids), dtype=torch.int64, device=logits.device),
+                minlength=logits.size(-1))[: logits.size(-1)].to(logits.dtype)
+            logits -= self.frequency_penalty * counts + self.presence_penalty * (counts > 0)
 
 
 class _Sampler(ContinuousBatchingLogitsProcessor):
     """The engine's only logits processor: picks each row's token and leaves only that one.
 
-    A greedy row takes the argmax. A sampled row is scaled by its temperature, filtered by its
+    A row's logit_bias and penalties adjust its logits first (`_RowSampling.adjust`), then a
+    greedy row takes the argmax. A sampled row is scaled by its temperature, filtered by its
     top_k and top_p (as transformers' warpers do, in that order), takes Gumbel noise keyed by
     (seed, position), and the argmax of the sum: exactly a draw from the softmax, the same for
     the same seed and logits whatever the batch. Work is only what a row asks for (no sort
@@ -257,6 +306,8 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
 
     supported_kwargs: ClassVar[dict[str, type]] = {
         "temperature": float, "top_k": int, "top_p": float, "choice_seed": int, "min_tokens": int,
+        "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
+        "logit_bias": tuple,
     }
     ignored_kwargs: tuple[str, ...] = ()
 
@@ -270,14 +321,21 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
     def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
         rows = []
         for request in requests_with_new_token:
-            kwargs = request.state.logit_processor_kwargs
-            position = request.state.generated_len()
+            state = request.state
+            kwargs = state.logit_processor_kwargs
+            position = state.generated_len()
             seed = kwargs.get("choice_seed", 0)
+            prompt_ids, generated_ids = _history(state)
             rows.append(_RowSampling(
                 temperature=kwargs.get("temperature", 0.0),
                 top_k=kwargs.get("top_k", 0), top_p=kwargs.get("top_p", 1.0),
                 noise_key=noise_key(seed, position) if seed else 0,
                 ban_eos=position < kwargs.get("min_tokens", 0),
+                repetition_penalty=kwargs.get("repetition_penalty", 1.0),
+                presence_penalty=kwargs.get("presence_penalty", 0.0),
+                frequency_penalty=kwargs.get("frequency_penalty", 0.0),
+                logit_bias=kwargs.get("logit_bias", ()),
+                prompt_ids=prompt_ids, generated_ids=generated_ids,
             ))  # fmt: skip
         self._rows = rows
         return torch.zeros(len(rows), dtype=torch.int32)  # the rows are kept above
@@ -286,6 +344,11 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         rows = self._rows
         if len(rows) != scores.size(0):
             raise RuntimeError(f"{scores.size(0)} rows of logits for {len(rows)} prepared rows")
+        adjusted = [i for i, row in enumerate(rows) if row.adjusts_logits]
+        if adjusted:
+            scores = scores.clone()
+            for i in adjusted:
+                rows[i].adjust(scores[i])
         chosen = torch.empty(len(rows), dtype=torch.int64, device=scores.device)
         greedy = [i for i, row in enumerate(rows) if not row.temperature]
         if greedy:
@@ -324,6 +387,16 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         return torch.argmax(logits - torch.log(-torch.log(uniform.clamp_(1e-20, 1.0))))
 
 
+def _history(state) -> tuple[Sequence[int], Sequence[int]]:
+    """A request's prompt and generated ids; a preempted request was re-queued with its generated
+    tokens appended to its prompt (transformers' `_true_initial_tokens` marks where)."""
+    true_prompt = getattr(state, "_true_initial_tokens", 0)
+    if true_prompt:
+        return (state.initial_tokens[:true_prompt],
+                [*state.initial_tokens[true_prompt:], *state.generated_tokens])
+    return getattr(state, "initial_tokens", ()), getattr(state, "generated_tokens", ())
+
+
 @dataclass
 class _Request:
     """What the engine keeps for one unfinished request."""
@@ -355,6 +428,7 @@ class TorchEngine:
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
         self._model, self._tokenizer = model, tokenizer
         self.context_window = int(model.config.max_position_embeddings)
+        self.vocab_size = int(model.config.vocab_size)
         # Greedy for transformers: _Sampler, the only logits processor, has chosen each token.
         generation_config = GenerationConfig(
             do_sample=False, max_new_tokens=16, eos_token_id=eos_ids,
@@ -418,6 +492,10 @@ class TorchEngine:
                 f"context window of {self.context_window}"
             )
         sampling = generation.sampling
+        outside = [t for t, _ in sampling.logit_bias if t >= self.vocab_size]
+        if outside:
+            raise ValueError(f"logit_bias token id {outside[0]} is not in the vocabulary of "
+                             f"{self.vocab_size} tokens")
         greedy = sampling.temperature == 0.0
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         self._requests[generation.request_id] = _Request(
@@ -433,6 +511,10 @@ class TorchEngine:
             top_p=float(sampling.top_p),
             choice_seed=0 if greedy else (seed % (2**62)) + 1,
             min_tokens=int(sampling.min_tokens),
+            repetition_penalty=float(sampling.repetition_penalty),
+            presence_penalty=float(sampling.presence_penalty),
+            frequency_penalty=float(sampling.frequency_penalty),
+            logit_bias=tuple((int(t), float(b)) for t, b in sampling.logit_bias),
         )
         return len(prompt_ids)
 

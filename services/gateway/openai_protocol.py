@@ -2,7 +2,7 @@
 `GenerationRequest` (no HTTP here).
 
 Every model forbids unknown fields: a parameter we do not implement (`tools`, `response_format`,
-`logit_bias`, …) is refused with a 400 naming it, never silently ignored. Fields OpenAI defines
+`response_format`, …) is refused with a 400 naming it, never silently ignored. Fields OpenAI defines
 that we accept only at their neutral value (`n`, `logprobs`, `echo`, `best_of`) are declared and
 checked in `unsupported_values`.
 """
@@ -15,7 +15,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.errors import InvalidArgument
-from services.gateway.requests import ChatTurn, GenerationRequest, SamplingRequest
+from services.gateway.requests import (
+    MAX_LOGIT_BIAS,
+    ChatTurn,
+    GenerationRequest,
+    SamplingRequest,
+)
 
 # OpenAI's newer name for the system role; our chat templates know `system`.
 ROLE_ALIASES = {"developer": "system"}
@@ -61,6 +66,7 @@ class _Sampling(_Body):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) → bias
     user: str = ""
     n: int | None = None
     logprobs: Any = None
@@ -164,11 +170,27 @@ def to_generation(
             top_k=body.top_k, stop=stop, seed=body.seed,
             repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, min_tokens=body.min_tokens,
+            logit_bias=_logit_bias(body.logit_bias),
         ),
         idempotency_key=idempotency_key,
         user=body.user,
         timeout_s=timeout_s,
     )
+
+
+def _logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token ids (JSON keys, so strings) → (id, bias) pairs ascending by id;
+    the count is checked before the keys are parsed, the ranges by `GenerationRequest`."""
+    if not raw:
+        return ()
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise InvalidArgument("logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(raw)}")
+    pairs = []
+    for key, bias in raw.items():
+        if not key.isascii() or not key.isdigit() or len(key) > 10:
+            raise InvalidArgument("logit_bias", f"keys must be token ids, got {key[:32]!r}")
+        pairs.append((int(key), bias))
+    return tuple(sorted(pairs))
 
 
 def openai_param(field: str, body: CompletionBody | ChatCompletionBody | None) -> str:

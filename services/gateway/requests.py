@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from services.common.auth import Principal
 from services.common.errors import InvalidArgument
 
-__all__ = ["FIELD_LIMITS", "REQUEST_ID", "ChatTurn", "GenerationRequest", "Principal",
-           "SamplingRequest"]
+__all__ = ["FIELD_LIMITS", "MAX_LOGIT_BIAS", "REQUEST_ID", "ChatTurn", "GenerationRequest",
+           "Principal", "SamplingRequest", "check_logit_bias"]
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -41,6 +41,8 @@ FIELD_LIMITS: dict[str, FieldLimit] = {
     "params.stop": FieldLimit(128, entries=4),
     "params.bad_words": FieldLimit(128, entries=16),
 }
+MAX_LOGIT_BIAS = 300  # entries of params.logit_bias (OpenAI's limit), each bias in [-100, 100]
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class SamplingRequest:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     min_tokens: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ascending by id
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,23 @@ def check_field_limits(request: GenerationRequest) -> None:
         for index, word in enumerate(words):
             if not 1 <= len(word) <= limit.chars:
                 raise InvalidArgument(f"{name}[{index}]", f"must be 1..{limit.chars} characters")
+    check_logit_bias(request.sampling.logit_bias)
+
+
+def check_logit_bias(logit_bias: tuple[tuple[int, float], ...]) -> None:
+    """At most `MAX_LOGIT_BIAS` entries, each a non-negative id with a bias in range (whether the
+    id is in the vocabulary is the version's to say: `validation.prepare_prompt`)."""
+    if len(logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidArgument("params.logit_bias",
+                              f"at most {MAX_LOGIT_BIAS} entries, got {len(logit_bias)}")
+    low, high = LOGIT_BIAS_RANGE
+    for token, bias in logit_bias:
+        if token < 0:
+            raise InvalidArgument("params.logit_bias", f"token id {token} is negative")
+        if not low <= bias <= high:  # NaN too
+            raise InvalidArgument(
+                "params.logit_bias", f"bias of token {token} must be in [{low:g}, {high:g}], "
+                f"got {bias}")
 
 
 def _check_chars(name: str, value: str, field_name: str | None = None) -> None:

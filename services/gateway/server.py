@@ -79,6 +79,7 @@ def decode_request(message: inference_pb2.GenerateRequest) -> GenerationRequest:
         presence_penalty=params.presence_penalty if has("presence_penalty") else None,
         frequency_penalty=params.frequency_penalty if has("frequency_penalty") else None,
         min_tokens=params.min_tokens if has("min_tokens") else None,
+        logit_bias=tuple(sorted(params.logit_bias.items())),
     )
     which = message.WhichOneof("input")
     return GenerationRequest(

@@ -45,6 +45,9 @@ LOADS = Counter("infermesh_gateway_tokenizer_loads_total",
 RETRY_AFTER_S = 0.5
 FETCH_RETRY_S = (0.5, 10.0)  # first and longest delay between tries to fetch a tokenizer's files
 FAILED_RETRY_S = 60.0  # a tokenizer that could not be loaded is tried again after this
+# The reference engine's made-up vocabulary: its words' ids are hashes below this
+# (backends/triton/reference_engine.py `token_id`).
+REFERENCE_VOCAB_SIZE = 65_536
 
 
 class PromptTokenizer(Protocol):
@@ -56,9 +59,16 @@ class PromptTokenizer(Protocol):
         """The prompt for a chat, ending where the assistant's reply starts."""
         ...
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run 0..vocab_size-1 (logit_bias is checked against it)."""
+        ...
+
 
 class WhitespaceTokenizer:
     """The reference engine's tokenizer: whitespace-separated words; a plain chat rendering."""
+
+    vocab_size = REFERENCE_VOCAB_SIZE
 
     def count(self, text: str) -> int:
         return len(text.split())
@@ -100,6 +110,10 @@ class HuggingFaceTokenizer:
 
     def count(self, text: str) -> int:
         return len(self._tokenizer.encode(text).ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     def render(self, messages: tuple[ChatTurn, ...]) -> str:
         try:

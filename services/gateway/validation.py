@@ -107,6 +107,7 @@ def check_parameters(
         "presence_penalty": sampling.presence_penalty,
         "frequency_penalty": sampling.frequency_penalty,
         "bad_words": sampling.bad_words,
+        "logit_bias": sampling.logit_bias,
     })
     if unsupported is not None:
         raise InvalidArgument(
@@ -152,6 +153,11 @@ def prepare_prompt(
         prompt, field = request.prompt or "", "prompt"
     if len(prompt) > limits.max_prompt_chars:
         raise InvalidArgument(field, f"must be at most {limits.max_prompt_chars} characters")
+    vocab = tokenizer.vocab_size
+    outside = [t for t, _ in request.sampling.logit_bias if t >= vocab]
+    if outside:
+        raise InvalidArgument("params.logit_bias",
+                              f"token id {outside[0]} is not in the vocabulary (0..{vocab - 1})")
     return PreparedPrompt(prompt, field, tokenizer.count(prompt))
 
 
@@ -185,6 +191,7 @@ def finish_validation(
         stop=sampling.stop,
         bad_words=sampling.bad_words,
         cache_salt=checked.cache_salt,
+        logit_bias=sampling.logit_bias,
     )
     return ValidatedGeneration(engine, prompt.tokens, checked.timeout_s)
 

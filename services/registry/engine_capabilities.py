@@ -6,10 +6,9 @@ refusal as an internal error. A parameter at its neutral value (the value that c
 is always accepted, as the engines themselves accept it.
 
     kind        honours                                               refuses when set
-    torch       max_tokens temperature top_p top_k seed min_tokens    repetition_penalty,
-                stop                                                  presence_penalty,
-                                                                      frequency_penalty,
-                                                                      bad_words
+    torch       max_tokens temperature top_p top_k seed min_tokens    bad_words
+                stop repetition_penalty presence_penalty
+                frequency_penalty logit_bias
     reference   every parameter of the TensorRT-LLM interface (a simulator: it accepts them
                 all, as TensorRT-LLM does, and its output depends on the seed only)
 
@@ -32,6 +31,7 @@ NEUTRAL: Mapping[str, Any] = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "bad_words": (),
+    "logit_bias": (),
 }
 _EVERY = frozenset(NEUTRAL)
 
@@ -46,7 +46,7 @@ class EngineCapabilities:
 
 
 CAPABILITIES: Mapping[str, EngineCapabilities] = {
-    "torch": EngineCapabilities("torch", frozenset()),
+    "torch": EngineCapabilities("torch", _EVERY - {"bad_words"}),
     "reference": EngineCapabilities("reference", _EVERY, prefix_cache=True),
 }
 

@@ -56,6 +56,18 @@ def test_completion_stop_list_and_extensions():
     assert (request.sampling.min_tokens, request.sampling.top_k) == (2, 5)
 
 
+def test_logit_bias_keys_are_token_ids_bounded_before_parsing():
+    request = to_generation(chat(logit_bias={"50256": -100, "7": 2.5}), "r", "")
+    assert request.sampling.logit_bias == ((7, 2.5), (50256, -100.0))
+    for bias, message in (({"x": 1}, "token ids"), ({"-3": 1}, "token ids"),
+                          ({str(i): 1 for i in range(301)}, "at most 300"),
+                          ({"3": 101}, "[-100, 100]")):
+        with pytest.raises(errors.InvalidArgument) as raised:
+            to_generation(chat(logit_bias=bias), "r", "")
+        assert openai_param(raised.value.field, None) == "logit_bias"
+        assert message in raised.value.message
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"n": 2}, "n"),
     ({"logprobs": True}, "logprobs"),

@@ -11,9 +11,12 @@ from backends.triton.torch_engine import _Sampler
 EOS = 3
 
 
-def request(position: int = 0, **kwargs) -> SimpleNamespace:
+def request(position: int = 0, initial_tokens: list[int] | None = None,
+            generated_tokens: list[int] | None = None, **kwargs) -> SimpleNamespace:
     """What the sampler reads of a request in the batch (transformers' FutureRequestState)."""
-    state = SimpleNamespace(logit_processor_kwargs=kwargs, generated_len=lambda: position)
+    state = SimpleNamespace(logit_processor_kwargs=kwargs, generated_len=lambda: position,
+                            initial_tokens=initial_tokens or [],
+                            generated_tokens=generated_tokens or [], _true_initial_tokens=0)
     return SimpleNamespace(state=state)
 
 
@@ -74,3 +77,44 @@ def test_sampled_rows_follow_the_softmax_at_their_temperature():
         counts[choose(sampler, [request(temperature=2.0, choice_seed=seed)], logits)[0]] += 1
     expected = torch.softmax(logits[0] / 2.0, dim=-1)
     assert torch.allclose(counts / draws, expected, atol=0.03), (counts / draws, expected)
+
+
+def test_logit_bias_and_penalties_change_the_greedy_choice_deterministically():
+    """OpenAI's logit_bias, presence and frequency penalties (generated tokens only) and the
+    repetition penalty (prompt and generated tokens), each per row, on hand-made logits."""
+    sampler = _Sampler([EOS])
+    logits = torch.tensor([[0.0, 4.0, 3.5, -9.0, 3.0, -1.0]])
+    plain = request(2, temperature=0.0)
+    assert choose(sampler, [plain], logits) == [1]
+    assert choose(sampler, [request(temperature=0.0, logit_bias=((1, -100.0),))], logits) == [2]
+    assert choose(sampler, [request(temperature=0.0, logit_bias=((5, 5.5),))], logits) == [5]
+    # Token 1 generated once: a presence penalty of 1 brings it under token 2 (3.0 < 3.5).
+    seen = {"initial_tokens": [4], "generated_tokens": [1]}
+    assert choose(sampler, [request(1, temperature=0.0, presence_penalty=1.0, **seen)],
+                  logits) == [2]
+    # Token 1 twice: a frequency penalty of 0.3 costs it 0.6 (3.4 < 3.5); once, 0.3 (3.7).
+    twice = {"initial_tokens": [4], "generated_tokens": [1, 1]}
+    assert choose(sampler, [request(2, temperature=0.0, frequency_penalty=0.3, **twice)],
+                  logits) == [2]
+    assert choose(sampler, [request(1, temperature=0.0, frequency_penalty=0.3, **seen)],
+                  logits) == [1]
+    # The repetition penalty divides positive logits of prompt and generated tokens.
+    assert choose(sampler, [request(1, temperature=0.0, repetition_penalty=1.2, **seen)],
+                  logits) == [2]
+    prompt_only = {"initial_tokens": [1, 2], "generated_tokens": []}
+    assert choose(sampler, [request(temperature=0.0, repetition_penalty=1.5, **prompt_only)],
+                  logits) == [4]
+    # A negative penalty favours what was generated; another row in the batch is unaffected.
+    both = choose(sampler, [request(1, temperature=0.0, presence_penalty=-2.0,
+                                    generated_tokens=[4], initial_tokens=[]), plain],
+                  torch.cat([logits, logits]))
+    assert both == [4, 1]
+
+
+def test_a_sampled_row_draws_from_its_penalized_distribution():
+    sampler = _Sampler([EOS])
+    logits = torch.tensor([[0.0, 5.0, 4.9, 1.0, 4.8, 0.5]])
+    for seed in range(1, 100):
+        row = {"temperature": 1.0, "choice_seed": seed, "top_k": 2}
+        assert choose(sampler, [request(**row, logit_bias=((1, -100.0), (2, -100.0)))],
+                      logits)[0] in {4, 3}

@@ -66,6 +66,11 @@ def _tritonclient_request(request: EngineRequest) -> service_pb2.ModelInferReque
         if words:
             arrays.append((name, "BYTES", np.array([[w.encode() for w in words]],
                                                    dtype=np.object_)))
+    if request.logit_bias:
+        arrays.append(("logit_bias_token_ids", "INT32",
+                       np.array([[t for t, _ in request.logit_bias]], dtype=np.int32)))
+        arrays.append(("logit_bias_values", "FP32",
+                       np.array([[b for _, b in request.logit_bias]], dtype=np.float32)))
     if request.cache_salt:
         arrays.append(("cache_salt", "BYTES", np.array([[request.cache_salt.encode()]],
                                                        dtype=np.object_)))
@@ -88,7 +93,8 @@ def _tritonclient_request(request: EngineRequest) -> service_pb2.ModelInferReque
     EngineRequest("smollm2-abcd", "r-2", "naïve ☃ prompt\n", 64, temperature=0.7, top_p=0.95,
                   top_k=40, seed=2**64 - 1, min_tokens=3, repetition_penalty=1.1,
                   presence_penalty=-0.5, frequency_penalty=0.25, stop=("\n\n", "END"),
-                  bad_words=("x",), cache_salt="tenant-a"),
+                  bad_words=("x",), cache_salt="tenant-a",
+                  logit_bias=((7, -100.0), (1234, 2.5))),
 ])
 def test_the_request_is_byte_for_byte_what_tritonclient_encodes(request_):
     assert (build_request(request_).SerializeToString()

@@ -25,6 +25,7 @@ from backends.triton.decoupled_model import (
     Inbox,
     Pending,
     enqueue,
+    logit_bias,
     model_parameters,
     parse_text_request,
     refused,
@@ -57,6 +58,19 @@ def _engine_config(parameters: dict[str, str]) -> EngineConfig:
         if name in parameters:
             config[name] = int(parameters[name])
     return EngineConfig(**config)
+
+
+_NEUTRAL_PENALTIES = (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
+                      ("frequency_penalty", 0.0))
+
+
+def _sampling_key(request: pb_utils.InferenceRequest) -> str:
+    """The penalties and logit_bias that are set, as text ("" when all are neutral)."""
+    values = [(name, float(scalar(request, name, neutral))) for name, neutral in _NEUTRAL_PENALTIES]
+    key = "".join(f"\x00{name}={value!r}" for (name, value), (_, neutral)
+                  in zip(values, _NEUTRAL_PENALTIES, strict=True) if value != neutral)
+    bias = logit_bias(request)
+    return key + (f"\x00logit_bias={sorted(bias)!r}" if bias else "")
 
 
 class TritonPythonModel:
@@ -101,6 +115,7 @@ class TritonPythonModel:
             min_tokens=int(scalar(request, "min_tokens", 0)),
             stop=strings(request, "stop_words"),
             cache_salt=scalar(request, "cache_salt", b"").decode(),
+            sampling_key=_sampling_key(request),
         )
         pending.num_input_tokens = count_tokens(prompt)
         return pending, generation

@@ -26,6 +26,7 @@ from backends.triton.decoupled_model import (
     Inbox,
     Pending,
     enqueue,
+    logit_bias,
     model_parameters,
     parse_text_request,
     refused,
@@ -51,8 +52,7 @@ _POLL_S = 0.02  # longest a busy dispatcher waits for tokens before it looks at 
 _CANCEL_CHECK_S = 0.1  # is_cancelled() is a round trip to the server: not on every token
 _PUBLISH_S = 0.1  # each gauge set is a round trip too: while busy, publish at most this often
 # Inputs the engine does not implement: refused unless they hold their neutral value.
-_NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-            "length_penalty": 1.0, "beam_width": 1, "num_return_sequences": 1}
+_NEUTRAL = {"length_penalty": 1.0, "beam_width": 1, "num_return_sequences": 1}
 
 
 def _engine_config(parameters: dict[str, str]) -> TorchEngineConfig:
@@ -121,6 +121,10 @@ class TritonPythonModel:
             top_k=int(scalar(request, "top_k", 0)),
             seed=None if seed is None else int(seed),
             min_tokens=int(scalar(request, "min_tokens", 0)),
+            repetition_penalty=float(scalar(request, "repetition_penalty", 1.0)),
+            presence_penalty=float(scalar(request, "presence_penalty", 0.0)),
+            frequency_penalty=float(scalar(request, "frequency_penalty", 0.0)),
+            logit_bias=logit_bias(request),
         )
         generation = Generation(
             request_id=f"{request.request_id() or 'request'}-{id(request):x}-{time.monotonic_ns()}",
