@@ -21,6 +21,15 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from services.common.kv_blocks import block_hashes, chain_root, word_token_ids
+from services.common.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KvEvent,
+    merge_stores,
+)
+
 __all__ = [
     "CORPUS",
     "Completion",
@@ -33,7 +42,6 @@ __all__ = [
     "StepResult",
     "StepTiming",
     "TokenOutput",
-    "block_hashes",
     "complete",
     "count_tokens",
 ]
@@ -205,27 +213,6 @@ class EngineStats:
         return self.kv_used / self.kv_max
 
 
-def chain_root(cache_salt: str) -> int:
-    """The `previous` of a prompt's first block: 0, or the salt's hash (its own chains)."""
-    if not cache_salt:
-        return 0
-    return int.from_bytes(hashlib.blake2b(cache_salt.encode(), digest_size=8).digest(), "big")
-
-
-def block_hashes(tokens: Sequence[str], block_tokens: int, start: int = 0,
-                 previous: int = 0) -> list[int]:
-    """Chained hashes of the full blocks of `tokens` from block `start` on (`previous`: the hash
-    of block `start - 1`, or the chain's root): a block is identified by its content and
-    everything before it."""
-    hashes = []
-    for index in range(start, len(tokens) // block_tokens):
-        block = "\x1f".join(tokens[index * block_tokens:(index + 1) * block_tokens])
-        digest = hashlib.blake2b(previous.to_bytes(8, "big") + block.encode(), digest_size=8)
-        previous = int.from_bytes(digest.digest(), "big")
-        hashes.append(previous)
-    return hashes
-
-
 class KvBlockPool:
     """A fixed pool of KV blocks with a prefix cache, as vLLM's and TensorRT-LLM's block managers.
 
@@ -233,11 +220,16 @@ class KvBlockPool:
     cached (refcount 0 but still indexed by its hash, so a later request with the same prefix
     reuses it), or free and empty. New blocks come from the empty ones first, then by evicting
     the least recently released cached block.
+
+    Every change to what the prefix cache can find is an event in `events` (the pool starts
+    with `AllBlocksCleared`), for the engine to publish: a block is stored when it is indexed,
+    removed when it is evicted.
     """
 
     def __init__(self, num_blocks: int, block_tokens: int):
         self.num_blocks = num_blocks
         self.block_tokens = block_tokens
+        self.events: list[KvEvent] = [AllBlocksCleared()]
         self._refcount = [0] * num_blocks
         self._hash: list[int | None] = [None] * num_blocks
         self._by_hash: dict[int, int] = {}  # the prefix cache: hash -> block holding it
@@ -277,19 +269,23 @@ class KvBlockPool:
             block = self._empty.pop()
         elif self._evictable:
             block, _ = self._evictable.popitem(last=False)
-            del self._by_hash[self._hash[block]]  # type: ignore[arg-type]
+            evicted = self._hash[block]
+            assert evicted is not None  # only indexed blocks are evictable
+            del self._by_hash[evicted]
             self._hash[block] = None
+            self.events.append(BlockRemoved((evicted,)))
         else:
             raise RuntimeError("no free KV block")  # callers check `free` first
         self._refcount[block] = 1
         return block
 
-    def register(self, block: int, block_hash: int) -> None:
-        """Makes a computed block findable by later requests; a duplicate of a block already
-        cached stays unindexed (and becomes empty when released)."""
+    def register(self, block: int, block_hash: int, parent: int | None) -> None:
+        """Makes a computed block (`parent`: its parent's hash) findable by later requests; a
+        duplicate of a block already cached stays unindexed (and becomes empty when released)."""
         if block_hash not in self._by_hash and self._hash[block] is None:
             self._hash[block] = block_hash
             self._by_hash[block_hash] = block
+            self.events.append(BlockStored((block_hash,), parent, self.block_tokens))
 
     def release(self, blocks: Sequence[int]) -> None:
         """Drops one request's hold on `blocks`, last block first: a request's tail is evicted
@@ -316,7 +312,8 @@ class _Sequence:
         self.words = _word_stream(rng)
         self.generated = 0
         self.pending = ""  # generated text not emitted yet because it may start a stop string
-        self.tokens = request.prompt.split()  # prompt and generated words: what the KV holds
+        # prompt and generated words' token ids: what the KV holds
+        self.tokens = word_token_ids(request.prompt.split())
         self.blocks: list[int] = []  # KV blocks held, in token order
         self.hashes: list[int] = []  # hashes of the full blocks computed so far
         self.kv_cache_reused_blocks = 0
@@ -325,7 +322,7 @@ class _Sequence:
         """Generates one token and decides what of the text so far can be emitted."""
         word = next(self.words)
         self.generated += 1
-        self.tokens.append(word.lstrip())
+        self.tokens.extend(word_token_ids((word.lstrip(),)))
         self.pending += word
         request = self.request
         finish: FinishReason | None = None
@@ -410,6 +407,12 @@ class ReferenceEngine:
             return False
         self._release(sequence)
         return True
+
+    def kv_events(self) -> list[KvEvent]:
+        """The prefix cache's changes since the last call, in order (consecutive stores of one
+        chain merged); the first call starts with `AllBlocksCleared`."""
+        events, self._pool.events = merge_stores(self._pool.events), []
+        return events
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._active or self._waiting)
@@ -498,7 +501,7 @@ class ReferenceEngine:
             sequence = next(iter(self._waiting.values()))
             tokens = len(sequence.tokens)
             # At least one token is computed: the one whose logits give the next token.
-            hashes = block_hashes(sequence.tokens[:tokens - 1], block_tokens, 0,
+            hashes = block_hashes(sequence.tokens[:tokens - 1], block_tokens,
                                   chain_root(sequence.request.cache_salt))
             hits = self._pool.cached_prefix(hashes)
             hits_free = sum(1 for block in hits if not self._pool.in_use(block))
@@ -524,10 +527,11 @@ class ReferenceEngine:
         previous = (sequence.hashes[-1] if sequence.hashes
                     else chain_root(sequence.request.cache_salt))
         for offset, block_hash in enumerate(
-            block_hashes(sequence.tokens, self.config.kv_block_tokens, start, previous)
+            block_hashes(sequence.tokens, self.config.kv_block_tokens, previous, start)
         ):
-            self._pool.register(sequence.blocks[start + offset], block_hash)
+            self._pool.register(sequence.blocks[start + offset], block_hash, previous)
             sequence.hashes.append(block_hash)
+            previous = block_hash
 
     def _release(self, sequence: _Sequence) -> None:
         self._pool.release(sequence.blocks)

@@ -39,6 +39,8 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.continuous_batching.requests import RequestStatus
 
+from services.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+
 __all__ = [
     "DTYPES",
     "Delta",
@@ -452,6 +454,7 @@ class TorchEngine:
         processors.supported_keys.update(_Sampler.supported_kwargs)
         processors.do_processing = True
         self._requests: dict[str, _Request] = {}
+        self._published_blocks: set[int] | None = None  # what kv_events() said last (None: never)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -574,6 +577,67 @@ class TorchEngine:
         return failed
 
     # -- state ---------------------------------------------------------------------------------
+
+    def kv_events(self) -> list[KvEvent]:
+        """What the prefix cache can find now, as events against what the last call said (the
+        first starts with `AllBlocksCleared`): the cache's own block hashes (the ones
+        `services.common.kv_blocks` computes), read from transformers' ledgers.
+
+        Read, not hooked: a block stored and evicted between two calls is never mentioned,
+        which changes nothing a reader can see. Each new block's parent is read from the block
+        table of a request holding it; one whose request already finished says no parent. A
+        cache that does not share prefixes (`use_prefix_sharing` off) holds nothing findable.
+        """
+        processor = self._manager.batch_processor
+        if processor is None:
+            raise RuntimeError("the engine is not started")
+        cache = processor.cache
+        allocators = list(cache.cache_allocators.values())
+        held: set[int] = set()
+        if cache.use_prefix_sharing and allocators:
+            # A block is found only if every layer group has it (one group for most models).
+            held = set.intersection(*(set(a.ledger.hash_to_block) for a in allocators))
+        events: list[KvEvent] = []
+        previous = self._published_blocks
+        if previous is None:
+            events.append(AllBlocksCleared())
+            previous = set()
+        gone = previous - held
+        if gone:
+            events.append(BlockRemoved(tuple(gone)))
+        new = held - previous
+        if new:
+            events.extend(self._stores(allocators[0], new))
+        self._published_blocks = held
+        return events
+
+    def _stores(self, allocator, new: set[int]) -> list[BlockStored]:
+        """`new` as one store per chain run, parents from the block tables that hold them."""
+        page = self.config.page_size
+        block_to_hash = allocator.ledger.block_to_hash
+        stores: list[BlockStored] = []
+        left = set(new)
+        for blocks in list(allocator.block_table.values()):
+            parent = None
+            run: list[int] = []
+            run_parent = None
+            for block in list(blocks):
+                block_hash = block_to_hash.get(block)
+                if block_hash is None:
+                    break
+                if block_hash in left:
+                    if not run:
+                        run_parent = parent
+                    run.append(block_hash)
+                    left.discard(block_hash)
+                elif run:
+                    stores.append(BlockStored(tuple(run), run_parent, page))
+                    run = []
+                parent = block_hash
+            if run:
+                stores.append(BlockStored(tuple(run), run_parent, page))
+        stores.extend(BlockStored((block_hash,), None, page) for block_hash in left)
+        return stores
 
     def stats(self) -> EngineStats:
         """The cache's and the scheduler's state now (reads transformers' private attributes)."""

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 from backends.triton.weights import files_key, materialize_files
 from services.common import errors
+from services.common.kv_blocks import word_token_ids
 from services.common.logs import get_logger
 from services.gateway.requests import ChatTurn
 from services.registry.blob_cache import BlobCache
@@ -55,6 +56,10 @@ class PromptTokenizer(Protocol):
         """Tokens the engine will see for `text` as its prompt."""
         ...
 
+    def token_ids(self, text: str) -> list[int]:
+        """The ids of those tokens (what the engine's KV-cache blocks are hashed over)."""
+        ...
+
     def render(self, messages: tuple[ChatTurn, ...]) -> str:
         """The prompt for a chat, ending where the assistant's reply starts."""
         ...
@@ -72,6 +77,9 @@ class WhitespaceTokenizer:
 
     def count(self, text: str) -> int:
         return len(text.split())
+
+    def token_ids(self, text: str) -> list[int]:
+        return word_token_ids(text.split())
 
     def render(self, messages: tuple[ChatTurn, ...]) -> str:
         return "".join(f"{turn.role}: {turn.content}\n" for turn in messages) + "assistant:"
@@ -114,6 +122,9 @@ class HuggingFaceTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_ids(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text).ids
 
     def render(self, messages: tuple[ChatTurn, ...]) -> str:
         try:

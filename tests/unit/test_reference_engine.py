@@ -17,7 +17,6 @@ from backends.triton.reference_engine import (
     KvBlockPool,
     ReferenceEngine,
     StepTiming,
-    block_hashes,
     complete,
     count_tokens,
 )
@@ -406,22 +405,12 @@ def test_running_requests_share_cached_blocks_and_a_later_turn_reuses_generated_
     assert engine.step().outputs[0].kv_cache_reused_blocks == 4
 
 
-def test_block_hashes_chain_every_earlier_block() -> None:
-    tokens = words(12).split()
-    hashes = block_hashes(tokens, 4)
-    assert len(hashes) == 3 and len(set(hashes)) == 3
-    assert block_hashes(tokens[:11], 4) == hashes[:2]  # a partial block is not hashed
-    other = ["x", *tokens[1:]]
-    assert all(a != b for a, b in zip(block_hashes(other, 4), hashes, strict=True))
-    assert block_hashes(tokens, 4, start=1, previous=hashes[0]) == hashes[1:]
-
-
 def test_the_pool_evicts_the_least_recently_released_block_and_a_request_tail_first() -> None:
     pool = KvBlockPool(num_blocks=4, block_tokens=4)
     a = [pool.allocate(), pool.allocate()]
     b = [pool.allocate()]
-    for block, block_hash in zip(a + b, (1, 2, 3), strict=True):
-        pool.register(block, block_hash)
+    for block, block_hash, parent in zip(a + b, (1, 2, 3), (None, 1, None), strict=True):
+        pool.register(block, block_hash, parent)
     pool.release(a)
     pool.release(b)
     assert (pool.free, pool.cached_free) == (4, 3)
