@@ -5,12 +5,15 @@ Everything the torch engine could not serve is refused here, naming the file, be
 hashed, uploaded or registered: an architecture transformers does not know as a causal LM, no
 safetensors, a shard the index lists that is not there, a missing tokenizer file. The derived
 engine and sampling settings are the demo model's where the model's config says nothing:
-128 KV blocks of 32 tokens, 256 tokens per step, 8 sequences.
+128 KV blocks of 32 tokens, 256 tokens per step, 8 sequences. The accelerator memory placement
+reserves for the model is estimated from the weights' parameter count and the KV cache's size at
+the engine's dtype (`gpu_memory_mib`), so a pushed model is never placed where it cannot fit.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import re
 from dataclasses import dataclass
@@ -36,6 +39,10 @@ GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_FILES = (*TOKENIZER_FILE_NAMES, "special_tokens_map.json")
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 NUM_BLOCKS, PAGE_SIZE, MAX_BATCH_TOKENS, MAX_BATCH_SIZE = 128, 32, 256, 8
+# What the engine needs beyond weights and KV cache (activations, the allocator's slack) as a
+# fraction of them, and the CUDA context and kernels: a conservative estimate, never a measurement.
+MEMORY_SLACK, RUNTIME_MIB = 0.10, 512
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # "auto" may stay float32
 MAX_OUTPUT_TOKENS = 512  # a sane cap on one answer; a manifest.json can say otherwise
 DEFAULT_MAX_TOKENS = 128  # when generation_config.json sets no max_new_tokens
 
@@ -98,6 +105,33 @@ def from_gguf(path: pathlib.Path, name: str | None = None) -> DerivedSource:
     tokenizer = [converted / n for n in TOKENIZER_FILES if (converted / n).is_file()]
     return _derive(model_name(path.stem) if name is None else name, path.name, converted,
                    [path], tokenizer)
+
+
+def _memory_mib(config: dict[str, Any], safetensors: list[pathlib.Path], dtype: str) -> int:
+    """Accelerator memory the torch engine needs for this model at `dtype`: its parameters (counted
+    from the safetensors headers, not the files' sizes, which are in the stored dtype) plus a KV
+    cache of NUM_BLOCKS × PAGE_SIZE tokens, with slack and the runtime's own share."""
+    from safetensors import safe_open
+
+    parameters = 0
+    for path in safetensors:
+        if not path.name.endswith(".safetensors"):
+            continue  # the index
+        try:
+            with safe_open(path, framework="numpy") as tensors:
+                parameters += sum(math.prod(tensors.get_slice(name).get_shape())
+                                  for name in tensors.keys())  # noqa: SIM118 (not a dict)
+        except Exception as exc:  # safetensors' own words for a file it cannot read
+            raise errors.InvalidArgument(
+                path.name, f"{path} is not a safetensors file: {exc}") from None
+    element = DTYPE_BYTES.get(dtype, 4)
+    heads = int(config.get("num_attention_heads") or 1)
+    head_dim = int(config.get("head_dim") or int(config.get("hidden_size") or 0) // heads)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    layers = int(config.get("num_hidden_layers") or 0)
+    kv_cache = 2 * layers * kv_heads * head_dim * NUM_BLOCKS * PAGE_SIZE * element
+    needed = (parameters * element + kv_cache) * (1 + MEMORY_SLACK)
+    return math.ceil(needed / 2**20) + RUNTIME_MIB
 
 
 def _safetensors(directory: pathlib.Path) -> list[pathlib.Path]:
@@ -206,6 +240,7 @@ def _derive(
     context_window = min(positions, NUM_BLOCKS * PAGE_SIZE)
     max_output_tokens = min(MAX_OUTPUT_TOKENS, context_window)
     dtype = config.get("torch_dtype", config.get("dtype"))
+    dtype = dtype if dtype in DTYPES and dtype else "float32"
     files = {path.name: path for path in (*weights, *tokenizer)}
     manifest = {
         "name": name,
@@ -215,8 +250,8 @@ def _derive(
             "kind": "torch", "context_window": context_window,
             "max_output_tokens": max_output_tokens, "max_batch_size": MAX_BATCH_SIZE,
             "num_blocks": NUM_BLOCKS, "page_size": PAGE_SIZE,
-            "max_batch_tokens": MAX_BATCH_TOKENS,
-            "dtype": dtype if dtype in DTYPES and dtype else "float32",
+            "max_batch_tokens": MAX_BATCH_TOKENS, "dtype": dtype,
+            "gpu_memory_mib": _memory_mib(config, _safetensors(config_dir), dtype),
         },
         "sampling": _sampling(generation, max_output_tokens),
         "weights": [{"name": path.name} for path in weights],

@@ -14,7 +14,9 @@ import sys
 import uuid
 
 import grpc
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from services.registry.client import RegistryClient, load_push_source
 from tests.integration.registries import in_process_registry
@@ -95,7 +97,7 @@ async def test_a_derived_push_is_printed_registered_and_a_re_push_uploads_nothin
         assert registry.counter.calls["UploadBlob"] == 0  # every blob was already there
         assert registry.counter.calls["GetBlobStatus"] == files
 
-        (directory / SHARDS[1]).write_bytes(b"retrained second shard")
+        save_file({"layer1.weight": np.ones((64, 1024), np.float32)}, directory / SHARDS[1])
         changed = await admin.push(await asyncio.to_thread(load_push_source, str(directory),
                                                            name))
         assert changed.created and changed.version_id != version_id

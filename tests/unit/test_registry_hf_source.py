@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import pathlib
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from services.common import errors
 from services.registry.blobs import file_digest
@@ -26,8 +28,8 @@ def hf_dir(directory: pathlib.Path, config: dict | None = None, generation: dict
     (directory / "config.json").write_text(json.dumps(LLAMA if config is None else config))
     if generation is not None:
         (directory / "generation_config.json").write_text(json.dumps(generation))
-    for name in weights:
-        (directory / name).write_bytes(name.encode() * 100)
+    for number, name in enumerate(weights):
+        save_file({f"layer{number}.weight": np.zeros((64, 1024), np.float32)}, directory / name)
     if index is not None:
         (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     for name in tokenizer:
@@ -130,3 +132,21 @@ def test_names_come_from_the_directory_or_a_valid_name(tmp_path):
     with pytest.raises(errors.InvalidArgument) as manifest_named:
         load_push_source(str(tmp_path / "manifest.json"), name="x")
     assert manifest_named.value.field == "--name"
+
+
+def test_the_memory_placement_reserves_counts_parameters_and_the_kv_cache_at_the_dtype(tmp_path):
+    config = {**LLAMA, "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256,
+              "num_key_value_heads": 2}  # head_dim 64
+    source = load_push_source(str(hf_dir(tmp_path / "m", config=config)))
+    parameters = 64 * 1024 * 2  # bfloat16
+    kv_cache = 2 * 2 * 2 * 64 * (128 * 32) * 2  # K and V, layers, kv heads, head_dim, tokens
+    expected = -(-int((parameters + kv_cache) * 1.1) // 2**20) + 512
+    assert source.manifest.engine.gpu_memory_mib == expected == 517
+
+
+def test_weights_that_are_not_safetensors_are_refused_naming_the_file(tmp_path):
+    directory = hf_dir(tmp_path / "m")
+    (directory / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(errors.InvalidArgument) as refused:
+        load_push_source(str(directory))
+    assert refused.value.field == "model.safetensors"
