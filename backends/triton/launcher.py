@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from backends.triton.control import read_token, restriction_flags
+from backends.triton.kv_event_socket import KV_EVENTS_DIR_ENV, events_directory_for
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import pid_alive
 from services.common.tls import TlsMode, TlsSettings
@@ -154,6 +155,7 @@ class TritonServer:
         bind_address: str = LOOPBACK,
         tls_settings: TlsSettings | None = None,
         control_token: str | None = None,
+        kv_events_dir: pathlib.Path | None = None,
     ):
         """`models` None loads every model folder in the repository; `log_to_file` False inherits
         stdout/stderr (for the CLI, whose own output is already captured). `tls_settings` in
@@ -175,6 +177,9 @@ class TritonServer:
         self.exit_timeout_s = exit_timeout_s
         self.tls_settings = tls_settings
         self.control_token = control_token
+        # Where its models serve their KV events (backends/triton/kv_event_socket.py): the
+        # sidecar beside it reads them there.
+        self.kv_events_dir = kv_events_dir or events_directory_for(self.workdir)
         self._process: subprocess.Popen[bytes] | None = None
         self._shm_before: set[str] = set()
 
@@ -251,6 +256,7 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (str(_TRITON_LIBS), env.get("LD_LIBRARY_PATH")) if p
         )
+        env[KV_EVENTS_DIR_ENV] = str(self.kv_events_dir)
         return env
 
     def start(self) -> None:
@@ -258,6 +264,7 @@ class TritonServer:
         if self._process is not None:
             raise RuntimeError("this TritonServer was already started")
         _stub_binary(self.workdir).parent.mkdir(parents=True, exist_ok=True)
+        self.kv_events_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for source in _PYTHON_BACKEND_FILES:
             shutil.copy2(source, _stub_binary(self.workdir).parent / source.name)
         self._shm_before = _shm_regions()

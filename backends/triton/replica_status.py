@@ -117,6 +117,7 @@ class ReplicaIdentity:
     zone: str
     gpu_type: str  # "cpu" where the engine runs on the host's processors
     gpu_memory_mib: int
+    sidecar_endpoint: str = ""  # where its KV events are streamed
 
 
 def replica_record(
@@ -139,6 +140,7 @@ def replica_record(
         replica_id=identity.replica_id,
         grpc_endpoint=identity.grpc_endpoint,
         metrics_endpoint=identity.metrics_endpoint,
+        sidecar_endpoint=identity.sidecar_endpoint,
         zone=identity.zone,
         gpu_type=identity.gpu_type,
         gpu_memory_mib=identity.gpu_memory_mib,

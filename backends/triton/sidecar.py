@@ -42,6 +42,7 @@ from pydantic import Field, model_validator
 from backends.triton.adapter import PROBE_INPUT, engine_process_gone, probe_engine, triton_client
 from backends.triton.calibration import EngineProfile
 from backends.triton.control import control_headers, read_token
+from backends.triton.kv_feed import KvEventsServicer, KvMirrors
 from backends.triton.replica_status import (
     ModelLoad,
     ReplicaIdentity,
@@ -55,8 +56,10 @@ from backends.triton.replica_status import (
 )
 from backends.triton.repository import render_version
 from backends.triton.weights import cache_root
+from infermesh.v1 import kv_events_pb2
 from services.common import errors, etcd
 from services.common.discovery import ServiceDirectory
+from services.common.frames import add_servicer
 from services.common.logs import get_logger
 from services.common.records import PlacementRecord
 from services.common.runtime import ServiceContext, ServiceParts, main
@@ -101,6 +104,10 @@ class SidecarSettings(ServiceSettings, BlobCacheSettings):
     triton_metrics_endpoint: str = Field(
         "127.0.0.1:8002", description="Triton's metrics host:port."
     )
+    kv_events_dir: pathlib.Path | None = Field(
+        None, description="Where Triton's models serve their KV events (Unix sockets, "
+        "backends/triton/kv_event_socket.py; the same INFERMESH_KV_EVENTS_DIR Triton has). "
+        "Unset: no events are streamed, and schedulers route this replica approximately.")
     replica_id: str = Field("replica-0", min_length=1, description="Unique name of this replica.")
     zone: str = Field("local", description="Failure domain, for zone-aware routing ('' unknown).")
     gpu_type: str = Field("cpu", min_length=1,
@@ -186,7 +193,8 @@ class Sidecar:
     """One replica's sidecar. `run()` returns once the lease is revoked after a drain."""
 
     def __init__(self, ctx: ServiceContext, settings: SidecarSettings,
-                 directory: ServiceDirectory, blobs: BlobCache, control_token: str | None):
+                 directory: ServiceDirectory, blobs: BlobCache, control_token: str | None,
+                 kv_mirrors: KvMirrors):
         """`directory` finds the registry (its channels carry the mesh token); `blobs` is this
         replica's cache of the files the versions it serves pin; `control_token` is what
         Triton asks of model control calls (None: an unrestricted Triton)."""
@@ -199,7 +207,9 @@ class Sidecar:
             zone=settings.zone,
             gpu_type=settings.gpu_type,
             gpu_memory_mib=settings.gpu_memory_mib,
+            sidecar_endpoint=ctx.endpoint if settings.kv_events_dir is not None else "",
         )
+        self._kv_mirrors = kv_mirrors  # followed for the models READY
         self._capacity = engine_capacity(settings.engine_profiles)
         self._triton = triton_client(settings.triton_grpc_endpoint, ctx.tls)
         self._control = control_headers(control_token)
@@ -267,6 +277,7 @@ class Sidecar:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._placements.stop()
+            await self._kv_mirrors.close()
             await self._directory.close()
             await self._lease.close()  # revokes: the record and the load report vanish together
             await self._triton.close()
@@ -340,6 +351,7 @@ class Sidecar:
         self._ready = ready
         if versions is not None:
             self._versions = versions
+            self._kv_mirrors.follow(versions)
             self._probed.set()
             self._reconcile.set()
         READY.labels(self._settings.replica_id).set(int(ready))
@@ -679,8 +691,11 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         mesh_download(directory, settings.peer_timeout_s), settings.model_control_timeout_s)
     token_file = settings.triton_control_token_file
     control_token = None if token_file is None else await asyncio.to_thread(read_token, token_file)
-    task = asyncio.create_task(Sidecar(ctx, settings, directory, blobs, control_token).run(),
-                               name="sidecar")
+    mirrors = KvMirrors(settings.kv_events_dir)
+    kv_events = kv_events_pb2.DESCRIPTOR.services_by_name["KvEventsService"]
+    add_servicer(ctx.server, KvEventsServicer(mirrors), kv_events, refuse_malformed=True)
+    task = asyncio.create_task(
+        Sidecar(ctx, settings, directory, blobs, control_token, mirrors).run(), name="sidecar")
 
     async def cleanup() -> None:
         # The runtime calls this after setting `draining`: the drain happens inside `task`.
@@ -691,7 +706,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         except TimeoutError:
             log.error("sidecar_stop_timed_out", limit_s=limit_s)
 
-    return ServiceParts([], cleanup=cleanup)
+    return ServiceParts([kv_events.full_name], cleanup=cleanup)
 
 
 if __name__ == "__main__":

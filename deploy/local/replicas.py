@@ -104,6 +104,7 @@ class ReplicaSet:
                 "INFERMESH_ZONE": zone,
                 "INFERMESH_TRITON_GRPC_ENDPOINT": triton.grpc_address,
                 "INFERMESH_TRITON_METRICS_ENDPOINT": f"{LOOPBACK}:{triton.ports.metrics}",
+                "INFERMESH_KV_EVENTS_DIR": str(triton.kv_events_dir),
                 **({} if model_repository else {
                     "INFERMESH_MODEL_REPOSITORY": str(repository),
                     "INFERMESH_BLOB_CACHE_DIR": str(workdir / "blobs")}),

@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from backends.triton.control import write_token
+from backends.triton.kv_event_socket import events_directory_for
 from backends.triton.launcher import kill_leftovers
 from deploy.local.certificates import make_mesh_certificates
 from deploy.local.demo_models import DEMO_MODEL, REFERENCE_MODEL, prepare
@@ -146,6 +147,7 @@ class Stack:
                  "INFERMESH_TRITON_GRPC_ENDPOINT": f"{LOOPBACK}:{triton['grpc']}",
                  "INFERMESH_TRITON_METRICS_ENDPOINT": f"{LOOPBACK}:{triton['metrics']}",
                  "INFERMESH_TRITON_CONTROL_TOKEN_FILE": str(control_token),
+                 "INFERMESH_KV_EVENTS_DIR": str(events_directory_for(self.state_dir / "triton")),
                  "INFERMESH_REPLICA_ID": "replica-0",
                  "INFERMESH_MODEL_REPOSITORY": str(repository),
                  "INFERMESH_BLOB_CACHE_DIR": str(self.state_dir / "data" / "replica-0" / "blobs"),

@@ -59,6 +59,8 @@ CALLERS: dict[str, Callers] = {
     "/infermesh.v1.Scheduler/Release": _services("gateway"),
     "/infermesh.v1.Scheduler/RouteStream": _services("gateway"),
     "/infermesh.v1.Scheduler/ListReplicas": _services(tls.OPERATOR),  # meshctl replicas
+    # A sidecar's engines' KV events, to every scheduler that routes (precise prefix routing).
+    "/infermesh.v1.KvEventsService/Subscribe": _services("scheduler"),
     # The event's `source` must name the caller's kind too (the auditor checks, `mesh_caller`).
     "/infermesh.v1.Auditor/Append": _services("gateway", "registry"),
     **{f"/infermesh.v1.Auditor/{m}": API_KEY

@@ -112,6 +112,9 @@ class ReplicaRecord:
     healthy: bool = False
     draining: bool = False
     placement_errors: Mapping[str, str] = field(default_factory=dict)
+    # The sidecar's own gRPC host:port, where schedulers stream its engines' KV events ("": an
+    # older sidecar, which streams none).
+    sidecar_endpoint: str = ""
 
     def encode(self) -> dict[str, Any]:
         return {
@@ -119,6 +122,7 @@ class ReplicaRecord:
             "replica_id": self.replica_id,
             "grpc_endpoint": self.grpc_endpoint,
             "metrics_endpoint": self.metrics_endpoint,
+            **({"sidecar_endpoint": self.sidecar_endpoint} if self.sidecar_endpoint else {}),
             "zone": self.zone,
             "gpu_type": self.gpu_type,
             "gpu_memory_mib": self.gpu_memory_mib,
@@ -154,6 +158,7 @@ class ReplicaRecord:
             replica_id=_text(raw, "replica_id", required=True),
             grpc_endpoint=_text(raw, "grpc_endpoint", required=True),
             metrics_endpoint=_text(raw, "metrics_endpoint"),
+            sidecar_endpoint=_text(raw, "sidecar_endpoint"),
             zone=_text(raw, "zone"),
             gpu_type=_text(raw, "gpu_type"),
             gpu_memory_mib=count(raw.get("gpu_memory_mib")) or 0,

@@ -126,7 +126,8 @@ async def test_record_and_load_report_carry_the_contract_fields(
     assert record is not None
     assert record == {
         "schema": 1, "replica_id": replica.replica_id, "grpc_endpoint": replica.grpc_endpoint,
-        "metrics_endpoint": replica.metrics_endpoint, "zone": "zone-a", "gpu_type": "cpu",
+        "metrics_endpoint": replica.metrics_endpoint,
+        "sidecar_endpoint": replica.sidecar_endpoint, "zone": "zone-a", "gpu_type": "cpu",
         "gpu_memory_mib": 8192, "models": ["alpha"], "versions": {"alpha": "1"},
         "version_ids": {},  # loaded as the repository has it, not from the registry
         "kv": record["kv"],

@@ -9,6 +9,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from infermesh.v1 import (
     auditor_pb2,
     inference_pb2,
+    kv_events_pb2,
     ratelimit_pb2,
     registry_pb2,
     scheduler_pb2,
@@ -17,8 +18,8 @@ from infermesh.v1 import (
 from services.common import errors
 from services.common.callers import CALLERS, PLAINTEXT_MESH, judge
 
-MODULES = (auditor_pb2, inference_pb2, ratelimit_pb2, registry_pb2, scheduler_pb2, tenants_pb2,
-           health_pb2, reflection_pb2)
+MODULES = (auditor_pb2, inference_pb2, kv_events_pb2, ratelimit_pb2, registry_pb2, scheduler_pb2,
+           tenants_pb2, health_pb2, reflection_pb2)
 
 
 def test_every_rpc_of_every_service_is_in_the_table():
@@ -39,6 +40,8 @@ def test_every_rpc_of_every_service_is_in_the_table():
     ("/infermesh.v1.Registry/DownloadBlob", "sidecar", "sidecar", None),
     ("/infermesh.v1.Registry/DownloadBlob", "operator", None, None),
     ("/infermesh.v1.Inference/Generate", None, None, None),
+    ("/infermesh.v1.KvEventsService/Subscribe", "scheduler", "scheduler", None),
+    ("/infermesh.v1.KvEventsService/Subscribe", "gateway", None, errors.PermissionDenied),
     ("/infermesh.v1.Nothing/Here", "gateway", None, errors.PermissionDenied),
 ])
 def test_with_tls_the_certificate_decides(method, kind, admitted_as, refusal):

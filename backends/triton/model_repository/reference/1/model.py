@@ -36,6 +36,7 @@ from backends.triton.decoupled_model import (
     stopped,
     strings,
 )
+from backends.triton.kv_event_socket import KvEventPublisher, events_directory
 from backends.triton.reference_engine import (
     EngineConfig,
     GenerationRequest,
@@ -81,6 +82,8 @@ class TritonPythonModel:
         self._metrics = EngineMetrics(args["model_name"], args["model_version"], kv_cache=True,
                                       prefix_cache=True)
         self._metrics.publish(self._engine.stats)
+        self._kv_events = KvEventPublisher(args["model_name"], events_directory())
+        self._kv_events.publish(self._engine.kv_events())  # AllBlocksCleared: a fresh cache
         self._ids = itertools.count()
         self._pending: dict[int, Pending] = {}  # the dispatcher thread's alone
         self._inbox = Inbox()  # of (Pending, GenerationRequest)
@@ -97,6 +100,7 @@ class TritonPythonModel:
         """Stops the dispatcher, which fails whatever is still unfinished."""
         self._inbox.close()
         self._dispatcher.join()
+        self._kv_events.close()
         self._metrics.close()
 
     def _parse(
@@ -156,6 +160,7 @@ class TritonPythonModel:
                 self._pending[generation.request_id] = pending
             self._drop_cancelled()
             result = self._engine.step()
+            self._kv_events.publish(self._engine.kv_events())
             now = time.monotonic()
             # While busy, the simulated accelerator runs this step as the last one's tokens are
             # delivered (as TensorRT-LLM's executor does), so delivery time is hidden up to a

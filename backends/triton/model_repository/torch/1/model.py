@@ -37,6 +37,7 @@ from backends.triton.decoupled_model import (
     stopped,
     strings,
 )
+from backends.triton.kv_event_socket import KvEventPublisher, events_directory
 from backends.triton.torch_engine import (
     Delta,
     FinishReason,
@@ -85,6 +86,8 @@ class TritonPythonModel:
             f"{self._engine.config.resolved_dtype}; {self._engine.config}")
         self._metrics = EngineMetrics(args["model_name"], args["model_version"], kv_cache=True)
         self._metrics.publish(self._engine.stats())
+        self._kv_events = KvEventPublisher(args["model_name"], events_directory())
+        self._kv_events.publish(self._engine.kv_events())  # AllBlocksCleared: a fresh cache
         self._pending: dict[str, Pending] = {}  # the dispatcher thread's alone
         self._inbox = Inbox()  # of (Pending, Generation)
         self._dispatcher = threading.Thread(
@@ -101,6 +104,7 @@ class TritonPythonModel:
         self._inbox.close()
         self._dispatcher.join()
         self._engine.stop()
+        self._kv_events.close()
         self._metrics.close()
 
     def _parse(
@@ -171,6 +175,8 @@ class TritonPythonModel:
                 next_cancel_check = now + _CANCEL_CHECK_S
             if self._pending:
                 self._deliver(self._engine.poll(_POLL_S))
+            # Every turn while busy (a read of the cache's hash table): the routing lag.
+            self._kv_events.publish(self._engine.kv_events())
             if now >= next_publish or not self._pending:
                 stats = self._engine.stats()
                 self._metrics.publish(stats)
