@@ -76,6 +76,7 @@ class KvEventPublisher:
         self._listener: socket.socket | None = None
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self.serving_error = ""  # why the socket could not be served ("" when it is, or unasked)
         if directory is None:
             return
         path = socket_path(directory, model)
@@ -85,9 +86,13 @@ class KvEventPublisher:
         old_mask = os.umask(0o177)  # created 0600: no window in which others may connect
         try:
             listener.bind(str(path))
+            listener.listen(MAX_CONNECTIONS)
+        except OSError as exc:  # the engine serves on without: routing falls back for it
+            listener.close()
+            self.serving_error = f"KV events not served at {path}: {exc}"
+            return
         finally:
             os.umask(old_mask)
-        listener.listen(MAX_CONNECTIONS)
         self._path, self._listener = path, listener
         threading.Thread(target=self._accept, name=f"kv-events-{model}", daemon=True).start()
 

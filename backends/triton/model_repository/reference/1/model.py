@@ -83,6 +83,8 @@ class TritonPythonModel:
                                       prefix_cache=True)
         self._metrics.publish(self._engine.stats)
         self._kv_events = KvEventPublisher(args["model_name"], events_directory())
+        if self._kv_events.serving_error:
+            pb_utils.Logger.log_error(self._kv_events.serving_error)
         self._kv_events.publish(self._engine.kv_events())  # AllBlocksCleared: a fresh cache
         self._ids = itertools.count()
         self._pending: dict[int, Pending] = {}  # the dispatcher thread's alone

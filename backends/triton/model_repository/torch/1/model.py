@@ -87,6 +87,8 @@ class TritonPythonModel:
         self._metrics = EngineMetrics(args["model_name"], args["model_version"], kv_cache=True)
         self._metrics.publish(self._engine.stats())
         self._kv_events = KvEventPublisher(args["model_name"], events_directory())
+        if self._kv_events.serving_error:
+            pb_utils.Logger.log_error(self._kv_events.serving_error)
         self._kv_events.publish(self._engine.kv_events())  # AllBlocksCleared: a fresh cache
         self._pending: dict[str, Pending] = {}  # the dispatcher thread's alone
         self._inbox = Inbox()  # of (Pending, Generation)
