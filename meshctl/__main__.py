@@ -25,6 +25,7 @@ from meshctl.replicas import replicas as replicas_command
 from meshctl.slo import slo as slo_command
 from meshctl.stack_status import stack_status
 from meshctl.tenants import key_app, tenant_app
+from meshctl.trace import trace as trace_command
 
 # An unexpected traceback never prints locals: they hold API keys and the mesh token.
 app = typer.Typer(help="Operate infermesh: the local stack, generations, the audit log.\n\n"
@@ -43,6 +44,7 @@ app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.command("slo")(slo_command)
 app.command("replicas")(replicas_command)
+app.command("trace")(trace_command)
 app.add_typer(registry_app, name="registry")
 app.add_typer(capacity_app, name="capacity")
 app.add_typer(config_app, name="config")
@@ -145,6 +147,9 @@ def stack_up(
     detach: bool = typer.Option(False, "--detach", help="Start in the background and return."),
     demo: bool = typer.Option(False, "--demo", help="Stream a demo generation once it is up."),
     state_dir: pathlib.Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir"),
+    traces: pathlib.Path = typer.Option(
+        None, "--traces", help="Run a trace receiver that writes every service's spans to "
+        "DIR as OTLP JSON lines (read them with `meshctl trace REQUEST_ID`)."),
 ) -> None:
     """Start etcd, Triton, the sidecar and every service; write <state-dir>/env."""
     from deploy.local.stack import Stack, StackOptions
@@ -155,9 +160,10 @@ def stack_up(
                    "run `meshctl stack down` first", err=True)
         raise typer.Exit(ExitCode.CONFLICT)
     if detach:  # this same command in the foreground, in the background: it supervises
-        _up_in_background(state_dir, demo)
+        _up_in_background(state_dir, demo, traces)
         return
-    stack = Stack(StackOptions(state_dir=state_dir))
+    stack = Stack(StackOptions(state_dir=state_dir,
+                               traces_dir=traces.resolve() if traces is not None else None))
     started = time.monotonic()
     with spinner("starting etcd, Triton (torch and reference engines), sidecar and services"):
         info = stack.up()
@@ -192,7 +198,7 @@ def stack_up(
         typer.echo("stopped.", err=True)
 
 
-def _up_in_background(state_dir: pathlib.Path, demo: bool) -> None:
+def _up_in_background(state_dir: pathlib.Path, demo: bool, traces: pathlib.Path | None) -> None:
     """Starts `meshctl stack up` as a detached process (its output in logs/stack.log) and
     returns once its stack.json is written, or fails with the log's tail if it exits first."""
     import subprocess
@@ -203,7 +209,9 @@ def _up_in_background(state_dir: pathlib.Path, demo: bool) -> None:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "meshctl", "stack", "up", "--state-dir", str(state_dir)]
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([*argv, *(["--demo"] if demo else [])], stdout=log,
+        process = subprocess.Popen([*argv, *(["--demo"] if demo else []),
+                                    *(["--traces", str(traces.resolve())] if traces else [])],
+                                   stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
     deadline = time.monotonic() + 300.0

@@ -21,7 +21,7 @@ import numpy as np
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from services.common import errors, tls
+from services.common import errors, telemetry, tls
 
 OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens")
 # tritonclient's own channel settings: no message size limit, its keepalive defaults.
@@ -230,7 +230,8 @@ class TritonAdapter:
         the caller cancels the Triton request. The request is written on the call itself (no
         request iterator, which grpc.aio would drain in a task of its own).
         """
-        call = self._stub(endpoint).ModelStreamInfer()
+        # The generation's engine span goes to Triton as `traceparent` (None: tracing is off).
+        call = self._stub(endpoint).ModelStreamInfer(metadata=telemetry.outgoing_metadata())
         last: EngineChunk | None = None
         engine_error: errors.MeshError | None = None
         finished = False

@@ -13,10 +13,12 @@ a detached stack (process ids, endpoints) is kept in `<state dir>/stack.json`, s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import secrets
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,7 +49,7 @@ SERVICES = ("registry", "ratelimit", "scheduler", "scheduler-2", "auditor", "gat
 MODULES = {name: f"services.{name.split('-')[0]}" for name in SERVICES}  # scheduler-2: a second
 # supervisor: whoever runs the stack (stops it first, or it would restart what is being stopped)
 STOP_ORDER = ("supervisor", "prometheus", "gateway", "sidecar", "scheduler", "scheduler-2",
-              "ratelimit", "registry", "auditor", "triton", "etcd")
+              "ratelimit", "registry", "auditor", "triton", "traces", "etcd")
 
 
 @dataclass
@@ -63,6 +65,11 @@ class StackOptions:
     # The demo models to register (None: all); a stack for one measurement can skip the real
     # model's load (~0.8 GB and a few seconds).
     models: tuple[str, ...] | None = None
+    # Traces: a receiver of the stack (traces.py) writes every service's spans here as OTLP
+    # JSON lines, sampling `trace_sample_ratio` of the generations that come without a sampled
+    # client `traceparent` (one that comes with it is always traced: parent-based).
+    traces_dir: pathlib.Path | None = None
+    trace_sample_ratio: float = 1.0
 
 
 class Stack:
@@ -115,7 +122,9 @@ class Stack:
                 openai_base_url=(f"{'https' if self.options.tls else 'http'}://{LOOPBACK}:"
                                  f"{openai_port}/v1"),
                 triton_control_token_file=str(control_token),
+                traces_dir=str(self.options.traces_dir or ""),
             )
+            tracing = self._start_traces(deadline)
             self._start(
                 "triton",
                 [sys.executable, "-m", "backends.triton.launcher",
@@ -126,7 +135,7 @@ class Stack:
                  "--control-token-file", str(control_token)],
                 info.service_security("triton"),
             )
-            base = {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint}
+            base = {"INFERMESH_ETCD_ENDPOINT": etcd_server.endpoint, **tracing}
             for name in SERVICES:
                 extra = {**base, **info.service_security(name.split("-")[0])}
                 if name == "auditor":
@@ -239,6 +248,21 @@ class Stack:
             {**env, "INFERMESH_METRICS_PORT": str(metrics_port),
              "INFERMESH_INSTANCE_ID": f"{name}-local"}))
 
+    def _start_traces(self, deadline: float) -> dict[str, str]:
+        """Starts the trace receiver when the options ask for traces; returns the OTEL_*
+        variables that point every service at it ({} without)."""
+        if self.options.traces_dir is None:
+            return {}
+        port = free_port()
+        self._start("traces", [sys.executable, "-m", "deploy.local.traces", "--port", str(port),
+                               "--dir", str(self.options.traces_dir)], {})
+        wait_listening(self.children["traces"], port, deadline)
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{LOOPBACK}:{port}",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": str(self.options.trace_sample_ratio),
+                "OTEL_BSP_SCHEDULE_DELAY": "200"}  # ms: a trace is readable right after
+
     def _run(self, child: ChildProcess) -> None:
         child.start()
         self.children[child.name] = child
@@ -334,6 +358,18 @@ def wait_serving(child: ChildProcess, endpoint: str, deadline: float,
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{child.name} not SERVING in time:\n{child.log_tail()}")
             time.sleep(0.1)
+
+
+def wait_listening(child: ChildProcess, port: int, deadline: float) -> None:
+    """Returns once `child` accepts connections on the loopback `port`."""
+    while True:
+        if not child.alive():
+            raise RuntimeError(f"{child.name} exited during start-up:\n{child.log_tail()}")
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.5):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{child.name} not listening in time:\n{child.log_tail()}")
+        time.sleep(0.05)
 
 
 def stop_detached(state_dir: pathlib.Path) -> list[str]:

@@ -60,6 +60,7 @@ class StackInfo:
     triton_models: dict[str, str] = field(default_factory=dict)
     # The sidecar's key to Triton's model control (backends/triton/control.py); tests read it.
     triton_control_token_file: str = ""
+    traces_dir: str = ""  # where the stack's trace receiver writes (`meshctl trace`); "": none
 
     def env_lines(self, operator: bool = False) -> str:
         """`export` lines of the stack's endpoints and key, with the CA (`client_env`), or with

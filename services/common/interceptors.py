@@ -1,11 +1,15 @@
-"""Server-side wrapping of every RPC handler: request ids in logs, and RPC metrics.
+"""Server-side wrapping of every RPC handler: request ids in logs, RPC metrics, and a server
+span for a call that carries a W3C `traceparent` while tracing is on.
 
 The request id comes from the `x-request-id` metadata (generated when absent) and is bound to
 structlog's contextvars inside the handler's own task, so every log line of the RPC carries it.
+The public Inference service is left to its fronts, which make one trace per generation
+(several may share one GenerateStream).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -13,9 +17,14 @@ from typing import Any
 
 import grpc
 import structlog
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Histogram
 
+from services.common import telemetry
+
 REQUEST_ID_KEY = "x-request-id"
+UNTRACED_SERVICES = frozenset({"infermesh.v1.Inference"})
+_NO_SPAN = contextlib.nullcontext()
 
 RPCS = Counter(
     "infermesh_grpc_server_handled_total", "RPCs completed, by method and status code.",
@@ -75,13 +84,28 @@ def _observe(service: str, method: str, started: float, context: Any, failed: bo
     RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
 
 
+def _server_span(service: str, method: str, context: grpc.aio.ServicerContext) -> Any:
+    """The RPC's span (rpc.* semantic conventions) when tracing is on and the caller sent a
+    `traceparent`; a context manager that does nothing otherwise."""
+    if not telemetry.enabled() or service in UNTRACED_SERVICES:
+        return _NO_SPAN
+    parent = next((str(value) for key, value in context.invocation_metadata() or ()
+                   if key == "traceparent"), "")
+    if not parent:
+        return _NO_SPAN
+    return telemetry.span_from(parent, f"{service}/{method}", SpanKind.SERVER,
+                               {"rpc.system": "grpc", "rpc.service": service,
+                                "rpc.method": method})
+
+
 def _wrap_unary(behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
     async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         structlog.contextvars.bind_contextvars(request_id=request_id_from(context), rpc=method)
         started = time.perf_counter()
         failed = True
         try:
-            result = await behavior(request_or_iterator, context)
+            with _server_span(service, method, context):
+                result = await behavior(request_or_iterator, context)
             failed = False
             return result
         finally:
@@ -96,8 +120,9 @@ def _wrap_stream(behavior: Callable[..., Any], service: str, method: str) -> Cal
         started = time.perf_counter()
         failed = True
         try:
-            async for response in behavior(request_or_iterator, context):
-                yield response
+            with _server_span(service, method, context):
+                async for response in behavior(request_or_iterator, context):
+                    yield response
             failed = False
         finally:
             _observe(service, method, started, context, failed)

@@ -1,24 +1,48 @@
-"""JSON logs through structlog, with the request id bound per RPC (contextvars)."""
+"""JSON logs through structlog, with the request id bound per RPC (contextvars).
+
+Every line of the process is one JSON object: structlog's own, and those of libraries that log
+through the standard library (uvicorn, grpc, aetcd, the OpenTelemetry SDK), rendered by the same
+processors. Each carries `service`, `logger`, `level`, `timestamp`, the bound `request_id` and
+`tenant` when there are, and `trace_id`/`span_id` when a span is current (telemetry.py).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
+
+from services.common.telemetry import add_trace_ids
 
 
 def configure_logging(service: str, level: str = "info") -> None:
     """One JSON object per line on stderr; `request_id` appears once an RPC binds it."""
-    logging.basicConfig(stream=sys.stderr, format="%(message)s", level=level.upper())
+    def add_service(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("service", service)  # threads see no contextvars: added to every line
+        return event
+
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        add_service,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_ids,
+    ]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer()],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[*shared, structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
@@ -27,4 +51,4 @@ def configure_logging(service: str, level: str = "info") -> None:
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name)
+    return structlog.get_logger(name).bind(logger=name)

@@ -4,7 +4,7 @@ registration and a graceful shutdown on SIGTERM.
 A service provides one `setup` coroutine that adds its servicers to the server and returns a
 `ServiceParts`; `run_service` does the rest, in the same order for every service:
 
-    logs → metrics endpoint → etcd client → bind → servicers → health/reflection → start →
+    logs, traces → metrics endpoint → etcd client → bind → servicers → health/reflection → start →
     register under a lease → SERVING … SIGTERM → NOT_SERVING → drain (grace) → cleanup → revoke
 """
 
@@ -24,7 +24,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge, start_http_server
 
-from services.common import etcd, tls
+from services.common import etcd, telemetry, tls
 from services.common.callers import AuthorizationInterceptor
 from services.common.interceptors import ObservabilityInterceptor
 from services.common.logs import configure_logging, get_logger
@@ -86,6 +86,7 @@ async def run_service(kind: str, settings: ServiceSettings, setup: Setup,
     """Runs one service until SIGTERM or SIGINT, then shuts it down gracefully. `public`: its
     listener takes clients without certificates (the gateway: API keys authenticate them)."""
     configure_logging(kind, settings.log_level)
+    telemetry.configure_tracing(kind)  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
     mesh_tls = await asyncio.to_thread(tls.MeshTls.load, settings.tls)
     if mesh_tls is None and not settings.mesh_token.get_secret_value():
         log.warning("plaintext_development", hint="no TLS and no mesh token: anyone who "
@@ -148,6 +149,7 @@ async def run_service(kind: str, settings: ServiceSettings, setup: Setup,
     with contextlib.suppress(Exception):
         await client.close()
     metrics_server.shutdown()
+    await telemetry.shutdown_tracing()
     log.info("stopped")
 
 

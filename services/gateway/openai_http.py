@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from services.common import errors
+from services.common import errors, telemetry
 from services.common.auth import Authenticator
 from services.common.logs import get_logger
 from services.common.tls import TlsMode, TlsSettings, is_loopback
@@ -107,10 +107,11 @@ def error_response(
 class _Run:
     """One generation running in its own task, its events queued for the HTTP response."""
 
-    def __init__(self, front: OpenAIFront, principal: Principal, request: Any, peer: str):
+    def __init__(self, front: OpenAIFront, principal: Principal, request: Any, peer: str,
+                 trace: telemetry.FrontTrace | None):
         self.events: asyncio.Queue[Event] = asyncio.Queue(front.buffer_events)
         self.task = asyncio.create_task(
-            front.generations.run(principal, request, self.events.put, peer),
+            front.generations.run(principal, request, self.events.put, peer, trace),
             name=f"http generation {request.request_id}",
         )
 
@@ -216,9 +217,13 @@ class OpenAIFront:
     async def _generate(self, request: Request, body_type: type, route: str) -> Response:
         request_id = request.headers.get("x-request-id", "")
         body = None
+        trace = telemetry.front_trace(request.headers.items(), **{
+            "http.request.method": "POST", "http.route": request.url.path})
         try:
             request_id = validate_request_id(request_id)
             principal = self._auth.authenticate(request.headers.get("authorization"))
+            if trace is not None:
+                trace.authenticated()
             if self._draining.is_set():
                 raise errors.Unavailable("the gateway is shutting down", retry_after_s=1.0)
             raw = _parse_json(await read_body(request, self._max_body_bytes))
@@ -229,7 +234,7 @@ class OpenAIFront:
         except errors.MeshError as exc:
             return self._count(route, error_response(exc, _safe_id(request_id), body))
         peer = f"{request.client.host}:{request.client.port}" if request.client else ""
-        run = _Run(self, principal, generation, peer)
+        run = _Run(self, principal, generation, peer, trace)
         headers = {"x-request-id": request_id}
         watcher = asyncio.create_task(_await_disconnect(request.receive))
         try:

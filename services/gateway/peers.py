@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 
 from infermesh.v1 import scheduler_pb2
-from services.common import errors, status
+from services.common import errors, status, telemetry
 from services.common.discovery import ServiceDirectory, rendezvous_order
 from services.common.logs import get_logger
 from services.common.outcome import Outcome
@@ -114,6 +114,7 @@ class SchedulerClient:
             triton_model_name=triton_model_name, version_id=version_id, request_id=request_id,
             hold=status.seconds_to_duration(hold_s), exclude_replicas=exclude,
             prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens, zone=self._zone,
+            traceparent=telemetry.traceparent(),  # "" when tracing is off
         )
         *first, last = self._schedulers(triton_model_name, request_id, prefix_hashes)
         for endpoint in first:

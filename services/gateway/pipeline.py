@@ -23,12 +23,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Histogram
 
 from backends.triton.adapter import EngineChunk, EngineRequest
 from infermesh.v1 import auditor_pb2
 from services.auditor.client import new_event
-from services.common import errors
+from services.common import errors, telemetry
 from services.common.logs import get_logger
 from services.common.outcome import Outcome
 from services.common.prefix import prompt_block_hashes
@@ -264,7 +265,8 @@ class GenerationPipeline:
                                       version.cost_per_1k_output_tokens)
             check_access(principal, resolution, self._catalog.entry(version.name).routing)
             RESOLUTIONS.labels(version.name, resolution.arm).inc()
-            validated = await self._validate(request, principal, version)
+            with telemetry.span("validate"):
+                validated = await self._validate(request, principal, version)
             if principal.plan.audit_text_hashes:
                 progress.text_hashes = TextHashes(validated.engine.prompt)
             async with asyncio.timeout(validated.timeout_s):
@@ -282,7 +284,7 @@ class GenerationPipeline:
             )
         except asyncio.CancelledError:
             finished = self._finished(request.request_id, "cancelled", progress)
-            self._record(principal, request, progress, finished, client_address)
+            self._audited(principal, request, progress, finished, client_address)
             # Tell the client if it is still there; a torn-down stream reads nothing, so the
             # wait is bounded.
             with contextlib.suppress(TimeoutError):
@@ -291,11 +293,22 @@ class GenerationPipeline:
             raise
         finally:
             self._run_cleanups(progress)
-        self._record(principal, request, progress, finished, client_address)
+        self._audited(principal, request, progress, finished, client_address)
         await send(finished)
         if shadow is not None and finished.finish_reason in ("stop", "length"):
             self._copy_to_shadow(principal, request, shadow)
         return finished
+
+    def _audited(
+        self, principal: Principal, request: GenerationRequest, progress: _Progress,
+        finished: Finished, client_address: str,
+    ) -> None:
+        """Metrics and the audit hand-off (the audit span: the event is spooled, not sent)."""
+        if not telemetry.enabled():
+            self._record(principal, request, progress, finished, client_address)
+            return
+        with telemetry.span("audit"):
+            self._record(principal, request, progress, finished, client_address)
 
     async def _validate(
         self, request: GenerationRequest, principal: Principal, version: ModelVersion
@@ -332,19 +345,21 @@ class GenerationPipeline:
         hold_s = timeout_s + 5.0
         tenant = principal.tenant_id
         # Reserves prompt + max_tokens; settled with the engine's real counts when it ends.
-        grant = await self._admission.acquire_slot(
-            tenant, engine_request.request_id, prompt_tokens, engine_request.max_tokens
-        )
+        with telemetry.span("quota"):
+            grant = await self._admission.acquire_slot(
+                tenant, engine_request.request_id, prompt_tokens, engine_request.max_tokens
+            )
         progress.cleanups.append(lambda: self._admission.release_slot(
             tenant, grant.slot_id, progress.prompt_tokens, progress.completion_tokens))
         if grant.max_tokens < engine_request.max_tokens:  # the plan degrades under pressure
             engine_request = dataclasses.replace(engine_request, max_tokens=grant.max_tokens)
         # Then a fair turn among tenants for one of this gateway's running places.
-        place = await self._fair.admit(
-            tenant, priority_index(principal.plan.priority),
-            prompt_tokens + engine_request.max_tokens,
-            timeout_s - (self._clock() - progress.arrived),
-        )
+        with telemetry.span("admission queue"):  # the wait for a running place
+            place = await self._fair.admit(
+                tenant, priority_index(principal.plan.priority),
+                prompt_tokens + engine_request.max_tokens,
+                timeout_s - (self._clock() - progress.arrived),
+            )
 
         async def give_back_place() -> None:
             self._fair.release(place, progress.prompt_tokens + progress.completion_tokens)
@@ -353,10 +368,13 @@ class GenerationPipeline:
         failed: list[str] = []
         prefix_hashes = prompt_block_hashes(engine_request.prompt, principal.prefix_salt)
         for attempt in range(1, self._max_attempts + 1):
-            route = await self._routing.route(
-                engine_request.triton_model_name, version_id, engine_request.request_id, hold_s,
-                failed, prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens,
-            )
+            with telemetry.span("route", SpanKind.CLIENT) as span:  # the scheduler's: a child
+                route = await self._routing.route(
+                    engine_request.triton_model_name, version_id, engine_request.request_id,
+                    hold_s, failed, prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens,
+                )
+                if span is not None:
+                    span.set_attribute("infermesh.replica_id", route.replica_id)
             # Cancelled (or past its deadline) until the relay says otherwise: neither judges
             # the replica, so its breaker ignores them.
             released = _Release(route.reservation_id)
@@ -374,7 +392,10 @@ class GenerationPipeline:
                 QUEUE.labels(progress.model).observe(progress.queue_s)
                 await send(Accepted(engine_request.request_id, version_id))
             try:
-                finish_reason = await self._relay(route, engine_request, progress, send)
+                if telemetry.enabled():
+                    finish_reason = await self._traced_relay(route, engine_request, progress, send)
+                else:
+                    finish_reason = await self._relay(route, engine_request, progress, send)
             except errors.MeshError as exc:
                 # Unavailable is the replica's failure (unreachable, or its stream broke); any
                 # other error is the engine's answer about this request (a prompt that never
@@ -397,6 +418,20 @@ class GenerationPipeline:
             released.outcome = Outcome.OK
             return finish_reason
         raise errors.Unavailable("no replica could serve the request", retry_after_s=1.0)
+
+    async def _traced_relay(
+        self, route: Route, engine_request: EngineRequest, progress: _Progress, send: Send
+    ) -> str:
+        """`_relay` in the engine span: the first token an event, token counts attributes."""
+        with telemetry.span("engine", SpanKind.CLIENT, {
+                "server.address": route.grpc_endpoint, "infermesh.replica_id": route.replica_id,
+                "gen_ai.request.max_tokens": engine_request.max_tokens}) as span:
+            try:
+                return await self._relay(route, engine_request, progress, send)
+            finally:
+                if span is not None:
+                    span.set_attribute("gen_ai.usage.input_tokens", progress.prompt_tokens)
+                    span.set_attribute("gen_ai.usage.output_tokens", progress.completion_tokens)
 
     async def _relay(
         self, route: Route, engine_request: EngineRequest, progress: _Progress, send: Send
@@ -422,6 +457,7 @@ class GenerationPipeline:
         if not progress.first_token_sent:
             progress.first_token_sent = True
             progress.ttft_s = self._clock() - progress.arrived
+            telemetry.add_event("first_token", {"infermesh.ttft_s": progress.ttft_s})
         if progress.text_hashes is not None:
             progress.text_hashes.sent(text)
         await send(TokenText(request_id, text))

@@ -11,15 +11,17 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
+import structlog
 from google.protobuf import duration_pb2
 
 from backends.triton.adapter import TritonAdapter
 from backends.triton.weights import cache_root
 from infermesh.v1 import inference_pb2, inference_pb2_grpc, tenants_pb2
-from services.common import errors, etcd, status
+from services.common import errors, etcd, status, telemetry
 from services.common.auth import Authenticator
 from services.common.discovery import ServiceDirectory
 from services.common.frames import MalformedFrame, add_servicer
@@ -146,6 +148,11 @@ def encode_event(event: Event) -> inference_pb2.ServerFrame:
     return inference_pb2.ServerFrame(final=encode_final(event))
 
 
+def _rpc_attributes(method: str) -> dict[str, str]:
+    """A gRPC front's attributes for the generation's span (rpc.* semantic conventions)."""
+    return {"rpc.system": "grpc", "rpc.service": "infermesh.v1.Inference", "rpc.method": method}
+
+
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     for name, value in context.invocation_metadata() or ():
         if name == key:
@@ -161,6 +168,34 @@ class Generations:
         self._idempotency = idempotency
 
     async def run(
+        self, principal: Principal, request: GenerationRequest, send: Send, peer: str,
+        trace: telemetry.FrontTrace | None = None,
+    ) -> Finished:
+        """`trace`: the front's, when tracing is on: the generation runs in its root span."""
+        structlog.contextvars.bind_contextvars(request_id=request.request_id,
+                                               tenant=principal.tenant_id)
+        if trace is None:
+            return await self._run(principal, request, send, peer)
+        operation = "chat" if request.messages is not None else "text_completion"
+        with telemetry.generation_span(trace, f"{operation} {request.model}", {
+                "gen_ai.operation.name": operation, "gen_ai.provider.name": "infermesh",
+                "gen_ai.request.model": request.model,
+                "infermesh.request_id": request.request_id,
+                "infermesh.tenant": principal.tenant_id}) as span:
+            finished = await self._run(principal, request, send, peer)
+            if span is not None:
+                span.set_attributes({
+                    "gen_ai.response.model": finished.model_version,
+                    "gen_ai.response.finish_reasons": (finished.finish_reason,),
+                    "gen_ai.usage.input_tokens": finished.prompt_tokens,
+                    "gen_ai.usage.output_tokens": finished.completion_tokens,
+                    "infermesh.status_code": finished.error.code if finished.error else "OK"})
+                if finished.error is not None:
+                    span.set_attribute("error.type", finished.error.code)
+                    telemetry.set_error(span, finished.error.code, finished.error.message)
+            return finished
+
+    async def _run(
         self, principal: Principal, request: GenerationRequest, send: Send, peer: str
     ) -> Finished:
         try:
@@ -193,7 +228,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise  # unreachable: abort raises
 
     async def Generate(self, request, context):
+        trace = telemetry.front_trace(context.invocation_metadata() or (),
+                                      **_rpc_attributes("Generate"))
         principal = await self._principal(context)
+        if trace is not None:
+            trace.authenticated()
         if isinstance(request, MalformedFrame):
             await status.abort(context, request.error())
         try:
@@ -209,7 +248,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if isinstance(event, TokenText):
                 pieces.append(event.text)
 
-        finished = await self._generations.run(principal, decoded, collect, context.peer())
+        finished = await self._generations.run(principal, decoded, collect, context.peer(),
+                                               trace)
         if finished.error is not None:
             await status.abort(context, finished.error)
         return inference_pb2.GenerateResponse(
@@ -231,7 +271,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await status.abort_stream(context, exc, request_iterator)
         session = _StreamSession(
             self._generations, _Credential(self._auth, authorization, principal), context.peer(),
-            self._settings, self._draining,
+            self._settings, self._draining, context.invocation_metadata() or (),
         )
         reader = asyncio.create_task(session.read(request_iterator), name="stream reader")
         watcher = asyncio.create_task(session.watch_credential(), name="stream key watch")
@@ -323,8 +363,11 @@ class _StreamSession:
     def __init__(
         self, generations: Generations, credential: _Credential, peer: str,
         settings: GatewaySettings, draining: asyncio.Event,
+        metadata: Sequence[tuple[str, Any]] = (),
     ):
+        """`metadata`: the stream's, whose `traceparent` parents each generation's trace."""
         self._generations = generations
+        self._metadata = metadata
         self._credential = credential
         self._peer = peer
         self._opened = time.monotonic()
@@ -390,11 +433,14 @@ class _StreamSession:
 
     async def _start(self, message: inference_pb2.GenerateRequest) -> None:
         request_id = message.request_id if len(message.request_id) <= 128 else ""
+        trace = telemetry.front_trace(self._metadata, **_rpc_attributes("GenerateStream"))
         try:
             principal = self._credential.check()
         except errors.MeshError as exc:
             self._fail(exc)
             return
+        if trace is not None:
+            trace.authenticated()
         try:
             if self._too_old():
                 raise errors.Unavailable(
@@ -416,13 +462,14 @@ class _StreamSession:
         except errors.MeshError as exc:
             await self.send(Finished(request_id=request_id, finish_reason="error", error=exc))
             return
-        task = asyncio.create_task(self._generate(request, principal),
+        task = asyncio.create_task(self._generate(request, principal, trace),
                                    name=f"generation {request_id}")
         self._tasks[request_id] = task
 
-    async def _generate(self, request: GenerationRequest, principal: Principal) -> None:
+    async def _generate(self, request: GenerationRequest, principal: Principal,
+                        trace: telemetry.FrontTrace | None) -> None:
         try:
-            await self._generations.run(principal, request, self.send, self._peer)
+            await self._generations.run(principal, request, self.send, self._peer, trace)
         except asyncio.CancelledError:
             if request.request_id not in self._tasks:
                 raise  # the stream is being torn down

@@ -71,6 +71,7 @@ class Reservation:
     created_at: float
     expires_at: float
     probes: Probes = NO_PROBES  # which breakers this request is the probe of
+    score: float | None = None  # the chosen replica's weighted score (None: round robin)
 
 
 class Router:
@@ -138,8 +139,8 @@ class Router:
             else:
                 log.info("routing_recovered", model=model)
             self._degraded = ctx.notes
-        chosen = self._pick(ctx, candidates)
-        return self._reserve(query, chosen.replica, now)
+        chosen, score = self._pick(ctx, candidates)
+        return self._reserve(query, chosen.replica, now, score)
 
     def release(
         self, reservation_id: str, outcome: Outcome, now: float,
@@ -160,12 +161,14 @@ class Router:
         """Replica id → reservations this scheduler holds on it."""
         return {rid: len(held) for rid, held in self._by_replica.items() if held}
 
-    def _pick(self, ctx: RoutingContext, candidates: list[Candidate]) -> Candidate:
+    def _pick(self, ctx: RoutingContext, candidates: list[Candidate]
+              ) -> tuple[Candidate, float | None]:
+        """The chosen candidate and its weighted score (None: round robin)."""
         if not self._scorers:  # round robin over a stable order
             candidates.sort(key=lambda c: c.replica_id)
             turn = self._rotation.get(ctx.query.model, 0)
             self._rotation[ctx.query.model] = turn + 1
-            return candidates[turn % len(candidates)]
+            return candidates[turn % len(candidates)], None
         for c in candidates:
             report = c.report
             held = self._by_replica.get(c.replica_id)
@@ -180,9 +183,10 @@ class Router:
         top = max(totals)
         best = min((i for i, t in enumerate(totals) if t == top),
                    key=lambda i: candidates[i].replica_id)
-        return candidates[best]
+        return candidates[best], top
 
-    def _reserve(self, query: RouteQuery, replica: ReplicaInfo, now: float) -> Reservation:
+    def _reserve(self, query: RouteQuery, replica: ReplicaInfo, now: float,
+                 score: float | None = None) -> Reservation:
         reservation = Reservation(
             reservation_id=f"{self._id_prefix}-{next(self._ids)}",
             replica=replica,
@@ -191,6 +195,7 @@ class Router:
             created_at=now,
             expires_at=now + query.hold_s,
             probes=self.breakers.routed(replica.replica_id, replica.zone, now),
+            score=score,
         )
         self._reservations[reservation.reservation_id] = reservation
         self._by_replica.setdefault(replica.replica_id, {})[reservation.reservation_id] = now

@@ -10,10 +10,11 @@ import gc
 import time
 from collections.abc import Callable
 
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Gauge, Histogram
 
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
-from services.common import errors, etcd, status
+from services.common import errors, etcd, status, telemetry
 from services.common.frames import add_servicer
 from services.common.logs import get_logger
 from services.common.prefix import MAX_BLOCKS
@@ -120,7 +121,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return scheduler_pb2.RouteResult(call_id=call.call_id, error=status.to_error(exc))
 
     def _route(self, request: scheduler_pb2.RouteRequest) -> scheduler_pb2.RouteResponse:
-        """One decision and its reservation; a refusal is raised (and counted)."""
+        """One decision and its reservation; a refusal is raised (and counted). A child span of
+        the generation's route span when its `traceparent` is set and tracing is on."""
+        if not request.traceparent or not telemetry.enabled():
+            return self._decide(request)
+        with telemetry.span_from(
+                request.traceparent, "scheduler route", SpanKind.SERVER,
+                {"infermesh.triton_model": request.triton_model_name[:MAX_MODEL_CHARS],
+                 "infermesh.routing.policy": self._router.config.policy.value}) as span:
+            try:
+                reply = self._decide(request)
+            except errors.MeshError as exc:
+                telemetry.set_error(span, exc.code, exc.message)
+                raise
+            return reply
+
+    def _decide(self, request: scheduler_pb2.RouteRequest) -> scheduler_pb2.RouteResponse:
         model = request.triton_model_name
         try:
             query = self._query(request)
@@ -138,6 +154,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 self._on_release(model, 0, 0)
             raise
         ROUTES.labels(model, "OK").inc()
+        span = telemetry.current()
+        if span is not None:
+            span.set_attribute("infermesh.replica_id", reservation.replica.replica_id)
+            if reservation.score is not None:
+                span.set_attribute("infermesh.routing.score", reservation.score)
         return scheduler_pb2.RouteResponse(
             replica_id=reservation.replica.replica_id,
             grpc_endpoint=reservation.replica.grpc_endpoint,
