@@ -24,6 +24,7 @@ def configure_logging(service: str, level: str = "info") -> None:
         return event
 
     shared = [
+        structlog.stdlib.add_logger_name,
         structlog.contextvars.merge_contextvars,
         add_service,
         structlog.processors.add_log_level,
@@ -32,7 +33,7 @@ def configure_logging(service: str, level: str = "info") -> None:
     ]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info,
                     structlog.processors.JSONRenderer()],
@@ -44,11 +45,27 @@ def configure_logging(service: str, level: str = "info") -> None:
         processors=[*shared, structlog.processors.format_exc_info,
                     structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_NamedPrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)
 
 
+class _NamedPrintLogger(structlog.PrintLogger):
+    """structlog's fast print logger, with the name `add_logger_name` reads."""
+
+    def __init__(self, file: Any, name: str):
+        super().__init__(file)
+        self.name = name
+
+
+class _NamedPrintLoggerFactory:
+    def __init__(self, file: Any):
+        self._file = file
+
+    def __call__(self, *args: Any) -> _NamedPrintLogger:
+        return _NamedPrintLogger(self._file, str(args[0]) if args else "")
+
+
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name).bind(logger=name)
+    return structlog.get_logger(name)

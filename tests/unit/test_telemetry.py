@@ -1,0 +1,127 @@
+"""Tracing in one process, against a real OTLP gRPC endpoint on loopback (the stack's receiver,
+in-test): spans are parented to the client's `traceparent`, log lines (structlog's and a
+library's through stdlib logging) carry the current trace and span ids, a dead collector costs
+the caller nothing but dropped spans (counted), and with no endpoint nothing is made at all."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import structlog
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+from deploy.local.traces import TRACES_FILE, TraceFileWriter, generation_trace, read_spans
+from services.common import telemetry
+from services.common.logs import configure_logging, get_logger
+from services.common.net import LOOPBACK, free_port
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+CLIENT_TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+
+
+@pytest.fixture
+async def receiver(tmp_path) -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
+        TraceFileWriter(tmp_path / TRACES_FILE), server)
+    port = server.add_insecure_port(f"{LOOPBACK}:0")
+    await server.start()
+    yield f"http://{LOOPBACK}:{port}"
+    await server.stop(0)
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+def test_off_makes_nothing(monkeypatch) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    assert not telemetry.configure_tracing("gateway")
+    assert not telemetry.enabled()
+    assert telemetry.span("a") is telemetry.span("b")  # one shared no-op context manager
+    with telemetry.span("a") as made:
+        assert made is None
+    assert telemetry.front_trace([("traceparent", CLIENT_TRACEPARENT)]) is None
+    assert telemetry.traceparent() == "" and telemetry.outgoing_metadata() is None
+    assert telemetry.current() is None
+
+
+async def test_spans_parented_to_the_client_and_logs_joined(
+        receiver: str, tmp_path, monkeypatch, capsys, restore_logging) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")  # only a sampled parent is traced
+    configure_logging("gateway")
+    assert telemetry.configure_tracing("gateway")
+    try:
+        front = telemetry.front_trace([("traceparent", CLIENT_TRACEPARENT)],
+                                      **{"rpc.system": "grpc"})
+        assert front is not None
+        front.authenticated()
+        with telemetry.generation_span(front, "chat demo", {"infermesh.request_id": "r-1"}):
+            with telemetry.span("route") as route:
+                assert route is not None
+                forwarded = telemetry.traceparent()
+                get_logger("services.gateway.test").info("routing", replica="r0")
+                logging.getLogger("aetcd").warning("a library's line")
+            with telemetry.span_from(forwarded, "scheduler route"):
+                pass
+        with telemetry.span("unparented"):  # ratio 0, no parent: not sampled, not exported
+            pass
+    finally:
+        await telemetry.shutdown_tracing()
+    spans = {span.name: span for span in read_spans(tmp_path)}
+    assert set(spans) == {"chat demo", "authenticate", "route", "scheduler route"}
+    root = spans["chat demo"]
+    assert (root.trace_id, root.parent_span_id) == (CLIENT_TRACE, CLIENT_SPAN)
+    assert root.attributes["rpc.system"] == "grpc"
+    assert spans["authenticate"].parent_span_id == root.span_id
+    assert spans["route"].parent_span_id == root.span_id
+    assert spans["scheduler route"].parent_span_id == spans["route"].span_id
+    assert forwarded == f"00-{CLIENT_TRACE}-{spans['route'].span_id}-01"
+    found = generation_trace(tmp_path, "r-1")
+    assert found is not None and [r.name for r in found.roots] == ["chat demo"]
+    assert found.spans == 4
+
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()
+             if line.startswith("{")]
+    joined = [line for line in lines if line.get("trace_id") == CLIENT_TRACE]
+    assert {line["logger"] for line in joined} == {"services.gateway.test", "aetcd"}
+    for line in joined:
+        assert line["span_id"] == spans["route"].span_id
+        assert line["service"] == "gateway"
+
+
+async def test_a_dead_collector_costs_only_dropped_spans(monkeypatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://{LOOPBACK}:{free_port()}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER_ARG", raising=False)
+    dropped = telemetry.SPANS_DROPPED.labels("export_failed")
+    before = dropped._value.get()
+    assert telemetry.configure_tracing("gateway")
+    try:
+        started = time.perf_counter()
+        for index in range(20):
+            with telemetry.span(f"span {index}"):
+                pass
+        assert time.perf_counter() - started < 0.5  # queued, never exported on the caller
+    finally:
+        stopping = time.perf_counter()
+        await telemetry.shutdown_tracing()
+        assert time.perf_counter() - stopping <= telemetry.SPAN_FLUSH_TIMEOUT_S + 0.5
+    assert dropped._value.get() - before == 20
