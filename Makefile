@@ -29,14 +29,17 @@ prometheus:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
 # The venv is made from the system interpreter: Triton's Python-backend stub links the system
-# libpython3.11 and takes its sys.path from the venv (see docs/decisions.md).
-$(INSTALLED): pyproject.toml
+# libpython3.11 and takes its sys.path from the venv (see docs/decisions.md). The SDK comes in the
+# same command: meshctl depends on `infermesh-client`, which only this checkout provides.
+$(INSTALLED): pyproject.toml sdk/python/pyproject.toml
 	test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' -e sdk/python \
+	  --config-settings editable_mode=compat
 	touch $@
 
 # The Python SDK (sdk/python), editable: its build compiles the protos into the package, so it is
-# installed again when they change. Its grpcio and protobuf are the pins above (`pip check`).
+# installed again when they change (its first install is the one above, with the build isolated
+# since grpcio-tools is not there yet). Its grpcio and protobuf are the pins above (`pip check`).
 $(SDK_INSTALLED): $(PROTOS) sdk/python/pyproject.toml sdk/python/setup.py $(wildcard sdk/python/protos/*/*.proto) $(INSTALLED)
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e sdk/python
 	touch $@

@@ -9,16 +9,17 @@ import sys
 import time
 
 import typer
+from infermesh_client import InfermeshError
 
-from infermesh.v1 import inference_pb2
 from meshctl import config
 from meshctl.audit import audit_app
 from meshctl.capacity import capacity_app
-from meshctl.config import DEFAULT_STATE_DIR, gateway_and_key, tls_for
+from meshctl.client import client_options, resolved_options
+from meshctl.config import DEFAULT_STATE_DIR
 from meshctl.contexts import config_app
 from meshctl.engine import engine_app
-from meshctl.exits import ExitCode, describe, exit_code
-from meshctl.generate import sampling, stream_generation, unary_generation
+from meshctl.exits import ExitCode, describe, exit_code, fail_error
+from meshctl.generate import print_final, sampling, stream_generation, unary_generation
 from meshctl.progress import spinner
 from meshctl.registry import registry_app
 from meshctl.replicas import replicas as replicas_command
@@ -71,25 +72,6 @@ def _global(
     """Global options: the context, the version."""
     config.selected_context = context
 
-FINISH = {v: k.lower() for k, v in inference_pb2.FinishReason.items()}
-
-
-def _seconds(duration) -> float:
-    return duration.ToTimedelta().total_seconds()
-
-
-def print_final(final: inference_pb2.Final) -> None:
-    typer.echo("")
-    typer.echo(
-        f"finish_reason={FINISH[final.finish_reason]} "
-        f"prompt_tokens={final.usage.prompt_tokens} "
-        f"completion_tokens={final.usage.completion_tokens} "
-        f"ttft_ms={_seconds(final.timings.time_to_first_token) * 1000:.1f} "
-        f"model_version={final.model_version}",
-        err=True,
-    )
-
-
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The prompt text."),
@@ -108,38 +90,25 @@ def generate(
 ) -> None:
     """Generate text; on an error print `error: CODE: message` (and when to retry, if the mesh
     said) and exit with the code's exit status (4 auth, 7 refused …)."""
-    mesh_tls = tls_for("gateway", gateway)
-    gateway, api_key = gateway_and_key(gateway, api_key)
+    options = resolved_options("gateway", gateway, api_key, timeout_s=None)
     params = sampling(max_tokens, temperature, seed)
     if stream or cancel_after is not None:
         result = asyncio.run(
-            stream_generation(gateway, api_key, model, prompt, params, cancel_after, chat=chat,
-                              mesh_tls=mesh_tls)
-        )
-        if result.error_code:
-            error = describe(result.error_code, result.error_message, result.retry_after_s)
-            typer.echo(f"\nerror: {error}", err=True)
-            raise typer.Exit(exit_code(result.error_code))
-        assert result.final is not None
-        print_final(result.final)
-        if result.final.HasField("error"):
-            error = result.final.error
-            retry = (error.retry_after.ToTimedelta().total_seconds()
-                     if error.HasField("retry_after") else None)
-            typer.echo(f"error: {describe(error.code, error.message, retry)}", err=True)
+            stream_generation(options, model, prompt, params, cancel_after, chat=chat))
+        if result.generation is not None:
+            print_final(result.generation)
+        if result.error is not None:
+            error = result.error
+            typer.echo(("" if result.generation else "\n") + "error: "
+                       + describe(error.code, error.message, error.retry_after), err=True)
             raise typer.Exit(exit_code(error.code))
         return
-    reply, code, message, retry_after_s = asyncio.run(
-        unary_generation(gateway, api_key, model, prompt, params, chat=chat, mesh_tls=mesh_tls)
-    )
-    if reply is None:
-        typer.echo(f"error: {describe(code, message, retry_after_s)}", err=True)
-        raise typer.Exit(exit_code(code))
-    typer.echo(reply.text, nl=False)
-    print_final(inference_pb2.Final(
-        finish_reason=reply.finish_reason, usage=reply.usage, timings=reply.timings,
-        model_version=reply.model_version,
-    ))
+    try:
+        generation = asyncio.run(unary_generation(options, model, prompt, params, chat=chat))
+    except InfermeshError as exc:
+        fail_error(exc)
+    typer.echo(generation.text, nl=False)
+    print_final(generation)
 
 
 @stack_app.command("up")
@@ -174,11 +143,12 @@ def stack_up(
         question = "What is the capital of France? Answer in two sentences."
         typer.echo(f"\n$ meshctl generate --stream --chat --model {info.model} '{question}'\n",
                    err=True)
-        result = asyncio.run(stream_generation(
-            info.gateway, info.api_key, info.model, question, sampling(64, None, None),
-            chat=True, mesh_tls=info.client_tls()))
-        if result.final is not None:
-            print_final(result.final)
+        options = client_options("gateway", info.gateway, info.api_key, info.client_tls(),
+                                 timeout_s=None)
+        result = asyncio.run(stream_generation(options, info.model, question,
+                                               sampling(64, None, None), chat=True))
+        if result.generation is not None:
+            print_final(result.generation)
     typer.echo("\nserving; a process that dies is restarted (`meshctl stack status`); "
                "Ctrl-C stops every process.", err=True)
     stopping = False

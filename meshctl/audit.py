@@ -11,14 +11,12 @@ import os
 import pathlib
 from collections.abc import Callable, Mapping
 
-import grpc
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from infermesh.v1 import auditor_pb2, auditor_pb2_grpc
+from meshctl.client import mesh_client
 from meshctl.config import DEFAULT_STATE_DIR, tls_for
 from meshctl.output import Column, OutputFormat, emit
-from meshctl.rpc import call_with_key
 from meshctl.times import format_time, parse_time
 from services.auditor import reader
 from services.auditor.checkpoints import (
@@ -117,6 +115,7 @@ def audit_check_proof(
 
 
 QUERY_FORMATS = ("jsonl", "table", "wide", "json", "yaml")
+QUERY_TIMEOUT_S = 120.0  # a query may scan many segments
 
 
 def _query_format(value: str) -> str:
@@ -171,20 +170,12 @@ def audit_query(
 ) -> None:
     """Export matching records, by default as JSON lines exactly as stored (each verifiable on
     its own: its hash, and its Merkle leaf for `prove`)."""
-    request = auditor_pb2.QueryRequest(tenant=tenant, model=model, request_id=request_id,
-                                       limit=limit)
-    if since:
-        request.since.FromDatetime(parse_time(since))
-    if until:
-        request.until.FromDatetime(parse_time(until))
-    lines: list[str] = []
-
-    async def run(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
-        stub = auditor_pb2_grpc.AuditorStub(channel)
-        async for record in stub.Query(request, metadata=metadata, timeout=120):
-            lines.append(record.line)
-
-    call_with_key("auditor", auditor, api_key, run)
+    window = {"since": parse_time(since) if since else None,
+              "until": parse_time(until) if until else None}
+    with mesh_client("auditor", auditor, api_key, timeout_s=QUERY_TIMEOUT_S) as client:
+        records = client.audit.query(tenant=tenant, model=model, request_id=request_id,
+                                     limit=limit, **window)
+    lines = [record.line for record in records]
     with contextlib.ExitStack() as stack:
         if file is not None:
             sink = stack.enter_context(open(file, "w"))

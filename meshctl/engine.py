@@ -23,14 +23,15 @@ import urllib.request
 import uuid
 
 import typer
+from infermesh_client import AsyncClient, InfermeshError
 
 from backends.triton.adapter import EngineRequest, TritonAdapter
 from backends.triton.calibration import EngineProfile, fit_profile
-from meshctl.config import endpoint_and_key, service_endpoint, tls_for
+from meshctl.client import resolved_options
+from meshctl.config import service_endpoint, tls_for
 from meshctl.exits import fail_error
 from meshctl.progress import spinner
 from services.common import errors
-from services.registry.client import RegistryClient
 
 engine_app = typer.Typer(help="Measure engines.", no_args_is_help=True)
 REQUEST_TIMEOUT_S = 300.0
@@ -129,14 +130,12 @@ def calibrate(
 ) -> None:
     """Measure a replica of MODEL's version and write its engine profile."""
     lengths, sizes = _ints(prompt_lengths, "--prompt-lengths"), _ints(batches, "--batches")
-    registry_endpoint, key = endpoint_and_key("registry", registry, api_key)
     triton_endpoint = service_endpoint("triton", triton)
     metrics_endpoint = service_endpoint("triton-metrics", triton_metrics)
 
     async def measure() -> EngineProfile:
-        async with RegistryClient(registry_endpoint, key,
-                                  mesh_tls=tls_for("registry", registry)) as client:
-            version = await client.version(model)
+        async with AsyncClient(**resolved_options("registry", registry, api_key)) as client:
+            version = await client.registry.version(model)
         triton_model = version.triton_model_name
         adapter = TritonAdapter(tls_for("triton", triton))
         try:
@@ -150,7 +149,7 @@ def calibrate(
         max_active = int(_metric(metrics_endpoint, "nv_trt_llm_request_metrics", triton_model,
                                  'request_type="max"'))
         return fit_profile(
-            model=version.manifest.name, version_id=version.version_id,
+            model=version.model, version_id=version.version_id,
             triton_model_name=triton_model, prefill=found["prefill"], decode=found["decode"],
             max_active_requests=max_active, kv_tokens_per_block=tokens_per_block,
             kv_blocks_per_request=round(found["most_used"] / sizes[-1], 2),
@@ -161,7 +160,7 @@ def calibrate(
         with spinner(f"measuring {model}: prefill at {len(lengths)} prompt lengths, decode at "
                      f"{len(sizes)} batch sizes"):
             profile = asyncio.run(measure())
-    except errors.MeshError as exc:
+    except (errors.MeshError, InfermeshError) as exc:
         fail_error(exc)
     out.write_text(profile.to_json() + "\n")
     typer.echo(

@@ -1,9 +1,10 @@
 """How every read command prints: `-o table|json|yaml|wide`.
 
-A command builds its result once as plain data (`message_dict` for a protobuf message, so JSON
-field names are the proto's own and stay stable) and describes its table as `Column`s over
-that data; `emit` renders it in the format asked for. One renderer per format, none per
-command: the table a person reads and the JSON a script parses cannot drift apart.
+A command builds its result once as plain data (an SDK result's `to_dict()`, or `message_dict`
+for a protobuf message: either way the API's JSON mapping, so field names are the proto's own
+and stay stable) and describes its table as `Column`s over that data; `emit` renders it in the
+format asked for. One renderer per format, none per command: the table a person reads and the
+JSON a script parses cannot drift apart.
 """
 
 from __future__ import annotations

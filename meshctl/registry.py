@@ -15,17 +15,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import typer
+from infermesh_client import Client, Routing, RoutingChange
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from infermesh.v1 import registry_pb2
+from meshctl.client import mesh_client
 from meshctl.config import endpoint_and_key, tls_for
 from meshctl.exits import fail_error
 from meshctl.output import OUTPUT, Column, OutputFormat, emit, is_structured, message_dict
 from meshctl.times import format_time
 from services.common import errors
 from services.registry.client import RegistryClient, load_push_source
-from services.registry.manifest import ALIASES, VERSION_ID, diff_manifests, flatten
+from services.registry.manifest import diff_manifests, flatten
 
 T = TypeVar("T")
 registry_app = typer.Typer(help="Model versions and their rollouts.", no_args_is_help=True)
@@ -39,8 +41,9 @@ EXPECT = typer.Option(None, "--expected-revision", "--expect-revision",
 
 def run(registry: str | None, api_key: str | None,
         operation: Callable[[RegistryClient], Awaitable[T]]) -> T:
-    """Runs `operation` with a client; on an error prints `CODE: message` and exits with its
-    code (`meshctl.exits`)."""
+    """Runs `operation` with the registry's own client (blob uploads and garbage collection,
+    which the SDK does not do); on an error prints `CODE: message` and exits with its code
+    (`meshctl.exits`)."""
     endpoint, key = endpoint_and_key("registry", registry, api_key)
     mesh_tls = tls_for("registry", registry)
 
@@ -62,29 +65,7 @@ def manifest_dict(manifest: registry_pb2.ModelManifest) -> dict[str, Any]:
     return message_dict(manifest)
 
 
-async def resolve_version(client: RegistryClient, model: str, text: str) -> str:
-    """A full `sha256:…` id, a unique prefix of one (with or without `sha256:`), or an alias."""
-    if text in ALIASES or VERSION_ID.match(text):
-        return (await client.version(f"{model}@{text}")).version_id
-    prefix = text if text.startswith("sha256:") else f"sha256:{text}"
-    if len(prefix) < len("sha256:") + 6:
-        raise errors.InvalidArgument("VERSION", "give at least 6 hex digits of the version id")
-    found = [v.version_id for v in await client.versions(model)
-             if v.version_id.startswith(prefix)]
-    if len(found) != 1:
-        raise errors.NotFound(f"{text} matches {len(found)} versions of {model}, not one")
-    return found[0]
-
-
-async def resolve_ref(client: RegistryClient, ref: str) -> registry_pb2.VersionInfo:
-    """`model`, `model@alias`, `model@sha256:…` or `model@<prefix>`."""
-    model, _, target = ref.partition("@")
-    if target:
-        return await client.version(f"{model}@{await resolve_version(client, model, target)}")
-    return await client.version(model)
-
-
-def print_routing(routing: registry_pb2.Routing) -> None:
+def print_routing(routing: Routing) -> None:
     typer.echo(f"{routing.model}  revision {routing.revision}  "
                f"(updated {format_time(routing.updated_at)} by {routing.updated_by or '-'})")
     typer.echo(f"  production  {routing.production or '-'}")
@@ -134,8 +115,8 @@ def list_models(
 ) -> None:
     """Models and what serves them, or one model's versions (oldest first)."""
     if model is None:
-        models = [message_dict(entry)
-                  for entry in run(registry, api_key, lambda client: client.models())]
+        with mesh_client("registry", registry, api_key) as client:
+            models = [entry.to_dict() for entry in client.registry.models()]
 
         def canary(m: dict) -> str:
             r = m["routing"]
@@ -157,13 +138,11 @@ def list_models(
         ])
         return
 
-    async def operation(client: RegistryClient):
-        return await client.routing(model), await client.versions(model)
-
-    routing, versions = run(registry, api_key, operation)
+    with mesh_client("registry", registry, api_key) as client:
+        routing, versions = client.registry.routing(model), client.registry.versions(model)
     roles = {routing.production: "production", routing.canary: "canary",
              routing.shadow: "shadow", routing.previous: "previous"}
-    rows = [{**message_dict(v), "role": roles.get(v.version_id, "")} for v in versions]
+    rows = [{**v.to_dict(), "role": roles.get(v.version_id, "")} for v in versions]
     emit(output, rows, [
         Column("VERSION", lambda v: v["version_id"]),
         Column("REGISTERED", lambda v: format_time(v.get("registered_at"))),
@@ -185,19 +164,20 @@ def show(
 ) -> None:
     """One version: its manifest, id and who registered it when (table: a header line, then
     every manifest field)."""
-    version = run(registry, api_key, lambda client: resolve_ref(client, ref))
-    manifest = manifest_dict(version.manifest)
+    with mesh_client("registry", registry, api_key) as client:
+        version = client.registry.version(ref)
+    data = version.to_dict()
     if manifest_only:
-        typer.echo(json.dumps(manifest, indent=2, sort_keys=True))
+        typer.echo(json.dumps(data["manifest"], indent=2, sort_keys=True))
         return
     if is_structured(output):
-        emit(output, message_dict(version), [])
+        emit(output, data, [])
         return
-    typer.echo(f"{version.manifest.name}@{version.version_id}")
+    typer.echo(f"{version.model}@{version.version_id}")
     typer.echo(f"registered {format_time(version.registered_at)} by "
                f"{version.registered_by or '-'}")
     typer.echo(f"served as the Triton model {version.triton_model_name}")
-    for field, value in flatten(manifest).items():
+    for field, value in flatten(data["manifest"]).items():
         typer.echo(f"  {field} = {json.dumps(value)}")
 
 
@@ -211,40 +191,32 @@ def diff(
     if "@" not in after:
         after = f"{before.partition('@')[0]}@{after}"
 
-    async def operation(client: RegistryClient):
-        return await resolve_ref(client, before), await resolve_ref(client, after)
-
-    old, new = run(registry, api_key, operation)
-    changes = diff_manifests(manifest_dict(old.manifest), manifest_dict(new.manifest))
+    with mesh_client("registry", registry, api_key) as client:
+        old, new = client.registry.version(before), client.registry.version(after)
+    changes = diff_manifests(old.to_dict()["manifest"], new.to_dict()["manifest"])
     if is_structured(output):
-        emit(output, {"before": f"{old.manifest.name}@{old.version_id}",
-                      "after": f"{new.manifest.name}@{new.version_id}",
+        emit(output, {"before": f"{old.model}@{old.version_id}",
+                      "after": f"{new.model}@{new.version_id}",
                       "changes": [{"field": f, "before": was, "after": now}
                                   for f, was, now in changes]}, [])
         return
-    typer.echo(f"--- {old.manifest.name}@{old.version_id}")
-    typer.echo(f"+++ {new.manifest.name}@{new.version_id}")
+    typer.echo(f"--- {old.model}@{old.version_id}")
+    typer.echo(f"+++ {new.model}@{new.version_id}")
     for field, was, now in changes:
         typer.echo(f"  {field}: {json.dumps(was)} → {json.dumps(now)}")
     if not changes:
         typer.echo("  (identical)")
 
 
-def change(registry: str | None, api_key: str | None, model: str, reason: str,
-           expect: int | None, version: str | None = None, **fields: Any) -> None:
-    """One routing change, printed as the routing it left."""
-
-    async def operation(client: RegistryClient) -> registry_pb2.ChangeRoutingResponse:
-        if version is not None:
-            version_id = await resolve_version(client, model, version)
-            for message in fields.values():
-                message.version_id = version_id
-        return await client.change(model, reason, expect, **fields)
-
-    reply = run(registry, api_key, operation)
-    typer.echo(f"{reply.entry.action}: revision {reply.entry.revision - 1} → "
-               f"{reply.entry.revision}")
-    print_routing(reply.routing)
+def change(registry: str | None, api_key: str | None,
+           make: Callable[[Client], RoutingChange]) -> None:
+    """One routing change (`make` makes it with the SDK's client), printed as the routing it
+    left."""
+    with mesh_client("registry", registry, api_key) as client:
+        changed = make(client)
+    typer.echo(f"{changed.entry.action}: revision {changed.entry.revision - 1} → "
+               f"{changed.entry.revision}")
+    print_routing(changed.routing)
 
 
 @registry_app.command("promote")
@@ -253,21 +225,14 @@ def promote(
     reason: str = REASON, expect: int = EXPECT, registry: str = REGISTRY, api_key: str = API_KEY,
 ) -> None:
     """Make VERSION production; the old production becomes `previous` (rollback target)."""
-    change(registry, api_key, model, reason, expect, version, promote=registry_pb2.Promote())
+    change(registry, api_key,
+           lambda c: c.registry.promote(model, version, reason=reason, expected_revision=expect))
 
 
-def set_or_clear(
-    registry: str | None, api_key: str | None, first: str, second: str, reason: str,
-    expect: int | None, clear: dict[str, Any], setting: dict[str, Any] | None, option: str,
-) -> None:
-    """`<cmd> clear MODEL` makes the `clear` change; `<cmd> MODEL VERSION <option> V` makes
-    `setting` (None when the option was not given)."""
-    if first == "clear":
-        change(registry, api_key, second, reason, expect, **clear)
-        return
-    if setting is None:
+def _required(value: float | None, option: str) -> float:
+    if value is None:
         raise typer.BadParameter(f"{option} is required")
-    change(registry, api_key, first, reason, expect, second, **setting)
+    return value
 
 
 @registry_app.command("canary")
@@ -278,10 +243,14 @@ def canary(
     reason: str = REASON, expect: int = EXPECT, registry: str = REGISTRY, api_key: str = API_KEY,
 ) -> None:
     """`canary MODEL VERSION --weight N` sends a sticky N% to VERSION; `canary clear MODEL`."""
-    set_or_clear(registry, api_key, model, version, reason, expect,
-                 {"clear_canary": registry_pb2.ClearCanary()},
-                 None if weight is None else {
-                     "canary": registry_pb2.SetCanary(weight_percent=weight)}, "--weight")
+    if model == "clear":  # `canary clear MODEL`: the model is the second argument
+        change(registry, api_key,
+               lambda c: c.registry.clear_canary(version, reason=reason, expected_revision=expect))
+        return
+    weight = _required(weight, "--weight")
+    change(registry, api_key,
+           lambda c: c.registry.canary(model, version, weight, reason=reason,
+                                       expected_revision=expect))
 
 
 @registry_app.command("shadow")
@@ -293,10 +262,14 @@ def shadow(
 ) -> None:
     """`shadow MODEL VERSION --rate R` copies a share R of requests to VERSION (its output is
     discarded, never billed); `shadow clear MODEL`."""
-    set_or_clear(registry, api_key, model, version, reason, expect,
-                 {"clear_shadow": registry_pb2.ClearShadow()},
-                 None if rate is None else {"shadow": registry_pb2.SetShadow(rate=rate)},
-                 "--rate")
+    if model == "clear":
+        change(registry, api_key,
+               lambda c: c.registry.clear_shadow(version, reason=reason, expected_revision=expect))
+        return
+    rate = _required(rate, "--rate")
+    change(registry, api_key,
+           lambda c: c.registry.shadow(model, version, rate, reason=reason,
+                                       expected_revision=expect))
 
 
 @registry_app.command("rollback")
@@ -305,7 +278,8 @@ def rollback(
     registry: str = REGISTRY, api_key: str = API_KEY,
 ) -> None:
     """Swap production and previous (a second rollback undoes the first)."""
-    change(registry, api_key, model, reason, expect, rollback=registry_pb2.Rollback())
+    change(registry, api_key,
+           lambda c: c.registry.rollback(model, reason=reason, expected_revision=expect))
 
 
 def _detail(entry: dict[str, Any]) -> str:
@@ -329,13 +303,14 @@ def history(
     output: OutputFormat = OUTPUT, registry: str = REGISTRY, api_key: str = API_KEY,
 ) -> None:
     """Every routing change: revision, time, actor, action, what it pointed at, and why."""
-    page = run(registry, api_key, lambda client: client.history(model, limit, before))
+    with mesh_client("registry", registry, api_key) as client:
+        page = client.registry.history(model, limit=limit, before_revision=before)
     older = (f"(older: meshctl registry history {model} --before {page.next_before_revision})"
              if page.next_before_revision else "")
     if is_structured(output):
-        emit(output, message_dict(page), [])
+        emit(output, page.to_dict(), [])
         return
-    emit(output, [message_dict(entry) for entry in page.entries], [
+    emit(output, [entry.to_dict() for entry in page.entries], [
         Column("REVISION", lambda e: e["revision"], right=True),
         Column("AT", lambda e: format_time(e.get("at"))),
         Column("ACTOR", lambda e: e["actor"]),

@@ -8,8 +8,9 @@ from typing import Any
 import typer
 
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+from meshctl.client import TIMEOUT_S
 from meshctl.output import OUTPUT, Column, OutputFormat, emit, is_structured, message_dict
-from meshctl.rpc import TIMEOUT_S, call
+from meshctl.rpc import call
 from meshctl.times import format_duration
 
 BREAKER = {"BREAKER_STATE_UNSPECIFIED": "?", "BREAKER_STATE_CLOSED": "closed",
@@ -71,9 +72,9 @@ def replicas(
     breaker, the requests it holds, and each model's KV cache and queue. Ask one scheduler:
     reservations and breakers are that instance's own."""
 
-    async def list_replicas(channel, metadata) -> scheduler_pb2.ListReplicasResponse:
+    async def list_replicas(channel) -> scheduler_pb2.ListReplicasResponse:
         return await scheduler_pb2_grpc.SchedulerStub(channel).ListReplicas(
-            scheduler_pb2.ListReplicasRequest(), metadata=metadata, timeout=TIMEOUT_S)
+            scheduler_pb2.ListReplicasRequest(), timeout=TIMEOUT_S)
 
     reply = call("scheduler", scheduler, list_replicas)
     data = message_dict(reply)

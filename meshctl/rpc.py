@@ -1,4 +1,6 @@
-"""Calling the mesh from meshctl: one channel per command, one error format."""
+"""meshctl's calls to an internal service the SDK does not cover (the scheduler's replica list,
+an operator's read of the mesh's internal API): a channel per command that presents the
+operator's certificate and no key, and the one meshctl error format."""
 
 from __future__ import annotations
 
@@ -8,54 +10,23 @@ from typing import TypeVar
 
 import grpc
 
-from meshctl.config import endpoint_and_key, service_endpoint, tls_for
+from meshctl.config import service_endpoint, tls_for
 from meshctl.exits import fail_error
 from services.common import tls
 
 T = TypeVar("T")
-TIMEOUT_S = 10.0
-
-
-Metadata = tuple[tuple[str, str], ...]
-
-
-def call_with_key(
-    service: str, flag: str | None, api_key: str | None,
-    operation: Callable[[grpc.aio.Channel, Metadata], Awaitable[T]],
-) -> T:
-    """Runs `operation(channel, metadata)` against `service` (the gateway, the auditor …) at
-    the endpoint its `flag` resolves to, with the API key."""
-    endpoint, key = endpoint_and_key(service, flag, api_key)
-    return _call(endpoint, service, tls_for(service, flag),
-                 (("authorization", f"Bearer {key}"),), operation)
-
-
-def call_gateway(
-    gateway: str | None, api_key: str | None,
-    operation: Callable[[grpc.aio.Channel, Metadata], Awaitable[T]],
-) -> T:
-    """Runs `operation(channel, metadata)` against the gateway, with the API key."""
-    return call_with_key("gateway", gateway, api_key, operation)
 
 
 def call(service: str, flag: str | None,
-         operation: Callable[[grpc.aio.Channel, Metadata], Awaitable[T]]) -> T:
-    """Runs `operation(channel, ())` against `service` without a key (its certificate, the
-    operator's, is what the service checks)."""
-    return _call(service_endpoint(service, flag), service, tls_for(service, flag), (),
-                 operation)
-
-
-def _call(endpoint: str, service: str, mesh_tls: tls.MeshTls | None, metadata: Metadata,
-          operation: Callable[[grpc.aio.Channel, Metadata], Awaitable[T]]) -> T:
-    """Runs `operation(channel, metadata)` on a channel to `endpoint`; on a gRPC error prints
-    `CODE: message` (with the RetryInfo delay, if any) and exits with its code (`exits`). The
-    public gateway is checked by its address, a mesh service by its identity."""
+         operation: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
+    """Runs `operation(channel)` against `service` at the endpoint `flag` resolves to, checking
+    the server by its mesh identity; on a gRPC error prints `CODE: message` (with the RetryInfo
+    delay, if any) and exits with its code (`meshctl.exits`)."""
 
     async def run() -> T:
-        peer = None if service == "gateway" else service
-        async with tls.channel(endpoint, peer, mesh_tls) as channel:
-            return await operation(channel, metadata)
+        async with tls.channel(service_endpoint(service, flag), service,
+                               tls_for(service, flag)) as channel:
+            return await operation(channel)
 
     try:
         return asyncio.run(run())

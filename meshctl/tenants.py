@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import enum
 from typing import Any
 
+import infermesh_client
 import typer
+from infermesh_client import PlanChange
 
-from infermesh.v1 import tenants_pb2, tenants_pb2_grpc
+from meshctl.client import TIMEOUT_S, mesh_client
 from meshctl.config import tls_for
 from meshctl.exits import fail_error
-from meshctl.output import OUTPUT, Column, OutputFormat, emit, message_dict, to_json
-from meshctl.rpc import TIMEOUT_S, call_gateway
+from meshctl.output import OUTPUT, Column, OutputFormat, emit, to_json
 from meshctl.times import format_time, parse_time
 from services.common import errors, etcd
 from services.common.tenancy import ApiKey, Tenant, TenantStore
@@ -46,32 +48,34 @@ def plan_update(
     monthly_tokens: int | None, degraded_max_tokens: int | None,
     audit_text_hashes: bool | None = None, models: str | None = None,
     version_grants: str | None = None, isolate_prefix_cache: bool | None = None,
-) -> tenants_pb2.PlanUpdate:
-    values = {
-        "priority": priority.value if isinstance(priority, Priority) else priority,
-        "requests_per_minute": rpm, "input_tokens_per_minute": input_tpm,
-        "output_tokens_per_minute": output_tpm, "max_concurrency": max_concurrency,
-        "max_context_tokens": max_context, "max_output_tokens": max_output,
-        "monthly_token_budget": monthly_tokens, "degraded_max_tokens": degraded_max_tokens,
-        "audit_text_hashes": audit_text_hashes, "isolate_prefix_cache": isolate_prefix_cache,
-    }
-    update = tenants_pb2.PlanUpdate(**{k: v for k, v in values.items() if v is not None})
-    for name, text in (("models", models), ("version_grants", version_grants)):
-        if text is not None:  # "" sets an empty list
-            getattr(update, name).values.extend(v.strip() for v in text.split(",") if v.strip())
-    return update
+) -> PlanChange:
+    """The plan fields the flags give (None: not given, the field stays)."""
+
+    def listed(text: str | None) -> tuple[str, ...] | None:  # "" sets an empty list
+        if text is None:
+            return None
+        return tuple(v.strip() for v in text.split(",") if v.strip())
+
+    return PlanChange(
+        priority=priority.value if isinstance(priority, Priority) else priority,
+        requests_per_minute=rpm, input_tokens_per_minute=input_tpm,
+        output_tokens_per_minute=output_tpm, max_concurrency=max_concurrency,
+        max_context_tokens=max_context, max_output_tokens=max_output,
+        monthly_token_budget=monthly_tokens, degraded_max_tokens=degraded_max_tokens,
+        audit_text_hashes=audit_text_hashes, models=listed(models),
+        version_grants=listed(version_grants), isolate_prefix_cache=isolate_prefix_cache)
 
 
-def show(message) -> None:
+def show(tenant: infermesh_client.Tenant) -> None:
     """What a change left, as JSON (the tenant as `tenant show -o json` prints it)."""
-    typer.echo(to_json(message_dict(message)))
+    typer.echo(to_json(tenant.to_dict()))
 
 
-def parse_expiry(text: str | None) -> float:
-    """Unix seconds: `30d`, `12h`, … from now, or an ISO-8601 time (UTC unless it says so)."""
+def parse_expiry(text: str | None) -> datetime.datetime | None:
+    """`30d`, `12h`, … from now, or an ISO-8601 time (UTC unless it says so); None: never."""
     if not text:
-        return 0.0
-    return parse_time(text, future=True).timestamp()
+        return None
+    return parse_time(text, future=True)
 
 
 def _plan(field: str) -> Any:
@@ -132,13 +136,11 @@ def tenant_create(
     gateway: str = GATEWAY, api_key: str = API_KEY,
 ) -> None:
     """Create a tenant; unset plan fields take the defaults."""
-    request = tenants_pb2.CreateTenantRequest(
-        tenant_id=tenant_id, name=name or "",
-        plan=plan_update(priority, rpm, input_tpm, output_tpm, max_concurrency, max_context,
-                         max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes,
-                         models, version_grants, isolate_prefix_cache))
-    show(call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
-                      .CreateTenant(request, metadata=md, timeout=TIMEOUT_S)))
+    plan = plan_update(priority, rpm, input_tpm, output_tpm, max_concurrency, max_context,
+                       max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes,
+                       models, version_grants, isolate_prefix_cache)
+    with mesh_client("gateway", gateway, api_key) as client:
+        show(client.admin.tenants.create(tenant_id, name=name or "", plan=plan))
 
 
 @tenant_app.command("update")
@@ -155,25 +157,20 @@ def tenant_update(
     gateway: str = GATEWAY, api_key: str = API_KEY,
 ) -> None:
     """Change the plan fields given; the others stay."""
-    request = tenants_pb2.UpdateTenantRequest(
-        tenant_id=tenant_id, expected_revision=expected_revision,
-        plan=plan_update(priority, rpm, input_tpm, output_tpm, max_concurrency, max_context,
-                         max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes,
-                         models, version_grants, isolate_prefix_cache))
-    if name is not None:
-        request.name = name
-    show(call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
-                      .UpdateTenant(request, metadata=md, timeout=TIMEOUT_S)))
+    plan = plan_update(priority, rpm, input_tpm, output_tpm, max_concurrency, max_context,
+                       max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes,
+                       models, version_grants, isolate_prefix_cache)
+    with mesh_client("gateway", gateway, api_key) as client:
+        show(client.admin.tenants.update(tenant_id, name=name, plan=plan,
+                                         expected_revision=expected_revision))
 
 
 @tenant_app.command("show")
 def tenant_show(tenant_id: str, output: OutputFormat = OUTPUT, gateway: str = GATEWAY,
                 api_key: str = API_KEY) -> None:
     """The plan, its revision and this month's usage."""
-    request = tenants_pb2.GetTenantRequest(tenant_id=tenant_id)
-    tenant = call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
-                          .GetTenant(request, metadata=md, timeout=TIMEOUT_S))
-    data = message_dict(tenant)
+    with mesh_client("gateway", gateway, api_key) as client:
+        data = client.admin.tenants.get(tenant_id).to_dict()
     emit(output, data, TENANT_COLUMNS, rows=[data])
 
 
@@ -181,10 +178,9 @@ def tenant_show(tenant_id: str, output: OutputFormat = OUTPUT, gateway: str = GA
 def tenant_list(output: OutputFormat = OUTPUT, gateway: str = GATEWAY,
                 api_key: str = API_KEY) -> None:
     """Every tenant: its plan, this month's usage and revision."""
-    reply = call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
-                         .ListTenants(tenants_pb2.ListTenantsRequest(), metadata=md,
-                                      timeout=TIMEOUT_S))
-    emit(output, [message_dict(tenant) for tenant in reply.tenants], TENANT_COLUMNS)
+    with mesh_client("gateway", gateway, api_key) as client:
+        tenants = client.admin.tenants.list()
+    emit(output, [tenant.to_dict() for tenant in tenants], TENANT_COLUMNS)
 
 
 @key_app.command("issue")
@@ -195,22 +191,21 @@ def key_issue(
     gateway: str = GATEWAY, api_key: str = API_KEY,
 ) -> None:
     """Print a new key once (only its hash is stored)."""
-    request = tenants_pb2.IssueKeyRequest(tenant_id=tenant_id, role=role.value,
-                                          expires_at=parse_expiry(expires))
-    reply = call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
-                         .IssueKey(request, metadata=md, timeout=TIMEOUT_S))
-    typer.echo(reply.api_key)
-    typer.echo(f"key_id={reply.key.key_id} tenant={reply.key.tenant_id} role={reply.key.role}"
-               + (f" expires_at={format_time(reply.key.expires_at)}"
-                  if reply.key.expires_at else ""), err=True)
+    expires_at = parse_expiry(expires)
+    with mesh_client("gateway", gateway, api_key) as client:
+        issued = client.admin.keys.issue(tenant_id, role=role.value, expires_at=expires_at)
+    key = issued.key
+    typer.echo(issued.api_key)
+    typer.echo(f"key_id={key.key_id} tenant={key.tenant_id} role={key.role}"
+               + (f" expires_at={format_time(key.expires_at)}" if key.expires_at else ""),
+               err=True)
 
 
 @key_app.command("revoke")
 def key_revoke(key_id: str, gateway: str = GATEWAY, api_key: str = API_KEY) -> None:
-    request = tenants_pb2.RevokeKeyRequest(key_id=key_id)
-    reply = call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
-                         .RevokeKey(request, metadata=md, timeout=TIMEOUT_S))
-    typer.echo(f"revoked {reply.key_id} (tenant {reply.tenant_id})")
+    with mesh_client("gateway", gateway, api_key) as client:
+        revoked = client.admin.keys.revoke(key_id)
+    typer.echo(f"revoked {revoked.key_id} (tenant {revoked.tenant_id})")
 
 
 @key_app.command("list")
@@ -218,10 +213,9 @@ def key_list(tenant_id: str = typer.Argument("", help="Only this tenant's keys."
              output: OutputFormat = OUTPUT, gateway: str = GATEWAY,
              api_key: str = API_KEY) -> None:
     """Keys (never the keys themselves): id, tenant, role, when issued and when they expire."""
-    request = tenants_pb2.ListKeysRequest(tenant_id=tenant_id)
-    reply = call_gateway(gateway, api_key, lambda ch, md: tenants_pb2_grpc.TenantAdminStub(ch)
-                         .ListKeys(request, metadata=md, timeout=TIMEOUT_S))
-    emit(output, [message_dict(key) for key in reply.keys], [
+    with mesh_client("gateway", gateway, api_key) as client:
+        keys = client.admin.keys.list(tenant_id)
+    emit(output, [key.to_dict() for key in keys], [
         Column("KEY-ID", lambda k: k["key_id"]), Column("TENANT", lambda k: k["tenant_id"]),
         Column("ROLE", lambda k: k["role"]),
         Column("EXPIRES", lambda k: format_time(k["expires_at"]) if k["expires_at"] else "never"),

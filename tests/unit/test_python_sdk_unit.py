@@ -120,7 +120,54 @@ def test_the_admin_dataclasses_mirror_their_messages():
                          (Routing, "Routing"), (GenerationRecord, "GenerationRecord"),
                          (AdminRecord, "AdminRecord")):
         fields = _proto.message(f"infermesh.v1.{message}").DESCRIPTOR.fields_by_name
-        assert {f.name for f in dataclasses.fields(cls)} == set(fields), cls
+        public = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        assert public == set(fields), cls
+
+
+def test_a_result_read_from_the_mesh_gives_its_api_form():
+    """`to_dict()` is the API's JSON mapping (what meshctl prints for -o json): zeros too,
+    timestamps as RFC 3339; a result built by hand has none."""
+    from infermesh_client import _proto
+    from infermesh_client._admin_codec import history_page, key_info
+
+    page = _proto.message("infermesh.v1.ListHistoryResponse")()
+    entry = page.entries.add(revision=3, action="promote")
+    entry.before.model = "m"
+    entry.at.FromJsonString("2026-12-03T10:00:00Z")
+    decoded = history_page(page)
+    assert decoded.entries[0].at.isoformat() == "2026-12-03T10:00:00+00:00"
+    as_dict = decoded.to_dict()
+    assert as_dict["next_before_revision"] == "0"  # int64: a string, as the JSON mapping says
+    assert as_dict["entries"][0]["at"] == "2026-12-03T10:00:00Z"
+    assert as_dict["entries"][0]["before"]["canary_weight_percent"] == 0
+    assert decoded.entries[0].to_dict() == as_dict["entries"][0]
+    key = key_info(_proto.message("infermesh.v1.KeyInfo")(key_id="k1", role="admin"))
+    assert key.to_dict()["key_id"] == "k1" and key.expires_at is None
+    with pytest.raises(ValueError, match="built by hand"):
+        infermesh_client.RoutingChange(decoded.entries[0].after, decoded.entries[0]).to_dict()
+
+
+def test_endpoints_resolve_when_first_used_and_a_given_certificate_wins(tmp_path, monkeypatch):
+    """A client of the registry alone needs no gateway; a certificate passed as bytes wins
+    over the files that came with the endpoint."""
+    from infermesh_client import Client
+    from infermesh_client._config import Endpoint
+
+    monkeypatch.setenv("INFERMESH_ENV_FILE", str(tmp_path / "none"))
+    for name in ("GATEWAY", "REGISTRY", "AUDITOR", "API_KEY", "TLS_CERT_FILE"):
+        monkeypatch.delenv(f"INFERMESH_{name}", raising=False)
+    client = Client(registry_target="registry:1", api_key="k")
+    try:
+        with pytest.raises(ConfigurationError, match="INFERMESH_GATEWAY"):
+            client.target  # noqa: B018 - resolving it is the point
+    finally:
+        client.close()
+    (tmp_path / "cert.pem").write_bytes(b"file-cert")
+    (tmp_path / "key.pem").write_bytes(b"file-key")
+    endpoint = Endpoint("r:1", "k", True, None, str(tmp_path / "cert.pem"),
+                        str(tmp_path / "key.pem"))
+    assert endpoint.tls_material(b"ca") == (b"ca", b"file-key", b"file-cert")
+    assert endpoint.tls_material(b"ca", b"my-key", b"my-cert") == (b"ca", b"my-key", b"my-cert")
 
 
 def test_a_stack_ca_verifies_only_the_gateway_it_came_with(tmp_path: pathlib.Path):

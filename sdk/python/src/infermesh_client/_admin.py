@@ -132,8 +132,7 @@ class AsyncKeys:
         request = self._calls.request(
             "IssueKey", tenant_id=tenant_id, role=role,
             expires_at=expires_at.timestamp() if expires_at is not None else 0.0)
-        reply = await self._calls.unary("IssueKey", request, timeout)
-        return IssuedKey(reply.api_key, codec.key_info(reply.key))
+        return codec.issued_key(await self._calls.unary("IssueKey", request, timeout))
 
     async def revoke(self, key_id: str, *, timeout: Optional[float] = None) -> KeyInfo:
         """Every gateway refuses the key within a second."""
@@ -189,9 +188,7 @@ class AsyncRegistry:
         to the newest), oldest first."""
         request = self._calls.request("ListHistory", model=model, limit=limit,
                                       before_revision=before_revision)
-        reply = await self._calls.unary("ListHistory", request, timeout)
-        return HistoryPage(tuple(codec.history_entry(e) for e in reply.entries),
-                           reply.next_before_revision)
+        return codec.history_page(await self._calls.unary("ListHistory", request, timeout))
 
     async def promote(self, model: str, version: str, *, reason: str,
                       expected_revision: Optional[int] = None,
@@ -265,8 +262,7 @@ class AsyncRegistry:
         member.SetInParent()
         for name, value in values.items():
             setattr(member, name, value)
-        reply = await self._calls.unary("ChangeRouting", request, deadline)
-        return RoutingChange(codec.routing(reply.routing), codec.history_entry(reply.entry))
+        return codec.routing_change(await self._calls.unary("ChangeRouting", request, deadline))
 
     async def _version_id(self, model: str, text: str, deadline: Deadline) -> str:
         """The version id VERSION names."""

@@ -13,11 +13,14 @@ from infermesh_client._admin_types import (
     AuditRecord,
     GenerationRecord,
     HistoryEntry,
+    HistoryPage,
+    IssuedKey,
     KeyInfo,
     Plan,
     PlanChange,
     RegisteredModel,
     Routing,
+    RoutingChange,
     Tenant,
     VersionInfo,
 )
@@ -56,34 +59,52 @@ def plan(message: Any) -> Plan:
 
 def tenant(message: Any) -> Tenant:
     return Tenant(message.tenant_id, message.name, plan(message.plan), message.revision,
-                  message.month, message.tokens_used, message.slots_leased)
+                  message.month, message.tokens_used, message.slots_leased, _message=message)
 
 
 def key_info(message: Any) -> KeyInfo:
     return KeyInfo(message.key_id, message.tenant_id, message.role,
-                   unix_seconds(message.created_at), unix_seconds(message.expires_at))
+                   unix_seconds(message.created_at), unix_seconds(message.expires_at),
+                   _message=message)
 
 
 def routing(message: Any) -> Routing:
     return Routing(message.model, message.revision, message.production, message.previous,
                    message.canary, message.canary_weight_percent, message.shadow,
-                   message.shadow_rate, timestamp(message, "updated_at"), message.updated_by)
+                   message.shadow_rate, timestamp(message, "updated_at"), message.updated_by,
+                   _message=message)
 
 
 def registered_model(message: Any) -> RegisteredModel:
-    return RegisteredModel(message.name, routing(message.routing), message.version_count)
+    return RegisteredModel(message.name, routing(message.routing), message.version_count,
+                           _message=message)
 
 
 def version_info(message: Any) -> VersionInfo:
     manifest = json_format.MessageToDict(message.manifest, preserving_proto_field_name=True)
     return VersionInfo(message.version_id, message.manifest.name, message.manifest.description,
                        timestamp(message, "registered_at"), message.registered_by,
-                       message.triton_model_name, manifest)
+                       message.triton_model_name, manifest, _message=message)
 
 
 def history_entry(message: Any) -> HistoryEntry:
     return HistoryEntry(message.revision, message.action, message.actor, message.reason,
-                        timestamp(message, "at"), routing(message.before), routing(message.after))
+                        timestamp(message, "at"), routing(message.before), routing(message.after),
+                        _message=message)
+
+
+def issued_key(message: Any) -> IssuedKey:
+    return IssuedKey(message.api_key, key_info(message.key), _message=message)
+
+
+def history_page(message: Any) -> HistoryPage:
+    return HistoryPage(tuple(history_entry(e) for e in message.entries),
+                       message.next_before_revision, _message=message)
+
+
+def routing_change(message: Any) -> RoutingChange:
+    return RoutingChange(routing(message.routing), history_entry(message.entry),
+                         _message=message)
 
 
 def _fields(cls: type, message: Any) -> Any:
@@ -98,4 +119,4 @@ def audit_record(message: Any) -> AuditRecord:
         timestamp(event, "time"), event.source,
         _fields(GenerationRecord, event.generation) if body == "generation" else None,
         _fields(AdminRecord, event.admin) if body == "admin" else None,
-        tuple(event.truncated), message.line)
+        tuple(event.truncated), message.line, _message=message)

@@ -1,11 +1,30 @@
 """What the admin surface returns and takes: plain frozen dataclasses, no protobuf types.
-Times are timezone-aware UTC `datetime`s; None where the server set none."""
+Times are timezone-aware UTC `datetime`s; None where the server set none. A result read from
+the mesh also has `to_dict()`: the object exactly as the API defines it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Optional
+
+from google.protobuf import json_format
+
+
+class ApiResult:
+    """What a result read from the mesh shares: the API's own form of it."""
+
+    _message: Any  # the reply it was decoded from (None: built by hand)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The object as the API's JSON mapping: the `.proto` field names, every field (zeros
+        too), timestamps as RFC 3339 strings. What a tool prints for `-o json`; stable across
+        client versions as the API is. Only for results read from the mesh (ValueError else)."""
+        if self._message is None:
+            raise ValueError(f"this {type(self).__name__} was built by hand, not read from "
+                             "the mesh: it has no API form")
+        return json_format.MessageToDict(self._message, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
 
 
 @dataclass(frozen=True)
@@ -48,7 +67,7 @@ class PlanChange:
 
 
 @dataclass(frozen=True)
-class Tenant:
+class Tenant(ApiResult):
     tenant_id: str
     name: str
     plan: Plan
@@ -56,25 +75,28 @@ class Tenant:
     month: str  # the month (UTC) the usage below counts
     tokens_used: int
     slots_leased: int  # concurrency slots its gateways hold now
+    _message: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
-class KeyInfo:
+class KeyInfo(ApiResult):
     key_id: str
     tenant_id: str
     role: str  # user | admin
     created_at: Optional[datetime]
     expires_at: Optional[datetime]  # None: never
+    _message: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
-class IssuedKey:
+class IssuedKey(ApiResult):
     api_key: str  # shown this once; the mesh keeps only its hash
     key: KeyInfo
+    _message: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
-class Routing:
+class Routing(ApiResult):
     """Which versions serve a model; every change adds one to `revision`."""
 
     model: str
@@ -87,17 +109,19 @@ class Routing:
     shadow_rate: float
     updated_at: Optional[datetime]
     updated_by: str
+    _message: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
-class RegisteredModel:
+class RegisteredModel(ApiResult):
     name: str
     routing: Routing
     version_count: int
+    _message: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
-class VersionInfo:
+class VersionInfo(ApiResult):
     version_id: str  # "sha256:…", the digest of the canonical manifest
     model: str
     description: str
@@ -105,10 +129,11 @@ class VersionInfo:
     registered_by: str
     triton_model_name: str  # the engine that serves exactly this version
     manifest: dict[str, Any]  # the ModelManifest with its .proto field names
+    _message: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
-class HistoryEntry:
+class HistoryEntry(ApiResult):
     revision: int  # the routing revision this change made
     action: str  # promote | canary | clear_canary | shadow | clear_shadow | rollback
     actor: str  # "<tenant>/<key id>", or "registry/auto-rollback"
@@ -116,18 +141,21 @@ class HistoryEntry:
     at: Optional[datetime]
     before: Routing
     after: Routing
+    _message: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
-class HistoryPage:
+class HistoryPage(ApiResult):
     entries: tuple[HistoryEntry, ...]  # oldest first
     next_before_revision: int  # pass as `before_revision` for the older page; 0: no more
+    _message: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
-class RoutingChange:
+class RoutingChange(ApiResult):
     routing: Routing  # as the change left it
     entry: HistoryEntry
+    _message: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -161,7 +189,7 @@ class AdminRecord:
 
 
 @dataclass(frozen=True)
-class AuditRecord:
+class AuditRecord(ApiResult):
     """One record of the audit log; `line` is it exactly as stored (its Merkle leaf)."""
 
     sequence: int
@@ -174,3 +202,4 @@ class AuditRecord:
     admin: Optional[AdminRecord]
     truncated: tuple[str, ...]  # fields the emitter cut to their limit
     line: str
+    _message: Any = field(default=None, repr=False, compare=False)

@@ -49,9 +49,11 @@ class AsyncClient:
     `target`, `api_key`, `tls` and `root_certificates` default to INFERMESH_GATEWAY,
     INFERMESH_API_KEY, INFERMESH_TLS and INFERMESH_TLS_CA_FILE, then the local stack's env file
     (see `infermesh_client._config`); `registry_target` and `auditor_target` (for `registry`
-    and `audit`) to INFERMESH_REGISTRY and INFERMESH_AUDITOR, then the env file, when first
-    used, with the CA and client certificate (INFERMESH_TLS_CERT_FILE/_KEY_FILE, which those
-    internal services ask for) of their own source.
+    and `audit`) to INFERMESH_REGISTRY and INFERMESH_AUDITOR, then the env file, with the CA
+    and client certificate (INFERMESH_TLS_CERT_FILE/_KEY_FILE, which those internal services
+    ask for) of their own source. Each endpoint is resolved when first used, so a client of the
+    registry or the auditor alone needs no gateway. `certificate_chain` and `private_key` (PEM)
+    are a client certificate given directly; like `root_certificates`, they win over the files.
     `timeout`: the default deadline of every call, in seconds (None: the gateway's default for
     generations, 10 s for other calls).
     """
@@ -59,19 +61,20 @@ class AsyncClient:
     def __init__(
         self, target: Optional[str] = None, api_key: Optional[str] = None, *,
         tls: Optional[bool] = None, root_certificates: Optional[bytes] = None,
+        certificate_chain: Optional[bytes] = None, private_key: Optional[bytes] = None,
         timeout: Optional[float] = None, retry: RetryPolicy = RetryPolicy(),
         channel_options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         registry_target: Optional[str] = None, auditor_target: Optional[str] = None,
     ):
-        endpoint = resolve(target, api_key, tls)
-        self.target = endpoint.target
         self._api_key = api_key
         self._tls_argument = tls
-        self._targets = {"registry": registry_target, "auditor": auditor_target}
-        self._endpoints = {"gateway": endpoint}
-        self._root_certificates = root_certificates
-        self._metadata = _authorization(endpoint)
+        # Each endpoint is resolved when first used: a client of the registry alone (an admin
+        # tool) needs no gateway.
+        self._targets = {"gateway": target, "registry": registry_target,
+                         "auditor": auditor_target}
+        self._endpoints: dict[str, Endpoint] = {}
+        self._client_tls = (root_certificates, private_key, certificate_chain)
         self._timeout = timeout
         self._retry = retry
         self._options = (("grpc.primary_user_agent", f"infermesh-client-python/{__version__}"),
@@ -93,14 +96,11 @@ class AsyncClient:
         metadata that carries the key that came with its endpoint."""
         if self._closed:
             raise RuntimeError("the client is closed")
-        if service not in self._endpoints:
-            self._endpoints[service] = resolve(self._targets[service], self._api_key,
-                                               self._tls_argument, service=service)
-        endpoint = self._endpoints[service]
+        endpoint = self._endpoint(service)
         if service not in self._channels:
             if endpoint.tls:
                 credentials = grpc.ssl_channel_credentials(*endpoint.tls_material(
-                    self._root_certificates))
+                    *self._client_tls))
                 self._channels[service] = grpc.aio.secure_channel(
                     endpoint.target, credentials,
                     options=(*self._options, *_server_identity(service)),
@@ -109,6 +109,17 @@ class AsyncClient:
                 self._channels[service] = grpc.aio.insecure_channel(
                     endpoint.target, options=self._options, interceptors=self._interceptors)
         return self._channels[service], _authorization(endpoint)
+
+    def _endpoint(self, service: str) -> Endpoint:
+        if service not in self._endpoints:
+            self._endpoints[service] = resolve(self._targets[service], self._api_key,
+                                               self._tls_argument, service=service)
+        return self._endpoints[service]
+
+    @property
+    def target(self) -> str:
+        """The gateway's host:port (ConfigurationError when none is given or found)."""
+        return self._endpoint("gateway").target
 
     def _open_channel(self) -> grpc.aio.Channel:
         return self._service_channel("gateway")[0]
@@ -123,7 +134,8 @@ class AsyncClient:
             method = self._open_channel().stream_stream(
                 _METHOD + "GenerateStream", request_serializer=serialize,
                 response_deserializer=_proto.ServerFrame.FromString)
-            self._mux = StreamMultiplexer(lambda frames: method(frames, metadata=self._metadata))
+            metadata = self._service_channel("gateway")[1]
+            self._mux = StreamMultiplexer(lambda frames: method(frames, metadata=metadata))
         return self._mux
 
     async def close(self) -> None:
@@ -161,9 +173,10 @@ class AsyncClient:
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, min_tokens=min_tokens, user=user,
             priority=priority, request_id=request_id, idempotency_key=idempotency_key)
         call = self._unary("Generate", _proto.GenerateResponse)
+        metadata = self._service_channel("gateway")[1]
         reply = await call_with_retries(
             lambda remaining: call(args.request(remaining), timeout=remaining,
-                                   metadata=self._metadata),
+                                   metadata=metadata),
             Deadline(self._timeout if timeout is None else timeout), retry or self._retry,
             args.request_id)
         return from_response(reply)

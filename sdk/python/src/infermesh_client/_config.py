@@ -40,10 +40,13 @@ class Endpoint:
     cert_file: Optional[str] = None
     key_file: Optional[str] = None
 
-    def tls_material(self, root_certificates: Optional[bytes]
-                     ) -> tuple[Optional[bytes], Optional[bytes], Optional[bytes]]:
+    def tls_material(
+        self, root_certificates: Optional[bytes], private_key: Optional[bytes] = None,
+        certificate_chain: Optional[bytes] = None,
+    ) -> tuple[Optional[bytes], Optional[bytes], Optional[bytes]]:
         """(roots, private key, certificate chain) for `grpc.ssl_channel_credentials`: the
-        explicit roots, else the CA file; the client certificate when one came along."""
+        explicit roots, else the CA file; the explicit client certificate, else the one that
+        came along with the endpoint, if any."""
         def read(path: Optional[str]) -> Optional[bytes]:
             if path is None:
                 return None
@@ -52,6 +55,8 @@ class Endpoint:
 
         if root_certificates is None:
             root_certificates = read(self.ca_file)
+        if certificate_chain is not None and private_key is not None:
+            return root_certificates, private_key, certificate_chain
         if self.cert_file is None or self.key_file is None:
             return root_certificates, None, None
         return root_certificates, read(self.key_file), read(self.cert_file)

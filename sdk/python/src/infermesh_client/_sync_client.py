@@ -50,20 +50,26 @@ class Client:
     def __init__(
         self, target: Optional[str] = None, api_key: Optional[str] = None, *,
         tls: Optional[bool] = None, root_certificates: Optional[bytes] = None,
+        certificate_chain: Optional[bytes] = None, private_key: Optional[bytes] = None,
         timeout: Optional[float] = None, retry: RetryPolicy = RetryPolicy(),
         channel_options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         registry_target: Optional[str] = None, auditor_target: Optional[str] = None,
     ):
         self._async = AsyncClient(
-            target, api_key, tls=tls, root_certificates=root_certificates, timeout=timeout,
+            target, api_key, tls=tls, root_certificates=root_certificates,
+            certificate_chain=certificate_chain, private_key=private_key, timeout=timeout,
             retry=retry, channel_options=channel_options, interceptors=interceptors,
             registry_target=registry_target, auditor_target=auditor_target)
-        self.target = self._async.target
         self._loop = _LoopThread()
         self.admin = Admin(self._loop, self._async.admin)
         self.registry = Registry(self._loop, self._async.registry)
         self.audit = Audit(self._loop, self._async.audit)
+
+    @property
+    def target(self) -> str:
+        """The gateway's host:port (ConfigurationError when none is given or found)."""
+        return self._async.target
 
     def close(self) -> None:
         """Cancels every running streamed generation and closes the channel."""
