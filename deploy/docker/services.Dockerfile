@@ -12,10 +12,12 @@ COPY protos protos
 COPY services services
 COPY backends backends
 COPY meshctl meshctl
+COPY sdk/python sdk/python
 COPY deploy deploy
 # Editable in compat mode, as `make install` does: engine model.py files import the repository.
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir -e . --config-settings editable_mode=compat \
+ && /opt/venv/bin/pip install --no-cache-dir -e . -e sdk/python \
+   --config-settings editable_mode=compat \
  && /opt/venv/bin/python -m services.common.protogen --out /app
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
 USER 10001

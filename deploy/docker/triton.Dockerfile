@@ -10,9 +10,11 @@ COPY protos protos
 COPY services services
 COPY backends backends
 COPY meshctl meshctl
+COPY sdk/python sdk/python
 COPY deploy deploy
 RUN python3 -m venv /opt/infermesh \
- && /opt/infermesh/bin/pip install --no-cache-dir -e . --config-settings editable_mode=compat \
+ && /opt/infermesh/bin/pip install --no-cache-dir -e . -e sdk/python \
+   --config-settings editable_mode=compat \
  && /opt/infermesh/bin/python -m services.common.protogen --out /app
 ENV PYTHONUNBUFFERED=1
 CMD ["tritonserver", "--model-repository=/models"]
