@@ -35,6 +35,7 @@ from bench import (
     routing,
     tls_cost,
     torch_engine,
+    tracing_cost,
     versions,
 )
 from bench.streaming import compare
@@ -71,6 +72,8 @@ SMOKE: Mapping[str, Mapping[str, Any]] = {
     "versions": {"engine": "reference", "rounds": 1},
     "tls_cost": {"max_tokens": 4, "requests_per_stream": 1, "min_requests": 2,
                  "budget_s": 30.0, "warmup_requests": 2},
+    "tracing_cost": {"max_tokens": 4, "requests_per_stream": 1, "min_requests": 2,
+                     "budget_s": 30.0, "warmup_requests": 2},
 }
 
 # What every run's last line must hold, smoke or full: each benchmark's headline figures. A figure
@@ -95,6 +98,7 @@ HEADLINE = (
     "torch_inprocess_over_transformers_cb_tokens_per_s_c8", "torch_bf16_over_fp32_tokens_per_s_c8",
     "litellm_added_ttft_p50_ms_c1", "mesh_added_over_litellm_added_ttft_p50_c1",
     "tls_over_plaintext_tokens_per_s_c16", "tls_added_ttft_p50_ms_c1",
+    "tracing_over_untraced_tokens_per_s_c16", "tracing_added_ttft_p50_ms_c1",
 )
 UNMEASURED = "unmeasured"  # {figure: why it is null}
 
@@ -119,6 +123,8 @@ def run_all(shape: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             figures.update(gateway_throughput.run(info, **shape.get("gateway_throughput", {})))
             figures.update(tls_cost.run(info, state_dir, BENCH_PLAN,
                                         **shape.get("tls_cost", {})))
+            figures.update(tracing_cost.run(info, state_dir, BENCH_PLAN,
+                                            **shape.get("tracing_cost", {})))
             figures.update(torch_engine.compare(info, state_dir / "data" / "blobs",
                                                 **shape.get("torch_engine", {})))
             figures.update(asyncio.run(noisy_neighbor.run(info,

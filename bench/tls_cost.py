@@ -24,11 +24,14 @@ LEVELS = (1, 16)  # TTFT is read at c1, throughput at c16 (the headline figures)
 ORDER = ("plaintext", "tls", "tls", "plaintext")
 
 
-def _measure(pool: concurrent.futures.ProcessPoolExecutor, stacks: dict[str, StackInfo],
-             concurrency: int, requests: int, max_tokens: int, budget_s: float
-             ) -> dict[str, list[LevelResult]]:
+def alternating_rounds(pool: concurrent.futures.ProcessPoolExecutor,
+                       stacks: dict[str, StackInfo], order: tuple[str, ...], concurrency: int,
+                       requests: int, max_tokens: int, budget_s: float
+                       ) -> dict[str, list[LevelResult]]:
+    """One level through each stack in `order` (A, B, B, A: a drift in the machine's load falls
+    on both alike); also what bench/tracing_cost.py compares with."""
     rounds: dict[str, list[LevelResult]] = {name: [] for name in stacks}
-    for name in ORDER:
+    for name in order:
         stack = stacks[name]
         rounds[name].append(run_level(pool, "mesh", stack,
                                       served_triton_model(stack, stack.reference_model),
@@ -42,10 +45,12 @@ def compare(tls_stack: StackInfo, plaintext_stack: StackInfo, max_tokens: int = 
     stacks = {"plaintext": plaintext_stack, "tls": tls_stack}
     figures: dict[str, float] = {}
     with client_pool(CLIENT_PROCESSES) as pool:
-        _measure(pool, stacks, min(4, warmup_requests), warmup_requests, 4, budget_s)
+        alternating_rounds(pool, stacks, ORDER, min(4, warmup_requests), warmup_requests, 4,
+                           budget_s)
         for concurrency in LEVELS:
             requests = max(min_requests, concurrency * requests_per_stream)
-            rounds = _measure(pool, stacks, concurrency, requests, max_tokens, budget_s)
+            rounds = alternating_rounds(pool, stacks, ORDER, concurrency, requests, max_tokens,
+                                        budget_s)
             tokens = {name: statistics.mean(r.tokens_per_s for r in results)
                       for name, results in rounds.items()}
             ttft = {name: statistics.mean(r.ttft_p50_ms for r in results)
