@@ -48,6 +48,7 @@ def plan_update(
     monthly_tokens: int | None, degraded_max_tokens: int | None,
     audit_text_hashes: bool | None = None, models: str | None = None,
     version_grants: str | None = None, isolate_prefix_cache: bool | None = None,
+    response_cache: bool | None = None,
 ) -> PlanChange:
     """The plan fields the flags give (None: not given, the field stays)."""
 
@@ -63,7 +64,8 @@ def plan_update(
         max_context_tokens=max_context, max_output_tokens=max_output,
         monthly_token_budget=monthly_tokens, degraded_max_tokens=degraded_max_tokens,
         audit_text_hashes=audit_text_hashes, models=listed(models),
-        version_grants=listed(version_grants), isolate_prefix_cache=isolate_prefix_cache)
+        version_grants=listed(version_grants), isolate_prefix_cache=isolate_prefix_cache,
+        response_cache=response_cache)
 
 
 def show(tenant: infermesh_client.Tenant) -> None:
@@ -113,6 +115,10 @@ DEGRADED = typer.Option(None, "--degraded-max-tokens",
                         help="under pressure, cap max_tokens to this before refusing; 0 = off")
 TEXT_HASHES = typer.Option(None, "--audit-text-hashes/--no-audit-text-hashes",
                            help="audit events carry sha256 of the prompt and completion")
+RESPONSE_CACHE = typer.Option(
+    None, "--response-cache/--no-response-cache",
+    help="deterministic requests repeated within the gateway's TTL are answered from the first "
+    "answer, free")
 ISOLATE_PREFIX = typer.Option(
     None, "--isolate-prefix-cache/--share-prefix-cache",
     help="its prompts share no prefix routing affinity or engine prefix cache with other tenants")
@@ -132,13 +138,13 @@ def tenant_create(
     max_context: int = MAX_CONTEXT, max_output: int = MAX_OUTPUT, monthly_tokens: int = MONTHLY,
     degraded_max_tokens: int = DEGRADED, audit_text_hashes: bool = TEXT_HASHES,
     models: str = MODELS, version_grants: str = VERSION_GRANTS,
-    isolate_prefix_cache: bool = ISOLATE_PREFIX,
+    isolate_prefix_cache: bool = ISOLATE_PREFIX, response_cache: bool = RESPONSE_CACHE,
     gateway: str = GATEWAY, api_key: str = API_KEY,
 ) -> None:
     """Create a tenant; unset plan fields take the defaults."""
     plan = plan_update(priority, rpm, input_tpm, output_tpm, max_concurrency, max_context,
                        max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes,
-                       models, version_grants, isolate_prefix_cache)
+                       models, version_grants, isolate_prefix_cache, response_cache)
     with mesh_client("gateway", gateway, api_key) as client:
         show(client.admin.tenants.create(tenant_id, name=name or "", plan=plan))
 
@@ -151,7 +157,7 @@ def tenant_update(
     max_context: int = MAX_CONTEXT, max_output: int = MAX_OUTPUT, monthly_tokens: int = MONTHLY,
     degraded_max_tokens: int = DEGRADED, audit_text_hashes: bool = TEXT_HASHES,
     models: str = MODELS, version_grants: str = VERSION_GRANTS,
-    isolate_prefix_cache: bool = ISOLATE_PREFIX,
+    isolate_prefix_cache: bool = ISOLATE_PREFIX, response_cache: bool = RESPONSE_CACHE,
     expected_revision: int = typer.Option(0, "--expected-revision",
                                           help="refuse if the tenant changed since (from show)"),
     gateway: str = GATEWAY, api_key: str = API_KEY,
@@ -159,7 +165,7 @@ def tenant_update(
     """Change the plan fields given; the others stay."""
     plan = plan_update(priority, rpm, input_tpm, output_tpm, max_concurrency, max_context,
                        max_output, monthly_tokens, degraded_max_tokens, audit_text_hashes,
-                       models, version_grants, isolate_prefix_cache)
+                       models, version_grants, isolate_prefix_cache, response_cache)
     with mesh_client("gateway", gateway, api_key) as client:
         show(client.admin.tenants.update(tenant_id, name=name, plan=plan,
                                          expected_revision=expected_revision))

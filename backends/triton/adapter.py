@@ -22,8 +22,12 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common import errors, telemetry, tls
+from services.common.logprobs import TokenLogprob, TopLogprob
 
 OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens")
+# Asked for only with `return_log_probs`: each response's tokens' log probabilities (TensorRT-LLM's
+# `output_log_probs`), their bytes, and the top ones' (flattened, the same number per token).
+LOGPROB_OUTPUTS = ("output_log_probs", "output_tokens", "top_log_probs", "top_log_prob_tokens")
 # tritonclient's own channel settings: no message size limit, its keepalive defaults.
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", 2**31 - 1),
@@ -70,6 +74,7 @@ class EngineRequest:
     bad_words: tuple[str, ...] = ()
     cache_salt: str = ""  # sent only when set: only engines with a prefix cache declare it
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ascending by id
+    top_logprobs: int | None = None  # None: no log probabilities; 0..20 top ones per token
 
 
 @dataclass
@@ -80,6 +85,7 @@ class EngineChunk:
     prompt_tokens: int
     completion_tokens: int
     final: bool
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens this response adds, when asked
 
 
 @dataclass
@@ -143,7 +149,12 @@ def build_request(request: EngineRequest) -> service_pb2.ModelInferRequest:
         add("cache_salt", "BYTES", _bytes_element(request.cache_salt.encode()))
     add("return_num_input_tokens", "BOOL", _TRUE)
     add("return_num_output_tokens", "BOOL", _TRUE)
-    for name in OUTPUTS:
+    outputs = OUTPUTS
+    if request.top_logprobs is not None:
+        add("return_log_probs", "BOOL", _TRUE)
+        add("num_top_log_probs", "INT32", struct.pack("<i", request.top_logprobs))
+        outputs += LOGPROB_OUTPUTS
+    for name in outputs:
         message.outputs.add(name=name)
     return message
 
@@ -165,25 +176,59 @@ def _count(tensor: service_pb2.ModelInferResponse.InferOutputTensor, content: by
     return layout.unpack_from(content)[0]
 
 
+def _bytes_elements(content: bytes) -> list[bytes]:
+    pieces, offset = [], 0
+    while offset + 4 <= len(content):
+        (length,) = struct.unpack_from("<I", content, offset)
+        pieces.append(content[offset + 4:offset + 4 + length])
+        offset += 4 + length
+    return pieces
+
+
+def _floats(content: bytes) -> list[float]:
+    return list(struct.unpack(f"<{len(content) // 4}f", content[: len(content) // 4 * 4]))
+
+
 def read_chunk(response: service_pb2.ModelInferResponse) -> EngineChunk:
-    """One streamed response: its text (every BYTES element, concatenated) and the counts."""
+    """One streamed response: its text (every BYTES element, concatenated), the counts, and the
+    log probabilities when they were asked for."""
     text, prompt_tokens, completion_tokens = b"", 0, 0
+    logprob_columns: dict[str, bytes] = {}
     for tensor, content in zip(response.outputs, response.raw_output_contents, strict=False):
         if tensor.name == "text_output":
-            pieces, offset = [], 0
-            while offset + 4 <= len(content):
-                (length,) = struct.unpack_from("<I", content, offset)
-                pieces.append(content[offset + 4:offset + 4 + length])
-                offset += 4 + length
-            text = b"".join(pieces)
+            text = b"".join(_bytes_elements(content))
         elif tensor.name == "num_input_tokens":
             prompt_tokens = _count(tensor, content)
         elif tensor.name == "num_output_tokens":
             completion_tokens = _count(tensor, content)
+        elif tensor.name in LOGPROB_OUTPUTS:
+            logprob_columns[tensor.name] = content
     final = response.parameters.get("triton_final_response")
     return EngineChunk(text=text.decode("utf-8", errors="replace"), prompt_tokens=prompt_tokens,
                        completion_tokens=completion_tokens,
-                       final=bool(final is not None and final.bool_param))
+                       final=bool(final is not None and final.bool_param),
+                       logprobs=_logprobs(logprob_columns))
+
+
+def _logprobs(columns: dict[str, bytes]) -> tuple[TokenLogprob, ...]:
+    """The four log-probability outputs as one entry per token; INTERNAL when they disagree."""
+    if not columns:
+        return ()
+    logprobs = _floats(columns.get("output_log_probs", b""))
+    tokens = _bytes_elements(columns.get("output_tokens", b""))
+    top_logprobs = _floats(columns.get("top_log_probs", b""))
+    top_tokens = _bytes_elements(columns.get("top_log_prob_tokens", b""))
+    count = len(logprobs)
+    if len(tokens) != count or len(top_tokens) != len(top_logprobs) or (
+            count and len(top_logprobs) % count) or (not count and top_logprobs):
+        raise errors.Internal("the engine's log probabilities do not pair up with its tokens")
+    per = len(top_logprobs) // count if count else 0
+    return tuple(
+        TokenLogprob(
+            tokens[i].decode("utf-8", errors="replace"), tokens[i], logprobs[i],
+            tuple(TopLogprob(top_tokens[j].decode("utf-8", errors="replace"), top_tokens[j],
+                             top_logprobs[j]) for j in range(i * per, (i + 1) * per)))
+        for i in range(count))
 
 
 def triton_client(endpoint: str, mesh_tls: tls.MeshTls | None

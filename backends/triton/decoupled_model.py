@@ -18,7 +18,8 @@ from typing import Any, Protocol
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-__all__ = ["FINAL", "PROBE_INPUT", "EngineMetrics", "Inbox", "Pending", "enqueue",
+__all__ = ["FINAL", "LOGPROB_OUTPUTS", "PROBE_INPUT", "EngineMetrics", "Inbox", "Pending",
+           "SentLogprob", "enqueue",
            "logit_bias", "model_parameters", "parse_text_request", "refused", "report_crashes",
            "response", "scalar", "send", "send_error", "stopped", "strings"]
 
@@ -62,6 +63,36 @@ class Pending:
     pieces: list[str] = field(default_factory=list)  # the text so far, when not streaming
     first_token_time_ns: int = 0  # wall clock, comparable with the gateway's own timestamps
     kv_cache_reused_blocks: int = 0  # prompt blocks found in the prefix cache (0: not known)
+    # Log probabilities asked for (`return_log_probs`): the top ones per token (0: the chosen
+    # token's only; -1: none asked), and those not sent yet, in token order.
+    top_logprobs: int = -1
+    logprobs: list[SentLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SentLogprob:
+    """One generated token as the engine's tokenizer spells it, its log probability, and the
+    most likely tokens' at that step (exactly `Pending.top_logprobs` of them)."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+# The outputs that carry log probabilities, per response for the tokens it adds: TensorRT-LLM's
+# `output_log_probs`, and beside it what the gateway shows (each token's bytes, the top ones'),
+# flattened token by token (`top_*` hold `Pending.top_logprobs` entries per token).
+LOGPROB_OUTPUTS = ("output_log_probs", "output_tokens", "top_log_probs", "top_log_prob_tokens")
+
+
+def requested_logprobs(request: pb_utils.InferenceRequest) -> int:
+    """-1 unless `return_log_probs`; then `num_top_log_probs` (0..20)."""
+    if not scalar(request, "return_log_probs", False):
+        return -1
+    top = int(scalar(request, "num_top_log_probs", 0))
+    if not 0 <= top <= 20:
+        raise ValueError(f"num_top_log_probs must be in [0, 20], got {top}")
+    return top
 
 
 def report_crashes() -> None:
@@ -128,7 +159,8 @@ def parse_text_request(
     # As TensorRT-LLM: a non-streamed text repeats the prompt unless told not to.
     pending = Pending(request=request, sender=sender, stream=stream,
                       prefix="" if stream or exclude_input else prompt,
-                      outputs=frozenset(request.requested_output_names()))
+                      outputs=frozenset(request.requested_output_names()),
+                      top_logprobs=requested_logprobs(request))
     return prompt, int(max_tokens), pending
 
 
@@ -149,7 +181,22 @@ def response(pending: Pending, text: str) -> pb_utils.InferenceResponse:
     ):
         if name in pending.outputs:
             tensors.append(pb_utils.Tensor(name, np.array([[value]], dtype)))
+    if pending.top_logprobs >= 0:
+        tensors.extend(_logprob_tensors(pending))
     return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+def _logprob_tensors(pending: Pending) -> list[pb_utils.Tensor]:
+    sent = pending.logprobs
+    columns = {
+        "output_log_probs": np.array([[s.logprob for s in sent]], dtype=np.float32),
+        "output_tokens": np.array([[s.token for s in sent]], dtype=np.object_),
+        "top_log_probs": np.array([[lp for s in sent for _, lp in s.top]], dtype=np.float32),
+        "top_log_prob_tokens": np.array([[t for s in sent for t, _ in s.top]],
+                                        dtype=np.object_),
+    }
+    return [pb_utils.Tensor(name, columns[name]) for name in LOGPROB_OUTPUTS
+            if name in pending.outputs]
 
 
 def send_error(sender: pb_utils.InferenceResponseSender, message: str, engine: str) -> None:
@@ -166,6 +213,7 @@ def send(pending: Pending, text: str, final: bool, engine: str) -> bool:
     the caller drops it for good and never touches it again)."""
     try:
         pending.sender.send(response(pending, text), flags=FINAL if final else 0)
+        pending.logprobs.clear()
         return True
     except Exception as error:
         pb_utils.Logger.log_error(f"{engine}: response not sent: {error!r}")

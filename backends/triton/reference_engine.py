@@ -44,6 +44,7 @@ __all__ = [
     "TokenOutput",
     "complete",
     "count_tokens",
+    "made_up_logprobs",
 ]
 
 # A small corpus of plain sentences; every sentence ends with its only period, which is how the
@@ -107,6 +108,23 @@ def _word_stream(rng: random.Random) -> Iterator[str]:
         yield from (" " + word for word in CORPUS[index].split())
         # Uniform over every sentence but the one just used.
         index = (index + 1 + rng.randrange(len(CORPUS) - 1)) % len(CORPUS)
+
+
+_WORDS = sorted({" " + word for sentence in CORPUS for word in sentence.split()})
+
+
+def made_up_logprobs(token: str, top: int) -> tuple[float, tuple[tuple[str, float], ...]]:
+    """A generated word's log probability and the `top` most likely words' at its step, made
+    up but well formed: a function of the word alone, the chosen word first with the largest,
+    the others corpus words in decreasing order, all together a probability below 1 (the
+    engine decodes greedily in spirit: what it chose is what it found most likely)."""
+    digest = hashlib.blake2b(token.encode(), digest_size=8).digest()
+    chosen = -0.05 - 0.45 * digest[0] / 255  # p between 0.61 and 0.95
+    words = [w for w in _WORDS if w != token]
+    start = int.from_bytes(digest[1:5], "little")
+    others = [(words[(start + 7 * i) % len(words)], chosen - 1.5 - i - digest[5 + i % 3] / 255)
+              for i in range(max(0, top - 1))]
+    return chosen, (((token, chosen), *others) if top else ())
 
 
 @dataclass(frozen=True)
@@ -182,6 +200,7 @@ class TokenOutput:
     finish_reason: FinishReason | None  # set on the request's last output, which is then forgotten
     first_token: bool  # this step produced the request's first token (time-to-first-token)
     kv_cache_reused_blocks: int  # prompt blocks its first admission found in the prefix cache
+    token: str = ""  # the word this step generated, with its leading space
 
 
 @dataclass(frozen=True)
@@ -338,7 +357,7 @@ class _Sequence:
             keep_from = self._held_back_from()
             delta, self.pending = self.pending[:keep_from], self.pending[keep_from:]
         return TokenOutput(request.request_id, delta, self.generated, finish,
-                           self.generated == 1, self.kv_cache_reused_blocks)
+                           self.generated == 1, self.kv_cache_reused_blocks, word)
 
     def _first_stop(self) -> int | None:
         # Text already emitted never holds the start of a match (see _held_back_from), so only

@@ -26,6 +26,7 @@ import hashlib
 import os
 import pathlib
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ __all__ = [
     "Generation",
     "IncrementalDetokenizer",
     "Sampling",
+    "TokenLogprob",
     "TorchEngine",
     "TorchEngineConfig",
     "native_bfloat16",
@@ -58,6 +60,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 AUTO_DTYPE = "auto"  # bfloat16 on a CPU that computes it natively, else float32
 _KEY_BITS = 30  # noise keys are non-zero 30-bit integers, each seeding one draw
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+LOGPROBS_OFF = -1  # `Sampling.top_logprobs` when the request asks for no log probabilities
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,9 @@ class Sampling:
     presence_penalty: float = 0.0  # OpenAI: subtracted once from each generated token's logit
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated text
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # Log probabilities of each chosen token and of this many most likely ones (0: the chosen
+    # token's alone; LOGPROBS_OFF: none), from the model's raw distribution.
+    top_logprobs: int = LOGPROBS_OFF
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 100.0:
@@ -129,6 +136,9 @@ class Sampling:
         for token, bias in self.logit_bias:
             if token < 0 or not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias {token}: {bias} is outside [-100, 100]")
+        if not LOGPROBS_OFF <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], "
+                             f"got {self.top_logprobs}")
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,17 @@ class Generation:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability under the model's raw distribution (the
+    log-softmax of its logits before temperature, penalties or logit_bias: vLLM's and OpenAI's
+    meaning), with the most likely tokens' at that step, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class FinishReason(enum.Enum):
@@ -163,6 +184,9 @@ class Delta:
     first_token: bool  # this delta carries the request's first generated token
     finish_reason: FinishReason | None = None  # set on the request's last delta only
     error: str = ""
+    # The tokens this delta adds, when the request asked for log probabilities; their text may
+    # still be held back (an incomplete character, a possible stop string).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,6 +286,8 @@ class _RowSampling:
     logit_bias: tuple[tuple[int, float], ...] = ()
     prompt_ids: Sequence[int] = ()  # read only when a penalty is set
     generated_ids: Sequence[int] = ()
+    request_id: str = ""
+    top_logprobs: int = LOGPROBS_OFF
 
     @property
     def adjusts_logits(self) -> bool:
@@ -309,13 +335,31 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
     supported_kwargs: ClassVar[dict[str, type]] = {
         "temperature": float, "top_k": int, "top_p": float, "choice_seed": int, "min_tokens": int,
         "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
-        "logit_bias": tuple,
+        "logit_bias": tuple, "top_logprobs": int,
     }
     ignored_kwargs: tuple[str, ...] = ()
 
     def __init__(self, eos_token_ids: Sequence[int]):
         self._eos = list(eos_token_ids)
         self._rows: list[_RowSampling] = []
+        # request id → its chosen tokens' log probabilities, in order, until the engine takes
+        # them (from its own thread: hence the lock).
+        self._logprobs: dict[str, list[TokenLogprob]] = {}
+        self._logprobs_lock = threading.Lock()
+
+    def take_logprobs(self, request_id: str, count: int) -> tuple[TokenLogprob, ...]:
+        """The first `count` recorded log probabilities of `request_id` not taken yet (the
+        sampler may already have chosen a token its output does not carry yet)."""
+        with self._logprobs_lock:
+            recorded = self._logprobs.get(request_id)
+            if not recorded or count <= 0:
+                return ()
+            taken, self._logprobs[request_id] = recorded[:count], recorded[count:]
+            return tuple(taken)
+
+    def forget(self, request_id: str) -> None:
+        with self._logprobs_lock:
+            self._logprobs.pop(request_id, None)
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(0)
@@ -338,6 +382,8 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
                 frequency_penalty=kwargs.get("frequency_penalty", 0.0),
                 logit_bias=kwargs.get("logit_bias", ()),
                 prompt_ids=prompt_ids, generated_ids=generated_ids,
+                request_id=state.request_id,
+                top_logprobs=kwargs.get("top_logprobs", LOGPROBS_OFF),
             ))  # fmt: skip
         self._rows = rows
         return torch.zeros(len(rows), dtype=torch.int32)  # the rows are kept above
@@ -346,6 +392,7 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         rows = self._rows
         if len(rows) != scores.size(0):
             raise RuntimeError(f"{scores.size(0)} rows of logits for {len(rows)} prepared rows")
+        raw = scores  # the model's own distribution, for log probabilities
         adjusted = [i for i, row in enumerate(rows) if row.adjusts_logits]
         if adjusted:
             scores = scores.clone()
@@ -362,8 +409,30 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         for i, row in enumerate(rows):
             if row.temperature:
                 chosen[i] = self._draw(scores[i], row)
+        self._record_logprobs(raw, rows, chosen)
         only = torch.full_like(scores, -torch.inf)
         return only.scatter_(1, chosen.unsqueeze(1), 0.0)
+
+    def _record_logprobs(self, raw: torch.Tensor, rows: list[_RowSampling],
+                         chosen: torch.Tensor) -> None:
+        """The chosen tokens' log probabilities (and the top ones') of the rows that ask."""
+        asking = [i for i, row in enumerate(rows) if row.top_logprobs != LOGPROBS_OFF]
+        if not asking:
+            return
+        logprobs = torch.log_softmax(raw[asking].float(), dim=-1)
+        picked = chosen[asking]
+        chosen_lp = logprobs.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()
+        most = max(rows[i].top_logprobs for i in asking)
+        top_lp, top_ids = (torch.topk(logprobs, most, dim=-1) if most
+                           else (logprobs[:, :0], picked[:0].unsqueeze(0)))
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        ids = picked.tolist()
+        with self._logprobs_lock:
+            for j, i in enumerate(asking):
+                k = rows[i].top_logprobs
+                top = tuple(zip(top_ids[j][:k], top_lp[j][:k], strict=True)) if k else ()
+                self._logprobs.setdefault(rows[i].request_id, []).append(
+                    TokenLogprob(ids[j], chosen_lp[j], top))
 
     def _draw(self, logits: torch.Tensor, row: _RowSampling) -> torch.Tensor:
         """One sampled row's token (float32 arithmetic as transformers' per-request warpers).
@@ -407,6 +476,7 @@ class _Request:
     num_input_tokens: int
     detokenizer: IncrementalDetokenizer
     num_output_tokens: int = 0
+    logprobs_taken: int = 0  # tokens whose log probabilities went out with a delta
 
 
 class TorchEngine:
@@ -449,7 +519,8 @@ class TorchEngine:
             ),
         )
         processors = self._manager.logit_processor
-        processors.logits_processor.append(_Sampler(eos_ids))
+        self._sampler = _Sampler(eos_ids)
+        processors.logits_processor.append(self._sampler)
         processors.tensors_required += 1
         processors.supported_keys.update(_Sampler.supported_kwargs)
         processors.do_processing = True
@@ -518,6 +589,7 @@ class TorchEngine:
             presence_penalty=float(sampling.presence_penalty),
             frequency_penalty=float(sampling.frequency_penalty),
             logit_bias=tuple((int(t), float(b)) for t, b in sampling.logit_bias),
+            top_logprobs=int(sampling.top_logprobs),
         )
         return len(prompt_ids)
 
@@ -526,6 +598,7 @@ class TorchEngine:
         if self._requests.pop(request_id, None) is None:
             return False
         self._manager.cancel_request(request_id)
+        self._sampler.forget(request_id)
         return True
 
     def poll(self, timeout_s: float) -> list[Delta]:
@@ -548,24 +621,41 @@ class TorchEngine:
         tokens = output.generated_tokens
         first = request.num_output_tokens == 0 and len(tokens) > 0
         request.num_output_tokens = len(tokens)
+        logprobs = self._new_logprobs(request, len(tokens))
         if output.status == RequestStatus.FAILED:
             del self._requests[output.request_id]
+            self._sampler.forget(output.request_id)
             return Delta(output.request_id, "", request.num_input_tokens, len(tokens), first,
                          FinishReason.ERROR, output.error or "the engine failed the request")
         if output.is_finished():
             del self._requests[output.request_id]
+            self._sampler.forget(output.request_id)
             text = request.detokenizer.finish(tokens)
             reason = FinishReason.LENGTH
             if request.detokenizer.stopped or len(tokens) < request.generation.max_tokens:
                 reason = FinishReason.STOP
             return Delta(output.request_id, text, request.num_input_tokens, len(tokens), first,
-                         reason)
+                         reason, logprobs=logprobs)
         text = request.detokenizer.push(tokens)
         if request.detokenizer.stopped:  # a stop string: end it here and free its blocks
             self.cancel(output.request_id)
             return Delta(output.request_id, text, request.num_input_tokens, len(tokens), first,
-                         FinishReason.STOP)
-        return Delta(output.request_id, text, request.num_input_tokens, len(tokens), first)
+                         FinishReason.STOP, logprobs=logprobs)
+        return Delta(output.request_id, text, request.num_input_tokens, len(tokens), first,
+                     logprobs=logprobs)
+
+    def _new_logprobs(self, request: _Request, tokens: int) -> tuple[TokenLogprob, ...]:
+        if request.generation.sampling.top_logprobs == LOGPROBS_OFF:
+            return ()
+        taken = self._sampler.take_logprobs(request.generation.request_id,
+                                            tokens - request.logprobs_taken)
+        request.logprobs_taken += len(taken)
+        return taken
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text as the output shows it (a special token such as EOS is empty);
+        the dispatcher thread's: it owns the tokenizer."""
+        return self._decode([token_id])
 
     def _fail_all(self, message: str) -> list[Delta]:
         failed = [

@@ -46,6 +46,9 @@ class TenantPlan:
     # Its prompts share no prefix affinity or engine prefix-cache entry with another tenant's
     # (a shared prefix cache lets a tenant time whether another sent a prompt: TTFT is lower).
     isolate_prefix_cache: bool = False
+    # Deterministic requests repeated within the gateway's TTL are answered from the first
+    # answer, free (services/gateway/response_cache.py).
+    response_cache: bool = False
     # Model names the tenant may use (bare, or pinned to production/canary/previous); empty:
     # every model. See services/gateway/model_access.py.
     models: tuple[str, ...] = ()
@@ -77,7 +80,7 @@ def bucket_capacity(per_minute: float) -> float:
 
 ZERO_MEANS_NONE = ("monthly_token_budget", "degraded_max_tokens")
 LIST_FIELDS = ("models", "version_grants")
-BOOL_FIELDS = ("audit_text_hashes", "isolate_prefix_cache")
+BOOL_FIELDS = ("audit_text_hashes", "isolate_prefix_cache", "response_cache")
 MAX_LIST_ENTRIES = 256
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # as services/registry/manifest.py
 VERSION_ID = re.compile(r"^sha256:[0-9a-f]{64}$")

@@ -56,8 +56,15 @@ def keeps(events: list[Event]) -> bool:
             and any(isinstance(event, TokenText) for event in events))
 
 
+# What one token's log probability costs to keep, top ones included (an estimate).
+LOGPROB_BYTES = 64
+
+
 def _event_bytes(event: Event) -> int:
-    return EVENT_OVERHEAD_BYTES + (len(event.text) if isinstance(event, TokenText) else 0)
+    if not isinstance(event, TokenText):
+        return EVENT_OVERHEAD_BYTES
+    logprobs = sum(1 + len(lp.top) for lp in event.logprobs) * LOGPROB_BYTES
+    return EVENT_OVERHEAD_BYTES + len(event.text) + logprobs
 
 
 @dataclass

@@ -18,7 +18,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import uvicorn
@@ -31,9 +31,11 @@ from starlette.types import Receive, Scope, Send
 
 from services.common import errors, telemetry
 from services.common.auth import Authenticator
+from services.common.logprobs import TokenLogprob
 from services.common.logs import get_logger
 from services.common.tls import TlsMode, TlsSettings, is_loopback
 from services.gateway.model_access import model_allowed
+from services.gateway.openai_logprobs import chat_logprobs, completion_logprobs
 from services.gateway.openai_protocol import (
     ChatCompletionBody,
     CompletionBody,
@@ -241,11 +243,13 @@ class OpenAIFront:
             # Streaming: the status waits for Accepted (admitted, routed) or an early Finished.
             event = await run.next_event(watcher)
             pieces: list[str] = []
+            logprobs: list[TokenLogprob] = []
             while event is not None and not (
                 isinstance(event, Finished) or (body.stream and isinstance(event, Accepted))
             ):
                 if isinstance(event, TokenText):
                     pieces.append(event.text)
+                    logprobs.extend(event.logprobs)
                 event = await run.next_event(watcher)
         finally:
             watcher.cancel()
@@ -255,12 +259,14 @@ class OpenAIFront:
             await run.cancel()
             return self._count(route, Response(status_code=499))
         if isinstance(event, Accepted):
-            chunks = _sse_chunks(run, event, body, route, request_id, self._heartbeat_s)
+            chunks = _sse_chunks(run, event, body, route, request_id, self._heartbeat_s,
+                                 generation.sampling.logprobs)
             return self._count(route, _EventStream(chunks, run, headers, route, request_id))
         assert isinstance(event, Finished)
         if event.error is not None or event.finish_reason in ("cancelled", "deadline"):
             return self._count(route, self._finished_error(event, request_id, body))
-        payload = _completion(route, request_id, body, event, "".join(pieces))
+        payload = _completion(route, request_id, body, event, "".join(pieces),
+                              _logprobs(route, generation.sampling.logprobs, logprobs, 0))
         return self._count(route, JSONResponse(payload, headers=headers))
 
     @staticmethod
@@ -367,21 +373,34 @@ def _object_id(route: str, request_id: str) -> str:
     return f"{'chatcmpl' if route == 'chat' else 'cmpl'}-{request_id}"
 
 
-def _usage(finished: Finished) -> dict[str, int]:
-    return {"prompt_tokens": finished.prompt_tokens,
-            "completion_tokens": finished.completion_tokens,
-            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+def _usage(finished: Finished) -> dict[str, Any]:
+    """OpenAI's usage; a response-cache hit says every prompt token was cached
+    (`prompt_tokens_details.cached_tokens`)."""
+    usage: dict[str, Any] = {"prompt_tokens": finished.prompt_tokens,
+                             "completion_tokens": finished.completion_tokens,
+                             "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+    if finished.cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": finished.prompt_tokens}
+    return usage
+
+
+def _logprobs(route: str, asked: bool, logprobs: Sequence[TokenLogprob],
+              offset: int) -> dict[str, Any] | None:
+    """A choice's `logprobs` when the request asked for them, else None."""
+    if not asked:
+        return None
+    return chat_logprobs(logprobs) if route == "chat" else completion_logprobs(logprobs, offset)
 
 
 def _completion(route: str, request_id: str, body: Any, finished: Finished,
-                text: str) -> dict[str, Any]:
+                text: str, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if route == "chat":
         choice: dict[str, Any] = {"index": 0, "finish_reason": finished.finish_reason,
-                                  "logprobs": None,
+                                  "logprobs": logprobs,
                                   "message": {"role": "assistant", "content": text,
                                               "refusal": None}}
     else:
-        choice = {"index": 0, "finish_reason": finished.finish_reason, "logprobs": None,
+        choice = {"index": 0, "finish_reason": finished.finish_reason, "logprobs": logprobs,
                   "text": text}
     return {
         "id": _object_id(route, request_id),
@@ -397,7 +416,8 @@ def _data(payload: dict[str, Any]) -> bytes:
 
 
 async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request_id: str,
-                      heartbeat_s: float) -> AsyncIterator[bytes]:
+                      heartbeat_s: float, logprobs_asked: bool = False,
+                      ) -> AsyncIterator[bytes]:
     """chunk per token batch → last chunk with finish_reason → [usage chunk] → [DONE]; a
     failure after the first chunk is an `error` event (the status line is already sent)."""
     created = int(time.time())
@@ -407,19 +427,24 @@ async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created, "model": body.model, "system_fingerprint": version}
 
-    def chunk(content: str | None, finish_reason: str | None, first: bool = False) -> bytes:
+    def chunk(content: str | None, finish_reason: str | None, first: bool = False,
+              logprobs: Sequence[TokenLogprob] = ()) -> bytes:
+        nonlocal offset
+        shown = _logprobs(route, logprobs_asked, logprobs, offset) if logprobs else None
+        offset += len(content or "")
         if chat:
             delta: dict[str, Any] = {} if content is None else {"content": content}
             if first:
                 delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "logprobs": None,
+            choice = {"index": 0, "delta": delta, "logprobs": shown,
                       "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": content or "", "logprobs": None,
+            choice = {"index": 0, "text": content or "", "logprobs": shown,
                       "finish_reason": finish_reason}
         return _data({**base, "choices": [choice]})
 
     first = True
+    offset = 0  # characters of text streamed so far (a completion's text_offset)
     while True:
         try:
             async with asyncio.timeout(heartbeat_s):
@@ -430,13 +455,15 @@ async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request
         if isinstance(event, TokenText):
             # Batch what already waits: one chunk per token batch, never a wait for more.
             text = [event.text]
+            logprobs = list(event.logprobs)
             following: Event | None = None
             while following is None and not run.events.empty():
                 following = run.events.get_nowait()
                 if isinstance(following, TokenText):
                     text.append(following.text)
+                    logprobs.extend(following.logprobs)
                     following = None
-            yield chunk("".join(text), None, first)
+            yield chunk("".join(text), None, first, logprobs)
             first = False
             if following is None:
                 continue

@@ -3,7 +3,7 @@
 
 Every model forbids unknown fields: a parameter we do not implement (`tools`, `response_format`,
 `response_format`, …) is refused with a 400 naming it, never silently ignored. Fields OpenAI defines
-that we accept only at their neutral value (`n`, `logprobs`, `echo`, `best_of`) are declared and
+that we accept only at their neutral value (`n`, `echo`, `best_of`) are declared and
 checked in `unsupported_values`.
 """
 
@@ -22,6 +22,7 @@ from services.gateway.requests import (
     SamplingRequest,
 )
 
+MAX_COMPLETION_LOGPROBS = 5  # a legacy completion's `logprobs` (OpenAI's limit)
 # OpenAI's newer name for the system role; our chat templates know `system`.
 ROLE_ALIASES = {"developer": "system"}
 
@@ -69,18 +70,19 @@ class _Sampling(_Body):
     logit_bias: dict[str, float] | None = None  # token id (as a string) → bias
     user: str = ""
     n: int | None = None
-    logprobs: Any = None
 
 
 class CompletionBody(_Sampling):
     prompt: str
     echo: bool = False
     best_of: int | None = None
+    logprobs: int | None = None  # 0..5: the chosen token's and this many top ones'
 
 
 class ChatCompletionBody(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
     top_logprobs: int | None = None
 
 
@@ -113,11 +115,7 @@ def unsupported_values(body: CompletionBody | ChatCompletionBody) -> None:
     """Refuses what OpenAI defines but our engines cannot give, naming the parameter."""
     if body.n not in (None, 1):
         raise InvalidArgument("n", "only n=1 is supported")
-    if body.logprobs not in (None, False, 0):
-        raise InvalidArgument("logprobs", "log probabilities are not available from our engines")
     if isinstance(body, ChatCompletionBody):
-        if body.top_logprobs is not None:
-            raise InvalidArgument("top_logprobs", "log probabilities are not available")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise InvalidArgument("max_completion_tokens", "set max_tokens or it, not both")
     else:
@@ -125,6 +123,9 @@ def unsupported_values(body: CompletionBody | ChatCompletionBody) -> None:
             raise InvalidArgument("echo", "echoing the prompt is not supported")
         if body.best_of not in (None, 1):
             raise InvalidArgument("best_of", "only best_of=1 is supported")
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise InvalidArgument("logprobs", f"must be in [0, {MAX_COMPLETION_LOGPROBS}], "
+                                  f"got {body.logprobs}")
     if body.stream_options is not None and not body.stream:
         raise InvalidArgument("stream_options", "is only allowed with stream=true")
 
@@ -158,8 +159,10 @@ def to_generation(
             max_tokens = body.max_completion_tokens
         messages = tuple(ChatTurn(ROLE_ALIASES.get(m.role, m.role), m.text())
                          for m in body.messages)
+        logprobs, top_logprobs = bool(body.logprobs), body.top_logprobs
     else:
         prompt = body.prompt
+        logprobs, top_logprobs = body.logprobs is not None, body.logprobs
     return GenerationRequest(
         request_id=request_id,
         model=body.model,
@@ -171,6 +174,7 @@ def to_generation(
             repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, min_tokens=body.min_tokens,
             logit_bias=_logit_bias(body.logit_bias),
+            logprobs=logprobs, top_logprobs=top_logprobs,
         ),
         idempotency_key=idempotency_key,
         user=body.user,

@@ -30,6 +30,7 @@ from backends.triton.adapter import EngineChunk, EngineRequest
 from infermesh.v1 import auditor_pb2
 from services.auditor.client import new_event
 from services.common import errors, telemetry
+from services.common.logprobs import TokenLogprob
 from services.common.logs import get_logger
 from services.common.outcome import Outcome
 from services.common.prefix import prompt_block_hashes
@@ -37,6 +38,12 @@ from services.gateway.admission import FairAdmission, priority_index
 from services.gateway.model_access import check_access
 from services.gateway.peers import Grant, Route
 from services.gateway.requests import GenerationRequest, Principal
+from services.gateway.response_cache import (
+    CachedResponse,
+    ResponseCache,
+    deterministic,
+    request_digest,
+)
 from services.gateway.safety import StreamFilter
 from services.gateway.shadow import ShadowTraffic
 from services.gateway.tokenizers import TokenizerStore
@@ -86,6 +93,11 @@ COLD_REFUSALS = Counter(
     "infermesh_gateway_cold_version_refusals_total",
     "Requests refused UNAVAILABLE (retry) because no replica served their version yet: it was "
     "being loaded. Not counted as generations.", ["tenant", "model", "version"])
+CACHE_HITS = Counter(
+    "infermesh_gateway_response_cache_hits_total",
+    "Generations answered from the response cache (no engine ran, the tenant was not charged).",
+    ["tenant", "model"],
+)
 RESOLUTIONS = Counter(
     "infermesh_gateway_model_resolutions_total",
     "Requests by the rollout arm that answered them: production, canary, previous (production "
@@ -104,6 +116,7 @@ class Accepted:
 class TokenText:
     request_id: str
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # when asked for: the tokens this event adds
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,7 @@ class Finished:
     ttft_s: float = 0.0
     total_s: float = 0.0
     error: errors.MeshError | None = None
+    cached: bool = False  # answered from the response cache: no engine ran, nothing charged
 
 
 Event = Accepted | TokenText | Finished
@@ -192,6 +206,7 @@ class _Progress:
     prices_per_1k: tuple[float, float] = (0.0, 0.0)  # the version's input and output prices
     text_hashes: TextHashes | None = None  # only when the tenant's plan asks for them
     cold: bool = False  # pinned to a version in no serving role that no replica serves yet
+    cached: bool = False  # answered from the response cache
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -214,6 +229,7 @@ class GenerationPipeline:
         serving: Callable[[str], bool] = lambda _model: True,
         clock: Callable[[], float] = time.monotonic,
         prompt_workers: int = 4,
+        response_cache: ResponseCache | None = None,
     ):
         """`serving(triton_model)`: whether some replica serves it now (the rollout sends
         traffic only to loaded versions; see `ModelCatalog.route`)."""
@@ -231,6 +247,7 @@ class GenerationPipeline:
         self._zone = zone
         self._max_attempts = max_attempts
         self._clock = clock
+        self._response_cache = response_cache
         self._background: set[asyncio.Task[None]] = set()
         # Renders and tokenizes long inputs; its own threads, so audit and etcd I/O in the
         # default executor never wait behind a burst of long prompts.
@@ -269,11 +286,28 @@ class GenerationPipeline:
                 validated = await self._validate(request, principal, version)
             if principal.plan.audit_text_hashes:
                 progress.text_hashes = TextHashes(validated.engine.prompt)
-            async with asyncio.timeout(validated.timeout_s):
-                finish_reason = await self._admit_route_relay(
-                    principal, validated.engine, version.version_id, validated.timeout_s,
-                    validated.prompt_tokens, progress, send,
-                )
+            digest = self._cache_digest(principal, validated.engine, version.version_id)
+            cached = (self._response_cache.get(principal.tenant_id, digest)
+                      if self._response_cache is not None and digest else None)
+            if cached is not None:
+                finish_reason = await self._replay(request.request_id, cached, progress, send)
+            else:
+                pieces: list[tuple[str, tuple[TokenLogprob, ...]]] = []
+
+                async def recording(event: Event) -> None:
+                    if digest and isinstance(event, TokenText):
+                        pieces.append((event.text, event.logprobs))
+                    await send(event)
+
+                async with asyncio.timeout(validated.timeout_s):
+                    finish_reason = await self._admit_route_relay(
+                        principal, validated.engine, version.version_id, validated.timeout_s,
+                        validated.prompt_tokens, progress, recording,
+                    )
+                if self._response_cache is not None and digest:
+                    self._response_cache.put(principal.tenant_id, digest, CachedResponse(
+                        version.version_id, tuple(pieces), finish_reason,
+                        progress.prompt_tokens, progress.completion_tokens))
             finished = self._finished(request.request_id, finish_reason, progress)
         except errors.MeshError as exc:
             finished = self._finished(request.request_id, "error", progress, exc)
@@ -309,6 +343,27 @@ class GenerationPipeline:
             return
         with telemetry.span("audit"):
             self._record(principal, request, progress, finished, client_address)
+
+    def _cache_digest(self, principal: Principal, engine: EngineRequest, version_id: str) -> str:
+        """The response cache's key for a deterministic request of a tenant whose plan turns the
+        cache on; "" when the request is not to be cached."""
+        if (self._response_cache is None or not principal.plan.response_cache
+                or not deterministic(engine.temperature, engine.seed)):
+            return ""
+        return request_digest(version_id, repr(dataclasses.replace(engine, request_id="")))
+
+    async def _replay(self, request_id: str, cached: CachedResponse, progress: _Progress,
+                      send: Send) -> str:
+        """A cache hit: the first answer's text as it streamed, under this request's id; no
+        admission (the tenant is not charged), no route, no engine."""
+        progress.cached = True
+        progress.prompt_tokens = cached.prompt_tokens
+        progress.completion_tokens = cached.completion_tokens
+        progress.queue_s = self._clock() - progress.arrived
+        await send(Accepted(request_id, cached.model_version))
+        for text, logprobs in cached.pieces:
+            await self._send_text(request_id, text, progress, send, logprobs)
+        return cached.finish_reason
 
     async def _validate(
         self, request: GenerationRequest, principal: Principal, version: ModelVersion
@@ -437,22 +492,29 @@ class GenerationPipeline:
         self, route: Route, engine_request: EngineRequest, progress: _Progress, send: Send
     ) -> str:
         safety = StreamFilter(progress.blocked_phrases)  # afresh per attempt
+        held: list[TokenLogprob] = []  # log probabilities whose text the filter still holds
         chunks = self._engine.generate(route.grpc_endpoint, engine_request)
         async with contextlib.aclosing(chunks):  # leaving early cancels the Triton request
             async for chunk in chunks:
                 progress.prompt_tokens = chunk.prompt_tokens or progress.prompt_tokens
                 progress.completion_tokens = chunk.completion_tokens or progress.completion_tokens
+                held.extend(chunk.logprobs)
                 text, blocked = safety.feed(chunk.text)
-                await self._send_text(engine_request.request_id, text, progress, send)
+                if text:
+                    await self._send_text(engine_request.request_id, text, progress, send,
+                                          tuple(held))
+                    held.clear()
                 if blocked:
                     return "content_filter"
-        await self._send_text(engine_request.request_id, safety.flush(), progress, send)
+        await self._send_text(engine_request.request_id, safety.flush(), progress, send,
+                              tuple(held))
         if progress.completion_tokens >= engine_request.max_tokens:
             return "length"
         return "stop"
 
-    async def _send_text(self, request_id: str, text: str, progress: _Progress, send: Send) -> None:
-        if not text:
+    async def _send_text(self, request_id: str, text: str, progress: _Progress, send: Send,
+                         logprobs: tuple[TokenLogprob, ...] = ()) -> None:
+        if not text and not logprobs:
             return
         if not progress.first_token_sent:
             progress.first_token_sent = True
@@ -460,7 +522,7 @@ class GenerationPipeline:
             telemetry.add_event("first_token", {"infermesh.ttft_s": progress.ttft_s})
         if progress.text_hashes is not None:
             progress.text_hashes.sent(text)
-        await send(TokenText(request_id, text))
+        await send(TokenText(request_id, text, logprobs))
 
     def _finished(
         self, request_id: str, reason: str, progress: _Progress,
@@ -476,6 +538,7 @@ class GenerationPipeline:
             ttft_s=progress.ttft_s,
             total_s=self._clock() - progress.arrived,
             error=error,
+            cached=progress.cached,
         )
 
     def _run_cleanups(self, progress: _Progress) -> None:
@@ -519,12 +582,17 @@ class GenerationPipeline:
         if progress.first_token_sent and progress.completion_tokens > 1:
             ITL.labels(progress.model, version, self._zone).observe(
                 (finished.total_s - progress.ttft_s) / (progress.completion_tokens - 1))
-        TOKENS.labels(principal.tenant_id, model, version, "prompt").inc(progress.prompt_tokens)
-        TOKENS.labels(principal.tenant_id, model, version, "completion").inc(
-            progress.completion_tokens)
-        price_in, price_out = progress.prices_per_1k
-        SPEND.labels(principal.tenant_id, model, version).inc(
-            (progress.prompt_tokens * price_in + progress.completion_tokens * price_out) / 1000)
+        if progress.cached:  # served from the cache: no token generated, nothing spent
+            CACHE_HITS.labels(principal.tenant_id, model).inc()
+        else:
+            TOKENS.labels(principal.tenant_id, model, version, "prompt").inc(
+                progress.prompt_tokens)
+            TOKENS.labels(principal.tenant_id, model, version, "completion").inc(
+                progress.completion_tokens)
+            price_in, price_out = progress.prices_per_1k
+            SPEND.labels(principal.tenant_id, model, version).inc(
+                (progress.prompt_tokens * price_in + progress.completion_tokens * price_out)
+                / 1000)
         hashes = progress.text_hashes
         self._audit.emit(
             new_event(
@@ -547,6 +615,7 @@ class GenerationPipeline:
                     replica_id=progress.replica_id,
                     prompt_sha256=hashes.prompt_sha256 if hashes else "",
                     completion_sha256=hashes.completion_sha256 if hashes else "",
+                    cached=progress.cached,
                 ),
             )
         )

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from services.common.auth import Principal
 from services.common.errors import InvalidArgument
 
-__all__ = ["FIELD_LIMITS", "MAX_LOGIT_BIAS", "REQUEST_ID", "ChatTurn", "GenerationRequest",
-           "Principal", "SamplingRequest", "check_logit_bias"]
+__all__ = ["FIELD_LIMITS", "MAX_LOGIT_BIAS", "MAX_TOP_LOGPROBS", "REQUEST_ID", "ChatTurn",
+           "GenerationRequest", "Principal", "SamplingRequest", "check_logit_bias"]
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -41,6 +41,7 @@ FIELD_LIMITS: dict[str, FieldLimit] = {
     "params.stop": FieldLimit(128, entries=4),
     "params.bad_words": FieldLimit(128, entries=16),
 }
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 MAX_LOGIT_BIAS = 300  # entries of params.logit_bias (OpenAI's limit), each bias in [-100, 100]
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
 
@@ -67,6 +68,8 @@ class SamplingRequest:
     frequency_penalty: float | None = None
     min_tokens: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ascending by id
+    logprobs: bool = False
+    top_logprobs: int | None = None  # 0..MAX_TOP_LOGPROBS, with logprobs only
 
 
 @dataclass(frozen=True)

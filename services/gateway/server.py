@@ -25,6 +25,7 @@ from services.common import errors, etcd, status, telemetry
 from services.common.auth import Authenticator
 from services.common.discovery import ServiceDirectory
 from services.common.frames import MalformedFrame, add_servicer
+from services.common.logprobs import TokenLogprob
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import TenantStore, parse_key, parse_tenant
 from services.gateway.admission import AdmissionLimits, FairAdmission
@@ -44,6 +45,7 @@ from services.gateway.pipeline import (
 )
 from services.gateway.quota import QuotaLeases
 from services.gateway.requests import ChatTurn, GenerationRequest, Principal, SamplingRequest
+from services.gateway.response_cache import ResponseCache
 from services.gateway.serving import ServedModels
 from services.gateway.settings import GatewaySettings
 from services.gateway.shadow import ShadowTraffic
@@ -82,6 +84,8 @@ def decode_request(message: inference_pb2.GenerateRequest) -> GenerationRequest:
         frequency_penalty=params.frequency_penalty if has("frequency_penalty") else None,
         min_tokens=params.min_tokens if has("min_tokens") else None,
         logit_bias=tuple(sorted(params.logit_bias.items())),
+        logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs if has("top_logprobs") else None,
     )
     which = message.WhichOneof("input")
     return GenerationRequest(
@@ -115,7 +119,8 @@ def encode_final(finished: Finished) -> inference_pb2.Final:
         request_id=finished.request_id,
         finish_reason=FINISH_REASONS[finished.finish_reason],
         usage=inference_pb2.Usage(
-            prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens
+            prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens,
+            cached=finished.cached,
         ),
         timings=inference_pb2.Timings(
             queue=_duration(finished.queue_s),
@@ -134,11 +139,19 @@ def encode_final(finished: Finished) -> inference_pb2.Final:
     return final
 
 
+def encode_logprobs(logprobs: Sequence[TokenLogprob]) -> list[inference_pb2.TokenLogprob]:
+    return [inference_pb2.TokenLogprob(
+        token=lp.token, logprob=lp.logprob, bytes=lp.token_bytes,
+        top_logprobs=[inference_pb2.TopLogprob(token=t.token, logprob=t.logprob,
+                                               bytes=t.token_bytes) for t in lp.top])
+        for lp in logprobs]
+
+
 def encode_event(event: Event) -> inference_pb2.ServerFrame:
     if isinstance(event, TokenText):
-        return inference_pb2.ServerFrame(
-            tokens=inference_pb2.Tokens(request_id=event.request_id, text=event.text)
-        )
+        return inference_pb2.ServerFrame(tokens=inference_pb2.Tokens(
+            request_id=event.request_id, text=event.text,
+            logprobs=encode_logprobs(event.logprobs)))
     if isinstance(event, Accepted):
         return inference_pb2.ServerFrame(
             accepted=inference_pb2.Accepted(
@@ -243,10 +256,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if remaining is not None and (decoded.timeout_s is None or remaining < decoded.timeout_s):
             decoded = dataclasses.replace(decoded, timeout_s=max(remaining, 1e-3))
         pieces: list[str] = []
+        logprobs: list[TokenLogprob] = []
 
         async def collect(event: Event) -> None:
             if isinstance(event, TokenText):
                 pieces.append(event.text)
+                logprobs.extend(event.logprobs)
 
         finished = await self._generations.run(principal, decoded, collect, context.peer(),
                                                trace)
@@ -257,10 +272,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             model_version=finished.model_version,
             text="".join(pieces),
             finish_reason=FINISH_REASONS[finished.finish_reason],
-            usage=inference_pb2.Usage(
-                prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens
-            ),
+            usage=encode_final(finished).usage,
             timings=encode_final(finished).timings,
+            logprobs=encode_logprobs(logprobs),
         )
 
     async def GenerateStream(self, request_iterator, context):
@@ -573,6 +587,10 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         max_attempts=settings.max_attempts,
         serving=served.served,
         prompt_workers=settings.prompt_workers,
+        response_cache=ResponseCache(
+            settings.response_cache_ttl_s,
+            max_tenant_bytes=settings.response_cache_max_tenant_bytes,
+            max_bytes=settings.response_cache_max_bytes),
     )
     authenticator = Authenticator(keys, tenants)
     generations = Generations(pipeline, IdempotencyCache(settings.idempotency_ttl_s))

@@ -59,6 +59,15 @@ class GatewaySettings(ServiceSettings, BlobCacheSettings):
     idempotency_ttl_s: float = Field(
         600.0, description="How long a finished outcome answers repeats of its idempotency key."
     )
+    response_cache_ttl_s: float = Field(
+        60.0, gt=0, description="How long a deterministic answer is replayed to its repeats "
+        "(tenants whose plan has response_cache).")
+    response_cache_max_tenant_bytes: int = Field(
+        8 << 20, gt=0, description="Response-cache memory one tenant may hold (its oldest entry "
+        "goes first); no tenant can evict another's below this.")
+    response_cache_max_bytes: int = Field(
+        64 << 20, gt=0, description="Response-cache memory in all (past it, the largest "
+        "tenant's oldest entry goes).")
     shadow_max_in_flight: int = Field(
         4, description="Shadow copies this gateway runs at once; more are dropped, not queued."
     )

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 
 from backends.triton.adapter import EngineRequest
 from services.common.errors import InvalidArgument
-from services.gateway.requests import FIELD_LIMITS, REQUEST_ID, GenerationRequest, Principal
+from services.gateway.requests import (
+    FIELD_LIMITS,
+    MAX_TOP_LOGPROBS,
+    REQUEST_ID,
+    GenerationRequest,
+    Principal,
+)
 from services.gateway.tokenizers import PromptTokenizer
 from services.registry.engine_capabilities import capabilities_of, first_unsupported
 from services.registry.manifest import ModelVersion
@@ -102,6 +108,9 @@ def check_parameters(
     _check_range("params.presence_penalty", sampling.presence_penalty, -2.0, 2.0)
     _check_range("params.frequency_penalty", sampling.frequency_penalty, -2.0, 2.0)
     _check_range("params.min_tokens", sampling.min_tokens, 0, max_tokens)
+    _check_range("params.top_logprobs", sampling.top_logprobs, 0, MAX_TOP_LOGPROBS)
+    if sampling.top_logprobs is not None and not sampling.logprobs:
+        raise InvalidArgument("params.top_logprobs", "needs logprobs to be true")
     unsupported = first_unsupported(version.engine_kind, {
         "repetition_penalty": sampling.repetition_penalty,
         "presence_penalty": sampling.presence_penalty,
@@ -192,6 +201,7 @@ def finish_validation(
         bad_words=sampling.bad_words,
         cache_salt=checked.cache_salt,
         logit_bias=sampling.logit_bias,
+        top_logprobs=(sampling.top_logprobs or 0) if sampling.logprobs else None,
     )
     return ValidatedGeneration(engine, prompt.tokens, checked.timeout_s)
 

@@ -70,8 +70,6 @@ def test_logit_bias_keys_are_token_ids_bounded_before_parsing():
 
 @pytest.mark.parametrize("fields, param", [
     ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 2}, "top_logprobs"),
     ({"max_tokens": 5, "max_completion_tokens": 5}, "max_completion_tokens"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
@@ -144,3 +142,56 @@ def test_unary_answers_validate_against_openais_document():
     body = parse_body(CompletionBody, {"model": "m", "prompt": "p"})
     validate("CreateCompletionResponse", _completion("completions", "r1", body, finished, "x"))
     validate("ErrorResponse", error_payload(errors.InvalidArgument("params.top_p", "bad")))
+
+
+def test_log_probabilities_in_openais_two_shapes_validate_against_its_document():
+    from services.common.logprobs import TokenLogprob, TopLogprob
+    from services.gateway.openai_logprobs import chat_logprobs, completion_logprobs
+    from tests.openai_schema import validate
+
+    logprobs = [TokenLogprob(" Paris", b" Paris", -0.25, (TopLogprob(" Paris", b" Paris", -0.25),
+                                                          TopLogprob(" Lyon", b" Lyon", -2.0))),
+                TokenLogprob(".", b".", -0.5, (TopLogprob(".", b".", -0.5),
+                                               TopLogprob("!", b"!", -1.0)))]
+    chat_choice = {"index": 0, "finish_reason": "stop", "logprobs": chat_logprobs(logprobs),
+                   "message": {"role": "assistant", "content": " Paris.", "refusal": None}}
+    validate("CreateChatCompletionResponse", {
+        "id": "chatcmpl-r", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [chat_choice]})
+    assert chat_choice["logprobs"]["content"][0]["bytes"] == list(b" Paris")
+    completion = completion_logprobs(logprobs, 3)
+    assert completion["text_offset"] == [3, 9]
+    assert completion["top_logprobs"][1] == {".": -0.5, "!": -1.0}
+    validate("CreateCompletionResponse", {
+        "id": "cmpl-r", "object": "text_completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "finish_reason": "stop", "text": " Paris.",
+                     "logprobs": completion}]})
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+])
+def test_log_probability_bounds_name_the_parameter(fields, param):
+    from services.common.tenancy import TenantPlan
+    from services.gateway.requests import Principal
+    from services.gateway.validation import Limits, check_parameters
+    from services.registry.manifest import ModelVersion
+
+    version = ModelVersion("sha256:" + "0" * 64, {
+        "name": "demo", "tokenizer": "whitespace",
+        "engine": {"kind": "reference", "context_window": 100, "max_output_tokens": 50},
+        "sampling": {"max_tokens": 16, "temperature": 0.7, "top_p": 0.9, "top_k": 0}})
+    with pytest.raises(errors.InvalidArgument) as raised:
+        check_parameters(to_generation(chat(**fields), "r", ""),
+                         Principal("t", "k", "user", TenantPlan()), version, Limits())
+    assert openai_param(raised.value.field, None) == param
+
+
+def test_a_completions_logprobs_is_at_most_five():
+    body = parse_body(CompletionBody, {"model": "m", "prompt": "p", "logprobs": 2})
+    assert to_generation(body, "r", "").sampling.top_logprobs == 2
+    with pytest.raises(errors.InvalidArgument) as raised:
+        to_generation(parse_body(CompletionBody, {"model": "m", "prompt": "p", "logprobs": 6}),
+                      "r", "")
+    assert raised.value.field == "logprobs" and "[0, 5]" in raised.value.message

@@ -19,6 +19,7 @@ from backends.triton.reference_engine import (
     StepTiming,
     complete,
     count_tokens,
+    made_up_logprobs,
 )
 
 PROMPT = "Tell me about the harbour."
@@ -455,3 +456,15 @@ def test_text_under_kv_pressure_is_the_text_without_it() -> None:
                                     max_tokens=30))
         assert "".join(deltas[request_id]) == expected.text
     assert tight.stats.kv_used == 0
+
+
+def test_made_up_log_probabilities_are_well_formed_and_the_chosen_word_is_the_most_likely():
+    for word in (" The", " river", " harbour."):
+        logprob, top = made_up_logprobs(word, 20)
+        assert made_up_logprobs(word, 20) == (logprob, top)  # a function of the word
+        assert top[0] == (word, logprob) and len(top) == 20
+        assert len({t for t, _ in top}) == 20
+        values = [v for _, v in top]
+        assert values == sorted(values, reverse=True) and max(values) == logprob < 0
+        assert sum(math.exp(v) for v in values) < 1.0
+    assert made_up_logprobs(" The", 0)[1] == ()

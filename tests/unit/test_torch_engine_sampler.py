@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from backends.triton.torch_engine import _Sampler
@@ -16,8 +17,15 @@ def request(position: int = 0, initial_tokens: list[int] | None = None,
     """What the sampler reads of a request in the batch (transformers' FutureRequestState)."""
     state = SimpleNamespace(logit_processor_kwargs=kwargs, generated_len=lambda: position,
                             initial_tokens=initial_tokens or [],
-                            generated_tokens=generated_tokens or [], _true_initial_tokens=0)
+                            generated_tokens=generated_tokens or [], _true_initial_tokens=0,
+                            request_id="r")
     return SimpleNamespace(state=state)
+
+
+def _with_id(row: SimpleNamespace) -> SimpleNamespace:
+    """The request id moves from the kwargs to the state, where transformers keeps it."""
+    row.state.request_id = row.state.logit_processor_kwargs.pop("request_id")
+    return row
 
 
 def choose(sampler: _Sampler, requests: list[SimpleNamespace], logits: torch.Tensor) -> list[int]:
@@ -118,3 +126,37 @@ def test_a_sampled_row_draws_from_its_penalized_distribution():
         row = {"temperature": 1.0, "choice_seed": seed, "top_k": 2}
         assert choose(sampler, [request(**row, logit_bias=((1, -100.0), (2, -100.0)))],
                       logits)[0] in {4, 3}
+
+
+def test_log_probabilities_are_the_raw_distributions_and_greedy_picks_the_most_likely():
+    """Recorded per request from the logits before penalties and bias (vLLM's raw logprobs):
+    a greedy row's chosen token is its top one; a biased row's chosen token keeps its own, lower
+    log probability."""
+    sampler = _Sampler([EOS])
+    logits = torch.tensor([[0.0, 4.0, 3.5, -9.0, 3.0, -1.0]])
+    expected = torch.log_softmax(logits[0], dim=-1)
+    rows = [request(temperature=0.0, top_logprobs=3, request_id="a"),
+            request(temperature=0.0, top_logprobs=0, logit_bias=((2, 10.0),), request_id="b"),
+            request(temperature=0.0, request_id="c")]
+    sampler.prepare_tensor_args([_with_id(r) for r in rows])
+    sampler(torch.cat([logits] * 3), torch.zeros(3, dtype=torch.int32))
+    (greedy,) = sampler.take_logprobs("a", 5)
+    assert greedy.token_id == 1 and greedy.logprob == pytest.approx(expected[1].item())
+    assert [t for t, _ in greedy.top] == [1, 2, 4]
+    assert greedy.top[0][1] == pytest.approx(greedy.logprob)
+    (biased,) = sampler.take_logprobs("b", 5)
+    assert biased.token_id == 2 and biased.logprob == pytest.approx(expected[2].item())
+    assert biased.top == ()
+    assert sampler.take_logprobs("c", 5) == ()  # it asked for none
+
+
+def test_log_probabilities_are_taken_in_order_and_only_as_many_as_asked():
+    sampler = _Sampler([EOS])
+    row = _with_id(request(temperature=0.0, top_logprobs=0, request_id="a"))
+    for step in range(3):
+        sampler.prepare_tensor_args([row])
+        sampler(torch.tensor([[0.0, 1.0, 2.0, 0.0]]).roll(step), torch.zeros(1, dtype=torch.int32))
+    assert [lp.token_id for lp in sampler.take_logprobs("a", 2)] == [2, 3]
+    assert [lp.token_id for lp in sampler.take_logprobs("a", 2)] == [0]
+    sampler.forget("a")
+    assert sampler.take_logprobs("a", 1) == ()

@@ -137,3 +137,37 @@ def test_a_count_of_a_datatype_nobody_sends_is_the_engines_fault():
     response.raw_output_contents.append(struct.pack("<f", 3.0))
     with pytest.raises(errors.Internal, match="num_input_tokens is FP32"):
         read_chunk(response)
+
+
+def _logprob_response(tokens: list[bytes], logprobs: list[float], top_tokens: list[bytes],
+                      top_logprobs: list[float]) -> service_pb2.ModelInferResponse:
+    response = service_pb2.ModelInferResponse()
+    for name, datatype, values in (
+            ("output_log_probs", "FP32", np.array([logprobs], dtype=np.float32)),
+            ("output_tokens", "BYTES", np.array([tokens], dtype=np.object_)),
+            ("top_log_probs", "FP32", np.array([top_logprobs], dtype=np.float32)),
+            ("top_log_prob_tokens", "BYTES", np.array([top_tokens], dtype=np.object_))):
+        response.outputs.add(name=name, datatype=datatype, shape=list(values.shape))
+        response.raw_output_contents.append(
+            (serialize_byte_tensor(values).item() if values.size else b"")
+            if datatype == "BYTES" else values.tobytes())
+    return response
+
+
+def test_log_probabilities_are_read_token_by_token_with_their_top_ones():
+    request = build_request(EngineRequest("m", "r", "p", 4, top_logprobs=2))
+    assert {o.name for o in request.outputs} >= {"output_log_probs", "top_log_prob_tokens"}
+    chunk = read_chunk(_logprob_response(
+        [b" Paris", b"\xe2\x98"], [-0.25, -1.5], [b" Paris", b" Lyon", b"\xe2\x98", b"."],
+        [-0.25, -2.0, -1.5, -1.75]))
+    first, second = chunk.logprobs
+    assert (first.token, first.token_bytes, first.logprob) == (" Paris", b" Paris", -0.25)
+    assert [(t.token, t.logprob) for t in first.top] == [(" Paris", -0.25), (" Lyon", -2.0)]
+    assert second.token == "\ufffd" and second.token_bytes == b"\xe2\x98"
+    assert [t.token for t in second.top] == ["\ufffd", "."]
+    assert read_chunk(_logprob_response([], [], [], [])).logprobs == ()
+    with pytest.raises(errors.Internal):  # three top entries for two tokens
+        read_chunk(_logprob_response([b"a", b"b"], [-1.0, -1.0], [b"a", b"b", b"c"],
+                                     [-1.0, -1.0, -1.0]))
+    assert "return_log_probs" not in {i.name for i in build_request(
+        EngineRequest("m", "r", "p", 4)).inputs}

@@ -45,6 +45,9 @@ class Plan:
     version_grants: tuple[str, ...]  # version ids it may pin beyond the rollout's aliases
     # No prefix affinity in routing and no engine prefix-cache entry shared with other tenants.
     isolate_prefix_cache: bool
+    # Deterministic requests repeated within the gateway's TTL are answered from the first
+    # answer, free of charge.
+    response_cache: bool
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class PlanChange:
     models: Optional[tuple[str, ...]] = None  # replaces the list (even with an empty one)
     version_grants: Optional[tuple[str, ...]] = None
     isolate_prefix_cache: Optional[bool] = None
+    response_cache: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,7 @@ class GenerationRecord:
     replica_id: str
     prompt_sha256: str  # only for plans with audit_text_hashes
     completion_sha256: str
+    cached: bool  # answered from the gateway's response cache: no engine ran, nothing charged
 
 
 @dataclass(frozen=True)

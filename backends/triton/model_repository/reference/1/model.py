@@ -24,6 +24,7 @@ from backends.triton.decoupled_model import (
     EngineMetrics,
     Inbox,
     Pending,
+    SentLogprob,
     enqueue,
     logit_bias,
     model_parameters,
@@ -44,6 +45,7 @@ from backends.triton.reference_engine import (
     StepTiming,
     TokenOutput,
     count_tokens,
+    made_up_logprobs,
 )
 
 
@@ -192,6 +194,10 @@ class TritonPythonModel:
         for output in outputs:
             pending = self._pending[output.request_id]
             pending.num_output_tokens = output.num_output_tokens
+            if pending.top_logprobs >= 0:
+                logprob, top = made_up_logprobs(output.token, pending.top_logprobs)
+                pending.logprobs.append(SentLogprob(
+                    output.token.encode(), logprob, tuple((t.encode(), v) for t, v in top)))
             if output.first_token:
                 pending.first_token_time_ns = now_ns
                 pending.kv_cache_reused_blocks = output.kv_cache_reused_blocks

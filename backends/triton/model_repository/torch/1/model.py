@@ -25,6 +25,7 @@ from backends.triton.decoupled_model import (
     EngineMetrics,
     Inbox,
     Pending,
+    SentLogprob,
     enqueue,
     logit_bias,
     model_parameters,
@@ -131,6 +132,7 @@ class TritonPythonModel:
             presence_penalty=float(scalar(request, "presence_penalty", 0.0)),
             frequency_penalty=float(scalar(request, "frequency_penalty", 0.0)),
             logit_bias=logit_bias(request),
+            top_logprobs=pending.top_logprobs,
         )
         generation = Generation(
             request_id=f"{request.request_id() or 'request'}-{id(request):x}-{time.monotonic_ns()}",
@@ -211,6 +213,7 @@ class TritonPythonModel:
                 continue
             generated += delta.num_output_tokens - pending.num_output_tokens
             pending.num_output_tokens = delta.num_output_tokens
+            pending.logprobs.extend(self._spelled(delta))
             if delta.first_token:
                 pending.first_token_time_ns = now_ns
             if delta.finish_reason is FinishReason.ERROR:
@@ -230,6 +233,13 @@ class TritonPythonModel:
                 self._metrics.outcomes["error"].increment(1)
         if generated:
             self._metrics.generated_tokens.increment(generated)
+
+    def _spelled(self, delta: Delta) -> list[SentLogprob]:
+        """The delta's log probabilities with each token's text (sent as its UTF-8 bytes)."""
+        text = self._engine.token_text
+        return [SentLogprob(text(lp.token_id).encode(), lp.logprob,
+                            tuple((text(t).encode(), v) for t, v in lp.top))
+                for lp in delta.logprobs]
 
     def _send(self, request_id: str, pending: Pending, text: str, final: bool) -> bool:
         """Sends one response; if the server refuses it, the request is dropped for good."""
