@@ -25,7 +25,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import Counter
 
@@ -150,6 +150,26 @@ def span_from(traceparent: str, name: str, kind: SpanKind = SpanKind.SERVER,
     return _tracer.start_as_current_span(
         name, context=parent_from(((TRACE_HEADERS[0], traceparent),)), kind=kind,
         attributes=attributes, record_exception=False)
+
+
+def linked_span(name: str, origin: SpanContext | None,
+                attributes: Mapping[str, Any] | None = None
+                ) -> AbstractContextManager[Span | None]:
+    """The root of a trace of its own, linked to `origin` (work that follows a generation
+    without being part of it: a shadow copy), current for the block; nothing when off."""
+    if _tracer is None:
+        return _NO_SPAN
+    return _tracer.start_as_current_span(
+        name, context=Context(), attributes=attributes, record_exception=False,
+        links=[Link(origin)] if origin is not None else None)
+
+
+def current_context() -> SpanContext | None:
+    """The current span's context, to link to (None when off or no span is current)."""
+    if _tracer is None:
+        return None
+    context = trace.get_current_span().get_span_context()
+    return context if context.is_valid else None
 
 
 def current() -> Span | None:

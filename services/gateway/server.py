@@ -26,6 +26,7 @@ from services.common.auth import Authenticator
 from services.common.discovery import ServiceDirectory
 from services.common.frames import MalformedFrame, add_servicer
 from services.common.logprobs import TokenLogprob
+from services.common.logs import get_logger
 from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import TenantStore, parse_key, parse_tenant
 from services.gateway.admission import AdmissionLimits, FairAdmission
@@ -56,6 +57,7 @@ from services.registry.blob_cache import BlobCache
 from services.registry.catalog import ModelCatalog
 from services.registry.client import mesh_download
 
+log = get_logger(__name__)
 STREAM_REFUSAL_DRAIN_S = 0.2
 FINISH_REASONS = {
     "stop": inference_pb2.STOP,
@@ -196,7 +198,7 @@ class Generations:
                 "infermesh.request_id": request.request_id,
                 "infermesh.tenant": principal.tenant_id}) as span:
             finished = await self._run(principal, request, send, peer)
-            if span is not None:
+            if span is not None and span.is_recording():
                 span.set_attributes({
                     "gen_ai.response.model": finished.model_version,
                     "gen_ai.response.finish_reasons": (finished.finish_reason,),
@@ -206,6 +208,14 @@ class Generations:
                 if finished.error is not None:
                     span.set_attribute("error.type", finished.error.code)
                     telemetry.set_error(span, finished.error.code, finished.error.message)
+                # A sampled generation is one an operator follows: its line joins the trace.
+                log.info("generation_finished", finish_reason=finished.finish_reason,
+                         code=finished.error.code if finished.error else "OK",
+                         model_version=finished.model_version,
+                         prompt_tokens=finished.prompt_tokens,
+                         completion_tokens=finished.completion_tokens,
+                         ttft_ms=round(finished.ttft_s * 1000, 1),
+                         total_ms=round(finished.total_s * 1000, 1))
             return finished
 
     async def _run(

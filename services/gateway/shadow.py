@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from opentelemetry.trace import SpanContext
 from prometheus_client import Counter, Histogram
 
 from backends.triton.adapter import EngineRequest
-from services.common import errors
+from services.common import errors, telemetry
 from services.common.logs import get_logger
 from services.registry.manifest import ModelVersion
 
@@ -62,7 +63,11 @@ class ShadowTraffic:
             self.drop(version, "dropped_busy")
             return False
         copy = dataclasses.replace(request, request_id=f"{request.request_id}.shadow")
-        task = asyncio.create_task(self._run(version, copy), name=f"shadow {copy.request_id}")
+        # A trace of its own, linked to the user's generation (not a child of it: it starts
+        # after that one ended).
+        origin = telemetry.current_context()
+        task = asyncio.create_task(self._run(version, copy, origin),
+                                   name=f"shadow {copy.request_id}")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         return True
@@ -71,7 +76,14 @@ class ShadowTraffic:
     def drop(version: ModelVersion, outcome: str) -> None:
         SHADOW_GENERATIONS.labels(version.name, version.version_id, outcome).inc()
 
-    async def _run(self, version: ModelVersion, request: EngineRequest) -> None:
+    async def _run(self, version: ModelVersion, request: EngineRequest,
+                   origin: SpanContext | None = None) -> None:
+        with telemetry.linked_span(f"shadow {version.name}", origin, {
+                "gen_ai.request.model": version.name, "infermesh.model.version": version.version_id,
+                "infermesh.request_id": request.request_id}):
+            await self._copy(version, request)
+
+    async def _copy(self, version: ModelVersion, request: EngineRequest) -> None:
         started = self._clock()
         outcome = "ok"
         prompt_tokens = completion_tokens = 0

@@ -134,6 +134,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             except errors.MeshError as exc:
                 telemetry.set_error(span, exc.code, exc.message)
                 raise
+            if span is not None and span.is_recording():  # sampled: the line joins the trace
+                log.info("route_decided", request_id=request.request_id[:128],
+                         replica=reply.replica_id, reservation=reply.reservation_id)
             return reply
 
     def _decide(self, request: scheduler_pb2.RouteRequest) -> scheduler_pb2.RouteResponse:

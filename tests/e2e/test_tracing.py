@@ -3,7 +3,8 @@ receiver and samples only generations whose client sent a sampled `traceparent` 
 the rest of the suite pays nothing. A generation over gRPC and one over HTTP, each with a client
 `traceparent`, produce one trace each, parented to the client's span, with the scheduler's span
 a child of the gateway's route span; `meshctl trace` prints it in every format; the logs hold
-no key or prompt text; a collector that hangs does not slow a generation."""
+no key or prompt text; the gateway's and the scheduler's lines for a traced generation carry
+its trace id; a collector that hangs does not slow a generation."""
 
 from __future__ import annotations
 
@@ -75,7 +76,14 @@ def check_trace(found: GenerationTrace, trace_id: str, parent_span_id: str) -> d
     return spans
 
 
-async def test_a_grpc_generation_is_one_trace_under_the_clients_span(stack: StackInfo) -> None:
+def log_lines(stack_dir: pathlib.Path, process: str, trace_id: str) -> list[dict]:
+    path = stack_dir / "logs" / f"{process}.log"
+    return [record for record in map(json.loads, path.read_text().splitlines())
+            if record.get("trace_id") == trace_id]
+
+
+async def test_a_grpc_generation_is_one_trace_under_the_clients_span(
+        stack: StackInfo, stack_dir: pathlib.Path) -> None:
     trace_id, span_id, traceparent = client_traceparent()
     request_id = f"trace-grpc-{uuid.uuid4().hex[:8]}"
     async with stack.channel() as channel:
@@ -91,6 +99,17 @@ async def test_a_grpc_generation_is_one_trace_under_the_clients_span(stack: Stac
     root = next(span for span in spans.values() if span.name.startswith("text_completion "))
     assert root.attributes["rpc.method"] == "Generate"
     assert root.attributes["gen_ai.request.model"] == stack.reference_model
+
+    # A sampled generation's log lines join its trace, in the gateway and in the scheduler.
+    gateway = log_lines(stack_dir, "gateway", trace_id)
+    assert [line["event"] for line in gateway] == ["generation_finished"]
+    assert gateway[0]["span_id"] == root.span_id
+    assert (gateway[0]["request_id"], gateway[0]["tenant"]) == (request_id, "demo")
+    scheduler = [*log_lines(stack_dir, "scheduler", trace_id),
+                 *log_lines(stack_dir, "scheduler-2", trace_id)]
+    assert [line["event"] for line in scheduler] == ["route_decided"]
+    assert scheduler[0]["span_id"] == spans["scheduler route"].span_id
+    assert scheduler[0]["request_id"] == request_id
 
     runner = CliRunner()
     base = ["trace", request_id, "--traces-dir", stack.traces_dir]

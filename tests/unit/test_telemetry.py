@@ -5,6 +5,7 @@ the caller nothing but dropped spans (counted), and with no endpoint nothing is 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,10 +16,14 @@ import pytest
 import structlog
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
+from backends.triton.adapter import EngineChunk, EngineRequest
 from deploy.local.traces import TRACES_FILE, TraceFileWriter, generation_trace, read_spans
 from services.common import telemetry
 from services.common.logs import configure_logging, get_logger
 from services.common.net import LOOPBACK, free_port
+from services.gateway.peers import Route
+from services.gateway.shadow import ShadowTraffic
+from services.registry.manifest import ModelVersion
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -104,6 +109,48 @@ async def test_spans_parented_to_the_client_and_logs_joined(
     for line in joined:
         assert line["span_id"] == spans["route"].span_id
         assert line["service"] == "gateway"
+
+
+class _Routing:
+    async def route(self, *args, **kwargs):
+        return Route("replica-0", "replica-0", "reservation-0")
+
+    async def release_route(self, *args, **kwargs):
+        return None
+
+
+class _Engine:
+    async def generate(self, endpoint, request):
+        yield EngineChunk("text", 3, 1, True)
+
+
+async def test_a_shadow_copy_is_a_trace_of_its_own_linked_to_its_origin(
+        receiver: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver)
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1")
+    assert telemetry.configure_tracing("gateway")
+    shadow = ShadowTraffic(_Routing(), _Engine(), max_in_flight=1, timeout_s=5.0)
+    version = ModelVersion("sha256:" + "0" * 64, {"name": "demo"})
+    try:
+        front = telemetry.front_trace([("traceparent", CLIENT_TRACEPARENT)])
+        assert front is not None
+        with telemetry.generation_span(front, "chat demo", {}):
+            assert shadow.submit(version, EngineRequest(
+                request_id="r-2", triton_model_name="demo", prompt="hello", max_tokens=2))
+        async with asyncio.timeout(5):
+            while shadow._running:  # the copy runs to its end (close would cancel it)
+                await asyncio.sleep(0.01)
+    finally:
+        await telemetry.shutdown_tracing()
+    lines = [json.loads(line) for line in (tmp_path / TRACES_FILE).read_text().splitlines()]
+    spans = [span for line in lines for resource in line["resourceSpans"]
+             for scope in resource["scopeSpans"] for span in scope["spans"]]
+    by_name = {span["name"]: span for span in spans}
+    copy, origin = by_name["shadow demo"], by_name["chat demo"]
+    assert copy["traceId"] != CLIENT_TRACE and "parentSpanId" not in copy
+    assert copy["links"] == [{"traceId": CLIENT_TRACE, "spanId": origin["spanId"],
+                              "flags": copy["links"][0]["flags"]}]
 
 
 async def test_a_dead_collector_costs_only_dropped_spans(monkeypatch) -> None:
