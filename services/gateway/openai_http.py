@@ -44,7 +44,7 @@ from services.gateway.openai_protocol import (
     request_timeout,
     to_generation,
 )
-from services.gateway.pipeline import Accepted, Event, Finished, TokenText
+from services.gateway.pipeline import Accepted, ChoiceEnd, Event, Finished, TokenText
 from services.gateway.requests import FIELD_LIMITS, Principal
 from services.gateway.validation import validate_request_id
 from services.registry.catalog import ModelCatalog
@@ -242,14 +242,14 @@ class OpenAIFront:
         try:
             # Streaming: the status waits for Accepted (admitted, routed) or an early Finished.
             event = await run.next_event(watcher)
-            pieces: list[str] = []
-            logprobs: list[TokenLogprob] = []
+            pieces: dict[int, list[str]] = {}  # by choice
+            logprobs: dict[int, list[TokenLogprob]] = {}
             while event is not None and not (
                 isinstance(event, Finished) or (body.stream and isinstance(event, Accepted))
             ):
                 if isinstance(event, TokenText):
-                    pieces.append(event.text)
-                    logprobs.extend(event.logprobs)
+                    pieces.setdefault(event.index, []).append(event.text)
+                    logprobs.setdefault(event.index, []).extend(event.logprobs)
                 event = await run.next_event(watcher)
         finally:
             watcher.cancel()
@@ -265,8 +265,11 @@ class OpenAIFront:
         assert isinstance(event, Finished)
         if event.error is not None or event.finish_reason in ("cancelled", "deadline"):
             return self._count(route, self._finished_error(event, request_id, body))
-        payload = _completion(route, request_id, body, event, "".join(pieces),
-                              _logprobs(route, generation.sampling.logprobs, logprobs, 0))
+        payload = _completion(route, request_id, body, event, {
+            end.index: ("".join(pieces.get(end.index, ())),
+                        _logprobs(route, generation.sampling.logprobs,
+                                  logprobs.get(end.index, ()), 0))
+            for end in _ends(event)})
         return self._count(route, JSONResponse(payload, headers=headers))
 
     @staticmethod
@@ -392,22 +395,31 @@ def _logprobs(route: str, asked: bool, logprobs: Sequence[TokenLogprob],
     return chat_logprobs(logprobs) if route == "chat" else completion_logprobs(logprobs, offset)
 
 
+def _ends(finished: Finished) -> tuple[ChoiceEnd, ...]:
+    """How each choice ended: one for n = 1, `Finished.choices` for more."""
+    return finished.choices or (
+        ChoiceEnd(0, finished.finish_reason, finished.completion_tokens),)
+
+
 def _completion(route: str, request_id: str, body: Any, finished: Finished,
-                text: str, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    if route == "chat":
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finished.finish_reason,
-                                  "logprobs": logprobs,
-                                  "message": {"role": "assistant", "content": text,
-                                              "refusal": None}}
-    else:
-        choice = {"index": 0, "finish_reason": finished.finish_reason, "logprobs": logprobs,
-                  "text": text}
+                outputs: dict[int, tuple[str, dict[str, Any] | None]]) -> dict[str, Any]:
+    """`outputs`: each choice's text and logprobs, by index."""
+    choices = []
+    for end in _ends(finished):
+        text, logprobs = outputs[end.index]
+        if route == "chat":
+            choices.append({"index": end.index, "finish_reason": end.finish_reason,
+                            "logprobs": logprobs,
+                            "message": {"role": "assistant", "content": text, "refusal": None}})
+        else:
+            choices.append({"index": end.index, "finish_reason": end.finish_reason,
+                            "logprobs": logprobs, "text": text})
     return {
         "id": _object_id(route, request_id),
         "object": "chat.completion" if route == "chat" else "text_completion",
         "created": int(time.time()), "model": body.model,
         "system_fingerprint": finished.model_version,
-        "choices": [choice], "usage": _usage(finished),
+        "choices": choices, "usage": _usage(finished),
     }
 
 
@@ -427,54 +439,58 @@ async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created, "model": body.model, "system_fingerprint": version}
 
-    def chunk(content: str | None, finish_reason: str | None, first: bool = False,
+    started: set[int] = set()  # choices whose first chunk went out (it names the role)
+    offsets: dict[int, int] = {}  # characters of each choice's text so far (text_offset)
+
+    def chunk(index: int, content: str | None, finish_reason: str | None,
               logprobs: Sequence[TokenLogprob] = ()) -> bytes:
-        nonlocal offset
+        offset = offsets.get(index, 0)
         shown = _logprobs(route, logprobs_asked, logprobs, offset) if logprobs else None
-        offset += len(content or "")
+        offsets[index] = offset + len(content or "")
         if chat:
             delta: dict[str, Any] = {} if content is None else {"content": content}
-            if first:
+            if index not in started:
                 delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "logprobs": shown,
+            choice = {"index": index, "delta": delta, "logprobs": shown,
                       "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": content or "", "logprobs": shown,
+            choice = {"index": index, "text": content or "", "logprobs": shown,
                       "finish_reason": finish_reason}
+        started.add(index)
         return _data({**base, "choices": [choice]})
 
-    first = True
-    offset = 0  # characters of text streamed so far (a completion's text_offset)
+    following: Event | None = None
     while True:
-        try:
-            async with asyncio.timeout(heartbeat_s):
-                event = await run.events.get()
-        except TimeoutError:
-            yield HEARTBEAT
-            continue
+        if following is not None:
+            event, following = following, None
+        else:
+            try:
+                async with asyncio.timeout(heartbeat_s):
+                    event = await run.events.get()
+            except TimeoutError:
+                yield HEARTBEAT
+                continue
         if isinstance(event, TokenText):
-            # Batch what already waits: one chunk per token batch, never a wait for more.
+            # Batch what already waits for the same choice: one chunk per token batch, never
+            # a wait for more.
             text = [event.text]
             logprobs = list(event.logprobs)
-            following: Event | None = None
             while following is None and not run.events.empty():
                 following = run.events.get_nowait()
-                if isinstance(following, TokenText):
+                if isinstance(following, TokenText) and following.index == event.index:
                     text.append(following.text)
                     logprobs.extend(following.logprobs)
                     following = None
-            yield chunk("".join(text), None, first, logprobs)
-            first = False
-            if following is None:
-                continue
-            event = following
+            yield chunk(event.index, "".join(text), None, logprobs)
+            continue
         if not isinstance(event, Finished):
             continue
         if event.error is not None or event.finish_reason in ("cancelled", "deadline"):
             error = event.error or errors.DeadlineExceeded("the request's deadline passed")
             yield _data(error_payload(error, body))
             return
-        yield chunk(None, event.finish_reason, first)
+        for end in _ends(event):
+            yield chunk(end.index, None, end.finish_reason)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _data({**base, "choices": [], "usage": _usage(event)})
         yield DONE

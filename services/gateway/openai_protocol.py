@@ -3,7 +3,7 @@
 
 Every model forbids unknown fields: a parameter we do not implement (`tools`, `response_format`,
 `response_format`, …) is refused with a 400 naming it, never silently ignored. Fields OpenAI defines
-that we accept only at their neutral value (`n`, `echo`, `best_of`) are declared and
+that we accept only at their neutral value (`echo`, `best_of`) are declared and
 checked in `unsupported_values`.
 """
 
@@ -113,8 +113,6 @@ def param_path(loc: tuple[Any, ...]) -> str:
 
 def unsupported_values(body: CompletionBody | ChatCompletionBody) -> None:
     """Refuses what OpenAI defines but our engines cannot give, naming the parameter."""
-    if body.n not in (None, 1):
-        raise InvalidArgument("n", "only n=1 is supported")
     if isinstance(body, ChatCompletionBody):
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise InvalidArgument("max_completion_tokens", "set max_tokens or it, not both")
@@ -175,6 +173,7 @@ def to_generation(
             frequency_penalty=body.frequency_penalty, min_tokens=body.min_tokens,
             logit_bias=_logit_bias(body.logit_bias),
             logprobs=logprobs, top_logprobs=top_logprobs,
+            n=1 if body.n is None else body.n,
         ),
         idempotency_key=idempotency_key,
         user=body.user,

@@ -117,6 +117,16 @@ class TokenText:
     request_id: str
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()  # when asked for: the tokens this event adds
+    index: int = 0  # the choice it belongs to (n > 1: services/gateway/choices.py)
+
+
+@dataclass(frozen=True)
+class ChoiceEnd:
+    """How one of several choices ended (n > 1)."""
+
+    index: int
+    finish_reason: str
+    completion_tokens: int
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,7 @@ class Finished:
     total_s: float = 0.0
     error: errors.MeshError | None = None
     cached: bool = False  # answered from the response cache: no engine ran, nothing charged
+    choices: tuple[ChoiceEnd, ...] = ()  # n > 1: each choice's end, by index
 
 
 Event = Accepted | TokenText | Finished

@@ -70,6 +70,7 @@ class SamplingRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ascending by id
     logprobs: bool = False
     top_logprobs: int | None = None  # 0..MAX_TOP_LOGPROBS, with logprobs only
+    n: int = 1  # choices (bounded by the gateway's max_choices: services/gateway/choices.py)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from services.common.runtime import ServiceContext, ServiceParts
 from services.common.tenancy import TenantStore, parse_key, parse_tenant
 from services.gateway.admission import AdmissionLimits, FairAdmission
 from services.gateway.audit import AuditEmitter, AuditSpoolSettings
+from services.gateway.choices import run_choices
 from services.gateway.fallback import FallbackConfig, FallbackRouter, LoadReports, ResilientRouting
 from services.gateway.idempotency import IdempotencyCache
 from services.gateway.model_access import model_allowed
@@ -88,6 +89,7 @@ def decode_request(message: inference_pb2.GenerateRequest) -> GenerationRequest:
         logit_bias=tuple(sorted(params.logit_bias.items())),
         logprobs=params.logprobs,
         top_logprobs=params.top_logprobs if has("top_logprobs") else None,
+        n=params.n if has("n") else 1,
     )
     which = message.WhichOneof("input")
     return GenerationRequest(
@@ -124,6 +126,10 @@ def encode_final(finished: Finished) -> inference_pb2.Final:
             prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens,
             cached=finished.cached,
         ),
+        choices=[inference_pb2.Choice(index=end.index,
+                                      finish_reason=FINISH_REASONS[end.finish_reason],
+                                      completion_tokens=end.completion_tokens)
+                 for end in finished.choices],
         timings=inference_pb2.Timings(
             queue=_duration(finished.queue_s),
             time_to_first_token=_duration(finished.ttft_s),
@@ -153,7 +159,7 @@ def encode_event(event: Event) -> inference_pb2.ServerFrame:
     if isinstance(event, TokenText):
         return inference_pb2.ServerFrame(tokens=inference_pb2.Tokens(
             request_id=event.request_id, text=event.text,
-            logprobs=encode_logprobs(event.logprobs)))
+            logprobs=encode_logprobs(event.logprobs), index=event.index))
     if isinstance(event, Accepted):
         return inference_pb2.ServerFrame(
             accepted=inference_pb2.Accepted(
@@ -178,9 +184,11 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
 class Generations:
     """Runs generations through the pipeline, once per idempotency key."""
 
-    def __init__(self, pipeline: GenerationPipeline, idempotency: IdempotencyCache):
+    def __init__(self, pipeline: GenerationPipeline, idempotency: IdempotencyCache,
+                 max_choices: int = 1):
         self._pipeline = pipeline
         self._idempotency = idempotency
+        self._max_choices = max_choices
 
     async def run(
         self, principal: Principal, request: GenerationRequest, send: Send, peer: str,
@@ -219,6 +227,18 @@ class Generations:
             return finished
 
     async def _run(
+        self, principal: Principal, request: GenerationRequest, send: Send, peer: str
+    ) -> Finished:
+        try:
+            return await run_choices(
+                lambda one, sink: self._run_one(principal, one, sink, peer), request, send,
+                self._max_choices)
+        except errors.MeshError as exc:  # n over the limit
+            finished = Finished(request_id=request.request_id, finish_reason="error", error=exc)
+            await send(finished)
+            return finished
+
+    async def _run_one(
         self, principal: Principal, request: GenerationRequest, send: Send, peer: str
     ) -> Finished:
         try:
@@ -265,13 +285,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         remaining = context.time_remaining()
         if remaining is not None and (decoded.timeout_s is None or remaining < decoded.timeout_s):
             decoded = dataclasses.replace(decoded, timeout_s=max(remaining, 1e-3))
-        pieces: list[str] = []
-        logprobs: list[TokenLogprob] = []
+        pieces: dict[int, list[str]] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {}
 
         async def collect(event: Event) -> None:
             if isinstance(event, TokenText):
-                pieces.append(event.text)
-                logprobs.extend(event.logprobs)
+                pieces.setdefault(event.index, []).append(event.text)
+                logprobs.setdefault(event.index, []).extend(event.logprobs)
 
         finished = await self._generations.run(principal, decoded, collect, context.peer(),
                                                trace)
@@ -280,11 +300,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return inference_pb2.GenerateResponse(
             request_id=finished.request_id,
             model_version=finished.model_version,
-            text="".join(pieces),
+            text="".join(pieces.get(0, ())),
             finish_reason=FINISH_REASONS[finished.finish_reason],
             usage=encode_final(finished).usage,
             timings=encode_final(finished).timings,
-            logprobs=encode_logprobs(logprobs),
+            logprobs=encode_logprobs(logprobs.get(0, ())),
+            choices=[inference_pb2.Choice(
+                index=end.index, text="".join(pieces.get(end.index, ())),
+                finish_reason=FINISH_REASONS[end.finish_reason],
+                completion_tokens=end.completion_tokens,
+                logprobs=encode_logprobs(logprobs.get(end.index, ())))
+                for end in finished.choices],
         )
 
     async def GenerateStream(self, request_iterator, context):
@@ -603,7 +629,8 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
             max_bytes=settings.response_cache_max_bytes),
     )
     authenticator = Authenticator(keys, tenants)
-    generations = Generations(pipeline, IdempotencyCache(settings.idempotency_ttl_s))
+    generations = Generations(pipeline, IdempotencyCache(settings.idempotency_ttl_s),
+                              settings.max_choices)
     add_servicer(  # as add_InferenceServicer_to_server, a malformed frame → INVALID_ARGUMENT
         ctx.server, InferenceServicer(authenticator, catalog, generations, settings, ctx.draining),
         inference_pb2.DESCRIPTOR.services_by_name["Inference"],

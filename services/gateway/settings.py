@@ -59,6 +59,9 @@ class GatewaySettings(ServiceSettings, BlobCacheSettings):
     idempotency_ttl_s: float = Field(
         600.0, description="How long a finished outcome answers repeats of its idempotency key."
     )
+    max_choices: int = Field(
+        8, ge=1, le=128, description="The most choices (OpenAI's `n`) one request may ask for; "
+        "each is a generation of its own, charged as one.")
     response_cache_ttl_s: float = Field(
         60.0, gt=0, description="How long a deterministic answer is replayed to its repeats "
         "(tenants whose plan has response_cache).")

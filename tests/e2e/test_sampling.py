@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from deploy.local.stack import StackInfo
-from infermesh.v1 import inference_pb2
+from infermesh.v1 import inference_pb2, inference_pb2_grpc
 from tests.e2e.test_openai_schema import _api, _sse_payloads
 from tests.e2e.test_tenants_and_quotas import new_tenant
 from tests.e2e.test_torch_engine import generate
@@ -114,3 +114,45 @@ async def test_a_repeated_greedy_request_is_a_cache_hit_for_its_tenant_only(stac
     for _ in range(2):
         sampled = await ask(key_a, temperature=0.8)
         assert "prompt_tokens_details" not in sampled["usage"]
+
+
+async def test_three_seeded_choices_are_the_same_three_on_repeat(stack: StackInfo):
+    """n=3 with a seed: three choices (choice i runs with seed + i), the same three again;
+    usage counts the prompt once; streamed chunks carry each choice's index."""
+    api = _api(stack)
+    ask = {"model": stack.reference_model, "messages": QUESTION, "max_tokens": 5, "seed": 41,
+           "temperature": 0.8, "n": 3}
+    replies = [json.loads((await api.chat.completions.with_raw_response.create(**ask)).text)
+               for _ in range(2)]
+    for reply in replies:
+        validate("CreateChatCompletionResponse", reply)
+    first, again = ([c["message"]["content"] for c in reply["choices"]] for reply in replies)
+    assert first == again and len(set(first)) == 3
+    assert [c["index"] for c in replies[0]["choices"]] == [0, 1, 2]
+    assert replies[0]["usage"]["completion_tokens"] == 15
+    single = json.loads((await api.chat.completions.with_raw_response.create(
+        **{**ask, "n": 1, "seed": 42})).text)
+    assert single["choices"][0]["message"]["content"] == first[1]  # choice 1 is seed + 1
+    assert replies[0]["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
+    async with api.chat.completions.with_streaming_response.create(
+            **ask, stream=True) as streamed:
+        chunks = await _sse_payloads(streamed)
+    texts = ["", "", ""]
+    for chunk in chunks:
+        validate("CreateChatCompletionStreamResponse", chunk)
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["delta"].get("content") or ""
+    assert texts == first
+    async with stack.channel() as channel:
+        over_grpc = await inference_pb2_grpc.InferenceStub(channel).Generate(
+            inference_pb2.GenerateRequest(
+                model=stack.reference_model, messages=inference_pb2.Messages(
+                    messages=[inference_pb2.ChatMessage(**m) for m in QUESTION]),
+                params=inference_pb2.SamplingParams(max_tokens=5, seed=41, temperature=0.8,
+                                                    n=3)),
+            metadata=(("authorization", f"Bearer {stack.api_key}"),), timeout=60)
+    assert [c.text for c in over_grpc.choices] == first and over_grpc.text == first[0]
+    assert over_grpc.usage.completion_tokens == 15
+    with pytest.raises(openai.BadRequestError) as refused:
+        await api.chat.completions.create(**{**ask, "n": 9})
+    assert refused.value.response.json()["error"]["param"] == "n"

@@ -19,7 +19,7 @@ from services.gateway.openai_protocol import (
     request_timeout,
     to_generation,
 )
-from services.gateway.pipeline import Finished
+from services.gateway.pipeline import ChoiceEnd, Finished
 from tests.openai_schema import validate
 
 
@@ -69,7 +69,6 @@ def test_logit_bias_keys_are_token_ids_bounded_before_parsing():
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"n": 2}, "n"),
     ({"max_tokens": 5, "max_completion_tokens": 5}, "max_completion_tokens"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
@@ -136,11 +135,18 @@ def test_the_timeout_header_becomes_the_generations_deadline():
 
 def test_unary_answers_validate_against_openais_document():
     finished = Finished("r1", "stop", "sha256:v", prompt_tokens=3, completion_tokens=2)
-    chat_answer = _completion("chat", "r1", chat(), finished, "hello")
+    chat_answer = _completion("chat", "r1", chat(), finished, {0: ("hello", None)})
     assert chat_answer["choices"][0]["message"]["refusal"] is None  # required, null
     validate("CreateChatCompletionResponse", chat_answer)
     body = parse_body(CompletionBody, {"model": "m", "prompt": "p"})
-    validate("CreateCompletionResponse", _completion("completions", "r1", body, finished, "x"))
+    validate("CreateCompletionResponse",
+             _completion("completions", "r1", body, finished, {0: ("x", None)}))
+    several = Finished("r1", "stop", "sha256:v", prompt_tokens=3, completion_tokens=5,
+                       choices=(ChoiceEnd(0, "stop", 2), ChoiceEnd(1, "length", 3)))
+    answer = _completion("chat", "r1", chat(n=2), several, {0: ("a", None), 1: ("b c", None)})
+    validate("CreateChatCompletionResponse", answer)
+    assert [(c["index"], c["finish_reason"], c["message"]["content"])
+            for c in answer["choices"]] == [(0, "stop", "a"), (1, "length", "b c")]
     validate("ErrorResponse", error_payload(errors.InvalidArgument("params.top_p", "bad")))
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from services.common import errors
 from services.gateway.openai_http import DONE, HEARTBEAT, _sse_chunks
 from services.gateway.openai_protocol import ChatCompletionBody, parse_body
-from services.gateway.pipeline import Accepted, Finished, TokenText
+from services.gateway.pipeline import Accepted, ChoiceEnd, Finished, TokenText
 
 
 def body(**fields) -> ChatCompletionBody:
@@ -64,3 +64,17 @@ async def test_failure_after_first_token_is_an_error_event_without_done():
     chunks = await collect([TokenText("r", "x"), failed], body())
     assert DONE not in chunks
     assert payloads(chunks)[-1]["error"]["type"] == "service_unavailable"
+
+
+async def test_several_choices_stream_by_index_each_with_its_own_end():
+    finished = Finished("r", "stop", "sha256:v", prompt_tokens=3, completion_tokens=3,
+                        choices=(ChoiceEnd(0, "stop", 1), ChoiceEnd(1, "length", 2)))
+    chunks = await collect([TokenText("r", "a", index=1), TokenText("r", "b", index=1),
+                            TokenText("r", "x"), TokenText("r", "c", index=1), finished],
+                           body(n=2))
+    seen = [(p["choices"][0]["index"], p["choices"][0]["delta"], p["choices"][0]["finish_reason"])
+            for p in payloads(chunks)]
+    assert seen == [(1, {"content": "ab", "role": "assistant"}, None),
+                    (0, {"content": "x", "role": "assistant"}, None),
+                    (1, {"content": "c"}, None), (0, {}, "stop"), (1, {}, "length")]
+    assert chunks[-1] == DONE
