@@ -182,7 +182,8 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
 
 
 class Generations:
-    """Runs generations through the pipeline, once per idempotency key."""
+    """Runs generations through the pipeline, once per idempotency key; a request for n choices
+    as n generations (`choices.run_choices`)."""
 
     def __init__(self, pipeline: GenerationPipeline, idempotency: IdempotencyCache,
                  max_choices: int = 1):
