@@ -224,8 +224,9 @@ def key_list(tenant_id: str = typer.Argument("", help="Only this tenant's keys."
     emit(output, [key.to_dict() for key in keys], [
         Column("KEY-ID", lambda k: k["key_id"]), Column("TENANT", lambda k: k["tenant_id"]),
         Column("ROLE", lambda k: k["role"]),
-        Column("EXPIRES", lambda k: format_time(k["expires_at"]) if k["expires_at"] else "never"),
-        Column("CREATED", lambda k: format_time(k["created_at"]), wide=True),
+        Column("EXPIRES", lambda k: format_time(k["expire_time"]) if "expire_time" in k
+               else "never"),
+        Column("CREATED", lambda k: format_time(k.get("create_time")), wide=True),
     ])
 
 

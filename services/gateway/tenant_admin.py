@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import uuid
 from typing import Any
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from infermesh.v1 import (
     auditor_pb2,
@@ -41,9 +43,46 @@ def apply_plan_update(plan: TenantPlan, update: tenants_pb2.PlanUpdate) -> Tenan
     return dataclasses.replace(plan, **changes)
 
 
+# The latest instant a google.protobuf.Timestamp holds: 9999-12-31T23:59:59Z.
+TIMESTAMP_MAX_S = 253_402_300_799
+LATEST = "9999-12-31T23:59:59Z"
+
+
+def _timestamp(unix_s: float) -> timestamp_pb2.Timestamp:
+    """A stored time as a Timestamp; one past the Timestamp's range (a key stored with a huge
+    `expires_at` before it was bounded) is the latest it holds."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(min(unix_s, TIMESTAMP_MAX_S) * 1e9))
+    return stamp
+
+
 def encode_key(key: ApiKey) -> tenants_pb2.KeyInfo:
-    return tenants_pb2.KeyInfo(key_id=key.key_id, tenant_id=key.tenant_id, role=key.role,
-                               created_at=key.created_at, expires_at=key.expires_at)
+    """The key's times both as Timestamps and, for clients that predate them, as the deprecated
+    Unix seconds."""
+    info = tenants_pb2.KeyInfo(key_id=key.key_id, tenant_id=key.tenant_id, role=key.role,
+                               created_at=key.created_at, expires_at=key.expires_at,
+                               create_time=_timestamp(key.created_at))
+    if key.expires_at:
+        info.expire_time.CopyFrom(_timestamp(key.expires_at))
+    return info
+
+
+def requested_expiry(request: tenants_pb2.IssueKeyRequest) -> float:
+    """Unix seconds the new key expires at (0: never): `expire_time` when set, else the
+    deprecated `expires_at` (which the store checks)."""
+    if not request.HasField("expire_time"):
+        if request.expires_at > TIMESTAMP_MAX_S:
+            raise errors.InvalidArgument("expires_at", f"must be at most {TIMESTAMP_MAX_S} "
+                                         f"({LATEST}), got {request.expires_at:g}")
+        return request.expires_at
+    stamp = request.expire_time
+    if not 0 <= stamp.nanos <= 999_999_999 or stamp.seconds > TIMESTAMP_MAX_S:
+        raise errors.InvalidArgument("expire_time", f"must be a valid Timestamp no later than "
+                                     f"{LATEST}")
+    when = stamp.seconds + stamp.nanos / 1e9
+    if when <= time.time():
+        raise errors.InvalidArgument("expire_time", "must be a future time (unset: never)")
+    return when
 
 
 class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
@@ -149,7 +188,7 @@ class TenantAdminServicer(tenants_pb2_grpc.TenantAdminServicer):
     async def IssueKey(self, request, context):
         async def issue(actor: str):
             clear, key = await self._store.issue_key(
-                request.tenant_id, request.role or "user", request.expires_at)
+                request.tenant_id, request.role or "user", requested_expiry(request))
             self._record(actor, "keys.issue", key.key_id, None, dataclasses.asdict(key))
             return tenants_pb2.IssuedKey(api_key=clear, key=encode_key(key))
 

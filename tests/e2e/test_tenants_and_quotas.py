@@ -177,6 +177,32 @@ async def test_revocation_at_every_gateway_and_expiry(stack: StackInfo, stack_di
     await wait_key_state(stack, issued.api_key, grpc.StatusCode.UNAUTHENTICATED, within_s=3.0)
 
 
+async def test_key_times_are_timestamps_and_the_deprecated_seconds_still_work(stack: StackInfo):
+    """tenants.proto's Timestamps (issue 17): a key issued with expire_time alone carries both
+    forms of each time; the deprecated seconds still set an expiry; a past expire_time is
+    INVALID_ARGUMENT naming it."""
+    tenant_id, _ = await new_tenant(stack)
+    expires = timestamp_pb2.Timestamp(seconds=int(time.time()) + 3600)
+    key = (await admin(stack, "IssueKey", tenants_pb2.IssueKeyRequest(
+        tenant_id=tenant_id, expire_time=expires))).key
+    assert key.expire_time == expires and key.expires_at == expires.seconds
+    assert key.create_time.seconds == int(key.created_at) > 0
+    older = (await admin(stack, "IssueKey", tenants_pb2.IssueKeyRequest(
+        tenant_id=tenant_id, expires_at=expires.seconds + 0.5))).key
+    assert older.expire_time.seconds == expires.seconds and older.expire_time.nanos > 0
+    never = (await admin(stack, "IssueKey", tenants_pb2.IssueKeyRequest(tenant_id=tenant_id))).key
+    assert not never.HasField("expire_time") and never.expires_at == 0
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await admin(stack, "IssueKey", tenants_pb2.IssueKeyRequest(
+            tenant_id=tenant_id, expire_time=timestamp_pb2.Timestamp(seconds=1)))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith("expire_time:"), raised.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:  # past what a Timestamp holds
+        await admin(stack, "IssueKey", tenants_pb2.IssueKeyRequest(
+            tenant_id=tenant_id, expires_at=1e300))
+    assert raised.value.details().startswith("expires_at: must be at most 253402300799")
+
+
 async def test_admin_api_needs_an_admin_key_and_valid_plans(stack: StackInfo):
     tenant_id, user_key = await new_tenant(stack)
     with pytest.raises(grpc.aio.AioRpcError) as raised:

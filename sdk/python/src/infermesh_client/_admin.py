@@ -129,9 +129,11 @@ class AsyncKeys:
                     expires_at: Optional[datetime] = None,
                     timeout: Optional[float] = None) -> IssuedKey:
         """A new key of `tenant_id`; `IssuedKey.api_key` is the only time it is shown."""
-        request = self._calls.request(
-            "IssueKey", tenant_id=tenant_id, role=role,
-            expires_at=expires_at.timestamp() if expires_at is not None else 0.0)
+        request = self._calls.request("IssueKey", tenant_id=tenant_id, role=role)
+        if expires_at is not None:
+            request.expire_time.FromDatetime(expires_at)
+            # Also the deprecated seconds: a gateway that predates expire_time reads only them.
+            request.expires_at = expires_at.timestamp()
         return codec.issued_key(await self._calls.unary("IssueKey", request, timeout))
 
     async def revoke(self, key_id: str, *, timeout: Optional[float] = None) -> KeyInfo:

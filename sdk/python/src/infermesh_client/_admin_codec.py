@@ -63,8 +63,11 @@ def tenant(message: Any) -> Tenant:
 
 
 def key_info(message: Any) -> KeyInfo:
-    return KeyInfo(message.key_id, message.tenant_id, message.role,
-                   unix_seconds(message.created_at), unix_seconds(message.expires_at),
+    """Times from the Timestamps; from the deprecated Unix seconds only when a server that
+    predates them left the Timestamps unset."""
+    created = timestamp(message, "create_time") or unix_seconds(message.created_at)
+    expires = timestamp(message, "expire_time") or unix_seconds(message.expires_at)
+    return KeyInfo(message.key_id, message.tenant_id, message.role, created, expires,
                    _message=message)
 
 
