@@ -31,6 +31,7 @@ from bench import (
     noisy_neighbor,
     openai_load,
     quota_accuracy,
+    response_cache,
     rollback,
     routing,
     tls_cost,
@@ -74,6 +75,7 @@ SMOKE: Mapping[str, Mapping[str, Any]] = {
                  "budget_s": 30.0, "warmup_requests": 2},
     "tracing_cost": {"max_tokens": 4, "requests_per_stream": 1, "min_requests": 2,
                      "budget_s": 30.0, "warmup_requests": 2},
+    "response_cache": {"samples": 2, "max_tokens": 4},
 }
 
 # What every run's last line must hold, smoke or full: each benchmark's headline figures. A figure
@@ -99,6 +101,7 @@ HEADLINE = (
     "litellm_added_ttft_p50_ms_c1", "mesh_added_over_litellm_added_ttft_p50_c1",
     "tls_over_plaintext_tokens_per_s_c16", "tls_added_ttft_p50_ms_c1",
     "tracing_over_untraced_tokens_per_s_c16", "tracing_added_ttft_p50_ms_c1",
+    "response_cache_hit_ttft_ms_p50",
 )
 UNMEASURED = "unmeasured"  # {figure: why it is null}
 
@@ -125,6 +128,7 @@ def run_all(shape: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                                         **shape.get("tls_cost", {})))
             figures.update(tracing_cost.run(info, state_dir, BENCH_PLAN,
                                             **shape.get("tracing_cost", {})))
+            figures.update(response_cache.run(info, **shape.get("response_cache", {})))
             figures.update(torch_engine.compare(info, state_dir / "data" / "blobs",
                                                 **shape.get("torch_engine", {})))
             figures.update(asyncio.run(noisy_neighbor.run(info,
