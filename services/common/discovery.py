@@ -12,7 +12,7 @@ from typing import Any
 import aetcd
 import grpc
 
-from services.common import errors, etcd, tls
+from services.common import errors, etcd, telemetry, tls
 
 CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 20_000),
@@ -72,6 +72,34 @@ def mesh_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
                                    _StreamStreamToken)]
 
 
+def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    value = telemetry.traceparent()
+    if not value:
+        return details
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), ("traceparent", value))
+    return details._replace(metadata=metadata)
+
+
+class _UnaryUnaryTrace(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(_with_trace(details), request)
+
+
+class _UnaryStreamTrace(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(_with_trace(details), request)
+
+
+def trace_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that send the current context as `traceparent` on single-request
+    calls; none when tracing is off, so an untraced channel has no interceptor at all. Streams
+    are left out: one carries many generations' messages (RouteStream's routes carry their
+    own)."""
+    if not telemetry.enabled():
+        return []
+    return [_UnaryUnaryTrace(), _UnaryStreamTrace()]
+
+
 def mesh_token_matches(metadata: Sequence[tuple[str, Any]] | None, token: str) -> bool:
     """Whether a call carries the mesh token (always true when the mesh has none)."""
     if not token:
@@ -102,8 +130,9 @@ class ServiceDirectory:
         self._departed_grace_s = departed_grace_s
         self._turn = itertools.count()
         self._tls = mesh_tls
-        self._interceptors = (mesh_token_interceptors(mesh_token)
-                              if mesh_token and mesh_tls is None else None)
+        self._interceptors = [
+            *(mesh_token_interceptors(mesh_token) if mesh_token and mesh_tls is None else ()),
+            *trace_interceptors()] or None
 
     async def start(self) -> None:
         await self._cache.start()

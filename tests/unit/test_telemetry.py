@@ -14,11 +14,15 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from backends.triton.adapter import EngineChunk, EngineRequest
 from deploy.local.traces import TRACES_FILE, TraceFileWriter, generation_trace, read_spans
 from services.common import telemetry
+from services.common.discovery import trace_interceptors
+from services.common.interceptors import ObservabilityInterceptor
 from services.common.logs import configure_logging, get_logger
 from services.common.net import LOOPBACK, free_port
 from services.gateway.peers import Route
@@ -109,6 +113,37 @@ async def test_spans_parented_to_the_client_and_logs_joined(
     for line in joined:
         assert line["span_id"] == spans["route"].span_id
         assert line["service"] == "gateway"
+
+
+async def test_a_peer_call_carries_the_context_and_the_peer_makes_a_child(
+        receiver: str, tmp_path, monkeypatch) -> None:
+    """The client interceptors send `traceparent`; the server's (every mesh server's) starts
+    its RPC span from it."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver)
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1")
+    assert telemetry.configure_tracing("gateway")
+    server = grpc.aio.server(interceptors=[ObservabilityInterceptor()])
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
+    port = server.add_insecure_port(f"{LOOPBACK}:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(
+                f"{LOOPBACK}:{port}", interceptors=trace_interceptors()) as channel:
+            with telemetry.span("quota"):
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5)
+            await health_pb2_grpc.HealthStub(channel).Check(  # no span current: no child
+                health_pb2.HealthCheckRequest(), timeout=5)
+    finally:
+        await server.stop(0)
+        await telemetry.shutdown_tracing()
+    spans = list(read_spans(tmp_path))
+    assert sorted(span.name for span in spans) == ["grpc.health.v1.Health/Check", "quota"]
+    child = next(span for span in spans if span.name != "quota")
+    parent = next(span for span in spans if span.name == "quota")
+    assert (child.trace_id, child.parent_span_id) == (parent.trace_id, parent.span_id)
+    assert child.attributes["rpc.method"] == "Check" and child.kind == 2  # SERVER
 
 
 class _Routing:
