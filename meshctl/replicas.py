@@ -29,15 +29,28 @@ def rows(replicas: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for replica in replicas:
         loads = {load["triton_model"]: load for load in replica.get("loads", [])}
+        views = {view["triton_model"]: view for view in replica.get("kv_views", [])}
         models = sorted(set(replica["models"]) | set(loads)) or [""]
         for i, model in enumerate(models):
             out.append({"replica": replica if i == 0 else None, "model": model,
-                        "load": loads.get(model), "zone": replica["zone"]})
+                        "load": loads.get(model), "zone": replica["zone"],
+                        "view": views.get(model)})
     return out
 
 
 def _replica(field: Any) -> Any:
     return lambda row: field(row["replica"]) if row["replica"] is not None else " "
+
+
+def cache_view(row: dict[str, Any]) -> str:
+    """Where the scheduler's view of the model's KV cache comes from: the engine's events (and
+    their lag), or the approximate guess from routing history."""
+    view = row["view"]
+    if not view:
+        return "-"
+    if view["source"] != "events":
+        return view["source"]
+    return f"events/{view['lag_s'] * 1000:.0f}ms-lag"
 
 
 def _load(field: str) -> Any:
@@ -55,6 +68,7 @@ COLUMNS = [
            f"{row['load']['kv_max_blocks']}" if row["load"] else "-", right=True),
     Column("ACTIVE", _load("active"), right=True),
     Column("WAITING", _load("waiting"), right=True),
+    Column("CACHE-VIEW", cache_view),
     Column("MAX", _load("max"), right=True, wide=True),
     Column("ENDPOINT", _replica(lambda r: r["grpc_endpoint"]), wide=True),
     Column("GPU", _replica(lambda r: r["gpu_type"]), wide=True),
@@ -69,8 +83,9 @@ def replicas(
     as_json: bool = typer.Option(False, "--json", hidden=True, help="The same as -o json."),
 ) -> None:
     """Every replica the scheduler knows: zone, whether it is routable (and if not, why), its
-    breaker, the requests it holds, and each model's KV cache and queue. Ask one scheduler:
-    reservations and breakers are that instance's own."""
+    breaker, the requests it holds, and each model's KV cache and queue, and where the
+    scheduler's view of that cache comes from (the engine's KV events and their lag, or
+    approximate). Ask one scheduler: reservations and breakers are that instance's own."""
 
     async def list_replicas(channel) -> scheduler_pb2.ListReplicasResponse:
         return await scheduler_pb2_grpc.SchedulerStub(channel).ListReplicas(

@@ -21,7 +21,12 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from services.common.kv_blocks import block_hashes, chain_root, word_token_ids
+from services.common.kv_blocks import (
+    DEFAULT_BLOCK_TOKENS,
+    block_hashes,
+    chain_root,
+    word_token_ids,
+)
 from services.common.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -153,7 +158,7 @@ class EngineConfig:
     timing: StepTiming = StepTiming()
     max_active_requests: int = 32  # the inflight batch's capacity (TensorRT-LLM's max_batch_size)
     kv_cache_blocks: int = 4096  # the KV pool; defaults large enough that only the batch limits
-    kv_block_tokens: int = 64  # tokens per block (TensorRT-LLM's tokens_per_block)
+    kv_block_tokens: int = DEFAULT_BLOCK_TOKENS  # tokens per block (TRT-LLM's tokens_per_block)
 
     def __post_init__(self) -> None:
         for name in ("max_active_requests", "kv_cache_blocks", "kv_block_tokens"):

@@ -25,10 +25,13 @@ from collections.abc import Sequence
 
 import xxhash
 
-__all__ = ["MAX_BLOCKS", "block_hash", "block_hashes", "chain_root", "prompt_blocks",
-           "word_token_ids"]
+__all__ = ["DEFAULT_BLOCK_TOKENS", "MAX_BLOCKS", "block_hash", "block_hashes", "chain_root",
+           "prompt_blocks", "word_token_ids"]
 
 MAX_BLOCKS = 256  # the most leading blocks a route request carries (what the scheduler accepts)
+# Tokens per block of an engine whose manifest names no page size: the reference engine's
+# default (and TensorRT-LLM's usual tokens_per_block).
+DEFAULT_BLOCK_TOKENS = 64
 _INT32 = 0x7FFFFFFF
 
 

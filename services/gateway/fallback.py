@@ -205,6 +205,7 @@ class ResilientRouting:
     async def route(
         self, triton_model_name: str, version_id: str, request_id: str, hold_s: float,
         exclude: list[str], *, prefix_hashes: Sequence[int] = (), prompt_tokens: int = 0,
+        kv_blocks: tuple[Sequence[int], int] = ((), 0),
     ) -> Route:
         now = self._clock()
         if not self.degraded or now >= self._next_try:
@@ -212,7 +213,7 @@ class ResilientRouting:
                 self._next_try = now + self._router.config.retry_s  # one route tries at a time
             asked = asyncio.ensure_future(self._schedulers.route(
                 triton_model_name, version_id, request_id, hold_s, exclude,
-                prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens))
+                prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens, kv_blocks=kv_blocks))
             try:
                 done, _ = await asyncio.wait({asked}, timeout=self._router.config.budget_s)
             except asyncio.CancelledError:

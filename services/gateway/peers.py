@@ -109,12 +109,15 @@ class SchedulerClient:
     async def route(
         self, triton_model_name: str, version_id: str, request_id: str, hold_s: float,
         exclude: list[str], *, prefix_hashes: Sequence[int] = (), prompt_tokens: int = 0,
+        kv_blocks: tuple[Sequence[int], int] = ((), 0),
     ) -> Route:
+        """`kv_blocks`: the prompt's KV block hashes and tokens per block (precise routing)."""
         request = scheduler_pb2.RouteRequest(
             triton_model_name=triton_model_name, version_id=version_id, request_id=request_id,
             hold=status.seconds_to_duration(hold_s), exclude_replicas=exclude,
             prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens, zone=self._zone,
             traceparent=telemetry.traceparent(),  # "" when tracing is off
+            kv_block_hashes=kv_blocks[0], kv_block_tokens=kv_blocks[1],
         )
         *first, last = self._schedulers(triton_model_name, request_id, prefix_hashes)
         for endpoint in first:

@@ -54,6 +54,7 @@ from services.gateway.validation import (
     check_parameters,
     finish_validation,
     input_chars,
+    kv_block_tokens,
     prepare_prompt,
     validate,
 )
@@ -161,6 +162,7 @@ class Routing(Protocol):
     async def route(
         self, triton_model_name: str, version_id: str, request_id: str, hold_s: float,
         exclude: list[str], *, prefix_hashes: Sequence[int] = (), prompt_tokens: int = 0,
+        kv_blocks: tuple[Sequence[int], int] = ((), 0),
     ) -> Route: ...
     async def release_route(
         self, reservation_id: str, outcome: Outcome = Outcome.UNREPORTED,
@@ -314,6 +316,7 @@ class GenerationPipeline:
                     finish_reason = await self._admit_route_relay(
                         principal, validated.engine, version.version_id, validated.timeout_s,
                         validated.prompt_tokens, progress, recording,
+                        (validated.kv_block_hashes, validated.kv_block_tokens),
                     )
                 if self._response_cache is not None and digest:
                     self._response_cache.put(principal.tenant_id, digest, CachedResponse(
@@ -384,11 +387,13 @@ class GenerationPipeline:
         a 200 000-character chat never stalls the event loop (docs/decisions.md)."""
         checked = check_parameters(request, principal, version, self._limits)
         tokenizer = self._tokenizers.get(version)
+        # The prompt's KV blocks as the engine hashes them, salted as its cache is.
+        blocks = (request, self._limits, tokenizer, kv_block_tokens(version), checked.cache_salt)
         if input_chars(request) < OFFLOAD_MIN_CHARS:
-            prompt = prepare_prompt(request, self._limits, tokenizer)
+            prompt = prepare_prompt(*blocks)
         else:
             prompt = await asyncio.get_running_loop().run_in_executor(
-                self._prompt_executor, prepare_prompt, request, self._limits, tokenizer)
+                self._prompt_executor, prepare_prompt, *blocks)
         return finish_validation(request, version, checked, prompt)
 
     def _copy_to_shadow(
@@ -407,6 +412,7 @@ class GenerationPipeline:
     async def _admit_route_relay(
         self, principal: Principal, engine_request: EngineRequest, version_id: str,
         timeout_s: float, prompt_tokens: int, progress: _Progress, send: Send,
+        kv_blocks: tuple[Sequence[int], int] = ((), 0),
     ) -> str:
         hold_s = timeout_s + 5.0
         tenant = principal.tenant_id
@@ -438,6 +444,7 @@ class GenerationPipeline:
                 route = await self._routing.route(
                     engine_request.triton_model_name, version_id, engine_request.request_id,
                     hold_s, failed, prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens,
+                    kv_blocks=kv_blocks,
                 )
                 if span is not None:
                     span.set_attribute("infermesh.replica_id", route.replica_id)

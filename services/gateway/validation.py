@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from backends.triton.adapter import EngineRequest
 from services.common.errors import InvalidArgument
+from services.common.kv_blocks import DEFAULT_BLOCK_TOKENS, prompt_blocks
 from services.gateway.requests import (
     FIELD_LIMITS,
     MAX_TOP_LOGPROBS,
@@ -46,6 +47,8 @@ class ValidatedGeneration:
     engine: EngineRequest
     prompt_tokens: int  # exact: counted with the version's own tokenizer
     timeout_s: float
+    kv_block_hashes: tuple[int, ...] = ()  # the prompt's token blocks, as the engine hashes them
+    kv_block_tokens: int = 0
 
 
 def new_request_id() -> str:
@@ -148,14 +151,23 @@ class PreparedPrompt:
     text: str  # what the engine gets: the prompt, or the chat rendered by its template
     field: str  # the request field it came from (prompt | messages)
     tokens: int  # counted with the version's own tokenizer
+    kv_block_hashes: tuple[int, ...] = ()  # services/common/kv_blocks.py, when asked for
+    kv_block_tokens: int = 0
+
+
+def kv_block_tokens(version: ModelVersion) -> int:
+    """Tokens per KV block of the version's engine: its manifest's page size, or the default."""
+    return int(version.engine.get("page_size") or DEFAULT_BLOCK_TOKENS)
 
 
 def prepare_prompt(
-    request: GenerationRequest, limits: Limits, tokenizer: PromptTokenizer
+    request: GenerationRequest, limits: Limits, tokenizer: PromptTokenizer,
+    block_tokens: int = 0, cache_salt: str = "",
 ) -> PreparedPrompt:
     """Renders and counts: the expensive part (a chat template, a tokenizer pass over up to
     200 000 characters), run after `check_parameters` and, for long inputs, off the event loop
-    (`GenerationPipeline`). Plain CPU work, safe in any thread."""
+    (`GenerationPipeline`). Plain CPU work, safe in any thread. With `block_tokens`, also the
+    prompt's KV block hashes (salted as the engine's cache is), for precise routing."""
     if request.messages is not None:
         prompt, field = tokenizer.render(request.messages), "messages"
     else:
@@ -167,7 +179,11 @@ def prepare_prompt(
     if outside:
         raise InvalidArgument("params.logit_bias",
                               f"token id {outside[0]} is not in the vocabulary (0..{vocab - 1})")
-    return PreparedPrompt(prompt, field, tokenizer.count(prompt))
+    if not block_tokens:
+        return PreparedPrompt(prompt, field, tokenizer.count(prompt))
+    token_ids = tokenizer.token_ids(prompt)
+    return PreparedPrompt(prompt, field, len(token_ids),
+                          tuple(prompt_blocks(token_ids, block_tokens, cache_salt)), block_tokens)
 
 
 def finish_validation(
@@ -203,7 +219,8 @@ def finish_validation(
         logit_bias=sampling.logit_bias,
         top_logprobs=(sampling.top_logprobs or 0) if sampling.logprobs else None,
     )
-    return ValidatedGeneration(engine, prompt.tokens, checked.timeout_s)
+    return ValidatedGeneration(engine, prompt.tokens, checked.timeout_s, prompt.kv_block_hashes,
+                               prompt.kv_block_tokens)
 
 
 def validate(

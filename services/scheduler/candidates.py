@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from services.scheduler.breakers import Breakers
 from services.scheduler.inventory import LoadReport, ModelLoad, ReplicaInfo
+from services.scheduler.kv_index import KvIndex
 from services.scheduler.prefix_index import PrefixIndex
 
 
@@ -19,6 +20,9 @@ class RouteQuery:
     hold_s: float  # the reservation expires after this unless released
     prompt_tokens: int = 0
     prefix_hashes: Sequence[int] = ()  # services/common/prefix.py chain
+    # The prompt's token blocks (services/common/kv_blocks.py), in blocks of kv_block_tokens
+    kv_block_hashes: Sequence[int] = ()
+    kv_block_tokens: int = 0
     zone: str = ""  # the caller's zone: preferred, never required
     exclude: frozenset[str] = frozenset()  # replicas that already failed this request
 
@@ -48,6 +52,7 @@ class RoutingContext:
     loads: Mapping[str, LoadReport]
     breakers: Breakers
     prefix: PrefixIndex
+    kv: KvIndex  # what the engines report holding (precise prefix routing)
     load_stale_after_s: float
     queue_scale: int  # requests that halve the queue score when the engine reports no `max`
     notes: list[str] = field(default_factory=list)  # why the decision fell back, for the log

@@ -30,6 +30,7 @@ class ReplicaInfo:
     gpu_type: str = ""
     gpu_memory_mib: int | None = None
     kv: Mapping[str, KvGeometry] = field(default_factory=dict)
+    sidecar_endpoint: str = ""  # where its engines' KV events stream ("": none)
 
     @classmethod
     def from_record(cls, raw: dict[str, Any]) -> ReplicaInfo:
@@ -40,4 +41,5 @@ class ReplicaInfo:
             metrics_endpoint=record.metrics_endpoint, zone=record.zone, models=record.models,
             healthy=record.healthy, draining=record.draining, gpu_type=record.gpu_type,
             gpu_memory_mib=record.gpu_memory_mib or None, kv=record.kv,
+            sidecar_endpoint=record.sidecar_endpoint,
         )

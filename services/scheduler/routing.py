@@ -3,6 +3,9 @@
 Pure logic with the time passed in (no gRPC, no etcd): the servicer hands it the replicas and
 load reports its watch caches hold. Policies (what the routing benchmark compares):
 
+- `precise`: as `kv_aware`, with prefix affinity scored on the blocks each engine reports holding
+  (`kv_index.py`, fed by the sidecars' KV events); a replica whose events do not flow is scored
+  by the approximate index, so with no events at all it is `kv_aware`;
 - `kv_aware`: every scorer (prefix affinity, free KV blocks, queue, zone), weighted;
 - `least_loaded`: the queue scorer alone (engine queue + this scheduler's unreported reservations);
 - `round_robin`: plain rotation over the candidates that pass the filters.
@@ -26,6 +29,7 @@ from services.scheduler.breakers import NO_PROBES, Breakers, BreakerSettings, Pr
 from services.scheduler.candidates import Candidate, RouteQuery, RoutingContext
 from services.scheduler.filters import FILTERS, REPLICA_FILTERS
 from services.scheduler.inventory import LoadReport, ReplicaInfo
+from services.scheduler.kv_index import KvIndex
 from services.scheduler.outcome import Outcome
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.scorers import SCORERS
@@ -34,6 +38,7 @@ log = get_logger(__name__)
 
 
 class Policy(enum.StrEnum):
+    PRECISE = "precise"
     KV_AWARE = "kv_aware"
     LEAST_LOADED = "least_loaded"
     ROUND_ROBIN = "round_robin"
@@ -41,7 +46,7 @@ class Policy(enum.StrEnum):
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    policy: Policy = Policy.KV_AWARE
+    policy: Policy = Policy.PRECISE
     # kv_aware's scorer weights (llm-d's well-lit path weighs prefix 3, KV 2, queue 2)
     weights: Mapping[str, float] = field(
         default_factory=lambda: {"prefix": 3.0, "kv_free": 2.0, "queue": 2.0, "cache_spread": 0.0,
@@ -52,11 +57,15 @@ class RoutingConfig:
     breakers: BreakerSettings = field(default_factory=BreakerSettings)
 
     def scorer_weights(self) -> tuple[tuple[str, float], ...]:
-        if self.policy is Policy.KV_AWARE:
+        if self.policy in (Policy.KV_AWARE, Policy.PRECISE):
             unknown = set(self.weights) - set(SCORERS)
             if unknown:
                 raise ValueError(f"weights: unknown scorers {sorted(unknown)}")
-            return tuple((name, w) for name, w in self.weights.items() if w > 0)
+            weights = self.weights.items()
+            if self.policy is Policy.PRECISE:  # prefix affinity from what the engines hold
+                weights = (("precise_prefix" if name == "prefix" else name, w)
+                           for name, w in weights)
+            return tuple((name, w) for name, w in weights if w > 0)
         if self.policy is Policy.LEAST_LOADED:
             return (("queue", 1.0),)
         return ()
@@ -79,8 +88,10 @@ class Router:
         self.config = config or RoutingConfig()
         self.breakers = Breakers(self.config.breakers)
         self.prefix = PrefixIndex(self.config.prefix_index_blocks)
+        self.kv = KvIndex()
         self._scorers = [(SCORERS[name], weight) for name, weight in self.config.scorer_weights()]
-        self._records_prefix = any(s.name in ("prefix", "cache_spread") for s, _ in self._scorers)
+        self._records_prefix = any(s.name in ("prefix", "precise_prefix", "cache_spread")
+                                   for s, _ in self._scorers)
         self._reservations: dict[str, Reservation] = {}
         self._by_replica: dict[str, dict[str, float]] = {}  # replica → reservation → created at
         self._expiries: list[tuple[float, str]] = []  # heap of (expires at, reservation id)
@@ -93,6 +104,7 @@ class Router:
                  now: float) -> RoutingContext:
         return RoutingContext(
             query=query, now=now, loads=loads, breakers=self.breakers, prefix=self.prefix,
+            kv=self.kv,
             load_stale_after_s=self.config.load_stale_after_s, queue_scale=self.config.queue_scale,
         )
 

@@ -70,6 +70,31 @@ class PrefixScorer:
         return [matched.get(c.replica_id, 0) / total for c in candidates]
 
 
+class PrecisePrefixScorer:
+    """The share of the prompt's token blocks the replica's engine reports holding (the longest
+    leading run), for a replica whose events flow and whose block size is the prompt's; any
+    other replica gets the approximate prefix score instead: the fallback is per replica."""
+
+    name = "precise_prefix"
+
+    def score(self, ctx: RoutingContext, candidates: Sequence[Candidate]) -> list[float]:
+        approximate = PrefixScorer().score(ctx, candidates)
+        query = ctx.query
+        hashes = query.kv_block_hashes
+        if not hashes:
+            return approximate
+        matched = ctx.kv.matches(query.model, hashes)
+        total = len(hashes)
+        scores = []
+        for c, fallback in zip(candidates, approximate, strict=True):
+            view = ctx.kv.views.get((c.replica_id, query.model))
+            if view is not None and view.live and view.block_size in (0, query.kv_block_tokens):
+                scores.append(matched.get(c.replica_id, 0) / total)
+            else:
+                scores.append(fallback)
+        return scores
+
+
 class CacheSpreadScorer:
     """1 for the replica holding the fewest of the model's indexed prefix blocks, 0 for the one
     holding the most: a prompt no replica has yet goes where it evicts least. The engine's free
@@ -99,6 +124,6 @@ class ZoneScorer:
 
 
 SCORERS: dict[str, Scorer] = {
-    s.name: s for s in (KvFreeScorer(), QueueScorer(), PrefixScorer(), CacheSpreadScorer(),
-                        ZoneScorer())
+    s.name: s for s in (KvFreeScorer(), QueueScorer(), PrefixScorer(), PrecisePrefixScorer(),
+                        CacheSpreadScorer(), ZoneScorer())
 }

@@ -16,15 +16,17 @@ from prometheus_client import Counter, Gauge, Histogram
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import errors, etcd, status, telemetry
 from services.common.frames import add_servicer
+from services.common.kv_blocks import MAX_BLOCKS as MAX_KV_BLOCKS
 from services.common.logs import get_logger
 from services.common.prefix import MAX_BLOCKS
 from services.common.runtime import ServiceContext, ServiceParts
 from services.scheduler.breakers import BreakerState
 from services.scheduler.candidates import RouteQuery
 from services.scheduler.inventory import LoadReport, ReplicaInfo
+from services.scheduler.kv_feed import KvFeeds
 from services.scheduler.outcome import Outcome
 from services.scheduler.placement_loop import PlacementSettings, start_placement
-from services.scheduler.routing import Router
+from services.scheduler.routing import Policy, Router
 from services.scheduler.settings import SchedulerSettings
 
 log = get_logger(__name__)
@@ -44,6 +46,7 @@ MAX_MODEL_CHARS = 128  # a Triton model name's limit
 MAX_ZONE_CHARS = 64
 MAX_PROMPT_TOKENS = 10_000_000
 MAX_COMPLETION_TOKENS = 10_000_000
+MAX_KV_BLOCK_TOKENS = 65_536
 MAX_STREAM_CALLS = 4096  # routes, and releases, in one RouteStream message
 # Calls handled between yields to the loop: ~5 ms of routing, so a long message never holds up
 # etcd lease keep-alives or other gateways' streams for long.
@@ -177,6 +180,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise errors.InvalidArgument("hold", f"must be in (0, {self._max_hold_s:.0f}] seconds")
         if len(request.prefix_hashes) > MAX_BLOCKS:
             raise errors.InvalidArgument("prefix_hashes", f"at most {MAX_BLOCKS} blocks")
+        if len(request.kv_block_hashes) > MAX_KV_BLOCKS:
+            raise errors.InvalidArgument("kv_block_hashes", f"at most {MAX_KV_BLOCKS} blocks")
+        if request.kv_block_tokens > MAX_KV_BLOCK_TOKENS or (
+                request.kv_block_hashes and not request.kv_block_tokens):
+            raise errors.InvalidArgument(
+                "kv_block_tokens", f"must be in [1, {MAX_KV_BLOCK_TOKENS}] with kv_block_hashes")
         if len(request.exclude_replicas) > MAX_EXCLUDED:
             raise errors.InvalidArgument("exclude_replicas", f"at most {MAX_EXCLUDED} replicas")
         if len(request.zone) > MAX_ZONE_CHARS:
@@ -187,6 +196,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             model=request.triton_model_name, hold_s=hold_s, prompt_tokens=request.prompt_tokens,
             prefix_hashes=request.prefix_hashes, zone=request.zone,
             exclude=frozenset(request.exclude_replicas),
+            kv_block_hashes=request.kv_block_hashes, kv_block_tokens=request.kv_block_tokens,
         )
 
     def _release(self, request: scheduler_pb2.ReleaseRouteRequest, field: str = "") -> bool:
@@ -243,8 +253,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 breaker=BREAKER_STATES[breakers.state(r.replica_id)],
                 zone_breaker=BREAKER_STATES[breakers.zone_state(r.zone)],
                 unroutable_because=unroutable.get(r.replica_id, ""),
+                kv_views=self._kv_views(r, now),
             ))
         return scheduler_pb2.ListReplicasResponse(replicas=replicas)
+
+
+    def _kv_views(self, replica: ReplicaInfo, now: float) -> list[scheduler_pb2.KvCacheView]:
+        views = []
+        for model in sorted(replica.models):
+            view = self._router.kv.views.get((replica.replica_id, model))
+            live = view is not None and view.live
+            views.append(scheduler_pb2.KvCacheView(
+                triton_model=model, source="events" if live else "approximate",
+                blocks=view.blocks if view is not None else 0,
+                lag_s=view.lag_s if view is not None else 0.0,
+                age_s=now - view.applied_at if view is not None else 0.0))
+        return views
 
 
 def replica_parser(_suffix: str, raw: bytes) -> ReplicaInfo:
@@ -266,17 +290,25 @@ def load_parser(clock: Callable[[], float]) -> Callable[[str, bytes], LoadReport
 async def setup(ctx: ServiceContext) -> ServiceParts:
     settings = ctx.settings
     assert isinstance(settings, SchedulerSettings)
-    replicas: etcd.WatchCache[ReplicaInfo] = etcd.WatchCache(
-        ctx.etcd, etcd.Keys.replicas, replica_parser,
-        on_change=lambda: _count_replicas(replicas),
-    )
-    loads: etcd.WatchCache[LoadReport] = etcd.WatchCache(
-        ctx.etcd, etcd.Keys.replica_load, load_parser(time.monotonic))
     router = Router(settings.routing_config())
     log.info("routing", policy=router.config.policy.value)
+    # Every scheduler follows every replica's KV events (so instances hold the same view);
+    # only `precise` reads them.
+    feeds = KvFeeds(router.kv, ctx.tls, settings.mesh_token.get_secret_value())
+
+    def replicas_changed() -> None:
+        _count_replicas(replicas)
+        if router.config.policy is Policy.PRECISE:
+            feeds.follow(replicas.items.values())
+
+    replicas: etcd.WatchCache[ReplicaInfo] = etcd.WatchCache(
+        ctx.etcd, etcd.Keys.replicas, replica_parser, on_change=replicas_changed)
+    loads: etcd.WatchCache[LoadReport] = etcd.WatchCache(
+        ctx.etcd, etcd.Keys.replica_load, load_parser(time.monotonic))
     placement_settings = PlacementSettings()
     meter = placement_settings.demand_meter()
     async with contextlib.AsyncExitStack() as starting:  # a failed start undoes what it did
+        starting.push_async_callback(feeds.close)
         await replicas.start()
         starting.push_async_callback(replicas.stop)
         await loads.start()

@@ -11,7 +11,9 @@ from services.scheduler.routing import Policy, RoutingConfig
 
 class SchedulerSettings(ServiceSettings):
     routing_policy: Policy = Field(
-        Policy.KV_AWARE, description="kv_aware | least_loaded | round_robin (docs/decisions.md)."
+        Policy.PRECISE, description="precise | kv_aware | least_loaded | round_robin "
+        "(docs/decisions.md); precise is kv_aware for replicas whose engines publish no KV "
+        "events."
     )
     weight_prefix: float = Field(3.0, ge=0, le=100, description="kv_aware: prefix affinity.")
     weight_kv_free: float = Field(2.0, ge=0, le=100, description="kv_aware: free KV blocks.")

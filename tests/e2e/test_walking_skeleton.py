@@ -324,8 +324,11 @@ def test_meshctl_replicas_shows_what_the_scheduler_routes_on(stack: StackInfo):
     [replica] = json.loads(as_json.stdout)["replicas"]
     assert replica["replica_id"] == "replica-0" and replica["load_reported"]
     assert {load["triton_model"] for load in replica["loads"]} == set(replica["models"])
-    models = {line.split()[-4] for line in rows}  # one line per model: its KV and queue
+    models = {line.split()[-5] for line in rows}  # one line per model: its KV and queue
     assert models == set(replica["models"]) and len(models) >= 2
+    # Both engines publish KV events: the scheduler's view of each cache comes from them.
+    assert {view["source"] for view in replica["kv_views"]} == {"events"}, replica["kv_views"]
+    assert all(line.split()[-1].startswith("events/") for line in rows), rows
 
 
 async def test_audit_chain_verifies_and_detects_an_edit(stack: StackInfo, stack_dir, tmp_path):

@@ -1,5 +1,6 @@
 """KV events from real engines through the real transport: the reference engine in a real Triton
-serves them on its socket, the sidecar mirrors them and streams them over gRPC, snapshot first."""
+serves them on its socket, the sidecar mirrors them and streams them over gRPC, snapshot first;
+schedulers' routers index them and route on what the engines hold (precise)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ from services.common import etcd
 from services.common.kv_blocks import prompt_blocks, word_token_ids
 from services.common.kv_event_codec import decode
 from services.common.kv_events import HeldBlocks, KvEventBatch, KvSnapshot
+from services.scheduler.candidates import RouteQuery
+from services.scheduler.inventory import ReplicaInfo
+from services.scheduler.kv_feed import LAG, RESYNCS, KvFeeds
+from services.scheduler.outcome import Outcome
+from services.scheduler.routing import Policy, Router, RoutingConfig
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +49,7 @@ def replicas(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[ReplicaSet]:
     root = tmp_path_factory.mktemp("kv")
     repository = reference_repository(root / "models", [MODEL], ENGINE)
-    replica_set = ReplicaSet(root, etcd_server.endpoint, 1, repository, models=[MODEL],
+    replica_set = ReplicaSet(root, etcd_server.endpoint, 2, repository, models=[MODEL],
                              id_prefix=PREFIX)
     replica_set.start()
     yield replica_set
@@ -55,6 +61,34 @@ async def replica(etcd_server: EtcdServer, replicas: ReplicaSet):
     async with etcd.connect(etcd_server.endpoint, 5.0) as client:
         await replicas.wait_registered(client, models=[MODEL])
     return replicas.replicas[0]
+
+
+@pytest.fixture
+async def schedulers(replica, replicas: ReplicaSet):
+    """Two schedulers' routers (precise), each following every replica's KV events."""
+    inventory = [ReplicaInfo(r.replica_id, r.grpc_endpoint, models=frozenset({MODEL}),
+                             sidecar_endpoint=r.sidecar_endpoint) for r in replicas.replicas]
+    routers = [Router(RoutingConfig(Policy.PRECISE)) for _ in range(2)]
+    feeds = [KvFeeds(router.kv, None) for router in routers]
+    for feed in feeds:
+        feed.follow(inventory)
+    yield routers, inventory
+    for feed in feeds:
+        await feed.close()
+
+
+def route(router: Router, inventory: list[ReplicaInfo], text: str) -> str:
+    query = RouteQuery(MODEL, 10.0, kv_block_hashes=blocks(text), kv_block_tokens=BLOCK)
+    reservation = router.route(query, inventory, {}, time.monotonic())
+    router.release(reservation.reservation_id, Outcome.OK, time.monotonic())
+    return reservation.replica.replica_id
+
+
+async def until(check, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "the index never got there"
+        await asyncio.sleep(0.02)
 
 
 async def generate(endpoint: str, text: str, tokens: int = 2) -> None:
@@ -152,3 +186,55 @@ async def test_a_restarted_engine_starts_an_epoch_with_an_empty_cache(replica) -
     if view.first_events:
         assert view.first_events[0][0].__class__.__name__ == "AllBlocksCleared"
     await view.close()
+
+
+async def test_two_schedulers_route_on_what_the_engines_hold_through_eviction_and_restart(
+        replicas: ReplicaSet, schedulers) -> None:
+    routers, inventory = schedulers
+    first, second = (r.replica_id for r in replicas.replicas)
+    holder = replicas.replicas[1]
+    text = prompt("zeta", 48)
+
+    def held_by(replica_id: str) -> bool:
+        return all(router.kv.matches(MODEL, blocks(text)).get(replica_id) == len(blocks(text))
+                   for router in routers)
+
+    await generate(holder.grpc_endpoint, text)
+    await until(lambda: held_by(second))
+    assert [route(router, inventory, text) for router in routers] == [second, second]
+    # Evicted (other prompts fill its 24 blocks): it no longer attracts the prompt.
+    for topic in ("eta", "theta", "iota"):
+        await generate(holder.grpc_endpoint, prompt(topic, 70))
+    await until(lambda: all(not router.kv.matches(MODEL, blocks(text)) for router in routers))
+    assert [route(router, inventory, text) for router in routers] == [first, first]
+    # Held again, then its engine restarts with an empty cache: at once, no more.
+    await generate(holder.grpc_endpoint, text)
+    await until(lambda: held_by(second))
+    assert [route(router, inventory, text) for router in routers] == [second, second]
+    async with triton_aio.InferenceServerClient(holder.grpc_endpoint) as triton:
+        await triton.unload_model(MODEL)
+        await triton.load_model(MODEL)
+    await until(lambda: all(not router.kv.matches(MODEL, blocks(text)) and
+                            router.kv.live(second, MODEL) for router in routers), 20.0)
+    assert [route(router, inventory, text) for router in routers] == [first, first]
+    assert LAG.collect()[0].samples  # the lag engine → index is measured
+
+
+async def test_a_forced_gap_resyncs_from_a_snapshot_and_the_index_matches_the_engine(
+        replica, schedulers) -> None:
+    routers, _ = schedulers
+    index = routers[0].kv
+    key = (replica.replica_id, MODEL)
+    text = prompt("kappa")
+    await generate(replica.grpc_endpoint, text)
+    await until(lambda: index.matches(MODEL, blocks(text)).get(replica.replica_id))
+    resyncs = RESYNCS.labels("gap")._value.get()
+    index.views[key].seq -= 1  # as if a batch was lost: the next one does not follow
+    await generate(replica.grpc_endpoint, prompt("lambda"))
+    await until(lambda: RESYNCS.labels("gap")._value.get() > resyncs and index.live(*key))
+    engine = View(replica.sidecar_endpoint)  # the engine's blocks, as its log holds them
+    await engine.until(lambda v: True)
+    await until(lambda: index.views[key].seq == engine.seq)
+    assert index._held[key] == engine.held.hashes
+    assert set(blocks(prompt("lambda"))) <= engine.held.hashes
+    await engine.close()

@@ -18,6 +18,8 @@ def report(rid: str, at: float = 0.0, *, free=100, max_blocks=100, active=0, wai
         active=active, waiting=waiting, max=batch)})
 
 
-def query(model="m", *, hashes=(), zone="", exclude=(), hold_s=10.0, prompt_tokens=0) -> RouteQuery:
+def query(model="m", *, hashes=(), zone="", exclude=(), hold_s=10.0, prompt_tokens=0,
+          kv_hashes=(), kv_block_tokens=4) -> RouteQuery:
     return RouteQuery(model=model, hold_s=hold_s, prompt_tokens=prompt_tokens,
-                      prefix_hashes=tuple(hashes), zone=zone, exclude=frozenset(exclude))
+                      prefix_hashes=tuple(hashes), zone=zone, exclude=frozenset(exclude),
+                      kv_block_hashes=tuple(kv_hashes), kv_block_tokens=kv_block_tokens)

@@ -101,7 +101,7 @@ class FakeSchedulers:
         self.released: list[str] = []
 
     async def route(self, triton_model_name, version_id, request_id, hold_s, exclude, *,
-                    prefix_hashes=(), prompt_tokens=0):
+                    prefix_hashes=(), prompt_tokens=0, kv_blocks=((), 0)):
         self.calls += 1
         if self.hang:
             await asyncio.sleep(60)

@@ -84,7 +84,7 @@ class Admission:
 
 class Routes:
     async def route(self, triton_model_name, version_id, request_id, hold_s, exclude, *,
-                    prefix_hashes=(), prompt_tokens=0):
+                    prefix_hashes=(), prompt_tokens=0, kv_blocks=((), 0)):
         return Route("replica-0", triton_model_name, f"res-{request_id}")
 
     async def release_route(self, reservation_id, outcome=None, completion_tokens=0):

@@ -56,7 +56,7 @@ class RecordingRouting:
         self.routed: list[tuple[str, str]] = []
 
     async def route(self, triton_model_name, version_id, request_id, hold_s, exclude, *,
-                    prefix_hashes=(), prompt_tokens=0):
+                    prefix_hashes=(), prompt_tokens=0, kv_blocks=((), 0)):
         self.routed.append((triton_model_name, request_id))
         return Route("replica-0", triton_model_name, f"res-{request_id}")
 

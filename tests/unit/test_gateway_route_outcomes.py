@@ -8,6 +8,7 @@ import asyncio
 
 from backends.triton.adapter import EngineChunk
 from services.common import errors
+from services.common.kv_blocks import prompt_blocks, word_token_ids
 from services.common.prefix import prompt_block_hashes
 from services.common.tenancy import TenantPlan
 from services.gateway.admission import AdmissionLimits, FairAdmission
@@ -30,7 +31,7 @@ MANIFEST = {
     "cost_per_1k_input_tokens": 0.1, "cost_per_1k_output_tokens": 0.2,
 }
 PRINCIPAL = Principal("acme", "k1", "user", TenantPlan())
-PROMPT = "You are a helpful assistant who always answers briefly and politely. " * 4
+PROMPT = "You are a helpful assistant who always answers briefly and politely. " * 6
 
 
 class Admission:
@@ -50,8 +51,9 @@ class ReplicaRouting:
         self.releases: list[tuple[str, Outcome, int]] = []
 
     async def route(self, triton_model_name, version_id, request_id, hold_s, exclude, *,
-                    prefix_hashes=(), prompt_tokens=0):
+                    prefix_hashes=(), prompt_tokens=0, kv_blocks=((), 0)):
         self.routes.append({"exclude": list(exclude), "prefix_hashes": list(prefix_hashes),
+                            "kv_blocks": kv_blocks,
                             "prompt_tokens": prompt_tokens})
         replica = next(r for r in self.replicas if r not in exclude)
         return Route(replica, replica, f"res-{replica}")
@@ -126,6 +128,10 @@ async def test_a_failure_before_the_first_token_is_retried_elsewhere_and_reporte
     assert "".join(e.text for e in events if isinstance(e, TokenText)) == "t1 t2 t3 "
     assert [r["exclude"] for r in routing.routes] == [[], ["down"]]
     assert routing.routes[0]["prefix_hashes"] == prompt_block_hashes(PROMPT)
+    # The prompt's KV blocks as the reference engine hashes them (64 words a block), each try.
+    kv_blocks = (tuple(prompt_blocks(word_token_ids(PROMPT.split()), 64)), 64)
+    assert len(kv_blocks[0]) == 1
+    assert [r["kv_blocks"] for r in routing.routes] == [kv_blocks, kv_blocks]
     assert routing.routes[0]["prompt_tokens"] > 0
     assert sorted(routing.releases) == [
         ("res-down", Outcome.FAILED_BEFORE_FIRST_TOKEN, 0), ("res-up", Outcome.OK, 3)]

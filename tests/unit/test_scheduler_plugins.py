@@ -7,6 +7,7 @@ from services.scheduler import filters, scorers
 from services.scheduler.breakers import Breakers, BreakerSettings
 from services.scheduler.candidates import Candidate, RoutingContext
 from services.scheduler.inventory import LoadReport
+from services.scheduler.kv_index import KvIndex
 from services.scheduler.outcome import Outcome
 from services.scheduler.prefix_index import PrefixIndex
 from tests.unit.scheduler_builders import query, replica, report
@@ -22,7 +23,8 @@ def candidate(rid, *, load_at=None, pending=0, **replica_args):
 def context(q=None, *, now=10.0, loads=None, breakers=None, prefix=None):
     return RoutingContext(query=q or query(), now=now, loads=loads or {},
                           breakers=breakers or Breakers(BreakerSettings()),
-                          prefix=prefix or PrefixIndex(), load_stale_after_s=1.5, queue_scale=8)
+                          prefix=prefix or PrefixIndex(), kv=KvIndex(), load_stale_after_s=1.5,
+                          queue_scale=8)
 
 
 def ids(candidates):

@@ -1,0 +1,135 @@
+"""The scheduler's side of the KV events: one stream per replica from its sidecar
+(`KvEventsService/Subscribe`) into the `KvIndex`.
+
+Every replica whose record names a `sidecar_endpoint` is followed; one that leaves is dropped
+from the index. A stream starts with each model's snapshot; a batch that does not follow its
+view (a gap), a message that does not decode, a broken stream or `READ_TIMEOUT_S` without a
+message (the sidecar sends a heartbeat every `HEARTBEAT_S`) makes the replica's views stale at
+once (routing falls back to the approximate index for it) and the stream is opened again, which
+starts from snapshots. Messages are applied one at a time, each a bounded amount of work, with
+the loop free between them: a replica that floods events delays its own view, not routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from infermesh.v1 import kv_events_pb2, kv_events_pb2_grpc
+from services.common import tls
+from services.common.discovery import CHANNEL_OPTIONS, mesh_token_interceptors
+from services.common.kv_event_codec import READ_TIMEOUT_S, FrameError, decode
+from services.common.kv_events import KvSnapshot
+from services.common.logs import get_logger
+from services.scheduler.inventory import ReplicaInfo
+from services.scheduler.kv_index import KvIndex
+
+__all__ = ["KvFeeds"]
+
+log = get_logger(__name__)
+LAG = Histogram("infermesh_scheduler_kv_event_lag_seconds",
+                "From an engine publishing a batch of KV events to this scheduler's index "
+                "applying it (wall clocks).",
+                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+RESYNCS = Counter("infermesh_scheduler_kv_event_resyncs_total",
+                  "Replica streams opened again (each starts from snapshots), by reason.",
+                  ["reason"])
+BLOCKS = Gauge("infermesh_scheduler_kv_index_blocks",
+               "Block entries in the KV index (a block on two replicas counts twice).")
+BYTES_PER_MILLION = Gauge("infermesh_scheduler_kv_index_bytes_per_million_blocks",
+                          "The KV index's memory per million block entries, measured.")
+RETRY_S = (0.1, 2.0)
+MEMORY_EVERY_S = 10.0  # measuring the index walks it: not on every message
+
+
+class KvFeeds:
+    def __init__(self, index: KvIndex, mesh_tls: tls.MeshTls | None, mesh_token: str = "",
+                 clock: Callable[[], float] = time.monotonic):
+        self._index = index
+        self._tls = mesh_tls
+        self._interceptors = (mesh_token_interceptors(mesh_token)
+                              if mesh_token and mesh_tls is None else None)
+        self._clock = clock
+        self._followed: dict[str, tuple[str, asyncio.Task[None]]] = {}  # replica → endpoint
+        self._measured_at = 0.0
+
+    def follow(self, replicas: Iterable[ReplicaInfo]) -> None:
+        """Follows exactly the replicas given that stream events (the inventory's callback)."""
+        wanted = {r.replica_id: r.sidecar_endpoint for r in replicas if r.sidecar_endpoint}
+        for replica_id, (endpoint, task) in list(self._followed.items()):
+            if wanted.get(replica_id) != endpoint:
+                task.cancel()
+                del self._followed[replica_id]
+                self._index.drop(replica_id)
+        for replica_id, endpoint in wanted.items():
+            if replica_id not in self._followed:
+                task = asyncio.create_task(self._follow(replica_id, endpoint),
+                                           name=f"kv events {replica_id}")
+                self._followed[replica_id] = (endpoint, task)
+
+    async def close(self) -> None:
+        tasks = [task for _, task in self._followed.values()]
+        self._followed.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _follow(self, replica_id: str, endpoint: str) -> None:
+        delay_s = RETRY_S[0]
+        peer = "sidecar" if self._tls is not None else None
+        while True:
+            channel = tls.channel(endpoint, peer, self._tls, CHANNEL_OPTIONS, self._interceptors)
+            try:
+                reason = await self._read(replica_id, channel)
+            finally:
+                self._index.stale(replica_id)
+                await channel.close()
+            RESYNCS.labels(reason).inc()
+            if reason in ("gap", "bad_message"):
+                delay_s = RETRY_S[0]
+                log.warning("kv_events_resync", replica=replica_id, reason=reason)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, RETRY_S[1])
+
+    async def _read(self, replica_id: str, channel: grpc.aio.Channel) -> str:
+        call = kv_events_pb2_grpc.KvEventsServiceStub(channel).Subscribe(
+            kv_events_pb2.SubscribeRequest())
+        index = self._index
+        try:
+            while True:
+                async with asyncio.timeout(READ_TIMEOUT_S):
+                    message = await call.read()
+                if message is grpc.aio.EOF:
+                    return "ended"
+                try:
+                    decoded = decode(message)
+                except FrameError:
+                    return "bad_message"
+                if decoded is None:
+                    continue  # a heartbeat
+                model, item = decoded
+                now = self._clock()
+                if isinstance(item, KvSnapshot):
+                    index.snapshot(replica_id, model, item, now)
+                elif index.batch(replica_id, model, item, now, time.time_ns()):
+                    LAG.observe(index.views[replica_id, model].lag_s)
+                else:
+                    return "gap"
+                self._measure(now)
+        except TimeoutError:
+            return "silent"
+        except grpc.aio.AioRpcError as exc:
+            return "unavailable" if exc.code() == grpc.StatusCode.UNAVAILABLE else "error"
+        finally:
+            call.cancel()
+
+    def _measure(self, now: float) -> None:
+        if now - self._measured_at < MEMORY_EVERY_S:
+            return
+        self._measured_at = now
+        BLOCKS.set(self._index.blocks())
+        BYTES_PER_MILLION.set(self._index.bytes_per_million_blocks())
