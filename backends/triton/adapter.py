@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 from tritonclient.grpc import aio as triton_aio
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2
 
 from services.common import errors, telemetry, tls
 from services.common.logprobs import TokenLogprob, TopLogprob
@@ -243,6 +243,13 @@ def triton_client(endpoint: str, mesh_tls: tls.MeshTls | None
         channel_args=[*CHANNEL_OPTIONS, *tls.channel_options("triton", mesh_tls)])
 
 
+# Triton's streaming method. A generation sends one request on it, so the gateway calls it as
+# unary-stream: the wire is the same HTTP/2 stream (headers, one message, half-close), but
+# grpc.aio sends all three in one batch, where a stream-stream call costs a task to start it and
+# three writes (docs/decisions.md, "The gateway's own cost").
+STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
 class TritonAdapter:
     """Streams generations from Triton replicas; holds one channel per endpoint."""
 
@@ -250,39 +257,40 @@ class TritonAdapter:
         """`mesh_tls`: this process's certificate and the mesh's CA (None: plaintext)."""
         self._mesh_tls = mesh_tls
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, service_pb2_grpc.GRPCInferenceServiceStub] = {}
+        self._stream_infer: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
 
-    def _stub(self, endpoint: str) -> service_pb2_grpc.GRPCInferenceServiceStub:
-        stub = self._stubs.get(endpoint)
-        if stub is None:
+    def _stream_infer_at(self, endpoint: str) -> grpc.aio.UnaryStreamMultiCallable:
+        method = self._stream_infer.get(endpoint)
+        if method is None:
             channel = tls.channel(endpoint, "triton", self._mesh_tls, CHANNEL_OPTIONS)
             self._channels[endpoint] = channel
-            stub = self._stubs[endpoint] = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        return stub
+            method = self._stream_infer[endpoint] = channel.unary_stream(
+                STREAM_INFER,
+                request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+        return method
 
     async def close(self) -> None:
         for channel in self._channels.values():
             with contextlib.suppress(Exception):
                 await channel.close()
         self._channels.clear()
-        self._stubs.clear()
+        self._stream_infer.clear()
 
     async def generate(self, endpoint: str, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         """Yields chunks until the engine's final response.
 
         Raises `errors.Unavailable` when the replica cannot be reached (safe to retry elsewhere
         before the first chunk) and `errors.Internal` when the engine reports an error. Cancelling
-        the caller cancels the Triton request. The request is written on the call itself (no
-        request iterator, which grpc.aio would drain in a task of its own).
+        the caller cancels the Triton request.
         """
         # The generation's engine span goes to Triton as `traceparent` (None: tracing is off).
-        call = self._stub(endpoint).ModelStreamInfer(metadata=telemetry.outgoing_metadata())
+        call = self._stream_infer_at(endpoint)(build_request(request),
+                                               metadata=telemetry.outgoing_metadata())
         last: EngineChunk | None = None
         engine_error: errors.MeshError | None = None
         finished = False
         try:
-            await call.write(build_request(request))
-            await call.done_writing()
             async for response in call:
                 if response.error_message:  # the engine's final answer; read on to the end
                     message = response.error_message
