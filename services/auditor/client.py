@@ -7,6 +7,7 @@ other high-rate writers keep one `Append` stream open and pipeline batches thems
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -21,9 +22,10 @@ from services.common import errors
 
 
 def new_event(source: str, request_id: str, **body: Any) -> auditor_pb2.AuditEvent:
-    """An event with a fresh id and the current time; `body` is `generation=…` or `admin=…`."""
-    now = timestamp_pb2.Timestamp()
-    now.GetCurrentTime()
+    """An event with a fresh id and the current time; `body` is `generation=…` or `admin=…`.
+    The time from `time_ns` (protobuf's `GetCurrentTime` goes through a datetime: 5x dearer)."""
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    now = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
     return auditor_pb2.AuditEvent(event_id=uuid.uuid4().hex, request_id=request_id, time=now,
                                   source=source, **body)
 
