@@ -318,7 +318,9 @@ class TritonAdapter:
 
 # The request fields an engine names first when it refuses one of them ("top_p must be in ...");
 # any other refusal is about the prompt (the KV cache or the context window cannot hold it).
-_REFUSABLE_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_REFUSABLE_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                     "logit_bias", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty", "top_logprobs")
 
 
 def _refused_field(reason: str) -> str:

@@ -91,7 +91,7 @@ def requested_logprobs(request: pb_utils.InferenceRequest) -> int:
         return -1
     top = int(scalar(request, "num_top_log_probs", 0))
     if not 0 <= top <= 20:
-        raise ValueError(f"num_top_log_probs must be in [0, 20], got {top}")
+        raise ValueError(f"top_logprobs (num_top_log_probs) must be in [0, 20], got {top}")
     return top
 
 

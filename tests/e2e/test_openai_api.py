@@ -112,9 +112,9 @@ async def test_errors_map_to_the_clients_exception_classes(stack: StackInfo):
                                           messages=[{"role": "user", "content": "hi"}],
                                           max_completion_tokens=10**9)
     assert bad.value.body["param"] == "max_completion_tokens"
-    with pytest.raises(openai.BadRequestError) as unsupported:
+    with pytest.raises(openai.BadRequestError) as unsupported:  # over the gateway's max_choices
         await api.chat.completions.create(model=stack.reference_model,
-                                          messages=[{"role": "user", "content": "hi"}], n=2)
+                                          messages=[{"role": "user", "content": "hi"}], n=9)
     assert unsupported.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as tools:
         await api.chat.completions.create(
