@@ -75,6 +75,10 @@ class EngineRequest:
     cache_salt: str = ""  # sent only when set: only engines with a prefix cache declare it
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ascending by id
     top_logprobs: int | None = None  # None: no log probabilities; 0..20 top ones per token
+    # Structured output, in TensorRT-LLM's terms (services/common/structured_output.py):
+    # "json" or "json_schema" (with the schema's text as the guide); "" for free text.
+    guided_decoding_guide_type: str = ""
+    guided_decoding_guide: str = ""
 
 
 @dataclass
@@ -147,6 +151,11 @@ def build_request(request: EngineRequest) -> service_pb2.ModelInferRequest:
             struct.pack(f"<{count}f", *(b for _, b in request.logit_bias)), count)
     if request.cache_salt:
         add("cache_salt", "BYTES", _bytes_element(request.cache_salt.encode()))
+    if request.guided_decoding_guide_type:
+        add("guided_decoding_guide_type", "BYTES",
+            _bytes_element(request.guided_decoding_guide_type.encode()))
+        add("guided_decoding_guide", "BYTES",
+            _bytes_element(request.guided_decoding_guide.encode()))
     add("return_num_input_tokens", "BOOL", _TRUE)
     add("return_num_output_tokens", "BOOL", _TRUE)
     outputs = OUTPUTS
@@ -321,10 +330,15 @@ class TritonAdapter:
 _REFUSABLE_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                      "logit_bias", "repetition_penalty", "presence_penalty",
                      "frequency_penalty", "top_logprobs")
+# Engine inputs that are a request field under another name.
+_FIELD_OF_INPUT = {"guided_decoding_guide": "response_format",
+                   "guided_decoding_guide_type": "response_format"}
 
 
 def _refused_field(reason: str) -> str:
     first = reason.split(" ", 1)[0]
+    if first in _FIELD_OF_INPUT:
+        return _FIELD_OF_INPUT[first]
     return first if first in _REFUSABLE_FIELDS else "prompt"
 
 

@@ -142,6 +142,18 @@ def logit_bias(request: pb_utils.InferenceRequest) -> tuple[tuple[int, float], .
     return tuple(zip(id_list, value_list, strict=True))
 
 
+def guided_decoding(request: pb_utils.InferenceRequest) -> tuple[str, str] | None:
+    """TensorRT-LLM's `guided_decoding_guide_type` and `guided_decoding_guide`, when the request
+    asks for structured output; ValueError when the guide comes without its type."""
+    guide_type = scalar(request, "guided_decoding_guide_type", b"").decode()
+    guide = scalar(request, "guided_decoding_guide", b"").decode()
+    if not guide_type:
+        if guide:
+            raise ValueError("guided_decoding_guide needs guided_decoding_guide_type")
+        return None
+    return guide_type, guide
+
+
 def parse_text_request(
     request: pb_utils.InferenceRequest, sender: pb_utils.InferenceResponseSender
 ) -> tuple[str, int, Pending]:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import math
 import random
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from services.common.kv_blocks import (
     DEFAULT_BLOCK_TOKENS,
@@ -34,6 +36,7 @@ from services.common.kv_events import (
     KvEvent,
     merge_stores,
 )
+from services.common.structured_output import grammar_of
 
 __all__ = [
     "CORPUS",
@@ -49,7 +52,9 @@ __all__ = [
     "TokenOutput",
     "complete",
     "count_tokens",
+    "guided_text",
     "made_up_logprobs",
+    "minimal_instance",
 ]
 
 # A small corpus of plain sentences; every sentence ends with its only period, which is how the
@@ -98,6 +103,61 @@ MAX_NATURAL_TOKENS = 96
 def count_tokens(text: str) -> int:
     """Whitespace split: the engine's tokenizer, and the gateway's estimate of prompt tokens."""
     return len(text.split())
+
+
+GUIDED_PIECE_CHARS = 4  # characters per token of a guided text
+
+
+def guided_text(guide_type: str, guide: str) -> str:
+    """The text a guided request produces: the smallest instance of its schema, as compact JSON.
+    ValueError for a guide the engines cannot compile (the torch engine's rule)."""
+    grammar_of(guide_type, guide)
+    schema = json.loads(guide) if guide_type == "json_schema" else {"type": "object"}
+    return json.dumps(minimal_instance(schema, schema), separators=(",", ":"))
+
+
+def minimal_instance(schema: Any, root: Any, depth: int = 0) -> Any:
+    """A small value valid against `schema` for what structured output uses: types, required
+    properties, `enum`/`const`, `anyOf`/`oneOf`/`allOf` (the first branch), local `$ref`s,
+    `minItems`, `minLength`, `minimum`. A made-up answer for the simulator, not a solver:
+    `pattern` and `format` are not honoured."""
+    if depth > 32 or not isinstance(schema, dict):
+        return None
+    if "$ref" in schema:
+        target: Any = root
+        for part in schema["$ref"].removeprefix("#").strip("/").split("/"):
+            target = target.get(part, {}) if part and isinstance(target, dict) else target
+        return minimal_instance(target, root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for combinator in ("anyOf", "oneOf", "allOf"):
+        if schema.get(combinator):
+            return minimal_instance(schema[combinator][0], root, depth + 1)
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = kind[0] if kind else "object"
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return {name: minimal_instance(properties.get(name, {}), root, depth + 1)
+                for name in schema.get("required", [])}
+    if kind == "array":
+        item = minimal_instance(schema.get("items", {}), root, depth + 1)
+        return [item] * int(schema.get("minItems", 0))
+    if kind == "string":
+        return "a" * int(schema.get("minLength", 0))
+    if kind in ("integer", "number"):
+        value = schema.get("minimum", 0)
+        if "exclusiveMinimum" in schema:
+            value = math.floor(schema["exclusiveMinimum"]) + 1
+        value = min(value, schema.get("maximum", value))
+        return math.ceil(value) if kind == "integer" else value
+    return {"boolean": False, "null": None}.get(kind)
+
+
+def _guided_pieces(text: str) -> list[str]:
+    return [text[i:i + GUIDED_PIECE_CHARS] for i in range(0, len(text), GUIDED_PIECE_CHARS)]
 
 
 def _rng_for(seed: int, prompt: str) -> random.Random:
@@ -182,6 +242,8 @@ class GenerationRequest:
     # Penalties and logit_bias, which a simulator cannot apply to a real distribution: any
     # setting other than the neutral one picks other text, the same for the same setting.
     sampling_key: str = ""
+    # Structured output: the whole text to produce (`guided_text`), a few characters a token.
+    guided_text: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -334,6 +396,9 @@ class _Sequence:
         target = rng.randint(MIN_NATURAL_TOKENS, MAX_NATURAL_TOKENS)
         self.target_tokens = max(target, request.min_tokens)
         self.words = _word_stream(rng)
+        if request.guided_text is not None:
+            pieces = _guided_pieces(request.guided_text)
+            self.words, self.target_tokens = iter(pieces), len(pieces)
         self.generated = 0
         self.pending = ""  # generated text not emitted yet because it may start a stop string
         # prompt and generated words' token ids: what the KV holds
@@ -356,7 +421,8 @@ class _Sequence:
             delta, finish = self.pending[:stop_at], FinishReason.STOP
         elif self.generated >= self.max_tokens:
             delta, finish = self.pending, FinishReason.LENGTH
-        elif self.generated >= self.target_tokens and word.endswith("."):
+        elif self.generated >= self.target_tokens and (
+                word.endswith(".") or self.request.guided_text is not None):
             delta, finish = self.pending, FinishReason.STOP
         else:
             keep_from = self._held_back_from()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import os
 import pathlib
 import secrets
@@ -40,6 +41,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.continuous_batching.requests import RequestStatus
 
+from backends.triton.guided_decoding import Guide, GuideCompiler
 from services.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 
 __all__ = [
@@ -148,6 +150,7 @@ class Generation:
     max_tokens: int
     sampling: Sampling = Sampling()
     stop: tuple[str, ...] = ()  # the text ends before the first one, which is not emitted
+    guide: Guide | None = None  # the grammar the text must follow (`TorchEngine.compile_guide`)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -279,7 +282,8 @@ class _RowSampling:
     top_k: int  # 0: off
     top_p: float  # 1: off
     noise_key: int  # the Gumbel draw's key for this request and step (unused when greedy)
-    ban_eos: bool  # below min_tokens
+    ban_eos: bool  # below min_tokens (never for a guided row: its grammar says when it ends)
+    guide: Guide | None = None  # the request's grammar, when it has one
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -326,7 +330,8 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
     the same seed and logits whatever the batch. Work is only what a row asks for (no sort
     unless top_p < 1), and transformers runs greedy (`do_sample=False`), so its own softmax and
     multinomial draw over the vocabulary are skipped. The chosen token is left as the only
-    finite logit.
+    finite logit. A guided row (structured output) first loses every token its grammar does not
+    allow next, and its grammar then consumes the token chosen (`guided_decoding`).
 
     Rows are read in `prepare_tensor_args` and used by the next `__call__`: the engine batches
     synchronously (`use_async_batching=False`, no CUDA graphs), so the two alternate.
@@ -336,6 +341,7 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         "temperature": float, "top_k": int, "top_p": float, "choice_seed": int, "min_tokens": int,
         "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
         "logit_bias": tuple, "top_logprobs": int,
+        "guide": int,  # a key of `guides`
     }
     ignored_kwargs: tuple[str, ...] = ()
 
@@ -346,6 +352,9 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         # them (from its own thread: hence the lock).
         self._logprobs: dict[str, list[TokenLogprob]] = {}
         self._logprobs_lock = threading.Lock()
+        # Guided requests' grammars by key, set by the engine before a request is added and
+        # dropped when it ends; read here on the generation thread.
+        self.guides: dict[int, Guide] = {}
 
     def take_logprobs(self, request_id: str, count: int) -> tuple[TokenLogprob, ...]:
         """The first `count` recorded log probabilities of `request_id` not taken yet (the
@@ -372,11 +381,13 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
             position = state.generated_len()
             seed = kwargs.get("choice_seed", 0)
             prompt_ids, generated_ids = _history(state)
+            guide = self.guides.get(kwargs.get("guide", 0))
             rows.append(_RowSampling(
                 temperature=kwargs.get("temperature", 0.0),
                 top_k=kwargs.get("top_k", 0), top_p=kwargs.get("top_p", 1.0),
                 noise_key=noise_key(seed, position) if seed else 0,
-                ban_eos=position < kwargs.get("min_tokens", 0),
+                ban_eos=guide is None and position < kwargs.get("min_tokens", 0),
+                guide=guide,
                 repetition_penalty=kwargs.get("repetition_penalty", 1.0),
                 presence_penalty=kwargs.get("presence_penalty", 0.0),
                 frequency_penalty=kwargs.get("frequency_penalty", 0.0),
@@ -394,10 +405,14 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
             raise RuntimeError(f"{scores.size(0)} rows of logits for {len(rows)} prepared rows")
         raw = scores  # the model's own distribution, for log probabilities
         adjusted = [i for i, row in enumerate(rows) if row.adjusts_logits]
-        if adjusted:
+        guided = [(i, row.guide) for i, row in enumerate(rows) if row.guide is not None]
+        if adjusted or guided:
             scores = scores.clone()
-            for i in adjusted:
-                rows[i].adjust(scores[i])
+        for i in adjusted:
+            rows[i].adjust(scores[i])
+        for i, guide in guided:  # after logit_bias: no bias lets a row leave its grammar
+            allowed = guide.allowed(scores.size(1)).to(scores.device)
+            scores[i].masked_fill_(~allowed, -torch.inf)
         chosen = torch.empty(len(rows), dtype=torch.int64, device=scores.device)
         greedy = [i for i, row in enumerate(rows) if not row.temperature]
         if greedy:
@@ -410,6 +425,8 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
             if row.temperature:
                 chosen[i] = self._draw(scores[i], row)
         self._record_logprobs(raw, rows, chosen)
+        for i, guide in guided:
+            guide.consume(int(chosen[i]))
         only = torch.full_like(scores, -torch.inf)
         return only.scatter_(1, chosen.unsqueeze(1), 0.0)
 
@@ -477,6 +494,7 @@ class _Request:
     detokenizer: IncrementalDetokenizer
     num_output_tokens: int = 0
     logprobs_taken: int = 0  # tokens whose log probabilities went out with a delta
+    guide_key: int = 0  # its key in the sampler's guides (0: not guided)
 
 
 class TorchEngine:
@@ -520,6 +538,8 @@ class TorchEngine:
         )
         processors = self._manager.logit_processor
         self._sampler = _Sampler(eos_ids)
+        self._guide_keys = itertools.count(1)
+        self._guides = GuideCompiler(tokenizer, int(model.config.vocab_size), eos_ids)
         processors.logits_processor.append(self._sampler)
         processors.tensors_required += 1
         processors.supported_keys.update(_Sampler.supported_kwargs)
@@ -543,6 +563,7 @@ class TorchEngine:
         for request_id in list(self._requests):
             self._manager.cancel_request(request_id)
         self._requests.clear()
+        self._sampler.guides.clear()
         self._manager.stop(block=True, timeout=timeout_s)
 
     # -- requests ------------------------------------------------------------------------------
@@ -552,6 +573,12 @@ class TorchEngine:
 
     def _decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def compile_guide(self, guide_type: str, guide: str) -> Guide:
+        """The grammar for `Generation.guide` (TensorRT-LLM's `guided_decoding_guide_type` and
+        `guided_decoding_guide`); ValueError names what cannot be compiled. Compiled guides are
+        cached (bounded LRU). Called by one thread, never the generation thread."""
+        return self._guides.guide(guide_type, guide)
 
     def submit(self, generation: Generation) -> int:
         """Queues a request; returns its prompt token count. ValueError names what cannot run."""
@@ -572,8 +599,13 @@ class TorchEngine:
                              f"{self.vocab_size} tokens")
         greedy = sampling.temperature == 0.0
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        guide_key = 0
+        if generation.guide is not None:
+            guide_key = next(self._guide_keys)
+            self._sampler.guides[guide_key] = generation.guide
         self._requests[generation.request_id] = _Request(
-            generation, len(prompt_ids), IncrementalDetokenizer(self._decode, generation.stop)
+            generation, len(prompt_ids), IncrementalDetokenizer(self._decode, generation.stop),
+            guide_key=guide_key,
         )
         self._manager.add_request(
             prompt_ids,
@@ -590,15 +622,15 @@ class TorchEngine:
             frequency_penalty=float(sampling.frequency_penalty),
             logit_bias=tuple((int(t), float(b)) for t, b in sampling.logit_bias),
             top_logprobs=int(sampling.top_logprobs),
+            guide=guide_key,
         )
         return len(prompt_ids)
 
     def cancel(self, request_id: str) -> bool:
         """Drops a request; its KV blocks are freed on the generation thread's next step."""
-        if self._requests.pop(request_id, None) is None:
+        if self._forget(request_id) is None:
             return False
         self._manager.cancel_request(request_id)
-        self._sampler.forget(request_id)
         return True
 
     def poll(self, timeout_s: float) -> list[Delta]:
@@ -623,13 +655,11 @@ class TorchEngine:
         request.num_output_tokens = len(tokens)
         logprobs = self._new_logprobs(request, len(tokens))
         if output.status == RequestStatus.FAILED:
-            del self._requests[output.request_id]
-            self._sampler.forget(output.request_id)
+            self._forget(output.request_id)
             return Delta(output.request_id, "", request.num_input_tokens, len(tokens), first,
                          FinishReason.ERROR, output.error or "the engine failed the request")
         if output.is_finished():
-            del self._requests[output.request_id]
-            self._sampler.forget(output.request_id)
+            self._forget(output.request_id)
             text = request.detokenizer.finish(tokens)
             reason = FinishReason.LENGTH
             if request.detokenizer.stopped or len(tokens) < request.generation.max_tokens:
@@ -657,6 +687,14 @@ class TorchEngine:
         the dispatcher thread's: it owns the tokenizer."""
         return self._decode([token_id])
 
+    def _forget(self, request_id: str) -> _Request | None:
+        """Drops a request, its log probabilities and its grammar from the engine's books."""
+        request = self._requests.pop(request_id, None)
+        self._sampler.forget(request_id)
+        if request is not None and request.guide_key:
+            self._sampler.guides.pop(request.guide_key, None)
+        return request
+
     def _fail_all(self, message: str) -> list[Delta]:
         failed = [
             Delta(rid, "", r.num_input_tokens, r.num_output_tokens, False, FinishReason.ERROR,
@@ -664,6 +702,7 @@ class TorchEngine:
             for rid, r in self._requests.items()
         ]
         self._requests.clear()
+        self._sampler.guides.clear()
         return failed
 
     # -- state ---------------------------------------------------------------------------------

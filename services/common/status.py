@@ -1,7 +1,8 @@
 """Maps `errors.MeshError` to gRPC statuses with machine-readable details, and back.
 
-A status carries `google.rpc.ErrorInfo` (reason, the offending field) and, when the caller may
-retry, `google.rpc.RetryInfo`, so SDKs can act without parsing the message.
+A status carries `google.rpc.ErrorInfo` (reason, the offending field), `google.rpc.BadRequest`
+for an invalid field and, when the caller may retry, `google.rpc.RetryInfo`, so SDKs can act
+without parsing the message.
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ def to_rich_status(error: errors.MeshError) -> grpc.Status:
     packed = any_pb2.Any()
     packed.Pack(info)
     details.append(packed)
+    if error.field and error.code == "INVALID_ARGUMENT":
+        # The standard detail for a bad field (google.rpc.BadRequest), which generic gRPC
+        # clients read; ErrorInfo's metadata above says the same for ours.
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=error.field,
+                                                        description=error.message)])
+        packed = any_pb2.Any()
+        packed.Pack(bad)
+        details.append(packed)
     if error.retry_after_s is not None:
         retry = error_details_pb2.RetryInfo(retry_delay=seconds_to_duration(error.retry_after_s))
         packed = any_pb2.Any()

@@ -1,14 +1,14 @@
 """The OpenAI HTTP API's request bodies as pydantic models, and their mapping onto our own
 `GenerationRequest` (no HTTP here).
 
-Every model forbids unknown fields: a parameter we do not implement (`tools`, `response_format`,
-`response_format`, …) is refused with a 400 naming it, never silently ignored. Fields OpenAI defines
-that we accept only at their neutral value (`echo`, `best_of`) are declared and
-checked in `unsupported_values`.
+Every model forbids unknown fields: a parameter we do not implement (`functions`, …) is refused
+with a 400 naming it, never silently ignored. Fields OpenAI defines that we accept only at their
+neutral value (`echo`, `best_of`) are declared and checked in `unsupported_values`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Any, Literal
 
@@ -19,6 +19,7 @@ from services.gateway.requests import (
     MAX_LOGIT_BIAS,
     ChatTurn,
     GenerationRequest,
+    ResponseFormat,
     SamplingRequest,
 )
 
@@ -48,6 +49,21 @@ class ChatMessage(_Body):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class JsonSchemaFormat(_Body):
+    """`response_format.json_schema`: the schema is always followed (`strict` changes nothing:
+    decoding is constrained either way)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatBody(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _Sampling(_Body):
@@ -84,6 +100,7 @@ class ChatCompletionBody(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    response_format: ResponseFormatBody | None = None
 
 
 def parse_body(model: type[_Body], raw: Any) -> Any:
@@ -152,7 +169,9 @@ def to_generation(
     max_tokens = body.max_tokens
     prompt: str | None = None
     messages: tuple[ChatTurn, ...] | None = None
+    response_format = ResponseFormat()
     if isinstance(body, ChatCompletionBody):
+        response_format = _response_format(body.response_format)
         if body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
         messages = tuple(ChatTurn(ROLE_ALIASES.get(m.role, m.role), m.text())
@@ -178,6 +197,7 @@ def to_generation(
         idempotency_key=idempotency_key,
         user=body.user,
         timeout_s=timeout_s,
+        response_format=response_format,
     )
 
 
@@ -194,6 +214,21 @@ def _logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
             raise InvalidArgument("logit_bias", f"keys must be token ids, got {key[:32]!r}")
         pairs.append((int(key), bias))
     return tuple(sorted(pairs))
+
+
+def _response_format(body: ResponseFormatBody | None) -> ResponseFormat:
+    """`response_format` in our terms: the schema as compact JSON text (its size is bounded with
+    the other fields when the request is built)."""
+    if body is None or body.type == "text":
+        return ResponseFormat()
+    if body.type == "json_object":
+        return ResponseFormat("json_object")
+    if body.json_schema is None:
+        raise InvalidArgument("response_format.json_schema", "is required with type json_schema")
+    schema = body.json_schema.json_schema
+    return ResponseFormat("json_schema", json.dumps({} if schema is None else schema,
+                                                    separators=(",", ":")),
+                          body.json_schema.name)
 
 
 def openai_param(field: str, body: CompletionBody | ChatCompletionBody | None) -> str:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from services.common.auth import Principal
 from services.common.errors import InvalidArgument
 
-__all__ = ["FIELD_LIMITS", "MAX_LOGIT_BIAS", "MAX_TOP_LOGPROBS", "REQUEST_ID", "ChatTurn",
-           "GenerationRequest", "Principal", "SamplingRequest", "check_logit_bias"]
+__all__ = ["FIELD_LIMITS", "MAX_LOGIT_BIAS", "MAX_TOP_LOGPROBS", "REQUEST_ID",
+           "RESPONSE_FORMAT_TYPES", "ChatTurn", "GenerationRequest", "Principal", "ResponseFormat",
+           "SamplingRequest", "check_logit_bias"]
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -40,10 +41,13 @@ FIELD_LIMITS: dict[str, FieldLimit] = {
     "messages.role": FieldLimit(32),
     "params.stop": FieldLimit(128, entries=4),
     "params.bad_words": FieldLimit(128, entries=16),
+    "response_format.json_schema": FieldLimit(32_768),  # the schema's JSON text
+    "response_format.name": FieldLimit(64),
 }
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 MAX_LOGIT_BIAS = 300  # entries of params.logit_bias (OpenAI's limit), each bias in [-100, 100]
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,15 @@ class SamplingRequest:
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """Structured output as the client asked for it (OpenAI's `response_format`)."""
+
+    type: str = "text"  # one of RESPONSE_FORMAT_TYPES
+    json_schema: str = ""  # the schema's JSON text, with type json_schema
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """Raises InvalidArgument (naming the field and its limit) when built with a field over
     `FIELD_LIMITS`: the check costs a few `len` calls and comes before anything keeps a value."""
@@ -87,6 +100,7 @@ class GenerationRequest:
     priority: int = 0
     user: str = ""
     timeout_s: float | None = None
+    response_format: ResponseFormat = field(default_factory=ResponseFormat)
 
     def __post_init__(self) -> None:
         check_field_limits(self)
@@ -112,6 +126,11 @@ def check_field_limits(request: GenerationRequest) -> None:
             raise InvalidArgument(
                 "messages", f"must hold at most {limit.chars} characters of content in all, "
                 f"got {total}")
+    response_format = request.response_format
+    if response_format.type not in RESPONSE_FORMAT_TYPES:
+        raise InvalidArgument("response_format.type", f"must be one of {RESPONSE_FORMAT_TYPES}")
+    _check_chars("response_format.json_schema", response_format.json_schema)
+    _check_chars("response_format.name", response_format.name)
     for name, words in (("params.stop", request.sampling.stop),
                         ("params.bad_words", request.sampling.bad_words)):
         limit = FIELD_LIMITS[name]

@@ -46,7 +46,13 @@ from services.gateway.pipeline import (
     TokenText,
 )
 from services.gateway.quota import QuotaLeases
-from services.gateway.requests import ChatTurn, GenerationRequest, Principal, SamplingRequest
+from services.gateway.requests import (
+    ChatTurn,
+    GenerationRequest,
+    Principal,
+    ResponseFormat,
+    SamplingRequest,
+)
 from services.gateway.response_cache import ResponseCache
 from services.gateway.serving import ServedModels
 from services.gateway.settings import GatewaySettings
@@ -67,6 +73,13 @@ FINISH_REASONS = {
     "cancelled": inference_pb2.CANCELLED,
     "deadline": inference_pb2.DEADLINE,
     "error": inference_pb2.ERROR,
+}
+
+RESPONSE_FORMATS = {
+    inference_pb2.RESPONSE_FORMAT_TYPE_UNSPECIFIED: "text",
+    inference_pb2.RESPONSE_FORMAT_TYPE_TEXT: "text",
+    inference_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT: "json_object",
+    inference_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: "json_schema",
 }
 
 
@@ -103,6 +116,11 @@ def decode_request(message: inference_pb2.GenerateRequest) -> GenerationRequest:
         priority=int(message.priority),
         user=message.user,
         timeout_s=_timeout_seconds(message.timeout) if message.HasField("timeout") else None,
+        response_format=ResponseFormat(
+            type=RESPONSE_FORMATS.get(message.response_format.type, "unknown"),
+            json_schema=message.response_format.json_schema,
+            name=message.response_format.name,
+        ),
     )
 
 

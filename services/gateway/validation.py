@@ -17,15 +17,21 @@ from dataclasses import dataclass
 from backends.triton.adapter import EngineRequest
 from services.common.errors import InvalidArgument
 from services.common.kv_blocks import DEFAULT_BLOCK_TOKENS, prompt_blocks
+from services.common.structured_output import grammar_of
 from services.gateway.requests import (
     FIELD_LIMITS,
     MAX_TOP_LOGPROBS,
     REQUEST_ID,
     GenerationRequest,
     Principal,
+    ResponseFormat,
 )
 from services.gateway.tokenizers import PromptTokenizer
-from services.registry.engine_capabilities import capabilities_of, first_unsupported
+from services.registry.engine_capabilities import (
+    EngineCapabilities,
+    capabilities_of,
+    first_unsupported,
+)
 from services.registry.manifest import ModelVersion
 
 ROLES = ("system", "user", "assistant")
@@ -70,9 +76,12 @@ OFFLOAD_MIN_CHARS = 1024
 
 
 def input_chars(request: GenerationRequest) -> int:
+    """What `prepare_prompt` works through: the prompt or messages, and a structured output's
+    schema (compiled there)."""
+    schema = len(request.response_format.json_schema)
     if request.messages is not None:
-        return sum(len(turn.content) for turn in request.messages)
-    return len(request.prompt or "")
+        return schema + sum(len(turn.content) for turn in request.messages)
+    return schema + len(request.prompt or "")
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class CheckedParameters:
     context_limit: int
     timeout_s: float
     cache_salt: str = ""  # the engine's prefix-cache partition (Principal.prefix_salt)
+    guide: tuple[str, str] = ("", "")  # the engine's guided decoding (type, guide); "" for none
 
 
 def check_parameters(
@@ -142,8 +152,46 @@ def check_parameters(
     elif not (request.prompt or "").strip():
         raise InvalidArgument("prompt", "is required (or messages)")
     context_limit = min(version.context_window, plan.max_context_tokens)
-    cache_salt = principal.prefix_salt if capabilities_of(version.engine_kind).prefix_cache else ""
-    return CheckedParameters(max_tokens, context_limit, timeout_s, cache_salt)
+    capabilities = capabilities_of(version.engine_kind)
+    cache_salt = principal.prefix_salt if capabilities.prefix_cache else ""
+    guide = check_response_format(request.response_format, version, capabilities)
+    return CheckedParameters(max_tokens, context_limit, timeout_s, cache_salt, guide)
+
+
+def check_response_format(response_format: ResponseFormat, version: ModelVersion,
+                          capabilities: EngineCapabilities) -> tuple[str, str]:
+    """The guided-decoding inputs for the engine, or InvalidArgument naming `response_format`
+    when the version's engine cannot follow one. Whether the schema compiles is checked with
+    the expensive part (`prepare_prompt`)."""
+    guide = _guide_of(response_format)
+    if guide[0] and not capabilities.guided_decoding:
+        raise InvalidArgument(
+            "response_format",
+            f"{version.name}@{version.version_id[:19]} runs on the {version.engine_kind!r} "
+            f"engine, which does not support structured output")
+    return guide
+
+
+def _guide_of(response_format: ResponseFormat) -> tuple[str, str]:
+    """OpenAI's `response_format` as TensorRT-LLM's (guide type, guide); ("", "") for text."""
+    if response_format.type == "json_object":
+        return "json", ""
+    if response_format.type == "json_schema":
+        return "json_schema", response_format.json_schema
+    return "", ""
+
+
+def _check_guide_compiles(response_format: ResponseFormat) -> None:
+    """The engines' own rule (`grammar_of`): ~3 ms per KiB of schema the first time, a lookup
+    for a schema seen lately."""
+    guide = _guide_of(response_format)
+    if not guide[0]:
+        return
+    try:
+        grammar_of(*guide)
+    except ValueError as error:
+        raise InvalidArgument("response_format",
+                              str(error).removeprefix("guided_decoding_guide ")) from None
 
 
 @dataclass(frozen=True)
@@ -167,7 +215,10 @@ def prepare_prompt(
     """Renders and counts: the expensive part (a chat template, a tokenizer pass over up to
     200 000 characters), run after `check_parameters` and, for long inputs, off the event loop
     (`GenerationPipeline`). Plain CPU work, safe in any thread. With `block_tokens`, also the
-    prompt's KV block hashes (salted as the engine's cache is), for precise routing."""
+    prompt's KV block hashes (salted as the engine's cache is), for precise routing. A
+    structured output's schema is compiled here too, once (the engines' rule; the answer is
+    cached)."""
+    _check_guide_compiles(request.response_format)
     if request.messages is not None:
         prompt, field = tokenizer.render(request.messages), "messages"
     else:
@@ -218,6 +269,8 @@ def finish_validation(
         cache_salt=checked.cache_salt,
         logit_bias=sampling.logit_bias,
         top_logprobs=(sampling.top_logprobs or 0) if sampling.logprobs else None,
+        guided_decoding_guide_type=checked.guide[0],
+        guided_decoding_guide=checked.guide[1],
     )
     return ValidatedGeneration(engine, prompt.tokens, checked.timeout_s, prompt.kv_block_hashes,
                                prompt.kv_block_tokens)

@@ -12,6 +12,9 @@ is always accepted, as the engines themselves accept it.
     reference   every parameter of the TensorRT-LLM interface (a simulator: it accepts them
                 all, as TensorRT-LLM does, and its output depends on the seed only)
 
+Both take structured output (`guided_decoding`: TensorRT-LLM's guided-decoding inputs); a kind
+this table does not know gets neither.
+
 Kept here, beside the manifest, so `meshctl registry push` and the gateway read one table; the
 torch engine's own check (`model_repository/torch/1/model.py` `_NEUTRAL`) stays as the last line.
 """
@@ -43,11 +46,14 @@ class EngineCapabilities:
     # It keeps a prefix cache across requests and takes a `cache_salt` to partition it (the
     # torch engine keeps none: nothing of one request's KV outlives it).
     prefix_cache: bool = False
+    # It constrains decoding to a JSON schema (`response_format`).
+    guided_decoding: bool = False
 
 
 CAPABILITIES: Mapping[str, EngineCapabilities] = {
-    "torch": EngineCapabilities("torch", _EVERY - {"bad_words"}),
-    "reference": EngineCapabilities("reference", _EVERY, prefix_cache=True),
+    "torch": EngineCapabilities("torch", _EVERY - {"bad_words"}, guided_decoding=True),
+    "reference": EngineCapabilities("reference", _EVERY, prefix_cache=True,
+                                    guided_decoding=True),
 }
 
 

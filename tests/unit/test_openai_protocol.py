@@ -80,7 +80,9 @@ def test_unsupported_values_name_the_parameter(fields, param):
 
 @pytest.mark.parametrize("fields, param", [
     ({"tools": []}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
+     "response_format.json_schema.name"),
     ({"temperature": "hot"}, "temperature"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0].content"),
@@ -201,3 +203,25 @@ def test_a_completions_logprobs_is_at_most_five():
         to_generation(parse_body(CompletionBody, {"model": "m", "prompt": "p", "logprobs": 6}),
                       "r", "")
     assert raised.value.field == "logprobs" and "[0, 5]" in raised.value.message
+
+
+def test_response_format_becomes_the_schemas_compact_text():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    body = chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "thing", "schema": schema, "strict": True}})
+    request = to_generation(body, "r", "")
+    assert request.response_format.type == "json_schema"
+    assert request.response_format.json_schema == (
+        '{"type":"object","properties":{"a":{"type":"integer"}}}')
+    json_object = to_generation(chat(response_format={"type": "json_object"}), "r", "")
+    assert json_object.response_format.type == "json_object"
+    assert to_generation(chat(), "r", "").response_format.type == "text"
+    with pytest.raises(errors.InvalidArgument) as missing:
+        to_generation(chat(response_format={"type": "json_schema"}), "r", "")
+    assert missing.value.field == "response_format.json_schema"
+    huge = {"type": "object", "description": "x" * 40_000}
+    with pytest.raises(errors.InvalidArgument) as too_big:
+        to_generation(chat(response_format={"type": "json_schema", "json_schema": {
+            "name": "big", "schema": huge}}), "r", "")
+    assert too_big.value.field == "response_format.json_schema"
+    assert "32768" in too_big.value.message

@@ -38,13 +38,16 @@ def test_only_a_dead_engine_process_is_the_replicas_failure(message, gone):
     ("request refused: the prompt needs 9 KV blocks of 4 tokens; the cache holds at most "
      "kv_cache_blocks=3", "INVALID_ARGUMENT"),  # the request's: the client must change it
     ("request refused: top_p must be in (0, 1], got 1.5", "INVALID_ARGUMENT"),
+    ("request refused: guided_decoding_guide cannot be compiled: Invalid type: strin",
+     "INVALID_ARGUMENT"),
     ("the torch engine failed: CUDA out of memory", "INTERNAL"),  # the engine's own fault
 ])
 def test_an_engine_error_response_is_the_replicas_the_requests_or_the_engines(message, code):
     error = engine_failure("127.0.0.1:1", message)
     assert error.code == code
     if code == "INVALID_ARGUMENT":  # the field the engine named, else the prompt
-        field = "top_p" if "top_p" in message else "prompt"
+        field = ("top_p" if "top_p" in message else
+                 "response_format" if "guided" in message else "prompt")
         assert error.field == field and message.split(": ", 1)[1] in error.message
 
 
@@ -74,6 +77,10 @@ def _tritonclient_request(request: EngineRequest) -> service_pb2.ModelInferReque
     if request.cache_salt:
         arrays.append(("cache_salt", "BYTES", np.array([[request.cache_salt.encode()]],
                                                        dtype=np.object_)))
+    if request.guided_decoding_guide_type:
+        for name in ("guided_decoding_guide_type", "guided_decoding_guide"):
+            arrays.append((name, "BYTES", np.array([[getattr(request, name).encode()]],
+                                                   dtype=np.object_)))
     for name in ("return_num_input_tokens", "return_num_output_tokens"):
         arrays.append((name, "BOOL", np.array([[True]], dtype=bool)))
     inputs = []
@@ -95,6 +102,8 @@ def _tritonclient_request(request: EngineRequest) -> service_pb2.ModelInferReque
                   presence_penalty=-0.5, frequency_penalty=0.25, stop=("\n\n", "END"),
                   bad_words=("x",), cache_salt="tenant-a",
                   logit_bias=((7, -100.0), (1234, 2.5))),
+    EngineRequest("smollm2-abcd", "r3", "JSON please", 8, guided_decoding_guide_type="json_schema",
+                  guided_decoding_guide='{"type":"object"}'),
 ])
 def test_the_request_is_byte_for_byte_what_tritonclient_encodes(request_):
     assert (build_request(request_).SerializeToString()

@@ -26,6 +26,7 @@ from backends.triton.decoupled_model import (
     Pending,
     SentLogprob,
     enqueue,
+    guided_decoding,
     logit_bias,
     model_parameters,
     parse_text_request,
@@ -45,6 +46,7 @@ from backends.triton.reference_engine import (
     StepTiming,
     TokenOutput,
     count_tokens,
+    guided_text,
     made_up_logprobs,
 )
 
@@ -115,6 +117,7 @@ class TritonPythonModel:
         for name in ("beam_width", "num_return_sequences"):
             if scalar(request, name, 1) != 1:
                 raise ValueError(f"the reference engine supports {name}=1 only")
+        guide = guided_decoding(request)
         generation = GenerationRequest(
             request_id=next(self._ids),
             prompt=prompt,
@@ -124,6 +127,7 @@ class TritonPythonModel:
             stop=strings(request, "stop_words"),
             cache_salt=scalar(request, "cache_salt", b"").decode(),
             sampling_key=_sampling_key(request),
+            guided_text=None if guide is None else guided_text(*guide),
         )
         pending.num_input_tokens = count_tokens(prompt)
         return pending, generation

@@ -27,6 +27,7 @@ from backends.triton.decoupled_model import (
     Pending,
     SentLogprob,
     enqueue,
+    guided_decoding,
     logit_bias,
     model_parameters,
     parse_text_request,
@@ -134,12 +135,15 @@ class TritonPythonModel:
             logit_bias=logit_bias(request),
             top_logprobs=pending.top_logprobs,
         )
+        # Compiled here, before the dispatcher admits it: never on the generation thread.
+        guide = guided_decoding(request)
         generation = Generation(
             request_id=f"{request.request_id() or 'request'}-{id(request):x}-{time.monotonic_ns()}",
             prompt=prompt,
             max_tokens=max_tokens,
             sampling=sampling,
             stop=strings(request, "stop_words"),
+            guide=None if guide is None else self._engine.compile_guide(*guide),
         )
         return pending, generation
 
