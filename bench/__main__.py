@@ -54,7 +54,8 @@ SMOKE_ENV = "INFERMESH_BENCH_SMOKE"
 # replicas, gateways and requests; every load loop is bounded in count and time.
 SMOKE: Mapping[str, Mapping[str, Any]] = {
     "routing": {"rate_per_s": 4.0, "duration_s": 1.0, "replica_count": 2, "warmup_s": 0.0,
-                "decision_samples": 200, "rpc_samples": 50, "stream_samples": 200},
+                "decision_samples": 200, "rpc_samples": 50, "stream_samples": 200,
+                "disruptions": False},
     "streaming": {"levels": (1, 16), "max_tokens": 4, "requests_per_stream": 1,
                   "budget_s": 30.0, "min_requests": 2, "warmup_requests": 2},
     "torch_engine": {"levels": (1,), "max_tokens": 4, "requests_per_stream": 1,
@@ -83,6 +84,8 @@ SMOKE: Mapping[str, Mapping[str, Any]] = {
 # does not install that peer).
 HEADLINE = (
     "kv_routing_p90_ttft_speedup_vs_rr", "routing_kv_aware_prefix_hit_rate",
+    "precise_p90_ttft_speedup_vs_approximate", "precise_p90_ttft_speedup_vs_rr",
+    "kv_event_lag_ms_p99", "routing_precise_prefix_hit_rate",
     "route_decision_us_p99_100_replicas", "route_rpc_routes_per_s_16_callers",
     "route_decisions_per_s_one_process", "route_stream_over_rpc_routes_per_s_16_callers",
     "added_ttft_p50_ms_c1", "mesh_over_direct_tokens_per_s_c1",

@@ -1,4 +1,5 @@
-"""Routing: round robin vs least-loaded vs KV/prefix-aware, on four real reference replicas.
+"""Routing: round robin vs least-loaded vs approximate KV/prefix-aware vs precise (the engines'
+KV events), on four real reference replicas.
 
 One run starts real etcd, four replicas (`deploy/local/replicas.py`: a Triton server with the
 reference engine and its sidecar each) and one scheduler per routing policy. A client then plays
@@ -9,7 +10,13 @@ prompt's prefix hashes from `services/common/prefix.py`), streams from the chose
 gateway's own adapter, and releases the route. Each policy gets its own system prompts and
 questions (drawn from the same distribution with another seed), so no policy finds the cache warmed
 by the one before. The replicas' KV pools are too small for every system prompt, so a policy that
-spreads a prefix over all replicas keeps evicting and prefilling it again.
+spreads a prefix over all replicas keeps evicting and prefilling it again. The system prompts are
+the tenants of a multi-tenant fleet whose long shared prompts together exceed its KV cache (as
+llm-d's precise-scheduling benchmark). Halfway through each policy's phase one replica's engine
+restarts with an empty cache and then that policy's scheduler restarts (it loses its routing
+history; a precise scheduler gets snapshots of what the engines hold); `kv_event_lag_ms_p99` is
+the precise scheduler's engine → index lag over the run (both of its lives). Requests that reach
+the restarting engine fail and are counted (`routing_<policy>_errors`).
 
 It also reports, with `bench/route_decision.py`, the routing decision in process (the real
 Router and scorers over 100 synthetic replicas) and the Route RPC round trip to a scheduler
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import pathlib
 import random
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 
 import aetcd
 import grpc
+import tritonclient.grpc.aio as triton_aio
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.triton.adapter import EngineRequest, TritonAdapter
@@ -43,6 +52,7 @@ from deploy.local.replicas import ReplicaSet, reference_repository
 from deploy.local.stack import service_process, wait_serving
 from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import status
+from services.common.kv_blocks import prompt_blocks, word_token_ids
 from services.common.net import LOOPBACK, free_port
 from services.common.prefix import prompt_block_hashes
 from services.common.processes import ChildProcess
@@ -51,7 +61,7 @@ from services.scheduler.routing import Policy
 
 MODEL = "routing-reference"
 REPLICAS = 4
-POLICIES = (Policy.ROUND_ROBIN, Policy.LEAST_LOADED, Policy.KV_AWARE)
+POLICIES = (Policy.ROUND_ROBIN, Policy.LEAST_LOADED, Policy.KV_AWARE, Policy.PRECISE)
 BASELINE = Policy.ROUND_ROBIN
 # The simulated accelerator of every replica. Prefill at 4,000 tokens/s and a 10 ms decode step
 # are the proportions of a mid-size model on one GPU; a pool of 96 blocks of 64 tokens holds four
@@ -66,6 +76,7 @@ ENGINE = {
     "kv_cache_blocks": "96",
     "kv_block_tokens": "64",
 }
+BLOCK_TOKENS = 64
 SYSTEM_PROMPTS = 12
 SYSTEM_PROMPT_WORDS = 1000
 TURNS = 3  # per chat session; each turn's prompt is the last one, its answer and a question
@@ -75,6 +86,7 @@ QUESTION_WORDS = 20
 OUTPUT_TOKENS = 24  # every answer exactly this long (min_tokens = max_tokens)
 THINK_S = 0.2  # between an answer and the next turn's question
 HOLD_S = 60.0
+ROUTE_RETRY_S = 15.0  # a Route that finds the scheduler restarting is retried this long
 VOCABULARY = [
     "the", "customer", "account", "order", "invoice", "policy", "shipping", "refund", "support",
     "product", "warranty", "please", "always", "never", "answer", "question", "carefully",
@@ -135,14 +147,30 @@ class Client:
         self._scheduler = scheduler
         self._adapter = adapter
 
+    async def _route(self, prompt: str) -> scheduler_pb2.RouteResponse:
+        """Route, as the gateway asks it (text prefix hashes and the prompt's KV blocks),
+        retried while the scheduler restarts."""
+        words = prompt.split()
+        request = scheduler_pb2.RouteRequest(
+            triton_model_name=MODEL, request_id=uuid.uuid4().hex,
+            hold=status.seconds_to_duration(HOLD_S),
+            prefix_hashes=prompt_block_hashes(prompt), prompt_tokens=len(words),
+            kv_block_hashes=prompt_blocks(word_token_ids(words), BLOCK_TOKENS),
+            kv_block_tokens=BLOCK_TOKENS,
+        )
+        deadline = time.monotonic() + ROUTE_RETRY_S
+        while True:
+            try:
+                return await self._scheduler.Route(request, timeout=5.0)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.1)
+
     async def generate(self, prompt: str, seed: int) -> tuple[Sample, str]:
         started = time.perf_counter()
         try:
-            route = await self._scheduler.Route(scheduler_pb2.RouteRequest(
-                triton_model_name=MODEL, request_id=uuid.uuid4().hex,
-                hold=status.seconds_to_duration(HOLD_S),
-                prefix_hashes=prompt_block_hashes(prompt), prompt_tokens=len(prompt.split()),
-            ), timeout=5.0)
+            route = await self._route(prompt)
         except grpc.aio.AioRpcError as exc:
             return Sample(0.0, 0, f"route: {exc.code().name}: {exc.details()}"), ""
         request = EngineRequest(triton_model_name=MODEL, request_id=uuid.uuid4().hex,
@@ -160,9 +188,10 @@ class Client:
             outcome = (Outcome.FAILED_AFTER_FIRST_TOKEN if ttft
                        else Outcome.FAILED_BEFORE_FIRST_TOKEN)
             error = repr(exc)
-        await self._scheduler.Release(scheduler_pb2.ReleaseRouteRequest(
-            reservation_id=route.reservation_id, outcome=_OUTCOMES[outcome],
-            completion_tokens=tokens), timeout=5.0)
+        with contextlib.suppress(grpc.aio.AioRpcError):  # a restarted scheduler forgot it
+            await self._scheduler.Release(scheduler_pb2.ReleaseRouteRequest(
+                reservation_id=route.reservation_id, outcome=_OUTCOMES[outcome],
+                completion_tokens=tokens), timeout=5.0)
         return Sample(ttft, tokens, error), "".join(pieces)
 
     async def session(self, session: Session, index: int, samples: list[Sample]) -> None:
@@ -233,17 +262,21 @@ class Schedulers:
 
     def __init__(self, root: pathlib.Path, etcd_endpoint: str):
         self.endpoints: dict[Policy, str] = {}
+        self.metrics: dict[Policy, str] = {}
+        self.lag_before_restart: dict[float, float] = {}  # the precise scheduler's, summed
         self.children: dict[Policy, ChildProcess] = {}
         for policy in POLICIES:
-            port = free_port()
+            port, metrics_port = free_port(), free_port()
             self.children[policy] = service_process(
                 f"scheduler-{policy.value}", "services.scheduler",
                 root / f"scheduler-{policy.value}.log", port,
                 {"INFERMESH_TLS_MODE": "plaintext-development",
                  "INFERMESH_ETCD_ENDPOINT": etcd_endpoint,
                  "INFERMESH_ROUTING_POLICY": policy.value,
-                 "INFERMESH_PLACEMENT_ENABLED": "false"})
+                 "INFERMESH_PLACEMENT_ENABLED": "false",
+                 "INFERMESH_METRICS_PORT": str(metrics_port)})
             self.endpoints[policy] = f"{LOOPBACK}:{port}"
+            self.metrics[policy] = f"{LOOPBACK}:{metrics_port}"
 
     def start(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -252,18 +285,59 @@ class Schedulers:
         for policy, child in self.children.items():
             wait_serving(child, self.endpoints[policy], deadline)
 
+    def restart(self, policy: Policy, timeout_s: float = 60.0) -> None:
+        """Stops and starts one scheduler: what it learnt from routing is gone (its lag
+        histogram, the precise one's, is kept in `lag_before_restart`)."""
+        if policy is Policy.PRECISE:
+            for bound, count in kv_event_lag_buckets(self.metrics[policy]).items():
+                self.lag_before_restart[bound] = self.lag_before_restart.get(bound, 0.0) + count
+        child = self.children[policy]
+        child.stop(grace_s=10.0)
+        child.start()
+        wait_serving(child, self.endpoints[policy], time.monotonic() + timeout_s)
+
     def stop(self) -> None:
         for child in self.children.values():
             child.stop(grace_s=10.0)
 
 
+def kv_event_lag_buckets(metrics_endpoint: str) -> dict[float, float]:
+    """A scheduler's engine → index lag histogram: bucket bound (s) → cumulative count."""
+    with urllib.request.urlopen(f"http://{metrics_endpoint}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {float(sample.labels["le"]): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == "infermesh_scheduler_kv_event_lag_seconds_bucket"}
+
+
+def p99_ms(buckets: dict[float, float]) -> float | None:
+    """The 99th percentile, as the bound of the bucket it falls in (None: no sample)."""
+    ordered = sorted(buckets.items())
+    total = ordered[-1][1] if ordered else 0.0
+    if not total:
+        return None
+    return next(round(bound * 1000, 1) for bound, count in ordered if count >= 0.99 * total)
+
+
+async def disrupt(replicas: ReplicaSet, schedulers: Schedulers, policy: Policy,
+                  after_s: float) -> None:
+    """Mid-phase: the first replica's engine restarts with an empty cache, then the policy's
+    scheduler restarts."""
+    await asyncio.sleep(after_s)
+    async with triton_aio.InferenceServerClient(replicas.replicas[0].grpc_endpoint) as triton:
+        await triton.unload_model(MODEL)
+        await triton.load_model(MODEL)
+    await asyncio.to_thread(schedulers.restart, policy)
+
+
 async def _measure(replicas: ReplicaSet, schedulers: Schedulers, etcd_endpoint: str,
-                   rate_per_s: float, duration_s: float, warmup_s: float) -> dict[str, float]:
+                   rate_per_s: float, duration_s: float, warmup_s: float,
+                   disruptions: bool) -> dict[str, float | None]:
     host, port = etcd_endpoint.rsplit(":", 1)
     async with aetcd.Client(host, int(port), timeout=5) as client:
         await replicas.wait_registered(client, timeout_s=60, models=[MODEL])
     await asyncio.sleep(2.0)  # every scheduler's watch has the records and a load report
-    figures: dict[str, float] = {}
+    figures: dict[str, float | None] = {}
     adapter = TritonAdapter(None)
     try:
         results = {}
@@ -276,10 +350,16 @@ async def _measure(replicas: ReplicaSet, schedulers: Schedulers, etcd_endpoint: 
                 sessions = workload(seed=round_index, rate_per_s=rate_per_s,
                                     duration_s=duration_s)
                 before = await asyncio.to_thread(prefill_tokens, replicas)
+                disrupting = (asyncio.create_task(disrupt(replicas, schedulers, policy,
+                                                          duration_s / 2))
+                              if disruptions else None)
                 samples, wall_s = await play(client, sessions)
+                if disrupting is not None:
+                    await disrupting
+                # A restarted engine counts from zero: its hits and misses since are in `after`.
                 after = await asyncio.to_thread(prefill_tokens, replicas)
                 results[policy] = summary = summarise(samples, wall_s)
-                hit, miss = (after[c] - before[c] for c in ("hit", "miss"))
+                hit, miss = (max(0.0, after[c] - before[c]) for c in ("hit", "miss"))
                 summary["prefix_hit_rate"] = round(hit / (hit + miss), 3) if hit + miss else 0.0
                 errors = sorted({s.error for s in samples if s.error})[:3]
                 print(f"routing {policy.value:>12}: ttft p50 {summary['ttft_p50_ms']:7.1f} "
@@ -298,18 +378,28 @@ async def _measure(replicas: ReplicaSet, schedulers: Schedulers, etcd_endpoint: 
             figures[f"{policy.value}_p90_ttft_speedup_vs_rr"] = round(
                 base["ttft_p90_ms"] / results[policy]["ttft_p90_ms"], 2)
     figures["kv_routing_p90_ttft_speedup_vs_rr"] = figures.pop("kv_aware_p90_ttft_speedup_vs_rr")
-    print(f"routing p90 TTFT vs round robin: kv_aware "
-          f"{figures['kv_routing_p90_ttft_speedup_vs_rr']}x lower, least_loaded "
-          f"{figures['least_loaded_p90_ttft_speedup_vs_rr']}x", flush=True)
+    figures["precise_p90_ttft_speedup_vs_approximate"] = round(
+        results[Policy.KV_AWARE]["ttft_p90_ms"] / results[Policy.PRECISE]["ttft_p90_ms"], 2)
+    lag = await asyncio.to_thread(kv_event_lag_buckets, schedulers.metrics[Policy.PRECISE])
+    lag = {bound: count + schedulers.lag_before_restart.get(bound, 0.0)
+           for bound, count in lag.items()}
+    figures["kv_event_lag_ms_p99"] = p99_ms(lag)
+    print(f"routing p90 TTFT vs round robin: precise "
+          f"{figures['precise_p90_ttft_speedup_vs_rr']}x lower, kv_aware "
+          f"{figures['kv_routing_p90_ttft_speedup_vs_rr']}x, least_loaded "
+          f"{figures['least_loaded_p90_ttft_speedup_vs_rr']}x; precise vs approximate "
+          f"{figures['precise_p90_ttft_speedup_vs_approximate']}x; KV event lag p99 "
+          f"{figures['kv_event_lag_ms_p99']} ms", flush=True)
     return figures
 
 
 def run(rate_per_s: float = 6.0, duration_s: float = 20.0, replica_count: int = REPLICAS,
         warmup_s: float = 1.0, decision_samples: int = 5000, rpc_samples: int = 2000,
-        stream_samples: int = 20000) -> dict[str, float]:
+        stream_samples: int = 20000, disruptions: bool = True) -> dict[str, float | None]:
     """The whole routing benchmark; `rate_per_s`: session arrivals per policy phase, for
     `duration_s` (after `warmup_s` of warm-up sessions); `decision_samples`, `rpc_samples` and
-    `stream_samples`: routing decisions timed in process, over unary gRPC and over a stream."""
+    `stream_samples`: routing decisions timed in process, over unary gRPC and over a stream;
+    `disruptions`: the mid-phase engine and scheduler restarts."""
     with tempfile.TemporaryDirectory(prefix="infermesh-bench-routing-") as state:
         root = pathlib.Path(state)
         etcd_server = EtcdServer(root / "etcd", root / "etcd.log")
@@ -324,7 +414,8 @@ def run(rate_per_s: float = 6.0, duration_s: float = 20.0, replica_count: int = 
                 schedulers.start()
                 try:
                     figures = asyncio.run(_measure(replicas, schedulers, etcd_server.endpoint,
-                                                   rate_per_s, duration_s, warmup_s))
+                                                   rate_per_s, duration_s, warmup_s,
+                                                   disruptions))
                 finally:
                     schedulers.stop()
             finally:
