@@ -326,6 +326,10 @@ class TritonServer:
         for name in _shm_regions() - self._shm_before - _shm_regions_in_use():
             with contextlib.suppress(FileNotFoundError):
                 (_SHM_DIR / name).unlink()
+        if (self.kv_events_dir.parent == pathlib.Path(tempfile.gettempdir())
+                and self.kv_events_dir.name.startswith("infermesh-kv-")):
+            # The short folder made for a long workdir's sockets: nothing else uses it.
+            shutil.rmtree(self.kv_events_dir, ignore_errors=True)
         return self._process.returncode
 
     def log_tail(self, lines: int = 40) -> str:
