@@ -604,9 +604,11 @@ class GenerationPipeline:
         else:
             _labelled(GENERATIONS, principal.tenant_id, model, version, finished.finish_reason,
                                code, self._zone).inc()
-        if progress.first_token_sent:
+        # The latency SLIs measure serving: a cache hit's replay would flatter the version's.
+        served = progress.first_token_sent and not progress.cached
+        if served:
             _labelled(TTFT, progress.model, version, self._zone).observe(progress.ttft_s)
-        if progress.first_token_sent and progress.completion_tokens > 1:
+        if served and progress.completion_tokens > 1:
             _labelled(ITL, progress.model, version, self._zone).observe(
                 (finished.total_s - progress.ttft_s) / (progress.completion_tokens - 1))
         if progress.cached:  # served from the cache: no token generated, nothing spent

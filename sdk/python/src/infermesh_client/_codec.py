@@ -100,7 +100,7 @@ def _timings(message: Any) -> Timings:
 
 def _usage(message: Any) -> Usage:
     return Usage(prompt_tokens=message.prompt_tokens,
-                 completion_tokens=message.completion_tokens)
+                 completion_tokens=message.completion_tokens, cached=message.cached)
 
 
 def from_response(reply: Any) -> Generation:

@@ -18,6 +18,9 @@ class Message:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    # Answered from the gateway's response cache (the tenant's plan has it; the request was
+    # deterministic): no engine ran and the tenant was not charged.
+    cached: bool = False
 
     @property
     def total_tokens(self) -> int:
