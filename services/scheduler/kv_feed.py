@@ -120,6 +120,9 @@ class KvFeeds:
                 else:
                     return "gap"
                 self._measure(now)
+                # A read of a message already buffered does not yield: a flooding replica
+                # would keep the loop from routing without this.
+                await asyncio.sleep(0)
         except TimeoutError:
             return "silent"
         except grpc.aio.AioRpcError as exc:

@@ -9,10 +9,10 @@ import pytest
 
 from backends.triton.torch_engine import Generation, TorchEngine, TorchEngineConfig
 from backends.triton.weights import cache_root, default_model_dir
-from services.common.kv_blocks import prompt_blocks
 from services.common.kv_events import AllBlocksCleared, BlockStored, HeldBlocks
-from services.gateway.requests import ChatTurn
+from services.gateway.requests import ChatTurn, GenerationRequest, SamplingRequest
 from services.gateway.tokenizers import HuggingFaceTokenizer
+from services.gateway.validation import Limits, prepare_prompt
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +47,13 @@ def test_the_gateways_chat_block_hashes_are_the_torch_engines_and_eviction_is_re
     assert first[0] == AllBlocksCleared()
     held.apply(first)
     chat = (ChatTurn("system", SYSTEM * 2), ChatTurn("user", "Where does the ferry leave from?"))
-    prompt = tokenizer.render(chat)
-    gateway_hashes = prompt_blocks(tokenizer.token_ids(prompt), PAGE)
-    assert len(gateway_hashes) >= 4
-    run(engine, Generation("chat-1", prompt, max_tokens=4))
+    # What the gateway sends with the route: rendered and hashed as its pipeline does.
+    prepared = prepare_prompt(
+        GenerationRequest(request_id="r1", model="m", messages=chat, sampling=SamplingRequest()),
+        Limits(), tokenizer, PAGE)
+    gateway_hashes = list(prepared.kv_block_hashes)
+    assert len(gateway_hashes) >= 4 and prepared.kv_block_tokens == PAGE
+    run(engine, Generation("chat-1", prepared.text, max_tokens=4))
     events = engine.kv_events()
     held.apply(events)
     assert set(gateway_hashes) <= held.hashes  # the engine holds exactly these blocks
