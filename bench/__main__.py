@@ -129,8 +129,7 @@ def run_all(shape: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             figures.update(gateway_throughput.run(info, **shape.get("gateway_throughput", {})))
             figures.update(tls_cost.run(info, state_dir, BENCH_PLAN,
                                         **shape.get("tls_cost", {})))
-            figures.update(tracing_cost.run(info, state_dir, BENCH_PLAN,
-                                            **shape.get("tracing_cost", {})))
+            figures.update(tracing_cost.run(info, state_dir, **shape.get("tracing_cost", {})))
             figures.update(response_cache.run(info, **shape.get("response_cache", {})))
             figures.update(torch_engine.compare(info, state_dir / "data" / "blobs",
                                                 **shape.get("torch_engine", {})))

@@ -1,24 +1,26 @@
-"""What tracing costs: the same streamed generations through a stack that traces every one
-(its receiver on, sampling 100 %) and through the benchmarks' stack, which traces nothing (no
-endpoint: the no-op path), both up at once, measured in alternating rounds (tls_cost's).
+"""What tracing costs: the same streamed generations through a gateway that traces every one
+(sampling 100 %, exporting to the stack's trace receiver) and through the benchmarks' gateway,
+which traces nothing (no endpoint: the no-op path), both in front of the same schedulers and
+Triton, measured in alternating rounds (tls_cost's).
 
-The traced stack's every process exports its spans over OTLP to the stack's own receiver, which
-writes them to disk (`StackOptions.traces_dir`): the whole cost a user of `--traces` pays,
-receiver included, on the same two cores.
+The traced gateway is a second gateway process beside the benchmarks' stack (started in a few
+seconds, where a second stack takes tens): the figure is the gateway's cost, which makes all
+but one of a generation's spans; the scheduler's one span per route is not in it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import statistics
+import time
 
 from bench.pools import client_pool
 from bench.streaming import CLIENT_PROCESSES
 from bench.tls_cost import LEVELS, alternating_rounds
-from deploy.local.demo_models import REFERENCE_MODEL
-from deploy.local.stack import Stack, StackInfo, StackOptions
+from deploy.local.gateways import ExtraGateway
+from deploy.local.stack import StackInfo, start_trace_receiver
 from deploy.local.traces import read_spans
-from services.common.tenancy import TenantPlan
 
 ORDER = ("untraced", "traced", "traced", "untraced")
 
@@ -56,19 +58,24 @@ def compare(untraced_stack: StackInfo, traced_stack: StackInfo, max_tokens: int 
     return figures
 
 
-def run(untraced_stack: StackInfo, state_dir: pathlib.Path, plan: TenantPlan,
-        **shape: float) -> dict[str, float]:
-    """Starts the traced stack in `state_dir/traced-stack` with the demo tenant on `plan` and
-    the reference model only (what is measured), compares, counts the spans it received, and
-    stops it."""
-    traces_dir = state_dir / "traced-stack" / "traces"
-    traced = Stack(StackOptions(state_dir=state_dir / "traced-stack", demo_plan=plan,
-                                models=(REFERENCE_MODEL,), traces_dir=traces_dir,
-                                trace_sample_ratio=1.0))
-    info = traced.up()
+def run(stack: StackInfo, state_dir: pathlib.Path, **shape: float) -> dict[str, float]:
+    """Starts the receiver and the traced gateway beside `stack`, compares, stops them (the
+    gateway first: it exports what it holds as it stops) and counts the spans received."""
+    traces_dir = state_dir / "tracing-cost"
+    receiver, tracing = start_trace_receiver(traces_dir, state_dir / "logs" / "traces.log",
+                                             1.0, time.monotonic() + 30.0)
     try:
-        figures = compare(untraced_stack, info, **shape)
+        gateway = ExtraGateway(stack, state_dir, name="gateway-traced", settings=tracing)
+        gateway.start()
+        try:
+            traced = dataclasses.replace(
+                stack, gateway=gateway.endpoint,
+                endpoints={**stack.endpoints, "gateway": gateway.endpoint},
+                pids={**stack.pids, "gateway": gateway.process.pid})
+            figures = compare(stack, traced, **shape)
+        finally:
+            gateway.stop()
     finally:
-        traced.down()  # its processes export what they hold as they stop
+        receiver.stop(grace_s=5.0)
     figures["tracing_spans_received"] = sum(1 for _ in read_spans(traces_dir))
     return figures

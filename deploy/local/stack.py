@@ -253,15 +253,10 @@ class Stack:
         variables that point every service at it ({} without)."""
         if self.options.traces_dir is None:
             return {}
-        port = free_port()
-        self._start("traces", [sys.executable, "-m", "deploy.local.traces", "--port", str(port),
-                               "--dir", str(self.options.traces_dir)], {})
-        wait_listening(self.children["traces"], port, deadline)
-        return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{LOOPBACK}:{port}",
-                "OTEL_EXPORTER_OTLP_INSECURE": "true",
-                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                "OTEL_TRACES_SAMPLER_ARG": str(self.options.trace_sample_ratio),
-                "OTEL_BSP_SCHEDULE_DELAY": "200"}  # ms: a trace is readable right after
+        receiver, env = start_trace_receiver(self.options.traces_dir, self.logs / "traces.log",
+                                             self.options.trace_sample_ratio, deadline)
+        self.children["traces"] = receiver
+        return env
 
     def _run(self, child: ChildProcess) -> None:
         child.start()
@@ -358,6 +353,24 @@ def wait_serving(child: ChildProcess, endpoint: str, deadline: float,
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{child.name} not SERVING in time:\n{child.log_tail()}")
             time.sleep(0.1)
+
+
+def start_trace_receiver(directory: pathlib.Path, log_path: pathlib.Path, sample_ratio: float,
+                         deadline: float) -> tuple[ChildProcess, dict[str, str]]:
+    """The receiver (traces.py) writing into `directory`, listening once this returns, and the
+    OTEL_* variables that point a service at it, sampling `sample_ratio` of the generations
+    that come without a sampled parent."""
+    port = free_port()
+    receiver = ChildProcess("traces", [sys.executable, "-m", "deploy.local.traces", "--port",
+                                       str(port), "--dir", str(directory)],
+                            log_path, env=dict(os.environ), cwd=REPO_ROOT)
+    receiver.start()
+    wait_listening(receiver, port, deadline)
+    return receiver, {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{LOOPBACK}:{port}",
+                      "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                      "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                      "OTEL_TRACES_SAMPLER_ARG": str(sample_ratio),
+                      "OTEL_BSP_SCHEDULE_DELAY": "200"}  # ms: a trace is readable right after
 
 
 def wait_listening(child: ChildProcess, port: int, deadline: float) -> None:
