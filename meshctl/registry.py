@@ -9,27 +9,24 @@ Reads take `-o table|wide|json|yaml`.
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import typer
-from infermesh_client import Client, Routing, RoutingChange
+from infermesh_client import Client, LocalBlob, Routing, RoutingChange
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from infermesh.v1 import registry_pb2
 from meshctl.client import mesh_client
-from meshctl.config import endpoint_and_key, tls_for
 from meshctl.exits import fail_error
 from meshctl.output import OUTPUT, Column, OutputFormat, emit, is_structured, message_dict
 from meshctl.times import format_time
 from services.common import errors
-from services.registry.client import RegistryClient, load_push_source
+from services.registry.client import load_push_source
 from services.registry.manifest import diff_manifests, flatten
 
-T = TypeVar("T")
 registry_app = typer.Typer(help="Model versions and their rollouts.", no_args_is_help=True)
 REGISTRY = typer.Option(None, "--registry", help="host:port [env INFERMESH_REGISTRY]")
 API_KEY = typer.Option(None, "--api-key", help="[env INFERMESH_API_KEY]")
@@ -37,24 +34,6 @@ REASON = typer.Option(..., "--reason", "-m", help="Why; kept in the history and 
 EXPECT = typer.Option(None, "--expected-revision", "--expect-revision",
                       help="Fail (exit 6) unless the routing is still at this revision (what "
                       "you saw).")
-
-
-def run(registry: str | None, api_key: str | None,
-        operation: Callable[[RegistryClient], Awaitable[T]]) -> T:
-    """Runs `operation` with the registry's own client (blob uploads and garbage collection,
-    which the SDK does not do); on an error prints `CODE: message` and exits with its code
-    (`meshctl.exits`)."""
-    endpoint, key = endpoint_and_key("registry", registry, api_key)
-    mesh_tls = tls_for("registry", registry)
-
-    async def call() -> T:
-        async with RegistryClient(endpoint, key, mesh_tls=mesh_tls) as client:
-            return await operation(client)
-
-    try:
-        return asyncio.run(call())
-    except errors.MeshError as exc:
-        fail_error(exc)
 
 
 def short(version_id: str) -> str:
@@ -97,13 +76,13 @@ def push(
     if prepared.derived:
         typer.echo(json.dumps(manifest_dict(prepared.manifest), indent=2, sort_keys=True))
 
-    async def operation(client: RegistryClient) -> registry_pb2.RegisterVersionResponse:
-        columns = (TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task("upload", total=prepared.total_bytes)
-            return await client.push(prepared, lambda sent: bar.advance(task, sent))
-
-    reply = run(registry, api_key, operation)
+    files = [LocalBlob(str(f.path), f.digest, f.size) for f in prepared.files]
+    columns = (TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with (mesh_client("registry", registry, api_key) as client,
+          Progress(*columns, console=Console(stderr=True), transient=True) as bar):
+        task = bar.add_task("upload", total=prepared.total_bytes)
+        reply = client.registry.push(manifest_dict(prepared.manifest), files,
+                                     progress=lambda sent: bar.advance(task, sent))
     state = "registered" if reply.created else "already registered (unchanged)"
     typer.echo(f"{prepared.manifest.name}@{reply.version_id}  {state}")
 
@@ -331,8 +310,9 @@ def gc(
 ) -> None:
     """Delete blobs no registered version pins, and abandoned uploads (versions are never
     deleted, so this frees what failed or abandoned pushes left)."""
-    reply = run(registry, api_key,
-                lambda client: client.collect_garbage(grace_hours * 3600, dry_run, reason))
+    with mesh_client("registry", registry, api_key) as client:
+        reply = client.registry.collect_garbage(reason=reason, grace_seconds=grace_hours * 3600,
+                                                dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     for digest in reply.deleted:
         typer.echo(f"{verb} {digest}")

@@ -5,6 +5,7 @@ audit queries on the auditor, with the client's typed errors and retries."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -18,6 +19,7 @@ from infermesh_client import (
     Client,
     FailedPrecondition,
     InvalidArgument,
+    LocalBlob,
     NotFound,
     PermissionDenied,
     PlanChange,
@@ -158,6 +160,33 @@ async def _user_key(stack: StackInfo) -> str:
     async with admin_client(stack, issued.api_key) as user:
         await wait_until_unauthenticated_is(user, False)
     return issued.api_key
+
+
+async def test_push_uploads_only_what_is_missing_and_gc_dry_runs(stack: StackInfo, tmp_path):
+    """The SDK's push (what `meshctl registry push` runs): a file's bytes go up once, then are
+    found present; the same manifest again is the same version; a dry-run collection deletes
+    nothing."""
+    name = f"sdk-push-{uuid.uuid4().hex[:6]}"
+    weights = tmp_path / "engine.plan"
+    size = 2_500_000  # three chunks of at most 1 MiB
+    weights.write_bytes(os.urandom(size))
+    digest = "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
+    pinned = {**manifest(name, "pushed by the SDK"),
+              "weights": [{"name": "engine.plan", "digest": digest, "size_bytes": size}]}
+    sent: list[int] = []
+    async with admin_client(stack) as client:
+        first = await client.registry.push(pinned, [LocalBlob(str(weights), digest, size)],
+                                           progress=sent.append)
+        again = await client.registry.push(pinned, [LocalBlob(str(weights), digest, size)])
+        shown = await client.registry.version(f"{name}@{first.version_id}")
+        with pytest.raises(InvalidArgument) as refused:  # checked before any byte is sent
+            await client.registry.push({"no_such_field": 1})
+        collected = await client.registry.collect_garbage(dry_run=True, grace_seconds=3600)
+    assert sum(sent) == size and len(sent) == 3  # in chunks, counted once
+    assert first.created and not again.created and again.version_id == first.version_id
+    assert shown.manifest["weights"][0]["digest"] == digest
+    assert refused.value.field == "manifest"
+    assert digest not in collected.deleted and collected.to_dict()["kept"] == collected.kept
 
 
 async def test_audit_queries_and_their_retries(stack: StackInfo):

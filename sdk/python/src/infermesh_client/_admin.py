@@ -6,26 +6,34 @@ tenant need any key."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
+
+from google.protobuf import json_format
 
 from infermesh_client import _admin_codec as codec
 from infermesh_client import _proto
 from infermesh_client._admin_types import (
     AuditRecord,
+    GarbageCollection,
     HistoryPage,
     IssuedKey,
     KeyInfo,
+    LocalBlob,
     PlanChange,
     RegisteredModel,
+    RegisteredVersion,
     Routing,
     RoutingChange,
     Tenant,
     VersionInfo,
 )
 from infermesh_client._calls import Deadline, call_with_retries, serialize
-from infermesh_client._errors import InvalidArgument, NotFound
+from infermesh_client._errors import InvalidArgument, NotFound, ServerError
 
 if TYPE_CHECKING:
     from infermesh_client._async_client import AsyncClient
@@ -37,6 +45,12 @@ VERSION_ID = re.compile(r"sha256:[0-9a-f]{64}")
 MIN_PREFIX_HEX = 6
 # Seconds for one RPC, or the deadline of the method that makes it (None: the default).
 Timeout = Union[float, Deadline, None]
+T = TypeVar("T")
+# Blob uploads: chunks of 1 MiB (the registry takes up to 4), and a deadline that lets a file
+# move at 4 MiB/s at least, never under a minute (the registry's own rule for its transfers).
+UPLOAD_CHUNK = 1 << 20
+UPLOAD_MIN_BYTES_PER_S = 4 << 20
+UPLOAD_MIN_TIMEOUT_S = 60.0
 
 
 class ServiceCalls:
@@ -72,6 +86,20 @@ class ServiceCalls:
 
     def request(self, method: str, **fields: Any) -> Any:
         return _proto.rpc(self._api, method)[1](**fields)
+
+    def method(self, method: str, kind: str = "unary_unary") -> Callable[..., Any]:
+        """The RPC as a plain call (`kind`: the grpc channel's method kind) with the key's
+        metadata, for a method that makes several RPCs in one attempt (see `retried`)."""
+        path, _, response = _proto.rpc(self._api, method)
+        channel, metadata = self._client._service_channel(self._service)
+        call = getattr(channel, kind)(path, request_serializer=serialize,
+                                      response_deserializer=response.FromString)
+        return functools.partial(call, metadata=metadata)
+
+    async def retried(self, attempt: Callable[[Optional[float]], Awaitable[T]],
+                      deadline: Deadline) -> T:
+        """`attempt(remaining seconds)` with the client's retries, within `deadline`."""
+        return await call_with_retries(attempt, deadline, self._client._retry)
 
     def deadline(self, timeout: Timeout) -> Deadline:
         """The deadline of a method's RPCs: a method that makes several passes one along."""
@@ -234,6 +262,82 @@ class AsyncRegistry:
                        timeout: Optional[float] = None) -> RoutingChange:
         """Production and previous swap (the previous version is still loaded: no wait)."""
         return await self._change(model, reason, expected_revision, timeout, "rollback")
+
+    async def push(self, manifest: Mapping[str, Any], files: Iterable[LocalBlob] = (), *,
+                   progress: Optional[Callable[[int], None]] = None,
+                   timeout: Optional[float] = None) -> RegisteredVersion:
+        """Uploads what the registry lacks of `files` (resuming where an earlier try stopped),
+        then registers `manifest`: a ModelManifest as its JSON mapping (the .proto field names,
+        as `VersionInfo.manifest` gives it), whose `weights` and `tokenizer_files` pin the
+        files by digest. `progress(n)`: n more bytes sent, or found there already. Each file
+        has a deadline for its size (`timeout`, else at least a minute at 4 MiB/s). Registering
+        the same manifest again changes nothing (`created` False). An admin key."""
+        request = self._calls.request("RegisterVersion")
+        try:
+            json_format.ParseDict(dict(manifest), request.manifest)
+        except json_format.ParseError as exc:
+            raise InvalidArgument(f"not a ModelManifest: {exc}", field="manifest") from None
+        for blob in files:
+            await self._upload(blob, progress or (lambda _: None), timeout)
+        reply = await self._calls.unary("RegisterVersion", request, timeout)
+        return codec.registered_version(reply)
+
+    async def collect_garbage(self, *, reason: str = "", grace_seconds: Optional[float] = None,
+                              dry_run: bool = False,
+                              timeout: Optional[float] = None) -> GarbageCollection:
+        """Deletes the blobs no registered version pins, and abandoned uploads, older than
+        `grace_seconds` (None: the registry's default, a day); `reason` is required unless
+        `dry_run` (which deletes nothing and says what would go). An admin key."""
+        request = self._calls.request("CollectGarbage", reason=reason, dry_run=dry_run)
+        if grace_seconds is not None:
+            request.grace.FromNanoseconds(round(grace_seconds * 1e9))
+        reply = await self._calls.unary("CollectGarbage", request, timeout)
+        return codec.garbage_collection(reply)
+
+    async def _upload(self, blob: LocalBlob, progress: Callable[[int], None],
+                      timeout: Optional[float]) -> None:
+        """One file, from the bytes the registry already holds; a retried attempt asks again
+        where to start, and progress is never counted twice."""
+        status_of = self._calls.method("GetBlobStatus")
+        upload = self._calls.method("UploadBlob", "stream_unary")
+        reported = 0
+
+        def advance(to: int) -> None:
+            nonlocal reported
+            if to > reported:
+                progress(to - reported)
+                reported = to
+
+        async def attempt(remaining: Optional[float]) -> None:
+            status = await status_of(self._calls.request("GetBlobStatus", digest=blob.digest),
+                                     timeout=remaining)
+            if status.complete:
+                advance(blob.size)
+                return
+            advance(status.uploaded_bytes)
+            done = await upload(self._chunks(blob, status.uploaded_bytes, advance),
+                                timeout=remaining)
+            if not done.complete:
+                raise ServerError(f"the registry did not complete {blob.digest}")
+
+        if timeout is None:
+            timeout = max(UPLOAD_MIN_TIMEOUT_S, blob.size / UPLOAD_MIN_BYTES_PER_S)
+        await self._calls.retried(attempt, Deadline(timeout))
+
+    async def _chunks(self, blob: LocalBlob, offset: int,
+                      advance: Callable[[int], None]) -> AsyncIterator[Any]:
+        message = _proto.message("infermesh.v1.UploadBlobRequest")
+        yield message(header={"digest": blob.digest, "size": blob.size, "offset": offset})
+        handle = await asyncio.to_thread(open, blob.path, "rb")
+        with handle:
+            handle.seek(offset)
+            while True:
+                chunk = await asyncio.to_thread(handle.read, UPLOAD_CHUNK)
+                if not chunk:
+                    return
+                yield message(chunk=chunk)
+                offset += len(chunk)
+                advance(offset)
 
     async def _versions(self, model: str, timeout: Timeout) -> list[VersionInfo]:
         request = self._calls.request("ListVersions", model=model)

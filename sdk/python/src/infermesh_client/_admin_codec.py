@@ -11,6 +11,7 @@ from google.protobuf import json_format
 from infermesh_client._admin_types import (
     AdminRecord,
     AuditRecord,
+    GarbageCollection,
     GenerationRecord,
     HistoryEntry,
     HistoryPage,
@@ -19,6 +20,7 @@ from infermesh_client._admin_types import (
     Plan,
     PlanChange,
     RegisteredModel,
+    RegisteredVersion,
     Routing,
     RoutingChange,
     Tenant,
@@ -108,6 +110,15 @@ def history_page(message: Any) -> HistoryPage:
 def routing_change(message: Any) -> RoutingChange:
     return RoutingChange(routing(message.routing), history_entry(message.entry),
                          _message=message)
+
+
+def registered_version(message: Any) -> RegisteredVersion:
+    return RegisteredVersion(message.version_id, message.created, _message=message)
+
+
+def garbage_collection(message: Any) -> GarbageCollection:
+    return GarbageCollection(tuple(message.deleted), message.freed_bytes,
+                             message.abandoned_uploads, message.kept, _message=message)
 
 
 def _fields(cls: type, message: Any) -> Any:

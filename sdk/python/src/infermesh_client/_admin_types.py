@@ -156,6 +156,31 @@ class HistoryPage(ApiResult):
 
 
 @dataclass(frozen=True)
+class LocalBlob:
+    """A file a manifest pins, to upload: its `sha256:<hex>` digest and size in bytes."""
+
+    path: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class RegisteredVersion(ApiResult):
+    version_id: str  # "sha256:…", the digest of the canonical manifest
+    created: bool  # False: that manifest was registered before (nothing changed)
+    _message: Any = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class GarbageCollection(ApiResult):
+    deleted: tuple[str, ...]  # digests deleted (or, on a dry run, that would be)
+    freed_bytes: int
+    abandoned_uploads: int  # unfinished uploads removed
+    kept: int  # blobs a version pins, or younger than the grace
+    _message: Any = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class RoutingChange(ApiResult):
     routing: Routing  # as the change left it
     entry: HistoryEntry

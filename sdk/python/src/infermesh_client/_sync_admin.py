@@ -81,6 +81,8 @@ class Registry(_Blocking):
     shadow = _blocking(AsyncRegistry.shadow)
     clear_shadow = _blocking(AsyncRegistry.clear_shadow)
     rollback = _blocking(AsyncRegistry.rollback)
+    push = _blocking(AsyncRegistry.push)
+    collect_garbage = _blocking(AsyncRegistry.collect_garbage)
 
 
 class Audit(_Blocking):
