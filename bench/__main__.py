@@ -34,6 +34,7 @@ from bench import (
     response_cache,
     rollback,
     routing,
+    structured_output,
     tls_cost,
     torch_engine,
     tracing_cost,
@@ -77,6 +78,8 @@ SMOKE: Mapping[str, Mapping[str, Any]] = {
     "tracing_cost": {"max_tokens": 4, "requests_per_stream": 1, "min_requests": 2,
                      "budget_s": 30.0, "warmup_requests": 2},
     "response_cache": {"samples": 2, "max_tokens": 4},
+    "structured_output": {"concurrency": 8, "max_tokens": 4, "requests_per_stream": 1,
+                          "rounds": 1, "warmup_tokens": 2},
 }
 
 # What every run's last line must hold, smoke or full: each benchmark's headline figures. A figure
@@ -104,7 +107,7 @@ HEADLINE = (
     "litellm_added_ttft_p50_ms_c1", "mesh_added_over_litellm_added_ttft_p50_c1",
     "tls_over_plaintext_tokens_per_s_c16", "tls_added_ttft_p50_ms_c1",
     "tracing_over_untraced_tokens_per_s_c16", "tracing_added_ttft_p50_ms_c1",
-    "response_cache_hit_ttft_ms_p50",
+    "response_cache_hit_ttft_ms_p50", "structured_over_free_tokens_per_s_c8",
 )
 UNMEASURED = "unmeasured"  # {figure: why it is null}
 
@@ -120,6 +123,7 @@ def run_all(shape: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     routing_figures = routing.run(**shape.get("routing", {}))
     # In this process, on the model's cached copy: no stack needed, none to share the CPUs with.
     engine_figures = engine_limit.run(**shape.get("engine_limit", {}))
+    engine_figures.update(structured_output.run(**shape.get("structured_output", {})))
     with tempfile.TemporaryDirectory(prefix="infermesh-bench-") as state:
         state_dir = pathlib.Path(state)
         stack = Stack(StackOptions(state_dir=state_dir, demo_plan=BENCH_PLAN))

@@ -44,8 +44,10 @@ from services.gateway.openai_protocol import (
     request_timeout,
     to_generation,
 )
+from services.gateway.openai_tools import StreamedToolCalls, message_tool_calls
 from services.gateway.pipeline import Accepted, ChoiceEnd, Event, Finished, TokenText
-from services.gateway.requests import FIELD_LIMITS, Principal
+from services.gateway.requests import FIELD_LIMITS, GenerationRequest, Principal
+from services.gateway.tool_calls import answer_calls
 from services.gateway.validation import validate_request_id
 from services.registry.catalog import ModelCatalog
 
@@ -260,7 +262,7 @@ class OpenAIFront:
             return self._count(route, Response(status_code=499))
         if isinstance(event, Accepted):
             chunks = _sse_chunks(run, event, body, route, request_id, self._heartbeat_s,
-                                 generation.sampling.logprobs)
+                                 generation.sampling.logprobs, generation)
             return self._count(route, _EventStream(chunks, run, headers, route, request_id))
         assert isinstance(event, Finished)
         if event.error is not None or event.finish_reason in ("cancelled", "deadline"):
@@ -269,7 +271,7 @@ class OpenAIFront:
             end.index: ("".join(pieces.get(end.index, ())),
                         _logprobs(route, generation.sampling.logprobs,
                                   logprobs.get(end.index, ()), 0))
-            for end in _ends(event)})
+            for end in _ends(event)}, generation)
         return self._count(route, JSONResponse(payload, headers=headers))
 
     @staticmethod
@@ -402,15 +404,24 @@ def _ends(finished: Finished) -> tuple[ChoiceEnd, ...]:
 
 
 def _completion(route: str, request_id: str, body: Any, finished: Finished,
-                outputs: dict[int, tuple[str, dict[str, Any] | None]]) -> dict[str, Any]:
-    """`outputs`: each choice's text and logprobs, by index."""
+                outputs: dict[int, tuple[str, dict[str, Any] | None]],
+                generation: GenerationRequest | None = None) -> dict[str, Any]:
+    """`outputs`: each choice's text and logprobs, by index. A chat answer that calls the
+    request's tools is given as `tool_calls`."""
     choices = []
     for end in _ends(finished):
         text, logprobs = outputs[end.index]
         if route == "chat":
-            choices.append({"index": end.index, "finish_reason": end.finish_reason,
-                            "logprobs": logprobs,
-                            "message": {"role": "assistant", "content": text, "refusal": None}})
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            finish_reason = end.finish_reason
+            calls = (answer_calls(generation.tools, generation.tool_choice, text)
+                     if generation is not None else None)
+            if calls:
+                message.update(content=None, tool_calls=message_tool_calls(
+                    calls, _choice_id(request_id, end.index)))
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            choices.append({"index": end.index, "finish_reason": finish_reason,
+                            "logprobs": logprobs, "message": message})
         else:
             choices.append({"index": end.index, "finish_reason": end.finish_reason,
                             "logprobs": logprobs, "text": text})
@@ -423,13 +434,19 @@ def _completion(route: str, request_id: str, body: Any, finished: Finished,
     }
 
 
+def _choice_id(request_id: str, index: int) -> str:
+    """What names a choice's tool calls: the request's id, and the choice's index past the
+    first."""
+    return request_id if index == 0 else f"{request_id}-{index}"
+
+
 def _data(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
 async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request_id: str,
                       heartbeat_s: float, logprobs_asked: bool = False,
-                      ) -> AsyncIterator[bytes]:
+                      generation: GenerationRequest | None = None) -> AsyncIterator[bytes]:
     """chunk per token batch → last chunk with finish_reason → [usage chunk] → [DONE]; a
     failure after the first chunk is an `error` event (the status line is already sent)."""
     created = int(time.time())
@@ -459,6 +476,23 @@ async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request
         started.add(index)
         return _data({**base, "choices": [choice]})
 
+    def tool_chunk(index: int, calls: list[dict[str, Any]]) -> bytes:
+        delta: dict[str, Any] = {"tool_calls": calls}
+        if index not in started:
+            delta["role"] = "assistant"
+        started.add(index)
+        return _data({**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                           "finish_reason": None}]})
+
+    calling: dict[int, StreamedToolCalls] = {}  # a chat with tools: each choice's calls
+
+    def calls_of(index: int) -> StreamedToolCalls | None:
+        if not chat or generation is None or not generation.tools:
+            return None
+        if index not in calling:
+            calling[index] = StreamedToolCalls(generation, _choice_id(request_id, index))
+        return calling[index]
+
     following: Event | None = None
     while True:
         if following is not None:
@@ -481,7 +515,16 @@ async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request
                     text.append(following.text)
                     logprobs.extend(following.logprobs)
                     following = None
-            yield chunk(event.index, "".join(text), None, logprobs)
+            streamed = calls_of(event.index)
+            if streamed is None:
+                yield chunk(event.index, "".join(text), None, logprobs)
+                continue
+            # A call's text goes out as delta.tool_calls (without logprobs).
+            content, calls = streamed.feed("".join(text))
+            if calls:
+                yield tool_chunk(event.index, calls)
+            if content:
+                yield chunk(event.index, content, None, logprobs)
             continue
         if not isinstance(event, Finished):
             continue
@@ -490,7 +533,17 @@ async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request
             yield _data(error_payload(error, body))
             return
         for end in _ends(event):
-            yield chunk(end.index, None, end.finish_reason)
+            finish_reason = end.finish_reason
+            streamed = calls_of(end.index)
+            if streamed is not None:
+                content, calls = streamed.finish()
+                if calls:
+                    yield tool_chunk(end.index, calls)
+                if content:
+                    yield chunk(end.index, content, None)
+                if streamed.called and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+            yield chunk(end.index, None, finish_reason)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _data({**base, "choices": [], "usage": _usage(event)})
         yield DONE

@@ -22,6 +22,7 @@ from services.gateway.requests import (
     ResponseFormat,
     SamplingRequest,
 )
+from services.gateway.tool_calls import Tool, ToolCall, calls_text
 
 MAX_COMPLETION_LOGPROBS = 5  # a legacy completion's `logprobs` (OpenAI's limit)
 # OpenAI's newer name for the system role; our chat templates know `system`.
@@ -41,14 +42,61 @@ class TextPart(_Body):
     text: str
 
 
+class CalledFunction(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCallBody(_Body):
+    """An earlier call, in an assistant message sent back with the tool's result."""
+
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
     role: str
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # None only beside tool_calls
+    tool_calls: list[ToolCallBody] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message's: the call it answers
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def turn(self) -> ChatTurn:
+        """The message as the model reads it: earlier calls in the form it writes them."""
+        text = self.text()
+        if self.tool_calls:
+            calls = calls_text(tuple(ToolCall(c.function.name, c.function.arguments)
+                                     for c in self.tool_calls))
+            text = f"{text}\n{calls}" if text else calls
+        return ChatTurn(ROLE_ALIASES.get(self.role, self.role), text)
+
+
+class FunctionBody(_Body):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None  # forced calls always follow it; others are parsed as given
+
+
+class ToolBody(_Body):
+    type: Literal["function"]
+    function: FunctionBody
+
+
+class ChosenFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: ChosenFunction
 
 
 class JsonSchemaFormat(_Body):
@@ -101,6 +149,9 @@ class ChatCompletionBody(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: ResponseFormatBody | None = None
+    tools: list[ToolBody] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 def parse_body(model: type[_Body], raw: Any) -> Any:
@@ -121,7 +172,8 @@ def param_path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("str", "list[TextPart]", "list[str]"):  # pydantic's union branch names
+        elif part in ("str", "list[TextPart]", "list[str]", "NamedToolChoice",
+                      "literal['none','auto','required']"):  # pydantic's union branch names
             continue
         else:
             path += f".{part}" if path else str(part)
@@ -170,13 +222,25 @@ def to_generation(
     prompt: str | None = None
     messages: tuple[ChatTurn, ...] | None = None
     response_format = ResponseFormat()
+    tools: tuple[Tool, ...] = ()
+    tool_choice, tool_choice_name = "", ""
+    parallel = True
     if isinstance(body, ChatCompletionBody):
         response_format = _response_format(body.response_format)
         if body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
-        messages = tuple(ChatTurn(ROLE_ALIASES.get(m.role, m.role), m.text())
-                         for m in body.messages)
+        messages = tuple(m.turn() for m in body.messages)
         logprobs, top_logprobs = bool(body.logprobs), body.top_logprobs
+        tools = tuple(Tool(t.function.name, t.function.description or "",
+                           json.dumps({"type": "object"} if t.function.parameters is None
+                                      else t.function.parameters, separators=(",", ":")))
+                      for t in body.tools or ())
+        tool_choice, tool_choice_name = "", ""
+        if isinstance(body.tool_choice, NamedToolChoice):
+            tool_choice, tool_choice_name = "function", body.tool_choice.function.name
+        elif body.tool_choice is not None:
+            tool_choice = body.tool_choice
+        parallel = body.parallel_tool_calls is not False
     else:
         prompt = body.prompt
         logprobs, top_logprobs = body.logprobs is not None, body.logprobs
@@ -198,6 +262,10 @@ def to_generation(
         user=body.user,
         timeout_s=timeout_s,
         response_format=response_format,
+        tools=tools,
+        tool_choice=tool_choice,
+        tool_choice_name=tool_choice_name,
+        parallel_tool_calls=parallel,
     )
 
 

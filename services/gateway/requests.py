@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from services.common.auth import Principal
 from services.common.errors import InvalidArgument
+from services.gateway.tool_calls import TOOL_CHOICES, Tool
 
 __all__ = ["FIELD_LIMITS", "MAX_LOGIT_BIAS", "MAX_TOP_LOGPROBS", "REQUEST_ID",
            "RESPONSE_FORMAT_TYPES", "ChatTurn", "GenerationRequest", "Principal", "ResponseFormat",
@@ -43,7 +44,10 @@ FIELD_LIMITS: dict[str, FieldLimit] = {
     "params.bad_words": FieldLimit(128, entries=16),
     "response_format.json_schema": FieldLimit(32_768),  # the schema's JSON text
     "response_format.name": FieldLimit(64),
+    "tools": FieldLimit(65_536, entries=64),  # chars: all descriptions and parameters together
+    "tools.name": FieldLimit(64),  # and only A-Z a-z 0-9 _ -
 }
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 MAX_LOGIT_BIAS = 300  # entries of params.logit_bias (OpenAI's limit), each bias in [-100, 100]
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
@@ -101,6 +105,10 @@ class GenerationRequest:
     user: str = ""
     timeout_s: float | None = None
     response_format: ResponseFormat = field(default_factory=ResponseFormat)
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = ""  # one of TOOL_CHOICES; "": auto with tools, none without
+    tool_choice_name: str = ""  # the function, with tool_choice "function"
+    parallel_tool_calls: bool = True
 
     def __post_init__(self) -> None:
         check_field_limits(self)
@@ -131,6 +139,7 @@ def check_field_limits(request: GenerationRequest) -> None:
         raise InvalidArgument("response_format.type", f"must be one of {RESPONSE_FORMAT_TYPES}")
     _check_chars("response_format.json_schema", response_format.json_schema)
     _check_chars("response_format.name", response_format.name)
+    _check_tools(request)
     for name, words in (("params.stop", request.sampling.stop),
                         ("params.bad_words", request.sampling.bad_words)):
         limit = FIELD_LIMITS[name]
@@ -163,3 +172,22 @@ def _check_chars(name: str, value: str, field_name: str | None = None) -> None:
     if len(value) > limit:
         raise InvalidArgument(field_name or name,
                               f"must be at most {limit} characters, got {len(value)}")
+
+
+def _check_tools(request: GenerationRequest) -> None:
+    limit = FIELD_LIMITS["tools"]
+    assert limit.entries is not None
+    if len(request.tools) > limit.entries:
+        raise InvalidArgument("tools", f"at most {limit.entries} tools, got {len(request.tools)}")
+    for index, tool in enumerate(request.tools):
+        if not TOOL_NAME.match(tool.name):
+            raise InvalidArgument(f"tools[{index}].function.name",
+                                  "must be 1-64 characters of A-Z a-z 0-9 _ -")
+    total = sum(len(tool.description) + len(tool.parameters) for tool in request.tools)
+    if total > limit.chars:
+        raise InvalidArgument("tools", f"must hold at most {limit.chars} characters of "
+                              f"descriptions and parameters in all, got {total}")
+    if request.tool_choice not in ("", *TOOL_CHOICES):
+        raise InvalidArgument("tool_choice", f"must be one of {TOOL_CHOICES}")
+    if len(request.tool_choice_name) > FIELD_LIMITS["tools.name"].chars:
+        raise InvalidArgument("tool_choice", "names a function of at most 64 characters")

@@ -59,6 +59,7 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.shadow import ShadowTraffic
 from services.gateway.tenant_admin import TenantAdminServicer
 from services.gateway.tokenizers import TokenizerStore
+from services.gateway.tool_calls import Tool, ToolCall, answer_calls, call_id, calls_text
 from services.gateway.validation import Limits, validate_request_id
 from services.registry.blob_cache import BlobCache
 from services.registry.catalog import ModelCatalog
@@ -81,6 +82,22 @@ RESPONSE_FORMATS = {
     inference_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT: "json_object",
     inference_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: "json_schema",
 }
+
+TOOL_CHOICE_MODES = {
+    inference_pb2.TOOL_CHOICE_MODE_UNSPECIFIED: "",
+    inference_pb2.TOOL_CHOICE_MODE_NONE: "none",
+    inference_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+    inference_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
+    inference_pb2.TOOL_CHOICE_MODE_FUNCTION: "function",
+}
+
+
+def _turn(message: inference_pb2.ChatMessage) -> ChatTurn:
+    """A message as the model reads it: earlier calls in the form it writes them."""
+    if not message.tool_calls:
+        return ChatTurn(message.role, message.content)
+    calls = calls_text(tuple(ToolCall(c.name, c.arguments) for c in message.tool_calls))
+    return ChatTurn(message.role, f"{message.content}\n{calls}" if message.content else calls)
 
 
 def decode_request(message: inference_pb2.GenerateRequest) -> GenerationRequest:
@@ -109,13 +126,19 @@ def decode_request(message: inference_pb2.GenerateRequest) -> GenerationRequest:
         request_id=validate_request_id(message.request_id),
         model=message.model,
         prompt=message.prompt if which == "prompt" else None,
-        messages=tuple(ChatTurn(m.role, m.content) for m in message.messages.messages)
+        messages=tuple(_turn(m) for m in message.messages.messages)
         if which == "messages" else None,
         sampling=sampling,
         idempotency_key=message.idempotency_key,
         priority=int(message.priority),
         user=message.user,
         timeout_s=_timeout_seconds(message.timeout) if message.HasField("timeout") else None,
+        tools=tuple(Tool(t.name, t.description, t.parameters or '{"type":"object"}')
+                    for t in message.tools),
+        tool_choice=TOOL_CHOICE_MODES.get(message.tool_choice.mode, "unknown"),
+        tool_choice_name=message.tool_choice.function_name,
+        parallel_tool_calls=(message.parallel_tool_calls
+                             if message.HasField("parallel_tool_calls") else True),
         response_format=ResponseFormat(
             type=RESPONSE_FORMATS.get(message.response_format.type, "unknown"),
             json_schema=message.response_format.json_schema,
@@ -316,11 +339,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                                trace)
         if finished.error is not None:
             await status.abort(context, finished.error)
+        text = "".join(pieces.get(0, ()))
+        calls = answer_calls(decoded.tools, decoded.tool_choice, text) or ()
+        finish_reason = FINISH_REASONS[finished.finish_reason]
+        if calls and finished.finish_reason == "stop":
+            finish_reason = inference_pb2.TOOL_CALLS
         return inference_pb2.GenerateResponse(
             request_id=finished.request_id,
             model_version=finished.model_version,
-            text="".join(pieces.get(0, ())),
-            finish_reason=FINISH_REASONS[finished.finish_reason],
+            text=text,
+            tool_calls=[inference_pb2.ToolCall(id=call_id(finished.request_id, index),
+                                               name=call.name, arguments=call.arguments)
+                        for index, call in enumerate(calls)],
+            finish_reason=finish_reason,
             usage=encode_final(finished).usage,
             timings=encode_final(finished).timings,
             logprobs=encode_logprobs(logprobs.get(0, ())),

@@ -11,6 +11,7 @@ was built (`requests.FIELD_LIMITS`).
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 
@@ -22,11 +23,13 @@ from services.gateway.requests import (
     FIELD_LIMITS,
     MAX_TOP_LOGPROBS,
     REQUEST_ID,
+    ChatTurn,
     GenerationRequest,
     Principal,
     ResponseFormat,
 )
 from services.gateway.tokenizers import PromptTokenizer
+from services.gateway.tool_calls import forced_schema, tools_block
 from services.registry.engine_capabilities import (
     EngineCapabilities,
     capabilities_of,
@@ -34,7 +37,7 @@ from services.registry.engine_capabilities import (
 )
 from services.registry.manifest import ModelVersion
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 PRIORITIES = range(4)
 UINT64_MAX = 2**64 - 1
 
@@ -78,7 +81,8 @@ OFFLOAD_MIN_CHARS = 1024
 def input_chars(request: GenerationRequest) -> int:
     """What `prepare_prompt` works through: the prompt or messages, and a structured output's
     schema (compiled there)."""
-    schema = len(request.response_format.json_schema)
+    schema = len(request.response_format.json_schema) + sum(
+        len(tool.parameters) + len(tool.description) for tool in request.tools)
     if request.messages is not None:
         return schema + sum(len(turn.content) for turn in request.messages)
     return schema + len(request.prompt or "")
@@ -154,8 +158,60 @@ def check_parameters(
     context_limit = min(version.context_window, plan.max_context_tokens)
     capabilities = capabilities_of(version.engine_kind)
     cache_salt = principal.prefix_salt if capabilities.prefix_cache else ""
-    guide = check_response_format(request.response_format, version, capabilities)
+    check_tools(request)
+    guide = check_response_format(requested_format(request), version, capabilities)
     return CheckedParameters(max_tokens, context_limit, timeout_s, cache_salt, guide)
+
+
+def forced_tool_call(request: GenerationRequest) -> bool:
+    """Whether the answer must be a call (`required` or a named function)."""
+    return bool(request.tools) and request.tool_choice in ("required", "function")
+
+
+def check_tools(request: GenerationRequest) -> None:
+    """Tools need a chat; a named choice names one of them; each function's parameters are a
+    JSON object (a schema); a forced call is a structured output of its own."""
+    if not request.tools:
+        if request.tool_choice in ("required", "function"):
+            raise InvalidArgument("tool_choice", "needs tools")
+        return
+    if request.messages is None:
+        raise InvalidArgument("tools", "need messages (a chat), not a prompt")
+    for index, tool in enumerate(request.tools):
+        try:
+            parameters = json.loads(tool.parameters)
+        except (ValueError, RecursionError):
+            parameters = None
+        if not isinstance(parameters, dict):
+            raise InvalidArgument(f"tools[{index}].function.parameters",
+                                  "must be a JSON object (a JSON schema)")
+    names = {tool.name for tool in request.tools}
+    if request.tool_choice == "function" and request.tool_choice_name not in names:
+        raise InvalidArgument("tool_choice", "must name one of the tools")
+    if forced_tool_call(request) and request.response_format.type != "text":
+        raise InvalidArgument("response_format", "cannot be combined with a forced tool_choice")
+
+
+def requested_format(request: GenerationRequest) -> ResponseFormat:
+    """What the engine must follow: a forced call's schema (`tool_calls.forced_schema`), else
+    the client's `response_format`."""
+    if forced_tool_call(request):
+        name = request.tool_choice_name if request.tool_choice == "function" else ""
+        return ResponseFormat("json_schema", forced_schema(request.tools, name,
+                                                           request.parallel_tool_calls))
+    return request.response_format
+
+
+def with_tools(messages: tuple[ChatTurn, ...], request: GenerationRequest
+               ) -> tuple[ChatTurn, ...]:
+    """The chat with the tools' system block (`tool_calls.tools_block`) merged into its system
+    message, or first; unchanged without tools or with tool_choice `none`."""
+    if not request.tools or request.tool_choice == "none":
+        return messages
+    block = tools_block(request.tools)
+    if messages and messages[0].role == "system":
+        return (ChatTurn("system", f"{messages[0].content}\n\n{block}"), *messages[1:])
+    return (ChatTurn("system", block), *messages)
 
 
 def check_response_format(response_format: ResponseFormat, version: ModelVersion,
@@ -181,17 +237,17 @@ def _guide_of(response_format: ResponseFormat) -> tuple[str, str]:
     return "", ""
 
 
-def _check_guide_compiles(response_format: ResponseFormat) -> None:
+def _check_guide_compiles(response_format: ResponseFormat, field: str) -> None:
     """The engines' own rule (`grammar_of`): ~3 ms per KiB of schema the first time, a lookup
-    for a schema seen lately."""
+    for a schema seen lately. `field`: where the schema came from (a forced tool call's is the
+    tools')."""
     guide = _guide_of(response_format)
     if not guide[0]:
         return
     try:
         grammar_of(*guide)
     except ValueError as error:
-        raise InvalidArgument("response_format",
-                              str(error).removeprefix("guided_decoding_guide ")) from None
+        raise InvalidArgument(field, str(error).removeprefix("guided_decoding_guide ")) from None
 
 
 @dataclass(frozen=True)
@@ -218,9 +274,10 @@ def prepare_prompt(
     prompt's KV block hashes (salted as the engine's cache is), for precise routing. A
     structured output's schema is compiled here too, once (the engines' rule; the answer is
     cached)."""
-    _check_guide_compiles(request.response_format)
+    _check_guide_compiles(requested_format(request),
+                          "tools" if forced_tool_call(request) else "response_format")
     if request.messages is not None:
-        prompt, field = tokenizer.render(request.messages), "messages"
+        prompt, field = tokenizer.render(with_tools(request.messages, request)), "messages"
     else:
         prompt, field = request.prompt or "", "prompt"
     if len(prompt) > limits.max_prompt_chars:

@@ -116,11 +116,11 @@ async def test_errors_map_to_the_clients_exception_classes(stack: StackInfo):
         await api.chat.completions.create(model=stack.reference_model,
                                           messages=[{"role": "user", "content": "hi"}], n=9)
     assert unsupported.value.body["param"] == "n"
-    with pytest.raises(openai.BadRequestError) as tools:
+    with pytest.raises(openai.BadRequestError) as functions:  # deprecated: tools replace it
         await api.chat.completions.create(
             model=stack.reference_model, messages=[{"role": "user", "content": "hi"}],
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert tools.value.body["param"] == "tools"
+            functions=[{"name": "f", "parameters": {}}])
+    assert functions.value.body["param"] == "functions"
 
 
 async def test_request_id_is_echoed_and_idempotency_key_replays(stack: StackInfo):

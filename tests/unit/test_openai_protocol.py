@@ -79,7 +79,7 @@ def test_unsupported_values_name_the_parameter(fields, param):
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"tools": []}, "tools"),
+    ({"functions": []}, "functions"),
     ({"response_format": {"type": "yaml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
      "response_format.json_schema.name"),
