@@ -79,6 +79,11 @@ class EngineRequest:
     # "json" or "json_schema" (with the schema's text as the guide); "" for free text.
     guided_decoding_guide_type: str = ""
     guided_decoding_guide: str = ""
+    # Ask for `output_ids` (engines that can continue a generation declare it), and continue a
+    # generation after these ids (`continue_ids`, mid-stream failover): `max_tokens` then counts
+    # the new tokens only.
+    return_output_ids: bool = False
+    continue_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -90,6 +95,7 @@ class EngineChunk:
     completion_tokens: int
     final: bool
     logprobs: tuple[TokenLogprob, ...] = ()  # the tokens this response adds, when asked
+    token_ids: tuple[int, ...] = ()  # generated since the last chunk (when asked for)
 
 
 @dataclass
@@ -156,6 +162,10 @@ def build_request(request: EngineRequest) -> service_pb2.ModelInferRequest:
             _bytes_element(request.guided_decoding_guide_type.encode()))
         add("guided_decoding_guide", "BYTES",
             _bytes_element(request.guided_decoding_guide.encode()))
+    if request.continue_ids:
+        add("continue_ids", "INT32",
+            struct.pack(f"<{len(request.continue_ids)}i", *request.continue_ids),
+            len(request.continue_ids))
     add("return_num_input_tokens", "BOOL", _TRUE)
     add("return_num_output_tokens", "BOOL", _TRUE)
     outputs = OUTPUTS
@@ -165,6 +175,8 @@ def build_request(request: EngineRequest) -> service_pb2.ModelInferRequest:
         outputs += LOGPROB_OUTPUTS
     for name in outputs:
         message.outputs.add(name=name)
+    if request.return_output_ids:
+        message.outputs.add(name="output_ids")
     return message
 
 
@@ -199,9 +211,9 @@ def _floats(content: bytes) -> list[float]:
 
 
 def read_chunk(response: service_pb2.ModelInferResponse) -> EngineChunk:
-    """One streamed response: its text (every BYTES element, concatenated), the counts, and the
-    log probabilities when they were asked for."""
-    text, prompt_tokens, completion_tokens = b"", 0, 0
+    """One streamed response: its text (every BYTES element, concatenated), the counts, the
+    token ids and the log probabilities when they were asked for."""
+    text, prompt_tokens, completion_tokens, token_ids = b"", 0, 0, ()
     logprob_columns: dict[str, bytes] = {}
     for tensor, content in zip(response.outputs, response.raw_output_contents, strict=False):
         if tensor.name == "text_output":
@@ -212,11 +224,23 @@ def read_chunk(response: service_pb2.ModelInferResponse) -> EngineChunk:
             completion_tokens = _count(tensor, content)
         elif tensor.name in LOGPROB_OUTPUTS:
             logprob_columns[tensor.name] = content
+        elif tensor.name == "output_ids":
+            token_ids = _token_ids(tensor, content)
     final = response.parameters.get("triton_final_response")
     return EngineChunk(text=text.decode("utf-8", errors="replace"), prompt_tokens=prompt_tokens,
                        completion_tokens=completion_tokens,
                        final=bool(final is not None and final.bool_param),
-                       logprobs=_logprobs(logprob_columns))
+                       logprobs=_logprobs(logprob_columns), token_ids=token_ids)
+
+
+def _token_ids(tensor: service_pb2.ModelInferResponse.InferOutputTensor,
+               content: bytes) -> tuple[int, ...]:
+    """`output_ids`: INT32 (ours, TensorRT-LLM's) or any integer layout of `_COUNT_FORMATS`."""
+    layout = _COUNT_FORMATS.get(tensor.datatype)
+    if layout is None or len(content) % layout.size:
+        raise errors.Internal(f"the engine's output_ids is {tensor.datatype} of {len(content)} "
+                              f"bytes, not integers")
+    return tuple(value for (value,) in layout.iter_unpack(content))
 
 
 def _logprobs(columns: dict[str, bytes]) -> tuple[TokenLogprob, ...]:

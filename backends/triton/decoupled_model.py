@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 __all__ = ["FINAL", "LOGPROB_OUTPUTS", "PROBE_INPUT", "EngineMetrics", "Inbox", "Pending",
            "SentLogprob", "enqueue",
            "logit_bias", "model_parameters", "parse_text_request", "refused", "report_crashes",
-           "response", "scalar", "send", "send_error", "stopped", "strings"]
+           "response", "scalar", "send", "send_error", "stopped", "strings", "token_ids"]
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUEST_TYPES = ("active", "max", "waiting", "scheduled", "context")
@@ -63,6 +63,10 @@ class Pending:
     pieces: list[str] = field(default_factory=list)  # the text so far, when not streaming
     first_token_time_ns: int = 0  # wall clock, comparable with the gateway's own timestamps
     kv_cache_reused_blocks: int = 0  # prompt blocks found in the prefix cache (0: not known)
+    # Ids of the tokens generated since the last response, sent with the next one (`output_ids`):
+    # a response's ids are those whose text it carries or the engine still holds back, so the
+    # ids a client has received always continue exactly where its text left off.
+    token_ids: list[int] = field(default_factory=list)
     # Log probabilities asked for (`return_log_probs`): the top ones per token (0: the chosen
     # token's only; -1: none asked), and those not sent yet, in token order.
     top_logprobs: int = -1
@@ -154,6 +158,14 @@ def guided_decoding(request: pb_utils.InferenceRequest) -> tuple[str, str] | Non
     return guide_type, guide
 
 
+def token_ids(request: pb_utils.InferenceRequest, name: str) -> tuple[int, ...]:
+    """A `dims: [-1]` INT32 input of token ids (`continue_ids`); empty when not given."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return ()
+    return tuple(int(token) for token in tensor.as_numpy().reshape(-1))
+
+
 def parse_text_request(
     request: pb_utils.InferenceRequest, sender: pb_utils.InferenceResponseSender
 ) -> tuple[str, int, Pending]:
@@ -185,6 +197,9 @@ def response(pending: Pending, text: str) -> pb_utils.InferenceResponse:
     if "text_output" in pending.outputs:
         tensors.append(pb_utils.Tensor(
             "text_output", np.array([[text.encode()]], dtype=np.object_)))
+    if "output_ids" in pending.outputs:
+        tensors.append(pb_utils.Tensor(
+            "output_ids", np.array([pending.token_ids], dtype=np.int32).reshape(1, -1)))
     for name, value, dtype in (
         ("num_input_tokens", pending.num_input_tokens, np.int32),
         ("num_output_tokens", pending.num_output_tokens, np.int32),
@@ -226,6 +241,7 @@ def send(pending: Pending, text: str, final: bool, engine: str) -> bool:
     try:
         pending.sender.send(response(pending, text), flags=FINAL if final else 0)
         pending.logprobs.clear()
+        pending.token_ids.clear()
         return True
     except Exception as error:
         pb_utils.Logger.log_error(f"{engine}: response not sent: {error!r}")

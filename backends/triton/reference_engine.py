@@ -244,12 +244,21 @@ class GenerationRequest:
     sampling_key: str = ""
     # Structured output: the whole text to produce (`guided_text`), a few characters a token.
     guided_text: str | None = None
+    # A continuation: the ids of the tokens this request's original generation already produced
+    # (on a replica that failed). The text goes on after them exactly as the original would
+    # have, its stop strings matched across the seam; `max_tokens` counts the new tokens only,
+    # `min_tokens` the original's.
+    continued: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if any(token < 0 for token in self.continued):
+            raise ValueError("continue_ids must be token ids (not negative)")
+        if self.continued and self.guided_text is not None:
+            raise ValueError("continue_ids cannot continue structured output")
 
 
 class FinishReason(enum.Enum):
@@ -264,6 +273,7 @@ class TokenOutput:
     request_id: int
     delta: str  # new text to emit; empty while text is held back as a possible stop-string prefix
     num_output_tokens: int  # tokens generated so far, stop-string tokens included (they cost steps)
+    token_id: int  # the token this step generated (its id: services.common.kv_blocks)
     finish_reason: FinishReason | None  # set on the request's last output, which is then forgotten
     first_token: bool  # this step produced the request's first token (time-to-first-token)
     kv_cache_reused_blocks: int  # prompt blocks its first admission found in the prefix cache
@@ -389,9 +399,14 @@ class _Sequence:
     """One request's generation state: the lazy word stream and the held-back stop-string prefix."""
 
     def __init__(self, request: GenerationRequest, max_tokens: int):
-        """`max_tokens`: the request's, or fewer when the KV pool cannot hold that many."""
+        """`max_tokens`: the request's, or fewer when the KV pool cannot hold that many.
+
+        A continuation replays its `continued` tokens first: the same seeded word stream gives
+        the same words, so the text goes on as the original's would have (ValueError if they are
+        not this request's words, or if its text had already ended)."""
         self.request = request
-        self.max_tokens = max_tokens
+        self.continued = len(request.continued)
+        self.max_tokens = self.continued + max_tokens
         rng = _rng_for(request.seed, request.prompt + request.sampling_key)
         target = rng.randint(MIN_NATURAL_TOKENS, MAX_NATURAL_TOKENS)
         self.target_tokens = max(target, request.min_tokens)
@@ -406,12 +421,18 @@ class _Sequence:
         self.blocks: list[int] = []  # KV blocks held, in token order
         self.hashes: list[int] = []  # hashes of the full blocks computed so far
         self.kv_cache_reused_blocks = 0
+        for position, token in enumerate(request.continued):
+            output = self.advance()
+            if output.token_id != token or output.finish_reason is not None:
+                raise ValueError(f"continue_ids[{position}] does not continue this request's "
+                                 f"text (seed and prompt must be the original's)")
 
     def advance(self) -> TokenOutput:
         """Generates one token and decides what of the text so far can be emitted."""
         word = next(self.words)
         self.generated += 1
-        self.tokens.extend(word_token_ids((word.lstrip(),)))
+        [token_id] = word_token_ids((word.lstrip(),))
+        self.tokens.append(token_id)
         self.pending += word
         request = self.request
         finish: FinishReason | None = None
@@ -427,8 +448,9 @@ class _Sequence:
         else:
             keep_from = self._held_back_from()
             delta, self.pending = self.pending[:keep_from], self.pending[keep_from:]
-        return TokenOutput(request.request_id, delta, self.generated, finish,
-                           self.generated == 1, self.kv_cache_reused_blocks, word)
+        return TokenOutput(request.request_id, delta, self.generated - self.continued,
+                           token_id, finish, self.generated == self.continued + 1,
+                           self.kv_cache_reused_blocks, word)
 
     def _first_stop(self) -> int | None:
         # Text already emitted never holds the start of a match (see _held_back_from), so only
@@ -480,7 +502,7 @@ class ReferenceEngine:
         """
         if request.request_id in self._active or request.request_id in self._waiting:
             raise ValueError(f"request {request.request_id} is already in the engine")
-        prompt_tokens = count_tokens(request.prompt)
+        prompt_tokens = count_tokens(request.prompt) + len(request.continued)
         room = self.config.kv_cache_blocks * self.config.kv_block_tokens - prompt_tokens
         if room < 1:
             raise ValueError(
@@ -603,7 +625,7 @@ class ReferenceEngine:
                 self._pool.acquire(block)
             sequence.blocks = hits + [self._pool.allocate() for _ in range(needed)]
             sequence.hashes = hashes[:len(hits)]
-            if sequence.generated == 0:
+            if sequence.generated == sequence.continued:
                 sequence.kv_cache_reused_blocks = len(hits)
             self._active[sequence.request.request_id] = sequence
             cached = len(hits) * block_tokens

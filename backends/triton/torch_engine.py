@@ -151,12 +151,20 @@ class Generation:
     sampling: Sampling = Sampling()
     stop: tuple[str, ...] = ()  # the text ends before the first one, which is not emitted
     guide: Guide | None = None  # the grammar the text must follow (`TorchEngine.compile_guide`)
+    # A continuation: the ids of the tokens the original generation already produced (on a
+    # replica that failed). They follow the prompt as context, sampling positions count on from
+    # them (so the same seed draws the same tokens), stop strings match across the seam, and
+    # `max_tokens` counts the new tokens only (`min_tokens` the original's).
+    continued: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.continued and self.guide is not None:
+            # The guide's state would have to be replayed over the continued tokens.
+            raise ValueError("continue_ids cannot continue structured output")
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,7 @@ class Delta:
     # The tokens this delta adds, when the request asked for log probabilities; their text may
     # still be held back (an incomplete character, a possible stop string).
     logprobs: tuple[TokenLogprob, ...] = ()
+    token_ids: tuple[int, ...] = ()  # the tokens generated since the request's last delta
 
 
 @dataclass(frozen=True)
@@ -239,6 +248,12 @@ class IncrementalDetokenizer:
         self._pending += new_text[len(prefix_text) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(token_ids)
         return self._release()
+
+    def push_each(self, token_ids: Sequence[int], start: int) -> str:
+        """`push` for each id after the first `start`, one at a time: what is released then
+        depends on the ids alone, never on how the engine batched them, so a continuation's
+        detokenizer fed the ids a client received holds back exactly what the original held."""
+        return "".join(self.push(token_ids[:end]) for end in range(start + 1, len(token_ids) + 1))
 
     def finish(self, token_ids: Sequence[int]) -> str:
         """The rest of the text once the request ended: nothing is held back any more."""
@@ -340,7 +355,7 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
     supported_kwargs: ClassVar[dict[str, type]] = {
         "temperature": float, "top_k": int, "top_p": float, "choice_seed": int, "min_tokens": int,
         "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
-        "logit_bias": tuple, "top_logprobs": int,
+        "logit_bias": tuple, "top_logprobs": int, "position_offset": int,
         "guide": int,  # a key of `guides`
     }
     ignored_kwargs: tuple[str, ...] = ()
@@ -378,9 +393,11 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         for request in requests_with_new_token:
             state = request.state
             kwargs = state.logit_processor_kwargs
-            position = state.generated_len()
+            # A continuation's tokens count from the original's start: the same (seed, position)
+            continued = kwargs.get("position_offset", 0)
+            position = state.generated_len() + continued
             seed = kwargs.get("choice_seed", 0)
-            prompt_ids, generated_ids = _history(state)
+            prompt_ids, generated_ids = _history(state, continued)
             guide = self.guides.get(kwargs.get("guide", 0))
             rows.append(_RowSampling(
                 temperature=kwargs.get("temperature", 0.0),
@@ -475,14 +492,21 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         return torch.argmax(logits - torch.log(-torch.log(uniform.clamp_(1e-20, 1.0))))
 
 
-def _history(state) -> tuple[Sequence[int], Sequence[int]]:
+def _history(state, continued: int = 0) -> tuple[Sequence[int], Sequence[int]]:
     """A request's prompt and generated ids; a preempted request was re-queued with its generated
-    tokens appended to its prompt (transformers' `_true_initial_tokens` marks where)."""
+    tokens appended to its prompt (transformers' `_true_initial_tokens` marks where), and a
+    continuation's last `continued` prompt ids are the original's generated ones (the penalties
+    see them as generated, as the original did)."""
     true_prompt = getattr(state, "_true_initial_tokens", 0)
     if true_prompt:
-        return (state.initial_tokens[:true_prompt],
-                [*state.initial_tokens[true_prompt:], *state.generated_tokens])
-    return getattr(state, "initial_tokens", ()), getattr(state, "generated_tokens", ())
+        prompt = state.initial_tokens[:true_prompt]
+        generated = [*state.initial_tokens[true_prompt:], *state.generated_tokens]
+    else:
+        prompt = getattr(state, "initial_tokens", ())
+        generated = getattr(state, "generated_tokens", ())
+    if continued:
+        return prompt[:len(prompt) - continued], [*prompt[len(prompt) - continued:], *generated]
+    return prompt, generated
 
 
 @dataclass
@@ -492,7 +516,7 @@ class _Request:
     generation: Generation
     num_input_tokens: int
     detokenizer: IncrementalDetokenizer
-    num_output_tokens: int = 0
+    num_output_tokens: int = 0  # new tokens (a continuation's continued ones not counted)
     logprobs_taken: int = 0  # tokens whose log probabilities went out with a delta
     guide_key: int = 0  # its key in the sampler's guides (0: not guided)
 
@@ -587,6 +611,10 @@ class TorchEngine:
         prompt_ids = self._encode(generation.prompt)
         if not prompt_ids:
             raise ValueError("text_input holds no tokens")
+        vocabulary = int(self._model.config.vocab_size)
+        if any(not 0 <= token < vocabulary for token in generation.continued):
+            raise ValueError(f"continue_ids must be token ids below {vocabulary}")
+        prompt_ids += generation.continued
         if len(prompt_ids) + generation.max_tokens > self.context_window:
             raise ValueError(
                 f"{len(prompt_ids)} prompt tokens + max_tokens {generation.max_tokens} exceed the "
@@ -599,14 +627,17 @@ class TorchEngine:
                              f"{self.vocab_size} tokens")
         greedy = sampling.temperature == 0.0
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        detokenizer = IncrementalDetokenizer(self._decode, generation.stop)
+        if generation.continued:  # the text the original already sent (or held back)
+            detokenizer.push_each(generation.continued, 0)
+            if detokenizer.stopped:
+                raise ValueError("continue_ids already end in a stop string")
         guide_key = 0
         if generation.guide is not None:
             guide_key = next(self._guide_keys)
             self._sampler.guides[guide_key] = generation.guide
         self._requests[generation.request_id] = _Request(
-            generation, len(prompt_ids), IncrementalDetokenizer(self._decode, generation.stop),
-            guide_key=guide_key,
-        )
+            generation, len(prompt_ids), detokenizer, guide_key=guide_key)
         self._manager.add_request(
             prompt_ids,
             request_id=generation.request_id,
@@ -623,6 +654,7 @@ class TorchEngine:
             logit_bias=tuple((int(t), float(b)) for t, b in sampling.logit_bias),
             top_logprobs=int(sampling.top_logprobs),
             guide=guide_key,
+            position_offset=len(generation.continued),
         )
         return len(prompt_ids)
 
@@ -650,29 +682,33 @@ class TorchEngine:
         request = self._requests.get(output.request_id)
         if request is None:
             return None  # cancelled, or already ended by a stop string: its leftovers are moot
-        tokens = output.generated_tokens
-        first = request.num_output_tokens == 0 and len(tokens) > 0
-        request.num_output_tokens = len(tokens)
-        logprobs = self._new_logprobs(request, len(tokens))
+        generated = list(output.generated_tokens)
+        new_ids = tuple(generated[request.num_output_tokens:])
+        first = request.num_output_tokens == 0 and len(generated) > 0
+        pushed = len(request.generation.continued) + request.num_output_tokens
+        request.num_output_tokens = count = len(generated)
+        tokens = [*request.generation.continued, *generated]  # the detokenizer's whole text
+        logprobs = self._new_logprobs(request, count)
         if output.status == RequestStatus.FAILED:
             self._forget(output.request_id)
-            return Delta(output.request_id, "", request.num_input_tokens, len(tokens), first,
-                         FinishReason.ERROR, output.error or "the engine failed the request")
+            return Delta(output.request_id, "", request.num_input_tokens, count, first,
+                         FinishReason.ERROR, output.error or "the engine failed the request",
+                         token_ids=new_ids)
         if output.is_finished():
             self._forget(output.request_id)
             text = request.detokenizer.finish(tokens)
             reason = FinishReason.LENGTH
-            if request.detokenizer.stopped or len(tokens) < request.generation.max_tokens:
+            if request.detokenizer.stopped or count < request.generation.max_tokens:
                 reason = FinishReason.STOP
-            return Delta(output.request_id, text, request.num_input_tokens, len(tokens), first,
-                         reason, logprobs=logprobs)
-        text = request.detokenizer.push(tokens)
+            return Delta(output.request_id, text, request.num_input_tokens, count, first,
+                         reason, logprobs=logprobs, token_ids=new_ids)
+        text = request.detokenizer.push_each(tokens, pushed)
         if request.detokenizer.stopped:  # a stop string: end it here and free its blocks
             self.cancel(output.request_id)
-            return Delta(output.request_id, text, request.num_input_tokens, len(tokens), first,
-                         FinishReason.STOP, logprobs=logprobs)
-        return Delta(output.request_id, text, request.num_input_tokens, len(tokens), first,
-                     logprobs=logprobs)
+            return Delta(output.request_id, text, request.num_input_tokens, count, first,
+                         FinishReason.STOP, logprobs=logprobs, token_ids=new_ids)
+        return Delta(output.request_id, text, request.num_input_tokens, count, first,
+                     logprobs=logprobs, token_ids=new_ids)
 
     def _new_logprobs(self, request: _Request, tokens: int) -> tuple[TokenLogprob, ...]:
         if request.generation.sampling.top_logprobs == LOGPROBS_OFF:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pathlib
 import re
@@ -20,7 +21,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferResult, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from backends.triton.adapter import EngineRequest, build_request, engine_failure
+from backends.triton.adapter import EngineRequest, TritonAdapter, build_request, engine_failure
 from backends.triton.launcher import TritonPorts, TritonServer, stub_pids
 from backends.triton.reference_engine import GenerationRequest, complete, count_tokens
 from deploy.local.replicas import reference_repository
@@ -402,3 +403,30 @@ def test_launcher_cli_runs_triton_until_sigterm_and_exits_cleanly(tmp_path: path
     assert stub_pids(tmp_path) == []
     assert left_in_shm(regions) == set()
     assert "successfully unloaded 'reference'" in (tmp_path / "tritonserver.log").read_text()
+
+
+async def test_a_continuation_from_the_output_ids_goes_on_where_the_stream_was_cut(
+    triton: TritonServer,
+) -> None:
+    """Through the gateway's adapter: each chunk's `output_ids` are the tokens of its text; a
+    request with `continue_ids` (what a cut stream had delivered) and the max_tokens left sends
+    the rest, the same as the uncut stream's, and counts only the new tokens."""
+    adapter = TritonAdapter(None)
+    original = EngineRequest(MODEL, "whole", PROMPT, max_tokens=40, seed=13, stop=("the ri",),
+                             return_output_ids=True)
+    try:
+        whole = [c async for c in adapter.generate(triton.grpc_address, original)]
+        ids = [token for chunk in whole for token in chunk.token_ids]
+        assert len(ids) == whole[-1].completion_tokens
+        cut = len(whole) // 2
+        delivered = [token for chunk in whole[:cut] for token in chunk.token_ids]
+        continuation = dataclasses.replace(
+            original, request_id="rest", continue_ids=tuple(delivered),
+            max_tokens=original.max_tokens - len(delivered))
+        rest = [c async for c in adapter.generate(triton.grpc_address, continuation)]
+    finally:
+        await adapter.close()
+    assert "".join(c.text for c in whole[:cut] + rest) == "".join(c.text for c in whole)
+    assert [t for c in rest for t in c.token_ids] == ids[len(delivered):]
+    assert rest[-1].completion_tokens == len(ids) - len(delivered)
+    assert rest[-1].prompt_tokens == count_tokens(PROMPT) + len(delivered)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -468,3 +469,45 @@ def test_made_up_log_probabilities_are_well_formed_and_the_chosen_word_is_the_mo
         assert values == sorted(values, reverse=True) and max(values) == logprob < 0
         assert sum(math.exp(v) for v in values) < 1.0
     assert made_up_logprobs(" The", 0)[1] == ()
+
+
+def _stream(engine: ReferenceEngine) -> list[tuple[str, int]]:
+    """(delta, token id) of every step of the engine's one request."""
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs.extend((o.delta, o.token_id) for o in engine.step().outputs)
+    return outputs
+
+
+@pytest.mark.parametrize(("seed", "stop", "max_tokens"), [
+    (7, (), 10_000), (3, (), 40), (11, ("the ro", "xyz"), 10_000), (5, ("e t",), 60)])
+def test_a_continuation_goes_on_exactly_where_the_client_stopped(seed, stop, max_tokens):
+    """Cut after any token: the continuation, given the ids the client got (those whose text it
+    got, or that were held back as a possible stop string) and the max_tokens left, sends the
+    rest of the text: together, the original's, to the character; counts are the new tokens."""
+    full = complete(request(seed=seed, stop=stop, max_tokens=max_tokens))
+    engine = ReferenceEngine()
+    engine.add_request(request(seed=seed, stop=stop, max_tokens=max_tokens))
+    original = _stream(engine)
+    for cut in range(1, len(original) - 1):
+        sent = "".join(delta for delta, _ in original[:cut])
+        continuation = request(seed=seed, stop=stop, max_tokens=max_tokens - cut)
+        engine.add_request(dataclasses.replace(
+            continuation, continued=tuple(token for _, token in original[:cut])))
+        rest = []
+        while engine.has_unfinished_requests():
+            rest.extend(engine.step().outputs)
+        assert sent + "".join(o.delta for o in rest) == full.text, cut
+        assert rest[0].first_token and rest[-1].num_output_tokens == len(original) - cut
+        assert rest[-1].finish_reason is full.finish_reason
+        assert [o.token_id for o in rest] == [token for _, token in original[cut:]]
+
+
+def test_a_continuation_of_another_requests_tokens_is_refused():
+    engine = ReferenceEngine()
+    engine.add_request(request())
+    ids = tuple(token for _, token in _stream(engine))
+    with pytest.raises(ValueError, match=r"continue_ids\[\d+\] does not continue"):
+        engine.add_request(dataclasses.replace(request(seed=8), continued=ids[:3]))
+    with pytest.raises(ValueError, match="not negative"):
+        dataclasses.replace(request(), continued=(-1,))

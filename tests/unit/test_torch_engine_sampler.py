@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from backends.triton.torch_engine import _Sampler
+from backends.triton.torch_engine import _history, _Sampler
 
 EOS = 3
 
@@ -160,3 +160,26 @@ def test_log_probabilities_are_taken_in_order_and_only_as_many_as_asked():
     assert [lp.token_id for lp in sampler.take_logprobs("a", 2)] == [0]
     sampler.forget("a")
     assert sampler.take_logprobs("a", 1) == ()
+
+
+def test_a_continuation_draws_what_the_original_drew_at_the_same_absolute_position():
+    """A continuation of 30 tokens at its own step 2 is the original at step 32: the same key,
+    the same draw, and min_tokens counted from the original's start."""
+    sampler = _Sampler([EOS])
+    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
+    for seed in range(1, 40):
+        row = {"temperature": 0.8, "choice_seed": seed}
+        original = choose(sampler, [request(32, **row)], logits)
+        assert choose(sampler, [request(2, **row, position_offset=30)], logits) == original
+    eos_first = torch.tensor([[0.0, 1.0, 2.0, 9.0, 3.0]])
+    greedy = {"temperature": 0.0, "min_tokens": 3}
+    assert choose(sampler, [request(1, **greedy, position_offset=1)], eos_first) == [4]
+    assert choose(sampler, [request(1, **greedy, position_offset=2)], eos_first) == [EOS]
+
+
+def test_a_continuations_moved_tokens_count_as_generated_for_the_penalties():
+    state = SimpleNamespace(initial_tokens=[1, 2, 3, 4], generated_tokens=[5])
+    assert _history(state, 2) == ([1, 2], [3, 4, 5])
+    preempted = SimpleNamespace(initial_tokens=[1, 2, 3, 4, 5], _true_initial_tokens=4,
+                                generated_tokens=[6])
+    assert _history(preempted, 2) == ([1, 2], [3, 4, 5, 6])

@@ -81,3 +81,23 @@ def test_each_engine_kind_renders_its_own_model_under_the_version_name(tmp_path:
     with pytest.raises(ValueError, match="model name"):
         render_version(tmp_path, "../escape", {"engine": {"kind": "reference"}}, tmp_path,
                        tmp_path)
+
+
+@pytest.mark.parametrize("stop", [(), ("STOP",), ("zz", "fé S"), ("o ca",)])
+def test_a_continuation_detokenizer_fed_the_ids_at_once_holds_what_the_original_held(stop):
+    """Ids pushed one at a time release the same text however they are grouped into calls of
+    `push_each`: a continuation's detokenizer, given at once the ids the client received, holds
+    back what the original held and goes on exactly where the client's text stopped."""
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2]
+    for cut in range(1, len(ids)):
+        original = IncrementalDetokenizer(decode, stop)
+        released = "".join(original.push_each(ids[:n], n - 1) for n in range(1, cut + 1))
+        continued = IncrementalDetokenizer(decode, stop)
+        assert continued.push_each(ids[:cut], 0) == released
+        if original.stopped:
+            assert continued.stopped
+            continue
+        rest_original = "".join(original.push(ids[:n]) for n in range(cut + 1, len(ids) + 1))
+        rest_continued = "".join(continued.push(ids[:n]) for n in range(cut + 1, len(ids) + 1))
+        assert rest_continued == rest_original
+        assert continued.finish(ids) == original.finish(ids)

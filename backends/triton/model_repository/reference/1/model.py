@@ -37,6 +37,7 @@ from backends.triton.decoupled_model import (
     send_error,
     stopped,
     strings,
+    token_ids,
 )
 from backends.triton.kv_event_socket import KvEventPublisher, events_directory
 from backends.triton.reference_engine import (
@@ -128,8 +129,9 @@ class TritonPythonModel:
             cache_salt=scalar(request, "cache_salt", b"").decode(),
             sampling_key=_sampling_key(request),
             guided_text=None if guide is None else guided_text(*guide),
+            continued=token_ids(request, "continue_ids"),
         )
-        pending.num_input_tokens = count_tokens(prompt)
+        pending.num_input_tokens = count_tokens(prompt) + len(generation.continued)
         return pending, generation
 
     def _fail(self, sender: pb_utils.InferenceResponseSender, message: str) -> None:
@@ -198,6 +200,7 @@ class TritonPythonModel:
         for output in outputs:
             pending = self._pending[output.request_id]
             pending.num_output_tokens = output.num_output_tokens
+            pending.token_ids.append(output.token_id)
             if pending.top_logprobs >= 0:
                 logprob, top = made_up_logprobs(output.token, pending.top_logprobs)
                 pending.logprobs.append(SentLogprob(

@@ -38,6 +38,7 @@ from backends.triton.decoupled_model import (
     send_error,
     stopped,
     strings,
+    token_ids,
 )
 from backends.triton.kv_event_socket import KvEventPublisher, events_directory
 from backends.triton.torch_engine import (
@@ -144,6 +145,7 @@ class TritonPythonModel:
             sampling=sampling,
             stop=strings(request, "stop_words"),
             guide=None if guide is None else self._engine.compile_guide(*guide),
+            continued=token_ids(request, "continue_ids"),
         )
         return pending, generation
 
@@ -217,6 +219,7 @@ class TritonPythonModel:
                 continue
             generated += delta.num_output_tokens - pending.num_output_tokens
             pending.num_output_tokens = delta.num_output_tokens
+            pending.token_ids.extend(delta.token_ids)
             pending.logprobs.extend(self._spelled(delta))
             if delta.first_token:
                 pending.first_token_time_ns = now_ns
