@@ -67,6 +67,8 @@ def merge(request_id: str, results: list[Finished]) -> Finished:
         total_s=max(r.total_s for r in results),
         error=failed.error if failed else None,
         cached=all(r.cached for r in results),
+        moves=sum(r.moves for r in results),
+        continuation_exact=all(r.continuation_exact for r in results),
         choices=tuple(ChoiceEnd(i, r.finish_reason, r.completion_tokens)
                       for i, r in enumerate(results)),
     )

@@ -403,6 +403,15 @@ def _ends(finished: Finished) -> tuple[ChoiceEnd, ...]:
         ChoiceEnd(0, finished.finish_reason, finished.completion_tokens),)
 
 
+def _failover(finished: Finished) -> dict[str, Any]:
+    """An extension field, only on a generation that moved to another replica mid-stream (the
+    gRPC `Final.failover`); OpenAI's objects take extra fields, its clients keep them."""
+    if not finished.moves:
+        return {}
+    return {"infermesh_failover": {"moves": finished.moves,
+                                   "continuation_exact": finished.continuation_exact}}
+
+
 def _completion(route: str, request_id: str, body: Any, finished: Finished,
                 outputs: dict[int, tuple[str, dict[str, Any] | None]],
                 generation: GenerationRequest | None = None) -> dict[str, Any]:
@@ -430,7 +439,7 @@ def _completion(route: str, request_id: str, body: Any, finished: Finished,
         "object": "chat.completion" if route == "chat" else "text_completion",
         "created": int(time.time()), "model": body.model,
         "system_fingerprint": finished.model_version,
-        "choices": choices, "usage": _usage(finished),
+        "choices": choices, "usage": _usage(finished), **_failover(finished),
     }
 
 
@@ -460,7 +469,8 @@ async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request
     offsets: dict[int, int] = {}  # characters of each choice's text so far (text_offset)
 
     def chunk(index: int, content: str | None, finish_reason: str | None,
-              logprobs: Sequence[TokenLogprob] = ()) -> bytes:
+              logprobs: Sequence[TokenLogprob] = (),
+              extension: dict[str, Any] | None = None) -> bytes:
         offset = offsets.get(index, 0)
         shown = _logprobs(route, logprobs_asked, logprobs, offset) if logprobs else None
         offsets[index] = offset + len(content or "")
@@ -474,7 +484,7 @@ async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request
             choice = {"index": index, "text": content or "", "logprobs": shown,
                       "finish_reason": finish_reason}
         started.add(index)
-        return _data({**base, "choices": [choice]})
+        return _data({**base, "choices": [choice], **(extension or {})})
 
     def tool_chunk(index: int, calls: list[dict[str, Any]]) -> bytes:
         delta: dict[str, Any] = {"tool_calls": calls}
@@ -532,7 +542,8 @@ async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request
             error = event.error or errors.DeadlineExceeded("the request's deadline passed")
             yield _data(error_payload(error, body))
             return
-        for end in _ends(event):
+        ends = _ends(event)
+        for end in ends:
             finish_reason = end.finish_reason
             streamed = calls_of(end.index)
             if streamed is not None:
@@ -543,7 +554,8 @@ async def _sse_chunks(run: _Run, accepted: Event, body: Any, route: str, request
                     yield chunk(end.index, content, None)
                 if streamed.called and finish_reason == "stop":
                     finish_reason = "tool_calls"
-            yield chunk(end.index, None, finish_reason)
+            yield chunk(end.index, None, finish_reason,
+                        extension=_failover(event) if end is ends[-1] else None)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _data({**base, "choices": [], "usage": _usage(event)})
         yield DONE

@@ -37,6 +37,7 @@ from services.common.logs import get_logger
 from services.common.outcome import Outcome
 from services.common.prefix import prompt_block_hashes
 from services.gateway.admission import FairAdmission, priority_index
+from services.gateway.failover import Continuation, FailoverSettings
 from services.gateway.model_access import check_access
 from services.gateway.peers import Grant, Route
 from services.gateway.requests import GenerationRequest, Principal
@@ -61,6 +62,7 @@ from services.gateway.validation import (
     validate,
 )
 from services.registry.catalog import ModelCatalog
+from services.registry.engine_capabilities import capabilities_of
 from services.registry.manifest import ModelVersion
 
 log = get_logger(__name__)
@@ -152,6 +154,8 @@ class Finished:
     error: errors.MeshError | None = None
     cached: bool = False  # answered from the response cache: no engine ran, nothing charged
     choices: tuple[ChoiceEnd, ...] = ()  # n > 1: each choice's end, by index
+    moves: int = 0  # replicas it moved to mid-stream (services/gateway/failover.py)
+    continuation_exact: bool = True  # False: a move could not continue the same draw
 
 
 Event = Accepted | TokenText | Finished
@@ -209,6 +213,17 @@ class _Release:
 
     reservation_id: str
     outcome: Outcome = Outcome.CANCELLED
+    # What the attempt generated (the scheduler's demand metering); None: as far as it got
+    completion_tokens: int | None = None
+
+
+@dataclass
+class _Relayed:
+    """What the client has not been sent yet, carried across a move: the text the safety filter
+    holds and the log probabilities of the tokens behind it."""
+
+    safety: StreamFilter
+    held: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -229,6 +244,7 @@ class _Progress:
     text_hashes: TextHashes | None = None  # only when the tenant's plan asks for them
     cold: bool = False  # pinned to a version in no serving role that no replica serves yet
     cached: bool = False  # answered from the response cache
+    continuation: Continuation | None = None  # what mid-stream failover needs, once validated
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -248,6 +264,7 @@ class GenerationPipeline:
         source: str,
         zone: str = "",
         max_attempts: int = 2,
+        failover: FailoverSettings | None = None,
         serving: Callable[[str], bool] = lambda _model: True,
         clock: Callable[[], float] = time.monotonic,
         prompt_workers: int = 4,
@@ -268,6 +285,7 @@ class GenerationPipeline:
         self._source = source
         self._zone = zone
         self._max_attempts = max_attempts
+        self._failover = failover or FailoverSettings()
         self._clock = clock
         self._response_cache = response_cache
         self._background: set[asyncio.Task[None]] = set()
@@ -323,7 +341,7 @@ class GenerationPipeline:
 
                 async with asyncio.timeout(validated.timeout_s):
                     finish_reason = await self._admit_route_relay(
-                        principal, validated.engine, version.version_id, validated.timeout_s,
+                        principal, validated.engine, version, validated.timeout_s,
                         validated.prompt_tokens, progress, recording,
                         (validated.kv_block_hashes, validated.kv_block_tokens),
                     )
@@ -419,10 +437,11 @@ class GenerationPipeline:
         self._shadow.submit(shadow, validated.engine)
 
     async def _admit_route_relay(
-        self, principal: Principal, engine_request: EngineRequest, version_id: str,
+        self, principal: Principal, engine_request: EngineRequest, version: ModelVersion,
         timeout_s: float, prompt_tokens: int, progress: _Progress, send: Send,
         kv_blocks: tuple[Sequence[int], int] = ((), 0),
     ) -> str:
+        version_id = version.version_id
         hold_s = timeout_s + 5.0
         tenant = principal.tenant_id
         # Reserves prompt + max_tokens; settled with the engine's real counts when it ends.
@@ -448,24 +467,43 @@ class GenerationPipeline:
         progress.cleanups.append(give_back_place)
         failed: list[str] = []
         prefix_hashes = prompt_block_hashes(engine_request.prompt, principal.prefix_salt)
-        for attempt in range(1, self._max_attempts + 1):
+        progress.continuation = continuation = Continuation(
+            engine_request, self._failover,
+            capabilities_of(version.engine_kind).position_sampling)
+        relayed = _Relayed(StreamFilter(progress.blocked_phrases))
+        attempt = 0
+        while True:
+            attempt += 1
+
+            def route_excluding(exclude: list[str], request: EngineRequest = engine_request
+                                ) -> Awaitable[Route]:
+                return self._routing.route(
+                    request.triton_model_name, version_id, request.request_id, hold_s, exclude,
+                    prefix_hashes=prefix_hashes,
+                    prompt_tokens=prompt_tokens + len(request.continue_ids), kv_blocks=kv_blocks)
+
             with telemetry.span("route", SpanKind.CLIENT) as span:  # the scheduler's: a child
-                route = await self._routing.route(
-                    engine_request.triton_model_name, version_id, engine_request.request_id,
-                    hold_s, failed, prefix_hashes=prefix_hashes, prompt_tokens=prompt_tokens,
-                    kv_blocks=kv_blocks,
-                )
+                try:
+                    route = await route_excluding(failed)
+                except errors.Unavailable:
+                    if not continuation.stalled:
+                        raise
+                    # Only a replica that stalled (slow, not gone) can serve it: slow beats an
+                    # error.
+                    route = await route_excluding(
+                        [r for r in failed if r not in continuation.stalled])
                 if span is not None:
                     span.set_attribute("infermesh.replica_id", route.replica_id)
+            continuation.routed(route.replica_id)
             # Cancelled (or past its deadline) until the relay says otherwise: neither judges
             # the replica, so its breaker ignores them.
             released = _Release(route.reservation_id)
 
-            async def release(r: _Release = released) -> None:
+            async def release(r: _Release = released, counted: int = continuation.counted) -> None:
+                tokens = r.completion_tokens
                 await self._routing.release_route(
                     r.reservation_id, r.outcome,
-                    0 if r.outcome is Outcome.FAILED_BEFORE_FIRST_TOKEN
-                    else progress.completion_tokens)
+                    progress.completion_tokens - counted if tokens is None else tokens)
 
             progress.cleanups.append(release)
             progress.replica_id = route.replica_id
@@ -473,69 +511,106 @@ class GenerationPipeline:
                 progress.queue_s = self._clock() - progress.arrived
                 _labelled(QUEUE, progress.model).observe(progress.queue_s)
                 await send(Accepted(engine_request.request_id, version_id))
+            if not progress.first_token_sent:  # afresh until the client has text
+                relayed = _Relayed(StreamFilter(progress.blocked_phrases))
             try:
                 if telemetry.enabled():
-                    finish_reason = await self._traced_relay(route, engine_request, progress, send)
+                    finish_reason = await self._traced_relay(route, engine_request, progress,
+                                                             send, relayed)
                 else:
-                    finish_reason = await self._relay(route, engine_request, progress, send)
+                    finish_reason = await self._relay(route, engine_request, progress, send,
+                                                      relayed)
             except errors.MeshError as exc:
-                # Unavailable is the replica's failure (unreachable, or its stream broke); any
-                # other error is the engine's answer about this request (a prompt that never
-                # fits, a bad stop word), which says nothing about the replica's health.
+                # Unavailable is the replica's failure (unreachable, its stream broke, it
+                # stalled); any other error is the engine's answer about this request (a prompt
+                # that never fits, a bad stop word), which says nothing about the replica's health.
                 replica_failed = isinstance(exc, errors.Unavailable)
                 released.outcome = (
                     Outcome.UNREPORTED if not replica_failed
                     else Outcome.FAILED_AFTER_FIRST_TOKEN if progress.first_token_sent
                     else Outcome.FAILED_BEFORE_FIRST_TOKEN)
-                # Retry only before the first token, only on another replica.
-                if (not replica_failed or progress.first_token_sent
-                        or attempt == self._max_attempts):
+                released.completion_tokens = (
+                    0 if released.outcome is Outcome.FAILED_BEFORE_FIRST_TOKEN
+                    else progress.completion_tokens - continuation.counted)
+                if replica_failed and progress.first_token_sent and continuation.may_move():
+                    if continuation.remaining <= 0:  # every token arrived, only the end did not
+                        return "length"
+                    # Mid-stream: on another replica, from the tokens already delivered.
+                    log.warning("replica_failed_moving", replica=route.replica_id,
+                                at_token=len(continuation.token_ids), error=str(exc))
+                    engine_request = continuation.move(route.replica_id)
+                elif (not replica_failed or progress.first_token_sent
+                        or attempt >= self._max_attempts):
                     raise
-                log.warning("replica_failed_retrying", replica=route.replica_id, error=str(exc))
+                else:  # before the first token: again from the start, on another replica
+                    log.warning("replica_failed_retrying", replica=route.replica_id,
+                                error=str(exc))
+                    continuation.restart()
                 failed.append(route.replica_id)
-                # Its breaker hears of the failure now, not when the retry ends.
+                # Its breaker hears of the failure now, not when the generation ends.
                 progress.cleanups.remove(release)
                 self._in_background(release)
                 continue
             released.outcome = Outcome.OK
             return finish_reason
-        raise errors.Unavailable("no replica could serve the request", retry_after_s=1.0)
 
     async def _traced_relay(
-        self, route: Route, engine_request: EngineRequest, progress: _Progress, send: Send
+        self, route: Route, engine_request: EngineRequest, progress: _Progress, send: Send,
+        relayed: _Relayed,
     ) -> str:
         """`_relay` in the engine span: the first token an event, token counts attributes."""
         with telemetry.span("engine", SpanKind.CLIENT, {
                 "server.address": route.grpc_endpoint, "infermesh.replica_id": route.replica_id,
                 "gen_ai.request.max_tokens": engine_request.max_tokens}) as span:
             try:
-                return await self._relay(route, engine_request, progress, send)
+                return await self._relay(route, engine_request, progress, send, relayed)
             finally:
                 if span is not None:
                     span.set_attribute("gen_ai.usage.input_tokens", progress.prompt_tokens)
                     span.set_attribute("gen_ai.usage.output_tokens", progress.completion_tokens)
 
     async def _relay(
-        self, route: Route, engine_request: EngineRequest, progress: _Progress, send: Send
+        self, route: Route, engine_request: EngineRequest, progress: _Progress, send: Send,
+        relayed: _Relayed,
     ) -> str:
-        safety = StreamFilter(progress.blocked_phrases)  # afresh per attempt
-        held: list[TokenLogprob] = []  # log probabilities whose text the filter still holds
+        """Relays one attempt. A stream that sends nothing for the stall timeout once it
+        streams is the replica's failure (Unavailable), as a broken one is."""
+        continuation = progress.continuation
+        assert continuation is not None
+        safety, held = relayed.safety, relayed.held
+        continuing = bool(engine_request.continue_ids)
+        stall_s = self._failover.stall_s
+        loop = asyncio.get_running_loop()
         chunks = self._engine.generate(route.grpc_endpoint, engine_request)
         async with contextlib.aclosing(chunks):  # leaving early cancels the Triton request
-            async for chunk in chunks:
-                progress.prompt_tokens = chunk.prompt_tokens or progress.prompt_tokens
-                progress.completion_tokens = chunk.completion_tokens or progress.completion_tokens
-                held.extend(chunk.logprobs)
-                text, blocked = safety.feed(chunk.text)
-                if text:
-                    await self._send_text(engine_request.request_id, text, progress, send,
-                                          tuple(held))
-                    held.clear()
-                if blocked:
-                    return "content_filter"
+            try:
+                async with asyncio.timeout(None) as stall:
+                    async for chunk in chunks:
+                        stall.reschedule(None)  # a slow client is not a stalled replica
+                        if not continuing:  # a continuation's prompt holds the moved tokens
+                            progress.prompt_tokens = chunk.prompt_tokens or progress.prompt_tokens
+                        if chunk.completion_tokens:
+                            progress.completion_tokens = continuation.completion_tokens(chunk)
+                        continuation.received(chunk)
+                        held.extend(chunk.logprobs)
+                        text, blocked = safety.feed(chunk.text)
+                        if text:
+                            await self._send_text(engine_request.request_id, text, progress,
+                                                  send, tuple(held))
+                            held.clear()
+                        if blocked:
+                            return "content_filter"
+                        stall.reschedule(loop.time() + stall_s)
+            except TimeoutError:
+                if not stall.expired():
+                    raise
+                continuation.stalled.add(route.replica_id)
+                raise errors.Unavailable(
+                    f"replica {route.replica_id} sent nothing for {stall_s:g}s",
+                    retry_after_s=1.0) from None
         await self._send_text(engine_request.request_id, safety.flush(), progress, send,
                               tuple(held))
-        if progress.completion_tokens >= engine_request.max_tokens:
+        if progress.completion_tokens >= continuation.original.max_tokens:
             return "length"
         return "stop"
 
@@ -566,6 +641,8 @@ class GenerationPipeline:
             total_s=self._clock() - progress.arrived,
             error=error,
             cached=progress.cached,
+            moves=len(progress.continuation.moves) if progress.continuation else 0,
+            continuation_exact=progress.continuation.exact if progress.continuation else True,
         )
 
     def _run_cleanups(self, progress: _Progress) -> None:
@@ -645,6 +722,11 @@ class GenerationPipeline:
                     prompt_sha256=hashes.prompt_sha256 if hashes else "",
                     completion_sha256=hashes.completion_sha256 if hashes else "",
                     cached=progress.cached,
+                    moves=[auditor_pb2.ReplicaMove(from_replica=move.from_replica,
+                                                   to_replica=move.to_replica,
+                                                   at_token=move.at_token)
+                           for move in (progress.continuation.moves
+                                        if progress.continuation else ())],
                 ),
             )
         )

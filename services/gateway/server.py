@@ -32,6 +32,7 @@ from services.common.tenancy import TenantStore, parse_key, parse_tenant
 from services.gateway.admission import AdmissionLimits, FairAdmission
 from services.gateway.audit import AuditEmitter, AuditSpoolSettings
 from services.gateway.choices import run_choices
+from services.gateway.failover import FailoverSettings
 from services.gateway.fallback import FallbackConfig, FallbackRouter, LoadReports, ResilientRouting
 from services.gateway.idempotency import IdempotencyCache
 from services.gateway.model_access import model_allowed
@@ -159,6 +160,13 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return status.seconds_to_duration(seconds)
 
 
+def _failover(finished: Finished) -> inference_pb2.Failover | None:
+    if not finished.moves:
+        return None
+    return inference_pb2.Failover(moves=finished.moves,
+                                  continuation_exact=finished.continuation_exact)
+
+
 def encode_final(finished: Finished) -> inference_pb2.Final:
     final = inference_pb2.Final(
         request_id=finished.request_id,
@@ -177,6 +185,7 @@ def encode_final(finished: Finished) -> inference_pb2.Final:
             total=_duration(finished.total_s),
         ),
         model_version=finished.model_version,
+        failover=_failover(finished),
     )
     if finished.error is not None:
         final.error.code = finished.error.code
@@ -361,6 +370,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 completion_tokens=end.completion_tokens,
                 logprobs=encode_logprobs(logprobs.get(end.index, ())))
                 for end in finished.choices],
+            failover=_failover(finished),
         )
 
     async def GenerateStream(self, request_iterator, context):
@@ -671,6 +681,7 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         source=f"gateway/{settings.instance_id}",
         zone=settings.zone,
         max_attempts=settings.max_attempts,
+        failover=FailoverSettings(settings.failover_max_moves, settings.failover_stall_s),
         serving=served.served,
         prompt_workers=settings.prompt_workers,
         response_cache=ResponseCache(

@@ -44,6 +44,13 @@ class GatewaySettings(ServiceSettings, BlobCacheSettings):
     prompt_workers: int = Field(
         4, ge=1, description="Threads that render and tokenize long inputs, off the event loop.")
     max_attempts: int = Field(2, description="Tries per generation (retries before first token).")
+    failover_max_moves: int = Field(
+        2, ge=0, le=8, description="Replicas a generation may move to after its first token when "
+        "its replica fails (mid-stream failover; 0: never).")
+    failover_stall_s: float = Field(
+        30.0, gt=0, description="A streaming replica that sends nothing for this long is taken "
+        "as failed and the generation moves on (back to it only when no other replica can "
+        "take it).")
     zone: str = Field(
         "", max_length=64,
         description="This gateway's zone: the scheduler prefers replicas in it, and the SLI "

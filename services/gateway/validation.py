@@ -97,6 +97,7 @@ class CheckedParameters:
     timeout_s: float
     cache_salt: str = ""  # the engine's prefix-cache partition (Principal.prefix_salt)
     guide: tuple[str, str] = ("", "")  # the engine's guided decoding (type, guide); "" for none
+    continuation: bool = False  # the engine reports token ids: a cut stream can go on elsewhere
 
 
 def check_parameters(
@@ -160,7 +161,8 @@ def check_parameters(
     cache_salt = principal.prefix_salt if capabilities.prefix_cache else ""
     check_tools(request)
     guide = check_response_format(requested_format(request), version, capabilities)
-    return CheckedParameters(max_tokens, context_limit, timeout_s, cache_salt, guide)
+    return CheckedParameters(max_tokens, context_limit, timeout_s, cache_salt, guide,
+                             capabilities.continuation)
 
 
 def forced_tool_call(request: GenerationRequest) -> bool:
@@ -328,6 +330,7 @@ def finish_validation(
         top_logprobs=(sampling.top_logprobs or 0) if sampling.logprobs else None,
         guided_decoding_guide_type=checked.guide[0],
         guided_decoding_guide=checked.guide[1],
+        return_output_ids=checked.continuation,
     )
     return ValidatedGeneration(engine, prompt.tokens, checked.timeout_s, prompt.kv_block_hashes,
                                prompt.kv_block_tokens)

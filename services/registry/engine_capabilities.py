@@ -48,12 +48,20 @@ class EngineCapabilities:
     prefix_cache: bool = False
     # It constrains decoding to a JSON schema (`response_format`).
     guided_decoding: bool = False
+    # It sends `output_ids` and takes `continue_ids`: a generation cut mid-stream can go on on
+    # another replica (services/gateway/failover.py).
+    continuation: bool = False
+    # Its sampling is derived from (seed, position), so a seeded generation continued elsewhere
+    # draws what it would have drawn; without it a moved sampled generation is not exact.
+    position_sampling: bool = False
 
 
 CAPABILITIES: Mapping[str, EngineCapabilities] = {
-    "torch": EngineCapabilities("torch", _EVERY - {"bad_words"}, guided_decoding=True),
+    "torch": EngineCapabilities("torch", _EVERY - {"bad_words"}, guided_decoding=True,
+                                continuation=True, position_sampling=True),
     "reference": EngineCapabilities("reference", _EVERY, prefix_cache=True,
-                                    guided_decoding=True),
+                                    guided_decoding=True, continuation=True,
+                                    position_sampling=True),
 }
 
 

@@ -78,3 +78,14 @@ async def test_several_choices_stream_by_index_each_with_its_own_end():
                     (0, {"content": "x", "role": "assistant"}, None),
                     (1, {"content": "c"}, None), (0, {}, "stop"), (1, {}, "length")]
     assert chunks[-1] == DONE
+
+
+async def test_a_generation_that_moved_replicas_says_so_in_its_last_chunk_only():
+    finished = Finished("r", "length", "sha256:v", prompt_tokens=3, completion_tokens=2,
+                        moves=1, continuation_exact=True)
+    first, last = payloads(await collect([TokenText("r", "a"), finished], body()))
+    assert "infermesh_failover" not in first
+    assert last["infermesh_failover"] == {"moves": 1, "continuation_exact": True}
+    assert last["choices"][0]["finish_reason"] == "length"
+    unmoved = payloads(await collect([TokenText("r", "a"), Finished("r", "stop")], body()))
+    assert not any("infermesh_failover" in p for p in unmoved)

@@ -21,6 +21,7 @@ from infermesh_client._admin_types import (
     PlanChange,
     RegisteredModel,
     RegisteredVersion,
+    ReplicaMove,
     Routing,
     RoutingChange,
     Tenant,
@@ -125,12 +126,19 @@ def _fields(cls: type, message: Any) -> Any:
     return cls(**{field.name: getattr(message, field.name) for field in dataclasses.fields(cls)})
 
 
+def _generation(message: Any) -> GenerationRecord:
+    values = {field.name: getattr(message, field.name)
+              for field in dataclasses.fields(GenerationRecord) if field.name != "moves"}
+    return GenerationRecord(**values,
+                            moves=tuple(_fields(ReplicaMove, move) for move in message.moves))
+
+
 def audit_record(message: Any) -> AuditRecord:
     event = message.event
     body = event.WhichOneof("body")
     return AuditRecord(
         message.sequence, timestamp(message, "appended"), event.event_id, event.request_id,
         timestamp(event, "time"), event.source,
-        _fields(GenerationRecord, event.generation) if body == "generation" else None,
+        _generation(event.generation) if body == "generation" else None,
         _fields(AdminRecord, event.admin) if body == "admin" else None,
         tuple(event.truncated), message.line, _message=message)

@@ -188,6 +188,15 @@ class RoutingChange(ApiResult):
 
 
 @dataclass(frozen=True)
+class ReplicaMove:
+    """A generation's move to another replica mid-stream (its replica failed)."""
+
+    from_replica: str
+    to_replica: str
+    at_token: int  # completion tokens delivered before the move
+
+
+@dataclass(frozen=True)
 class GenerationRecord:
     tenant: str
     key_id: str
@@ -206,6 +215,7 @@ class GenerationRecord:
     prompt_sha256: str  # only for plans with audit_text_hashes
     completion_sha256: str
     cached: bool  # answered from the gateway's response cache: no engine ran, nothing charged
+    moves: tuple[ReplicaMove, ...] = ()  # mid-stream failover, in order
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,108 @@
+"""Mid-stream failover: a generation whose replica dies (or stalls) after its first token goes on
+on another replica serving the same version, from the tokens already delivered
+(docs/decisions.md § "Mid-stream failover").
+
+    relay ──chunks (text + output_ids)──▶ Continuation.received: the ids the client's text covers
+      │ Unavailable after the first token: the stream broke, the engine process is gone, or no
+      │ chunk came within `stall_s`
+      ▼
+    Continuation.move(from): the original request with continue_ids = the ids received, the
+    max_tokens left, the same prompt, seed and stop strings → routed again (the failed replicas
+    excluded); the engine replays the ids, so its text goes on where the client's stopped
+
+The engine counts sampling positions from the original's start, so greedy and seeded output is
+the output without the failure, for engines whose sampling is derived from (seed, position)
+(`EngineCapabilities.position_sampling`); a sampled generation moved on any other engine says
+`exact = False`. Bounded by `max_moves`; the request's deadline bounds every attempt. Pure: the
+pipeline routes, relays and releases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from backends.triton.adapter import EngineChunk, EngineRequest
+
+__all__ = ["Continuation", "FailoverSettings", "Move"]
+
+
+@dataclass(frozen=True)
+class FailoverSettings:
+    max_moves: int = 2  # replicas a generation may move to after its first token (0: never)
+    stall_s: float = 30.0  # streaming, no chunk for this long: the replica is taken as failed
+
+    def __post_init__(self) -> None:
+        if self.max_moves < 0 or self.stall_s <= 0:
+            raise ValueError("max_moves must not be negative and stall_s must be positive")
+
+
+@dataclass
+class Move:
+    """One move, for the audit record: from which replica, to which, after how many tokens."""
+
+    from_replica: str
+    at_token: int
+    to_replica: str = ""  # known once the continuation is routed
+
+
+@dataclass
+class Continuation:
+    """What a streaming generation has received, and how it moved; one per generation."""
+
+    original: EngineRequest
+    settings: FailoverSettings
+    position_sampling: bool  # the engine derives sampling from (seed, position)
+    token_ids: list[int] = field(default_factory=list)  # received from every attempt so far
+    moves: list[Move] = field(default_factory=list)
+    stalled: set[str] = field(default_factory=set)  # replicas left for silence, not for a break
+    counted: int = 0  # tokens the attempts before this one generated (the continue_ids sent)
+    attempt_tokens: int = 0  # this attempt's completion tokens, as its engine counts them
+
+    def received(self, chunk: EngineChunk) -> None:
+        self.token_ids.extend(chunk.token_ids)
+        self.attempt_tokens = chunk.completion_tokens or self.attempt_tokens
+
+    @property
+    def supported(self) -> bool:
+        """Whether the ids received are every token generated: the engine was asked for them
+        and sent one id per token it counted (an engine without `output_ids` sends none)."""
+        return (self.original.return_output_ids
+                and len(self.token_ids) == self.counted + self.attempt_tokens)
+
+    def restart(self) -> None:
+        """A retry from the start (the client had no text yet): what was received is moot."""
+        self.token_ids.clear()
+        self.attempt_tokens = 0
+
+    def completion_tokens(self, chunk: EngineChunk) -> int:
+        """The generation's completion tokens so far: the earlier attempts' and this one's."""
+        return self.counted + chunk.completion_tokens
+
+    @property
+    def remaining(self) -> int:
+        return self.original.max_tokens - len(self.token_ids)
+
+    def may_move(self) -> bool:
+        """Structured output is never moved: the engines cannot replay a grammar's state."""
+        return (self.supported and not self.original.guided_decoding_guide_type
+                and len(self.moves) < self.settings.max_moves)
+
+    def move(self, from_replica: str) -> EngineRequest:
+        """The request that continues the generation elsewhere (`remaining` must be > 0)."""
+        self.moves.append(Move(from_replica, len(self.token_ids)))
+        self.counted, self.attempt_tokens = len(self.token_ids), 0
+        return dataclasses.replace(self.original, continue_ids=tuple(self.token_ids),
+                                   max_tokens=self.remaining)
+
+    def routed(self, replica_id: str) -> None:
+        if self.moves and not self.moves[-1].to_replica:
+            self.moves[-1].to_replica = replica_id
+
+    @property
+    def exact(self) -> bool:
+        """False once a sampled generation moved on an engine whose sampling is not derived
+        from (seed, position): its text after the seam is a valid draw, not the one it would
+        have been. Greedy output is exact on any engine (a deterministic one)."""
+        sampled = bool(self.original.temperature)
+        return not (self.moves and sampled and not self.position_sampling)

@@ -1,0 +1,162 @@
+"""Mid-stream failover over in-memory peers: a replica that breaks or stalls after its first token
+hands the generation to another one, which continues from the token ids delivered; the client
+gets the uncut text, usage counts each token once, every route is released with how it went."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from backends.triton.adapter import EngineChunk, EngineRequest
+from services.common import errors
+from services.gateway.failover import Continuation, FailoverSettings
+from services.gateway.pipeline import Finished, GenerationPipeline, TokenText
+from services.gateway.requests import GenerationRequest, SamplingRequest
+from services.gateway.server import encode_final
+from services.scheduler.outcome import Outcome
+from tests.unit.test_gateway_route_outcomes import PRINCIPAL, PROMPT, ReplicaRouting, pipeline
+
+TOKENS = 12
+
+
+class Engine:
+    """Token i is "w{i} " with id 100 + i, one chunk each; a continuation starts after its
+    continue_ids. "dying-N" breaks after N tokens, "stalling-N" goes silent after N."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, EngineRequest] = {}
+
+    async def generate(self, endpoint, request):
+        self.requests[endpoint] = request
+        start = len(request.continue_ids)
+        assert list(request.continue_ids) == [100 + i for i in range(start)]
+        end = start + request.max_tokens
+        for i in range(start, end):
+            kind, _, after = endpoint.partition("-")
+            if after and i - start == int(after):
+                if kind == "dying":
+                    raise errors.Unavailable(f"replica {endpoint} went away")
+                await asyncio.sleep(60)
+            yield EngineChunk(f"w{i} ", 5 + start, i - start + 1, i == end - 1,
+                              token_ids=(100 + i,))
+
+
+async def generate(p: GenerationPipeline, max_tokens: int = TOKENS):
+    events = []
+
+    async def send(event) -> None:
+        events.append(event)
+
+    request = GenerationRequest(request_id="r1", model="demo", prompt=PROMPT,
+                                sampling=SamplingRequest(max_tokens=max_tokens))
+    finished = await p.run(PRINCIPAL, request, send)
+    await p.drain_background()
+    return "".join(e.text for e in events if isinstance(e, TokenText)), finished
+
+
+def failover_pipeline(routing, **settings):
+    p = pipeline(routing, Engine())
+    p._failover = FailoverSettings(**settings)
+    return p
+
+
+async def test_a_replica_that_breaks_mid_stream_hands_the_generation_on():
+    routing = ReplicaRouting(["dying-4", "dying-3", "healthy"])
+    text, finished = await generate(failover_pipeline(routing))
+    assert text == "".join(f"w{i} " for i in range(TOKENS))
+    assert finished.finish_reason == "length" and finished.error is None
+    assert finished.completion_tokens == TOKENS and finished.prompt_tokens == 5
+    assert finished.moves == 2 and finished.continuation_exact
+    assert [r["exclude"] for r in routing.routes] == [[], ["dying-4"], ["dying-4", "dying-3"]]
+    assert sorted(routing.releases) == [
+        ("res-dying-3", Outcome.FAILED_AFTER_FIRST_TOKEN, 3),
+        ("res-dying-4", Outcome.FAILED_AFTER_FIRST_TOKEN, 4),
+        ("res-healthy", Outcome.OK, 5)]
+
+
+async def test_moves_are_bounded():
+    routing = ReplicaRouting(["dying-4", "dying-3", "healthy"])
+    text, finished = await generate(failover_pipeline(routing, max_moves=1))
+    assert finished.finish_reason == "error" and finished.error.code == "UNAVAILABLE"
+    assert text == "".join(f"w{i} " for i in range(7)) and finished.completion_tokens == 7
+
+
+async def test_a_stalled_replica_is_left_after_the_stall_timeout():
+    routing = ReplicaRouting(["stalling-2", "healthy"])
+    async with asyncio.timeout(5):
+        text, finished = await generate(failover_pipeline(routing, stall_s=0.2))
+    assert text == "".join(f"w{i} " for i in range(TOKENS)) and finished.moves == 1
+    assert ("res-stalling-2", Outcome.FAILED_AFTER_FIRST_TOKEN, 2) in routing.releases
+
+
+async def test_a_replica_lost_after_its_last_token_ends_the_generation_without_a_move():
+    routing = ReplicaRouting(["dying-4", "healthy"])
+    text, finished = await generate(failover_pipeline(routing), max_tokens=4)
+    assert text == "w0 w1 w2 w3 " and finished.finish_reason == "length"
+    assert len(routing.routes) == 1
+
+
+@pytest.mark.parametrize(("temperature", "position_sampling", "exact"), [
+    (0.0, False, True), (0.8, False, False), (0.8, True, True)])
+def test_a_moved_sampled_generation_is_exact_only_with_position_derived_sampling(
+        temperature, position_sampling, exact):
+    original = EngineRequest("m", "r", "p", max_tokens=8, temperature=temperature,
+                             return_output_ids=True)
+    continuation = Continuation(original, FailoverSettings(), position_sampling)
+    continuation.received(EngineChunk("a b ", 1, 2, False, token_ids=(1, 2)))
+    assert continuation.may_move() and continuation.exact
+    moved = continuation.move("r0")
+    assert moved.continue_ids == (1, 2) and moved.max_tokens == 6
+    assert continuation.exact is exact
+
+
+def test_structured_output_never_moves():
+    original = EngineRequest("m", "r", "p", max_tokens=8, return_output_ids=True,
+                             guided_decoding_guide_type="json")
+    continuation = Continuation(original, FailoverSettings(), True)
+    continuation.received(EngineChunk("{", 1, 1, False, token_ids=(1,)))
+    assert not continuation.may_move()
+
+
+def test_without_an_id_per_token_nothing_can_move():
+    original = EngineRequest("m", "r", "p", max_tokens=8, return_output_ids=True)
+    continuation = Continuation(original, FailoverSettings(), True)
+    continuation.received(EngineChunk("a b ", 1, 2, False, token_ids=(1,)))
+    assert not continuation.may_move()
+
+
+def test_the_final_frame_carries_the_moves_only_when_there_were_some():
+    moved = encode_final(Finished("r", "length", moves=2, continuation_exact=False))
+    assert moved.failover.moves == 2 and not moved.failover.continuation_exact
+    assert not encode_final(Finished("r", "length")).HasField("failover")
+
+
+class OneReplica(ReplicaRouting):
+    async def route(self, triton_model_name, version_id, request_id, hold_s, exclude, **kwargs):
+        if set(self.replicas) <= set(exclude):
+            self.routes.append({"exclude": list(exclude)})
+            raise errors.Unavailable("no replica left")
+        return await super().route(triton_model_name, version_id, request_id, hold_s, exclude,
+                                   **kwargs)
+
+
+async def test_a_stalled_replica_takes_the_continuation_back_when_no_other_can():
+    """Silence is not death: with no other replica, the continuation goes back to it."""
+    engine = Engine()
+    stalls = {"n": 0}
+    original = engine.generate
+
+    async def stalls_once(endpoint, request):
+        stalls["n"] += 1
+        async for chunk in original("stalling-2" if stalls["n"] == 1 else endpoint, request):
+            yield chunk
+
+    engine.generate = stalls_once
+    routing = OneReplica(["only"])
+    p = pipeline(routing, engine)
+    p._failover = FailoverSettings(stall_s=0.2)
+    async with asyncio.timeout(5):
+        text, finished = await generate(p)
+    assert text == "".join(f"w{i} " for i in range(TOKENS)) and finished.moves == 1
+    assert [r["exclude"] for r in routing.routes] == [[], ["only"], []]
