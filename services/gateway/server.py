@@ -205,6 +205,36 @@ def encode_logprobs(logprobs: Sequence[TokenLogprob]) -> list[inference_pb2.Toke
         for lp in logprobs]
 
 
+def encode_tool_calls(calls: Sequence[ToolCall], request_id: str
+                      ) -> list[inference_pb2.ToolCall]:
+    return [inference_pb2.ToolCall(id=call_id(request_id, index), name=call.name,
+                                   arguments=call.arguments)
+            for index, call in enumerate(calls)]
+
+
+class _ToolCallingSend:
+    """A streamed generation that offered tools: its frames as any other's, its answer's text
+    kept (choice 0's) so that its Final carries the calls the answer makes."""
+
+    def __init__(self, request: GenerationRequest, frames: asyncio.Queue):
+        self._request = request
+        self._frames = frames
+        self._pieces: list[str] = []
+
+    async def __call__(self, event: Event) -> None:
+        frame = encode_event(event)
+        if isinstance(event, TokenText) and event.index == 0:
+            self._pieces.append(event.text)
+        elif isinstance(event, Finished):
+            calls = answer_calls(self._request.tools, self._request.tool_choice,
+                                 "".join(self._pieces))
+            if calls:
+                frame.final.tool_calls.extend(encode_tool_calls(calls, event.request_id))
+                if event.finish_reason == "stop":
+                    frame.final.finish_reason = inference_pb2.TOOL_CALLS
+        await self._frames.put(frame)
+
+
 def encode_event(event: Event) -> inference_pb2.ServerFrame:
     if isinstance(event, TokenText):
         return inference_pb2.ServerFrame(tokens=inference_pb2.Tokens(
@@ -357,9 +387,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             request_id=finished.request_id,
             model_version=finished.model_version,
             text=text,
-            tool_calls=[inference_pb2.ToolCall(id=call_id(finished.request_id, index),
-                                               name=call.name, arguments=call.arguments)
-                        for index, call in enumerate(calls)],
+            tool_calls=encode_tool_calls(calls, finished.request_id),
             finish_reason=finish_reason,
             usage=encode_final(finished).usage,
             timings=encode_final(finished).timings,
@@ -578,8 +606,10 @@ class _StreamSession:
 
     async def _generate(self, request: GenerationRequest, principal: Principal,
                         trace: telemetry.FrontTrace | None) -> None:
+        send = (_ToolCallingSend(request, self._frames)
+                if request.tools and request.tool_choice != "none" else self.send)
         try:
-            await self._generations.run(principal, request, self.send, self._peer, trace)
+            await self._generations.run(principal, request, send, self._peer, trace)
         except asyncio.CancelledError:
             if request.request_id not in self._tasks:
                 raise  # the stream is being torn down

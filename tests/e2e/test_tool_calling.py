@@ -1,7 +1,8 @@
 """Tool calling over the real stack with the official `openai` client: a call forced by naming
 the function gives arguments valid against its schema (real model, unary; reference engine,
 streamed with the arguments arriving in pieces), and the tool's result sent back produces an
-answer. Answers validate against OpenAI's OpenAPI document."""
+answer; on gRPC, the unary answer and a stream's Final carry the same calls. Answers validate
+against OpenAI's OpenAPI document."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import openai
 import pytest
 
 from deploy.local.stack import StackInfo
+from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from tests.e2e.test_walking_skeleton import auth
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.integration
@@ -71,3 +74,25 @@ async def test_a_streamed_call_sends_its_arguments_in_pieces(stack: StackInfo):
     assert (name, finish_reason) == ("get_weather", "tool_calls")
     assert pieces > 2  # the name, then the arguments as they came
     jsonschema.validate(json.loads(arguments), WEATHER)
+
+
+async def test_grpc_gives_the_calls_unary_and_on_a_streams_final(stack: StackInfo):
+    request = inference_pb2.GenerateRequest(
+        request_id="grpc-tool-call", model=stack.reference_model,
+        messages=inference_pb2.Messages(messages=[
+            inference_pb2.ChatMessage(role="user", content=QUESTION["content"])]),
+        params=inference_pb2.SamplingParams(max_tokens=64),
+        tools=[inference_pb2.Tool(name="get_weather", parameters=json.dumps(WEATHER))],
+        tool_choice=inference_pb2.ToolChoice(mode=inference_pb2.TOOL_CHOICE_MODE_FUNCTION,
+                                             function_name="get_weather"))
+    async with stack.channel() as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        unary = await stub.Generate(request, metadata=auth(stack.api_key), timeout=60)
+        finals = [frame.final async for frame in stub.GenerateStream(
+            iter([inference_pb2.ClientFrame(start=request)]), metadata=auth(stack.api_key),
+            timeout=60) if frame.HasField("final")]
+    assert unary.finish_reason == finals[0].finish_reason == inference_pb2.TOOL_CALLS
+    for calls in (unary.tool_calls, finals[0].tool_calls):
+        [call] = calls
+        assert (call.id, call.name) == ("call_grpc-tool-call_0", "get_weather")
+        jsonschema.validate(json.loads(call.arguments), WEATHER)
