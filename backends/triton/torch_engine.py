@@ -162,9 +162,6 @@ class Generation:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
-        if self.continued and self.guide is not None:
-            # The guide's state would have to be replayed over the continued tokens.
-            raise ValueError("continue_ids cannot continue structured output")
 
 
 @dataclass(frozen=True)
@@ -634,6 +631,10 @@ class TorchEngine:
                 raise ValueError("continue_ids already end in a stop string")
         guide_key = 0
         if generation.guide is not None:
+            for token in generation.continued:  # a continuation: the grammar where it was
+                generation.guide.consume(token)
+            if generation.guide.failed:
+                raise ValueError("continue_ids do not follow guided_decoding_guide")
             guide_key = next(self._guide_keys)
             self._sampler.guides[guide_key] = generation.guide
         self._requests[generation.request_id] = _Request(
