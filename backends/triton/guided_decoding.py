@@ -56,9 +56,10 @@ class GuideCompiler:
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int],
                  capacity: int = 64):
-        # ~0.3 s for SmolLM2's 49k tokens: once per engine.
-        self._tokenizer = llguidance.hf.from_tokenizer(
-            hf_tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
+        self._hf_tokenizer = hf_tokenizer
+        self._vocab_size = vocab_size
+        self._eos_token_ids = list(eos_token_ids)
+        self._tokenizer: llguidance.LLTokenizer | None = None  # built on the first guide
         self._compiled: collections.OrderedDict[tuple[str, str], llguidance.LLMatcher] = (
             collections.OrderedDict())
         self._capacity = capacity
@@ -68,7 +69,8 @@ class GuideCompiler:
         key = (guide_type, guide)
         template = self._compiled.get(key)
         if template is None:
-            template = llguidance.LLMatcher(self._tokenizer, grammar_of(guide_type, guide))
+            grammar = grammar_of(guide_type, guide)
+            template = llguidance.LLMatcher(self._llg_tokenizer(), grammar)
             if template.is_error():
                 raise ValueError(
                     f"guided_decoding_guide cannot be compiled: {template.get_error()[:300]}")
@@ -79,5 +81,15 @@ class GuideCompiler:
             self._compiled.move_to_end(key)
         return Guide(template.deep_copy())
 
-    def __len__(self) -> int:
-        return len(self._compiled)
+    def _llg_tokenizer(self) -> llguidance.LLTokenizer:
+        """llguidance's view of the model's tokenizer (~0.3 s for SmolLM2's 49k tokens), made
+        on the first guide: a model whose tokenizer llguidance cannot read still serves free
+        text, and refuses structured output."""
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = llguidance.hf.from_tokenizer(
+                    self._hf_tokenizer, n_vocab=self._vocab_size, eos_token=self._eos_token_ids)
+            except Exception as error:  # whatever the library finds wrong with the tokenizer
+                raise ValueError("guided_decoding_guide cannot be used with this model's "
+                                 f"tokenizer: {error}") from None
+        return self._tokenizer
