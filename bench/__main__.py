@@ -28,6 +28,7 @@ from bench import (
     failover,
     gateway_throughput,
     litellm_peer,
+    midstream_failover,
     noisy_neighbor,
     openai_load,
     quota_accuracy,
@@ -71,6 +72,7 @@ SMOKE: Mapping[str, Mapping[str, Any]] = {
     "openai_load": {"requests": 16, "warmup_requests": 0, "aiperf": False},
     "litellm_peer": {"samples": 2, "warmup": 1, "litellm": False},
     "failover": {"requests": 5, "window_s": 3.0, "concurrency": 2},
+    "midstream_failover": {"streams": 4, "tokens": 40, "cut_at": 10},
     # A few MB on the reference engine instead of the real model's ~540 MB (bench/versions.py).
     "versions": {"engine": "reference", "rounds": 1},
     "tls_cost": {"max_tokens": 4, "requests_per_stream": 1, "min_requests": 2,
@@ -103,6 +105,7 @@ HEADLINE = (
     "grpc_tokens_per_s_c16",
     "version_cold_start_s", "cold_start_fetch_over_local", "rollback_first_token_ms",
     "fallback_routing_added_ttft_p50_ms", "scheduler_kill_failed_fraction",
+    "failover_pause_ms_p50", "failover_pause_ms_p99", "failover_completed_fraction",
     "torch_inprocess_over_transformers_cb_tokens_per_s_c8", "torch_bf16_over_fp32_tokens_per_s_c8",
     "litellm_added_ttft_p50_ms_c1", "mesh_added_over_litellm_added_ttft_p50_c1",
     "tls_over_plaintext_tokens_per_s_c16", "tls_added_ttft_p50_ms_c1",
@@ -121,6 +124,7 @@ def run_all(shape: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Every benchmark, each with its keyword arguments from `shape` (none: its defaults)."""
     # Its own etcd, replicas and schedulers: run before the stack, which would share the CPUs.
     routing_figures = routing.run(**shape.get("routing", {}))
+    routing_figures.update(midstream_failover.run(**shape.get("midstream_failover", {})))
     # In this process, on the model's cached copy: no stack needed, none to share the CPUs with.
     engine_figures = engine_limit.run(**shape.get("engine_limit", {}))
     engine_figures.update(structured_output.run(**shape.get("structured_output", {})))
