@@ -84,7 +84,8 @@ class Continuation:
         return self.original.max_tokens - len(self.token_ids)
 
     def may_move(self) -> bool:
-        """Structured output is never moved: the engines cannot replay a grammar's state."""
+        """Structured output is never moved: the reference engine cannot continue a guided
+        text (the torch engine can: a capability to add before the gateway relies on it)."""
         return (self.supported and not self.original.guided_decoding_guide_type
                 and len(self.moves) < self.settings.max_moves)
 
