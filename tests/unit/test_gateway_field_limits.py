@@ -9,8 +9,15 @@ import pytest
 from infermesh.v1 import inference_pb2
 from services.common import errors
 from services.gateway.openai_protocol import ChatCompletionBody, CompletionBody, to_generation
-from services.gateway.requests import FIELD_LIMITS, ChatTurn, GenerationRequest, SamplingRequest
+from services.gateway.requests import (
+    FIELD_LIMITS,
+    ChatTurn,
+    GenerationRequest,
+    ResponseFormat,
+    SamplingRequest,
+)
 from services.gateway.server import decode_request
+from services.gateway.tool_calls import Tool
 
 
 def over(name: str) -> int:
@@ -37,11 +44,19 @@ CASES = [
     ("params.bad_words", "at most 16", {"sampling": SamplingRequest(bad_words=("w",) * 17)}),
     ("params.bad_words[2]", "1..128",
      {"sampling": SamplingRequest(bad_words=("a", "b", "w" * 129))}),
+    ("response_format.json_schema", "at most 32768",
+     {"response_format": ResponseFormat("json_schema", "{" + " " * 32_767 + "}")}),
+    ("response_format.name", "at most 64",
+     {"response_format": ResponseFormat("json_schema", "{}", "n" * over("response_format.name"))}),
+    ("tools", "at most 64", {"tools": (Tool("f"),) * 65}),
+    ("tools", "at most 65536", {"tools": (Tool("f", "d" * 65_537),)}),
+    ("tools[1].function.name", "1-64", {"tools": (Tool("f"), Tool("t" * over("tools.name")))}),
+    ("tools[0].function.name", "A-Z", {"tools": (Tool("no spaces"),)}),
 ]
 
 
 def test_every_limited_field_has_a_case():
-    covered = {field.split("[")[0] for field, _, _ in CASES} | {"messages.role"}
+    covered = {field.split("[")[0] for field, _, _ in CASES} | {"messages.role", "tools.name"}
     assert set(FIELD_LIMITS) <= covered
 
 
