@@ -619,13 +619,20 @@ class RefuseWhenSpoolFull:
         self._admission = admission
         self._emitter = emitter
 
-    async def acquire_slot(self, *args: Any, **kwargs: Any) -> Any:
+    def _refuse_if_full(self) -> None:
         if self._emitter.full:
             REFUSED.inc()
             raise errors.Unavailable(
                 "this gateway's audit spool is full (the auditor is unreachable); retry on "
                 "another gateway or later", retry_after_s=5.0)
+
+    async def acquire_slot(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_if_full()
         return await self._admission.acquire_slot(*args, **kwargs)
 
     async def release_slot(self, *args: Any, **kwargs: Any) -> Any:
         return await self._admission.release_slot(*args, **kwargs)
+
+    async def charge_request(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_if_full()
+        return await self._admission.charge_request(*args, **kwargs)

@@ -100,7 +100,7 @@ COLD_REFUSALS = Counter(
     "being loaded. Not counted as generations.", ["tenant", "model", "version"])
 CACHE_HITS = Counter(
     "infermesh_gateway_response_cache_hits_total",
-    "Generations answered from the response cache (no engine ran, the tenant was not charged).",
+    "Generations answered from the response cache (no engine ran, no tokens were charged).",
     ["tenant", "model"],
 )
 RESOLUTIONS = Counter(
@@ -152,7 +152,7 @@ class Finished:
     ttft_s: float = 0.0
     total_s: float = 0.0
     error: errors.MeshError | None = None
-    cached: bool = False  # answered from the response cache: no engine ran, nothing charged
+    cached: bool = False  # answered from the response cache: no engine ran, no tokens charged
     choices: tuple[ChoiceEnd, ...] = ()  # n > 1: each choice's end, by index
     moves: int = 0  # replicas it moved to mid-stream (services/gateway/failover.py)
     continuation_exact: bool = True  # False: a move could not continue the same draw
@@ -169,6 +169,7 @@ class Admission(Protocol):
     async def release_slot(
         self, tenant: str, slot_id: str, input_used: int, output_used: int
     ) -> None: ...
+    async def charge_request(self, tenant: str) -> None: ...
 
 
 class Routing(Protocol):
@@ -245,7 +246,16 @@ class _Progress:
     cold: bool = False  # pinned to a version in no serving role that no replica serves yet
     cached: bool = False  # answered from the response cache
     continuation: Continuation | None = None  # what mid-stream failover needs, once validated
+    shortened: bool = False  # the quota grant lowered max_tokens (the plan's degraded cap)
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+def _answers_in_full(progress: _Progress) -> bool:
+    """Whether a finished generation is the answer to the request as asked, so the response
+    cache may keep it under the request's key: not cut short by a degraded grant's max_tokens,
+    and not a sampled draw that moved replicas and could not continue the same draw."""
+    continuation = progress.continuation
+    return not progress.shortened and (continuation is None or continuation.exact)
 
 
 class GenerationPipeline:
@@ -329,26 +339,28 @@ class GenerationPipeline:
             digest = self._cache_digest(principal, validated.engine, version.version_id)
             cached = (self._response_cache.get(principal.tenant_id, digest)
                       if self._response_cache is not None and digest else None)
-            if cached is not None:
-                finish_reason = await self._replay(request.request_id, cached, progress, send)
-            else:
-                pieces: list[tuple[str, tuple[TokenLogprob, ...]]] = []
+            pieces: list[tuple[str, tuple[TokenLogprob, ...]]] = []
 
-                async def recording(event: Event) -> None:
-                    if digest and isinstance(event, TokenText):
-                        pieces.append((event.text, event.logprobs))
-                    await send(event)
+            async def recording(event: Event) -> None:
+                if digest and isinstance(event, TokenText):
+                    pieces.append((event.text, event.logprobs))
+                await send(event)
 
-                async with asyncio.timeout(validated.timeout_s):
+            async with asyncio.timeout(validated.timeout_s):  # a replay's too: a slow client
+                if cached is not None:
+                    finish_reason = await self._replay(principal.tenant_id, request.request_id,
+                                                       cached, progress, send)
+                else:
                     finish_reason = await self._admit_route_relay(
                         principal, validated.engine, version, validated.timeout_s,
                         validated.prompt_tokens, progress, recording,
                         (validated.kv_block_hashes, validated.kv_block_tokens),
                     )
-                if self._response_cache is not None and digest:
-                    self._response_cache.put(principal.tenant_id, digest, CachedResponse(
-                        version.version_id, tuple(pieces), finish_reason,
-                        progress.prompt_tokens, progress.completion_tokens))
+            if cached is None and digest and self._response_cache is not None and (
+                    _answers_in_full(progress)):
+                self._response_cache.put(principal.tenant_id, digest, CachedResponse(
+                    version.version_id, tuple(pieces), finish_reason,
+                    progress.prompt_tokens, progress.completion_tokens))
             finished = self._finished(request.request_id, finish_reason, progress)
         except errors.MeshError as exc:
             finished = self._finished(request.request_id, "error", progress, exc)
@@ -393,10 +405,12 @@ class GenerationPipeline:
             return ""
         return request_digest(version_id, repr(dataclasses.replace(engine, request_id="")))
 
-    async def _replay(self, request_id: str, cached: CachedResponse, progress: _Progress,
-                      send: Send) -> str:
-        """A cache hit: the first answer's text as it streamed, under this request's id; no
-        admission (the tenant is not charged), no route, no engine."""
+    async def _replay(self, tenant: str, request_id: str, cached: CachedResponse,
+                      progress: _Progress, send: Send) -> str:
+        """A cache hit: the first answer's text as it streamed, under this request's id. It
+        counts against the tenant's requests per minute (so identical requests are not a way
+        around the rate limit) and takes nothing else: no tokens, no slot, no route, no engine."""
+        await self._admission.charge_request(tenant)
         progress.cached = True
         progress.prompt_tokens = cached.prompt_tokens
         progress.completion_tokens = cached.completion_tokens
@@ -453,6 +467,7 @@ class GenerationPipeline:
             tenant, grant.slot_id, progress.prompt_tokens, progress.completion_tokens))
         if grant.max_tokens < engine_request.max_tokens:  # the plan degrades under pressure
             engine_request = dataclasses.replace(engine_request, max_tokens=grant.max_tokens)
+            progress.shortened = True
         # Then a fair turn among tenants for one of this gateway's running places.
         with telemetry.span("admission queue"):  # the wait for a running place
             place = await self._fair.admit(

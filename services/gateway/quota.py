@@ -4,7 +4,8 @@ that this gateway holds under a lease from the ratelimit service — no network 
 `acquire_slot` takes one request, the prompt's tokens, max_tokens output tokens and a
 concurrency slot from what is held, topping up from the ratelimit replica that owns the tenant
 (rendezvous hashing over the live replicas) only when that is not enough; `release_slot` returns
-the unused part of the reservation to what is held and counts what was used. A background loop
+the unused part of the reservation to what is held and counts what was used; `charge_request`
+takes one request and nothing else (a response cache hit). A background loop
 renews each lease: it reports usage (for the monthly budget), gives back allowance that sat idle
 and the slots not in use, and keeps the rest.
 
@@ -128,6 +129,30 @@ class QuotaLeases:
         finally:
             DECISION_SECONDS.labels(path).observe(time.perf_counter() - started)
 
+    async def charge_request(self, tenant: str) -> None:
+        """One request against the tenant's requests per minute and nothing else (a response
+        cache hit: no tokens, no concurrency slot), from what is held, topping up only when
+        none is held. ResourceExhausted as `acquire_slot`'s."""
+        started = time.perf_counter()
+        path = "local"
+        try:
+            plan = self._plan(tenant)
+            held = self._held.setdefault(tenant, _Held())
+            held.last_acquire = self._clock()
+            if not self._covers(held, 0, 0, slots=0):
+                path = "lease"
+                async with held.lock:
+                    if not self._covers(held, 0, 0, slots=0) and await self._top_up(
+                            tenant, plan, held, 0, 0, slots=0):
+                        path = "open"
+                        return
+            held.requests -= 1
+        except errors.ResourceExhausted as exc:
+            SHED.labels(tenant, exc.reason).inc()
+            raise
+        finally:
+            DECISION_SECONDS.labels(path).observe(time.perf_counter() - started)
+
     async def release_slot(
         self, tenant: str, slot_id: str, input_used: int, output_used: int
     ) -> None:
@@ -151,13 +176,15 @@ class QuotaLeases:
             raise errors.Unauthenticated(f"tenant {tenant!r} no longer exists")
         return record.plan
 
-    def _covers(self, held: _Held, input_tokens: int, output_tokens: int) -> bool:
+    def _covers(self, held: _Held, input_tokens: int, output_tokens: int,
+                slots: int = 1) -> bool:
         """Whether what is held serves the request in full (a shortfall here is this gateway's,
         not the tenant's: it tops up before degrading anything)."""
         if held.expires <= self._clock():
             return False
         return (held.requests >= 1 and held.input_tokens >= input_tokens
-                and held.output_tokens >= output_tokens and held.slots > held.slots_in_use)
+                and held.output_tokens >= output_tokens
+                and held.slots - held.slots_in_use >= slots)
 
     def _output_grant(self, held: _Held, plan: TenantPlan, output_tokens: int) -> int:
         """max_tokens, or the plan's degraded cap when only that much is held."""
@@ -177,7 +204,7 @@ class QuotaLeases:
         return Grant(slot_id, output_tokens)
 
     async def _top_up(self, tenant: str, plan: TenantPlan, held: _Held, input_tokens: int,
-                      output_tokens: int) -> bool:
+                      output_tokens: int, slots: int = 1) -> bool:
         """Leases what is missing plus headroom. Returns True when admitting open (ratelimit
         unreachable and fail-open); raises ResourceExhausted when the tenant is over a limit."""
         if held.expires <= self._clock():  # the lease lapsed: the ratelimit replica dropped it
@@ -189,7 +216,7 @@ class QuotaLeases:
             requests=max(0, 1 - held.requests),
             input_tokens=max(0, input_tokens - held.input_tokens),
             output_tokens=max(0, output_needed - held.output_tokens),
-            slots=max(0, held.slots_in_use + 1 - held.slots),
+            slots=max(0, held.slots_in_use + slots - held.slots),
         )
         want = ratelimit_pb2.Allowance(
             requests=need.requests and need.requests + _chunk(plan.requests_per_minute),
@@ -205,7 +232,7 @@ class QuotaLeases:
         except errors.Unavailable:
             if not self._fail_open:
                 raise
-            if held.slots_in_use >= plan.max_concurrency:
+            if slots and held.slots_in_use >= plan.max_concurrency:
                 raise errors.ResourceExhausted(
                     f"tenant {tenant!r} has {held.slots_in_use} requests in flight here "
                     f"(max_concurrency={plan.max_concurrency})", reason="concurrency",

@@ -1,12 +1,13 @@
 """The response cache: a deterministic request (temperature 0, or a fixed seed) repeated by the
 same tenant within a short TTL is answered from the first answer's text, without an engine and
-without charging the tenant.
+without charging the tenant tokens (a hit is still a request against its requests per minute).
 
 Entries are per tenant and keyed by a sha256 of the canonical engine request (the version id,
 the prompt as the engine gets it, every sampling parameter after the version's defaults): the
 cache holds that digest, never the request or its prompt, and a lookup names its tenant, so a
 hit never crosses tenants. Only complete answers are kept (`stop` or `length`): a refusal, a
-content-filter cut, a cancelled or failed generation runs again.
+content-filter cut, a cancelled or failed generation runs again; the pipeline also keeps none that
+answered less than the key asked (`pipeline._answers_in_full`).
 
 Memory is bounded three ways, as the idempotency cache's (`idempotency.py`), so that no tenant can
 evict another's: at most `max_entries_per_tenant` entries and `max_tenant_bytes` per tenant (past

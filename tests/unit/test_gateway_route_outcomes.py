@@ -41,6 +41,9 @@ class Admission:
     async def release_slot(self, tenant, slot_id, input_used, output_used):
         return None
 
+    async def charge_request(self, tenant):
+        return None
+
 
 class ReplicaRouting:
     """Routes to the first replica not excluded; records routes and releases."""
