@@ -192,6 +192,8 @@ class Delta:
     first_token: bool  # this delta carries the request's first generated token
     finish_reason: FinishReason | None = None  # set on the request's last delta only
     error: str = ""
+    # ERROR: the request's own fault (the client's INVALID_ARGUMENT), not the engine's.
+    refused: bool = False
     # The tokens this delta adds, when the request asked for log probabilities; their text may
     # still be held back (an incomplete character, a possible stop string).
     logprobs: tuple[TokenLogprob, ...] = ()
@@ -367,6 +369,8 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         # Guided requests' grammars by key, set by the engine before a request is added and
         # dropped when it ends; read here on the generation thread.
         self.guides: dict[int, Guide] = {}
+        # request id → why its grammar failed, until the engine takes it (under the same lock).
+        self._guide_failures: dict[str, str] = {}
 
     def take_logprobs(self, request_id: str, count: int) -> tuple[TokenLogprob, ...]:
         """The first `count` recorded log probabilities of `request_id` not taken yet (the
@@ -378,9 +382,15 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
             taken, self._logprobs[request_id] = recorded[:count], recorded[count:]
             return tuple(taken)
 
+    def take_guide_failure(self, request_id: str) -> str:
+        """Why `request_id`'s grammar failed (its matcher's error), once; "" when it did not."""
+        with self._logprobs_lock:
+            return self._guide_failures.pop(request_id, "")
+
     def forget(self, request_id: str) -> None:
         with self._logprobs_lock:
             self._logprobs.pop(request_id, None)
+            self._guide_failures.pop(request_id, None)
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(0)
@@ -441,6 +451,10 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         self._record_logprobs(raw, rows, chosen)
         for i, guide in guided:
             guide.consume(int(chosen[i]))
+            if guide.failed:  # its mask was empty: the row took a token its grammar refuses
+                with self._logprobs_lock:
+                    self._guide_failures[rows[i].request_id] = guide.failed
+                chosen[i] = self._eos[0]  # ends the row now; the engine reports why
         only = torch.full_like(scores, -torch.inf)
         return only.scatter_(1, chosen.unsqueeze(1), 0.0)
 
@@ -690,6 +704,16 @@ class TorchEngine:
         request.num_output_tokens = count = len(generated)
         tokens = [*request.generation.continued, *generated]  # the detokenizer's whole text
         logprobs = self._new_logprobs(request, count)
+        if failure := self._sampler.take_guide_failure(output.request_id):
+            # The grammar allowed no token of this vocabulary: the schema's fault (one that
+            # compiles but cannot be met), so a refusal, as one found when it was compiled.
+            if not output.is_finished():
+                self._manager.cancel_request(output.request_id)
+            self._forget(output.request_id)
+            return Delta(output.request_id, "", request.num_input_tokens, count, first,
+                         FinishReason.ERROR, f"guided_decoding_guide allows no token after "
+                         f"{count - 1} output tokens: {failure[:300]}", token_ids=new_ids,
+                         refused=True)
         if output.status == RequestStatus.FAILED:
             self._forget(output.request_id)
             return Delta(output.request_id, "", request.num_input_tokens, count, first,

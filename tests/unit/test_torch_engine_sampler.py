@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import llguidance
 import pytest
 import torch
 
+from backends.triton.adapter import REQUEST_REFUSED, engine_failure
+from backends.triton.guided_decoding import Guide
 from backends.triton.torch_engine import _history, _Sampler
+from services.common import errors
+from services.common.structured_output import grammar_of
 
 EOS = 3
 
@@ -183,3 +188,29 @@ def test_a_continuations_moved_tokens_count_as_generated_for_the_penalties():
     preempted = SimpleNamespace(initial_tokens=[1, 2, 3, 4, 5], _true_initial_tokens=4,
                                 generated_tokens=[6])
     assert _history(preempted, 2) == ([1, 2], [3, 4, 5, 6])
+
+
+def test_a_guided_row_whose_grammar_fails_ends_at_once_and_is_refused_naming_response_format():
+    """A matcher that errs (an empty mask left the row only -inf) ends its row with EOS, and
+    the engine takes why once; the engine's refusal is the client's response_format error."""
+    tokenizer = llguidance.LLTokenizer("byte")
+    matcher = llguidance.LLMatcher(tokenizer, grammar_of("json", ""))
+    matcher.consume_token(ord("x"))  # what an all -inf row's argmax forces on it
+    sampler = _Sampler([tokenizer.eos_token])
+    sampler.guides[1] = Guide(matcher)
+    logits = torch.zeros(1, tokenizer.vocab_size)
+    assert choose(sampler, [request(temperature=0.0, guide=1)], logits) == [tokenizer.eos_token]
+    failure = sampler.take_guide_failure("r")
+    assert failure and sampler.take_guide_failure("r") == ""
+    relayed = engine_failure("replica", f"{REQUEST_REFUSED}guided_decoding_guide {failure}")
+    assert isinstance(relayed, errors.InvalidArgument) and relayed.field == "response_format"
+
+
+def test_a_guided_row_that_keeps_to_its_grammar_reports_no_failure():
+    tokenizer = llguidance.LLTokenizer("byte")
+    sampler = _Sampler([tokenizer.eos_token])
+    sampler.guides[1] = Guide(llguidance.LLMatcher(tokenizer, grammar_of("json", "")))
+    logits = torch.zeros(1, tokenizer.vocab_size)
+    logits[0, ord("x")] = 5.0  # the model prefers what the grammar refuses
+    assert choose(sampler, [request(temperature=0.0, guide=1)], logits) == [ord("{")]
+    assert sampler.take_guide_failure("r") == ""

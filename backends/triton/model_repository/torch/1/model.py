@@ -225,7 +225,8 @@ class TritonPythonModel:
                 pending.first_token_time_ns = now_ns
             if delta.finish_reason is FinishReason.ERROR:
                 del self._pending[delta.request_id]
-                self._fail(pending.sender, f"the torch engine failed: {delta.error}")
+                self._fail(pending.sender, refused(ValueError(delta.error)) if delta.refused
+                           else f"the torch engine failed: {delta.error}")
             elif delta.finish_reason is not None:
                 del self._pending[delta.request_id]
                 text = delta.text
