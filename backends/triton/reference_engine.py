@@ -108,52 +108,84 @@ def count_tokens(text: str) -> int:
 GUIDED_PIECE_CHARS = 4  # characters per token of a guided text
 
 
-def guided_text(guide_type: str, guide: str) -> str:
-    """The text a guided request produces: the smallest instance of its schema, as compact JSON.
-    ValueError for a guide the engines cannot compile (the torch engine's rule)."""
+def guided_text(guide_type: str, guide: str, max_tokens: int) -> str:
+    """The text a guided request produces: the smallest instance of its schema, as compact JSON,
+    cut at what `max_tokens` can carry (the request then finishes for length). Built lazily, so
+    a schema whose smallest instance is huge (`minLength: 10**9`, nested `minItems`) costs only
+    the part sent. ValueError for a guide the engines cannot compile (the torch engine's rule)."""
     grammar_of(guide_type, guide)
     schema = json.loads(guide) if guide_type == "json_schema" else {"type": "object"}
-    return json.dumps(minimal_instance(schema, schema), separators=(",", ":"))
+    budget = max_tokens * GUIDED_PIECE_CHARS
+    text: list[str] = []
+    for chunk in minimal_instance(schema, schema):
+        text.append(chunk[:budget])
+        budget -= len(text[-1])
+        if budget <= 0:
+            break
+    return "".join(text)
 
 
-def minimal_instance(schema: Any, root: Any, depth: int = 0) -> Any:
-    """A small value valid against `schema` for what structured output uses: types, required
-    properties, `enum`/`const`, `anyOf`/`oneOf`/`allOf` (the first branch), local `$ref`s,
-    `minItems`, `minLength`, `minimum`. A made-up answer for the simulator, not a solver:
-    `pattern` and `format` are not honoured."""
+_CHUNK_CHARS = 4096  # the longest piece of a long string the instance yields at once
+
+
+def minimal_instance(schema: Any, root: Any, depth: int = 0) -> Iterator[str]:
+    """A small value valid against `schema`, as compact JSON text in pieces (each at most
+    `_CHUNK_CHARS` or one `const`/`enum` value, and never empty) for what structured output
+    uses: types, required properties, `enum`/`const`, `anyOf`/`oneOf`/`allOf` (the first
+    branch), local `$ref`s, `minItems`, `minLength`, `minimum`. A made-up answer for the
+    simulator, not a solver: `pattern` and `format` are not honoured."""
     if depth > 32 or not isinstance(schema, dict):
-        return None
+        yield "null"
+        return
     if "$ref" in schema:
         target: Any = root
         for part in schema["$ref"].removeprefix("#").strip("/").split("/"):
             target = target.get(part, {}) if part and isinstance(target, dict) else target
-        return minimal_instance(target, root, depth + 1)
-    if "const" in schema:
-        return schema["const"]
-    if schema.get("enum"):
-        return schema["enum"][0]
+        yield from minimal_instance(target, root, depth + 1)
+        return
+    if "const" in schema or schema.get("enum"):
+        yield _compact(schema["const"] if "const" in schema else schema["enum"][0])
+        return
     for combinator in ("anyOf", "oneOf", "allOf"):
         if schema.get(combinator):
-            return minimal_instance(schema[combinator][0], root, depth + 1)
+            yield from minimal_instance(schema[combinator][0], root, depth + 1)
+            return
     kind = schema.get("type", "object")
     if isinstance(kind, list):
         kind = kind[0] if kind else "object"
     if kind == "object":
         properties = schema.get("properties", {})
-        return {name: minimal_instance(properties.get(name, {}), root, depth + 1)
-                for name in schema.get("required", [])}
-    if kind == "array":
-        item = minimal_instance(schema.get("items", {}), root, depth + 1)
-        return [item] * int(schema.get("minItems", 0))
-    if kind == "string":
-        return "a" * int(schema.get("minLength", 0))
-    if kind in ("integer", "number"):
+        yield "{"
+        for index, name in enumerate(dict.fromkeys(schema.get("required", []))):
+            yield ("," if index else "") + _compact(name) + ":"
+            yield from minimal_instance(properties.get(name, {}), root, depth + 1)
+        yield "}"
+    elif kind == "array":
+        yield "["
+        for index in range(int(schema.get("minItems", 0))):
+            if index:
+                yield ","
+            yield from minimal_instance(schema.get("items", {}), root, depth + 1)
+        yield "]"
+    elif kind == "string":
+        yield '"'
+        remaining = int(schema.get("minLength", 0))
+        while remaining > 0:
+            yield "a" * min(remaining, _CHUNK_CHARS)
+            remaining -= _CHUNK_CHARS
+        yield '"'
+    elif kind in ("integer", "number"):
         value = schema.get("minimum", 0)
         if "exclusiveMinimum" in schema:
             value = math.floor(schema["exclusiveMinimum"]) + 1
         value = min(value, schema.get("maximum", value))
-        return math.ceil(value) if kind == "integer" else value
-    return {"boolean": False, "null": None}.get(kind)
+        yield _compact(math.ceil(value) if kind == "integer" else value)
+    else:
+        yield _compact({"boolean": False, "null": None}.get(kind))
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _guided_pieces(text: str) -> list[str]:

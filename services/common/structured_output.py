@@ -12,13 +12,17 @@ from typing import Any
 
 import llguidance
 
-__all__ = ["GUIDE_TYPES", "grammar_of"]
+__all__ = ["GUIDE_TYPES", "MAX_SCHEMA_MINIMUM_COUNT", "grammar_of"]
 
 GUIDE_TYPES = ("json", "json_schema")
 # Compact JSON (no free whitespace): a small model left free to emit spaces and newlines between
 # values can spend its whole budget on them.
 _JSON_OPTIONS: Any = {"whitespace_flexible": False}
 _ANY_OBJECT = {"type": "object"}
+# The keywords that force an instance's size: above this no context window holds the answer,
+# and a simulator building it would run out of memory (llguidance itself compiles them lazily).
+_MINIMUM_COUNTS = ("minLength", "minItems", "minProperties", "minContains")
+MAX_SCHEMA_MINIMUM_COUNT = 100_000
 
 
 @functools.lru_cache(maxsize=256)
@@ -38,6 +42,7 @@ def grammar_of(guide_type: str, guide: str) -> str:
             raise ValueError("guided_decoding_guide is not a JSON schema (not JSON)") from None
         if not isinstance(schema, dict):
             raise ValueError("guided_decoding_guide must be a JSON object (a JSON schema)")
+        _check_minimum_counts(schema)
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
     except (ValueError, TypeError, RecursionError) as error:
@@ -46,3 +51,20 @@ def grammar_of(guide_type: str, guide: str) -> str:
     if problem:
         raise ValueError(f"guided_decoding_guide cannot be compiled: {problem[:300]}")
     return grammar
+
+
+def _check_minimum_counts(schema: Any) -> None:
+    """ValueError naming the first `minLength`/`minItems`/... above `MAX_SCHEMA_MINIMUM_COUNT`
+    (iterative: a schema nested past the recursion limit is llguidance's to refuse)."""
+    pending = [schema]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if (key in _MINIMUM_COUNTS and isinstance(value, int | float)
+                        and not isinstance(value, bool) and value > MAX_SCHEMA_MINIMUM_COUNT):
+                    raise ValueError(f"guided_decoding_guide {key} must be at most "
+                                     f"{MAX_SCHEMA_MINIMUM_COUNT}, got {value}")
+                pending.append(value)

@@ -128,7 +128,7 @@ class TritonPythonModel:
             stop=strings(request, "stop_words"),
             cache_salt=scalar(request, "cache_salt", b"").decode(),
             sampling_key=_sampling_key(request),
-            guided_text=None if guide is None else guided_text(*guide),
+            guided_text=None if guide is None else guided_text(*guide, max_tokens),
             continued=token_ids(request, "continue_ids"),
         )
         pending.num_input_tokens = count_tokens(prompt) + len(generation.continued)
