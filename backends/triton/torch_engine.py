@@ -363,7 +363,9 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         self._eos = list(eos_token_ids)
         self._rows: list[_RowSampling] = []
         # request id → its chosen tokens' log probabilities, in order, until the engine takes
-        # them (from its own thread: hence the lock).
+        # them (from its own thread: hence the lock). Only a live request's (`track` to
+        # `forget`): the generation thread may run one more step of a request just cancelled or
+        # cut by a stop string, and what it records then would stay forever.
         self._logprobs: dict[str, list[TokenLogprob]] = {}
         self._logprobs_lock = threading.Lock()
         # Guided requests' grammars by key, set by the engine before a request is added and
@@ -387,10 +389,20 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         with self._logprobs_lock:
             return self._guide_failures.pop(request_id, "")
 
+    def track(self, request_id: str) -> None:
+        """Records `request_id`'s log probabilities (if it asks for them) until `forget`."""
+        with self._logprobs_lock:
+            self._logprobs[request_id] = []
+
     def forget(self, request_id: str) -> None:
         with self._logprobs_lock:
             self._logprobs.pop(request_id, None)
             self._guide_failures.pop(request_id, None)
+
+    def forget_all(self) -> None:
+        with self._logprobs_lock:
+            self._logprobs.clear()
+            self._guide_failures.clear()
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(0)
@@ -453,7 +465,8 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
             guide.consume(int(chosen[i]))
             if guide.failed:  # its mask was empty: the row took a token its grammar refuses
                 with self._logprobs_lock:
-                    self._guide_failures[rows[i].request_id] = guide.failed
+                    if rows[i].request_id in self._logprobs:  # live (`track`), as below
+                        self._guide_failures[rows[i].request_id] = guide.failed
                 chosen[i] = self._eos[0]  # ends the row now; the engine reports why
         only = torch.full_like(scores, -torch.inf)
         return only.scatter_(1, chosen.unsqueeze(1), 0.0)
@@ -474,10 +487,12 @@ class _Sampler(ContinuousBatchingLogitsProcessor):
         ids = picked.tolist()
         with self._logprobs_lock:
             for j, i in enumerate(asking):
+                recorded = self._logprobs.get(rows[i].request_id)
+                if recorded is None:  # ended (cancelled, stopped): nothing will take them
+                    continue
                 k = rows[i].top_logprobs
                 top = tuple(zip(top_ids[j][:k], top_lp[j][:k], strict=True)) if k else ()
-                self._logprobs.setdefault(rows[i].request_id, []).append(
-                    TokenLogprob(ids[j], chosen_lp[j], top))
+                recorded.append(TokenLogprob(ids[j], chosen_lp[j], top))
 
     def _draw(self, logits: torch.Tensor, row: _RowSampling) -> torch.Tensor:
         """One sampled row's token (float32 arithmetic as transformers' per-request warpers).
@@ -653,6 +668,7 @@ class TorchEngine:
             self._sampler.guides[guide_key] = generation.guide
         self._requests[generation.request_id] = _Request(
             generation, len(prompt_ids), detokenizer, guide_key=guide_key)
+        self._sampler.track(generation.request_id)
         self._manager.add_request(
             prompt_ids,
             request_id=generation.request_id,
@@ -764,6 +780,7 @@ class TorchEngine:
         ]
         self._requests.clear()
         self._sampler.guides.clear()
+        self._sampler.forget_all()
         return failed
 
     # -- state ---------------------------------------------------------------------------------

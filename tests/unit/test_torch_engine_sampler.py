@@ -143,6 +143,8 @@ def test_log_probabilities_are_the_raw_distributions_and_greedy_picks_the_most_l
     rows = [request(temperature=0.0, top_logprobs=3, request_id="a"),
             request(temperature=0.0, top_logprobs=0, logit_bias=((2, 10.0),), request_id="b"),
             request(temperature=0.0, request_id="c")]
+    for request_id in "abc":
+        sampler.track(request_id)
     sampler.prepare_tensor_args([_with_id(r) for r in rows])
     sampler(torch.cat([logits] * 3), torch.zeros(3, dtype=torch.int32))
     (greedy,) = sampler.take_logprobs("a", 5)
@@ -157,14 +159,23 @@ def test_log_probabilities_are_the_raw_distributions_and_greedy_picks_the_most_l
 
 def test_log_probabilities_are_taken_in_order_and_only_as_many_as_asked():
     sampler = _Sampler([EOS])
+    sampler.track("a")
     row = _with_id(request(temperature=0.0, top_logprobs=0, request_id="a"))
-    for step in range(3):
+
+    def step(roll: int) -> None:
         sampler.prepare_tensor_args([row])
-        sampler(torch.tensor([[0.0, 1.0, 2.0, 0.0]]).roll(step), torch.zeros(1, dtype=torch.int32))
+        sampler(torch.tensor([[0.0, 1.0, 2.0, 0.0]]).roll(roll), torch.zeros(1, dtype=torch.int32))
+
+    for roll in range(3):
+        step(roll)
     assert [lp.token_id for lp in sampler.take_logprobs("a", 2)] == [2, 3]
     assert [lp.token_id for lp in sampler.take_logprobs("a", 2)] == [0]
     sampler.forget("a")
     assert sampler.take_logprobs("a", 1) == ()
+    # Cancelled or cut by a stop string, a request may still be in the batch for one more
+    # step: what that step chose is not kept for an id nothing will take it for.
+    step(0)
+    assert sampler._logprobs == {}
 
 
 def test_a_continuation_draws_what_the_original_drew_at_the_same_absolute_position():
@@ -197,6 +208,7 @@ def test_a_guided_row_whose_grammar_fails_ends_at_once_and_is_refused_naming_res
     matcher = llguidance.LLMatcher(tokenizer, grammar_of("json", ""))
     matcher.consume_token(ord("x"))  # what an all -inf row's argmax forces on it
     sampler = _Sampler([tokenizer.eos_token])
+    sampler.track("r")
     sampler.guides[1] = Guide(matcher)
     logits = torch.zeros(1, tokenizer.vocab_size)
     assert choose(sampler, [request(temperature=0.0, guide=1)], logits) == [tokenizer.eos_token]
