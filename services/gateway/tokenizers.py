@@ -46,9 +46,10 @@ LOADS = Counter("infermesh_gateway_tokenizer_loads_total",
 RETRY_AFTER_S = 0.5
 FETCH_RETRY_S = (0.5, 10.0)  # first and longest delay between tries to fetch a tokenizer's files
 FAILED_RETRY_S = 60.0  # a tokenizer that could not be loaded is tried again after this
-# The reference engine's made-up vocabulary: its words' ids are hashes below this
-# (backends/triton/reference_engine.py `token_id`).
-REFERENCE_VOCAB_SIZE = 65_536
+# The reference engine's made-up vocabulary: a word's id is its xxh32 as a positive int32
+# (services/common/kv_blocks.py `word_token_ids`, the ids its KV blocks are hashed over and the
+# ids its outputs carry), so every id below 2^31 is one and logit_bias takes any of them.
+REFERENCE_VOCAB_SIZE = 2**31
 
 
 class PromptTokenizer(Protocol):

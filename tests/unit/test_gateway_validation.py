@@ -49,8 +49,8 @@ def test_defaults_come_from_the_version():
          "[-100, 100]"),
         ({"sampling": SamplingRequest(logit_bias=((-1, 1.0),))}, "params.logit_bias",
          "negative"),
-        ({"sampling": SamplingRequest(logit_bias=((65_536, 1.0),))}, "params.logit_bias",
-         "not in the vocabulary (0..65535)"),
+        ({"sampling": SamplingRequest(logit_bias=((2**31, 1.0),))}, "params.logit_bias",
+         "not in the vocabulary (0..2147483647)"),
         ({"sampling": SamplingRequest(presence_penalty=2.5)}, "params.presence_penalty",
          "[-2, 2]"),
         ({"prompt": "   "}, "prompt", "required"),
@@ -67,6 +67,15 @@ def test_bad_fields_are_named_with_their_limit(kwargs, field, limit):
         check(request(**kwargs))
     assert raised.value.field == field
     assert limit in raised.value.message
+
+
+def test_logit_bias_takes_the_reference_engines_own_token_ids():
+    """One definition of the reference engine's ids: a word's id as the tokenizer gives it (the
+    ids its KV blocks are hashed over) is in the vocabulary logit_bias is checked against."""
+    ids = WhitespaceTokenizer().token_ids("hello world zebra")
+    assert max(ids) >= 65_536  # xxh32 ids, not a 16-bit vocabulary
+    biased = check(request(sampling=SamplingRequest(logit_bias=tuple((i, 5.0) for i in ids))))
+    assert biased.engine.logit_bias == tuple((i, 5.0) for i in ids)
 
 
 def test_messages_are_rendered():
