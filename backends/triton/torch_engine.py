@@ -42,6 +42,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 from transformers.generation.continuous_batching.requests import RequestStatus
 
 from backends.triton.guided_decoding import Guide, GuideCompiler
+from services.common.kv_blocks import block_hash, chain_root
 from services.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 
 __all__ = [
@@ -64,6 +65,7 @@ _KEY_BITS = 30  # noise keys are non-zero 30-bit integers, each seeding one draw
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 LOGPROBS_OFF = -1  # `Sampling.top_logprobs` when the request asks for no log probabilities
+MAX_CACHE_SALT_BYTES = 256  # a tenant id is far shorter
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,13 @@ class Generation:
     # them (so the same seed draws the same tokens), stop strings match across the seam, and
     # `max_tokens` counts the new tokens only (`min_tokens` the original's).
     continued: tuple[int, ...] = ()
+    # Only requests with the same salt share prefix-cache blocks (vLLM's `cache_salt`; the
+    # gateway sends an isolated tenant's): the salt's hash is its block chains' root.
+    cache_salt: str = ""
 
     def __post_init__(self) -> None:
+        if len(self.cache_salt.encode()) > MAX_CACHE_SALT_BYTES:
+            raise ValueError(f"cache_salt must be at most {MAX_CACHE_SALT_BYTES} bytes")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if any(not s for s in self.stop):
@@ -547,6 +554,100 @@ class _Request:
     guide_key: int = 0  # its key in the sampler's guides (0: not guided)
 
 
+class _SaltedChains:
+    """Gives transformers' paged cache vLLM's `cache_salt`: a salted request's block-hash chain
+    starts from its salt's root (`kv_blocks.chain_root`) instead of from nothing, so it matches
+    and registers only blocks of requests with the same salt, and the hashes the cache holds are
+    the ones the gateway computes with that salt. transformers has no such hook: the two
+    methods that start a chain (`match_prefix_blocks`, `mark_complete_blocks`) are replaced on
+    this cache's allocators by the same loops with a root; an unsalted request runs
+    transformers' own. Runs on the generation thread; `roots` is written by the caller's.
+    """
+
+    PRUNE_EVERY_S = 1.0
+
+    def __init__(self, cache, is_live: Callable[[str], bool]):
+        self.roots: dict[str, int] = {}  # request id -> its chain's root (salted requests only)
+        self._is_live = is_live
+        self._gone: set[str] = set()  # requests not live at the last pruning
+        self._pruned_at = time.monotonic()
+        self._matching: int | None = None  # the root of the request `search_prefix_match` serves
+        search = cache.search_prefix_match
+
+        def search_prefix_match(request_id: str, prompt_ids: list[int]) -> int:
+            self._matching = self.roots.get(request_id)
+            try:
+                return search(request_id, prompt_ids)
+            finally:
+                self._matching = None
+
+        cache.search_prefix_match = search_prefix_match
+        for allocator in cache.cache_allocators.values():
+            allocator.match_prefix_blocks = self._matcher(allocator)
+            allocator.mark_complete_blocks = self._marker(allocator)
+
+    def add(self, request_id: str, cache_salt: str) -> None:
+        """Before the request reaches transformers. Forgets the roots of requests gone from it
+        for a whole pruning period (`is_live` cannot see one in transit between transformers'
+        queues, and a root dropped too soon would hash its blocks unsalted)."""
+        now = time.monotonic()
+        if now - self._pruned_at >= self.PRUNE_EVERY_S:
+            gone = {r for r in self.roots if not self._is_live(r)}
+            self.roots = {r: root for r, root in self.roots.items()
+                          if r not in gone or r not in self._gone}
+            self._gone, self._pruned_at = gone, now
+        root = chain_root(cache_salt)
+        if root is not None:
+            self.roots[request_id] = root
+
+    def _matcher(self, allocator) -> Callable[[list[int]], list[int]]:
+        original = allocator.match_prefix_blocks
+
+        def match_prefix_blocks(prompt_ids: list[int]) -> list[int]:
+            root = self._matching
+            if root is None:
+                return original(prompt_ids)
+            page, hash_to_block = allocator.tokens_per_page, allocator.ledger.hash_to_block
+            matched: list[int] = []
+            for index in range((len(prompt_ids) - 1) // page):
+                root = block_hash(root, prompt_ids[index * page:(index + 1) * page])
+                block_id = hash_to_block.get(root)
+                if block_id is None:
+                    break
+                matched.append(block_id)
+            return matched
+
+        return match_prefix_blocks
+
+    def _marker(self, allocator) -> Callable[[str, list[int], int], None]:
+        original = allocator.mark_complete_blocks
+
+        def mark_complete_blocks(request_id: str, token_ids: list[int], new_blocks: int) -> None:
+            parent = self.roots.get(request_id)
+            if parent is None:
+                original(request_id, token_ids, new_blocks)
+                return
+            page, ledger = allocator.tokens_per_page, allocator.ledger
+            block_table = allocator.block_table[request_id]
+            for index, block_id in enumerate(block_table):
+                hashed = ledger.block_to_hash.get(block_id)
+                if hashed is None:
+                    tokens = token_ids[index * page:(index + 1) * page]
+                    if new_blocks == 0 or len(tokens) < page:
+                        break
+                    hashed = block_hash(parent, tokens)
+                    new_blocks -= 1
+                    identical = ledger.register_new_hash(block_id, hashed)
+                    if identical is not None:  # the same salt's block: adopt it, free ours
+                        ledger.acquire(identical)
+                        block_table[index] = identical
+                        if ledger.release(block_id):
+                            allocator.pool.free_blocks(allocator.index, [block_id])
+                parent = hashed
+
+        return mark_complete_blocks
+
+
 class TorchEngine:
     """One model instance: weights, tokenizer, a continuous-batching manager and its KV cache."""
 
@@ -596,6 +697,7 @@ class TorchEngine:
         processors.do_processing = True
         self._requests: dict[str, _Request] = {}
         self._published_blocks: set[int] | None = None  # what kv_events() said last (None: never)
+        self._salted: _SaltedChains | None = None  # from start(): the cache exists then
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -607,6 +709,14 @@ class TorchEngine:
             if not self._manager.is_running() or time.monotonic() > deadline:
                 raise RuntimeError("the continuous-batching thread did not start")
             time.sleep(0.01)
+        self._salted = _SaltedChains(self._manager.batch_processor.cache, self._in_transformers)
+
+    def _in_transformers(self, request_id: str) -> bool:
+        """Whether transformers may still hash the request's blocks (ours, or queued or running
+        there)."""
+        scheduler = self._manager.batch_processor.scheduler
+        return (request_id in self._requests or request_id in scheduler.active_requests
+                or request_id in scheduler.waiting_requests)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stops the generation thread; unfinished requests are dropped (the caller fails them)."""
@@ -632,6 +742,8 @@ class TorchEngine:
 
     def submit(self, generation: Generation) -> int:
         """Queues a request; returns its prompt token count. ValueError names what cannot run."""
+        if self._salted is None:
+            raise RuntimeError("the engine is not started")
         if generation.request_id in self._requests:
             raise ValueError(f"request {generation.request_id} is already in the engine")
         prompt_ids = self._encode(generation.prompt)
@@ -666,6 +778,7 @@ class TorchEngine:
                 raise ValueError("continue_ids do not follow guided_decoding_guide")
             guide_key = next(self._guide_keys)
             self._sampler.guides[guide_key] = generation.guide
+        self._salted.add(generation.request_id, generation.cache_salt)
         self._requests[generation.request_id] = _Request(
             generation, len(prompt_ids), detokenizer, guide_key=guide_key)
         self._sampler.track(generation.request_id)

@@ -428,8 +428,11 @@ class GenerationPipeline:
         a 200 000-character chat never stalls the event loop (docs/decisions.md)."""
         checked = check_parameters(request, principal, version, self._limits)
         tokenizer = self._tokenizers.get(version)
-        # The prompt's KV blocks as the engine hashes them, salted as its cache is.
-        blocks = (request, self._limits, tokenizer, kv_block_tokens(version), checked.cache_salt)
+        # The prompt's KV blocks as the engine hashes them, salted as its cache is. Salted with
+        # the tenant's own salt even for an engine that takes none: an isolated tenant's route
+        # never follows another tenant's blocks (the approximate index's hashes are salted too).
+        blocks = (request, self._limits, tokenizer, kv_block_tokens(version),
+                  principal.prefix_salt)
         if input_chars(request) < OFFLOAD_MIN_CHARS:
             prompt = prepare_prompt(*blocks)
         else:

@@ -43,8 +43,8 @@ _EVERY = frozenset(NEUTRAL)
 class EngineCapabilities:
     kind: str
     optional: frozenset[str]  # which of `NEUTRAL`'s parameters it honours at other values
-    # It keeps a prefix cache across requests and takes a `cache_salt` to partition it (the
-    # torch engine keeps none: nothing of one request's KV outlives it).
+    # It keeps a prefix cache across requests and takes a `cache_salt` to partition it (both
+    # do: the torch engine's is transformers' prefix sharing, its chains rooted at the salt).
     prefix_cache: bool = False
     # It constrains decoding to a JSON schema (`response_format`).
     guided_decoding: bool = False
@@ -57,8 +57,9 @@ class EngineCapabilities:
 
 
 CAPABILITIES: Mapping[str, EngineCapabilities] = {
-    "torch": EngineCapabilities("torch", _EVERY - {"bad_words"}, guided_decoding=True,
-                                continuation=True, position_sampling=True),
+    "torch": EngineCapabilities("torch", _EVERY - {"bad_words"}, prefix_cache=True,
+                                guided_decoding=True, continuation=True,
+                                position_sampling=True),
     "reference": EngineCapabilities("reference", _EVERY, prefix_cache=True,
                                     guided_decoding=True, continuation=True,
                                     position_sampling=True),

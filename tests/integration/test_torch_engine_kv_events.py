@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from backends.triton.torch_engine import Generation, TorchEngine, TorchEngineConfig
+from backends.triton.torch_engine import Generation, Sampling, TorchEngine, TorchEngineConfig
 from backends.triton.weights import cache_root, default_model_dir
 from services.common.kv_events import AllBlocksCleared, BlockStored, HeldBlocks
 from services.gateway.requests import ChatTurn, GenerationRequest, SamplingRequest
@@ -67,4 +67,31 @@ def test_the_gateways_chat_block_hashes_are_the_torch_engines_and_eviction_is_re
     assert not set(gateway_hashes) & held.hashes
     processor = engine._manager.batch_processor  # the cache's own ledger
     [allocator] = processor.cache.cache_allocators.values()
+    assert held.hashes == set(allocator.ledger.hash_to_block)
+
+
+def test_isolated_tenants_with_the_same_prompt_never_share_the_torch_engines_blocks(engine):
+    """Review finding (issue 19): transformers' prefix sharing outlives requests, so an isolated
+    tenant's salt must partition it: each salt's blocks are its own chain, rooted at the salt,
+    computed and stored anew (not found in another salt's), and exactly the hashes the gateway
+    sends with that tenant's route (so precise routing agrees with the engine)."""
+    engine, tokenizer = engine
+    prompt = SYSTEM * 2 + "Which port is the ferry's?"
+    held = HeldBlocks()
+    held.apply(engine.kv_events())
+    per_salt = {}
+    for salt in ("", "tenant-a", "tenant-b"):  # the unsalted chain first: there to be found
+        prepared = prepare_prompt(
+            GenerationRequest(request_id="r", model="m", prompt=prompt, sampling=SamplingRequest()),
+            Limits(), tokenizer, PAGE, salt)
+        hashes = per_salt[salt] = list(prepared.kv_block_hashes)
+        run(engine, Generation(f"salted-{salt}", prompt, max_tokens=2, cache_salt=salt,
+                               sampling=Sampling(min_tokens=2)))  # an EOS first keeps none
+        events = engine.kv_events()
+        held.apply(events)
+        stored = {h for e in events if isinstance(e, BlockStored) for h in e.block_hashes}
+        assert set(hashes) <= stored & held.hashes  # its own blocks, computed, held now
+    unsalted, a, b = per_salt.values()
+    assert len(a) >= 4 and not set(a) & set(b) and not set(a) & set(unsalted)
+    [allocator] = engine._manager.batch_processor.cache.cache_allocators.values()
     assert held.hashes == set(allocator.ledger.hash_to_block)

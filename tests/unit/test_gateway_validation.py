@@ -95,7 +95,8 @@ def test_request_id_checked_or_generated():
 
 @pytest.mark.parametrize("kind, isolated, salt", [
     ("reference", True, "t"), ("reference", False, ""),
-    ("torch", True, ""),  # no prefix cache to partition: the engine declares no cache_salt
+    ("torch", True, "t"), ("torch", False, ""),  # its prefix sharing is partitioned too
+    ("unknown", True, ""),  # a kind that declares no cache_salt is sent none
 ])
 def test_an_isolated_tenants_engine_request_carries_its_cache_salt(kind, isolated, salt):
     version = ModelVersion("sha256:" + "1" * 64, {

@@ -146,6 +146,7 @@ class TritonPythonModel:
             stop=strings(request, "stop_words"),
             guide=None if guide is None else self._engine.compile_guide(*guide),
             continued=token_ids(request, "continue_ids"),
+            cache_salt=scalar(request, "cache_salt", b"").decode(),
         )
         return pending, generation
 
