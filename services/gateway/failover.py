@@ -13,18 +13,21 @@ on another replica serving the same version, from the tokens already delivered
 The engine counts sampling positions from the original's start, so greedy and seeded output is
 the output without the failure, for engines whose sampling is derived from (seed, position)
 (`EngineCapabilities.position_sampling`); a sampled generation moved on any other engine says
-`exact = False`. Bounded by `max_moves`; the request's deadline bounds every attempt. Pure: the
-pipeline routes, relays and releases.
+`exact = False`. A sampled request without a seed gets one drawn here before its first dispatch
+(`seeded_to_move`): an engine left to draw its own would draw another on the next replica.
+Bounded by `max_moves`; the request's deadline bounds every attempt. Pure: the pipeline routes,
+relays and releases.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from dataclasses import dataclass, field
 
 from backends.triton.adapter import EngineChunk, EngineRequest
 
-__all__ = ["Continuation", "FailoverSettings", "Move"]
+__all__ = ["Continuation", "FailoverSettings", "Move", "seeded_to_move"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,17 @@ class FailoverSettings:
     def __post_init__(self) -> None:
         if self.max_moves < 0 or self.stall_s <= 0:
             raise ValueError("max_moves must not be negative and stall_s must be positive")
+
+
+def seeded_to_move(request: EngineRequest, settings: FailoverSettings,
+                   position_sampling: bool) -> EngineRequest:
+    """`request` with a seed drawn here when it is sampled, has none, and may move to an engine
+    that derives its draws from (seed, position): its continuation then makes the same draws.
+    Called once, before the first dispatch."""
+    if (request.temperature and request.seed is None and position_sampling
+            and settings.max_moves and not request.guided_decoding_guide_type):
+        return dataclasses.replace(request, seed=secrets.randbits(63))
+    return request
 
 
 @dataclass
@@ -102,8 +116,9 @@ class Continuation:
 
     @property
     def exact(self) -> bool:
-        """False once a sampled generation moved on an engine whose sampling is not derived
-        from (seed, position): its text after the seam is a valid draw, not the one it would
-        have been. Greedy output is exact on any engine (a deterministic one)."""
+        """False once a sampled generation moved without a seed, or on an engine whose sampling
+        is not derived from (seed, position): its text after the seam is a valid draw, not the
+        one it would have been. Greedy output is exact on any engine (a deterministic one)."""
         sampled = bool(self.original.temperature)
-        return not (self.moves and sampled and not self.position_sampling)
+        same_draws = self.position_sampling and self.original.seed is not None
+        return not (self.moves and sampled and not same_draws)

@@ -37,7 +37,7 @@ from services.common.logs import get_logger
 from services.common.outcome import Outcome
 from services.common.prefix import prompt_block_hashes
 from services.gateway.admission import FairAdmission, priority_index
-from services.gateway.failover import Continuation, FailoverSettings
+from services.gateway.failover import Continuation, FailoverSettings, seeded_to_move
 from services.gateway.model_access import check_access
 from services.gateway.peers import Grant, Route
 from services.gateway.requests import GenerationRequest, Principal
@@ -485,9 +485,10 @@ class GenerationPipeline:
         progress.cleanups.append(give_back_place)
         failed: list[str] = []
         prefix_hashes = prompt_block_hashes(engine_request.prompt, principal.prefix_salt)
+        position_sampling = capabilities_of(version.engine_kind).position_sampling
+        engine_request = seeded_to_move(engine_request, self._failover, position_sampling)
         progress.continuation = continuation = Continuation(
-            engine_request, self._failover,
-            capabilities_of(version.engine_kind).position_sampling)
+            engine_request, self._failover, position_sampling)
         relayed = _Relayed(StreamFilter(progress.blocked_phrases))
         attempt = 0
         while True:
@@ -602,7 +603,9 @@ class GenerationPipeline:
         chunks = self._engine.generate(route.grpc_endpoint, engine_request)
         async with contextlib.aclosing(chunks):  # leaving early cancels the Triton request
             try:
-                async with asyncio.timeout(None) as stall:
+                # A continuation's timer runs from its start: a replica that sends nothing at
+                # all stalls it as one that stops does (a first attempt may queue and prefill).
+                async with asyncio.timeout(stall_s if continuing else None) as stall:
                     async for chunk in chunks:
                         stall.reschedule(None)  # a slow client is not a stalled replica
                         if not continuing:  # a continuation's prompt holds the moved tokens

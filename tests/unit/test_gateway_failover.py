@@ -5,12 +5,13 @@ gets the uncut text, usage counts each token once, every route is released with 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from backends.triton.adapter import EngineChunk, EngineRequest
 from services.common import errors
-from services.gateway.failover import Continuation, FailoverSettings
+from services.gateway.failover import Continuation, FailoverSettings, seeded_to_move
 from services.gateway.pipeline import Finished, GenerationPipeline, TokenText
 from services.gateway.requests import GenerationRequest, SamplingRequest
 from services.gateway.server import encode_final
@@ -97,11 +98,12 @@ async def test_a_replica_lost_after_its_last_token_ends_the_generation_without_a
     assert len(routing.routes) == 1
 
 
-@pytest.mark.parametrize(("temperature", "position_sampling", "exact"), [
-    (0.0, False, True), (0.8, False, False), (0.8, True, True)])
-def test_a_moved_sampled_generation_is_exact_only_with_position_derived_sampling(
-        temperature, position_sampling, exact):
-    original = EngineRequest("m", "r", "p", max_tokens=8, temperature=temperature,
+@pytest.mark.parametrize(("temperature", "seed", "position_sampling", "exact"), [
+    (0.0, None, False, True), (0.8, 7, False, False), (0.8, 7, True, True),
+    (0.8, None, True, False)])
+def test_a_moved_sampled_generation_is_exact_only_with_a_seed_and_position_derived_sampling(
+        temperature, seed, position_sampling, exact):
+    original = EngineRequest("m", "r", "p", max_tokens=8, temperature=temperature, seed=seed,
                              return_output_ids=True)
     continuation = Continuation(original, FailoverSettings(), position_sampling)
     continuation.received(EngineChunk("a b ", 1, 2, False, token_ids=(1, 2)))
@@ -160,3 +162,45 @@ async def test_a_stalled_replica_takes_the_continuation_back_when_no_other_can()
         text, finished = await generate(p)
     assert text == "".join(f"w{i} " for i in range(TOKENS)) and finished.moves == 1
     assert [r["exclude"] for r in routing.routes] == [[], ["only"], []]
+
+
+async def test_an_unseeded_sampled_generation_gets_one_seed_before_it_moves():
+    """The engine would draw its own seed, another on each replica: the gateway draws one first,
+    so the continuation makes the original's draws (exact)."""
+    engine = Engine()
+    p = pipeline(ReplicaRouting(["dying-4", "healthy"]), engine)
+    events = []
+
+    async def send(event) -> None:
+        events.append(event)
+
+    request = GenerationRequest(request_id="r1", model="demo", prompt=PROMPT,
+                                sampling=SamplingRequest(max_tokens=TOKENS, temperature=0.8))
+    finished = await p.run(PRINCIPAL, request, send)
+    await p.drain_background()
+    seeds = {endpoint: sent.seed for endpoint, sent in engine.requests.items()}
+    assert seeds["dying-4"] is not None and seeds["healthy"] == seeds["dying-4"]
+    assert finished.moves == 1 and finished.continuation_exact
+
+
+def test_a_seed_is_drawn_only_for_a_sampled_request_without_one_that_may_move():
+    sampled = EngineRequest("m", "r", "p", max_tokens=8, temperature=0.8)
+    assert seeded_to_move(sampled, FailoverSettings(), True).seed is not None
+    for request, settings, position_sampling in [
+            (dataclasses.replace(sampled, seed=5), FailoverSettings(), True),
+            (dataclasses.replace(sampled, temperature=0.0), FailoverSettings(), True),
+            (sampled, FailoverSettings(max_moves=0), True),
+            (sampled, FailoverSettings(), False),
+            (dataclasses.replace(sampled, guided_decoding_guide_type="json"),
+             FailoverSettings(), True)]:
+        assert seeded_to_move(request, settings, position_sampling) == request
+
+
+async def test_a_continuation_on_a_replica_that_never_answers_is_stalled_at_once():
+    """The stall timer runs from a continuation's start, not from its first chunk: a move to a
+    hung replica costs stall_s, not the request's whole deadline."""
+    routing = ReplicaRouting(["dying-4", "stalling-0", "healthy"])
+    async with asyncio.timeout(5):
+        text, finished = await generate(failover_pipeline(routing, stall_s=0.2))
+    assert text == "".join(f"w{i} " for i in range(TOKENS)) and finished.moves == 2
+    assert ("res-stalling-0", Outcome.FAILED_AFTER_FIRST_TOKEN, 0) in routing.releases
