@@ -250,6 +250,11 @@ class _Progress:
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
+def _client_request_id(request: GenerationRequest) -> str:
+    """The id the client sent: a choice's (n > 1) runs under an id of its own."""
+    return request.choice.request_id if request.choice is not None else request.request_id
+
+
 def _answers_in_full(progress: _Progress) -> bool:
     """Whether a finished generation is the answer to the request as asked, so the response
     cache may keep it under the request's key: not cut short by a degraded grant's max_tokens,
@@ -314,8 +319,8 @@ class GenerationPipeline:
         shadow: ModelVersion | None = None
         try:
             # A bare name follows the rollout: the sticky canary split, the shadow sample.
-            resolution = self._catalog.route(
-                request.model, principal.tenant_id, request.user, request.request_id,
+            resolution = self._catalog.route(  # the n choices of a request resolve as one
+                request.model, principal.tenant_id, request.user, _client_request_id(request),
                 self._serving,
             )
             version, shadow = resolution.version, resolution.shadow
@@ -382,7 +387,8 @@ class GenerationPipeline:
             self._run_cleanups(progress)
         self._audited(principal, request, progress, finished, client_address)
         await send(finished)
-        if shadow is not None and finished.finish_reason in ("stop", "length"):
+        if (shadow is not None and finished.finish_reason in ("stop", "length")
+                and (request.choice is None or request.choice.index == 0)):  # once a request
             self._copy_to_shadow(principal, request, shadow)
         return finished
 
@@ -721,36 +727,35 @@ class GenerationPipeline:
                 (progress.prompt_tokens * price_in + progress.completion_tokens * price_out)
                 / 1000)
         hashes = progress.text_hashes
-        self._audit.emit(
-            new_event(
-                self._source,
-                request.request_id,
-                generation=auditor_pb2.GenerationRecord(
-                    tenant=principal.tenant_id,
-                    key_id=principal.key_id,
-                    model=request.model,
-                    model_version=progress.version_id,
-                    prompt_tokens=finished.prompt_tokens,
-                    completion_tokens=finished.completion_tokens,
-                    finish_reason=finished.finish_reason,
-                    error_code=code if finished.error else "",
-                    queue_ms=finished.queue_s * 1000,
-                    ttft_ms=finished.ttft_s * 1000,
-                    total_ms=finished.total_s * 1000,
-                    client_address=client_address,
-                    idempotency_key=request.idempotency_key,
-                    replica_id=progress.replica_id,
-                    prompt_sha256=hashes.prompt_sha256 if hashes else "",
-                    completion_sha256=hashes.completion_sha256 if hashes else "",
-                    cached=progress.cached,
-                    moves=[auditor_pb2.ReplicaMove(from_replica=move.from_replica,
-                                                   to_replica=move.to_replica,
-                                                   at_token=move.at_token)
-                           for move in (progress.continuation.moves
-                                        if progress.continuation else ())],
-                ),
-            )
+        generation = auditor_pb2.GenerationRecord(
+            tenant=principal.tenant_id,
+            key_id=principal.key_id,
+            model=request.model,
+            model_version=progress.version_id,
+            prompt_tokens=finished.prompt_tokens,
+            completion_tokens=finished.completion_tokens,
+            finish_reason=finished.finish_reason,
+            error_code=code if finished.error else "",
+            queue_ms=finished.queue_s * 1000,
+            ttft_ms=finished.ttft_s * 1000,
+            total_ms=finished.total_s * 1000,
+            client_address=client_address,
+            idempotency_key=request.idempotency_key,
+            replica_id=progress.replica_id,
+            prompt_sha256=hashes.prompt_sha256 if hashes else "",
+            completion_sha256=hashes.completion_sha256 if hashes else "",
+            cached=progress.cached,
+            moves=[auditor_pb2.ReplicaMove(from_replica=move.from_replica,
+                                           to_replica=move.to_replica,
+                                           at_token=move.at_token)
+                   for move in (progress.continuation.moves
+                                if progress.continuation else ())],
         )
+        if request.choice is not None:  # one of n > 1: under the client's id, with its index
+            generation.choice_index = request.choice.index
+            generation.choice_count = request.choice.count
+        self._audit.emit(new_event(self._source, _client_request_id(request),
+                                   generation=generation))
 
     async def drain_background(self) -> None:
         if self._background:

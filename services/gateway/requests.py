@@ -16,8 +16,8 @@ from services.common.errors import InvalidArgument
 from services.gateway.tool_calls import TOOL_CHOICES, Tool
 
 __all__ = ["FIELD_LIMITS", "MAX_LOGIT_BIAS", "MAX_TOP_LOGPROBS", "REQUEST_ID",
-           "RESPONSE_FORMAT_TYPES", "ChatTurn", "GenerationRequest", "Principal", "ResponseFormat",
-           "SamplingRequest", "check_logit_bias"]
+           "RESPONSE_FORMAT_TYPES", "ChatTurn", "ChoiceOf", "GenerationRequest", "Principal",
+           "ResponseFormat", "SamplingRequest", "check_logit_bias"]
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -91,6 +91,15 @@ class ResponseFormat:
 
 
 @dataclass(frozen=True)
+class ChoiceOf:
+    """What makes a generation one of a request's n choices (services/gateway/choices.py)."""
+
+    request_id: str  # the client's: the choices' audit records carry it, and the rollout keys by it
+    index: int
+    count: int
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """Raises InvalidArgument (naming the field and its limit) when built with a field over
     `FIELD_LIMITS`: the check costs a few `len` calls and comes before anything keeps a value."""
@@ -109,6 +118,7 @@ class GenerationRequest:
     tool_choice: str = ""  # one of TOOL_CHOICES; "": auto with tools, none without
     tool_choice_name: str = ""  # the function, with tool_choice "function"
     parallel_tool_calls: bool = True
+    choice: ChoiceOf | None = None  # set by the gateway on each of n > 1 choices, never by a client
 
     def __post_init__(self) -> None:
         check_field_limits(self)

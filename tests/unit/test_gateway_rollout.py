@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 from backends.triton.adapter import EngineChunk, EngineRequest
 from services.common.tenancy import TenantPlan
 from services.gateway.admission import AdmissionLimits, FairAdmission
+from services.gateway.choices import run_choices
 from services.gateway.peers import Grant, Route
 from services.gateway.pipeline import Accepted, Finished, GenerationPipeline, TokenText
 from services.gateway.requests import GenerationRequest, Principal, SamplingRequest
@@ -190,3 +191,27 @@ async def test_a_blocked_phrase_ends_the_generation_unsent():
     assert engine.unfinished == 1  # the engine request was cancelled, not read to its end
     assert audit.events[0].generation.finish_reason == "content_filter"
     await shadow.close()
+
+
+async def test_n_choices_are_audited_under_the_clients_id_and_shadowed_once():
+    production, shadow_id = version_id(MANIFEST), version_id(SHADOW)
+    pipeline, _admission, _router, engine, audit, shadow = build(
+        Routing(revision=2, production=production, shadow=shadow_id, shadow_rate=1.0))
+    request = GenerationRequest(request_id="r1", model="demo", prompt="hello there",
+                                sampling=SamplingRequest(max_tokens=3, n=2, seed=1))
+
+    async def send(event) -> None:
+        return None
+
+    finished = await run_choices(lambda one, sink: pipeline.run(PRINCIPAL, one, sink), request,
+                                 send, max_choices=4)
+    assert finished.finish_reason == "length"
+    async with asyncio.timeout(5):
+        while len(engine.requests) < 3:
+            await asyncio.sleep(0.01)
+    await shadow.close()
+    # Each choice is a generation of its own id; one shadow copy for the request.
+    assert sorted(r.request_id for r in engine.requests) == ["r1-0", "r1-0.shadow", "r1-1"]
+    records = sorted((e.request_id, e.generation.choice_index, e.generation.choice_count)
+                     for e in audit.events)
+    assert records == [("r1", 0, 2), ("r1", 1, 2)]
