@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,7 @@ import uuid
 from dataclasses import dataclass
 
 from bench.pools import client_pool
+from deploy.local.gateways import ExtraGateway
 from deploy.local.stack import Stack, StackInfo, StackOptions
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 
@@ -172,6 +175,31 @@ def top_frames(collapsed: pathlib.Path, count: int = 25) -> list[tuple[float, fl
             for f, _ in inclusive.most_common(count)] if total else []
 
 
+def compare(stack: StackInfo, state_dir: pathlib.Path, baseline: pathlib.Path, pairs: int,
+            concurrency: int, duration_s: float) -> None:
+    """This tree's gateway (the stack's) against one run from `baseline`, on the same stack, in
+    alternating windows (the order flips every pair): on a shared machine one window's CPU per
+    generation moves by ±20 %, a pair's ratio much less."""
+    other = ExtraGateway(stack, state_dir, name="gateway-baseline", repo_root=baseline)
+    other.start(timeout_s=60.0)
+    against = dataclasses.replace(
+        stack, gateway=other.endpoint, endpoints={**stack.endpoints, "gateway": other.endpoint},
+        pids={**stack.pids, "gateway": other.process.pid})
+    try:
+        ratios = []
+        for pair in range(pairs):
+            order = (stack, against) if pair % 2 == 0 else (against, stack)
+            cpu = {id(side): run(side, concurrency, duration_s)["gateway_cpu_us_per_generation"]
+                   for side in order}
+            ratios.append(cpu[id(stack)] / cpu[id(against)])
+            print(f"pair {pair + 1}: this tree {cpu[id(stack)]:.0f} µs, {baseline} "
+                  f"{cpu[id(against)]:.0f} µs per generation, ratio {ratios[-1]:.3f}", flush=True)
+        print(json.dumps({"gateway_cpu_ratio_over_baseline_median": round(
+            statistics.median(ratios), 3), "pairs": [round(r, 3) for r in ratios]}), flush=True)
+    finally:
+        other.stop()
+
+
 def main() -> None:
     from bench.__main__ import BENCH_PLAN  # the bench tenant, not the quota, sets the pace
 
@@ -182,11 +210,19 @@ def main() -> None:
     parser.add_argument("--profile", type=pathlib.Path,
                         help="Sample the gateway with py-spy in the last window: collapsed "
                         "stacks to this file, the top functions printed.")
+    parser.add_argument("--against", type=pathlib.Path,
+                        help="A/B: another checkout (protobuf code generated), e.g. a worktree "
+                        "of the previous commit; a gateway from it beside this tree's, both on "
+                        "one stack, measured in alternating windows, CPU ratios per pair.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="infermesh-bench-") as state:
         stack = Stack(StackOptions(state_dir=pathlib.Path(state), demo_plan=BENCH_PLAN))
         info = stack.up()
         try:
+            if args.against is not None:
+                compare(info, pathlib.Path(state), args.against, args.rounds, args.concurrency,
+                        args.duration_s)
+                return
             for round_ in range(args.rounds):
                 last = round_ == args.rounds - 1
                 figures = run(info, args.concurrency, args.duration_s,

@@ -18,8 +18,10 @@ class ExtraGateway:
     """One more `python -m services.gateway`; `start()` returns once it answers SERVING."""
 
     def __init__(self, stack: StackInfo, state_dir: pathlib.Path, name: str = "gateway-2",
-                 settings: dict[str, str] | None = None):
-        """`settings`: extra INFERMESH_* variables for this gateway (e.g. a small capacity)."""
+                 settings: dict[str, str] | None = None, repo_root: pathlib.Path | None = None):
+        """`settings`: extra INFERMESH_* variables for this gateway (e.g. a small capacity);
+        `repo_root`: another checkout to run it from (its protobuf code generated), e.g. the
+        previous commit's, to compare a change A/B on one stack."""
         self.port, self.metrics_port = free_port(), free_port()
         variables = {
             "INFERMESH_ETCD_ENDPOINT": stack.etcd,
@@ -33,6 +35,8 @@ class ExtraGateway:
         self._stack = stack
         self.process = service_process(name, "services.gateway",
                                        state_dir / "logs" / f"{name}.log", self.port, variables)
+        if repo_root is not None:
+            self.process.cwd = repo_root
 
     @property
     def endpoint(self) -> str:
