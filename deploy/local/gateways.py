@@ -21,9 +21,12 @@ class ExtraGateway:
                  settings: dict[str, str] | None = None, repo_root: pathlib.Path | None = None):
         """`settings`: extra INFERMESH_* variables for this gateway (e.g. a small capacity);
         `repo_root`: another checkout to run it from (its protobuf code generated), e.g. the
-        previous commit's, to compare a change A/B on one stack."""
+        previous commit's, to compare a change A/B on one stack. Tracing is off unless the
+        settings name an OTLP endpoint: these gateways' real generations take the untraced path
+        (no interceptors, no traced relay)."""
         self.port, self.metrics_port = free_port(), free_port()
         variables = {
+            "OTEL_SDK_DISABLED": str("OTEL_EXPORTER_OTLP_ENDPOINT" not in (settings or {})).lower(),
             "INFERMESH_ETCD_ENDPOINT": stack.etcd,
             "INFERMESH_METRICS_PORT": str(self.metrics_port),
             "INFERMESH_INSTANCE_ID": f"{name}-{uuid.uuid4().hex[:6]}",

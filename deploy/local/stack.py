@@ -39,6 +39,7 @@ from infermesh.v1 import inference_pb2, inference_pb2_grpc, registry_pb2
 from services.common import errors, etcd, tls
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import ChildProcess, pid_alive, stop_pid
+from services.common.telemetry import HONOUR_CLIENT_SAMPLED
 from services.common.tenancy import Tenant, TenantPlan, TenantStore
 from services.registry.client import RegistryClient
 from services.registry.manifest import served_model_name
@@ -66,10 +67,12 @@ class StackOptions:
     # model's load (~0.8 GB and a few seconds).
     models: tuple[str, ...] | None = None
     # Traces: a receiver of the stack (traces.py) writes every service's spans here as OTLP
-    # JSON lines, sampling `trace_sample_ratio` of the generations that come without a sampled
-    # client `traceparent` (one that comes with it is always traced: parent-based).
+    # JSON lines, sampling `trace_sample_ratio` of the generations; with
+    # `honour_client_sampled`, every one whose client sent a sampled `traceparent` too (the
+    # gateway's INFERMESH_TRACES_HONOUR_CLIENT_SAMPLED, off in production by default).
     traces_dir: pathlib.Path | None = None
     trace_sample_ratio: float = 1.0
+    honour_client_sampled: bool = False
 
 
 class Stack:
@@ -254,7 +257,8 @@ class Stack:
         if self.options.traces_dir is None:
             return {}
         receiver, env = start_trace_receiver(self.options.traces_dir, self.logs / "traces.log",
-                                             self.options.trace_sample_ratio, deadline)
+                                             self.options.trace_sample_ratio, deadline,
+                                             self.options.honour_client_sampled)
         self.children["traces"] = receiver
         return env
 
@@ -356,10 +360,11 @@ def wait_serving(child: ChildProcess, endpoint: str, deadline: float,
 
 
 def start_trace_receiver(directory: pathlib.Path, log_path: pathlib.Path, sample_ratio: float,
-                         deadline: float) -> tuple[ChildProcess, dict[str, str]]:
+                         deadline: float, honour_client_sampled: bool = False
+                         ) -> tuple[ChildProcess, dict[str, str]]:
     """The receiver (traces.py) writing into `directory`, listening once this returns, and the
-    OTEL_* variables that point a service at it, sampling `sample_ratio` of the generations
-    that come without a sampled parent."""
+    variables that point a service at it, sampling `sample_ratio` of the generations (and,
+    `honour_client_sampled`, every one whose client sent a sampled parent)."""
     port = free_port()
     receiver = ChildProcess("traces", [sys.executable, "-m", "deploy.local.traces", "--port",
                                        str(port), "--dir", str(directory)],
@@ -368,8 +373,8 @@ def start_trace_receiver(directory: pathlib.Path, log_path: pathlib.Path, sample
     wait_listening(receiver, port, deadline)
     return receiver, {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{LOOPBACK}:{port}",
                       "OTEL_EXPORTER_OTLP_INSECURE": "true",
-                      "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                      "OTEL_TRACES_SAMPLER_ARG": str(sample_ratio),
+                      "OTEL_TRACES_SAMPLER_ARG": str(sample_ratio),  # parent-based: ours
+                      HONOUR_CLIENT_SAMPLED: str(honour_client_sampled).lower(),
                       "OTEL_BSP_SCHEDULE_DELAY": "200"}  # ms: a trace is readable right after
 
 

@@ -86,7 +86,7 @@ async def run_service(kind: str, settings: ServiceSettings, setup: Setup,
     """Runs one service until SIGTERM or SIGINT, then shuts it down gracefully. `public`: its
     listener takes clients without certificates (the gateway: API keys authenticate them)."""
     configure_logging(kind, settings.log_level)
-    telemetry.configure_tracing(kind)  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    telemetry.configure_tracing(kind, public)  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
     mesh_tls = await asyncio.to_thread(tls.MeshTls.load, settings.tls)
     if mesh_tls is None and not settings.mesh_token.get_secret_value():
         log.warning("plaintext_development", hint="no TLS and no mesh token: anyone who "

@@ -7,8 +7,13 @@ the collector, and a span that cannot be queued or exported is counted in
 `infermesh_otel_spans_dropped_total`. The standard `OTEL_*` variables configure the SDK
 (endpoint, TLS, timeout, queue sizes, service name, resource); the sampler is parent-based with a
 trace-id ratio (`OTEL_TRACES_SAMPLER_ARG`, 1.0 unless set) unless `OTEL_TRACES_SAMPLER` names
-another. The context travels as W3C `traceparent`: gRPC metadata, HTTP headers, and the
-scheduler's `RouteRequest.traceparent` (one RouteStream carries many generations' routes).
+another. At a public front (the gateway) a client's `traceparent` gives the trace id, not the
+decision: its spans are sampled at the same ratio, drawn at random (a client picks its trace id,
+so a trace-id ratio would be its choice too), unless the operator sets
+`INFERMESH_TRACES_HONOUR_CLIENT_SAMPLED=true`. Otherwise any API client could force every one
+of its requests to be traced, and crowd the export queue so that others' spans drop.
+The context travels as W3C `traceparent`: gRPC metadata, HTTP headers, and the scheduler's
+`RouteRequest.traceparent` (one RouteStream carries many generations' routes).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -39,6 +45,8 @@ SPANS_DROPPED = Counter(
 MAX_TRACEPARENT_CHARS = 256
 TRACE_HEADERS = ("traceparent", "tracestate")
 SPAN_FLUSH_TIMEOUT_S = 3.0
+# The operator's setting: a public front follows its clients' sampled flag (off unless "true").
+HONOUR_CLIENT_SAMPLED = "INFERMESH_TRACES_HONOUR_CLIENT_SAMPLED"
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NO_SPAN: AbstractContextManager[None] = contextlib.nullcontext()
@@ -50,9 +58,10 @@ def enabled() -> bool:
     return _tracer is not None
 
 
-def configure_tracing(service: str) -> bool:
+def configure_tracing(service: str, public_front: bool = False) -> bool:
     """Exports this process's spans over OTLP gRPC when the environment names an endpoint;
-    returns whether it does. The SDK is imported only then."""
+    returns whether it does. The SDK is imported only then. `public_front`: the process's
+    remote parents are API clients, not mesh peers (see the module's docstring)."""
     global _tracer, _provider
     endpoint = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
                 or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
@@ -63,20 +72,51 @@ def configure_tracing(service: str) -> bool:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     attributes = {"service.namespace": "infermesh"}
     if not os.environ.get("OTEL_SERVICE_NAME"):
         attributes[SERVICE_NAME] = service
     sampler = None  # the SDK reads OTEL_TRACES_SAMPLER
     if not os.environ.get("OTEL_TRACES_SAMPLER"):
-        sampler = ParentBased(TraceIdRatioBased(_ratio(os.environ.get("OTEL_TRACES_SAMPLER_ARG"))))
+        honour = os.environ.get(HONOUR_CLIENT_SAMPLED, "").lower() == "true"
+        sampler = _sampler(_ratio(os.environ.get("OTEL_TRACES_SAMPLER_ARG")),
+                           client_decides=honour or not public_front)
     provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(_CountingExporter(OTLPSpanExporter())))
     logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(_count_queue_full)
     _provider = provider
     _tracer = provider.get_tracer("infermesh")
     return True
+
+
+def _sampler(ratio: float, client_decides: bool) -> Any:
+    """Parent-based on `ratio`; unless `client_decides`, a remote parent's flag is ignored and
+    its spans are drawn at `ratio` (at random: the trace id is the client's) in its trace."""
+    from opentelemetry.sdk.trace.sampling import (
+        Decision,
+        ParentBased,
+        Sampler,
+        SamplingResult,
+        TraceIdRatioBased,
+    )
+
+    by_trace_id = TraceIdRatioBased(ratio)
+    if client_decides:
+        return ParentBased(by_trace_id)
+
+    class ClientBlindRatio(Sampler):
+        def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
+                          links=None, trace_state=None) -> SamplingResult:
+            parent = trace.get_current_span(parent_context).get_span_context()
+            if random.random() < ratio:
+                return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, parent.trace_state)
+            return SamplingResult(Decision.DROP, None, parent.trace_state)
+
+        def get_description(self) -> str:
+            return f"ClientBlindRatio{{{ratio}}}"
+
+    blind = ClientBlindRatio()
+    return ParentBased(by_trace_id, remote_parent_sampled=blind, remote_parent_not_sampled=blind)
 
 
 def _ratio(text: str | None) -> float:

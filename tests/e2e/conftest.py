@@ -19,10 +19,11 @@ def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def stack(stack_dir: pathlib.Path) -> Iterator[StackInfo]:
-    # Traces on, sampling only generations whose client sent a sampled `traceparent`: the
-    # tracing tests' (test_tracing.py); the rest of the suite makes no span.
+    # Traces on, sampling only generations whose client sent a sampled `traceparent` (an
+    # operator's setting: a gateway ignores the client's flag by default): the tracing tests'
+    # (test_tracing.py); the rest of the suite makes no span.
     running = Stack(StackOptions(state_dir=stack_dir, traces_dir=stack_dir / "traces",
-                                 trace_sample_ratio=0.0))
+                                 trace_sample_ratio=0.0, honour_client_sampled=True))
     info = running.up()
     yield info
     failed = running.failed_children()

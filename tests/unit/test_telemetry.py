@@ -207,3 +207,54 @@ async def test_a_dead_collector_costs_only_dropped_spans(monkeypatch) -> None:
         await telemetry.shutdown_tracing()
         assert time.perf_counter() - stopping <= telemetry.SPAN_FLUSH_TIMEOUT_S + 0.5
     assert dropped._value.get() - before == 20
+
+
+def _span_under(sampler, traceparent: str):
+    """A span the SDK makes under `sampler` with the client's `traceparent` as its parent."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    parent = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+    tracer = TracerProvider(sampler=sampler).get_tracer("test")
+    return tracer.start_span("chat demo", context=parent)
+
+
+UNSAMPLED_TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"
+
+
+def test_a_public_fronts_clients_neither_force_nor_refuse_sampling_but_keep_their_trace_id():
+    """At ratio 0 a client's sampled flag traces nothing; at ratio 1 an unsampled one is
+    traced anyway, in the client's trace. A trace id picked under the ratio's bound (the
+    client's to pick) forces nothing either: the draw is random."""
+    blind = telemetry._sampler(0.0, client_decides=False)
+    assert not _span_under(blind, CLIENT_TRACEPARENT).is_recording()
+    traced = _span_under(telemetry._sampler(1.0, client_decides=False), UNSAMPLED_TRACEPARENT)
+    assert traced.is_recording()
+    assert format(traced.get_span_context().trace_id, "032x") == CLIENT_TRACE
+    lowest = f"00-{'0' * 31}1-{CLIENT_SPAN}-01"  # under any trace-id ratio's bound
+    half = telemetry._sampler(0.5, client_decides=False)
+    recorded = sum(_span_under(half, lowest).is_recording() for _ in range(400))
+    assert 120 < recorded < 280  # one trace id, drawn each time
+
+
+def test_inside_the_mesh_a_peers_sampled_flag_decides():
+    trusting = telemetry._sampler(0.0, client_decides=True)
+    assert _span_under(trusting, CLIENT_TRACEPARENT).is_recording()
+    assert not _span_under(telemetry._sampler(1.0, client_decides=True),
+                           UNSAMPLED_TRACEPARENT).is_recording()
+
+
+@pytest.mark.parametrize(("public_front", "honour", "description"), [
+    (True, "", "ClientBlindRatio"), (True, "true", "ParentBased"),
+    (False, "", "ParentBased")])
+async def test_the_operator_setting_makes_a_public_front_honour_its_clients_flag(
+        monkeypatch, public_front, honour, description) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://{LOOPBACK}:9")
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    monkeypatch.setenv(telemetry.HONOUR_CLIENT_SAMPLED, honour)
+    assert telemetry.configure_tracing("gateway", public_front)
+    try:
+        blind = "ClientBlindRatio" in telemetry._provider.sampler.get_description()
+        assert blind is (description == "ClientBlindRatio")
+    finally:
+        await telemetry.shutdown_tracing()
