@@ -23,11 +23,11 @@ from tests.openai_schema import validate
 pytestmark = pytest.mark.integration
 
 # Small on purpose: the real model decodes ~20 tokens/s on two busy cores.
-CITY = {"type": "object", "additionalProperties": False, "required": ["city", "population"],
+CITY = {"type": "object", "additionalProperties": False, "required": ["city", "capital"],
         "properties": {"city": {"type": "string", "maxLength": 12},
-                       "population": {"type": "integer", "minimum": 0}}}
+                       "capital": {"type": "boolean"}}}
 FORMAT = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
-MESSAGES = [{"role": "user", "content": "Name a big city and its population, as JSON."}]
+MESSAGES = [{"role": "user", "content": "Name a big city, and whether it is a capital, as JSON."}]
 MAX_TOKENS = 40
 
 
@@ -99,3 +99,17 @@ async def test_a_schema_that_cannot_compile_is_refused_naming_response_format(st
             detail.Unpack(bad_request)
             fields += [violation.field for violation in bad_request.field_violations]
     assert fields == ["response_format"]
+
+
+async def test_grpc_takes_the_same_response_format(stack: StackInfo):
+    request = inference_pb2.GenerateRequest(
+        model=stack.reference_model, prompt="A city, as JSON.",
+        params=inference_pb2.SamplingParams(max_tokens=MAX_TOKENS),
+        response_format=inference_pb2.ResponseFormat(
+            type=inference_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=json.dumps(CITY),
+            name="city"))
+    async with stack.channel() as channel:
+        reply = await inference_pb2_grpc.InferenceStub(channel).Generate(
+            request, metadata=auth(stack.api_key), timeout=60)
+    assert reply.finish_reason == inference_pb2.STOP
+    jsonschema.validate(json.loads(reply.text), CITY)

@@ -48,7 +48,7 @@ async def test_a_named_call_validates_and_its_result_produces_an_answer(stack: S
     jsonschema.validate(arguments, WEATHER)
 
     answer = await api.chat.completions.create(
-        model=stack.model, tools=TOOLS, tool_choice="none", max_tokens=16, temperature=0,
+        model=stack.model, tools=TOOLS, tool_choice="none", max_tokens=6, temperature=0,
         messages=[QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]},
                   {"role": "tool", "tool_call_id": call["id"],
                    "content": json.dumps({"city": arguments["city"], "sky": "sunny"})}])
