@@ -2,8 +2,10 @@
 sidecar's stream and the schedulers, and the frame the socket carries.
 
 A frame is a 4-byte big-endian length and one `SubscribeResponse`; frames over `MAX_FRAME_BYTES`
-are refused (a snapshot of 4096 blocks is ~40 KB; the bound only stops a corrupt length from
-allocating gigabytes). A message with no kind is a heartbeat: writers send one after
+are refused, and the same bound is the schedulers' gRPC receive limit (gRPC's default, 4 MB, is
+a snapshot of ~400k blocks). It holds a snapshot of `kv_events.MAX_VIEW_BLOCKS` blocks (each
+hash a varint of at most 10 bytes), the most a scheduler keeps of one engine: one limit from the
+engine's socket to the index. A message with no kind is a heartbeat: writers send one after
 `HEARTBEAT_S` of silence, so a reader that hears nothing for `READ_TIMEOUT_S` knows its writer
 is gone rather than idle.
 """

@@ -22,8 +22,12 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["AllBlocksCleared", "BlockRemoved", "BlockStored", "HeldBlocks", "KvEvent",
-           "KvEventBatch", "KvEventLog", "KvSnapshot", "Subscription", "merge_stores"]
+__all__ = ["MAX_VIEW_BLOCKS", "AllBlocksCleared", "BlockRemoved", "BlockStored", "HeldBlocks",
+           "KvEvent", "KvEventBatch", "KvEventLog", "KvSnapshot", "Subscription", "merge_stores"]
+
+# The most blocks of one engine a reader keeps (the schedulers' index) or takes in one snapshot
+# (the codec's frame holds that many: `kv_event_codec.MAX_FRAME_BYTES`).
+MAX_VIEW_BLOCKS = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,16 +9,20 @@ approximate index instead (`live()` says which views count), so a stale view nev
 Bounded: a view holds at most `max_blocks_per_view` blocks (more than any engine's cache: a view
 that claims more is dropped as broken), so memory is bounded by replicas × models × that bound,
 and one replica's flood costs its own view's work only. Per model, block hash → the replicas
-holding it (a tuple, ~60 bytes with its dict slot, for a few holders).
+holding it (a tuple, ~60 bytes with its dict slot, for a few holders). A snapshot (up to a
+million blocks) is applied in steps of `SNAPSHOT_STEP` blocks (`snapshot_steps`), the caller
+yielding to the loop between them, so a big one does not stall routing.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from services.common.kv_events import (
+    MAX_VIEW_BLOCKS,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -26,7 +30,10 @@ from services.common.kv_events import (
     KvSnapshot,
 )
 
-__all__ = ["KvIndex", "ViewState"]
+__all__ = ["SNAPSHOT_STEP", "KvIndex", "ViewState"]
+
+SNAPSHOT_STEP = 16_384  # blocks a snapshot step stores or removes (a few ms)
+MEMORY_SAMPLE = 1_000  # entries whose sizes the memory estimate measures
 
 
 @dataclass
@@ -43,9 +50,10 @@ class ViewState:
 
 
 class KvIndex:
-    def __init__(self, max_blocks_per_view: int = 1 << 20):
-        if max_blocks_per_view < 1:
-            raise ValueError(f"max_blocks_per_view must be at least 1, got {max_blocks_per_view}")
+    def __init__(self, max_blocks_per_view: int = MAX_VIEW_BLOCKS):
+        if not 1 <= max_blocks_per_view <= MAX_VIEW_BLOCKS:
+            raise ValueError(f"max_blocks_per_view must be in [1, {MAX_VIEW_BLOCKS}] (what one "
+                             f"KV events frame carries), got {max_blocks_per_view}")
         self._max_blocks = max_blocks_per_view
         self._holders: dict[str, dict[int, tuple[str, ...]]] = {}  # model → hash → replicas
         self._held: dict[tuple[str, str], set[int]] = {}  # (replica, model) → its hashes
@@ -54,16 +62,34 @@ class KvIndex:
     # -- feeding ---------------------------------------------------------------------------
 
     def snapshot(self, replica: str, model: str, snapshot: KvSnapshot, now: float) -> bool:
-        """Replaces the view; False (and the view dropped) when it holds more than the bound."""
-        self._clear(replica, model)
+        """Replaces the view at once; False (and the view dropped) when it holds more than the
+        bound."""
+        for _ in self.snapshot_steps(replica, model, snapshot, now):
+            pass
+        return (replica, model) in self.views
+
+    def snapshot_steps(self, replica: str, model: str, snapshot: KvSnapshot,
+                       now: float) -> Iterator[None]:
+        """`snapshot` one step of `SNAPSHOT_STEP` blocks at a time (the caller yields to the loop
+        at each `None`); the view is not live until the last step. Over the bound, the view is
+        dropped and nothing stored."""
+        view = self.views.get((replica, model))
+        if view is not None:
+            view.live = False
         if len(snapshot.block_hashes) > self._max_blocks:
             self.drop(replica, model)
-            return False
-        self._store(replica, model, snapshot.block_hashes)
+            return
+        held = self._held.get((replica, model))
+        while held:
+            self._remove(replica, model, list(itertools.islice(held, SNAPSHOT_STEP)))
+            yield
+        hashes = snapshot.block_hashes
+        for start in range(0, len(hashes), SNAPSHOT_STEP):
+            self._store(replica, model, hashes[start:start + SNAPSHOT_STEP])
+            yield
         self.views[replica, model] = ViewState(
-            snapshot.epoch, snapshot.seq, len(snapshot.block_hashes), snapshot.block_size,
-            live=True, applied_at=now)
-        return True
+            snapshot.epoch, snapshot.seq, len(self._held.get((replica, model), ())),
+            snapshot.block_size, live=True, applied_at=now)
 
     def batch(self, replica: str, model: str, batch: KvEventBatch, now: float,
               wall_ns: int) -> bool:
@@ -168,13 +194,19 @@ class KvIndex:
         return sum(len(held) for held in self._held.values())
 
     def bytes_per_million_blocks(self) -> float:
-        """The index's memory per million block entries, measured from its own containers."""
+        """The index's memory per million block entries: its containers' own sizes, and the
+        keys and holder tuples of at most `MEMORY_SAMPLE` entries scaled to all of them (a walk
+        of a million entries would hold up the loop)."""
         entries = self.blocks()
         if not entries:
             return 0.0
         size = sum(sys.getsizeof(holders) for holders in self._holders.values())
         size += sum(sys.getsizeof(held) for held in self._held.values())
-        for holders in self._holders.values():
-            for block, replicas in holders.items():
-                size += sys.getsizeof(block) + sys.getsizeof(replicas)
+        hashes = sum(len(holders) for holders in self._holders.values())
+        sample = [item for holders in self._holders.values()
+                  for item in itertools.islice(holders.items(), MEMORY_SAMPLE)][:MEMORY_SAMPLE]
+        if sample:
+            sampled = sum(sys.getsizeof(block) + sys.getsizeof(replicas)
+                          for block, replicas in sample)
+            size += sampled / len(sample) * hashes
         return size / entries * 1e6

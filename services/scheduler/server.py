@@ -292,8 +292,8 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
     assert isinstance(settings, SchedulerSettings)
     router = Router(settings.routing_config())
     log.info("routing", policy=router.config.policy.value)
-    # Every scheduler follows every replica's KV events (so instances hold the same view);
-    # only `precise` reads them.
+    # Under `precise` (the only policy that reads them) every scheduler follows every replica's
+    # KV events, so instances hold the same view; under any other policy none are followed.
     feeds = KvFeeds(router.kv, ctx.tls, settings.mesh_token.get_secret_value())
 
     def replicas_changed() -> None:

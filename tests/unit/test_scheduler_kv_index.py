@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from services.common.kv_blocks import block_hashes
 from services.common.kv_events import (
     AllBlocksCleared,
@@ -10,7 +12,7 @@ from services.common.kv_events import (
     KvEventBatch,
     KvSnapshot,
 )
-from services.scheduler.kv_index import KvIndex
+from services.scheduler.kv_index import SNAPSHOT_STEP, KvIndex
 from services.scheduler.outcome import Outcome
 from services.scheduler.routing import Policy, Router, RoutingConfig
 from tests.unit.scheduler_builders import query, replica
@@ -101,3 +103,32 @@ def test_evicted_blocks_stop_attracting_and_a_silent_replica_falls_back_alone():
     assert not router.kv.live("b", "m") and router.kv.live("a", "m")
     assert router.prefix.matches("m", SYSTEM)["b"] == len(SYSTEM)
     assert routed(router, SYSTEM, replicas) == "b"
+
+
+def test_a_big_snapshot_is_applied_in_steps_and_counts_only_when_whole():
+    """Review finding: a million-block snapshot in one call stalls routing; in steps the loop
+    runs between them, and the view is not live (not used) until the last step."""
+    old = tuple(range(1, SNAPSHOT_STEP + 2))
+    new = tuple(range(10**9, 10**9 + 2 * SNAPSHOT_STEP + 1))
+    index = KvIndex()
+    index.snapshot("a", "m", KvSnapshot(1, 0, 0, old, 4), 0)
+    steps = 0
+    for _ in index.snapshot_steps("a", "m", KvSnapshot(2, 0, 0, new, 4), 1.0):
+        steps += 1
+        assert not index.live("a", "m")
+    assert steps == 2 + 3  # the old view out, then the new one in, a step at a time
+    assert index.live("a", "m") and index.views["a", "m"].blocks == len(new)
+    assert index.matches("m", new[:3]) == {"a": 3} and index.matches("m", old[:1]) == {}
+    assert index.blocks() == len(new)
+
+
+def test_the_memory_estimate_samples_and_stays_near_the_measured_size():
+    index = KvIndex()
+    hashes = block_hashes(list(range(40_000)), 1)
+    index.snapshot("a", "m", snapshot(hashes), 0)
+    index.snapshot("b", "m", snapshot(hashes[:20_000]), 0)
+    holders = index._holders["m"]
+    measured = (sys.getsizeof(holders) + sum(sys.getsizeof(s) for s in index._held.values())
+                + sum(sys.getsizeof(h) + sys.getsizeof(r) for h, r in holders.items()))
+    estimate = index.bytes_per_million_blocks() * index.blocks() / 1e6
+    assert abs(estimate - measured) / measured < 0.1
