@@ -23,6 +23,7 @@ import hashlib
 import os
 import pathlib
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -32,11 +33,12 @@ from services.common.kv_event_codec import HEARTBEAT, HEARTBEAT_S, frame
 from services.common.kv_events import KvEvent, KvEventLog
 
 __all__ = ["KV_EVENTS_DIR_ENV", "KvEventPublisher", "events_directory", "events_directory_for",
-           "socket_path"]
+           "in_shared_temp", "is_private_directory", "private_directory", "socket_path"]
 
 KV_EVENTS_DIR_ENV = "INFERMESH_KV_EVENTS_DIR"
 MAX_CONNECTIONS = 4
 SEND_TIMEOUT_S = 5.0  # a reader that takes no bytes for this long is dropped
+_TEMP_PREFIX = "infermesh-kv-"
 
 
 def events_directory() -> pathlib.Path | None:
@@ -57,7 +59,36 @@ def events_directory_for(workdir: pathlib.Path) -> pathlib.Path:
     if len(str(directory)) <= 48:
         return directory
     digest = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
-    return pathlib.Path(tempfile.gettempdir()) / f"infermesh-kv-{digest}"
+    return pathlib.Path(tempfile.gettempdir()) / f"{_TEMP_PREFIX}{digest}"
+
+
+def in_shared_temp(directory: pathlib.Path) -> bool:
+    """Whether `directory` is one of `events_directory_for`'s short folders in the system's
+    temporary directory (a predictable name where every local user may create one)."""
+    return (directory.parent == pathlib.Path(tempfile.gettempdir())
+            and directory.name.startswith(_TEMP_PREFIX))
+
+
+def private_directory(directory: pathlib.Path) -> pathlib.Path:
+    """`directory`, made 0700 if absent; PermissionError if it is not a directory this user owns
+    that no one else may enter. A short folder under /tmp has a name anyone can predict: another
+    local user who made it first could serve forged events on our sockets' paths."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not is_private_directory(directory):
+        raise PermissionError(
+            f"the KV events directory {directory} must be a directory (not a link) owned by "
+            f"uid {os.getuid()} with mode 0700; remove it or set {KV_EVENTS_DIR_ENV}")
+    return directory
+
+
+def is_private_directory(directory: pathlib.Path) -> bool:
+    """Whether `directory` is a real directory of this user's that no one else may use."""
+    try:
+        status = directory.lstat()
+    except FileNotFoundError:
+        return False
+    return (stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid()
+            and stat.S_IMODE(status.st_mode) & 0o077 == 0)
 
 
 def socket_path(directory: pathlib.Path, model: str) -> pathlib.Path:

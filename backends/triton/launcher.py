@@ -25,7 +25,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from backends.triton.control import read_token, restriction_flags
-from backends.triton.kv_event_socket import KV_EVENTS_DIR_ENV, events_directory_for
+from backends.triton.kv_event_socket import (
+    KV_EVENTS_DIR_ENV,
+    events_directory_for,
+    in_shared_temp,
+    is_private_directory,
+    private_directory,
+)
 from services.common.net import LOOPBACK, free_port
 from services.common.processes import pid_alive
 from services.common.tls import TlsMode, TlsSettings
@@ -264,7 +270,10 @@ class TritonServer:
         if self._process is not None:
             raise RuntimeError("this TritonServer was already started")
         _stub_binary(self.workdir).parent.mkdir(parents=True, exist_ok=True)
-        self.kv_events_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if in_shared_temp(self.kv_events_dir):  # refused if another user made it or may enter
+            private_directory(self.kv_events_dir)
+        else:
+            self.kv_events_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for source in _PYTHON_BACKEND_FILES:
             shutil.copy2(source, _stub_binary(self.workdir).parent / source.name)
         self._shm_before = _shm_regions()
@@ -326,8 +335,7 @@ class TritonServer:
         for name in _shm_regions() - self._shm_before - _shm_regions_in_use():
             with contextlib.suppress(FileNotFoundError):
                 (_SHM_DIR / name).unlink()
-        if (self.kv_events_dir.parent == pathlib.Path(tempfile.gettempdir())
-                and self.kv_events_dir.name.startswith("infermesh-kv-")):
+        if in_shared_temp(self.kv_events_dir) and is_private_directory(self.kv_events_dir):
             # The short folder made for a long workdir's sockets: nothing else uses it.
             shutil.rmtree(self.kv_events_dir, ignore_errors=True)
         return self._process.returncode
