@@ -22,8 +22,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from deploy.local.gateways import ExtraGateway
 from deploy.local.stack import StackInfo
-from deploy.local.traces import GenerationTrace, SpanNode, generation_trace, walk
+from deploy.local.traces import GenerationTrace, SpanNode, generation_trace, read_spans, walk
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
 from meshctl.__main__ import app
 
@@ -184,3 +185,31 @@ async def test_a_hung_collector_leaves_generations_unaffected(stack: StackInfo) 
         assert time.monotonic() - started < 5.0
     finally:
         os.kill(receiver, signal.SIGCONT)
+
+
+async def test_an_untraced_gateway_serves_a_real_generation_and_makes_no_span(
+        stack: StackInfo, stack_dir: pathlib.Path) -> None:
+    """The default path, tracing off (no interceptors, no traced relay), through a gateway of
+    its own beside the traced stack: a real generation, and no span of it anywhere (the
+    scheduler's neither: no context reached it), though its client sent a sampled parent."""
+    trace_id, _, traceparent = client_traceparent()
+    request_id = f"untraced-{uuid.uuid4().hex[:8]}"
+    untraced = ExtraGateway(stack, stack_dir, name="gateway-untraced")
+    await asyncio.to_thread(untraced.start)
+    try:
+        async with stack.channel("gateway", untraced.endpoint) as channel:
+            reply = await inference_pb2_grpc.InferenceStub(channel).Generate(
+                inference_pb2.GenerateRequest(
+                    request_id=request_id, model=stack.reference_model, prompt="rivers",
+                    params=inference_pb2.SamplingParams(max_tokens=4, seed=1)),
+                metadata=(("authorization", f"Bearer {stack.api_key}"),
+                          ("traceparent", traceparent)), timeout=60)
+    finally:
+        await asyncio.to_thread(untraced.stop)
+    assert reply.usage.completion_tokens == 4 and reply.text.strip()
+    await asyncio.sleep(1.0)  # the traced processes export every 200 ms
+    assert generation_trace(pathlib.Path(stack.traces_dir), request_id) is None
+    assert not [span for span in read_spans(pathlib.Path(stack.traces_dir))
+                if span.trace_id == trace_id]
+    assert not log_lines(stack_dir, "gateway-untraced", trace_id)
+
