@@ -46,7 +46,8 @@ RESYNCS = Counter("infermesh_scheduler_kv_event_resyncs_total",
 BLOCKS = Gauge("infermesh_scheduler_kv_index_blocks",
                "Block entries in the KV index (a block on two replicas counts twice).")
 BYTES_PER_MILLION = Gauge("infermesh_scheduler_kv_index_bytes_per_million_blocks",
-                          "The KV index's memory per million block entries, measured.")
+                          "The KV index's memory per million block entries: its containers "
+                          "measured, its entries estimated from a fixed sample.")
 RETRY_S = (0.1, 30.0)  # the first retry's delay, and the most any retry waits
 MEMORY_EVERY_S = 10.0
 MAX_MODEL_NAME_CHARS = 77  # a Triton model's name: the registry's 64-character name, "-", 12 hex

@@ -23,6 +23,7 @@ from backends.triton.repository import render_torch_model
 from backends.triton.weights import DEFAULT_MODEL, cache_root
 from deploy.local.stack import StackInfo
 from infermesh.v1 import inference_pb2, inference_pb2_grpc
+from tests.e2e.test_tenants_and_quotas import new_tenant
 
 pytestmark = pytest.mark.integration
 
@@ -104,6 +105,19 @@ async def test_greedy_chat_answers_paris_with_exact_prompt_tokens(stack: StackIn
     assert reply.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
     assert 0 < reply.usage.completion_tokens <= 32
     assert reply.finish_reason == inference_pb2.STOP
+
+
+async def test_an_isolated_tenants_cache_salt_reaches_the_torch_engine(stack: StackInfo):
+    """The torch engine partitions its prefix cache by `cache_salt` (review fix, issue 19): the
+    gateway now sends an isolated tenant's, and the torch model declares and takes it."""
+    _, key = await new_tenant(stack, isolate_prefix_cache=True)
+    async with stack.channel() as channel:
+        reply = await inference_pb2_grpc.InferenceStub(channel).Generate(
+            inference_pb2.GenerateRequest(model=stack.model, messages=chat(QUESTION),
+                                          params=inference_pb2.SamplingParams(
+                                              max_tokens=8, temperature=0.0)),
+            metadata=(("authorization", f"Bearer {key}"),), timeout=120)
+    assert "Paris" in reply.text, reply.text
 
 
 async def test_streamed_and_unary_texts_are_equal_for_the_same_seed(stack: StackInfo):
