@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 from prometheus_client import Counter, Gauge
 
-from backends.triton.kv_event_socket import socket_path
+from backends.triton.kv_event_socket import in_shared_temp, is_private_directory, socket_path
 from infermesh.v1 import kv_events_pb2
 from services.common.kv_event_codec import (
     HEADER_BYTES,
@@ -106,6 +106,11 @@ class KvMirrors:
 
     async def _read(self, model: str, path: pathlib.Path) -> str:
         """Reads one connection until it ends; why it ended."""
+        if in_shared_temp(path.parent) and not is_private_directory(path.parent):
+            # A predictable folder under /tmp that another user made or may enter: whatever
+            # listens there may forge events (the launcher refuses to start in it, too).
+            log.warning("kv_events_directory_refused", directory=str(path.parent))
+            return "unsafe_directory"
         try:
             async with asyncio.timeout(READ_TIMEOUT_S):
                 reader, writer = await asyncio.open_unix_connection(str(path))

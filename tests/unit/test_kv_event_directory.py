@@ -15,7 +15,10 @@ from backends.triton.kv_event_socket import (
     in_shared_temp,
     is_private_directory,
     private_directory,
+    socket_path,
 )
+from backends.triton.kv_feed import KvMirrors
+from services.common.kv_events import KvEventLog
 
 
 @pytest.fixture
@@ -54,3 +57,14 @@ def test_a_folder_owned_by_another_user_or_a_link_is_refused(temp_root, monkeypa
     directory.symlink_to(target)
     with pytest.raises(PermissionError, match="not a link"):
         private_directory(directory)
+
+
+async def test_the_sidecar_reads_no_socket_in_a_folder_others_may_enter(temp_root):
+    directory = events_directory_for(long_workdir(temp_root))
+    directory.mkdir(mode=0o700)
+    directory.chmod(0o777)
+    mirrors = KvMirrors(directory)
+    mirrors.logs["m"] = KvEventLog()
+    assert await mirrors._read("m", socket_path(directory, "m")) == "unsafe_directory"
+    directory.chmod(0o700)  # ours alone: it tries (and finds no engine there yet)
+    assert await mirrors._read("m", socket_path(directory, "m")) == "connect"
