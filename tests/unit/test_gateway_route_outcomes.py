@@ -91,10 +91,11 @@ class Engine:
                 raise errors.Unavailable("replica flaky went away")
 
 
-def pipeline(routing: ReplicaRouting, engine: Engine | None = None) -> GenerationPipeline:
+def pipeline(routing: ReplicaRouting, engine: Engine | None = None,
+             manifest: dict = MANIFEST) -> GenerationPipeline:
     catalog = ModelCatalog()
-    vid = version_id(MANIFEST)
-    catalog.rebuild({f"demo/versions/{vid}": {"version_id": vid, "manifest": MANIFEST},
+    vid = version_id(manifest)
+    catalog.rebuild({f"demo/versions/{vid}": {"version_id": vid, "manifest": manifest},
                      "demo/routing": Routing(revision=1, production=vid).to_record()})
     engine = engine or Engine()
     return GenerationPipeline(
@@ -110,7 +111,7 @@ class _NoAudit:
         return None
 
 
-async def generate(p: GenerationPipeline):
+async def generate(p: GenerationPipeline, principal: Principal = PRINCIPAL):
     events = []
 
     async def send(event) -> None:
@@ -118,7 +119,7 @@ async def generate(p: GenerationPipeline):
 
     request = GenerationRequest(request_id="r1", model="demo", prompt=PROMPT,
                                 sampling=SamplingRequest(max_tokens=3))
-    finished = await p.run(PRINCIPAL, request, send)
+    finished = await p.run(principal, request, send)
     await p.drain_background()
     return events, finished
 
@@ -138,6 +139,21 @@ async def test_a_failure_before_the_first_token_is_retried_elsewhere_and_reporte
     assert routing.routes[0]["prompt_tokens"] > 0
     assert sorted(routing.releases) == [
         ("res-down", Outcome.FAILED_BEFORE_FIRST_TOKEN, 0), ("res-up", Outcome.OK, 3)]
+
+
+async def test_an_isolated_tenants_route_hashes_are_salted_whatever_the_engine():
+    """Review finding (issue 19): the route's KV block hashes were salted only for an engine
+    that takes a cache salt, so an isolated tenant's route followed other tenants' blocks on one
+    that does not. Salted with the tenant's own salt, they match only its own blocks."""
+    routing = ReplicaRouting(["up"])
+    manifest = {**MANIFEST, "engine": {**MANIFEST["engine"], "kind": "saltless"}}
+    isolated = Principal("acme", "k1", "user", TenantPlan(isolate_prefix_cache=True))
+    _, finished = await generate(pipeline(routing, manifest=manifest), isolated)
+    assert finished.error is None
+    salted = tuple(prompt_blocks(word_token_ids(PROMPT.split()), 64, "acme"))
+    assert routing.routes[0]["kv_blocks"] == (salted, 64)
+    assert routing.routes[0]["prefix_hashes"] == prompt_block_hashes(PROMPT, "acme")
+    assert salted != tuple(prompt_blocks(word_token_ids(PROMPT.split()), 64))
 
 
 async def test_a_failed_attempt_is_released_before_the_retry_ends():
