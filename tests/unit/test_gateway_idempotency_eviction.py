@@ -1,0 +1,26 @@
+"""An idempotency entry evicted while its first request still runs stays served to the requests
+that joined it, and is no longer counted; the key then runs again."""
+
+import asyncio
+
+from services.gateway.idempotency import IdempotencyCache
+from services.gateway.pipeline import TokenText
+from tests.unit.test_gateway_idempotency import Engine, collect, request
+
+
+async def test_an_entry_evicted_while_followed_is_still_served_to_its_followers():
+    cache, engine, other = IdempotencyCache(max_entries_per_tenant=1), Engine(), Engine()
+    other.gate.set()
+    first = asyncio.ensure_future(collect(cache, "t", request("r1", key="k1"), engine))
+    await asyncio.sleep(0.01)
+    joined = asyncio.ensure_future(collect(cache, "t", request("r2", key="k1"), engine))
+    await asyncio.sleep(0.01)
+    await collect(cache, "t", request("r3", key="k2"), other)  # evicts k1, still running
+    held = cache.bytes
+    engine.gate.set()
+    (_f1, _e1), (f2, e2) = await first, await joined
+    assert [e.text for e in e2 if isinstance(e, TokenText)] == ["a", "b"]
+    assert f2.finish_reason == "stop" and f2.request_id == "r2"
+    assert cache.bytes == held and cache.entries("t") == 1  # the evicted entry is not counted
+    await collect(cache, "t", request("r4", key="k1"), engine)
+    assert engine.runs == 2
