@@ -21,7 +21,6 @@ from deploy.local.stack import Stack, StackInfo, StackOptions
 from services.common.tenancy import TenantPlan
 
 LEVELS = (1, 16)  # TTFT is read at c1, throughput at c16 (the headline figures)
-ORDER = ("plaintext", "tls", "tls", "plaintext")
 
 
 def alternating_rounds(pool: concurrent.futures.ProcessPoolExecutor,
@@ -29,7 +28,7 @@ def alternating_rounds(pool: concurrent.futures.ProcessPoolExecutor,
                        requests: int, max_tokens: int, budget_s: float
                        ) -> dict[str, list[LevelResult]]:
     """One level through each stack in `order` (A, B, B, A: a drift in the machine's load falls
-    on both alike); also what bench/tracing_cost.py compares with."""
+    on both alike)."""
     rounds: dict[str, list[LevelResult]] = {name: [] for name in stacks}
     for name in order:
         stack = stacks[name]
@@ -39,17 +38,24 @@ def alternating_rounds(pool: concurrent.futures.ProcessPoolExecutor,
     return rounds
 
 
-def compare(tls_stack: StackInfo, plaintext_stack: StackInfo, max_tokens: int = 64,
-            requests_per_stream: int = 4, min_requests: int = 32, budget_s: float = 120.0,
-            warmup_requests: int = 8) -> dict[str, float]:
-    stacks = {"plaintext": plaintext_stack, "tls": tls_stack}
+def compare_alternating(label: str, baseline: tuple[str, StackInfo],
+                        candidate: tuple[str, StackInfo], max_tokens: int = 64,
+                        requests_per_stream: int = 4, min_requests: int = 32,
+                        budget_s: float = 120.0, warmup_requests: int = 8) -> dict[str, float]:
+    """Compares two stacks, each named, at every level of `LEVELS` in alternating rounds
+    (baseline, candidate, candidate, baseline) after a short warm-up; figures are named after
+    the stacks (`{name}_tokens_per_s_c16`) and the `label` (`{label}_over_{baseline}_...`,
+    `{label}_added_ttft_p50_ms_c1`, `{label}_errors_c1`). Also bench/tracing_cost.py's."""
+    base, cand = baseline[0], candidate[0]
+    stacks = dict((baseline, candidate))
+    order = (base, cand, cand, base)
     figures: dict[str, float] = {}
     with client_pool(CLIENT_PROCESSES) as pool:
-        alternating_rounds(pool, stacks, ORDER, min(4, warmup_requests), warmup_requests, 4,
+        alternating_rounds(pool, stacks, order, min(4, warmup_requests), warmup_requests, 4,
                            budget_s)
         for concurrency in LEVELS:
             requests = max(min_requests, concurrency * requests_per_stream)
-            rounds = alternating_rounds(pool, stacks, ORDER, concurrency, requests, max_tokens,
+            rounds = alternating_rounds(pool, stacks, order, concurrency, requests, max_tokens,
                                         budget_s)
             tokens = {name: statistics.mean(r.tokens_per_s for r in results)
                       for name, results in rounds.items()}
@@ -57,19 +63,18 @@ def compare(tls_stack: StackInfo, plaintext_stack: StackInfo, max_tokens: int = 
                     for name, results in rounds.items()}
             errors = sum(r.errors for results in rounds.values() for r in results)
             c = f"c{concurrency}"
-            print(f"tls {c:>4}: plaintext {tokens['plaintext']:8.1f} tok/s ttft p50 "
-                  f"{ttft['plaintext']:7.1f} ms | tls {tokens['tls']:8.1f} tok/s ttft p50 "
-                  f"{ttft['tls']:7.1f} ms | ratio {tokens['tls'] / tokens['plaintext']:.3f} "
+            print(f"{label} {c:>4}: {base} {tokens[base]:8.1f} tok/s ttft p50 "
+                  f"{ttft[base]:7.1f} ms | {cand} {tokens[cand]:8.1f} tok/s ttft p50 "
+                  f"{ttft[cand]:7.1f} ms | ratio {tokens[cand] / tokens[base]:.3f} "
                   f"({errors} err)", flush=True)
             figures.update({
-                f"plaintext_tokens_per_s_{c}": round(tokens["plaintext"], 1),
-                f"tls_tokens_per_s_{c}": round(tokens["tls"], 1),
-                f"tls_over_plaintext_tokens_per_s_{c}":
-                    round(tokens["tls"] / tokens["plaintext"], 3),
-                f"plaintext_ttft_p50_ms_{c}": round(ttft["plaintext"], 2),
-                f"tls_ttft_p50_ms_{c}": round(ttft["tls"], 2),
-                f"tls_added_ttft_p50_ms_{c}": round(ttft["tls"] - ttft["plaintext"], 2),
-                f"tls_errors_{c}": errors,
+                f"{base}_tokens_per_s_{c}": round(tokens[base], 1),
+                f"{cand}_tokens_per_s_{c}": round(tokens[cand], 1),
+                f"{label}_over_{base}_tokens_per_s_{c}": round(tokens[cand] / tokens[base], 3),
+                f"{base}_ttft_p50_ms_{c}": round(ttft[base], 2),
+                f"{cand}_ttft_p50_ms_{c}": round(ttft[cand], 2),
+                f"{label}_added_ttft_p50_ms_{c}": round(ttft[cand] - ttft[base], 2),
+                f"{label}_errors_{c}": errors,
             })
     return figures
 
@@ -83,6 +88,6 @@ def run(tls_stack: StackInfo, state_dir: pathlib.Path, plan: TenantPlan,
                                    tls=False, models=(REFERENCE_MODEL,)))
     info = plaintext.up()
     try:
-        return compare(tls_stack, info, **shape)
+        return compare_alternating("tls", ("plaintext", info), ("tls", tls_stack), **shape)
     finally:
         plaintext.down()
