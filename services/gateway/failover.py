@@ -14,7 +14,8 @@ The engine counts sampling positions from the original's start, so greedy and se
 the output without the failure, for engines whose sampling is derived from (seed, position)
 (`EngineCapabilities.position_sampling`); a sampled generation moved on any other engine says
 `exact = False`. A sampled request without a seed gets one drawn here before its first dispatch
-(`seeded_to_move`): an engine left to draw its own would draw another on the next replica.
+(`seeded_to_move`) when its engine would draw its own (`draws_own_seed`): it would draw another on
+the next replica.
 Bounded by `max_moves`; the request's deadline bounds every attempt. Pure: the pipeline routes,
 relays and releases.
 """
@@ -41,11 +42,11 @@ class FailoverSettings:
 
 
 def seeded_to_move(request: EngineRequest, settings: FailoverSettings,
-                   position_sampling: bool) -> EngineRequest:
+                   position_sampling: bool, draws_own_seed: bool = True) -> EngineRequest:
     """`request` with a seed drawn here when it is sampled, has none, and may move to an engine
-    that derives its draws from (seed, position): its continuation then makes the same draws.
-    Called once, before the first dispatch."""
-    if (request.temperature and request.seed is None and position_sampling
+    that derives its draws from (seed, position) and would otherwise draw its own seed: its
+    continuation then makes the same draws. Called once, before the first dispatch."""
+    if (request.temperature and request.seed is None and position_sampling and draws_own_seed
             and settings.max_moves and not request.guided_decoding_guide_type):
         return dataclasses.replace(request, seed=secrets.randbits(63))
     return request
@@ -67,6 +68,7 @@ class Continuation:
     original: EngineRequest
     settings: FailoverSettings
     position_sampling: bool  # the engine derives sampling from (seed, position)
+    draws_own_seed: bool = True  # unseeded, the engine draws a seed of its own (not seed 0's)
     token_ids: list[int] = field(default_factory=list)  # received from every attempt so far
     moves: list[Move] = field(default_factory=list)
     stalled: set[str] = field(default_factory=set)  # replicas left for silence, not for a break
@@ -120,5 +122,6 @@ class Continuation:
         is not derived from (seed, position): its text after the seam is a valid draw, not the
         one it would have been. Greedy output is exact on any engine (a deterministic one)."""
         sampled = bool(self.original.temperature)
-        same_draws = self.position_sampling and self.original.seed is not None
+        same_draws = self.position_sampling and (self.original.seed is not None
+                                                 or not self.draws_own_seed)
         return not (self.moves and sampled and not same_draws)

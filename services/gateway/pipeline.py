@@ -491,10 +491,13 @@ class GenerationPipeline:
         progress.cleanups.append(give_back_place)
         failed: list[str] = []
         prefix_hashes = prompt_block_hashes(engine_request.prompt, principal.prefix_salt)
-        position_sampling = capabilities_of(version.engine_kind).position_sampling
-        engine_request = seeded_to_move(engine_request, self._failover, position_sampling)
+        capabilities = capabilities_of(version.engine_kind)
+        engine_request = seeded_to_move(engine_request, self._failover,
+                                        capabilities.position_sampling,
+                                        capabilities.draws_own_seed)
         progress.continuation = continuation = Continuation(
-            engine_request, self._failover, position_sampling)
+            engine_request, self._failover, capabilities.position_sampling,
+            capabilities.draws_own_seed)
         relayed = _Relayed(StreamFilter(progress.blocked_phrases))
         attempt = 0
         while True:

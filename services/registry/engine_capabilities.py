@@ -54,6 +54,10 @@ class EngineCapabilities:
     # Its sampling is derived from (seed, position), so a seeded generation continued elsewhere
     # draws what it would have drawn; without it a moved sampled generation is not exact.
     position_sampling: bool = False
+    # Without a seed it draws one of its own, so a continuation elsewhere would draw another: the
+    # gateway draws the seed for a generation that may move. The reference engine's unseeded
+    # draws are seed 0's (deterministic, so tests can compare exact output): nothing to draw.
+    draws_own_seed: bool = True
 
 
 CAPABILITIES: Mapping[str, EngineCapabilities] = {
@@ -62,7 +66,7 @@ CAPABILITIES: Mapping[str, EngineCapabilities] = {
                                 position_sampling=True),
     "reference": EngineCapabilities("reference", _EVERY, prefix_cache=True,
                                     guided_decoding=True, continuation=True,
-                                    position_sampling=True),
+                                    position_sampling=True, draws_own_seed=False),
 }
 
 

@@ -16,7 +16,13 @@ from services.gateway.pipeline import Finished, GenerationPipeline, TokenText
 from services.gateway.requests import GenerationRequest, SamplingRequest
 from services.gateway.server import encode_final
 from services.scheduler.outcome import Outcome
-from tests.unit.test_gateway_route_outcomes import PRINCIPAL, PROMPT, ReplicaRouting, pipeline
+from tests.unit.test_gateway_route_outcomes import (
+    MANIFEST,
+    PRINCIPAL,
+    PROMPT,
+    ReplicaRouting,
+    pipeline,
+)
 
 TOKENS = 12
 
@@ -98,14 +104,14 @@ async def test_a_replica_lost_after_its_last_token_ends_the_generation_without_a
     assert len(routing.routes) == 1
 
 
-@pytest.mark.parametrize(("temperature", "seed", "position_sampling", "exact"), [
-    (0.0, None, False, True), (0.8, 7, False, False), (0.8, 7, True, True),
-    (0.8, None, True, False)])
+@pytest.mark.parametrize(("temperature", "seed", "position_sampling", "draws_own_seed", "exact"), [
+    (0.0, None, False, True, True), (0.8, 7, False, True, False), (0.8, 7, True, True, True),
+    (0.8, None, True, True, False), (0.8, None, True, False, True)])
 def test_a_moved_sampled_generation_is_exact_only_with_a_seed_and_position_derived_sampling(
-        temperature, seed, position_sampling, exact):
+        temperature, seed, position_sampling, draws_own_seed, exact):
     original = EngineRequest("m", "r", "p", max_tokens=8, temperature=temperature, seed=seed,
                              return_output_ids=True)
-    continuation = Continuation(original, FailoverSettings(), position_sampling)
+    continuation = Continuation(original, FailoverSettings(), position_sampling, draws_own_seed)
     continuation.received(EngineChunk("a b ", 1, 2, False, token_ids=(1, 2)))
     assert continuation.may_move() and continuation.exact
     moved = continuation.move("r0")
@@ -164,11 +170,14 @@ async def test_a_stalled_replica_takes_the_continuation_back_when_no_other_can()
     assert [r["exclude"] for r in routing.routes] == [[], ["only"], []]
 
 
-async def test_an_unseeded_sampled_generation_gets_one_seed_before_it_moves():
-    """The engine would draw its own seed, another on each replica: the gateway draws one first,
-    so the continuation makes the original's draws (exact)."""
+@pytest.mark.parametrize(("kind", "drawn"), [("torch", True), ("reference", False)])
+async def test_an_unseeded_sampled_generation_gets_one_seed_before_it_moves(kind, drawn):
+    """The torch engine would draw its own seed, another on each replica: the gateway draws one
+    first, so the continuation makes the original's draws (exact). The reference engine's
+    unseeded draws are seed 0's on every replica: nothing is drawn, and the move is exact too."""
     engine = Engine()
-    p = pipeline(ReplicaRouting(["dying-4", "healthy"]), engine)
+    manifest = {**MANIFEST, "engine": {**MANIFEST["engine"], "kind": kind}}
+    p = pipeline(ReplicaRouting(["dying-4", "healthy"]), engine, manifest)
     events = []
 
     async def send(event) -> None:
@@ -179,21 +188,22 @@ async def test_an_unseeded_sampled_generation_gets_one_seed_before_it_moves():
     finished = await p.run(PRINCIPAL, request, send)
     await p.drain_background()
     seeds = {endpoint: sent.seed for endpoint, sent in engine.requests.items()}
-    assert seeds["dying-4"] is not None and seeds["healthy"] == seeds["dying-4"]
+    assert (seeds["dying-4"] is not None) is drawn and seeds["healthy"] == seeds["dying-4"]
     assert finished.moves == 1 and finished.continuation_exact
 
 
 def test_a_seed_is_drawn_only_for_a_sampled_request_without_one_that_may_move():
     sampled = EngineRequest("m", "r", "p", max_tokens=8, temperature=0.8)
     assert seeded_to_move(sampled, FailoverSettings(), True).seed is not None
-    for request, settings, position_sampling in [
+    for request, settings, position_sampling, *draws_own_seed in [
             (dataclasses.replace(sampled, seed=5), FailoverSettings(), True),
             (dataclasses.replace(sampled, temperature=0.0), FailoverSettings(), True),
             (sampled, FailoverSettings(max_moves=0), True),
             (sampled, FailoverSettings(), False),
+            (sampled, FailoverSettings(max_moves=1), True, False),
             (dataclasses.replace(sampled, guided_decoding_guide_type="json"),
              FailoverSettings(), True)]:
-        assert seeded_to_move(request, settings, position_sampling) == request
+        assert seeded_to_move(request, settings, position_sampling, *draws_own_seed) == request
 
 
 async def test_a_continuation_on_a_replica_that_never_answers_is_stalled_at_once():

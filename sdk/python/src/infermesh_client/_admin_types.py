@@ -215,6 +215,8 @@ class GenerationRecord:
     prompt_sha256: str  # only for plans with audit_text_hashes
     completion_sha256: str
     cached: bool  # answered from the gateway's response cache: no engine ran, nothing charged
+    choice_index: int  # which of a request's n > 1 choices this record is (0 and 0 for n = 1)
+    choice_count: int
     moves: tuple[ReplicaMove, ...] = ()  # mid-stream failover, in order
 
 
