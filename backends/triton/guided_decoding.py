@@ -60,6 +60,7 @@ class GuideCompiler:
         self._vocab_size = vocab_size
         self._eos_token_ids = list(eos_token_ids)
         self._tokenizer: llguidance.LLTokenizer | None = None  # built on the first guide
+        self._tokenizer_error = ""  # why llguidance could not read it, once it could not
         self._compiled: collections.OrderedDict[tuple[str, str], llguidance.LLMatcher] = (
             collections.OrderedDict())
         self._capacity = capacity
@@ -85,11 +86,14 @@ class GuideCompiler:
         """llguidance's view of the model's tokenizer (~0.3 s for SmolLM2's 49k tokens), made
         on the first guide: a model whose tokenizer llguidance cannot read still serves free
         text, and refuses structured output."""
+        if self._tokenizer_error:  # tried once: not again on every guided request
+            raise ValueError(self._tokenizer_error)
         if self._tokenizer is None:
             try:
                 self._tokenizer = llguidance.hf.from_tokenizer(
                     self._hf_tokenizer, n_vocab=self._vocab_size, eos_token=self._eos_token_ids)
             except Exception as error:  # whatever the library finds wrong with the tokenizer
-                raise ValueError("guided_decoding_guide cannot be used with this model's "
-                                 f"tokenizer: {error}") from None
+                self._tokenizer_error = ("guided_decoding_guide cannot be used with this "
+                                         f"model's tokenizer: {error}")
+                raise ValueError(self._tokenizer_error) from None
         return self._tokenizer

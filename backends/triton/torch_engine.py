@@ -597,7 +597,9 @@ class _SaltedChains:
                           if r not in gone or r not in self._gone}
             self._gone, self._pruned_at = gone, now
         root = chain_root(cache_salt)
-        if root is not None:
+        if root is None:
+            self.roots.pop(request_id, None)  # never another request's salt under a reused id
+        else:
             self.roots[request_id] = root
 
     def _matcher(self, allocator) -> Callable[[list[int]], list[int]]:
@@ -667,6 +669,9 @@ class TorchEngine:
         model.to(config.resolved_device)
         eos = model.generation_config.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+        if not eos_ids or not all(isinstance(token, int) for token in eos_ids):
+            raise ValueError(f"the model states no end-of-sequence token id ({eos_ids!r}): "
+                             "it could never stop, nor end a guided row")
         self._model, self._tokenizer = model, tokenizer
         self.context_window = int(model.config.max_position_embeddings)
         self.vocab_size = int(model.config.vocab_size)
@@ -782,6 +787,15 @@ class TorchEngine:
         self._requests[generation.request_id] = _Request(
             generation, len(prompt_ids), detokenizer, guide_key=guide_key)
         self._sampler.track(generation.request_id)
+        try:
+            self._add_request(generation, prompt_ids, sampling, greedy, seed, guide_key)
+        except BaseException:
+            self._forget(generation.request_id)  # nothing of a request transformers refused
+            raise
+        return len(prompt_ids)
+
+    def _add_request(self, generation: Generation, prompt_ids: list[int], sampling: Sampling,
+                     greedy: bool, seed: int, guide_key: int) -> None:
         self._manager.add_request(
             prompt_ids,
             request_id=generation.request_id,
@@ -800,7 +814,6 @@ class TorchEngine:
             guide=guide_key,
             position_offset=len(generation.continued),
         )
-        return len(prompt_ids)
 
     def cancel(self, request_id: str) -> bool:
         """Drops a request; its KV blocks are freed on the generation thread's next step."""

@@ -87,8 +87,8 @@ def forced_schema(tools: tuple[Tool, ...], name: str, parallel: bool) -> str:
 
 def parse_calls(text: str, tools: tuple[Tool, ...]) -> tuple[ToolCall, ...] | None:
     """The calls in a finished answer, or None when it is not a call of known tools."""
-    try:
-        value = json.loads(text)
+    try:  # the model's own text: NaN and Infinity are not JSON a client could parse back
+        value = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         return None
     if isinstance(value, dict):
@@ -98,12 +98,17 @@ def parse_calls(text: str, tools: tuple[Tool, ...]) -> tuple[ToolCall, ...] | No
         return None
     calls = []
     for entry in value:
-        if (not isinstance(entry, dict) or entry.get("name") not in names
+        if (not isinstance(entry, dict) or not isinstance(entry.get("name"), str)
+                or entry["name"] not in names
                 or not isinstance(entry.get("arguments", {}), dict)):
             return None
         calls.append(ToolCall(entry["name"], json.dumps(entry.get("arguments", {}),
                                                         separators=(",", ":"))))
     return tuple(calls)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,11 @@ def test_answers_become_calls_only_when_they_call_known_tools():
     assert parse_calls('[{"name":"get_weather","arguments":{"city":"Oslo"}}]', tools)[0] \
         .arguments == '{"city":"Oslo"}'
     assert parse_calls('{"name":"get_weather","arguments":{}}', tools) is not None
-    for text in ('[{"name":"rm","arguments":{}}]', "It is sunny.", "[]", '{"a": 1}'):
+    for text in ('[{"name":"rm","arguments":{}}]', "It is sunny.", "[]", '{"a": 1}',
+                 # a model's text, not the grammar's: a name that is no string, no JSON numbers
+                 '[{"name":["get_weather"],"arguments":{}}]', '[{"name":{},"arguments":{}}]',
+                 '[{"name":"get_weather","arguments":{"t":NaN}}]',
+                 '[{"name":"get_weather","arguments":{"t":-Infinity}}]'):
         assert parse_calls(text, tools) is None
     schema = json.loads(forced_schema(tools, "", parallel=True))
     assert "maxItems" not in schema
