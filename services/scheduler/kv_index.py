@@ -11,7 +11,8 @@ that claims more is dropped as broken), so memory is bounded by replicas × mode
 and one replica's flood costs its own view's work only. Per model, block hash → the replicas
 holding it (a tuple, ~60 bytes with its dict slot, for a few holders). A snapshot (up to a
 million blocks) is applied in steps of `SNAPSHOT_STEP` blocks (`snapshot_steps`), the caller
-yielding to the loop between them, so a big one does not stall routing.
+yielding to the loop between them, so a big one does not stall routing; a view dropped (or
+snapshotted anew) meanwhile ends the snapshot in progress, which then stores nothing more.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class KvIndex:
         self._holders: dict[str, dict[int, tuple[str, ...]]] = {}  # model → hash → replicas
         self._held: dict[tuple[str, str], set[int]] = {}  # (replica, model) → its hashes
         self.views: dict[tuple[str, str], ViewState] = {}
+        # (replica, model) → the token of its snapshot in progress; `drop` or a newer snapshot
+        # takes it away, which ends the older one at its next step
+        self._snapshotting: dict[tuple[str, str], int] = {}
+        self._tokens = itertools.count()
 
     # -- feeding ---------------------------------------------------------------------------
 
@@ -72,21 +77,30 @@ class KvIndex:
                        now: float) -> Iterator[None]:
         """`snapshot` one step of `SNAPSHOT_STEP` blocks at a time (the caller yields to the loop
         at each `None`); the view is not live until the last step. Over the bound, the view is
-        dropped and nothing stored."""
-        view = self.views.get((replica, model))
+        dropped and nothing stored. Dropped between steps (its replica no longer serves the
+        model), it stops there: `drop` cleared what it had stored, and it stores nothing more."""
+        key = (replica, model)
+        view = self.views.get(key)
         if view is not None:
             view.live = False
         if len(snapshot.block_hashes) > self._max_blocks:
             self.drop(replica, model)
             return
-        held = self._held.get((replica, model))
+        token = next(self._tokens)
+        self._snapshotting[key] = token
+        held = self._held.get(key)
         while held:
             self._remove(replica, model, list(itertools.islice(held, SNAPSHOT_STEP)))
             yield
+            if self._snapshotting.get(key) != token:
+                return
         hashes = snapshot.block_hashes
         for start in range(0, len(hashes), SNAPSHOT_STEP):
             self._store(replica, model, hashes[start:start + SNAPSHOT_STEP])
             yield
+            if self._snapshotting.get(key) != token:
+                return
+        del self._snapshotting[key]
         self.views[replica, model] = ViewState(
             snapshot.epoch, snapshot.seq, len(self._held.get((replica, model), ())),
             snapshot.block_size, live=True, applied_at=now)
@@ -127,11 +141,14 @@ class KvIndex:
                 view.live = False
 
     def drop(self, replica: str, model: str | None = None) -> None:
-        """Forgets a replica's view of `model` (None: of every model): it left, or is broken."""
-        for key in [k for k in self.views if k[0] == replica and model in (None, k[1])]:
+        """Forgets a replica's view of `model` (None: of every model): it left, or is broken.
+        Also what a first snapshot in progress has stored (no view yet), and ends that snapshot."""
+        keys = {*self.views, *self._held, *self._snapshotting}
+        for key in [k for k in keys if k[0] == replica and model in (None, k[1])]:
             self._clear(*key)
             self._held.pop(key, None)
-            del self.views[key]
+            self.views.pop(key, None)
+            self._snapshotting.pop(key, None)
 
     def _store(self, replica: str, model: str, hashes: Iterable[int]) -> None:
         held = self._held.setdefault((replica, model), set())

@@ -132,3 +132,28 @@ def test_the_memory_estimate_samples_and_stays_near_the_measured_size():
                 + sum(sys.getsizeof(h) + sys.getsizeof(r) for h, r in holders.items()))
     estimate = index.bytes_per_million_blocks() * index.blocks() / 1e6
     assert abs(estimate - measured) / measured < 0.1
+
+
+def test_a_view_dropped_during_its_stepped_snapshot_keeps_nothing():
+    """Review finding: the replica stopped serving the model while its first snapshot was being
+    applied; the snapshot went on storing and left a live, frozen view (and its memory)."""
+    hashes = tuple(range(1, 3 * SNAPSHOT_STEP + 1))
+    index = KvIndex()
+    steps = index.snapshot_steps("a", "m", KvSnapshot(1, 0, 0, hashes, 4), 0)
+    next(steps)  # the first step stored; no view exists yet
+    assert index.blocks() == SNAPSHOT_STEP and ("a", "m") not in index.views
+    index.drop("a", "m")
+    assert list(steps) == []  # the snapshot ends at its next step
+    assert ("a", "m") not in index.views and not index.live("a", "m")
+    assert index.blocks() == 0 and index.matches("m", hashes[:3]) == {}
+    assert index.bytes_per_million_blocks() == 0.0
+
+
+def test_a_newer_snapshot_ends_the_older_one_in_progress():
+    first, second = tuple(range(1, 2 * SNAPSHOT_STEP + 1)), (10**9, 10**9 + 1)
+    index = KvIndex()
+    older = index.snapshot_steps("a", "m", KvSnapshot(1, 0, 0, first, 4), 0)
+    next(older)
+    assert index.snapshot("a", "m", KvSnapshot(2, 0, 0, second, 4), 1.0)
+    assert list(older) == []
+    assert index.views["a", "m"].epoch == 2 and index.blocks() == len(second)
