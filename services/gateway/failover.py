@@ -4,7 +4,7 @@ on another replica serving the same version, from the tokens already delivered
 
     relay ──chunks (text + output_ids)──▶ Continuation.received: the ids the client's text covers
       │ Unavailable after the first token: the stream broke, the engine process is gone, or no
-      │ chunk came within `stall_s`
+      │ chunk came within `stall_s` (a continuation's first within `first_chunk_s`)
       ▼
     Continuation.move(from): the original request with continue_ids = the ids received, the
     max_tokens left, the same prompt, seed and stop strings → routed again (the failed replicas
@@ -35,10 +35,15 @@ __all__ = ["Continuation", "FailoverSettings", "Move", "seeded_to_move"]
 class FailoverSettings:
     max_moves: int = 2  # replicas a generation may move to after its first token (0: never)
     stall_s: float = 30.0  # streaming, no chunk for this long: the replica is taken as failed
+    # A continuation's first chunk: it prefills the prompt and the moved tokens, maybe queued
+    # behind others, so it gets longer than stall_s; missing it says the replica is busy, not
+    # broken (its breaker is not charged).
+    first_chunk_s: float = 120.0
 
     def __post_init__(self) -> None:
-        if self.max_moves < 0 or self.stall_s <= 0:
-            raise ValueError("max_moves must not be negative and stall_s must be positive")
+        if self.max_moves < 0 or self.stall_s <= 0 or self.first_chunk_s <= 0:
+            raise ValueError("max_moves must not be negative and stall_s and first_chunk_s "
+                             "must be positive")
 
 
 def seeded_to_move(request: EngineRequest, settings: FailoverSettings,

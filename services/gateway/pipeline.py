@@ -208,6 +208,10 @@ class TextHashes:
         return self._completion.hexdigest()
 
 
+class _FirstChunkLate(errors.Unavailable):
+    """A continuation's replica sent no first chunk in `first_chunk_s`: moved on, not judged."""
+
+
 @dataclass
 class _Release:
     """One attempt's reservation, and how the attempt went (reported when it is released)."""
@@ -552,9 +556,11 @@ class GenerationPipeline:
                 # Unavailable is the replica's failure (unreachable, its stream broke, it
                 # stalled); any other error is the engine's answer about this request (a prompt
                 # that never fits, a bad stop word), which says nothing about the replica's health.
+                # A continuation's late first chunk moves it on, but a busy replica (queued,
+                # prefilling) is not a broken one: its breaker is not charged.
                 replica_failed = isinstance(exc, errors.Unavailable)
                 released.outcome = (
-                    Outcome.UNREPORTED if not replica_failed
+                    Outcome.UNREPORTED if not replica_failed or isinstance(exc, _FirstChunkLate)
                     else Outcome.FAILED_AFTER_FIRST_TOKEN if progress.first_token_sent
                     else Outcome.FAILED_BEFORE_FIRST_TOKEN)
                 released.completion_tokens = (
@@ -607,15 +613,19 @@ class GenerationPipeline:
         assert continuation is not None
         safety, held = relayed.safety, relayed.held
         continuing = bool(engine_request.continue_ids)
-        stall_s = self._failover.stall_s
+        stall_s, first_chunk_s = self._failover.stall_s, self._failover.first_chunk_s
         loop = asyncio.get_running_loop()
         chunks = self._engine.generate(route.grpc_endpoint, engine_request)
+        chunked = False
         async with contextlib.aclosing(chunks):  # leaving early cancels the Triton request
             try:
-                # A continuation's timer runs from its start: a replica that sends nothing at
-                # all stalls it as one that stops does (a first attempt may queue and prefill).
-                async with asyncio.timeout(stall_s if continuing else None) as stall:
+                # A continuation's timer runs from its start, its first chunk allowed
+                # first_chunk_s (it prefills the prompt and the moved tokens, maybe queued): a
+                # hung replica costs that, not the request's whole deadline (which still bounds
+                # it). A first attempt may queue and prefill for as long as the deadline allows.
+                async with asyncio.timeout(first_chunk_s if continuing else None) as stall:
                     async for chunk in chunks:
+                        chunked = True
                         stall.reschedule(None)  # a slow client is not a stalled replica
                         if not continuing:  # a continuation's prompt holds the moved tokens
                             progress.prompt_tokens = chunk.prompt_tokens or progress.prompt_tokens
@@ -635,6 +645,10 @@ class GenerationPipeline:
                 if not stall.expired():
                     raise
                 continuation.stalled.add(route.replica_id)
+                if not chunked:
+                    raise _FirstChunkLate(
+                        f"replica {route.replica_id} sent no first chunk of the moved "
+                        f"generation in {first_chunk_s:g}s", retry_after_s=1.0) from None
                 raise errors.Unavailable(
                     f"replica {route.replica_id} sent nothing for {stall_s:g}s",
                     retry_after_s=1.0) from None

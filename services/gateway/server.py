@@ -711,7 +711,8 @@ async def setup(ctx: ServiceContext) -> ServiceParts:
         source=f"gateway/{settings.instance_id}",
         zone=settings.zone,
         max_attempts=settings.max_attempts,
-        failover=FailoverSettings(settings.failover_max_moves, settings.failover_stall_s),
+        failover=FailoverSettings(settings.failover_max_moves, settings.failover_stall_s,
+                                  settings.failover_first_chunk_s),
         serving=served.served,
         prompt_workers=settings.prompt_workers,
         response_cache=ResponseCache(

@@ -51,6 +51,11 @@ class GatewaySettings(ServiceSettings, BlobCacheSettings):
         30.0, gt=0, description="A streaming replica that sends nothing for this long is taken "
         "as failed and the generation moves on (back to it only when no other replica can "
         "take it).")
+    failover_first_chunk_s: float = Field(
+        120.0, gt=0, description="A moved generation's replica must send its first chunk within "
+        "this long (it prefills the prompt and the moved tokens, maybe queued; never past the "
+        "request's deadline); missing it moves the generation on without counting as the "
+        "replica's failure.")
     zone: str = Field(
         "", max_length=64,
         description="This gateway's zone: the scheduler prefers replicas in it, and the SLI "

@@ -206,11 +206,35 @@ def test_a_seed_is_drawn_only_for_a_sampled_request_without_one_that_may_move():
         assert seeded_to_move(request, settings, position_sampling, *draws_own_seed) == request
 
 
-async def test_a_continuation_on_a_replica_that_never_answers_is_stalled_at_once():
-    """The stall timer runs from a continuation's start, not from its first chunk: a move to a
-    hung replica costs stall_s, not the request's whole deadline."""
+async def test_a_continuation_on_a_replica_that_never_answers_is_moved_on_unjudged():
+    """A continuation's timer runs from its start: a move to a hung replica costs
+    first_chunk_s, not the request's whole deadline; busy is not broken, so its breaker is not
+    charged."""
     routing = ReplicaRouting(["dying-4", "stalling-0", "healthy"])
     async with asyncio.timeout(5):
-        text, finished = await generate(failover_pipeline(routing, stall_s=0.2))
+        text, finished = await generate(
+            failover_pipeline(routing, stall_s=0.2, first_chunk_s=0.3))
     assert text == "".join(f"w{i} " for i in range(TOKENS)) and finished.moves == 2
-    assert ("res-stalling-0", Outcome.FAILED_AFTER_FIRST_TOKEN, 0) in routing.releases
+    assert ("res-stalling-0", Outcome.UNREPORTED, 0) in routing.releases
+
+
+async def test_a_continuation_slower_than_stall_s_to_its_first_chunk_is_not_moved_again():
+    """A busy replica's prefill of the prompt and the moved tokens may outlast stall_s: within
+    first_chunk_s the continuation completes there."""
+    engine = Engine()
+    original = engine.generate
+
+    async def slow_to_continue(endpoint, request):
+        if request.continue_ids:
+            await asyncio.sleep(0.4)  # queued and prefilling: past stall_s
+        async for chunk in original(endpoint, request):
+            yield chunk
+
+    engine.generate = slow_to_continue
+    routing = ReplicaRouting(["dying-4", "busy", "healthy"])
+    p = pipeline(routing, engine)
+    p._failover = FailoverSettings(stall_s=0.2, first_chunk_s=2.0)
+    async with asyncio.timeout(5):
+        text, finished = await generate(p)
+    assert text == "".join(f"w{i} " for i in range(TOKENS)) and finished.moves == 1
+    assert ("res-busy", Outcome.OK, TOKENS - 4) in routing.releases
