@@ -8,10 +8,13 @@ prompt or parameters) is refused. Outcomes worth retrying are not kept: a refuse
 input, quota, overload, no replica) or a cancelled one runs again on the next try.
 
 Entries live in this gateway's memory, in a `TenantBoundedStore` (`tenant_store.py`), bounded three
-ways so that no tenant can evict another's: at most `max_entries_per_tenant` entries and
-`max_tenant_bytes` per tenant (past either, that tenant's own oldest entry goes), and `max_bytes`
-in all (past it, the oldest entry of the tenant holding the most goes — the caller's own when it
-is among the largest). An entry evicted while requests follow it stays theirs. Bytes are estimated:
+ways: at most `max_entries_per_tenant` entries and `max_tenant_bytes` per tenant (past either,
+that tenant's own oldest entry goes), and `max_bytes` in all (past it, the oldest finished entry
+of the tenant holding the most goes, even under its own caps — the caller's own when it ties for
+the most; no tenant loses entries to another's only when `max_bytes >= tenants ×
+max_tenant_bytes`). An entry whose generation still runs is never taken for `max_bytes`, so
+another tenant's pressure cannot make its repeats run (and be charged) again; an entry evicted
+while requests follow it stays theirs. Bytes are estimated:
 characters of the keys and of the text kept for replay, plus a fixed overhead per entry and per
 event.
 """
@@ -83,7 +86,8 @@ class IdempotencyCache:
                  max_tenant_bytes: int = 16 << 20, max_bytes: int = 64 << 20,
                  clock: Callable[[], float] = time.monotonic):
         self._store: TenantBoundedStore[_Entry] = TenantBoundedStore(
-            ttl_s, max_entries_per_tenant, max_tenant_bytes, max_bytes, clock)
+            ttl_s, max_entries_per_tenant, max_tenant_bytes, max_bytes, clock,
+            evictable=lambda entry: entry.done.is_set())
 
     @property
     def bytes(self) -> int:

@@ -10,9 +10,10 @@ content-filter cut, a cancelled or failed generation runs again; the pipeline al
 answered less than the key asked (`pipeline._answers_in_full`).
 
 Memory is bounded three ways by a `TenantBoundedStore` (`tenant_store.py`), as the idempotency
-cache's, so that no tenant can evict another's: at most `max_entries_per_tenant` entries and
-`max_tenant_bytes` per tenant (past either, that tenant's own oldest entry goes) and `max_bytes`
-in all (past it, the oldest entry of the tenant holding the most goes). Bytes are estimated: the
+cache's: at most `max_entries_per_tenant` entries and `max_tenant_bytes` per tenant (past either,
+that tenant's own oldest entry goes) and `max_bytes` in all (past it, the oldest entry of the
+tenant holding the most goes, even under its own caps; no tenant loses entries to another's only
+when `max_bytes >= tenants × max_tenant_bytes`). Bytes are estimated: the
 text, the log probabilities and a fixed overhead per entry.
 """
 

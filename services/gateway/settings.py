@@ -79,7 +79,8 @@ class GatewaySettings(ServiceSettings, BlobCacheSettings):
         "(tenants whose plan has response_cache).")
     response_cache_max_tenant_bytes: int = Field(
         8 << 20, gt=0, description="Response-cache memory one tenant may hold (its oldest entry "
-        "goes first); no tenant can evict another's below this.")
+        "goes first). Past response_cache_max_bytes the largest tenant loses entries even "
+        "below this: it is guaranteed only while response_cache_max_bytes >= tenants × this.")
     response_cache_max_bytes: int = Field(
         64 << 20, gt=0, description="Response-cache memory in all (past it, the largest "
         "tenant's oldest entry goes).")

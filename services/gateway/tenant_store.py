@@ -1,12 +1,17 @@
-"""A per-tenant store bounded so that no tenant can evict another's entries: the bookkeeping the
-idempotency cache and the response cache share.
+"""A per-tenant bounded store: the bookkeeping the idempotency cache and the response cache share.
 
 Entries are keyed by (tenant, key), kept in insertion order per tenant and by age overall, and
 expire `ttl_s` after they were put. Memory is bounded three ways: at most
 `max_entries_per_tenant` entries and `max_tenant_bytes` per tenant (past either, that tenant's
-own oldest entry goes) and `max_bytes` in all (past it, the oldest entry of the tenant holding
-the most goes — the growing tenant's own when it is among the largest). Sizes are whatever the
-caller estimates; the store only adds them up.
+own oldest entry goes) and `max_bytes` in all (past it, the oldest evictable entry of the tenant
+holding the most goes — the growing tenant's own when it ties for the most). So past `max_bytes`
+the largest tenant loses entries even under its own caps (max-min fair shares): a tenant holding
+at most `max_bytes / T` (T tenants holding entries) is never evicted by another's pressure, and
+no tenant ever is only when `max_bytes >= T × max_tenant_bytes`. An entry the caller's
+`evictable` refuses (a generation still running) is never taken for `max_bytes` — the next
+largest tenant gives way instead, and with nothing evictable left the total stays over until
+such entries finish — but its own tenant's caps still evict it. Sizes are whatever the caller
+estimates; the store only adds them up.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ class _Held(Generic[V]):
 
 class TenantBoundedStore(Generic[V]):
     def __init__(self, ttl_s: float, max_entries_per_tenant: int, max_tenant_bytes: int,
-                 max_bytes: int, clock: Callable[[], float] = time.monotonic):
+                 max_bytes: int, clock: Callable[[], float] = time.monotonic,
+                 evictable: Callable[[V], bool] = lambda value: True):
         self._ttl_s = ttl_s
         self._max_entries_per_tenant = max_entries_per_tenant
         self._max_tenant_bytes = max_tenant_bytes
         self._max_bytes = max_bytes
         self._clock = clock
+        self._evictable = evictable
         self._by_age: collections.OrderedDict[tuple[str, str], _Held[V]] = (
             collections.OrderedDict())
         self._tenants: dict[str, collections.OrderedDict[str, _Held[V]]] = {}
@@ -97,8 +104,23 @@ class TenantBoundedStore(Generic[V]):
                or self._tenant_bytes[tenant] > self._max_tenant_bytes):
             self._evict(next(iter(self._tenants[tenant].values())))
         while self._bytes > self._max_bytes:
-            largest = max(self._tenants, key=lambda t: (self._tenant_bytes[t], t == tenant))
-            self._evict(next(iter(self._tenants[largest].values())))
+            victim = self._pressed(tenant)
+            if victim is None:  # only unevictable entries: over until they finish
+                return
+            self._evict(victim)
+
+    def _pressed(self, growing: str) -> _Held[V] | None:
+        """The oldest evictable entry of the tenant holding the most (`growing` on a tie), or
+        of the next largest when that tenant has none."""
+        def share(t: str) -> tuple[int, bool]:
+            return self._tenant_bytes[t], t == growing
+
+        largest = max(self._tenants, key=share)  # O(T); the sort only when it has none
+        for tenant in (largest, *sorted(self._tenants, key=share, reverse=True)):
+            for held in self._tenants[tenant].values():
+                if self._evictable(held.value):
+                    return held
+        return None
 
     def _evict(self, held: _Held[V]) -> None:
         tenant_entries = self._tenants[held.tenant]

@@ -97,3 +97,17 @@ def test_growth_and_removal_touch_only_the_value_still_held():
     held.put("a", "k", second, 10)
     held.remove("a", "k", second)
     assert held.get("a", "k") is None and held.bytes == 0
+
+
+def test_past_the_global_budget_an_unevictable_entry_stays_and_the_next_largest_gives_way():
+    """A running generation's entry (unevictable) outlives another tenant's pressure."""
+    held = TenantBoundedStore(60.0, 100, 1_000, 100, Clock(),
+                              evictable=lambda value: not value.startswith("running"))
+    held.put("a", "k1", "running-1", 60)
+    held.put("b", "k1", "done-1", 30)
+    held.put("c", "k1", "done-2", 20)  # 110 > 100: "a" is largest but runs, "b" gives way
+    assert held.get("a", "k1") == "running-1" and held.get("b", "k1") is None
+    assert held.bytes == 80
+    held.put("c", "k2", "running-2", 50)  # 130: "a" and "c" hold only running entries
+    assert held.get("a", "k1") == "running-1" and held.get("c", "k1") is None
+    assert held.get("c", "k2") == "running-2" and held.bytes == 110  # over until they finish
