@@ -17,13 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 from backends.triton.torch_engine import Generation, Sampling, TorchEngine, TorchEngineConfig
 from backends.triton.weights import cache_root, default_model_dir
 from bench.engine_limit import KV_CACHE
-from bench.streaming import LevelResult, Sample
-from bench.torch_engine import PROMPT, TEMPERATURE, drive_engine, level_result
+from bench.streaming import LevelResult
+from bench.torch_engine import PROMPT, TEMPERATURE, drive_engine
 
 # One long string: nothing the schema allows ends within a benchmark's token budget.
 SCHEMA = json.dumps({"type": "object", "additionalProperties": False, "required": ["story"],
@@ -33,29 +32,12 @@ SCHEMA = json.dumps({"type": "object", "additionalProperties": False, "required"
 def drive_guided(engine: TorchEngine, concurrency: int, requests: int,
                  max_tokens: int) -> LevelResult:
     """As `bench.torch_engine.drive_engine`, every request constrained by `SCHEMA`."""
-    started: dict[str, float] = {}
-    first: dict[str, float] = {}
-    samples: list[Sample] = []
-    submitted = 0
-    begin = time.perf_counter()
-    while len(samples) < requests:
-        while submitted < requests and len(started) - len(samples) < concurrency:
-            request_id = f"guided-{submitted}"
-            started[request_id] = time.perf_counter()
-            engine.submit(Generation(
-                request_id, PROMPT, max_tokens,
-                Sampling(temperature=TEMPERATURE, seed=submitted),
-                guide=engine.compile_guide("json_schema", SCHEMA)))
-            submitted += 1
-        for delta in engine.poll(0.05):
-            if delta.text and delta.request_id not in first:
-                first[delta.request_id] = time.perf_counter()
-            if delta.finish_reason is not None:
-                ttft = first.get(delta.request_id, time.perf_counter()) - started[delta.request_id]
-                ok = delta.error == "" and delta.num_output_tokens == max_tokens
-                samples.append(Sample(ttft, delta.num_output_tokens, ok,
-                                      delta.error or "ended before max_tokens"))
-    return level_result("torch guided", concurrency, samples, time.perf_counter() - begin)
+    def guided(request_id: str, number: int, max_tokens: int) -> Generation:
+        return Generation(request_id, PROMPT, max_tokens,
+                          Sampling(temperature=TEMPERATURE, seed=number),
+                          guide=engine.compile_guide("json_schema", SCHEMA))
+
+    return drive_engine(engine, concurrency, requests, max_tokens, guided, "torch guided")
 
 
 def run(concurrency: int = 8, max_tokens: int = 64, requests_per_stream: int = 2,

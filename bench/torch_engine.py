@@ -14,6 +14,7 @@ import asyncio
 import pathlib
 import statistics
 import time
+from collections.abc import Callable
 
 from backends.triton.adapter import TritonAdapter
 from backends.triton.torch_engine import Generation, Sampling, TorchEngine, TorchEngineConfig
@@ -78,10 +79,17 @@ async def _over_grpc(path: str, stack: StackInfo, triton_model: str, concurrency
     return level_result(f"torch {path}", concurrency, samples, elapsed)
 
 
-def drive_engine(engine: TorchEngine, concurrency: int, requests: int,
-                max_tokens: int) -> LevelResult:
+def free_generation(request_id: str, number: int, max_tokens: int) -> Generation:
+    """Seeded sampling at `TEMPERATURE`, EOS banned: exactly `max_tokens` tokens."""
+    return Generation(request_id, PROMPT, max_tokens, Sampling(
+        temperature=TEMPERATURE, seed=number, min_tokens=max_tokens))
+
+
+def drive_engine(engine: TorchEngine, concurrency: int, requests: int, max_tokens: int,
+                 generation: Callable[[str, int, int], Generation] = free_generation,
+                 label: str = "torch inprocess") -> LevelResult:
     """Keeps `concurrency` requests in the engine until `requests` have finished; each request
-    streams exactly `max_tokens` tokens (seeded sampling at `TEMPERATURE`, EOS banned)."""
+    (`generation(request_id, number, max_tokens)`) must stream exactly `max_tokens` tokens."""
     started: dict[str, float] = {}
     first: dict[str, float] = {}
     samples: list[Sample] = []
@@ -91,17 +99,17 @@ def drive_engine(engine: TorchEngine, concurrency: int, requests: int,
         while submitted < requests and len(started) - len(samples) < concurrency:
             request_id = f"bench-{submitted}"
             started[request_id] = time.perf_counter()
-            engine.submit(Generation(request_id, PROMPT, max_tokens, Sampling(
-                temperature=TEMPERATURE, seed=submitted, min_tokens=max_tokens)))
+            engine.submit(generation(request_id, submitted, max_tokens))
             submitted += 1
         for delta in engine.poll(0.05):
             if delta.text and delta.request_id not in first:
                 first[delta.request_id] = time.perf_counter()
             if delta.finish_reason is not None:
                 ttft = first.get(delta.request_id, time.perf_counter()) - started[delta.request_id]
-                samples.append(Sample(ttft, delta.num_output_tokens, delta.error == "",
-                                      delta.error))
-    return level_result("torch inprocess", concurrency, samples, time.perf_counter() - begin)
+                ok = delta.error == "" and delta.num_output_tokens == max_tokens
+                samples.append(Sample(ttft, delta.num_output_tokens, ok,
+                                      delta.error or "ended before max_tokens"))
+    return level_result(label, concurrency, samples, time.perf_counter() - begin)
 
 
 def _load_engine(stack_blob_dir: pathlib.Path) -> TorchEngine:
